@@ -1,0 +1,98 @@
+"""The backend the generation loop drives when the engine runs on Ray actors.
+
+Every call is submitted ahead and returns an object ref; refs flow from one actor to the
+next without the coordinator waiting (`ray.get` happens once per pass, on the few bytes of
+accepted tokens). Proposals for a batch that is not being verified are split into single
+draft steps and queued between the pass's layer calls, so the executor drafts in the gaps
+while the CPU worker computes attention.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+
+class ActorBackend:
+    def __init__(self, executor, attention, num_layers: int, prefill_batch: int):
+        self.ex, self.at = executor, attention
+        self.L, self.P = num_layers, prefill_batch
+        self._props: list[tuple] = []  # (bid, k, u) not yet submitted
+        self._t_pass, self._t_draft = 1.0, 0.01
+        self._submitted_at = {}
+
+    def start(self, bid, prompts, samp, capacity, with_draft=False):
+        self.ex.start.remote(bid, prompts, samp, capacity, with_draft)
+        self.at.start.remote(bid, [len(p) for p in prompts], capacity, self.P)
+        self._n = len(prompts)
+
+    def prefill(self, bid, u_sample):
+        n_sub = -(-self._n // self.P)
+        for j in range(self.L):
+            for s in range(n_sub):
+                kv = self.ex.prefill_layer.remote(bid, s, j)
+                self.at.store_prefill.remote(bid, s, j, kv)
+        return self.ex.prefill_head.remote(bid, u_sample)
+
+    def propose(self, bid, k, u_draft):
+        self._props.append((bid, k, u_draft))
+
+    def _flush(self, only=None):
+        rest = []
+        for bid, k, u in self._props:
+            if only is None or bid == only:
+                self.ex.propose.remote(bid, k, u)
+            else:
+                rest.append((bid, k, u))
+        self._props = rest
+
+    def verify(self, bid, k, u_accept, u_sample):
+        self._flush(only=bid)  # a batch's own proposals must precede its verification
+        gaps = self._props
+        self._props = []
+        # Spread each other batch's k draft steps over the pass's layers.
+        step_at = {}
+        for b, kb, u in gaps:
+            self.ex.draft_begin.remote(b, kb, u)
+            for i in range(kb):
+                step_at.setdefault(min(self.L - 1, (i * self.L) // max(kb, 1)), []).append(b)
+        self._submitted_at[bid] = time.perf_counter()
+        x = self.ex.verify_begin.remote(bid, k)
+        for j in range(self.L):
+            a = self.at.attend.remote(bid, j, x)
+            for b in step_at.get(j, []):
+                self.ex.draft_step.remote(b)
+            if j < self.L - 1:
+                x = self.ex.target_layer.remote(bid, j + 1, a)
+        r = self.ex.verify_head.remote(bid, a, k, u_accept, u_sample)
+        self.at.rollback.remote(bid, k, r)
+        for b, _, _ in gaps:
+            self.ex.draft_finish.remote(b)
+        return (bid, r)
+
+    def get(self, handle):
+        self._flush()
+        if isinstance(handle, tuple):
+            bid, ref = handle
+            out = ray.get(ref)
+            self._t_pass = time.perf_counter() - self._submitted_at.pop(bid, time.perf_counter())
+            return out
+        return ray.get(handle)
+
+    def timings(self):
+        return self._t_pass, self._t_draft
+
+    def keep(self, bid, idx):
+        self.ex.keep.remote(bid, idx)
+        self.at.keep.remote(bid, idx)
+
+    def free(self, bid):
+        self.ex.free.remote(bid)
+        self.at.free.remote(bid)
+
+    def stats(self) -> dict:
+        ex, at = ray.get([self.ex.stats.remote(), self.at.stats.remote()])
+        return ex | at
+
+

@@ -1,0 +1,84 @@
+"""The coordinator actor: builds the other three actors and runs the generation loop.
+
+It follows the plan (placement, batch sizes) and the run settings (schedule, draft
+length), sequencing batches through the executor and the CPU worker via object refs.
+It is a threaded actor so the driver can poll finished requests while a run is going.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import ray
+
+from ..configs.run_config import RunConfig
+from ..configs.sampling_params import SamplingParams
+from ..placement.plan import Plan
+from ..scheduler.generator import Generator
+from ..scheduler.request import Request
+from .actor_backend import ActorBackend
+from .cpu_attention import CPUAttention
+from .gpu_executor import GPUExecutor
+from .io_loader import IOLoader
+
+ACTOR_NAMES = ("io_loader", "gpu_executor", "cpu_attention")
+
+
+class Coordinator:
+    def __init__(self, target_desc, spec, plan: Plan, draft_desc, run_cfg: RunConfig, run_id: str,
+                 progress: bool = True):
+        self.spec, self.plan, self.run_cfg, self.run_id = spec, plan, run_cfg, run_id
+        cuda = plan.device == "cuda"
+        name = lambda role: f"specoffload-{role}-{run_id}"  # noqa: E731
+        self.loader = ray.remote(IOLoader).options(name=name("io_loader"), num_cpus=0).remote(
+            target_desc, run_id)
+        host_layers = [j for j in range(spec.num_layers) if j not in plan.disk_layers]
+        manifest = ray.get(self.loader.load.remote(host_layers, progress))
+        self.executor = ray.remote(GPUExecutor).options(
+            name=name("gpu_executor"), num_cpus=0 if cuda else 1, num_gpus=1 if cuda else 0
+        ).remote(spec, plan, manifest, draft_desc)
+        self.attention = ray.remote(CPUAttention).options(
+            name=name("cpu_attention"), num_cpus=plan.attention_cpus
+        ).remote(spec, plan.attention_threads, plan.kv_dtype)
+        self.info = ray.get(self.executor.ready.remote())
+        self.info["attention_threads"] = ray.get(self.attention.ready.remote())
+        self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, plan.prefill_batch)
+        self._finished, self._lock = [], threading.Lock()
+        self._progress = {}
+
+    def ready(self) -> dict:
+        return self.info
+
+    def generate(self, payload: list[dict]) -> dict:
+        """payload: [{rid, prompt_ids, params (dict), eos}] -> run statistics."""
+        reqs = [Request(p["rid"], p["prompt_ids"], SamplingParams(**p["params"]), tuple(p["eos"]))
+                for p in payload]
+
+        def done(r):
+            with self._lock:
+                self._finished.append({"rid": r.rid, "token_ids": list(r.out),
+                                       "finish_reason": r.finish_reason, "passes": r.rounds})
+
+        def progress(stats):
+            self._progress = stats.as_dict()
+
+        gen = Generator(self.backend, self.run_cfg, on_finish=done, on_progress=progress)
+        stats = gen.run(reqs).as_dict()
+        stats |= self.backend.stats()
+        return stats
+
+    def poll(self) -> tuple[list, dict]:
+        """Requests finished since the last poll, and the running statistics."""
+        with self._lock:
+            out, self._finished = self._finished, []
+        return out, dict(self._progress)
+
+    def actor_names(self) -> list[str]:
+        return [f"specoffload-{r}-{self.run_id}" for r in ACTOR_NAMES]
+
+    def shutdown(self):
+        try:
+            ray.get(self.loader.cleanup.remote())
+        finally:
+            for a in (self.executor, self.attention, self.loader):
+                ray.kill(a)

@@ -1,0 +1,80 @@
+"""The CPU attention worker actor: the target's KV cache in host memory, and attention.
+
+Per batch it holds one KVCache (per layer [B, Hkv, capacity, d], ragged lengths). It
+stores prefill K/V, appends and attends for decode (1 query per sequence) and verification
+blocks (k+1 queries, causal inside the block), and rolls back rejected tokens by moving
+lengths (no copying). Torch threads are set to the cores Ray gives it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..models.attention import append_kv, pack_index
+from ..models.attention import KVCache
+from .wire import from_wire, to_wire
+
+
+class CPUAttention:
+    def __init__(self, spec, threads: int | None = None, kv_dtype: str | None = None):
+        self.spec = spec
+        if threads:
+            torch.set_num_threads(threads)
+        self.kv_dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
+        self.caches: dict[int, KVCache] = {}
+        self.prompt_lens: dict[int, torch.Tensor] = {}
+        self.seconds = 0.0
+        self.kv_bytes_read = 0
+
+    def ready(self) -> int:
+        return torch.get_num_threads()
+
+    def start(self, bid, prompt_lens, capacity: int, prefill_batch: int):
+        s = self.spec
+        self.caches[bid] = KVCache(s.num_layers, len(prompt_lens), s.num_kv_heads, s.head_dim, capacity,
+                                   self.kv_dtype, "cpu", s.sliding_windows)
+        self.prompt_lens[bid] = torch.as_tensor(prompt_lens, dtype=torch.long)
+        self.prefill_batch = prefill_batch
+
+    def store_prefill(self, bid, s: int, j: int, kv):
+        """K/V of layer j for prefill sub-batch s, computed on the executor."""
+        cache = self.caches[bid]
+        P = self.prefill_batch
+        lo = s * P
+        ql = self.prompt_lens[bid][lo: lo + P]
+        k, v = from_wire(kv[0]), from_wire(kv[1])
+        zeros = torch.zeros_like(ql)
+        append_kv(cache.k[j][lo: lo + P], cache.v[j][lo: lo + P], k, v, zeros, ql, *pack_index(ql))
+        if j == self.spec.num_layers - 1:
+            cache.lens[lo: lo + P] = ql
+
+    def attend(self, bid, j: int, qkv):
+        t = time.perf_counter()
+        cache = self.caches[bid]
+        q, k, v = (from_wire(x) for x in qkv[:3])
+        if j == 0:
+            cache.begin_pass(torch.as_tensor(qkv[3]))
+        out = cache.attend_layer(j, q, k, v)
+        self.kv_bytes_read += int(cache.lens.sum() + q.shape[0]) * 2 * k.shape[1] * k.shape[2] * cache.k[j].element_size()
+        if j == self.spec.num_layers - 1:
+            cache.advance()
+        self.seconds += time.perf_counter() - t
+        return to_wire(out)
+
+    def rollback(self, bid, k: int, result):
+        """After a pass over k+1 new tokens, keep only the `counts` the target accepted."""
+        _, counts = result
+        cache = self.caches[bid]
+        cache.truncate(cache.lens - (k + 1) + torch.as_tensor(counts))
+
+    def keep(self, bid, idx):
+        self.caches[bid].select(torch.as_tensor(idx, dtype=torch.long))
+
+    def free(self, bid):
+        self.caches.pop(bid, None)
+        self.prompt_lens.pop(bid, None)
+
+    def stats(self) -> dict:
+        return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read}

@@ -1,0 +1,238 @@
+"""The GPU executor actor: target layers as they stream in, plus the resident draft.
+
+Owns the device (CUDA, or the CPU for CI and laptops: same code, no copies). Per target
+pass it receives one call per layer; each call finishes the previous layer (output
+projection, FFN/MoE) with the attention output that the CPU worker sent back, then starts
+this layer (norm, q/k/v, RoPE) and returns q/k/v for the CPU worker. Hidden states stay on
+the device between calls; only q/k/v and attention outputs cross processes, as numpy.
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from ..errors import CapacityError, ConfigError
+from ..models.attention import KVCache, pack_index
+from ..models.layers import embed, head, post_attention, pre_attention, rope_cos_sin
+from ..models.resident import ResidentModel, last_index
+from ..models.source import open_source
+from ..placement.plan import Plan
+from ..scheduler.batch_state import SpecRunner
+from .shm_layout import map_file, views
+from .stage_timer import StageTimer
+from .weight_stream import WeightStreamer
+from .wire import from_wire, to_wire
+
+
+def _register(buf: torch.Tensor):
+    """Page-lock a shared-memory mapping in place so the GPU can DMA from it."""
+    rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+    if int(rc) != 0:
+        raise RuntimeError(f"cudaHostRegister failed ({rc}) for {buf.numel()} bytes")
+
+
+class GPUExecutor:
+    def __init__(self, spec, plan: Plan, manifest: dict, draft_desc=None):
+        self.spec, self.plan = spec, plan
+        plan.check_layers(spec.num_layers)
+        if plan.device == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError("plan.device is 'cuda' but this executor sees no CUDA device")
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            if plan.gpu_memory:
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                # Enforced, not advisory: allocations past the cap raise out-of-memory.
+                torch.cuda.set_per_process_memory_fraction(min(plan.gpu_memory / total, 1.0), self.device)
+        else:
+            self.device = torch.device("cpu")
+        cuda = self.device.type == "cuda"
+        self._maps = []
+        self.host = {}
+        for j, (path, entries) in manifest["layers"].items():
+            buf, _ = map_file(path, entries)
+            if cuda:
+                _register(buf)
+            self._maps.append(buf)
+            self.host[int(j)] = (buf, entries)
+        gbuf, gv = map_file(*manifest["globals"])
+        self._maps.append(gbuf)
+        self.glob = {k: v.to(self.device) for k, v in gv.items()}
+        if manifest["tied"]:
+            self.glob["head"] = self.glob["embed"]
+        self.resident = {j: {k: v.to(self.device) for k, v in views(*self.host[j]).items()}
+                         for j in plan.gpu_layers}
+        streamed = plan.streamed_layers(spec.num_layers)
+        self.streamer = WeightStreamer({j: self.host[j] for j in streamed}, streamed, plan.num_slots, self.device)
+        self.runner = SpecRunner(self._build_draft(draft_desc), self.device)
+        self.tb: dict[int, dict] = {}
+        self._drafting: dict[int, object] = {}
+        self.timer = StageTimer(self.device)
+        self.streamer.prefetch()
+
+    # -- setup -----------------------------------------------------------------------------
+    def _build_draft(self, desc):
+        if desc is None:
+            return None
+        if desc[0] == "self":
+            n = int(desc[1])
+            if not 1 <= n < self.spec.num_layers:
+                raise ConfigError(f"self-speculative draft needs 1..{self.spec.num_layers - 1} layers, got {n}")
+            layers = [self.resident.get(j) or views(*self.host[j]) for j in range(n)]
+            return ResidentModel(self.spec.with_layers(n), self.glob, layers, self.device)
+        src = open_source(desc)
+        return ResidentModel.from_source(src, self.device)
+
+    def ready(self) -> dict:
+        return {"device": str(self.device), "resident_layers": len(self.resident),
+                "slots": self.streamer.nslots, "draft": self.runner.draft is not None}
+
+    def memory(self) -> dict:
+        if self.device.type != "cuda":
+            return {}
+        return {"allocated": torch.cuda.memory_allocated(self.device),
+                "max_allocated": torch.cuda.max_memory_allocated(self.device)}
+
+    def _layer(self, j: int) -> dict:
+        return self.resident[j] if j in self.resident else self.streamer.acquire(j)
+
+    def _done(self, j: int):
+        if j not in self.resident:
+            self.streamer.release(j)
+
+    # -- batches ---------------------------------------------------------------------------
+    def start(self, bid, prompts, samp, capacity, with_draft):
+        with self.timer.span("draft"):
+            self.runner.start(bid, samp, prompts if (with_draft and self.runner.draft) else None, capacity)
+        self.tb[bid] = {"prompts": prompts, "lens": torch.tensor([len(p) for p in prompts], device=self.device)}
+
+    def keep(self, bid, idx):
+        t = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        self.tb[bid]["lens"] = self.tb[bid]["lens"][t]
+        self.runner.keep(bid, idx)
+
+    def free(self, bid):
+        self.tb.pop(bid, None)
+        self.runner.free(bid)
+        self._drafting.pop(bid, None)
+
+    # -- prefill: each layer's weights serve every sub-batch before the next layer --------
+    @torch.inference_mode()
+    def prefill_layer(self, bid, s: int, j: int):
+        """Layer j for prefill sub-batch s, attention on the device; returns its K/V."""
+        st, spec, P = self.tb[bid], self.spec, self.plan.prefill_batch
+        subs = st.setdefault("subs", {})
+        if j == 0:
+            prompts = st["prompts"][s * P:(s + 1) * P]
+            q_lens = torch.tensor([len(p) for p in prompts], device=self.device)
+            toks = torch.tensor([t for p in prompts for t in p], device=self.device)
+            b, i = pack_index(q_lens)
+            subs[s] = {"h": embed(self.glob["embed"], toks), "q_lens": q_lens,
+                       "cs": rope_cos_sin(spec, i, spec.torch_dtype)}
+        sub = subs[s]
+        w = self._layer(j)
+        with self.timer.span("target"):
+            q, k, v = pre_attention(spec, w, sub["h"], *sub["cs"])
+            ql = sub["q_lens"]
+            cache = KVCache(1, len(ql), spec.num_kv_heads, spec.head_dim, int(ql.max()),
+                            spec.torch_dtype, self.device, (spec.sliding_windows[j],))
+            cache.begin_pass(ql)
+            sub["h"] = post_attention(spec, w, sub["h"], cache.attend_layer(0, q, k, v))
+            if j == spec.num_layers - 1:
+                sub["logits"] = head(spec, self.glob["norm"], self.glob["head"], sub["h"][last_index(ql)])
+                del sub["h"]
+        n_sub = -(-len(st["prompts"]) // P)
+        if s == n_sub - 1:
+            self._done(j)
+        return to_wire(k), to_wire(v)
+
+    @torch.inference_mode()
+    def prefill_head(self, bid, u_sample):
+        st = self.tb[bid]
+        subs = st.pop("subs")
+        logits = torch.cat([subs[s]["logits"] for s in sorted(subs)])
+        return self.runner.finish(bid, logits[:, None], 0, None, u_sample, first=True)
+
+    # -- one target pass (decode: k = 0, verification: k draft tokens + 1) ---------------
+    @torch.inference_mode()
+    def verify_begin(self, bid, k: int):
+        st, spec = self.tb[bid], self.spec
+        toks, q_lens = self.runner.target_inputs(bid, k)
+        b, i = pack_index(q_lens)
+        st["q_lens"] = q_lens
+        st["cs"] = rope_cos_sin(spec, st["lens"][b] + i, spec.torch_dtype)
+        st["h"] = embed(self.glob["embed"], toks)
+        return self._pre(st, 0)
+
+    def _pre(self, st, j):
+        w = self._layer(j)
+        with self.timer.span("target"):
+            q, k, v = pre_attention(self.spec, w, st["h"], *st["cs"])
+            return to_wire(q), to_wire(k), to_wire(v), st["q_lens"].cpu().numpy()
+
+    def _post(self, st, j, attn):
+        w = self._layer(j)
+        with self.timer.span("target"):
+            st["h"] = post_attention(self.spec, w, st["h"], from_wire(attn, self.device))
+        self._done(j)
+
+    @torch.inference_mode()
+    def target_layer(self, bid, j: int, attn):
+        """Finish layer j-1 with its attention output, then start layer j."""
+        st = self.tb[bid]
+        self._post(st, j - 1, attn)
+        return self._pre(st, j)
+
+    @torch.inference_mode()
+    def verify_head(self, bid, attn, k: int, u_accept, u_sample):
+        st, spec = self.tb[bid], self.spec
+        self._post(st, spec.num_layers - 1, attn)
+        with self.timer.span("target"):
+            logits = head(spec, self.glob["norm"], self.glob["head"], st.pop("h"))
+        B = st["q_lens"].shape[0]
+        tokens, counts = self.runner.finish(bid, logits.view(B, k + 1, -1), k, u_accept, u_sample)
+        st["lens"] = st["lens"] + torch.as_tensor(counts, device=self.device)
+        return tokens, counts
+
+    # -- draft -----------------------------------------------------------------------------
+    def propose(self, bid, k, u_draft):
+        with self.timer.span("draft"):
+            self.runner.propose(bid, k, u_draft)
+
+    def draft_begin(self, bid, k, u_draft):
+        self._drafting[bid] = self.runner.propose_steps(bid, k, u_draft)
+
+    def draft_step(self, bid, n: int = 1):
+        """Run n more draft steps for a batch whose proposals were begun earlier."""
+        it = self._drafting.get(bid)
+        with self.timer.span("draft"):
+            for _ in range(n):
+                if it is None or next(it, None) is None:
+                    self._drafting.pop(bid, None)
+                    break
+
+    def draft_finish(self, bid):
+        it = self._drafting.pop(bid, None)
+        if it is not None:
+            with self.timer.span("draft"):
+                for _ in it:
+                    pass
+
+    # -- measurements ----------------------------------------------------------------------
+    def stats(self) -> dict:
+        s = self.timer.collect()
+        s["weight_copy_s"] = self.streamer.collect_timing()
+        s["weight_bytes"] = self.streamer.bytes_copied
+        return s
+
+
+def check_fits(spec, n_seqs: int, max_len: int, host_bytes_free: int, kv_itemsize: int):
+    need = n_seqs * max_len * 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * kv_itemsize
+    if need > host_bytes_free:
+        raise CapacityError(
+            f"target KV cache for {n_seqs} sequences x {max_len} tokens needs {need / 2**30:.1f} GiB "
+            f"of host memory, {host_bytes_free / 2**30:.1f} GiB is free; lower batch_size or max_tokens"
+        )
+    return need
+
+

@@ -1,0 +1,63 @@
+"""The I/O loader actor: owns the host copy of the target's streamed weights.
+
+At start it reads the checkpoint tensor by tensor (or builds random weights) and writes
+each layer once into its own /dev/shm file. The executor maps those same pages and
+registers them with CUDA, so layer copies are DMA from page-locked memory with no second
+host copy and no per-step object-store traffic. Why shared files rather than pinned
+buffers filled in the executor: the loader's process can die and come back without the
+executor re-reading anything, and the pages outlive either process until `cleanup`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..models.source import open_source
+from .shm_layout import write_file
+
+
+def default_shm_root() -> Path:
+    return Path(os.environ.get("SPECOFFLOAD_SHM", "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"))
+
+
+class IOLoader:
+    def __init__(self, source_desc, run_id: str | None = None, shm_root: str | None = None):
+        self.source = open_source(source_desc)
+        self.spec = self.source.spec
+        self.dir = Path(shm_root or default_shm_root()) / f"specoffload-{run_id or uuid.uuid4().hex[:8]}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest = None
+
+    def ready(self) -> bool:
+        return True
+
+    def load(self, layers: list[int], progress: bool = True) -> dict:
+        """Write the given layers and the globals into shared memory; returns the manifest
+        (paths and tensor layouts) the executor maps. Idempotent: files already written
+        are reused, so a restarted loader does no work twice."""
+        out = {"layers": {}, "globals": None, "tied": False, "dir": str(self.dir)}
+        bar = tqdm(total=len(layers) + 1, desc="host weights", unit="layer", disable=not progress)
+        g = self.source.read_globals()
+        out["tied"] = g["head"] is g["embed"]
+        if out["tied"]:
+            g = {k: v for k, v in g.items() if k != "head"}
+        out["globals"] = (str(self.dir / "globals.bin"), write_file(self.dir / "globals.bin", g))
+        bar.update(1)
+        for j in layers:
+            path = self.dir / f"layer_{j:03d}.bin"
+            out["layers"][j] = (str(path), write_file(path, self.source.read_layer(j)))
+            bar.update(1)
+        bar.close()
+        self.manifest = out
+        return out
+
+    def host_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.dir.glob("*.bin"))
+
+    def cleanup(self):
+        shutil.rmtree(self.dir, ignore_errors=True)

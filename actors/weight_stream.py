@@ -1,0 +1,102 @@
+"""Streaming target layers from page-locked host memory into rotating device slots.
+
+Copies run on their own CUDA stream; compute waits on a per-slot "loaded" event and a copy
+into a slot waits on that slot's "released" event, so the next layers load while the
+current one computes (double buffering, or more slots). On the CPU the host views are used
+in place and nothing is copied: the same calls, no transfers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .shm_layout import views
+
+
+class WeightStreamer:
+    def __init__(self, host: dict[int, tuple], order: list[int], num_slots: int, device):
+        """host: layer -> (flat uint8 host buffer, entries); order: layers streamed per pass."""
+        self.host, self.order = host, list(order)
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.slot_of: dict[int, int] = {}  # layer -> slot holding (or loading) it
+        self.copy_seconds = 0.0
+        self.bytes_copied = 0
+        if not self.cuda or not self.order:
+            self.nslots = 0
+            return
+        self.nslots = min(num_slots, len(self.order))
+        nbytes = max(host[j][0].numel() for j in self.order)
+        self.slots = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.nslots)]
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.loaded = [torch.cuda.Event(enable_timing=True) for _ in range(self.nslots)]
+        self.started = [torch.cuda.Event(enable_timing=True) for _ in range(self.nslots)]
+        self.released = [None] * self.nslots
+        self.free = list(range(self.nslots))
+        self._views = {}
+        self._next = 0  # position in `order` of the next layer to load
+        self._pending_timing = []
+
+    def _issue(self):
+        """Start copies into every free slot, following the cyclic layer order."""
+        while self.free and self.order:
+            j = self.order[self._next % len(self.order)]
+            if j in self.slot_of:
+                break  # the whole cycle is already resident or loading
+            s = self.free.pop(0)
+            self._next += 1
+            buf, entries = self.host[j]
+            with torch.cuda.stream(self.copy_stream):
+                if self.released[s] is not None:
+                    self.copy_stream.wait_event(self.released[s])
+                self.started[s].record(self.copy_stream)
+                self.slots[s][: buf.numel()].copy_(buf, non_blocking=True)
+                self.loaded[s].record(self.copy_stream)
+            self._pending_timing.append(s)
+            self.bytes_copied += buf.numel()
+            self.slot_of[j] = s
+            self._views[j] = views(self.slots[s], entries)
+
+    def acquire(self, j: int) -> dict[str, torch.Tensor]:
+        """Layer j's tensors on the device; compute issued after this waits for its copy."""
+        if not self.cuda:
+            return views(*self.host[j])
+        if j not in self.slot_of:
+            # Out of cyclic order (a new pass starting elsewhere): restart the cycle at j.
+            self._next = self.order.index(j)
+            self._issue()
+        if j not in self.slot_of:
+            raise RuntimeError(f"layer {j} requested while every slot holds a layer in use")
+        s = self.slot_of[j]
+        torch.cuda.current_stream(self.device).wait_event(self.loaded[s])
+        return self._views[j]
+
+    def release(self, j: int):
+        """Layer j is done for this pass: its slot may be refilled once queued compute ends."""
+        if not self.cuda:
+            return
+        s = self.slot_of.pop(j)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self.released[s] = ev
+        self.free.append(s)
+        del self._views[j]
+        self._issue()
+
+    def prefetch(self):
+        if self.cuda:
+            self._issue()
+
+    def collect_timing(self) -> float:
+        """Seconds spent copying since the last call (completed copies only)."""
+        if not self.cuda:
+            return 0.0
+        done = []
+        for s in self._pending_timing:
+            if self.loaded[s].query():
+                self.copy_seconds += self.started[s].elapsed_time(self.loaded[s]) / 1000
+                done.append(s)
+        self._pending_timing = [s for s in self._pending_timing if s not in done]
+        return self.copy_seconds

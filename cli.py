@@ -1,0 +1,158 @@
+"""`specoffload` command line: generate text, or run a benchmark workload.
+
+Errors the user can fix print one line and exit 2; results already written stay written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BUILTIN_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give three tips for writing clear code.",
+    "Explain in one sentence what a GPU is.",
+]
+
+
+def _add_engine_options(p: argparse.ArgumentParser):
+    p.add_argument("--model", help="local Hugging Face checkpoint folder (default: the embedded "
+                                   "SmolLM2-135M-Instruct, converted once into ~/.cache/specoffload)")
+    p.add_argument("--draft", help="draft model: 'self:N' (the target's first N layers) or a checkpoint "
+                                   "folder with the same tokenizer; omit for no speculation")
+    p.add_argument("--schedule", choices=["none", "single", "dual"],
+                   help="none: no speculation; single: draft then verify one batch; dual: verify one "
+                        "batch while drafting the other (default: single with a draft, else none)")
+    p.add_argument("-k", "--draft-length", type=int, default=4, dest="k",
+                   help="draft tokens proposed per sequence per round (default 4)")
+    p.add_argument("--adaptive-k", action="store_true", help="adjust k per batch from measured acceptance")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the executor computes (default: cuda if available)")
+    p.add_argument("--gpu-memory", help="GPU memory cap, e.g. 24GiB (enforced)")
+    p.add_argument("--plan", help="a placement plan JSON file (see configs/)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--engine", choices=["ray", "reference"], default="ray",
+                   help="ray: the four Ray actors (default); reference: the plain in-process path")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: a running local one, else start one)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="specoffload", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate text for prompts",
+                       description="Generate completions. With no prompts, runs a few built-in ones.")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    g.add_argument("--prompts", help="file of prompts: plain text (one per line) or JSONL with a 'prompt' field")
+    g.add_argument("--out", help="write results as JSONL here, one line per request as it finishes")
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int, help="sampling seed (per request: seed + index)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="send prompts as raw text even if the tokenizer has a chat template")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_engine_options(g)
+    return ap
+
+
+def read_prompts(path: str) -> list[str]:
+    from .errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"prompts file not found: {p}")
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+            if "prompt" not in rec:
+                raise ConfigError(f"{p}:{n}: JSON line has no 'prompt' field")
+            out.append(str(rec["prompt"]))
+        else:
+            out.append(line)
+    if not out:
+        raise ConfigError(f"{p}: no prompts")
+    return out
+
+
+def _generate(args) -> int:
+    from .configs.sampling_params import SamplingParams
+    from .llm import LLM
+
+    prompts = list(args.prompt)
+    if args.prompts:
+        prompts += read_prompts(args.prompts)
+    if not prompts:
+        prompts = list(BUILTIN_PROMPTS)
+    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, ignore_eos=args.ignore_eos,
+                             seed=None if args.seed is None else args.seed + i)
+              for i in range(len(prompts))]
+    llm = LLM(args.model, draft=args.draft, engine=args.engine, device=args.device,
+              gpu_memory=args.gpu_memory, plan=args.plan, schedule=args.schedule, k=args.k,
+              adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
+              ray_address=args.ray_address, progress=not args.quiet)
+    texts = prompts
+    if not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None):
+        texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True) for p in prompts]
+    inputs = [{"prompt_token_ids": llm.tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    out_f = open(args.out, "w") if args.out else None
+
+    def write(o):
+        rec = {"index": o.request_id - first_rid, "prompt": prompts[o.request_id - first_rid],
+               "text": o.outputs[0].text, "token_ids": o.outputs[0].token_ids,
+               "finish_reason": o.outputs[0].finish_reason, "metrics": o.metrics}
+        if out_f:
+            out_f.write(json.dumps(rec) + "\n")
+            out_f.flush()
+
+    first_rid = llm._next_rid
+    try:
+        outs = llm.generate(inputs, params, on_output=write)
+    finally:
+        if out_f:
+            out_f.close()
+        llm.shutdown()
+    if not args.out:
+        for p, o in zip(prompts, outs):
+            print(f"### {p}\n{o.outputs[0].text.strip()}\n")
+    s = llm.last_stats
+    line = f"{s.get('tokens', 0)} tokens in {s.get('seconds', 0):.2f} s ({s.get('tokens_per_s', 0)} tok/s)"
+    if s.get("acceptance") is not None:
+        line += f", acceptance {s['acceptance']:.2f}, {s['tokens_per_seq_pass']:.2f} tokens/sequence/pass"
+    print(line, file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    from .errors import SpecOffloadError
+
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.cmd == "generate":
+            return _generate(args)
+    except SpecOffloadError as e:
+        e = getattr(e, "cause", None) or e  # unwrap errors raised inside a Ray actor
+        print(f"specoffload: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specoffload: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

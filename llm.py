@@ -1,0 +1,299 @@
+"""`LLM`: the user's entry point, shaped like vLLM's.
+
+    from specoffload import LLM, SamplingParams
+    llm = LLM("path/to/checkpoint", draft="self:8")
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    print(outs[0].outputs[0].text)
+
+By default the work runs on four Ray actors (I/O loader, GPU executor, CPU attention
+worker, coordinator); `engine="reference"` runs the plain in-process path instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+from .configs.run_config import RunConfig
+from .configs.sampling_params import SamplingParams
+from .errors import CapacityError, CheckpointError, ConfigError
+from .models.spec import ModelSpec, load_spec
+from .placement.plan import Plan
+from .scheduler.request import CompletionOutput, Request, RequestOutput
+
+
+def _host_memory_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def parse_draft(draft, target_layers: int):
+    """None | "self:N" | checkpoint folder -> a draft description for the executor."""
+    if draft is None:
+        return None
+    s = str(draft)
+    if s.startswith("self:"):
+        try:
+            n = int(s[5:])
+        except ValueError:
+            raise ConfigError(f"--draft self:N needs an integer N, got {s!r}") from None
+        if not 1 <= n < target_layers:
+            raise ConfigError(f"--draft self:N needs 1 <= N < {target_layers} (target layers), got {n}")
+        return ("self", n)
+    return ("checkpoint", str(Path(s)), None)
+
+
+def check_same_vocab(target_dir: Path, tok, draft_dir: Path, draft_spec: ModelSpec, target_spec: ModelSpec):
+    """A draft must speak the target's tokens: same vocabulary and special tokens."""
+    if draft_spec.vocab_size != target_spec.vocab_size:
+        raise ConfigError(
+            f"draft {draft_dir} has vocab {draft_spec.vocab_size}, target {target_dir} has "
+            f"{target_spec.vocab_size}: they need the same tokenizer")
+    if any((draft_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        dtok = AutoTokenizer.from_pretrained(str(draft_dir), local_files_only=True)
+        if dtok.get_vocab() != tok.get_vocab():
+            raise ConfigError(f"draft {draft_dir} and target {target_dir} have different tokenizers")
+        if (dtok.eos_token_id, dtok.bos_token_id) != (tok.eos_token_id, tok.bos_token_id):
+            raise ConfigError(f"draft {draft_dir} and target {target_dir} disagree on special tokens")
+
+
+class LLM:
+    def __init__(self, model=None, draft=None, *, engine: str = "ray", device: str = "auto",
+                 gpu_memory=None, plan=None, schedule: str | None = None, k: int = 4,
+                 adaptive_k: bool = False, batch_size: int | None = None, dtype: str | None = None,
+                 ray_address: str | None = None, progress: bool = True):
+        if engine not in ("ray", "reference"):
+            raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
+        if model is None:
+            from .models.default_model import default_model_dir
+
+            model = default_model_dir()
+        self.model_dir = Path(model)
+        self.spec = load_spec(self.model_dir, dtype=dtype)
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{self.model_dir}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+        self.draft_desc = parse_draft(draft, self.spec.num_layers)
+        if self.draft_desc and self.draft_desc[0] == "checkpoint":
+            ddir = Path(self.draft_desc[1])
+            dspec = load_spec(ddir, dtype=self.spec.dtype)
+            check_same_vocab(self.model_dir, self.tokenizer, ddir, dspec, self.spec)
+            self.draft_desc = ("checkpoint", str(ddir), self.spec.dtype)
+        schedule = schedule or ("single" if self.draft_desc else "none")
+        if schedule != "none" and not self.draft_desc:
+            raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
+        self.plan = self._make_plan(plan, device, gpu_memory, batch_size)
+        self.run_cfg = RunConfig(schedule=schedule, k=k, k_max=max(k, 8), adaptive_k=adaptive_k,
+                                 batch_size=self.plan.batch_size)
+        self.engine, self.progress = engine, progress
+        self._next_rid = 0
+        self.last_stats: dict = {}
+        if engine == "reference":
+            self._start_reference()
+        else:
+            self._start_ray(ray_address)
+
+    # -- setup -----------------------------------------------------------------------------
+    def _make_plan(self, plan, device, gpu_memory, batch_size) -> Plan:
+        import torch
+
+        if isinstance(plan, Plan):
+            p = plan
+        elif isinstance(plan, dict):
+            p = Plan.from_dict(plan)
+        elif plan is not None:
+            p = Plan.from_file(plan)
+        else:
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            p = Plan(device=device, gpu_memory=gpu_memory, batch_size=batch_size or 64)
+        if batch_size is not None and p.batch_size != batch_size:
+            from dataclasses import replace
+
+            p = replace(p, batch_size=batch_size)
+        p.check_layers(self.spec.num_layers)
+        if p.disk_layers:
+            raise ConfigError("the disk tier (plan.disk_layers) is not available in this version")
+        return p
+
+    def _start_reference(self):
+        from .models.checkpoint import Checkpoint
+        from .models.resident import ResidentModel
+        from .scheduler.reference_backend import ReferenceBackend
+
+        dev = "cuda" if self.plan.device == "cuda" else "cpu"
+        target = ResidentModel.from_source(Checkpoint(self.model_dir, dtype=self.spec.dtype), dev)
+        draft = None
+        if self.draft_desc and self.draft_desc[0] == "self":
+            n = self.draft_desc[1]
+            draft = ResidentModel(self.spec.with_layers(n), target.glob, target.layers[:n], dev)
+        elif self.draft_desc:
+            draft = ResidentModel.from_source(Checkpoint(self.draft_desc[1], dtype=self.spec.dtype), dev)
+        self.backend = ReferenceBackend(target, draft)
+
+    def _start_ray(self, address):
+        import ray
+
+        from .actors.coordinator import Coordinator
+        from .ray_env import ensure_ray
+
+        ensure_ray(address)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.coordinator = ray.remote(Coordinator).options(
+            name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
+        ).remote(("checkpoint", str(self.model_dir), self.spec.dtype), self.spec, self.plan,
+                 self.draft_desc, self.run_cfg, self.run_id, self.progress)
+        self.info = ray.get(self.coordinator.ready.remote())
+
+    # -- requests --------------------------------------------------------------------------
+    def _requests(self, prompts, params) -> tuple[list[Request], list]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if params is None:
+            params = SamplingParams()
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ConfigError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        eos = set(self.spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        reqs, texts = [], []
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            if isinstance(p, dict):
+                if "prompt_token_ids" in p:
+                    ids, text = [int(t) for t in p["prompt_token_ids"]], None
+                elif "prompt" in p:
+                    text = p["prompt"]
+                    ids = self.tokenizer(text)["input_ids"]
+                else:
+                    raise ConfigError(f"prompt {i}: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+            elif isinstance(p, str):
+                text, ids = p, self.tokenizer(p)["input_ids"]
+            else:
+                raise ConfigError(f"prompt {i}: expected a string or a dict, got {type(p).__name__}")
+            if not ids:
+                raise ConfigError(f"prompt {i} is empty")
+            if any(not 0 <= t < self.spec.vocab_size for t in ids):
+                raise ConfigError(f"prompt {i} has token ids outside the vocabulary (0..{self.spec.vocab_size - 1})")
+            if len(ids) + sp.max_tokens > self.spec.max_positions:
+                raise CapacityError(
+                    f"prompt {i} has {len(ids)} tokens + max_tokens {sp.max_tokens} > the model's "
+                    f"context of {self.spec.max_positions}")
+            reqs.append(Request(self._next_rid, ids, sp, tuple(sorted(eos))))
+            texts.append(text)
+            self._next_rid += 1
+        self._check_host_memory(reqs)
+        return reqs, texts
+
+    def _check_host_memory(self, reqs):
+        import torch
+
+        n = min(len(reqs), self.plan.batch_size) * (2 if self.run_cfg.schedule == "dual" else 1)
+        longest = max(len(r.prompt_ids) + r.params.max_tokens for r in reqs) + self.run_cfg.k_max + 2
+        itemsize = torch.empty((), dtype=getattr(torch, self.plan.kv_dtype or self.spec.dtype)).element_size()
+        need = n * longest * self.spec.kv_bytes_per_token // self.spec.torch_dtype.itemsize * itemsize
+        free = _host_memory_available()
+        if need > free:
+            raise CapacityError(
+                f"the target KV cache for {n} sequences x {longest} tokens needs {need / 2**30:.1f} GiB of "
+                f"host memory and {free / 2**30:.1f} GiB is available; lower batch_size or max_tokens")
+
+    def _output(self, r: Request, text) -> RequestOutput:
+        out = CompletionOutput(0, self.tokenizer.decode(r.out, skip_special_tokens=True), list(r.out),
+                               r.finish_reason)
+        return RequestOutput(r.rid, text, list(r.prompt_ids), [out],
+                             metrics={"passes": r.rounds, "tokens": len(r.out),
+                                      "tokens_per_pass": round(len(r.out) / max(r.rounds, 1), 3)})
+
+    def generate(self, prompts, params=None, use_tqdm: bool | None = None, on_output=None) -> list[RequestOutput]:
+        """One output per prompt, in prompt order. `on_output(RequestOutput)` is called as each
+        request finishes (the CLI writes results as they come)."""
+        reqs, texts = self._requests(prompts, params)
+        text_of = {r.rid: t for r, t in zip(reqs, texts)}
+        show = self.progress if use_tqdm is None else use_tqdm
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(reqs), desc="requests", unit="req", disable=not show)
+        done: dict[int, RequestOutput] = {}
+
+        def finished(r: Request):
+            o = self._output(r, text_of[r.rid])
+            done[r.rid] = o
+            bar.update(1)
+            if on_output:
+                on_output(o)
+
+        def progress(stats):
+            d = stats.as_dict() if hasattr(stats, "as_dict") else stats
+            post = {"tok/s": f"{d.get('tokens', 0) / max(time.perf_counter() - t0, 1e-9):.1f}"}
+            if d.get("acceptance") is not None:
+                post["accept"] = f"{d['acceptance']:.2f}"
+            bar.set_postfix(post, refresh=False)
+
+        t0 = time.perf_counter()
+        try:
+            if self.engine == "reference":
+                from .scheduler.generator import Generator
+
+                stats = Generator(self.backend, self.run_cfg, on_finish=finished, on_progress=progress).run(reqs)
+                self.last_stats = stats.as_dict()
+            else:
+                self.last_stats = self._generate_ray(reqs, finished, progress)
+        finally:
+            bar.close()
+        return [done[r.rid] for r in reqs]
+
+    def _generate_ray(self, reqs, finished, progress) -> dict:
+        import ray
+
+        by_rid = {r.rid: r for r in reqs}
+        payload = [{"rid": r.rid, "prompt_ids": r.prompt_ids, "params": r.params.__dict__, "eos": r.eos_ids}
+                   for r in reqs]
+        ref = self.coordinator.generate.remote(payload)
+
+        def drain():
+            outs, stats = ray.get(self.coordinator.poll.remote())
+            for o in outs:
+                r = by_rid[o["rid"]]
+                r.out, r.finish_reason, r.rounds = o["token_ids"], o["finish_reason"], o["passes"]
+                finished(r)
+            if stats:
+                progress(stats)
+
+        while True:
+            ready, _ = ray.wait([ref], timeout=0.2)
+            drain()
+            if ready:
+                stats = ray.get(ref)
+                drain()
+                return stats
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def shutdown(self):
+        if self.engine == "ray" and getattr(self, "coordinator", None) is not None:
+            import ray
+
+            try:
+                ray.get(self.coordinator.shutdown.remote())
+            finally:
+                ray.kill(self.coordinator)
+                self.coordinator = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

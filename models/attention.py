@@ -1,0 +1,121 @@
+"""Attention as a function of q and a KV cache, so it can run on any device or process.
+
+The cache of one layer is [B, Hkv, capacity, d] with a length per sequence. New tokens of
+a pass (prefill: the prompt; decode: 1; verification: k+1) are appended, then their
+queries attend causally to everything up to and including their own position. Grouped
+query attention goes through SDPA's `enable_gqa`, never a repeat of K/V, and the cache is
+read once per layer per pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pack_index(q_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed tokens: (sequence index, index within that sequence's new tokens)."""
+    b = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens)
+    starts = torch.cumsum(q_lens, 0) - q_lens
+    i = torch.arange(int(q_lens.sum()), device=q_lens.device) - starts[b]
+    return b, i
+
+
+def causal_mask(lens_before: torch.Tensor, q_lens: torch.Tensor, n_q: int, n_k: int, window=None):
+    """Boolean [B, 1, n_q, n_k]: query i of sequence b sits at position lens_before[b] + i."""
+    dev = lens_before.device
+    qpos = lens_before[:, None] + torch.arange(n_q, device=dev)[None, :]  # [B, n_q]
+    kpos = torch.arange(n_k, device=dev)
+    m = kpos[None, None, :] <= qpos[:, :, None]
+    if window is not None:
+        m &= kpos[None, None, :] > qpos[:, :, None] - window
+    # Padded query rows (i >= q_len) see key 0 only, so SDPA never meets an all-masked row.
+    pad = torch.arange(n_q, device=dev)[None, :] >= q_lens[:, None]
+    m |= pad[:, :, None] & (kpos == 0)[None, None, :]
+    return m[:, None]
+
+
+def append_kv(cache_k, cache_v, k, v, lens_before, q_lens, b_idx=None, i_idx=None):
+    """Write packed new k/v [T, Hkv, d] at each sequence's next free positions."""
+    if b_idx is None:
+        b_idx, i_idx = pack_index(q_lens)
+    pos = lens_before[b_idx] + i_idx
+    cache_k[b_idx, :, pos] = k.to(cache_k.dtype)
+    cache_v[b_idx, :, pos] = v.to(cache_v.dtype)
+
+
+def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_idx=None, i_idx=None):
+    """Packed queries q [T, Hq, d] against caches that already hold the new tokens.
+
+    Returns [T, Hq * d] in q's dtype. `mask`/`b_idx`/`i_idx` may be passed in to reuse them
+    across layers of one pass (they depend only on the lengths).
+    """
+    B = lens_before.shape[0]
+    T, Hq, d = q.shape
+    if b_idx is None:
+        b_idx, i_idx = pack_index(q_lens)
+    n_q = int(q_lens.max()) if T else 0
+    n_k = int((lens_before + q_lens).max())
+    if mask is None:
+        mask = causal_mask(lens_before, q_lens, n_q, n_k, window)
+    qp = q.new_zeros(B, n_q, Hq, d)
+    qp[b_idx, i_idx] = q
+    qp = qp.transpose(1, 2).to(cache_k.dtype)  # [B, Hq, n_q, d]
+    out = F.scaled_dot_product_attention(
+        qp, cache_k[:, :, :n_k], cache_v[:, :, :n_k], attn_mask=mask, enable_gqa=True
+    )
+    return out.transpose(1, 2)[b_idx, i_idx].reshape(T, Hq * d).to(q.dtype)
+
+
+class KVCache:
+    """Per-layer K/V of one batch of sequences, with one length per sequence.
+
+    `attend_layer` appends the pass's new tokens and attends; `advance` commits the pass's
+    lengths once all layers are done; `truncate` rolls back rejected speculative tokens.
+    """
+
+    def __init__(self, num_layers, batch, num_kv_heads, head_dim, capacity, dtype, device="cpu",
+                 windows=None):
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.capacity = capacity
+        self.windows = windows or (None,) * num_layers
+        self._pass = None
+
+    @property
+    def batch(self) -> int:
+        return self.lens.shape[0]
+
+    def begin_pass(self, q_lens: torch.Tensor):
+        q_lens = q_lens.to(self.lens.device)
+        if int((self.lens + q_lens).max()) > self.capacity:
+            raise RuntimeError("KV cache capacity exceeded")
+        b_idx, i_idx = pack_index(q_lens)
+        n_q, n_k = int(q_lens.max()), int((self.lens + q_lens).max())
+        masks = {w: causal_mask(self.lens, q_lens, n_q, n_k, w) for w in set(self.windows)}
+        self._pass = (q_lens, b_idx, i_idx, masks)
+
+    def attend_layer(self, layer, q, k, v):
+        q_lens, b_idx, i_idx, masks = self._pass
+        append_kv(self.k[layer], self.v[layer], k, v, self.lens, q_lens, b_idx, i_idx)
+        w = self.windows[layer]
+        return attend(q, self.k[layer], self.v[layer], self.lens, q_lens, w, masks[w], b_idx, i_idx)
+
+    def advance(self):
+        self.lens += self._pass[0]
+        self._pass = None
+
+    def truncate(self, new_lens: torch.Tensor):
+        new_lens = new_lens.to(self.lens.device)
+        if bool((new_lens > self.lens).any()):
+            raise RuntimeError("truncate cannot extend a sequence")
+        self.lens = new_lens.clone()
+
+    def select(self, keep: torch.Tensor):
+        """Keep only the sequences at indices `keep` (finished ones leave the batch)."""
+        keep = keep.to(self.lens.device)
+        self.k = [t[keep] for t in self.k]
+        self.v = [t[keep] for t in self.v]
+        self.lens = self.lens[keep]

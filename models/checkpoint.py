@@ -1,0 +1,164 @@
+"""Tensor-by-tensor reading of a local Hugging Face checkpoint folder.
+
+`Checkpoint(dir).read_layer(j)` opens only the shards that hold layer j, through
+`safetensors.safe_open`, so a loader can stream one layer without touching the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+from .spec import ModelSpec, load_spec
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_DIRECT = {
+    "input_layernorm.weight": "ln1",
+    "post_attention_layernorm.weight": "ln2",
+    "self_attn.q_proj.weight": "q",
+    "self_attn.k_proj.weight": "k",
+    "self_attn.v_proj.weight": "v",
+    "self_attn.o_proj.weight": "o",
+    "self_attn.q_proj.bias": "q_bias",
+    "self_attn.k_proj.bias": "k_bias",
+    "self_attn.v_proj.bias": "v_bias",
+    "self_attn.q_norm.weight": "q_norm",
+    "self_attn.k_norm.weight": "k_norm",
+    "mlp.gate_proj.weight": "gate",
+    "mlp.up_proj.weight": "up",
+    "mlp.down_proj.weight": "down",
+    "block_sparse_moe.gate.weight": "router",
+    "mlp.gate.weight": "router",
+}
+_EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_EXPERT_KEY = {"w1": "w_gate", "w3": "w_up", "w2": "w_down"}
+
+
+class Checkpoint:
+    """Index of a checkpoint folder: which file holds which tensor, read lazily."""
+
+    def __init__(self, model_dir, dtype: str | None = None):
+        self.dir = Path(model_dir)
+        self.spec: ModelSpec = load_spec(self.dir, dtype=dtype)
+        self.dtype = self.spec.torch_dtype
+        self._where = self._index()
+        self._layers: dict[int, dict[str, str]] = {}
+        for name in self._where:
+            m = _LAYER.match(name)
+            if m:
+                self._layers.setdefault(int(m.group(1)), {})[m.group(2)] = name
+        missing = [j for j in range(self.spec.num_layers) if j not in self._layers]
+        if missing:
+            raise CheckpointError(f"{self.dir}: no tensors for layer(s) {missing[:5]}")
+        if "model.embed_tokens.weight" not in self._where:
+            raise CheckpointError(f"{self.dir}: no model.embed_tokens.weight in any shard")
+
+    def _index(self) -> dict[str, Path]:
+        idx = self.dir / "model.safetensors.index.json"
+        where: dict[str, Path] = {}
+        if idx.is_file():
+            try:
+                weight_map = json.loads(idx.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{idx}: not a valid safetensors index ({e})") from None
+            for name, fname in weight_map.items():
+                where[name] = self.dir / fname
+            for f in sorted(set(where.values())):
+                if not f.is_file():
+                    raise CheckpointError(f"missing shard {f} (listed in {idx.name})")
+                self._check_header(f)
+            return where
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {self.dir}")
+        for f in files:
+            for name in self._check_header(f):
+                where[name] = f
+        return where
+
+    @staticmethod
+    def _check_header(f: Path) -> list[str]:
+        """Open the header and check every tensor's bytes are inside the file (truncation)."""
+        try:
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError("header length beyond end of file")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                raise ValueError(f"truncated: {size} bytes, tensors need {8 + n + end}")
+            return [k for k in header if k != "__metadata__"]
+        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self._where[n], []).append(n)
+        out = {}
+        for f, ns in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    for n in ns:
+                        out[n] = fh.get_tensor(n).to(self.dtype)
+            except Exception as e:
+                raise CheckpointError(f"{f}: {str(e).splitlines()[0]}") from None
+        return out
+
+    def read_layer(self, j: int) -> dict[str, torch.Tensor]:
+        """Layer j in our flat layout (see layers.LAYER_KEYS), experts stacked."""
+        names = self._layers[j]
+        raw = self._read(list(names.values()))
+        w: dict[str, torch.Tensor] = {}
+        experts: dict[str, dict[int, torch.Tensor]] = {}
+        for short, full in names.items():
+            t = raw[full]
+            if short in _DIRECT:
+                w[_DIRECT[short]] = t
+            elif (m := _EXPERT.match(short)) :
+                experts.setdefault(_EXPERT_KEY[m.group(2)], {})[int(m.group(1))] = t
+            elif short == "mlp.experts.gate_up_proj":  # transformers 5 fused layout
+                w["w_gate"], w["w_up"] = (x.contiguous() for x in t.chunk(2, dim=1))
+            elif short == "mlp.experts.down_proj":
+                w["w_down"] = t
+            elif short.endswith("rotary_emb.inv_freq"):
+                continue
+            else:
+                raise CheckpointError(f"{self._where[full]}: unexpected tensor {full}")
+        for key, parts in experts.items():
+            if sorted(parts) != list(range(self.spec.num_experts)):
+                raise CheckpointError(f"{self.dir}: layer {j} is missing experts for {key}")
+            w[key] = torch.stack([parts[e] for e in range(self.spec.num_experts)])
+        need = {"ln1", "ln2", "q", "k", "v", "o"}
+        need |= {"router", "w_gate", "w_up", "w_down"} if self.spec.is_moe else {"gate", "up", "down"}
+        if self.spec.qkv_bias:
+            need |= {"q_bias", "k_bias", "v_bias"}
+        if self.spec.qk_norm:
+            need |= {"q_norm", "k_norm"}
+        if need - set(w):
+            raise CheckpointError(f"{self.dir}: layer {j} lacks {sorted(need - set(w))}")
+        return w
+
+    def read_globals(self) -> dict[str, torch.Tensor]:
+        """Embeddings, final norm and LM head (tied head shares the embedding tensor)."""
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        tied = self.spec.tie_embeddings or "lm_head.weight" not in self._where
+        if not tied:
+            names.append("lm_head.weight")
+        missing = [n for n in names if n not in self._where]
+        if missing:
+            raise CheckpointError(f"{self.dir}: missing {missing}")
+        raw = self._read(names)
+        embed = raw["model.embed_tokens.weight"]
+        return {
+            "embed": embed,
+            "norm": raw["model.norm.weight"],
+            "head": embed if tied else raw["lm_head.weight"],
+        }

@@ -1,0 +1,128 @@
+"""Decoder layer math, split the way offloading needs it.
+
+A layer is `pre_attention` (norm, q/k/v projections, RoPE) -> attention (a function of q and
+a KV cache, see `attention.py`; it may run in another process) -> `post_attention` (output
+projection, residual, norm, dense or MoE FFN, residual). Tokens are packed: `h` is
+[T, hidden] for the new tokens of all sequences together, so ragged batches waste nothing.
+
+Weights of one layer are a flat dict with the names in `LAYER_KEYS`; experts are stacked
+into [E, ...] tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .spec import ModelSpec
+
+# Names of one layer's tensors in our flat layout (see checkpoint.py for the HF mapping).
+ATTN_KEYS = ("ln1", "q", "k", "v", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm")
+FFN_KEYS = ("o", "ln2", "gate", "up", "down", "router", "w_gate", "w_up", "w_down")
+LAYER_KEYS = ATTN_KEYS + FFN_KEYS
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same op order as transformers' RMSNorm: statistics in fp32, scale in the input dtype.
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+_ROPE_CACHE: dict = {}
+
+
+def rope_inv_freq(spec: ModelSpec, device) -> torch.Tensor:
+    key = (spec.head_dim, spec.rope_theta, str(device))
+    if key not in _ROPE_CACHE:
+        d = spec.head_dim
+        _ROPE_CACHE[key] = 1.0 / (
+            spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+        )
+    return _ROPE_CACHE[key]
+
+
+def rope_cos_sin(spec: ModelSpec, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, head_dim] for packed token positions; computed once per forward pass."""
+    freqs = positions.float()[:, None] * rope_inv_freq(spec, positions.device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, d]; cos/sin [T, d]
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+def _linear(x, w, b=None):
+    return F.linear(x, w, b)
+
+
+def pre_attention(spec: ModelSpec, w: dict, h: torch.Tensor, cos, sin):
+    """h [T, H] -> q [T, Hq, d], k [T, Hkv, d], v [T, Hkv, d] (RoPE applied)."""
+    x = rms_norm(h, w["ln1"], spec.rms_eps)
+    T, d = h.shape[0], spec.head_dim
+    q = _linear(x, w["q"], w.get("q_bias")).view(T, spec.num_heads, d)
+    k = _linear(x, w["k"], w.get("k_bias")).view(T, spec.num_kv_heads, d)
+    v = _linear(x, w["v"], w.get("v_bias")).view(T, spec.num_kv_heads, d)
+    if spec.qk_norm:
+        q = rms_norm(q, w["q_norm"], spec.rms_eps)
+        k = rms_norm(k, w["k_norm"], spec.rms_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _act(spec: ModelSpec, x):
+    if spec.hidden_act == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if spec.hidden_act == "gelu_pytorch_tanh" else "none")
+
+
+def dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
+    return _linear(_act(spec, _linear(x, w["gate"])) * _linear(x, w["up"]), w["down"])
+
+
+def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
+    """Top-k routed experts (Mixtral): softmax over experts, top-k, renormalise."""
+    logits = _linear(x, w["router"])
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+    top_w, top_i = torch.topk(probs, spec.experts_per_token, dim=-1)
+    top_w = (top_w / top_w.sum(dim=-1, keepdim=True)).to(x.dtype)
+    out = torch.zeros_like(x)
+    # One gather per expert that has tokens: the work scales with tokens routed, not E x T.
+    flat_e = top_i.reshape(-1)
+    order = torch.argsort(flat_e, stable=True)
+    counts = torch.bincount(flat_e, minlength=spec.num_experts).tolist()
+    tok = order // spec.experts_per_token
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        idx = order[start : start + n]
+        t = tok[start : start + n]
+        start += n
+        xe = x[t]
+        ye = _linear(_act(spec, _linear(xe, w["w_gate"][e])) * _linear(xe, w["w_up"][e]), w["w_down"][e])
+        out.index_add_(0, t, ye * top_w.reshape(-1)[idx, None])
+    return out
+
+
+def post_attention(spec: ModelSpec, w: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """h [T, H] residual stream, attn [T, Hq*d] attention output -> next layer's h."""
+    h = h + _linear(attn, w["o"])
+    x = rms_norm(h, w["ln2"], spec.rms_eps)
+    return h + (moe_ffn(spec, w, x) if spec.is_moe else dense_ffn(spec, w, x))
+
+
+def embed(w_embed: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return F.embedding(tokens, w_embed)
+
+
+def head(spec: ModelSpec, w_norm: torch.Tensor, w_head: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Final norm and LM head -> fp32 logits [T, V]."""
+    return _linear(rms_norm(h, w_norm, spec.rms_eps), w_head).float()

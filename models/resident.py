@@ -1,0 +1,62 @@
+"""A whole model held in one place (the plain reference path, and the GPU-resident draft)."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import KVCache, pack_index
+from .layers import embed, head, post_attention, pre_attention, rope_cos_sin
+from .spec import ModelSpec
+
+
+def positions_of(cache: KVCache, q_lens: torch.Tensor) -> torch.Tensor:
+    b, i = pack_index(q_lens)
+    return cache.lens.to(q_lens.device)[b] + i
+
+
+def last_index(q_lens: torch.Tensor) -> torch.Tensor:
+    """Packed index of each sequence's last new token."""
+    return torch.cumsum(q_lens, 0) - 1
+
+
+class ResidentModel:
+    def __init__(self, spec: ModelSpec, globals_: dict, layers: list[dict], device="cpu"):
+        self.spec, self.device = spec, torch.device(device)
+        mv = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        self.glob = {k: mv(v) for k, v in globals_.items()}
+        if globals_["head"] is globals_["embed"]:
+            self.glob["head"] = self.glob["embed"]
+        self.layers = [{k: mv(v) for k, v in w.items()} for w in layers]
+
+    @classmethod
+    def from_source(cls, source, device="cpu", num_layers=None, progress=False):
+        n = num_layers or source.spec.num_layers
+        spec = source.spec if n == source.spec.num_layers else source.spec.with_layers(n)
+        rng = range(n)
+        if progress:
+            from tqdm import tqdm
+
+            rng = tqdm(rng, desc="loading layers", unit="layer")
+        return cls(spec, source.read_globals(), [source.read_layer(j) for j in rng], device)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        s = self.spec
+        return KVCache(s.num_layers, batch, s.num_kv_heads, s.head_dim, capacity,
+                       s.torch_dtype, self.device, s.sliding_windows)
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, tokens: torch.Tensor, q_lens: torch.Tensor, which="last"):
+        """Run new tokens (packed) through every layer; logits of the last ("last") or of
+        every ("all") new token, fp32."""
+        s = self.spec
+        tokens, q_lens = tokens.to(self.device), q_lens.to(self.device)
+        cos, sin = rope_cos_sin(s, positions_of(cache, q_lens), s.torch_dtype)
+        h = embed(self.glob["embed"], tokens)
+        cache.begin_pass(q_lens)
+        for j, w in enumerate(self.layers):
+            q, k, v = pre_attention(s, w, h, cos, sin)
+            h = post_attention(s, w, h, cache.attend_layer(j, q, k, v))
+        cache.advance()
+        if which == "last":
+            h = h[last_index(q_lens)]
+        return head(s, self.glob["norm"], self.glob["head"], h)

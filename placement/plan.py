@@ -1,0 +1,91 @@
+"""Placement as data: what lives where, and how big the batches are.
+
+A frozen, self-checking dataclass that the coordinator and actors follow; msgpack- and
+JSON-serialisable so a planner (or a `configs/*.json` file) can produce it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import msgpack
+
+from ..errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_bytes(x) -> int | None:
+    """'24GiB' / '512MB' / 1234 -> bytes; None stays None."""
+    if x is None or isinstance(x, int):
+        return x
+    s = str(x).strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    if unit not in _UNITS or not num:
+        raise ConfigError(f"cannot read a size from {x!r} (use e.g. 24GiB, 512MB)")
+    return int(float(num) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str = "cpu"  # where the executor computes: "cuda" or "cpu"
+    gpu_memory: int | None = None  # executor memory cap in bytes (enforced on CUDA)
+    gpu_layers: tuple = ()  # target layers kept resident on the executor's device
+    disk_layers: tuple = ()  # target layers left on disk, staged per pass by the loader
+    num_slots: int = 2  # device buffers that streamed layers rotate through
+    batch_size: int = 64  # sequences per batch
+    prefill_batch: int = 16  # sequences per prefill sub-batch (each layer loaded once for all)
+    kv_dtype: str | None = None  # target KV cache dtype in host memory (None = model dtype)
+    attention_threads: int | None = None  # torch threads of the CPU attention worker
+    attention_cpus: float = 1.0  # Ray num_cpus of the CPU attention worker
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"plan.device must be 'cpu' or 'cuda', got {self.device!r}")
+        object.__setattr__(self, "gpu_memory", parse_bytes(self.gpu_memory))
+        object.__setattr__(self, "gpu_layers", tuple(sorted(set(self.gpu_layers))))
+        object.__setattr__(self, "disk_layers", tuple(sorted(set(self.disk_layers))))
+        if set(self.gpu_layers) & set(self.disk_layers):
+            raise ConfigError("a layer cannot be both GPU-resident and on disk")
+        if self.num_slots < 2:
+            raise ConfigError("num_slots must be >= 2 (double buffering)")
+        if self.batch_size < 1 or self.prefill_batch < 1:
+            raise ConfigError("batch_size and prefill_batch must be >= 1")
+        if self.gpu_memory is not None and self.gpu_memory <= 0:
+            raise ConfigError("gpu_memory must be positive")
+
+    def check_layers(self, num_layers: int):
+        bad = [j for j in self.gpu_layers + self.disk_layers if not 0 <= j < num_layers]
+        if bad:
+            raise ConfigError(f"plan names layers {bad} but the model has {num_layers}")
+
+    def streamed_layers(self, num_layers: int) -> list[int]:
+        return [j for j in range(num_layers) if j not in self.gpu_layers]
+
+    def to_msgpack(self) -> bytes:
+        return msgpack.packb(asdict(self))
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> "Plan":
+        return cls(**msgpack.unpackb(data))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown plan field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path) -> "Plan":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"plan file not found: {p}")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None

@@ -1,0 +1,150 @@
+"""What the GPU side keeps per batch between target passes: the draft model's state and the
+tokens the next target pass feeds. Shared by the in-process reference backend and the GPU
+executor actor, so both speculate with exactly the same code.
+
+Bookkeeping of one round with k proposals, per sequence:
+  draft input   = pending tokens (1, or 2 after a fully accepted round), then d1..d_{k-1}
+  target input  = [last, d1..dk]   (k+1 tokens; k = 0 is plain decoding)
+  accepted a    -> target KV keeps last, d1..da; draft KV keeps what it saw of those;
+                   the emitted tokens are d1..da plus one token t from the target,
+                   which becomes `last` (and the draft's pending input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..models.attention import KVCache
+from ..models.resident import ResidentModel
+from .sampler import SamplingTensors, probs_from_logits, sample
+from .verify import verify_greedy, verify_sampled
+
+
+@dataclass
+class BatchState:
+    last: torch.Tensor  # [B] the token the next target pass starts with
+    samp: SamplingTensors
+    draft_cache: KVCache | None = None
+    pending: list = field(default_factory=list)  # per sequence: tokens the draft has not seen
+    proposals: torch.Tensor | None = None  # [B, k]
+    q: torch.Tensor | None = None  # [B, k, V] draft probabilities (sampled rows only)
+
+
+class SpecRunner:
+    """Draft proposals and verification for many batches on one device."""
+
+    def __init__(self, draft: ResidentModel | None, device):
+        self.draft, self.device = draft, torch.device(device)
+        self.batches: dict[int, BatchState] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, bid: int, samp: SamplingTensors, prompts: list[list[int]] | None, capacity: int):
+        st = BatchState(last=torch.zeros(len(samp.temperature), dtype=torch.long, device=self.device),
+                        samp=samp)
+        if self.draft is not None and prompts is not None:
+            st.draft_cache = self.draft.new_cache(len(prompts), capacity)
+            toks = torch.tensor([t for p in prompts for t in p], device=self.device)
+            q_lens = torch.tensor([len(p) for p in prompts], device=self.device)
+            self.draft.forward(st.draft_cache, toks, q_lens)  # draft prefill; logits unused
+        self.batches[bid] = st
+
+    def keep(self, bid: int, idx: np.ndarray):
+        st = self.batches[bid]
+        t = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        st.last, st.samp = st.last[t], st.samp.select(idx)
+        st.pending = [st.pending[i] for i in idx] if st.pending else []
+        if st.proposals is not None:
+            st.proposals = st.proposals[t]
+        if st.q is not None:
+            st.q = st.q[t]
+        if st.draft_cache is not None:
+            st.draft_cache.select(t)
+
+    def free(self, bid: int):
+        self.batches.pop(bid, None)
+
+    # -- one round -------------------------------------------------------------------------
+    def propose(self, bid: int, k: int, u_draft: np.ndarray):
+        """Draft k tokens per sequence (u_draft [B, k] uniforms for sampled rows)."""
+        for _ in self.propose_steps(bid, k, u_draft):
+            pass
+
+    def propose_steps(self, bid: int, k: int, u_draft: np.ndarray):
+        """The same as `propose`, one draft step per iteration, so a caller can run the steps
+        in the gaps of other work (dual-batch interleaving)."""
+        st = self.batches[bid]
+        B = st.last.shape[0]
+        temp, top_k, top_p = st.samp.to(self.device)
+        greedy = st.samp.all_greedy
+        u = torch.as_tensor(u_draft, device=self.device, dtype=torch.float32)
+        toks = torch.tensor([t for p in st.pending for t in p], dtype=torch.long, device=self.device)
+        q_lens = torch.tensor([len(p) for p in st.pending], dtype=torch.long, device=self.device)
+        props, qs = [], []
+        st.proposals, st.q = None, None
+        for i in range(k):
+            with torch.inference_mode():
+                logits = self.draft.forward(st.draft_cache, toks, q_lens)  # [B, V]
+                if greedy:
+                    d = logits.argmax(-1)
+                else:
+                    q = probs_from_logits(logits[:, None], temp, top_k, top_p)[:, 0]
+                    d = sample(q, u[:, i])
+                    qs.append(q)
+            props.append(d)
+            toks, q_lens = d, torch.ones(B, dtype=torch.long, device=self.device)
+            if i < k - 1:
+                yield i
+        st.proposals = torch.stack(props, 1) if k else torch.zeros(B, 0, dtype=torch.long, device=self.device)
+        st.q = torch.stack(qs, 1) if qs else None
+        yield k
+
+    def target_inputs(self, bid: int, k: int):
+        """Packed tokens and per-sequence counts for the target pass of this round."""
+        st = self.batches[bid]
+        B = st.last.shape[0]
+        props = st.proposals if k else torch.zeros(B, 0, dtype=torch.long, device=self.device)
+        assert props.shape[1] == k, "propose() must run before a k > 0 target pass"
+        toks = torch.cat([st.last[:, None], props], 1).reshape(-1)
+        return toks, torch.full((B,), k + 1, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def finish(self, bid: int, logits: torch.Tensor, k: int, u_accept: np.ndarray, u_sample: np.ndarray,
+               first: bool = False):
+        """Verify the target's logits [B, k+1, V]; returns (tokens [B, k+1], counts [B]) as numpy.
+
+        `first`: the logits come from the prefill (k = 0), the draft has seen the prompt.
+        """
+        st = self.batches[bid]
+        props = st.proposals if k else torch.zeros(logits.shape[0], 0, dtype=torch.long, device=self.device)
+        if st.samp.all_greedy:
+            tokens, counts = verify_greedy(logits, props)
+        else:
+            temp, top_k, top_p = st.samp.to(self.device)
+            p = probs_from_logits(logits, temp, top_k, top_p)
+            ua = torch.as_tensor(u_accept, device=self.device, dtype=torch.float32)
+            us = torch.as_tensor(u_sample, device=self.device, dtype=torch.float32)
+            tokens, counts = verify_sampled(p, props, st.q if k else None, ua[:, :k], us)
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        st.last = tokens[rows, counts - 1]
+        if st.draft_cache is not None:
+            self._roll_draft(st, k, counts, first)
+        st.proposals, st.q = None, None
+        return tokens.cpu().numpy(), counts.cpu().numpy()
+
+    def _roll_draft(self, st: BatchState, k: int, counts: torch.Tensor, first: bool):
+        last = st.last.tolist()
+        if first or k == 0:
+            if not first:  # a plain decoding round the draft sat out: it must see `last` too
+                st.pending = [p + [t] for p, t in zip(st.pending, last)]
+            else:
+                st.pending = [[t] for t in last]
+            return
+        a = (counts - 1).tolist()
+        # The draft saw pending + d1..d_{k-1}; keep pending + d1..d_min(a, k-1).
+        keep = st.draft_cache.lens - (k - 1) + (counts - 1).clamp(max=k - 1)
+        st.draft_cache.truncate(keep)
+        props = st.proposals.tolist()
+        st.pending = [([props[b][k - 1]] if a[b] == k else []) + [last[b]] for b in range(len(last))]

@@ -1,0 +1,189 @@
+"""The generation loop: batches, rounds, draft length, stopping. Backend-agnostic.
+
+A backend runs the model work (the in-process reference backend, or the Ray actors); this
+loop decides what to run and keeps every request's state. Backend calls return handles
+that `backend.get` resolves, so an actor backend can queue a whole pass ahead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..configs.run_config import RunConfig
+from .request import Request
+from .sampler import SamplingTensors
+from .schedule import choose_k, steps
+
+
+@dataclass
+class RunStats:
+    passes: int = 0
+    tokens: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    seq_passes: int = 0  # sum over passes of sequences verified
+    prefill_tokens: int = 0
+    seconds: float = 0.0
+    k_history: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "passes": self.passes,
+            "tokens": self.tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_s": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
+            "acceptance": round(self.accepted / self.proposed, 4) if self.proposed else None,
+            "tokens_per_seq_pass": round(self.tokens / self.seq_passes, 4) if self.seq_passes else None,
+            "k_mean": round(float(np.mean(self.k_history)), 3) if self.k_history else 0,
+        }
+
+
+def sampling_tensors(reqs: list[Request]) -> SamplingTensors:
+    return SamplingTensors(
+        temperature=np.array([r.params.temperature for r in reqs], np.float32),
+        top_k=np.array([r.params.top_k for r in reqs], np.int64),
+        top_p=np.array([r.params.top_p for r in reqs], np.float32),
+    )
+
+
+class _Batch:
+    def __init__(self, bid, reqs):
+        self.bid, self.reqs = bid, list(reqs)
+        self.k = 0  # draft length of the proposals made for the next verification
+        self.has_proposals = False
+        self.alpha = 0.7  # running acceptance estimate (prior before any measurement)
+
+    def uniforms(self, n: int) -> np.ndarray:
+        return np.stack([r.uniforms(n) for r in self.reqs]) if self.reqs else np.zeros((0, n), np.float32)
+
+
+class Generator:
+    def __init__(self, backend, cfg: RunConfig, on_finish=None, on_progress=None):
+        self.backend, self.cfg = backend, cfg
+        self.on_finish, self.on_progress = on_finish, on_progress
+        self.stats = RunStats()
+        self._next_bid = 0
+
+    # ------------------------------------------------------------------------------------
+    def run(self, requests: list[Request]) -> RunStats:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        n_batches = 2 if cfg.schedule == "dual" else 1
+        queue = list(requests)
+        while queue:
+            wave = []
+            for _ in range(n_batches):
+                if queue:
+                    wave.append(queue[: cfg.batch_size])
+                    queue = queue[cfg.batch_size :]
+            self._run_wave(wave)
+        self.stats.seconds = time.perf_counter() - t0
+        return self.stats
+
+    def _capacity(self, reqs) -> int:
+        return max(len(r.prompt_ids) + r.params.max_tokens for r in reqs) + self.cfg.k_max + 2
+
+    def _run_wave(self, wave: list[list[Request]]):
+        be, cfg = self.backend, self.cfg
+        speculative = cfg.schedule != "none"
+        batches, handles = [], []
+        for reqs in wave:
+            b = _Batch(self._next_bid, reqs)
+            self._next_bid += 1
+            be.start(b.bid, [r.prompt_ids for r in reqs], sampling_tensors(reqs), self._capacity(reqs),
+                     with_draft=speculative)
+            handles.append(be.prefill(b.bid, b.uniforms(1)[:, 0]))
+            self.stats.prefill_tokens += sum(len(r.prompt_ids) for r in reqs)
+            batches.append(b)
+        for b, h in zip(batches, handles):
+            self._apply(b, *be.get(h), k=0)
+        batches = [b for b in batches if b.reqs]
+        if not batches:
+            return
+        kind = cfg.schedule if not (cfg.schedule == "dual" and len(batches) < 2) else "single"
+        if kind != "none":
+            # The first proposals: for the batch verified first (single: every step's batch).
+            self._propose(batches[0])
+        by_id = {b.bid: b for b in batches}
+        for step in steps(kind, [b.bid for b in batches]):
+            live = {bid for bid, b in by_id.items() if b.reqs}
+            if not live:
+                break
+            if kind == "dual" and len(live) < 2:
+                # One batch left: it continues alone on the single schedule.
+                (bid,) = live
+                b = by_id[bid]
+                if not b.has_proposals:
+                    self._propose(b)
+                for step in steps("single", [bid]):
+                    if not b.reqs:
+                        break
+                    self._step(step, by_id)
+                break
+            self._step(step, by_id)
+        for b in by_id.values():
+            be.free(b.bid)
+
+    def _propose(self, b: _Batch):
+        if not b.reqs:
+            return
+        if self.cfg.adaptive_k and self.stats.passes:
+            t_pass, t_draft = self.backend.timings()
+            b.k = choose_k(b.alpha, t_pass, t_draft, 1, self.cfg.k_max)
+        else:
+            b.k = self.cfg.k
+        self.backend.propose(b.bid, b.k, b.uniforms(b.k))
+        b.has_proposals = True
+
+    def _step(self, step, by_id):
+        be = self.backend
+        verify = [by_id[i] for i in step.verify if by_id[i].reqs]
+        handles = []
+        # Draft for batches not verified now first: an actor backend interleaves these with
+        # the pass's layer calls, so they run in the gaps.
+        for i in step.propose:
+            if i not in step.verify:
+                self._propose(by_id[i])
+        for b in verify:
+            u = b.uniforms(b.k + 1)
+            handles.append((b, b.k, be.verify(b.bid, b.k, u[:, : b.k], u[:, b.k])))
+            b.has_proposals = False
+        self.stats.passes += 1
+        for b, k, h in handles:
+            tokens, counts = be.get(h)
+            self._apply(b, tokens, counts, k)
+            if b.bid in step.propose:
+                self._propose(b)
+
+    def _apply(self, b: _Batch, tokens: np.ndarray, counts: np.ndarray, k: int):
+        keep = []
+        for i, r in enumerate(b.reqs):
+            n = int(counts[i])
+            got = r.extend(tokens[i, :n])
+            r.rounds += 1
+            self.stats.tokens += got
+            if k:
+                self.stats.proposed += k
+                self.stats.accepted += n - 1
+            if r.done:
+                if self.on_finish:
+                    self.on_finish(r)
+            else:
+                keep.append(i)
+        if k and b.reqs:
+            self.stats.seq_passes += len(b.reqs)
+            rate = float(np.mean(counts[: len(b.reqs)] - 1)) / k
+            b.alpha = 0.7 * b.alpha + 0.3 * rate
+            self.stats.k_history.append(k)
+        elif b.reqs:
+            self.stats.seq_passes += len(b.reqs)
+        if self.on_progress:
+            self.on_progress(self.stats)
+        if len(keep) < len(b.reqs):
+            b.reqs = [b.reqs[i] for i in keep]
+            if keep:
+                self.backend.keep(b.bid, np.array(keep, dtype=np.int64))

@@ -1,0 +1,66 @@
+"""The plain path: target and draft whole in this process, nothing overlapped.
+
+Kept beside the actor pipeline so the fast path can be tested against it; it is also what
+`LLM(..., engine="reference")` runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..models.resident import ResidentModel
+from .batch_state import SpecRunner
+
+
+class ReferenceBackend:
+    def __init__(self, target: ResidentModel, draft: ResidentModel | None = None):
+        self.target = target
+        self.spec = SpecRunner(draft, target.device)
+        self.caches = {}
+        self._t_pass, self._t_draft = 1.0, 0.01
+
+    def start(self, bid, prompts, samp, capacity, with_draft=False):
+        self.caches[bid] = (self.target.new_cache(len(prompts), capacity), prompts)
+        self.spec.start(bid, samp, prompts if (with_draft and self.spec.draft) else None, capacity)
+
+    def prefill(self, bid, u_sample):
+        cache, prompts = self.caches[bid]
+        toks = torch.tensor([t for p in prompts for t in p])
+        q_lens = torch.tensor([len(p) for p in prompts])
+        logits = self.target.forward(cache, toks, q_lens, which="last")
+        return self.spec.finish(bid, logits[:, None], 0, None, u_sample, first=True)
+
+    def propose(self, bid, k, u_draft):
+        t = time.perf_counter()
+        self.spec.propose(bid, k, u_draft)
+        self._t_draft = (time.perf_counter() - t) / max(k, 1)
+
+    def verify(self, bid, k, u_accept, u_sample):
+        t = time.perf_counter()
+        cache = self.caches[bid][0]
+        toks, q_lens = self.spec.target_inputs(bid, k)
+        B = q_lens.shape[0]
+        logits = self.target.forward(cache, toks, q_lens, which="all").view(B, k + 1, -1)
+        tokens, counts = self.spec.finish(bid, logits, k, u_accept, u_sample)
+        cache.truncate(cache.lens - (k + 1) + torch.as_tensor(counts))
+        self._t_pass = time.perf_counter() - t
+        return tokens, counts
+
+    def get(self, handle):
+        return handle
+
+    def timings(self):
+        return self._t_pass, self._t_draft
+
+    def keep(self, bid, idx):
+        self.caches[bid][0].select(torch.as_tensor(idx))
+        self.spec.keep(bid, idx)
+
+    def free(self, bid):
+        self.caches.pop(bid, None)
+        self.spec.free(bid)
+
+    def shutdown(self):
+        self.caches.clear()

@@ -1,0 +1,64 @@
+"""Schedules as data: which batches a target pass verifies and which the draft serves.
+
+A `Step` verifies some batches in one streamed pass over the target's weights and drafts
+for others. A batch in both is drafted *after* its verification (it needs the result);
+a batch only in `propose` is drafted *during* the pass, in the gaps of the layer stream.
+
+- non-speculative: every batch is verified in each pass, no draft;
+- single: one batch, draft then verify, one after the other;
+- dual: two batches; the pass verifies A while the draft proposes for B, then they swap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+SCHEDULES = ("none", "single", "dual")
+
+
+@dataclass(frozen=True)
+class Step:
+    verify: tuple  # batch ids verified in this pass
+    propose: tuple  # batch ids drafted in (or, if also verified, after) this pass
+
+
+def steps(kind: str, batch_ids: list):
+    """Yields the steps of a schedule forever; the loop drops finished batches itself."""
+    if kind not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
+    if kind == "none":
+        while True:
+            yield Step(tuple(batch_ids), ())
+    elif kind == "single":
+        i = 0
+        while True:
+            b = batch_ids[i % len(batch_ids)]
+            yield Step((b,), (b,))
+            i += 1
+    else:
+        if len(batch_ids) != 2:
+            raise ConfigError("the dual schedule runs exactly two batches at a time")
+        a, b = batch_ids
+        while True:
+            yield Step((a,), (b,))
+            a, b = b, a
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Mean tokens per sequence per pass when each draft token is accepted with prob alpha."""
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def choose_k(alpha: float, t_pass: float, t_draft_step: float, k_min: int, k_max: int) -> int:
+    """Draft length maximising tokens per second for one batch, given measured acceptance,
+    target pass time and time per draft step (what the draft costs when it cannot hide)."""
+    best, best_rate = k_min, -1.0
+    for k in range(k_min, k_max + 1):
+        rate = expected_tokens(alpha, k) / (t_pass + k * t_draft_step)
+        if rate > best_rate:
+            best, best_rate = k, rate
+    return best

@@ -1,0 +1,38 @@
+"""What transformers' own `generate` produces: the ground truth the engine must match."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=16)
+def hf_model(folder: str):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def hf_greedy(folder, prompts, max_new_tokens, eos_token_id=None):
+    """Greedy continuation of each prompt (one at a time, no padding), cut after EOS."""
+    m = hf_model(str(folder))
+    m.generation_config.eos_token_id = eos_token_id  # None: never stop early
+    outs = []
+    for p in prompts:
+        with torch.no_grad():
+            g = m.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False,
+                           pad_token_id=0)
+        outs.append(g[0, len(p):].tolist())
+    return outs
+
+
+PROMPTS = [[1, 5, 7, 9, 11, 3, 4, 5, 6, 7, 8, 9, 10, 20], [1, 40, 41], [1, 60, 61, 62, 63, 64], [1, 33]]
+
+
+def first_new_token(seq, start: int) -> tuple[int, int]:
+    """(index, token) of the first token at or after `start` that does not occur earlier."""
+    for i in range(start, len(seq)):
+        if seq[i] not in seq[:i]:
+            return i, seq[i]
+    raise AssertionError("no fresh token to use as a stop token")

@@ -1,0 +1,85 @@
+"""Broken checkpoints give one clear line naming the file; the CLI exits 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from specoffload.errors import CheckpointError
+from specoffload.models.checkpoint import Checkpoint
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="model folder not found: .*nope"):
+        Checkpoint(tmp_path / "nope")
+
+
+def test_missing_shard(tiny_dir, tmp_path):
+    d = _copy(tiny_dir("llama"), tmp_path / "m")
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    with open(d / "model-00001-of-00002.safetensors", "rb"):
+        pass
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model-00001-of-00002.safetensors"), "pt") as f:
+        names = list(f.keys())
+    wm = {n: "model-00001-of-00002.safetensors" for n in names[: len(names) // 2]}
+    wm |= {n: "model-00002-of-00002.safetensors" for n in names[len(names) // 2:]}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    with pytest.raises(CheckpointError, match="missing shard .*model-00002-of-00002.safetensors"):
+        Checkpoint(d)
+
+
+def test_truncated_safetensors(tiny_dir, tmp_path):
+    d = _copy(tiny_dir("llama"), tmp_path / "m")
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file \(truncated"):
+        Checkpoint(d)
+
+
+def test_unknown_architecture(tiny_dir, tmp_path):
+    d = _copy(tiny_dir("llama"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json: unsupported architecture 'gpt_neox'"):
+        Checkpoint(d)
+
+
+def test_no_weights(tiny_dir, tmp_path):
+    d = _copy(tiny_dir("llama"), tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no \\*.safetensors files in"):
+        Checkpoint(d)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "specoffload.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_missing_model_folder_exits_2(tmp_path):
+    r = _cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"specoffload: error: model folder not found: {tmp_path / 'missing'}"]
+
+
+def test_cli_bad_architecture_exits_2(tiny_dir, tmp_path):
+    d = _copy(tiny_dir("llama"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = _cli("generate", "--model", str(d), "--prompt", "hi")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "unsupported architecture 'bert'" in r.stderr

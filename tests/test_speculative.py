@@ -1,0 +1,86 @@
+"""Speculative decoding is lossless: greedy output equals the target's own, token for token."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_reference import PROMPTS, first_new_token, hf_greedy
+from specoffload.configs.run_config import RunConfig
+from specoffload.configs.sampling_params import SamplingParams
+from specoffload.llm import LLM
+from specoffload.models.checkpoint import Checkpoint
+from specoffload.models.resident import ResidentModel
+from specoffload.scheduler.generator import Generator
+from specoffload.scheduler.reference_backend import ReferenceBackend
+from specoffload.scheduler.request import Request
+
+
+def _ref_run(target_dir, draft, schedule, k, prompts, max_tokens=24, stop=(), batch_size=2):
+    tgt = ResidentModel.from_source(Checkpoint(target_dir))
+    if draft == "self":
+        dr = ResidentModel(tgt.spec.with_layers(1), tgt.glob, tgt.layers[:1])
+    elif draft == "same":  # a draft that always agrees: every block is accepted whole
+        dr = tgt
+    else:
+        dr = ResidentModel.from_source(Checkpoint(draft))
+    reqs = [Request(i, p, SamplingParams(max_tokens=max_tokens, ignore_eos=True, stop_token_ids=stop))
+            for i, p in enumerate(prompts)]
+    stats = Generator(ReferenceBackend(tgt, dr), RunConfig(schedule=schedule, k=k, k_max=8,
+                                                           batch_size=batch_size)).run(reqs)
+    return [r.out for r in reqs], stats
+
+
+@pytest.mark.parametrize("schedule", ["single", "dual"])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("draft", ["self", "other", "same"])
+def test_greedy_lossless_reference(tiny_dir, schedule, k, draft):
+    d = tiny_dir("llama")
+    other = tiny_dir("llama", seed=1, num_hidden_layers=1, intermediate_size=48)  # another size
+    want = hf_greedy(d, PROMPTS, 24)
+    got, stats = _ref_run(d, other if draft == "other" else draft, schedule, k, PROMPTS)
+    assert got == want
+    if draft == "same":
+        assert stats.accepted == stats.proposed  # the accept path is exercised in full
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_eos_inside_accepted_block(tiny_dir, k):
+    d = tiny_dir("llama")
+    free_run = hf_greedy(d, PROMPTS, 20)
+    i, stop = first_new_token(free_run[0], 3)  # whole blocks of k+1 are accepted around it
+    assert i % (k + 1) != 0  # token 0 comes from prefill, then blocks of k+1: not at a block end
+    want = hf_greedy(d, PROMPTS, 20, eos_token_id=stop)
+    got, stats = _ref_run(d, "same", "single", k, PROMPTS, max_tokens=20, stop=(stop,))
+    assert got == want and len(got[0]) == i + 1
+
+
+@pytest.mark.parametrize("schedule,draft", [("single", "self:1"), ("dual", "other")])
+def test_greedy_lossless_through_actors(ray_session, tiny_dir, schedule, draft):
+    d = tiny_dir("mixtral")
+    other = tiny_dir("mixtral", seed=2, num_hidden_layers=2)
+    want = hf_greedy(d, PROMPTS, 20)
+    with LLM(str(d), draft=str(other) if draft == "other" else draft, schedule=schedule, k=3,
+             batch_size=2, progress=False) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=20, ignore_eos=True))
+        assert llm.last_stats["acceptance"] is not None
+    assert [o.outputs[0].token_ids for o in outs] == want
+
+
+def test_adaptive_k_stays_lossless(tiny_dir):
+    d = tiny_dir("llama")
+    want = hf_greedy(d, PROMPTS, 24)
+    tgt = ResidentModel.from_source(Checkpoint(d))
+    reqs = [Request(i, p, SamplingParams(max_tokens=24, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    stats = Generator(ReferenceBackend(tgt, tgt), RunConfig(schedule="single", k=2, k_max=8, adaptive_k=True,
+                                                            batch_size=4)).run(reqs)
+    assert [r.out for r in reqs] == want
+    assert max(stats.k_history) > 2  # full acceptance pushes k up
+
+
+def test_draft_vocab_mismatch_is_an_error(tiny_dir):
+    from specoffload.errors import ConfigError
+
+    d = tiny_dir("llama")
+    other = tiny_dir("llama", seed=3, vocab_size=80)
+    with pytest.raises(ConfigError, match="has vocab 80, target .* has 96"):
+        LLM(str(d), draft=str(other), engine="reference", progress=False)
