@@ -29,6 +29,9 @@ def _add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("-k", "--draft-length", type=int, default=4, dest="k",
                    help="draft tokens proposed per sequence per round (default 4)")
     p.add_argument("--adaptive-k", action="store_true", help="adjust k per batch from measured acceptance")
+    p.add_argument("--draft-window", type=int, help="the draft attends over only the last W tokens "
+                                                    "(its KV cache a ring of W slots per sequence)")
+    p.add_argument("--draft-kv-fp8", action="store_true", help="store the windowed draft KV cache in fp8")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the executor computes (default: cuda if available)")
@@ -103,6 +106,7 @@ def _generate(args) -> int:
     llm = LLM(args.model, draft=args.draft, engine=args.engine, device=args.device,
               gpu_memory=args.gpu_memory, plan=args.plan, schedule=args.schedule, k=args.k,
               adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
+              draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8,
               ray_address=args.ray_address, progress=not args.quiet)
     texts = prompts
     if not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None):

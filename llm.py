@@ -71,6 +71,7 @@ class LLM:
     def __init__(self, model=None, draft=None, *, engine: str = "ray", device: str = "auto",
                  gpu_memory=None, plan=None, schedule: str | None = None, k: int = 4,
                  adaptive_k: bool = False, batch_size: int | None = None, dtype: str | None = None,
+                 draft_window: int | None = None, draft_kv_fp8: bool = False,
                  ray_address: str | None = None, progress: bool = True):
         if engine not in ("ray", "reference"):
             raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
@@ -95,7 +96,7 @@ class LLM:
         schedule = schedule or ("single" if self.draft_desc else "none")
         if schedule != "none" and not self.draft_desc:
             raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
-        self.plan = self._make_plan(plan, device, gpu_memory, batch_size)
+        self.plan = self._make_plan(plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8)
         self.run_cfg = RunConfig(schedule=schedule, k=k, k_max=max(k, 8), adaptive_k=adaptive_k,
                                  batch_size=self.plan.batch_size)
         self.engine, self.progress = engine, progress
@@ -107,7 +108,9 @@ class LLM:
             self._start_ray(ray_address)
 
     # -- setup -----------------------------------------------------------------------------
-    def _make_plan(self, plan, device, gpu_memory, batch_size) -> Plan:
+    def _make_plan(self, plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8) -> Plan:
+        from dataclasses import replace
+
         import torch
 
         if isinstance(plan, Plan):
@@ -121,9 +124,9 @@ class LLM:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             p = Plan(device=device, gpu_memory=gpu_memory, batch_size=batch_size or 64)
         if batch_size is not None and p.batch_size != batch_size:
-            from dataclasses import replace
-
             p = replace(p, batch_size=batch_size)
+        if draft_window is not None or draft_kv_fp8:
+            p = replace(p, draft_window=draft_window, draft_kv_fp8=draft_kv_fp8)
         p.check_layers(self.spec.num_layers)
         if p.disk_layers:
             raise ConfigError("the disk tier (plan.disk_layers) is not available in this version")
@@ -142,7 +145,7 @@ class LLM:
             draft = ResidentModel(self.spec.with_layers(n), target.glob, target.layers[:n], dev)
         elif self.draft_desc:
             draft = ResidentModel.from_source(Checkpoint(self.draft_desc[1], dtype=self.spec.dtype), dev)
-        self.backend = ReferenceBackend(target, draft)
+        self.backend = ReferenceBackend(target, draft, self.plan.draft_window, self.plan.draft_kv_fp8)
 
     def _start_ray(self, address):
         import ray

@@ -8,6 +8,7 @@ It is a threaded actor so the driver can poll finished requests while a run is g
 from __future__ import annotations
 
 import threading
+import time
 
 import ray
 
@@ -33,7 +34,9 @@ class Coordinator:
         self.loader = ray.remote(IOLoader).options(name=name("io_loader"), num_cpus=0).remote(
             target_desc, run_id)
         host_layers = [j for j in range(spec.num_layers) if j not in plan.disk_layers]
+        t0 = time.perf_counter()
         manifest = ray.get(self.loader.load.remote(host_layers, progress))
+        load_s = time.perf_counter() - t0
         self.executor = ray.remote(GPUExecutor).options(
             name=name("gpu_executor"), num_cpus=0 if cuda else 1, num_gpus=1 if cuda else 0
         ).remote(spec, plan, manifest, draft_desc)
@@ -42,6 +45,7 @@ class Coordinator:
         ).remote(spec, plan.attention_threads, plan.kv_dtype)
         self.info = ray.get(self.executor.ready.remote())
         self.info["attention_threads"] = ray.get(self.attention.ready.remote())
+        self.info["host_load_s"] = round(load_s, 1)
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, plan.prefill_batch)
         self._finished, self._lock = [], threading.Lock()
         self._progress = {}
@@ -66,6 +70,13 @@ class Coordinator:
         stats = gen.run(reqs).as_dict()
         stats |= self.backend.stats()
         return stats
+
+    def set_run_config(self, run_cfg: RunConfig):
+        """Switch schedule / draft length between runs (benchmarks compare modes in one run)."""
+        self.run_cfg = run_cfg
+
+    def stats(self) -> dict:
+        return self.backend.stats()
 
     def poll(self) -> tuple[list, dict]:
         """Requests finished since the last poll, and the running statistics."""

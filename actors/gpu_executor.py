@@ -10,6 +10,8 @@ the device between calls; only q/k/v and attention outputs cross processes, as n
 from __future__ import annotations
 
 
+import time
+
 import torch
 
 from ..errors import CapacityError, ConfigError
@@ -36,6 +38,7 @@ class GPUExecutor:
     def __init__(self, spec, plan: Plan, manifest: dict, draft_desc=None):
         self.spec, self.plan = spec, plan
         plan.check_layers(spec.num_layers)
+        t0 = time.perf_counter()
         if plan.device == "cuda":
             if not torch.cuda.is_available():
                 raise ConfigError("plan.device is 'cuda' but this executor sees no CUDA device")
@@ -64,11 +67,13 @@ class GPUExecutor:
                          for j in plan.gpu_layers}
         streamed = plan.streamed_layers(spec.num_layers)
         self.streamer = WeightStreamer({j: self.host[j] for j in streamed}, streamed, plan.num_slots, self.device)
-        self.runner = SpecRunner(self._build_draft(draft_desc), self.device)
+        self.runner = SpecRunner(self._build_draft(draft_desc), self.device, window=plan.draft_window,
+                                 fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch)
         self.tb: dict[int, dict] = {}
         self._drafting: dict[int, object] = {}
         self.timer = StageTimer(self.device)
         self.streamer.prefetch()
+        self.init_seconds = time.perf_counter() - t0
 
     # -- setup -----------------------------------------------------------------------------
     def _build_draft(self, desc):
@@ -84,7 +89,7 @@ class GPUExecutor:
         return ResidentModel.from_source(src, self.device)
 
     def ready(self) -> dict:
-        return {"device": str(self.device), "resident_layers": len(self.resident),
+        return {"device": str(self.device), "init_s": round(self.init_seconds, 1), "resident_layers": len(self.resident),
                 "slots": self.streamer.nslots, "draft": self.runner.draft is not None}
 
     def memory(self) -> dict:
@@ -102,7 +107,7 @@ class GPUExecutor:
 
     # -- batches ---------------------------------------------------------------------------
     def start(self, bid, prompts, samp, capacity, with_draft):
-        with self.timer.span("draft"):
+        with self.timer.span("prefill"):
             self.runner.start(bid, samp, prompts if (with_draft and self.runner.draft) else None, capacity)
         self.tb[bid] = {"prompts": prompts, "lens": torch.tensor([len(p) for p in prompts], device=self.device)}
 
@@ -131,7 +136,7 @@ class GPUExecutor:
                        "cs": rope_cos_sin(spec, i, spec.torch_dtype)}
         sub = subs[s]
         w = self._layer(j)
-        with self.timer.span("target"):
+        with self.timer.span("prefill"):
             q, k, v = pre_attention(spec, w, sub["h"], *sub["cs"])
             ql = sub["q_lens"]
             cache = KVCache(1, len(ql), spec.num_kv_heads, spec.head_dim, int(ql.max()),

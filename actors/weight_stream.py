@@ -31,8 +31,7 @@ class WeightStreamer:
         nbytes = max(host[j][0].numel() for j in self.order)
         self.slots = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.nslots)]
         self.copy_stream = torch.cuda.Stream(self.device)
-        self.loaded = [torch.cuda.Event(enable_timing=True) for _ in range(self.nslots)]
-        self.started = [torch.cuda.Event(enable_timing=True) for _ in range(self.nslots)]
+        self.loaded = [None] * self.nslots
         self.released = [None] * self.nslots
         self.free = list(range(self.nslots))
         self._views = {}
@@ -48,13 +47,16 @@ class WeightStreamer:
             s = self.free.pop(0)
             self._next += 1
             buf, entries = self.host[j]
+            # Fresh events per copy: a slot is reused before its timing is read.
+            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self.copy_stream):
                 if self.released[s] is not None:
                     self.copy_stream.wait_event(self.released[s])
-                self.started[s].record(self.copy_stream)
+                start.record(self.copy_stream)
                 self.slots[s][: buf.numel()].copy_(buf, non_blocking=True)
-                self.loaded[s].record(self.copy_stream)
-            self._pending_timing.append(s)
+                done.record(self.copy_stream)
+            self.loaded[s] = done
+            self._pending_timing.append((start, done))
             self.bytes_copied += buf.numel()
             self.slot_of[j] = s
             self._views[j] = views(self.slots[s], entries)
@@ -93,10 +95,11 @@ class WeightStreamer:
         """Seconds spent copying since the last call (completed copies only)."""
         if not self.cuda:
             return 0.0
-        done = []
-        for s in self._pending_timing:
-            if self.loaded[s].query():
-                self.copy_seconds += self.started[s].elapsed_time(self.loaded[s]) / 1000
-                done.append(s)
-        self._pending_timing = [s for s in self._pending_timing if s not in done]
+        keep = []
+        for start, done in self._pending_timing:
+            if done.query():
+                self.copy_seconds += start.elapsed_time(done) / 1000
+            else:
+                keep.append((start, done))
+        self._pending_timing = keep
         return self.copy_seconds

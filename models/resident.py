@@ -37,10 +37,20 @@ class ResidentModel:
             from tqdm import tqdm
 
             rng = tqdm(rng, desc="loading layers", unit="layer")
-        return cls(spec, source.read_globals(), [source.read_layer(j) for j in rng], device)
+        dev = torch.device(device)
+        # Move each layer as it is read, so host memory never holds the whole model.
+        layers = [{k: v.to(dev) for k, v in source.read_layer(j).items()} for j in rng]
+        return cls(spec, source.read_globals(), layers, device)
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int, window: int | None = None, fp8: bool = False,
+                  max_new: int = 16) -> KVCache:
+        """A full cache of `capacity` tokens, or (window set) a ring of the last `window`."""
         s = self.spec
+        if window is not None:
+            from .ring_cache import RingKVCache
+
+            return RingKVCache(s.num_layers, batch, s.num_kv_heads, s.head_dim, window, max_new,
+                               s.torch_dtype, self.device, s.sliding_windows, fp8=fp8)
         return KVCache(s.num_layers, batch, s.num_kv_heads, s.head_dim, capacity,
                        s.torch_dtype, self.device, s.sliding_windows)
 
@@ -57,6 +67,8 @@ class ResidentModel:
             q, k, v = pre_attention(s, w, h, cos, sin)
             h = post_attention(s, w, h, cache.attend_layer(j, q, k, v))
         cache.advance()
+        if which is None:
+            return None
         if which == "last":
             h = h[last_index(q_lens)]
         return head(s, self.glob["norm"], self.glob["head"], h)

@@ -41,6 +41,8 @@ class Plan:
     kv_dtype: str | None = None  # target KV cache dtype in host memory (None = model dtype)
     attention_threads: int | None = None  # torch threads of the CPU attention worker
     attention_cpus: float = 1.0  # Ray num_cpus of the CPU attention worker
+    draft_window: int | None = None  # the draft attends over the last W tokens (KV ring); None = all
+    draft_kv_fp8: bool = False  # store the draft's windowed KV in fp8 (e4m3, scale per head)
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -54,6 +56,10 @@ class Plan:
             raise ConfigError("num_slots must be >= 2 (double buffering)")
         if self.batch_size < 1 or self.prefill_batch < 1:
             raise ConfigError("batch_size and prefill_batch must be >= 1")
+        if self.draft_window is not None and self.draft_window < 1:
+            raise ConfigError(f"draft_window must be >= 1 or None, got {self.draft_window}")
+        if self.draft_kv_fp8 and self.draft_window is None:
+            raise ConfigError("draft_kv_fp8 needs a draft_window")
         if self.gpu_memory is not None and self.gpu_memory <= 0:
             raise ConfigError("gpu_memory must be positive")
 

@@ -36,8 +36,14 @@ class BatchState:
 class SpecRunner:
     """Draft proposals and verification for many batches on one device."""
 
-    def __init__(self, draft: ResidentModel | None, device):
+    def __init__(self, draft: ResidentModel | None, device, window: int | None = None, fp8: bool = False,
+                 prefill_chunk: int = 64, max_new: int = 18):
+        """window: the draft attends over only the last `window` tokens (its KV a ring);
+        fp8: store that ring in fp8; prefill_chunk: sequences per draft prefill step."""
         self.draft, self.device = draft, torch.device(device)
+        self.window, self.fp8, self.prefill_chunk, self.max_new = window, fp8, prefill_chunk, max_new
+        if fp8 and window is None:
+            raise ValueError("an fp8 draft KV cache needs a draft window")
         self.batches: dict[int, BatchState] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -45,11 +51,25 @@ class SpecRunner:
         st = BatchState(last=torch.zeros(len(samp.temperature), dtype=torch.long, device=self.device),
                         samp=samp)
         if self.draft is not None and prompts is not None:
-            st.draft_cache = self.draft.new_cache(len(prompts), capacity)
-            toks = torch.tensor([t for p in prompts for t in p], device=self.device)
-            q_lens = torch.tensor([len(p) for p in prompts], device=self.device)
-            self.draft.forward(st.draft_cache, toks, q_lens)  # draft prefill; logits unused
+            st.draft_cache = self._draft_prefill(prompts, capacity)
         self.batches[bid] = st
+
+    def _draft_prefill(self, prompts, capacity):
+        """The draft sees each prompt (only its last `window` tokens, at their true positions,
+        when windowed), a chunk of sequences at a time to bound activation memory."""
+        W = self.window
+        # The ring holds W + the most tokens one decode pass adds; a W-token prefill fits too.
+        cache = self.draft.new_cache(len(prompts), capacity, window=W, fp8=self.fp8, max_new=self.max_new)
+        seen = [p[-W:] if W else p for p in prompts]
+        if W:
+            cache.start_at(torch.tensor([len(p) - len(s) for p, s in zip(prompts, seen)]))
+        n = len(prompts)
+        for lo in range(0, n, self.prefill_chunk):
+            hi = min(n, lo + self.prefill_chunk)
+            toks = torch.tensor([t for s in seen[lo:hi] for t in s], device=self.device)
+            q_lens = torch.tensor([len(s) if lo <= i < hi else 0 for i, s in enumerate(seen)], device=self.device)
+            self.draft.forward(cache, toks, q_lens, which=None)
+        return cache
 
     def keep(self, bid: int, idx: np.ndarray):
         st = self.batches[bid]

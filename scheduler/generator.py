@@ -26,7 +26,9 @@ class RunStats:
     accepted: int = 0
     seq_passes: int = 0  # sum over passes of sequences verified
     prefill_tokens: int = 0
+    first_tokens: int = 0  # tokens that came out of prefill
     seconds: float = 0.0
+    prefill_seconds: float = 0.0  # until every batch of each wave had its first token
     k_history: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -35,9 +37,13 @@ class RunStats:
             "tokens": self.tokens,
             "prefill_tokens": self.prefill_tokens,
             "seconds": round(self.seconds, 4),
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "decode_tokens_per_s": round((self.tokens - self.first_tokens) / (self.seconds - self.prefill_seconds), 2)
+            if self.seconds > self.prefill_seconds else 0.0,
             "tokens_per_s": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
             "acceptance": round(self.accepted / self.proposed, 4) if self.proposed else None,
-            "tokens_per_seq_pass": round(self.tokens / self.seq_passes, 4) if self.seq_passes else None,
+            "tokens_per_seq_pass": round((self.tokens - self.first_tokens) / self.seq_passes, 4)
+            if self.seq_passes else None,
             "k_mean": round(float(np.mean(self.k_history)), 3) if self.k_history else 0,
         }
 
@@ -91,6 +97,7 @@ class Generator:
         be, cfg = self.backend, self.cfg
         speculative = cfg.schedule != "none"
         batches, handles = [], []
+        t0 = time.perf_counter()
         for reqs in wave:
             b = _Batch(self._next_bid, reqs)
             self._next_bid += 1
@@ -100,7 +107,10 @@ class Generator:
             self.stats.prefill_tokens += sum(len(r.prompt_ids) for r in reqs)
             batches.append(b)
         for b, h in zip(batches, handles):
-            self._apply(b, *be.get(h), k=0)
+            before = self.stats.tokens
+            self._apply(b, *be.get(h), k=0, prefill=True)
+            self.stats.first_tokens += self.stats.tokens - before
+        self.stats.prefill_seconds += time.perf_counter() - t0
         batches = [b for b in batches if b.reqs]
         if not batches:
             return
@@ -159,7 +169,7 @@ class Generator:
             if b.bid in step.propose:
                 self._propose(b)
 
-    def _apply(self, b: _Batch, tokens: np.ndarray, counts: np.ndarray, k: int):
+    def _apply(self, b: _Batch, tokens: np.ndarray, counts: np.ndarray, k: int, prefill: bool = False):
         keep = []
         for i, r in enumerate(b.reqs):
             n = int(counts[i])
@@ -179,7 +189,7 @@ class Generator:
             rate = float(np.mean(counts[: len(b.reqs)] - 1)) / k
             b.alpha = 0.7 * b.alpha + 0.3 * rate
             self.stats.k_history.append(k)
-        elif b.reqs:
+        elif b.reqs and not prefill:
             self.stats.seq_passes += len(b.reqs)
         if self.on_progress:
             self.on_progress(self.stats)

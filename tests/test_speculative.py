@@ -84,3 +84,39 @@ def test_draft_vocab_mismatch_is_an_error(tiny_dir):
     other = tiny_dir("llama", seed=3, vocab_size=80)
     with pytest.raises(ConfigError, match="has vocab 80, target .* has 96"):
         LLM(str(d), draft=str(other), engine="reference", progress=False)
+
+
+@pytest.mark.parametrize("window,fp8", [(3, False), (3, True), (8, False), (8, True), (None, False)])
+@pytest.mark.parametrize("schedule", ["single", "dual"])
+def test_windowed_draft_is_lossless(tiny_dir, window, fp8, schedule):
+    d = tiny_dir("llama")
+    want = hf_greedy(d, PROMPTS, 24)
+    tgt = ResidentModel.from_source(Checkpoint(d))
+    reqs = [Request(i, p, SamplingParams(max_tokens=24, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    backend = ReferenceBackend(tgt, tgt, draft_window=window, draft_kv_fp8=fp8)
+    stats = Generator(backend, RunConfig(schedule=schedule, k=3, batch_size=2)).run(reqs)
+    assert [r.out for r in reqs] == want
+    if window is None:
+        assert stats.accepted == stats.proposed  # a full-context copy of the target agrees always
+
+
+def test_windowed_draft_sees_only_its_window(tiny_dir):
+    """The ring's attention equals full attention restricted to the last W keys."""
+    import torch
+
+    from specoffload.models.attention import KVCache
+
+    d = tiny_dir("llama")
+    m = ResidentModel.from_source(Checkpoint(d))
+    prompt = PROMPTS[0]
+    W = 4
+    ring = m.new_cache(1, 0, window=W, max_new=len(prompt))
+    full_w = KVCache(m.spec.num_layers, 1, m.spec.num_kv_heads, m.spec.head_dim, 64, m.spec.torch_dtype,
+                     windows=(W,) * m.spec.num_layers)  # the plain cache with a sliding-window mask
+    toks, ql = torch.tensor(prompt), torch.tensor([len(prompt)])
+    a = m.forward(ring, toks, ql, which="all")
+    b = m.forward(full_w, toks, ql, which="all")
+    torch.testing.assert_close(a, b)
+    for t in [5, 6, 7, 8, 9]:  # decode steps wrap the ring several times
+        torch.testing.assert_close(m.forward(ring, torch.tensor([t]), torch.tensor([1])),
+                                   m.forward(full_w, torch.tensor([t]), torch.tensor([1])))

@@ -1,0 +1,91 @@
+"""A draft KV cache that keeps only the last W tokens of each sequence, as a ring.
+
+Slot = position mod capacity, and each slot remembers the absolute position it holds. Keys
+carry RoPE for their absolute positions and attention is a sum over keys, so slot order
+does not matter: the mask alone (0 <= key pos <= query pos, key pos > query pos - W)
+decides what a query sees. Rolled-back slots need no clearing: their positions lie past
+every later query until they are overwritten. Capacity W + (tokens per pass) - 1 keeps a
+pass's new tokens from overwriting keys its own queries still see.
+
+Optionally stored in fp8 (e4m3) with one scale per layer and KV head, set from the first
+tokens written (the draft's prefill); later values are clamped. Only the draft's view is
+shortened or rounded: the target still verifies every token, so output stays exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import KVCache, pack_index
+
+FP8_MAX = 448.0
+
+
+class RingKVCache(KVCache):
+    def __init__(self, num_layers, batch, num_kv_heads, head_dim, window, max_new, dtype, device="cpu",
+                 windows=None, fp8: bool = False):
+        self.window = int(window)
+        capacity = self.window + max_new
+        self.fp8 = fp8
+        self.compute_dtype = dtype
+        store = torch.float8_e4m3fn if fp8 else dtype
+        super().__init__(num_layers, batch, num_kv_heads, head_dim, capacity, store, device, windows)
+        self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
+        self.k_scale = [None] * num_layers
+        self.v_scale = [None] * num_layers
+
+    def begin_pass(self, q_lens: torch.Tensor):
+        q_lens = q_lens.to(self.lens.device)
+        if int(q_lens.max()) > self.capacity:
+            raise RuntimeError("more new tokens in one pass than the ring holds")
+        b_idx, i_idx = pack_index(q_lens)
+        pos = self.lens[b_idx] + i_idx
+        slot = pos % self.capacity
+        self.pos[b_idx, slot] = pos
+        n_q = int(q_lens.max()) if len(b_idx) else 0
+        qpos = self.lens[:, None] + torch.arange(n_q, device=self.lens.device)[None, :]  # [B, n_q]
+        kpos = self.pos[:, None, :]  # [B, 1, C]
+        masks = {}
+        for w in set(self.windows):
+            lim = self.window if w is None else min(w, self.window)
+            m = (kpos >= 0) & (kpos <= qpos[:, :, None]) & (kpos > qpos[:, :, None] - lim)
+            pad = torch.arange(n_q, device=self.lens.device)[None, :] >= q_lens[:, None]
+            m |= pad[:, :, None]  # padded query rows: anything, their output is dropped
+            masks[w] = m[:, None]
+        self._pass = (q_lens, b_idx, i_idx, masks, slot)
+
+    def _store(self, j, which, x):
+        if not self.fp8:
+            return x.to(self.compute_dtype)
+        scales = self.k_scale if which == "k" else self.v_scale
+        if scales[j] is None:
+            scales[j] = (x.float().abs().amax(dim=(0, 2)) / FP8_MAX).clamp_min(1e-8)  # [Hkv]
+        return (x.float() / scales[j][None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+    def _load(self, j, which, t):
+        if not self.fp8:
+            return t
+        s = (self.k_scale if which == "k" else self.v_scale)[j]
+        return (t.float() * s[None, :, None, None]).to(self.compute_dtype)
+
+    def attend_layer(self, layer, q, k, v):
+        q_lens, b_idx, i_idx, masks, slot = self._pass
+        self.k[layer][b_idx, :, slot] = self._store(layer, "k", k)
+        self.v[layer][b_idx, :, slot] = self._store(layer, "v", v)
+        B, (T, Hq, d) = self.batch, q.shape
+        n_q = int(q_lens.max()) if T else 0
+        qp = q.new_zeros(B, n_q, Hq, d)
+        qp[b_idx, i_idx] = q
+        kk, vv = self._load(layer, "k", self.k[layer]), self._load(layer, "v", self.v[layer])
+        out = F.scaled_dot_product_attention(qp.transpose(1, 2).to(kk.dtype), kk, vv,
+                                             attn_mask=masks[self.windows[layer]], enable_gqa=True)
+        return out.transpose(1, 2)[b_idx, i_idx].reshape(T, Hq * d).to(q.dtype)
+
+    def select(self, keep: torch.Tensor):
+        super().select(keep)
+        self.pos = self.pos[keep.to(self.pos.device)]
+
+    def start_at(self, lens: torch.Tensor):
+        """Sequences whose first cached token is not position 0 (a window re-prefill)."""
+        self.lens = lens.to(self.lens.device).clone()
