@@ -165,6 +165,7 @@ class GPUExecutor:
         toks, q_lens = self.runner.target_inputs(bid, k)
         b, i = pack_index(q_lens)
         st["q_lens"] = q_lens
+        st["q_lens_np"] = q_lens.cpu().numpy()  # once per pass, not once per layer
         st["cs"] = rope_cos_sin(spec, st["lens"][b] + i, spec.torch_dtype)
         st["h"] = embed(self.glob["embed"], toks)
         return self._pre(st, 0)
@@ -173,7 +174,7 @@ class GPUExecutor:
         w = self._layer(j)
         with self.timer.span("target"):
             q, k, v = pre_attention(self.spec, w, st["h"], *st["cs"])
-            return to_wire(q), to_wire(k), to_wire(v), st["q_lens"].cpu().numpy()
+            return to_wire(q), to_wire(k), to_wire(v), st["q_lens_np"]
 
     def _post(self, st, j, attn):
         w = self._layer(j)

@@ -13,11 +13,16 @@ import torch
 import torch.nn.functional as F
 
 
-def pack_index(q_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For packed tokens: (sequence index, index within that sequence's new tokens)."""
-    b = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens)
+def pack_index(q_lens: torch.Tensor, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed tokens: (sequence index, index within that sequence's new tokens).
+
+    Pass `total` (the packed length, known from the tokens' shape) to avoid a device sync.
+    """
+    if total is None:
+        total = int(q_lens.sum())
+    b = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens, output_size=total)
     starts = torch.cumsum(q_lens, 0) - q_lens
-    i = torch.arange(int(q_lens.sum()), device=q_lens.device) - starts[b]
+    i = torch.arange(total, device=q_lens.device) - starts[b]
     return b, i
 
 
@@ -44,7 +49,8 @@ def append_kv(cache_k, cache_v, k, v, lens_before, q_lens, b_idx=None, i_idx=Non
     cache_v[b_idx, :, pos] = v.to(cache_v.dtype)
 
 
-def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_idx=None, i_idx=None):
+def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_idx=None, i_idx=None,
+           n_q=None, n_k=None):
     """Packed queries q [T, Hq, d] against caches that already hold the new tokens.
 
     Returns [T, Hq * d] in q's dtype. `mask`/`b_idx`/`i_idx` may be passed in to reuse them
@@ -54,8 +60,10 @@ def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_i
     T, Hq, d = q.shape
     if b_idx is None:
         b_idx, i_idx = pack_index(q_lens)
-    n_q = int(q_lens.max()) if T else 0
-    n_k = int((lens_before + q_lens).max())
+    if n_q is None:
+        n_q = int(q_lens.max()) if T else 0
+    if n_k is None:
+        n_k = int((lens_before + q_lens).max())
     if mask is None:
         mask = causal_mask(lens_before, q_lens, n_q, n_k, window)
     qp = q.new_zeros(B, n_q, Hq, d)
@@ -88,20 +96,21 @@ class KVCache:
     def batch(self) -> int:
         return self.lens.shape[0]
 
-    def begin_pass(self, q_lens: torch.Tensor):
+    def begin_pass(self, q_lens: torch.Tensor, total: int | None = None):
         q_lens = q_lens.to(self.lens.device)
-        if int((self.lens + q_lens).max()) > self.capacity:
+        n_k = int((self.lens + q_lens).max())
+        if n_k > self.capacity:
             raise RuntimeError("KV cache capacity exceeded")
-        b_idx, i_idx = pack_index(q_lens)
-        n_q, n_k = int(q_lens.max()), int((self.lens + q_lens).max())
+        b_idx, i_idx = pack_index(q_lens, total)
+        n_q = int(q_lens.max())
         masks = {w: causal_mask(self.lens, q_lens, n_q, n_k, w) for w in set(self.windows)}
-        self._pass = (q_lens, b_idx, i_idx, masks)
+        self._pass = (q_lens, b_idx, i_idx, masks, n_q, n_k)
 
     def attend_layer(self, layer, q, k, v):
-        q_lens, b_idx, i_idx, masks = self._pass
+        q_lens, b_idx, i_idx, masks, n_q, n_k = self._pass
         append_kv(self.k[layer], self.v[layer], k, v, self.lens, q_lens, b_idx, i_idx)
         w = self.windows[layer]
-        return attend(q, self.k[layer], self.v[layer], self.lens, q_lens, w, masks[w], b_idx, i_idx)
+        return attend(q, self.k[layer], self.v[layer], self.lens, q_lens, w, masks[w], b_idx, i_idx, n_q, n_k)
 
     def advance(self):
         self.lens += self._pass[0]

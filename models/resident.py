@@ -9,8 +9,8 @@ from .layers import embed, head, post_attention, pre_attention, rope_cos_sin
 from .spec import ModelSpec
 
 
-def positions_of(cache: KVCache, q_lens: torch.Tensor) -> torch.Tensor:
-    b, i = pack_index(q_lens)
+def positions_of(cache: KVCache, q_lens: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    b, i = pack_index(q_lens, total)
     return cache.lens.to(q_lens.device)[b] + i
 
 
@@ -60,9 +60,10 @@ class ResidentModel:
         every ("all") new token, fp32."""
         s = self.spec
         tokens, q_lens = tokens.to(self.device), q_lens.to(self.device)
-        cos, sin = rope_cos_sin(s, positions_of(cache, q_lens), s.torch_dtype)
+        T = tokens.shape[0]
+        cos, sin = rope_cos_sin(s, positions_of(cache, q_lens, T), s.torch_dtype)
         h = embed(self.glob["embed"], tokens)
-        cache.begin_pass(q_lens)
+        cache.begin_pass(q_lens, T)
         for j, w in enumerate(self.layers):
             q, k, v = pre_attention(s, w, h, cos, sin)
             h = post_attention(s, w, h, cache.attend_layer(j, q, k, v))

@@ -35,15 +35,16 @@ class RingKVCache(KVCache):
         self.k_scale = [None] * num_layers
         self.v_scale = [None] * num_layers
 
-    def begin_pass(self, q_lens: torch.Tensor):
+    def begin_pass(self, q_lens: torch.Tensor, total: int | None = None):
         q_lens = q_lens.to(self.lens.device)
-        if int(q_lens.max()) > self.capacity:
+        # One sync per pass (not per layer): the most new tokens any sequence brings.
+        n_q = int(q_lens.max()) if len(q_lens) else 0
+        if n_q > self.capacity:
             raise RuntimeError("more new tokens in one pass than the ring holds")
-        b_idx, i_idx = pack_index(q_lens)
+        b_idx, i_idx = pack_index(q_lens, total)
         pos = self.lens[b_idx] + i_idx
         slot = pos % self.capacity
         self.pos[b_idx, slot] = pos
-        n_q = int(q_lens.max()) if len(b_idx) else 0
         qpos = self.lens[:, None] + torch.arange(n_q, device=self.lens.device)[None, :]  # [B, n_q]
         kpos = self.pos[:, None, :]  # [B, 1, C]
         masks = {}
@@ -53,7 +54,7 @@ class RingKVCache(KVCache):
             pad = torch.arange(n_q, device=self.lens.device)[None, :] >= q_lens[:, None]
             m |= pad[:, :, None]  # padded query rows: anything, their output is dropped
             masks[w] = m[:, None]
-        self._pass = (q_lens, b_idx, i_idx, masks, slot)
+        self._pass = (q_lens, b_idx, i_idx, masks, slot, n_q)
 
     def _store(self, j, which, x):
         if not self.fp8:
@@ -70,11 +71,10 @@ class RingKVCache(KVCache):
         return (t.float() * s[None, :, None, None]).to(self.compute_dtype)
 
     def attend_layer(self, layer, q, k, v):
-        q_lens, b_idx, i_idx, masks, slot = self._pass
+        q_lens, b_idx, i_idx, masks, slot, n_q = self._pass
         self.k[layer][b_idx, :, slot] = self._store(layer, "k", k)
         self.v[layer][b_idx, :, slot] = self._store(layer, "v", v)
         B, (T, Hq, d) = self.batch, q.shape
-        n_q = int(q_lens.max()) if T else 0
         qp = q.new_zeros(B, n_q, Hq, d)
         qp[b_idx, i_idx] = q
         kk, vv = self._load(layer, "k", self.k[layer]), self._load(layer, "v", self.v[layer])

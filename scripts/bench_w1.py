@@ -31,7 +31,8 @@ def main():
     ap.add_argument("--gpu-memory", default="24GiB")
     ap.add_argument("--agreement", type=float, default=0.8)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--modes", default="none,single", help="comma list of none/single/dual")
+    ap.add_argument("--modes", default="none,single", help="comma list of none/single/dual, each with an "
+                                                           "optional @k (e.g. single@6)")
     ap.add_argument("--prefill-batch", type=int, default=32)
     ap.add_argument("--attention-threads", type=int, default=max((os.cpu_count() or 2) - 2, 1))
     ap.add_argument("--no-draft", action="store_true")
@@ -62,13 +63,15 @@ def main():
     g = torch.Generator().manual_seed(0)
     results = []
     layer_bytes = tspec.layer_param_count() * 2
-    for mode in a.modes.split(","):
+    for mode_k in a.modes.split(","):
+        mode, _, kk = mode_k.partition("@")  # "single@6": schedule single with k = 6
+        k = int(kk) if kk else a.k
         bs = a.batch if mode == "none" else (a.spec_batch or a.batch)
         n = bs * (2 if mode == "dual" else 1)
         prompts = [torch.randint(3, tspec.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(n)]
         payload = [{"rid": i, "prompt_ids": p, "params": {"max_tokens": a.gen, "ignore_eos": True}, "eos": [2]}
                    for i, p in enumerate(prompts)]
-        ray.get(coord.set_run_config.remote(RunConfig(schedule=mode, k=a.k, k_max=max(a.k, 8), batch_size=bs)))
+        ray.get(coord.set_run_config.remote(RunConfig(schedule=mode, k=k, k_max=max(k, 8), batch_size=bs)))
         before = ray.get(coord.stats.remote())
         t = time.perf_counter()
         st = ray.get(coord.generate.remote(payload))
@@ -80,7 +83,7 @@ def main():
         copy_s = d.get("weight_copy_s", 0.0)
         decode_s = st["seconds"] - st["prefill_seconds"]
         row = {
-            "mode": mode, "batch": n, "wall_s": round(wall, 2), "tokens": st["tokens"],
+            "mode": mode_k, "batch": n, "wall_s": round(wall, 2), "tokens": st["tokens"],
             "tokens_per_s": round(st["tokens"] / wall, 1), "decode_tokens_per_s": st["decode_tokens_per_s"],
             "prefill_s": round(st["prefill_seconds"], 2), "passes": passes,
             "s_per_pass": round(decode_s / max(passes, 1), 3),
