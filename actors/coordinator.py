@@ -21,6 +21,7 @@ from .actor_backend import ActorBackend
 from .cpu_attention import CPUAttention
 from .gpu_executor import GPUExecutor
 from .io_loader import IOLoader
+from .metrics import RunMetrics
 
 ACTOR_NAMES = ("io_loader", "gpu_executor", "cpu_attention")
 
@@ -49,6 +50,7 @@ class Coordinator:
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, plan.prefill_batch)
         self._finished, self._lock = [], threading.Lock()
         self._progress = {}
+        self.metrics = RunMetrics(run_id, spec.num_layers, self.executor, self.attention)
 
     def ready(self) -> dict:
         return self.info
@@ -62,13 +64,17 @@ class Coordinator:
             with self._lock:
                 self._finished.append({"rid": r.rid, "token_ids": list(r.out),
                                        "finish_reason": r.finish_reason, "passes": r.rounds})
+            self.metrics.request_finished()
 
         def progress(stats):
             self._progress = stats.as_dict()
+            self.metrics.progress(self._progress)
 
         gen = Generator(self.backend, self.run_cfg, on_finish=done, on_progress=progress)
+        self.metrics.run_started(len(reqs))
         stats = gen.run(reqs).as_dict()
         stats |= self.backend.stats()
+        self.metrics.run_finished(stats)
         return stats
 
     def set_run_config(self, run_cfg: RunConfig):

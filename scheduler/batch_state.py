@@ -144,9 +144,9 @@ class SpecRunner:
         else:
             temp, top_k, top_p = st.samp.to(self.device)
             p = probs_from_logits(logits, temp, top_k, top_p)
-            ua = torch.as_tensor(u_accept, device=self.device, dtype=torch.float32)
             us = torch.as_tensor(u_sample, device=self.device, dtype=torch.float32)
-            tokens, counts = verify_sampled(p, props, st.q if k else None, ua[:, :k], us)
+            ua = torch.as_tensor(u_accept, device=self.device, dtype=torch.float32)[:, :k] if k else None
+            tokens, counts = verify_sampled(p, props, st.q if k else None, ua, us)
         rows = torch.arange(tokens.shape[0], device=self.device)
         st.last = tokens[rows, counts - 1]
         if st.draft_cache is not None:

@@ -50,11 +50,11 @@ def probs_from_logits(logits: torch.Tensor, temperature, top_k, top_p) -> torch.
     if bool((k < V).any()) or bool((top_p < 1).any()):
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
         ranks = torch.arange(V, device=x.device)
-        drop = ranks[None, None, :] >= k[:, None, None]
+        drop = (ranks[None, None, :] >= k[:, None, None]).expand(B, n, V)
         p_sorted = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
         cum = torch.cumsum(p_sorted, dim=-1) - p_sorted
-        drop |= cum >= top_p[:, None, None]
+        drop = drop | (cum >= top_p[:, None, None])
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
         x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
     probs = torch.softmax(x, dim=-1)

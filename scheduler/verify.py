@@ -55,6 +55,6 @@ def verify_sampled(p: torch.Tensor, draft_tokens: torch.Tensor, q: torch.Tensor,
     else:
         dist = p_a
     last = sample(dist, u_sample)
-    tokens = torch.cat([draft_tokens, torch.zeros_like(draft_tokens[:, :1])], dim=1)
+    tokens = torch.cat([draft_tokens, draft_tokens.new_zeros(B, 1)], dim=1)
     tokens[rows, a] = last
     return tokens, a + 1

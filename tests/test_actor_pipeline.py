@@ -58,3 +58,15 @@ def test_bad_input_fails_before_work(tiny_dir, monkeypatch):
     monkeypatch.setattr(llm_mod, "_host_memory_available", lambda: 2**20)  # a 1 MiB host
     with pytest.raises(CapacityError, match=r"KV cache for 64 sequences x 230 tokens needs .* GiB of host memory"):
         llm.generate(_ids([[5] * 20] * 100), SamplingParams(max_tokens=200))
+
+
+def test_sampled_output_matches_reference_path(ray_session, tiny_dir):
+    """Seeded sampling with speculation gives the same tokens on the actors as on the plain path."""
+    d = tiny_dir("qwen2")
+    params = [SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=11 + i, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    ref = LLM(str(d), draft="self:1", engine="reference", progress=False, k=3, batch_size=2)
+    want = [o.outputs[0].token_ids for o in ref.generate(_ids(PROMPTS), params)]
+    with LLM(str(d), draft="self:1", progress=False, k=3, batch_size=2) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(_ids(PROMPTS), params)]
+    assert got == want
