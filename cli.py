@@ -61,6 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat-template", action="store_true",
                    help="send prompts as raw text even if the tokenizer has a chat template")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--trace", help="write a Chrome-trace JSON timeline of stage spans (weight copy, CPU "
+                                   "attention, GPU target, draft) per layer and batch; see scripts/plot_timeline.py")
     _add_engine_options(g)
     return ap
 
@@ -106,7 +108,7 @@ def _generate(args) -> int:
     llm = LLM(args.model, draft=args.draft, engine=args.engine, device=args.device,
               gpu_memory=args.gpu_memory, plan=args.plan, schedule=args.schedule, k=args.k,
               adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
-              draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8,
+              draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, trace=bool(args.trace),
               ray_address=args.ray_address, progress=not args.quiet)
     texts = prompts
     if not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None):
@@ -126,6 +128,8 @@ def _generate(args) -> int:
     first_rid = llm._next_rid
     try:
         outs = llm.generate(inputs, params, on_output=write)
+        if args.trace:
+            Path(args.trace).write_text(json.dumps(llm.trace()))
     finally:
         if out_f:
             out_f.close()

@@ -71,7 +71,7 @@ class LLM:
     def __init__(self, model=None, draft=None, *, engine: str = "ray", device: str = "auto",
                  gpu_memory=None, plan=None, schedule: str | None = None, k: int = 4,
                  adaptive_k: bool = False, batch_size: int | None = None, dtype: str | None = None,
-                 draft_window: int | None = None, draft_kv_fp8: bool = False,
+                 draft_window: int | None = None, draft_kv_fp8: bool = False, trace: bool = False,
                  ray_address: str | None = None, progress: bool = True):
         if engine not in ("ray", "reference"):
             raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
@@ -97,6 +97,12 @@ class LLM:
         if schedule != "none" and not self.draft_desc:
             raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
         self.plan = self._make_plan(plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8)
+        if trace:
+            if engine != "ray":
+                raise ConfigError("a timeline trace needs engine='ray' (the spans are the actors')")
+            from dataclasses import replace
+
+            self.plan = replace(self.plan, trace=True)
         self.run_cfg = RunConfig(schedule=schedule, k=k, k_max=max(k, 8), adaptive_k=adaptive_k,
                                  batch_size=self.plan.batch_size)
         self.engine, self.progress = engine, progress
@@ -283,6 +289,16 @@ class LLM:
                 stats = ray.get(ref)
                 drain()
                 return stats
+
+    def trace(self) -> dict:
+        """Chrome-trace JSON (load it in chrome://tracing or Perfetto) of the stage spans since
+        the last call: weight copies, CPU attention, GPU target compute and draft, per layer and
+        batch. Needs `LLM(..., trace=True)`."""
+        import ray
+
+        if not self.plan.trace:
+            raise ConfigError("start the engine with trace=True to record a timeline")
+        return ray.get(self.coordinator.trace.remote())
 
     # -- lifecycle -------------------------------------------------------------------------
     def shutdown(self):

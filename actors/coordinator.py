@@ -43,7 +43,7 @@ class Coordinator:
         ).remote(spec, plan, manifest, draft_desc)
         self.attention = ray.remote(CPUAttention).options(
             name=name("cpu_attention"), num_cpus=plan.attention_cpus
-        ).remote(spec, plan.attention_threads, plan.kv_dtype)
+        ).remote(spec, plan.attention_threads, plan.kv_dtype, plan.trace)
         self.info = ray.get(self.executor.ready.remote())
         self.info["attention_threads"] = ray.get(self.attention.ready.remote())
         self.info["host_load_s"] = round(load_s, 1)
@@ -89,6 +89,11 @@ class Coordinator:
         with self._lock:
             out, self._finished = self._finished, []
         return out, dict(self._progress)
+
+    def trace(self) -> dict:
+        """Chrome-trace JSON of the stage spans recorded since the last call (plan.trace)."""
+        ex, at = ray.get([self.executor.trace_events.remote(), self.attention.trace_events.remote()])
+        return {"traceEvents": ex + at, "displayTimeUnit": "ms"}
 
     def actor_names(self) -> list[str]:
         return [f"specoffload-{r}-{self.run_id}" for r in ACTOR_NAMES]

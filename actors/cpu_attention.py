@@ -14,12 +14,14 @@ import torch
 
 from ..models.attention import append_kv, pack_index
 from ..models.attention import KVCache
+from .stage_timer import StageTimer
 from .wire import from_wire, to_wire
 
 
 class CPUAttention:
-    def __init__(self, spec, threads: int | None = None, kv_dtype: str | None = None):
+    def __init__(self, spec, threads: int | None = None, kv_dtype: str | None = None, trace: bool = False):
         self.spec = spec
+        self.timer = StageTimer("cpu", role="cpu_attention", trace=trace)
         if threads:
             torch.set_num_threads(threads)
         self.kv_dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
@@ -56,7 +58,8 @@ class CPUAttention:
         q, k, v = (from_wire(x) for x in qkv[:3])
         if j == 0:
             cache.begin_pass(torch.as_tensor(qkv[3]))
-        out = cache.attend_layer(j, q, k, v)
+        with self.timer.span("cpu_attention", f"b{bid} L{j}"):
+            out = cache.attend_layer(j, q, k, v)
         self.kv_bytes_read += int(cache.lens.sum() + q.shape[0]) * 2 * k.shape[1] * k.shape[2] * cache.k[j].element_size()
         if j == self.spec.num_layers - 1:
             cache.advance()
@@ -78,3 +81,6 @@ class CPUAttention:
 
     def stats(self) -> dict:
         return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read}
+
+    def trace_events(self) -> list[dict]:
+        return self.timer.take_events()

@@ -66,12 +66,13 @@ class GPUExecutor:
         self.resident = {j: {k: v.to(self.device) for k, v in views(*self.host[j]).items()}
                          for j in plan.gpu_layers}
         streamed = plan.streamed_layers(spec.num_layers)
-        self.streamer = WeightStreamer({j: self.host[j] for j in streamed}, streamed, plan.num_slots, self.device)
+        self.timer = StageTimer(self.device, role="gpu_executor", trace=plan.trace)
+        self.streamer = WeightStreamer({j: self.host[j] for j in streamed}, streamed, plan.num_slots, self.device,
+                                       self.timer)
         self.runner = SpecRunner(self._build_draft(draft_desc), self.device, window=plan.draft_window,
                                  fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch)
         self.tb: dict[int, dict] = {}
         self._drafting: dict[int, object] = {}
-        self.timer = StageTimer(self.device)
         self.streamer.prefetch()
         self.init_seconds = time.perf_counter() - t0
 
@@ -109,7 +110,7 @@ class GPUExecutor:
     def start(self, bid, prompts, samp, capacity, with_draft):
         with self.timer.span("prefill"):
             self.runner.start(bid, samp, prompts if (with_draft and self.runner.draft) else None, capacity)
-        self.tb[bid] = {"prompts": prompts, "lens": torch.tensor([len(p) for p in prompts], device=self.device)}
+        self.tb[bid] = {"bid": bid, "prompts": prompts, "lens": torch.tensor([len(p) for p in prompts], device=self.device)}
 
     def keep(self, bid, idx):
         t = torch.as_tensor(idx, dtype=torch.long, device=self.device)
@@ -172,13 +173,13 @@ class GPUExecutor:
 
     def _pre(self, st, j):
         w = self._layer(j)
-        with self.timer.span("target"):
+        with self.timer.span("target", f"b{st['bid']} L{j} qkv"):
             q, k, v = pre_attention(self.spec, w, st["h"], *st["cs"])
             return to_wire(q), to_wire(k), to_wire(v), st["q_lens_np"]
 
     def _post(self, st, j, attn):
         w = self._layer(j)
-        with self.timer.span("target"):
+        with self.timer.span("target", f"b{st['bid']} L{j} ffn"):
             st["h"] = post_attention(self.spec, w, st["h"], from_wire(attn, self.device))
         self._done(j)
 
@@ -202,7 +203,7 @@ class GPUExecutor:
 
     # -- draft -----------------------------------------------------------------------------
     def propose(self, bid, k, u_draft):
-        with self.timer.span("draft"):
+        with self.timer.span("draft", f"b{bid} k={k}"):
             self.runner.propose(bid, k, u_draft)
 
     def draft_begin(self, bid, k, u_draft):
@@ -211,7 +212,7 @@ class GPUExecutor:
     def draft_step(self, bid, n: int = 1):
         """Run n more draft steps for a batch whose proposals were begun earlier."""
         it = self._drafting.get(bid)
-        with self.timer.span("draft"):
+        with self.timer.span("draft", f"b{bid} step"):
             for _ in range(n):
                 if it is None or next(it, None) is None:
                     self._drafting.pop(bid, None)
@@ -227,9 +228,12 @@ class GPUExecutor:
     # -- measurements ----------------------------------------------------------------------
     def stats(self) -> dict:
         s = self.timer.collect()
-        s["weight_copy_s"] = self.streamer.collect_timing()
+        s.setdefault("weight_copy_s", 0.0)
         s["weight_bytes"] = self.streamer.bytes_copied
         return s
+
+    def trace_events(self) -> list[dict]:
+        return self.timer.take_events()
 
 
 def check_fits(spec, n_seqs: int, max_len: int, host_bytes_free: int, kv_itemsize: int):

@@ -16,13 +16,13 @@ from .shm_layout import views
 
 
 class WeightStreamer:
-    def __init__(self, host: dict[int, tuple], order: list[int], num_slots: int, device):
-        """host: layer -> (flat uint8 host buffer, entries); order: layers streamed per pass."""
-        self.host, self.order = host, list(order)
+    def __init__(self, host: dict[int, tuple], order: list[int], num_slots: int, device, timer=None):
+        """host: layer -> (flat uint8 host buffer, entries); order: layers streamed per pass;
+        timer: a StageTimer that records each copy as a "weight_copy" span."""
+        self.host, self.order, self.timer = host, list(order), timer
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.slot_of: dict[int, int] = {}  # layer -> slot holding (or loading) it
-        self.copy_seconds = 0.0
         self.bytes_copied = 0
         if not self.cuda or not self.order:
             self.nslots = 0
@@ -36,7 +36,6 @@ class WeightStreamer:
         self.free = list(range(self.nslots))
         self._views = {}
         self._next = 0  # position in `order` of the next layer to load
-        self._pending_timing = []
 
     def _issue(self):
         """Start copies into every free slot, following the cyclic layer order."""
@@ -56,7 +55,8 @@ class WeightStreamer:
                 self.slots[s][: buf.numel()].copy_(buf, non_blocking=True)
                 done.record(self.copy_stream)
             self.loaded[s] = done
-            self._pending_timing.append((start, done))
+            if self.timer is not None:
+                self.timer.add_pair("weight_copy", f"layer {j}", start, done)
             self.bytes_copied += buf.numel()
             self.slot_of[j] = s
             self._views[j] = views(self.slots[s], entries)
@@ -90,16 +90,3 @@ class WeightStreamer:
     def prefetch(self):
         if self.cuda:
             self._issue()
-
-    def collect_timing(self) -> float:
-        """Seconds spent copying since the last call (completed copies only)."""
-        if not self.cuda:
-            return 0.0
-        keep = []
-        for start, done in self._pending_timing:
-            if done.query():
-                self.copy_seconds += start.elapsed_time(done) / 1000
-            else:
-                keep.append((start, done))
-        self._pending_timing = keep
-        return self.copy_seconds

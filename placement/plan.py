@@ -43,6 +43,7 @@ class Plan:
     attention_cpus: float = 1.0  # Ray num_cpus of the CPU attention worker
     draft_window: int | None = None  # the draft attends over the last W tokens (KV ring); None = all
     draft_kv_fp8: bool = False  # store the draft's windowed KV in fp8 (e4m3, scale per head)
+    trace: bool = False  # keep a Chrome-trace timeline of stage spans in the actors
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):

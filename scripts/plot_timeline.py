@@ -1,0 +1,68 @@
+"""Render one round of a `--trace` timeline as a PNG: one lane per actor and stage.
+
+    specoffload generate --model DIR --draft self:8 --trace trace.json
+    python scripts/plot_timeline.py trace.json --out round.png [--round 2]
+
+A round is one target pass: from the executor's first "L0 qkv" span of a batch to the start
+of the next one. Needs matplotlib (pip install matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+COLORS = {"weight_copy": "#4c72b0", "cpu_attention": "#dd8452", "target": "#55a868", "draft": "#c44e52",
+          "prefill": "#8172b3"}
+
+
+def rounds(events):
+    starts = sorted(e["ts"] for e in events if e["cat"] == "target" and " L0 qkv" in e["name"])
+    return list(zip(starts, starts[1:]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace")
+    ap.add_argument("--out", default="timeline.png")
+    ap.add_argument("--round", type=int, default=1, help="which target pass to draw (0 = the first)")
+    a = ap.parse_args(argv)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot_timeline: error: needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return 2
+    try:
+        events = json.load(open(a.trace))["traceEvents"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"plot_timeline: error: cannot read a trace from {a.trace} ({e})", file=sys.stderr)
+        return 2
+    rs = rounds(events)
+    if not rs:
+        print("plot_timeline: error: the trace holds no complete target pass", file=sys.stderr)
+        return 2
+    t0, t1 = rs[min(a.round, len(rs) - 1)]
+    inside = [e for e in events if e["ts"] < t1 and e["ts"] + e["dur"] > t0]
+    lanes = sorted({(e["pid"], e["cat"]) for e in inside})
+    fig, ax = plt.subplots(figsize=(12, 0.6 * len(lanes) + 1.2))
+    for y, (pid, cat) in enumerate(lanes):
+        for e in inside:
+            if (e["pid"], e["cat"]) == (pid, cat):
+                s, d = max(e["ts"], t0), min(e["ts"] + e["dur"], t1) - max(e["ts"], t0)
+                ax.broken_barh([((s - t0) / 1e3, d / 1e3)], (y - 0.35, 0.7), color=COLORS.get(cat, "gray"))
+    ax.set_yticks(range(len(lanes)), [f"{p}: {c}" for p, c in lanes])
+    ax.set_xlabel("ms since the start of the pass")
+    ax.set_title(f"one target pass ({(t1 - t0) / 1e3:.1f} ms)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=90)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
