@@ -134,8 +134,6 @@ class LLM:
         if draft_window is not None or draft_kv_fp8:
             p = replace(p, draft_window=draft_window, draft_kv_fp8=draft_kv_fp8)
         p.check_layers(self.spec.num_layers)
-        if p.disk_layers:
-            raise ConfigError("the disk tier (plan.disk_layers) is not available in this version")
         return p
 
     def _start_reference(self):

@@ -40,7 +40,7 @@ class Coordinator:
         load_s = time.perf_counter() - t0
         self.executor = ray.remote(GPUExecutor).options(
             name=name("gpu_executor"), num_cpus=0 if cuda else 1, num_gpus=1 if cuda else 0
-        ).remote(spec, plan, manifest, draft_desc)
+        ).remote(spec, plan, manifest, draft_desc, target_desc)
         self.attention = ray.remote(CPUAttention).options(
             name=name("cpu_attention"), num_cpus=plan.attention_cpus
         ).remote(spec, plan.attention_threads, plan.kv_dtype, plan.trace)
@@ -89,6 +89,10 @@ class Coordinator:
         with self._lock:
             out, self._finished = self._finished, []
         return out, dict(self._progress)
+
+    def host_files(self) -> list[str]:
+        """Names of the weight files the loader holds in shared memory."""
+        return ray.get(self.loader.files.remote())
 
     def trace(self) -> dict:
         """Chrome-trace JSON of the stage spans recorded since the last call (plan.trace)."""

@@ -21,6 +21,7 @@ from ..models.resident import ResidentModel, last_index
 from ..models.source import open_source
 from ..placement.plan import Plan
 from ..scheduler.batch_state import SpecRunner
+from .disk_tier import DiskTier
 from .shm_layout import map_file, views
 from .stage_timer import StageTimer
 from .weight_stream import WeightStreamer
@@ -35,7 +36,7 @@ def _register(buf: torch.Tensor):
 
 
 class GPUExecutor:
-    def __init__(self, spec, plan: Plan, manifest: dict, draft_desc=None):
+    def __init__(self, spec, plan: Plan, manifest: dict, draft_desc=None, target_desc=None):
         self.spec, self.plan = spec, plan
         plan.check_layers(spec.num_layers)
         t0 = time.perf_counter()
@@ -67,8 +68,14 @@ class GPUExecutor:
                          for j in plan.gpu_layers}
         streamed = plan.streamed_layers(spec.num_layers)
         self.timer = StageTimer(self.device, role="gpu_executor", trace=plan.trace)
-        self.streamer = WeightStreamer({j: self.host[j] for j in streamed}, streamed, plan.num_slots, self.device,
-                                       self.timer)
+        disk = None
+        if plan.disk_layers:
+            if target_desc is None:
+                raise ConfigError("disk layers need the target's checkpoint to read them from")
+            disk = DiskTier(target_desc, list(plan.disk_layers), cuda)
+            disk.prefetch(plan.disk_layers[0])
+        self.streamer = WeightStreamer({j: self.host[j] for j in streamed if j in self.host}, streamed,
+                                       plan.num_slots, self.device, self.timer, disk)
         self.runner = SpecRunner(self._build_draft(draft_desc), self.device, window=plan.draft_window,
                                  fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch)
         self.tb: dict[int, dict] = {}
@@ -84,6 +91,8 @@ class GPUExecutor:
             n = int(desc[1])
             if not 1 <= n < self.spec.num_layers:
                 raise ConfigError(f"self-speculative draft needs 1..{self.spec.num_layers - 1} layers, got {n}")
+            if set(range(n)) & set(self.plan.disk_layers):
+                raise ConfigError(f"the self-speculative draft's {n} layers must not be on disk")
             layers = [self.resident.get(j) or views(*self.host[j]) for j in range(n)]
             return ResidentModel(self.spec.with_layers(n), self.glob, layers, self.device)
         src = open_source(desc)

@@ -56,6 +56,9 @@ class IOLoader:
         self.manifest = out
         return out
 
+    def files(self) -> list[str]:
+        return sorted(f.name for f in self.dir.glob("*.bin"))
+
     def host_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.dir.glob("*.bin"))
 

@@ -16,10 +16,11 @@ from .shm_layout import views
 
 
 class WeightStreamer:
-    def __init__(self, host: dict[int, tuple], order: list[int], num_slots: int, device, timer=None):
+    def __init__(self, host: dict[int, tuple], order: list[int], num_slots: int, device, timer=None, disk=None):
         """host: layer -> (flat uint8 host buffer, entries); order: layers streamed per pass;
-        timer: a StageTimer that records each copy as a "weight_copy" span."""
-        self.host, self.order, self.timer = host, list(order), timer
+        timer: a StageTimer that records each copy as a "weight_copy" span; disk: a DiskTier
+        for the layers of `order` that are not in `host`."""
+        self.host, self.order, self.timer, self.disk = host, list(order), timer, disk
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.slot_of: dict[int, int] = {}  # layer -> slot holding (or loading) it
@@ -28,7 +29,10 @@ class WeightStreamer:
             self.nslots = 0
             return
         self.nslots = min(num_slots, len(self.order))
-        nbytes = max(host[j][0].numel() for j in self.order)
+        sizes = [host[j][0].numel() for j in self.order if j in host]
+        if disk is not None:
+            sizes.append(disk.bufs[0].numel())
+        nbytes = max(sizes)
         self.slots = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.nslots)]
         self.copy_stream = torch.cuda.Stream(self.device)
         self.loaded = [None] * self.nslots
@@ -45,7 +49,7 @@ class WeightStreamer:
                 break  # the whole cycle is already resident or loading
             s = self.free.pop(0)
             self._next += 1
-            buf, entries = self.host[j]
+            buf, entries = self._host(j)
             # Fresh events per copy: a slot is reused before its timing is read.
             start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self.copy_stream):
@@ -55,6 +59,9 @@ class WeightStreamer:
                 self.slots[s][: buf.numel()].copy_(buf, non_blocking=True)
                 done.record(self.copy_stream)
             self.loaded[s] = done
+            if j not in self.host:  # a staged disk layer: its buffer frees once copied
+                self.disk.done_with(j, done)
+                self._prefetch_disk(j)
             if self.timer is not None:
                 self.timer.add_pair("weight_copy", f"layer {j}", start, done)
             self.bytes_copied += buf.numel()
@@ -64,7 +71,7 @@ class WeightStreamer:
     def acquire(self, j: int) -> dict[str, torch.Tensor]:
         """Layer j's tensors on the device; compute issued after this waits for its copy."""
         if not self.cuda:
-            return views(*self.host[j])
+            return views(*self._host(j))
         if j not in self.slot_of:
             # Out of cyclic order (a new pass starting elsewhere): restart the cycle at j.
             self._next = self.order.index(j)
@@ -78,6 +85,9 @@ class WeightStreamer:
     def release(self, j: int):
         """Layer j is done for this pass: its slot may be refilled once queued compute ends."""
         if not self.cuda:
+            if j not in self.host:
+                self.disk.done_with(j)
+                self._prefetch_disk(j)
             return
         s = self.slot_of.pop(j)
         ev = torch.cuda.Event()
@@ -90,3 +100,14 @@ class WeightStreamer:
     def prefetch(self):
         if self.cuda:
             self._issue()
+
+    def _host(self, j: int):
+        if j in self.host:
+            return self.host[j]
+        out = self.disk.get(j)
+        return out
+
+    def _prefetch_disk(self, j: int):
+        n = self.disk.next_after(j, self.order)
+        if n is not None:
+            self.disk.prefetch(n)

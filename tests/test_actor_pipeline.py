@@ -70,3 +70,18 @@ def test_sampled_output_matches_reference_path(ray_session, tiny_dir):
     with LLM(str(d), draft="self:1", progress=False, k=3, batch_size=2) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(_ids(PROMPTS), params)]
     assert got == want
+
+
+def test_disk_tier_layers_stream_from_the_checkpoint(ray_session, tiny_dir):
+    """Layers the plan leaves on disk are read per pass from the safetensors file; the output
+    is unchanged and the loader put only the other layers into shared memory."""
+    from specoffload.placement.plan import Plan
+
+    d = tiny_dir("mixtral")
+    want = hf_greedy(d, PROMPTS, 12)
+    plan = Plan(device="cpu", disk_layers=(0, 2), batch_size=4, prefill_batch=3)
+    with LLM(str(d), plan=plan, progress=False) as llm:
+        outs = llm.generate(_ids(PROMPTS), SamplingParams(max_tokens=12, ignore_eos=True))
+        host_files = ray.get(llm.coordinator.host_files.remote())
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert sorted(host_files) == ["globals.bin", "layer_001.bin"]
