@@ -45,7 +45,7 @@ class ReferenceBackend:
         B = q_lens.shape[0]
         logits = self.target.forward(cache, toks, q_lens, which="all").view(B, k + 1, -1)
         tokens, counts = self.spec.finish(bid, logits, k, u_accept, u_sample)
-        cache.truncate(cache.lens - (k + 1) + torch.as_tensor(counts))
+        cache.truncate(cache.lens - (k + 1) + torch.as_tensor(counts, device=cache.lens.device))
         self._t_pass = time.perf_counter() - t
         return tokens, counts
 
@@ -56,7 +56,7 @@ class ReferenceBackend:
         return self._t_pass, self._t_draft
 
     def keep(self, bid, idx):
-        self.caches[bid][0].select(torch.as_tensor(idx))
+        self.caches[bid][0].select(torch.as_tensor(idx, device=self.target.device))
         self.spec.keep(bid, idx)
 
     def free(self, bid):
