@@ -83,3 +83,38 @@ def test_cli_bad_architecture_exits_2(tiny_dir, tmp_path):
     r = _cli("generate", "--model", str(d), "--prompt", "hi")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "unsupported architecture 'bert'" in r.stderr
+
+
+def test_plan_files_load_and_round_trip():
+    from pathlib import Path
+
+    from specoffload.placement.plan import Plan
+
+    for f in sorted((Path(__file__).parents[1] / "configs").glob("*.json")):
+        p = Plan.from_file(f)
+        assert Plan.from_msgpack(p.to_msgpack()) == p
+    assert Plan.from_file(Path(__file__).parents[1] / "configs" / "w1_24gib.json").gpu_memory == 24 * 2**30
+
+
+def test_plan_rejects_bad_settings(tmp_path):
+    from specoffload.errors import ConfigError
+    from specoffload.placement.plan import Plan
+
+    with pytest.raises(ConfigError, match="num_slots must be >= 2"):
+        Plan(num_slots=1)
+    with pytest.raises(ConfigError, match="cannot read a size from '24 parsecs'"):
+        Plan(gpu_memory="24 parsecs")
+    with pytest.raises(ConfigError, match="both GPU-resident and on disk"):
+        Plan(gpu_layers=(1,), disk_layers=(1,))
+    f = tmp_path / "p.json"
+    f.write_text('{"batch_size": 4, "colour": "blue"}')
+    with pytest.raises(ConfigError, match="unknown plan field"):
+        Plan.from_file(f)
+
+
+def test_cli_bad_plan_file_exits_2(tiny_dir, tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text("{not json")
+    r = _cli("generate", "--model", str(tiny_dir("llama")), "--plan", str(f), "--prompt", "w5")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "p.json: not valid JSON" in r.stderr
