@@ -21,6 +21,8 @@ class ActorBackend:
         self._props: list[tuple] = []  # (bid, k, u) not yet submitted
         self._t_pass, self._t_draft = 1.0, 0.01
         self._submitted_at = {}
+        self._draft_steps, self._seen = 0, (0.0, 0)  # for measuring seconds per draft step
+        self._timing_calls = 0
 
     def start(self, bid, prompts, samp, capacity, with_draft=False):
         self.ex.start.remote(bid, prompts, samp, capacity, with_draft)
@@ -37,6 +39,7 @@ class ActorBackend:
 
     def propose(self, bid, k, u_draft):
         self._props.append((bid, k, u_draft))
+        self._draft_steps += k
 
     def _flush(self, only=None):
         rest = []
@@ -81,6 +84,15 @@ class ActorBackend:
         return ray.get(handle)
 
     def timings(self):
+        """(seconds per target pass, seconds per draft step), measured; the draft figure is
+        refreshed from the executor's CUDA-event totals every few calls."""
+        self._timing_calls += 1
+        if self._timing_calls % 8 == 1:
+            draft_s = ray.get(self.ex.stats.remote()).get("draft_s", 0.0)
+            d_s, d_n = draft_s - self._seen[0], self._draft_steps - self._seen[1]
+            if d_n > 0 and d_s > 0:
+                self._t_draft = d_s / d_n
+                self._seen = (draft_s, self._draft_steps)
         return self._t_pass, self._t_draft
 
     def keep(self, bid, idx):
