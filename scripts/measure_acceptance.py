@@ -20,7 +20,10 @@ Method (exact for greedy decoding, and much cheaper than running every (W, k) en
    counts all its accepted drafts, even those past max_tokens).
 4. Validation: for some settings with k = `--validate-k`, the real loop (ReferenceBackend +
    Generator, schedule "single") runs on the same prompts; its accepted / proposed must
-   match the simulation (up to float noise from different pass shapes).
+   match the simulation (up to float noise from different pass shapes). To save time these
+   runs start from the stored target prefill of step 1 (`--fresh-prefill` recomputes it);
+   everything after the prefill (draft prefill, proposals, verification, rollback) is the
+   real loop.
 
     python scripts/measure_acceptance.py --json docs/acceptance_w2.json --plot docs/acceptance_w2.png
 """
@@ -28,6 +31,7 @@ Method (exact for greedy decoding, and much cheaper than running every (W, k) en
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import importlib.util
 import json
@@ -76,24 +80,44 @@ def key(W, fp8) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+class TargetPrefill:
+    """The target's prefill of the prompt batch, kept so the end-to-end validation runs can
+    start from it instead of recomputing it (same batch, same shapes: the same numbers)."""
+
+    def __init__(self, cache, logits):
+        self.k = [t.clone() for t in cache.k]
+        self.v = [t.clone() for t in cache.v]
+        self.lens = cache.lens.clone()
+        self.logits = logits.clone()
+
+    def restore(self, like):
+        c = copy.copy(like)
+        c.k, c.v = [t.clone() for t in self.k], [t.clone() for t in self.v]
+        c.lens, c._pass = self.lens.clone(), None
+        return c
+
+
 @torch.inference_mode()
-def target_greedy(target, prompts: list[list[int]], n_tokens: int) -> np.ndarray:
-    """[B, n_tokens] greedy continuation of each prompt by the target alone (EOS ignored)."""
+def target_greedy(target, prompts: list[list[int]], n_tokens: int, capacity: int):
+    """[B, n_tokens] greedy continuation of each prompt by the target alone (EOS ignored),
+    and the prefill state."""
     B = len(prompts)
-    cache = target.new_cache(B, max(map(len, prompts)) + n_tokens + 2)
+    cache = target.new_cache(B, capacity)
     toks = torch.tensor([t for p in prompts for t in p])
     q_lens = torch.tensor([len(p) for p in prompts])
     out = np.zeros((B, n_tokens), dtype=np.int64)
     ones = torch.ones(B, dtype=torch.long)
     with tqdm(total=n_tokens, desc="target greedy", unit="tok") as bar:
-        t = target.forward(cache, toks, q_lens, which="last").argmax(-1)
+        logits = target.forward(cache, toks, q_lens, which="last")
+        pre = TargetPrefill(cache, logits)
+        t = logits.argmax(-1)
         out[:, 0] = t.numpy()
         bar.update(1)
         for j in range(1, n_tokens):
             t = target.forward(cache, t, ones, which="last").argmax(-1)
             out[:, j] = t.numpy()
             bar.update(1)
-    return out
+    return out, pre
 
 
 @torch.inference_mode()
@@ -152,14 +176,28 @@ def simulate(agree: np.ndarray, n_gen: int, k: int) -> dict:
     }
 
 
-def run_end_to_end(target, draft, prompts, n_gen, W, fp8, k) -> tuple[dict, list[list[int]]]:
+def run_end_to_end(target, draft, prompts, n_gen, W, fp8, k, pre=None) -> tuple[dict, list[list[int]]]:
     from specoffload.configs.sampling_params import SamplingParams
     from specoffload.configs.run_config import RunConfig
     from specoffload.scheduler.generator import Generator
     from specoffload.scheduler.reference_backend import ReferenceBackend
     from specoffload.scheduler.request import Request
 
-    be = ReferenceBackend(target, draft, draft_window=W, draft_kv_fp8=fp8)
+    class Backend(ReferenceBackend):
+        """ReferenceBackend whose target prefill is the stored one (when given)."""
+
+        def start(self, bid, prompts_, samp, capacity, with_draft=False):
+            super().start(bid, prompts_, samp, capacity, with_draft)
+            if pre is not None:
+                assert [len(p) for p in prompts_] == pre.lens.tolist() and capacity <= pre.k[0].shape[2]
+                self.caches[bid] = (pre.restore(self.caches[bid][0]), prompts_)
+
+        def prefill(self, bid, u_sample):
+            if pre is None:
+                return super().prefill(bid, u_sample)
+            return self.spec.finish(bid, pre.logits[:, None], 0, None, u_sample, first=True)
+
+    be = Backend(target, draft, draft_window=W, draft_kv_fp8=fp8)
     reqs = [Request(i, list(p), SamplingParams(max_tokens=n_gen, ignore_eos=True)) for i, p in enumerate(prompts)]
     bar = tqdm(total=len(prompts) * n_gen, desc=f"end-to-end {key(W, fp8)} k={k}", unit="tok")
 
@@ -231,6 +269,8 @@ def main():
     ap.add_argument("--validate", default="full,64",
                     help="comma list of W[:fp8] run end to end with k=--validate-k ('' for none)")
     ap.add_argument("--validate-k", type=int, default=4)
+    ap.add_argument("--fresh-prefill", action="store_true",
+                    help="validation runs recompute the target prefill instead of reusing the stored one")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plot", default="docs/acceptance_w2.png")
     ap.add_argument("--threads", type=int, default=None)
@@ -269,7 +309,9 @@ def main():
     # 1. the target's own greedy continuation (spare tokens so a last block of k can be judged)
     M = a.n_gen + max(ks) - 1
     t = time.perf_counter()
-    gen = target_greedy(target, prompts, M)
+    # Room for the greedy run and for the Generator's runs (prompt + max_tokens + k_max + 2).
+    capacity = max(plens) + max(M, a.n_gen + max(8, a.validate_k) + 2) + 2
+    gen, pre = target_greedy(target, prompts, M, capacity)
     timings["target_greedy_s"] = time.perf_counter() - t
 
     # 2-3. teacher-forced draft agreement, then the block simulation
@@ -300,7 +342,8 @@ def main():
         ws, _, dt = item.partition(":")
         W, fp8 = parse_window(ws), dt.strip().lower() == "fp8"
         k = a.validate_k
-        e2e, outs = run_end_to_end(target, draft, prompts, a.n_gen, W, fp8, k)
+        e2e, outs = run_end_to_end(target, draft, prompts, a.n_gen, W, fp8, k,
+                                    None if a.fresh_prefill else pre)
         sim = results[key(W, fp8)]["k"][str(k)] if key(W, fp8) in results else \
             simulate(draft_predictions(draft, prompts, gen, W, fp8, key(W, fp8)) == gen, a.n_gen, k)
         same_out = sum(int(list(o) == gen[i, : a.n_gen].tolist()) for i, o in enumerate(outs))
