@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..errors import CapacityError, ConfigError
+from ..errors import ConfigError
 from ..models.attention import KVCache, pack_index
 from ..models.layers import embed, head, post_attention, pre_attention, rope_cos_sin
 from ..models.resident import ResidentModel, last_index
@@ -243,15 +243,3 @@ class GPUExecutor:
 
     def trace_events(self) -> list[dict]:
         return self.timer.take_events()
-
-
-def check_fits(spec, n_seqs: int, max_len: int, host_bytes_free: int, kv_itemsize: int):
-    need = n_seqs * max_len * 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * kv_itemsize
-    if need > host_bytes_free:
-        raise CapacityError(
-            f"target KV cache for {n_seqs} sequences x {max_len} tokens needs {need / 2**30:.1f} GiB "
-            f"of host memory, {host_bytes_free / 2**30:.1f} GiB is free; lower batch_size or max_tokens"
-        )
-    return need
-
-

@@ -38,8 +38,8 @@ class IOLoader:
 
     def load(self, layers: list[int], progress: bool = True) -> dict:
         """Write the given layers and the globals into shared memory; returns the manifest
-        (paths and tensor layouts) the executor maps. Idempotent: files already written
-        are reused, so a restarted loader does no work twice."""
+        (paths and tensor layouts) the executor maps. Each file is written to a temporary
+        name and renamed, so a reader never maps a half-written layer."""
         out = {"layers": {}, "globals": None, "tied": False, "dir": str(self.dir)}
         bar = tqdm(total=len(layers) + 1, desc="host weights", unit="layer", disable=not progress)
         g = self.source.read_globals()

@@ -8,7 +8,6 @@ in place and nothing is copied: the same calls, no transfers.
 
 from __future__ import annotations
 
-import time
 
 import torch
 

@@ -13,7 +13,7 @@ import hashlib
 import pytest
 import torch
 
-from specoffload.models import default_model, gguf_convert, qwen_pair
+from specoffload.models import default_model, qwen_pair
 from specoffload.models.default_model import DEFAULT_MODEL_NAME, default_gguf_path, default_model_dir
 from specoffload.models.gguf_convert import MARKER_NAME, convert_gguf, is_converted, unpermute_qk
 
