@@ -64,6 +64,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", help="write a Chrome-trace JSON timeline of stage spans (weight copy, CPU "
                                    "attention, GPU target, draft) per layer and batch; see scripts/plot_timeline.py")
     _add_engine_options(g)
+    sub.add_parser("bench", add_help=False,
+                   help="run a benchmark workload (W1 shapes) and print tokens/s against no speculation; "
+                        "`specoffload bench --help` for its options")
     return ap
 
 
@@ -148,6 +151,11 @@ def _generate(args) -> int:
 def main(argv=None) -> int:
     from .errors import SpecOffloadError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
         if args.cmd == "generate":

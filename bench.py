@@ -1,0 +1,145 @@
+"""`specoffload bench`: the W1 workload on the Ray actors, speculative modes against plain decoding.
+
+A Mixtral-8x7B-shaped target streamed from host memory and a Mistral-7B-shaped draft on the
+GPU (constructed pair, agreement a parameter; see models/constructed.py), the GPU capped
+(default 24 GiB). Each requested mode runs on the same actors and the same prompts in one
+process; the table printed last gives tokens/s and its ratio to mode "none" measured in the
+same run, seconds per target pass, weight-stream GB/s, acceptance and GPU busy fraction.
+
+    specoffload bench --workload w1 --modes none,single@6 --draft-window 128 --draft-kv-fp8
+    specoffload bench --workload tiny          # seconds on a CPU, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+
+import ray
+import torch
+
+
+WORKLOADS = {
+    # name: (target layers, draft layers, batch, prompt length, tokens generated)
+    "w1": (32, 32, 192, 512, 128),
+    "w1-small": (8, 8, 192, 512, 32),
+    "tiny": (2, 1, 4, 16, 6),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="specoffload bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="w1",
+                    help="w1: 32+32 layers, batch 192, prompt 512, 128 tokens; w1-small: 8+8 layers, "
+                         "32 tokens; tiny: 2+1 layers, 4 sequences of 16 tokens (CPU smoke test). "
+                         "The options below override its numbers.")
+    ap.add_argument("--target-layers", type=int)
+    ap.add_argument("--draft-layers", type=int)
+    ap.add_argument("--batch", type=int, help="sequences per batch")
+    ap.add_argument("--spec-batch", type=int, help="sequences per batch in speculative modes (default --batch)")
+    ap.add_argument("--prompt-len", type=int)
+    ap.add_argument("--gen", type=int, help="tokens generated per sequence")
+    ap.add_argument("--gpu-memory", default="24GiB")
+    ap.add_argument("--agreement", type=float, default=0.8)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--modes", default="none,single", help="comma list of none/single/dual, each with an "
+                                                           "optional @k (e.g. single@6)")
+    ap.add_argument("--prefill-batch", type=int, default=32)
+    ap.add_argument("--attention-threads", type=int, default=max((os.cpu_count() or 2) - 2, 1))
+    ap.add_argument("--no-draft", action="store_true")
+    ap.add_argument("--draft-window", type=int, help="draft attends over the last W tokens (KV ring)")
+    ap.add_argument("--draft-kv-fp8", action="store_true")
+    ap.add_argument("--json", help="write results here")
+    return ap
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    for name, v in zip(("target_layers", "draft_layers", "batch", "prompt_len", "gen"), WORKLOADS[a.workload]):
+        if getattr(a, name) is None:
+            setattr(a, name, v)
+
+    from specoffload.actors.coordinator import Coordinator
+    from specoffload.configs.run_config import RunConfig
+    from specoffload.models.constructed import constructed_pair, mistral_7b, mixtral_8x7b
+    from specoffload.placement.plan import Plan
+
+    tspec, dspec = mixtral_8x7b(a.target_layers), mistral_7b(a.draft_layers)
+    tsrc, dsrc = constructed_pair(tspec, dspec, a.agreement)
+    cuda = torch.cuda.is_available()
+    plan = Plan(device="cuda" if cuda else "cpu", gpu_memory=a.gpu_memory if cuda else None,
+                batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
+                attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8)
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4),
+                 object_store_memory=int(os.environ.get("OBJ_STORE", 6 * 2**30 if cuda else 2**30)),
+                 include_dashboard=False)
+    t0 = time.perf_counter()
+    coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
+        ("object", tsrc), tspec, plan, None if a.no_draft else ("object", dsrc),
+        RunConfig(schedule="none", batch_size=a.batch), uuid.uuid4().hex[:8], True)
+    info = ray.get(coord.ready.remote())
+    print(f"actors up in {time.perf_counter() - t0:.1f} s: {info}", flush=True)
+    g = torch.Generator().manual_seed(0)
+    results = []
+    layer_bytes = tspec.layer_param_count() * 2
+    for mode_k in a.modes.split(","):
+        mode, _, kk = mode_k.partition("@")  # "single@6": schedule single with k = 6
+        k = int(kk) if kk else a.k
+        bs = a.batch if mode == "none" else (a.spec_batch or a.batch)
+        n = bs * (2 if mode == "dual" else 1)
+        prompts = [torch.randint(3, tspec.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(n)]
+        payload = [{"rid": i, "prompt_ids": p, "params": {"max_tokens": a.gen, "ignore_eos": True}, "eos": [2]}
+                   for i, p in enumerate(prompts)]
+        ray.get(coord.set_run_config.remote(RunConfig(schedule=mode, k=k, k_max=max(k, 8), batch_size=bs)))
+        before = ray.get(coord.stats.remote())
+        t = time.perf_counter()
+        st = ray.get(coord.generate.remote(payload))
+        wall = time.perf_counter() - t
+        ray.get(coord.poll.remote())
+        d = {k: st[k] - before.get(k, 0) if isinstance(st[k], (int, float)) and k in before else st[k] for k in st}
+        # Decode-phase figures: time after prefill. Prefill passes = 1 per batch.
+        passes = st["passes"]
+        copy_s = d.get("weight_copy_s", 0.0)
+        decode_s = st["seconds"] - st["prefill_seconds"]
+        row = {
+            "mode": mode_k, "batch": n, "wall_s": round(wall, 2), "tokens": st["tokens"],
+            "tokens_per_s": round(st["tokens"] / wall, 1), "decode_tokens_per_s": st["decode_tokens_per_s"],
+            "prefill_s": round(st["prefill_seconds"], 2), "passes": passes,
+            "s_per_pass": round(decode_s / max(passes, 1), 3),
+            # weights streamed per second of decoding, and the copy engine's rate while busy
+            "stream_GBps": round(layer_bytes * a.target_layers * passes / decode_s / 1e9, 1) if decode_s > 0 else None,
+            "copy_GBps": round(d.get("weight_bytes", 0) / max(copy_s, 1e-9) / 1e9, 1) if copy_s else None,
+            "acceptance": st.get("acceptance"), "tokens_per_seq_pass": st.get("tokens_per_seq_pass"),
+            "gpu_busy": round((d.get("target_s", 0) + d.get("draft_s", 0)) / wall, 3),
+            "gpu_busy_decode": round((d.get("target_s", 0) + d.get("draft_s", 0)) / max(decode_s, 1e-9), 3),
+            "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
+            "draft_gpu_s": round(d.get("draft_s", 0), 2), "copy_s": round(copy_s, 2),
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    ray.get(coord.shutdown.remote())
+    base = next((r for r in results if r["mode"] == "none"), None)
+    print(f"\nW1 (target {a.target_layers} layers, {layer_bytes / 1e9:.2f} GB/layer, draft {a.draft_layers} layers, "
+          f"cap {a.gpu_memory}, prompt {a.prompt_len}, gen {a.gen}, agreement {a.agreement})")
+    print(f"{'mode':8} {'batch':>5} {'tok/s':>7} {'x none':>6} {'decode tok/s':>12} {'x none':>6} {'s/pass':>7} "
+          f"{'GB/s':>6} {'copyGB/s':>8} {'accept':>7} {'tok/seq/pass':>12} {'gpu busy':>8}")
+    for r in results:
+        x = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        xd = r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else float("nan")
+        print(f"{r['mode']:8} {r['batch']:5d} {r['tokens_per_s']:7.1f} {x:6.2f} {r['decode_tokens_per_s']:12.1f} {xd:6.2f} "
+              f"{r['s_per_pass']:7.3f} {str(r['stream_GBps']):>6} {str(r['copy_GBps']):>8} {str(r['acceptance']):>7} "
+              f"{str(r['tokens_per_seq_pass']):>12} {r['gpu_busy_decode']:8.3f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "results": results}, f, indent=1)
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

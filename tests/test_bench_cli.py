@@ -1,0 +1,28 @@
+"""`specoffload bench` runs a named workload on the actors and prints its table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def test_bench_tiny_workload_prints_ratios(tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny", "--modes",
+                        "none,single@2", "--draft-window", "8", "--json", str(tmp_path / "b.json")],
+                       capture_output=True, text=True, timeout=400, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("none ", "single@2 "))]
+    assert [row[0] for row in rows] == ["none", "single@2"]
+    assert rows[0][3] == "1.00"  # the baseline's ratio to itself
+    import json
+
+    res = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert res[1]["acceptance"] is not None and res[1]["tokens"] == res[0]["tokens"] == 4 * 6
+
+
+def test_bench_unknown_workload_exits_2():
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "w9"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "invalid choice: 'w9'" in r.stderr
