@@ -9,8 +9,9 @@ node's Prometheus endpoint (`ray start --metrics-export-port=PORT`, or the port 
 Cost: the generation loop calls `progress` once per batch per pass; it records at most
 every `UPDATE_EVERY_S`. The stage timings come from the executor and the CPU worker
 through `stats` calls submitted at most every `STATS_EVERY_S` and collected without
-waiting (`ray.wait(timeout=0)`), so the loop never blocks on them. Metrics never fail a
-run: the first error is logged and recording stops.
+waiting (`ray.wait(timeout=0)`), so the loop never blocks on them. While a run goes, the
+stage gauges cover the last interval (about 2 s); when it ends, the whole run. Metrics
+never fail a run: the first error is logged and recording stops.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TAG_KEYS = ("run",)
 
 # name -> (kind, description). Names as recorded; Prometheus shows "ray_" + name
 # (+ "_total" for counters).
+_STAGE = " (last ~2 s; the whole run once it ends)"
 METRICS = {
     "specoffload_tokens_generated": (
         "counter", "Tokens generated (prefill's first tokens included)"),
@@ -33,13 +35,13 @@ METRICS = {
     "specoffload_acceptance_rate": (
         "gauge", "Fraction of proposed draft tokens the target accepted in the current run"),
     "specoffload_weight_stream_gbps": (
-        "gauge", "Weight streaming host->GPU: GB copied per second of copy time (last interval)"),
+        "gauge", "Weight streaming host->GPU: GB copied per second of copy time" + _STAGE),
     "specoffload_cpu_attention_s_per_layer": (
-        "gauge", "CPU attention seconds per layer per pass (last interval)"),
+        "gauge", "CPU attention seconds per layer per pass" + _STAGE),
     "specoffload_gpu_target_s_per_layer": (
-        "gauge", "Executor target-model compute seconds per layer per pass (last interval)"),
+        "gauge", "Executor target-model compute seconds per layer per pass" + _STAGE),
     "specoffload_gpu_busy_fraction": (
-        "gauge", "Executor busy time (target + draft + prefill) over wall time (last interval)"),
+        "gauge", "Executor busy time (target + draft + prefill) over wall time" + _STAGE),
     "specoffload_requests_queued": (
         "gauge", "Requests submitted to the engine and not finished yet"),
     "specoffload_requests_done": (
@@ -107,6 +109,7 @@ class RunMetrics:
         self._pending = None  # (refs, passes when submitted)
         self._last_submit = 0.0
         self._snap = None  # (passes, stats) the previous interval ended at
+        self._base = None  # (passes, stats) at the start of the run
 
     def run_started(self, n_requests: int):
         self._reset_run()
@@ -146,12 +149,12 @@ class RunMetrics:
                 refs, passes = self._pending
                 self._pending = None
                 ex, at = ray.get(refs)
-                cur = (passes, ex | at)
-                if self._snap is not None:
-                    self._stage_update(self._snap, cur)
-                self._snap = cur
-            if "wall_s" in stats and self._snap is not None:
-                self._stage_update(self._snap, (self._passes, stats))
+                self._snap = (passes, ex | at)
+                self._base = self._base or self._snap
+            # The final values cover the whole run: the last interval can be a sliver with no
+            # work in it, which would leave e.g. a busy fraction of 0 on the dashboard.
+            if "wall_s" in stats and self._base is not None:
+                self._stage_update(self._base, (self._passes, stats))
         self._guard(f)
 
     # -- internals ----------------------------------------------------------------------
@@ -187,6 +190,7 @@ class RunMetrics:
             if self._snap is not None:
                 self._stage_update(self._snap, cur)
             self._snap = cur
+            self._base = self._base or cur
         if now - self._last_submit >= self.STATS_EVERY_S:
             # Submitted after the pass just applied: its work precedes this call on each actor.
             self._submit_stats(self._passes)
