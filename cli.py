@@ -95,15 +95,45 @@ def read_prompts(path: str) -> list[str]:
     return out
 
 
+def collect_prompts(prompt: list, prompts_file: str | None) -> list[str]:
+    """--prompt values, then the --prompts file's; the built-in prompts if neither is given."""
+    prompts = list(prompt)
+    if prompts_file:
+        prompts += read_prompts(prompts_file)
+    return prompts or list(BUILTIN_PROMPTS)
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[dict]:
+    """Token-id prompts, wrapped in the tokenizer's chat template when it has one and `chat`."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    return [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in prompts]
+
+
+def result_record(index: int, prompt: str, o) -> dict:
+    """One JSONL line of results for a finished request."""
+    c = o.outputs[0]
+    return {"index": index, "prompt": prompt, "text": c.text, "token_ids": c.token_ids,
+            "finish_reason": c.finish_reason, "metrics": o.metrics}
+
+
+def open_out(path: str | None):
+    from .errors import ConfigError
+
+    if not path:
+        return None
+    try:
+        return open(path, "w")
+    except OSError as e:
+        raise ConfigError(f"cannot write --out {path}: {e.strerror}") from None
+
+
 def _generate(args) -> int:
     from .configs.sampling_params import SamplingParams
     from .llm import LLM
 
-    prompts = list(args.prompt)
-    if args.prompts:
-        prompts += read_prompts(args.prompts)
-    if not prompts:
-        prompts = list(BUILTIN_PROMPTS)
+    prompts = collect_prompts(args.prompt, args.prompts)
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, ignore_eos=args.ignore_eos,
                              seed=None if args.seed is None else args.seed + i)
@@ -113,19 +143,17 @@ def _generate(args) -> int:
               adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
               draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, trace=bool(args.trace),
               ray_address=args.ray_address, progress=not args.quiet)
-    texts = prompts
-    if not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None):
-        texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                   add_generation_prompt=True) for p in prompts]
-    inputs = [{"prompt_token_ids": llm.tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
-    out_f = open(args.out, "w") if args.out else None
+    inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
+    try:
+        out_f = open_out(args.out)
+    except Exception:
+        llm.shutdown()
+        raise
 
     def write(o):
-        rec = {"index": o.request_id - first_rid, "prompt": prompts[o.request_id - first_rid],
-               "text": o.outputs[0].text, "token_ids": o.outputs[0].token_ids,
-               "finish_reason": o.outputs[0].finish_reason, "metrics": o.metrics}
+        i = o.request_id - first_rid
         if out_f:
-            out_f.write(json.dumps(rec) + "\n")
+            out_f.write(json.dumps(result_record(i, prompts[i], o)) + "\n")
             out_f.flush()
 
     first_rid = llm._next_rid

@@ -42,24 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from specoffload import LLM, SamplingParams
-    from specoffload.cli import BUILTIN_PROMPTS, read_prompts
+    from specoffload.cli import collect_prompts, encode_prompts, open_out, result_record
     from specoffload.errors import ConfigError
 
-    prompts = list(args.prompt)
-    if args.prompts:
-        prompts += read_prompts(args.prompts)
-    if not prompts:
-        prompts = list(BUILTIN_PROMPTS)
+    prompts = collect_prompts(args.prompt, args.prompts)
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             ignore_eos=args.ignore_eos)
-    out_f = None
-    if args.out:
-        try:
-            out_f = open(args.out, "w")
-        except OSError as e:
-            raise ConfigError(f"cannot write --out {args.out}: {e.strerror}") from None
+    out_f = open_out(args.out)
 
     # LLM checks the model and draft first, then joins Ray (`ray_env.ensure_ray`): in a job,
     # the job's cluster from RAY_ADDRESS.
@@ -75,20 +66,13 @@ def run(args) -> int:
 
         print(f"generate_job: {len(prompts)} prompts on Ray cluster {ray.get_runtime_context().gcs_address}, "
               f"engine run id {llm.run_id} (dashboard metrics tag run={llm.run_id})", flush=True)
-        texts = prompts
-        if not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None):
-            texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                       add_generation_prompt=True) for p in prompts]
-        inputs = [{"prompt_token_ids": llm.tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+        inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
         first_rid = llm._next_rid
 
         def write(o):
             i = o.request_id - first_rid
-            rec = {"index": i, "prompt": prompts[i], "text": o.outputs[0].text,
-                   "token_ids": o.outputs[0].token_ids, "finish_reason": o.outputs[0].finish_reason,
-                   "metrics": o.metrics}
             if out_f:
-                out_f.write(json.dumps(rec) + "\n")
+                out_f.write(json.dumps(result_record(i, prompts[i], o)) + "\n")
                 out_f.flush()
 
         t0 = time.perf_counter()
