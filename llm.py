@@ -164,6 +164,13 @@ class LLM:
         ).remote(("checkpoint", str(self.model_dir), self.spec.dtype), self.spec, self.plan,
                  self.draft_desc, self.run_cfg, self.run_id, self.progress)
         self.info = ray.get(self.coordinator.ready.remote())
+        # The loader's /dev/shm files hold the whole target: never leave them behind because a
+        # script forgot shutdown() (at exit Ray kills the actors before they could clean up).
+        import atexit
+        import weakref
+
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().shutdown())
 
     # -- requests --------------------------------------------------------------------------
     def _requests(self, prompts, params) -> tuple[list[Request], list]:
@@ -303,6 +310,8 @@ class LLM:
         if self.engine == "ray" and getattr(self, "coordinator", None) is not None:
             import ray
 
+            if not ray.is_initialized():
+                return
             try:
                 ray.get(self.coordinator.shutdown.remote())
             finally:
