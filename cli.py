@@ -36,6 +36,8 @@ def _add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the executor computes (default: cuda if available)")
     p.add_argument("--gpu-memory", help="GPU memory cap, e.g. 24GiB (enforced)")
+    p.add_argument("--micro-batches", type=int, help="split each target pass into this many micro-batches "
+                   "so CPU attention of one overlaps GPU work of another (default: the plan's, 1)")
     p.add_argument("--plan", help="a placement plan JSON file (see configs/)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's)")
@@ -141,7 +143,8 @@ def _generate(args) -> int:
     llm = LLM(args.model, draft=args.draft, engine=args.engine, device=args.device,
               gpu_memory=args.gpu_memory, plan=args.plan, schedule=args.schedule, k=args.k,
               adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
-              draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, trace=bool(args.trace),
+              draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, micro_batches=args.micro_batches,
+              trace=bool(args.trace),
               ray_address=args.ray_address, progress=not args.quiet)
     inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
     try:

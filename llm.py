@@ -71,8 +71,8 @@ class LLM:
     def __init__(self, model=None, draft=None, *, engine: str = "ray", device: str = "auto",
                  gpu_memory=None, plan=None, schedule: str | None = None, k: int = 4,
                  adaptive_k: bool = False, batch_size: int | None = None, dtype: str | None = None,
-                 draft_window: int | None = None, draft_kv_fp8: bool = False, trace: bool = False,
-                 ray_address: str | None = None, progress: bool = True):
+                 draft_window: int | None = None, draft_kv_fp8: bool = False, micro_batches: int | None = None,
+                 trace: bool = False, ray_address: str | None = None, progress: bool = True):
         if engine not in ("ray", "reference"):
             raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
         if model is None:
@@ -97,6 +97,10 @@ class LLM:
         if schedule != "none" and not self.draft_desc:
             raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
         self.plan = self._make_plan(plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8)
+        if micro_batches is not None:
+            from dataclasses import replace
+
+            self.plan = replace(self.plan, micro_batches=micro_batches)
         if trace:
             if engine != "ray":
                 raise ConfigError("a timeline trace needs engine='ray' (the spans are the actors')")

@@ -13,11 +13,14 @@ import time
 
 import ray
 
+from ..placement.plan import split_range
+
 
 class ActorBackend:
-    def __init__(self, executor, attention, num_layers: int, prefill_batch: int):
+    def __init__(self, executor, attention, num_layers: int, prefill_batch: int, micro_batches: int = 1):
         self.ex, self.at = executor, attention
-        self.L, self.P = num_layers, prefill_batch
+        self.L, self.P, self.M = num_layers, prefill_batch, micro_batches
+        self._size: dict[int, int] = {}  # sequences per batch (micro-batches never exceed it)
         self._props: list[tuple] = []  # (bid, k, u) not yet submitted
         self._t_pass, self._t_draft = 1.0, 0.01
         self._submitted_at = {}
@@ -27,7 +30,7 @@ class ActorBackend:
     def start(self, bid, prompts, samp, capacity, with_draft=False):
         self.ex.start.remote(bid, prompts, samp, capacity, with_draft)
         self.at.start.remote(bid, [len(p) for p in prompts], capacity, self.P)
-        self._n = len(prompts)
+        self._n = self._size[bid] = len(prompts)
 
     def prefill(self, bid, u_sample):
         n_sub = -(-self._n // self.P)
@@ -61,14 +64,18 @@ class ActorBackend:
             for i in range(kb):
                 step_at.setdefault(min(self.L - 1, (i * self.L) // max(kb, 1)), []).append(b)
         self._submitted_at[bid] = time.perf_counter()
-        x = self.ex.verify_begin.remote(bid, k)
+        m = len(split_range(self._size[bid], self.M))
+        self.ex.verify_begin.remote(bid, k, m)
+        # Layer by layer, micro-batch by micro-batch: the executor's queue alternates between
+        # micro-batches, so it computes one while the CPU worker attends for another.
+        a = [None] * m
         for j in range(self.L):
-            a = self.at.attend.remote(bid, j, x)
+            for p in range(m):
+                x = self.ex.target_layer.remote(bid, j, a[p], p)
+                a[p] = self.at.attend.remote(bid, j, x)
             for b in step_at.get(j, []):
                 self.ex.draft_step.remote(b)
-            if j < self.L - 1:
-                x = self.ex.target_layer.remote(bid, j + 1, a)
-        r = self.ex.verify_head.remote(bid, a, k, u_accept, u_sample)
+        r = self.ex.verify_head.remote(bid, k, u_accept, u_sample, *a)
         self.at.rollback.remote(bid, k, r)
         for b, _, _ in gaps:
             self.ex.draft_finish.remote(b)
@@ -96,10 +103,12 @@ class ActorBackend:
         return self._t_pass, self._t_draft
 
     def keep(self, bid, idx):
+        self._size[bid] = len(idx)
         self.ex.keep.remote(bid, idx)
         self.at.keep.remote(bid, idx)
 
     def free(self, bid):
+        self._size.pop(bid, None)
         self.ex.free.remote(bid)
         self.at.free.remote(bid)
 

@@ -47,7 +47,8 @@ class Coordinator:
         self.info = ray.get(self.executor.ready.remote())
         self.info["attention_threads"] = ray.get(self.attention.ready.remote())
         self.info["host_load_s"] = round(load_s, 1)
-        self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, plan.prefill_batch)
+        self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, plan.prefill_batch,
+                                    plan.micro_batches)
         self._finished, self._lock = [], threading.Lock()
         self._progress = {}
         self.metrics = RunMetrics(run_id, spec.num_layers, self.executor, self.attention)

@@ -12,7 +12,6 @@ import time
 
 import torch
 
-from ..models.attention import append_kv, pack_index
 from ..models.attention import KVCache
 from .stage_timer import StageTimer
 from .wire import from_wire, to_wire
@@ -27,6 +26,7 @@ class CPUAttention:
         self.kv_dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
         self.caches: dict[int, KVCache] = {}
         self.prompt_lens: dict[int, torch.Tensor] = {}
+        self.parts: dict[tuple, KVCache] = {}  # (batch, first sequence) -> micro-batch view
         self.seconds = 0.0
         self.kv_bytes_read = 0
 
@@ -41,28 +41,35 @@ class CPUAttention:
         self.prefill_batch = prefill_batch
 
     def store_prefill(self, bid, s: int, j: int, kv):
-        """K/V of layer j for prefill sub-batch s, computed on the executor."""
+        """K/V of layer j for prefill sub-batch s, computed on the executor, arriving padded
+        as [P, Hkv, longest prompt, d] so storing them is one strided copy, not a scatter."""
         cache = self.caches[bid]
         P = self.prefill_batch
         lo = s * P
-        ql = self.prompt_lens[bid][lo: lo + P]
         k, v = from_wire(kv[0]), from_wire(kv[1])
-        zeros = torch.zeros_like(ql)
-        append_kv(cache.k[j][lo: lo + P], cache.v[j][lo: lo + P], k, v, zeros, ql, *pack_index(ql))
+        n, L = k.shape[0], k.shape[2]
+        with self.timer.span("store_prefill", f"b{bid} L{j} s{s}"):
+            cache.k[j][lo: lo + n, :, :L].copy_(k)
+            cache.v[j][lo: lo + n, :, :L].copy_(v)
         if j == self.spec.num_layers - 1:
-            cache.lens[lo: lo + P] = ql
+            cache.lens[lo: lo + n] = self.prompt_lens[bid][lo: lo + n]
 
     def attend(self, bid, j: int, qkv):
+        """Layer j for one micro-batch [lo, hi) of the batch's sequences: append its new K/V,
+        attend causally over the cache; the micro-batch is a view of the batch's cache."""
         t = time.perf_counter()
-        cache = self.caches[bid]
         q, k, v = (from_wire(x) for x in qkv[:3])
+        q_lens, lo, hi = qkv[3], qkv[4], qkv[5]
         if j == 0:
-            cache.begin_pass(torch.as_tensor(qkv[3]))
-        with self.timer.span("cpu_attention", f"b{bid} L{j}"):
-            out = cache.attend_layer(j, q, k, v)
-        self.kv_bytes_read += int(cache.lens.sum() + q.shape[0]) * 2 * k.shape[1] * k.shape[2] * cache.k[j].element_size()
+            part = self.parts[(bid, lo)] = self.caches[bid].part(lo, hi)
+            part.begin_pass(torch.as_tensor(q_lens))
+        part = self.parts[(bid, lo)]
+        with self.timer.span("cpu_attention", f"b{bid} L{j} [{lo}:{hi})"):
+            out = part.attend_layer(j, q, k, v)
+        self.kv_bytes_read += int(part.lens.sum() + q.shape[0]) * 2 * k.shape[1] * k.shape[2] * part.k[j].element_size()
         if j == self.spec.num_layers - 1:
-            cache.advance()
+            part.advance()
+            self.caches[bid].merge(lo, self.parts.pop((bid, lo)))
         self.seconds += time.perf_counter() - t
         return to_wire(out)
 
@@ -77,6 +84,7 @@ class CPUAttention:
 
     def free(self, bid):
         self.caches.pop(bid, None)
+        self.parts = {key: p for key, p in self.parts.items() if key[0] != bid}
         self.prompt_lens.pop(bid, None)
 
     def stats(self) -> dict:

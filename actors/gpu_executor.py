@@ -19,7 +19,7 @@ from ..models.attention import KVCache, pack_index
 from ..models.layers import embed, head, post_attention, pre_attention, rope_cos_sin
 from ..models.resident import ResidentModel, last_index
 from ..models.source import open_source
-from ..placement.plan import Plan
+from ..placement.plan import Plan, split_range
 from ..scheduler.batch_state import SpecRunner
 from .disk_tier import DiskTier
 from .shm_layout import map_file, views
@@ -146,7 +146,7 @@ class GPUExecutor:
                        "cs": rope_cos_sin(spec, i, spec.torch_dtype)}
         sub = subs[s]
         w = self._layer(j)
-        with self.timer.span("prefill"):
+        with self.timer.span("prefill", f"b{bid} L{j} s{s}"):
             q, k, v = pre_attention(spec, w, sub["h"], *sub["cs"])
             ql = sub["q_lens"]
             cache = KVCache(1, len(ql), spec.num_kv_heads, spec.head_dim, int(ql.max()),
@@ -159,7 +159,9 @@ class GPUExecutor:
         n_sub = -(-len(st["prompts"]) // P)
         if s == n_sub - 1:
             self._done(j)
-        return to_wire(k), to_wire(v)
+        # The cache just built holds this layer's K/V padded as [P, Hkv, longest, d]: the
+        # CPU worker stores that with one strided copy.
+        return to_wire(cache.k[0]), to_wire(cache.v[0])
 
     @torch.inference_mode()
     def prefill_head(self, bid, u_sample):
@@ -169,42 +171,54 @@ class GPUExecutor:
         return self.runner.finish(bid, logits[:, None], 0, None, u_sample, first=True)
 
     # -- one target pass (decode: k = 0, verification: k draft tokens + 1) ---------------
+    # A pass runs the batch as micro-batches (contiguous ranges of its sequences), each
+    # layer's weights serving all of them before release, so that while the CPU worker
+    # attends for one micro-batch the GPU computes another.
     @torch.inference_mode()
-    def verify_begin(self, bid, k: int):
+    def verify_begin(self, bid, k: int, micro_batches: int = 1):
         st, spec = self.tb[bid], self.spec
         toks, q_lens = self.runner.target_inputs(bid, k)
-        b, i = pack_index(q_lens)
+        b, i = pack_index(q_lens, toks.shape[0])
+        cos, sin = rope_cos_sin(spec, st["lens"][b] + i, spec.torch_dtype)
+        h = embed(self.glob["embed"], toks)
         st["q_lens"] = q_lens
-        st["q_lens_np"] = q_lens.cpu().numpy()  # once per pass, not once per layer
-        st["cs"] = rope_cos_sin(spec, st["lens"][b] + i, spec.torch_dtype)
-        st["h"] = embed(self.glob["embed"], toks)
-        return self._pre(st, 0)
+        ql = q_lens.cpu().numpy()  # once per pass, not once per layer
+        starts = [0, *ql.cumsum().tolist()]
+        st["parts"] = [{"bid": bid, "lo": lo, "hi": hi, "q_lens_np": ql[lo:hi], "h": h[starts[lo]:starts[hi]],
+                        "cs": (cos[starts[lo]:starts[hi]], sin[starts[lo]:starts[hi]])}
+                       for lo, hi in split_range(len(ql), micro_batches)]
+        return len(st["parts"])
 
-    def _pre(self, st, j):
+    def _pre(self, part, j):
         w = self._layer(j)
-        with self.timer.span("target", f"b{st['bid']} L{j} qkv"):
-            q, k, v = pre_attention(self.spec, w, st["h"], *st["cs"])
-            return to_wire(q), to_wire(k), to_wire(v), st["q_lens_np"]
+        with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
+            q, k, v = pre_attention(self.spec, w, part["h"], *part["cs"])
+            return to_wire(q), to_wire(k), to_wire(v), part["q_lens_np"], part["lo"], part["hi"]
 
-    def _post(self, st, j, attn):
+    def _post(self, part, j, attn, last: bool):
         w = self._layer(j)
-        with self.timer.span("target", f"b{st['bid']} L{j} ffn"):
-            st["h"] = post_attention(self.spec, w, st["h"], from_wire(attn, self.device))
-        self._done(j)
+        with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) ffn"):
+            part["h"] = post_attention(self.spec, w, part["h"], from_wire(attn, self.device))
+        if last:  # every micro-batch is past layer j: its slot may be refilled
+            self._done(j)
 
     @torch.inference_mode()
-    def target_layer(self, bid, j: int, attn):
-        """Finish layer j-1 with its attention output, then start layer j."""
-        st = self.tb[bid]
-        self._post(st, j - 1, attn)
-        return self._pre(st, j)
+    def target_layer(self, bid, j: int, attn, p: int = 0):
+        """Micro-batch p: finish layer j-1 with its attention output (j > 0), start layer j."""
+        parts = self.tb[bid]["parts"]
+        if j > 0:
+            self._post(parts[p], j - 1, attn, last=p == len(parts) - 1)
+        return self._pre(parts[p], j)
 
     @torch.inference_mode()
-    def verify_head(self, bid, attn, k: int, u_accept, u_sample):
+    def verify_head(self, bid, k: int, u_accept, u_sample, *attns):
+        """Finish the last layer of every micro-batch (one attention output each), then verify."""
         st, spec = self.tb[bid], self.spec
-        self._post(st, spec.num_layers - 1, attn)
+        parts = st.pop("parts")
+        for p, attn in enumerate(attns):
+            self._post(parts[p], spec.num_layers - 1, attn, last=p == len(parts) - 1)
         with self.timer.span("target"):
-            logits = head(spec, self.glob["norm"], self.glob["head"], st.pop("h"))
+            logits = head(spec, self.glob["norm"], self.glob["head"], torch.cat([x["h"] for x in parts]))
         B = st["q_lens"].shape[0]
         tokens, counts = self.runner.finish(bid, logits.view(B, k + 1, -1), k, u_accept, u_sample)
         st["lens"] = st["lens"] + torch.as_tensor(counts, device=self.device)

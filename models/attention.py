@@ -128,3 +128,16 @@ class KVCache:
         self.k = [t[keep] for t in self.k]
         self.v = [t[keep] for t in self.v]
         self.lens = self.lens[keep]
+
+    def part(self, lo: int, hi: int) -> "KVCache":
+        """Sequences [lo, hi) as a cache of their own that shares this one's storage (a
+        micro-batch of a pass); its lengths are copied, hand them back with `merge`."""
+        p = KVCache.__new__(KVCache)
+        p.k = [t[lo:hi] for t in self.k]
+        p.v = [t[lo:hi] for t in self.v]
+        p.lens = self.lens[lo:hi].clone()
+        p.capacity, p.windows, p._pass = self.capacity, self.windows, None
+        return p
+
+    def merge(self, lo: int, part: "KVCache"):
+        self.lens[lo: lo + part.batch] = part.lens

@@ -29,6 +29,12 @@ def parse_bytes(x) -> int | None:
     return int(float(num) * _UNITS[unit])
 
 
+def split_range(n: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of `parts` near-equal, non-empty micro-batches of n sequences."""
+    parts = max(1, min(parts, n))
+    return [(n * p // parts, n * (p + 1) // parts) for p in range(parts)]
+
+
 @dataclass(frozen=True)
 class Plan:
     device: str = "cpu"  # where the executor computes: "cuda" or "cpu"
@@ -44,6 +50,10 @@ class Plan:
     draft_window: int | None = None  # the draft attends over the last W tokens (KV ring); None = all
     draft_kv_fp8: bool = False  # store the draft's windowed KV in fp8 (e4m3, scale per head)
     trace: bool = False  # keep a Chrome-trace timeline of stage spans in the actors
+    # Each target pass runs a batch as this many micro-batches, layer by layer, so the CPU
+    # attention of one overlaps the GPU work of the next (the per-layer round trip of a whole
+    # batch can outlast the next layer's weight copy).
+    micro_batches: int = 1
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -61,6 +71,8 @@ class Plan:
             raise ConfigError(f"draft_window must be >= 1 or None, got {self.draft_window}")
         if self.draft_kv_fp8 and self.draft_window is None:
             raise ConfigError("draft_kv_fp8 needs a draft_window")
+        if not 1 <= self.micro_batches <= 64:
+            raise ConfigError(f"micro_batches must be in 1..64, got {self.micro_batches}")
         if self.gpu_memory is not None and self.gpu_memory <= 0:
             raise ConfigError("gpu_memory must be positive")
 

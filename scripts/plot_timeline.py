@@ -14,11 +14,11 @@ import json
 import sys
 
 COLORS = {"weight_copy": "#4c72b0", "cpu_attention": "#dd8452", "target": "#55a868", "draft": "#c44e52",
-          "prefill": "#8172b3"}
+          "prefill": "#8172b3", "store_prefill": "#937860"}
 
 
 def rounds(events):
-    starts = sorted(e["ts"] for e in events if e["cat"] == "target" and " L0 qkv" in e["name"])
+    starts = sorted(e["ts"] for e in events if e["cat"] == "target" and " L0 [0:" in e["name"] and e["name"].endswith("qkv"))
     return list(zip(starts, starts[1:]))
 
 

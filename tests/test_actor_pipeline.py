@@ -15,11 +15,13 @@ def _ids(prompts):
     return [{"prompt_token_ids": p} for p in prompts]
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2"])
-def test_greedy_identical_through_actors(ray_session, tiny_dir, family):
+@pytest.mark.parametrize("family,micro_batches", [("llama", 1), ("mixtral", 2), ("qwen2", 3)])
+def test_greedy_identical_through_actors(ray_session, tiny_dir, family, micro_batches):
+    """micro_batches splits each pass (3 sequences per batch: 1+2 or 1+1+1, then fewer as the
+    last batch is smaller); the output must not depend on it."""
     d = tiny_dir(family)
     want = hf_greedy(d, PROMPTS, 24)
-    with LLM(str(d), batch_size=3, progress=False) as llm:
+    with LLM(str(d), batch_size=3, progress=False, micro_batches=micro_batches) as llm:
         # the four actors are real, named Ray actors
         names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if isinstance(a, dict)} or \
             set(ray.util.list_named_actors())
@@ -38,7 +40,8 @@ def test_eos_mid_batch(ray_session, tiny_dir):
     i, stop = first_new_token(free_run[1], 3)  # a token prompt 1 emits mid-run: treat it as EOS
     want = hf_greedy(d, PROMPTS, 20, eos_token_id=[stop, 2])  # 2 is the config's own EOS
     assert len(want[1]) == i + 1 < 20 and any(len(w) == 20 for w in want)  # ragged finish
-    with LLM(str(d), batch_size=4, progress=False) as llm:
+    # two micro-batches, and sequences leaving mid-run shrink them
+    with LLM(str(d), batch_size=4, progress=False, micro_batches=2) as llm:
         outs = llm.generate(_ids(PROMPTS), SamplingParams(max_tokens=20, stop_token_ids=[stop]))
     assert [o.outputs[0].token_ids for o in outs] == want
     assert outs[1].outputs[0].finish_reason == "stop"

@@ -60,7 +60,7 @@ def test_greedy_lossless_through_actors(ray_session, tiny_dir, schedule, draft):
     other = tiny_dir("mixtral", seed=2, num_hidden_layers=2)
     want = hf_greedy(d, PROMPTS, 20)
     with LLM(str(d), draft=str(other) if draft == "other" else draft, schedule=schedule, k=3,
-             batch_size=2, progress=False) as llm:
+             batch_size=2, progress=False, micro_batches=2) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=20, ignore_eos=True))
         assert llm.last_stats["acceptance"] is not None
     assert [o.outputs[0].token_ids for o in outs] == want

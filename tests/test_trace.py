@@ -24,8 +24,8 @@ def test_trace_has_every_stage_per_layer(ray_session, tiny_dir, tmp_path):
     assert layers == {"0", "1", "2"}  # every layer of the tiny model
     assert all(e["dur"] >= 0 and e["ph"] == "X" for e in ev)
     # Each layer's attention on the CPU worker falls between that layer's q/k/v and FFN spans.
-    qkv = min(e["ts"] for e in ev if e["name"].endswith("L1 qkv"))
-    att = min(e["ts"] for e in ev if e["cat"] == "cpu_attention" and e["name"].endswith("L1"))
+    qkv = min(e["ts"] for e in ev if " L1 " in e["name"] and e["name"].endswith("qkv"))
+    att = min(e["ts"] for e in ev if e["cat"] == "cpu_attention" and " L1 " in e["name"])
     assert qkv <= att
     path = tmp_path / "trace.json"
     path.write_text(json.dumps(trace))
