@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-draft", action="store_true")
     ap.add_argument("--draft-window", type=int, help="draft attends over the last W tokens (KV ring)")
     ap.add_argument("--draft-kv-fp8", action="store_true")
+    ap.add_argument("--micro-batches", default="2", help="comma list: each mode runs with each count of "
+                                                           "micro-batches per target pass (e.g. 1,2)")
+    ap.add_argument("--trace-dir", help="write a Chrome-trace JSON timeline per mode into this folder")
     ap.add_argument("--json", help="write results here")
     return ap
 
@@ -73,7 +76,16 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     plan = Plan(device="cuda" if cuda else "cpu", gpu_memory=a.gpu_memory if cuda else None,
                 batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
-                attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8)
+                attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
+                trace=bool(a.trace_dir))
+    try:
+        micro = [int(x) for x in a.micro_batches.split(",")]
+        if min(micro) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"specoffload bench: error: --micro-batches needs a comma list of counts >= 1, got {a.micro_batches!r}",
+              file=sys.stderr)
+        return 2
     if not ray.is_initialized():
         ray.init(num_cpus=max(os.cpu_count() or 1, 4),
                  object_store_memory=int(os.environ.get("OBJ_STORE", 6 * 2**30 if cuda else 2**30)),
@@ -87,7 +99,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     results = []
     layer_bytes = tspec.layer_param_count() * 2
-    for mode_k in a.modes.split(","):
+    runs = [(mode_k, m) for mode_k in a.modes.split(",") for m in micro]
+    for mode_k, m in runs:
         mode, _, kk = mode_k.partition("@")  # "single@6": schedule single with k = 6
         k = int(kk) if kk else a.k
         bs = a.batch if mode == "none" else (a.spec_batch or a.batch)
@@ -96,6 +109,9 @@ def main(argv=None):
         payload = [{"rid": i, "prompt_ids": p, "params": {"max_tokens": a.gen, "ignore_eos": True}, "eos": [2]}
                    for i, p in enumerate(prompts)]
         ray.get(coord.set_run_config.remote(RunConfig(schedule=mode, k=k, k_max=max(k, 8), batch_size=bs)))
+        ray.get(coord.set_micro_batches.remote(m))
+        if a.trace_dir:
+            ray.get(coord.trace.remote())  # drop spans of earlier modes
         before = ray.get(coord.stats.remote())
         t = time.perf_counter()
         st = ray.get(coord.generate.remote(payload))
@@ -120,18 +136,25 @@ def main(argv=None):
             "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
             "draft_gpu_s": round(d.get("draft_s", 0), 2), "copy_s": round(copy_s, 2),
         }
+        row["micro_batches"] = m
+        if len(micro) > 1:
+            row["mode"] = f"{mode_k}/m{m}"
         results.append(row)
         print(json.dumps(row), flush=True)
+        if a.trace_dir:
+            os.makedirs(a.trace_dir, exist_ok=True)
+            with open(os.path.join(a.trace_dir, f"trace_{row['mode'].replace('/', '_')}.json"), "w") as f:
+                json.dump(ray.get(coord.trace.remote()), f)
     ray.get(coord.shutdown.remote())
-    base = next((r for r in results if r["mode"] == "none"), None)
+    base = next((r for r in results if r["mode"].split("/")[0] == "none"), None)
     print(f"\nW1 (target {a.target_layers} layers, {layer_bytes / 1e9:.2f} GB/layer, draft {a.draft_layers} layers, "
           f"cap {a.gpu_memory}, prompt {a.prompt_len}, gen {a.gen}, agreement {a.agreement})")
-    print(f"{'mode':8} {'batch':>5} {'tok/s':>7} {'x none':>6} {'decode tok/s':>12} {'x none':>6} {'s/pass':>7} "
+    print(f"{'mode':12} {'batch':>5} {'tok/s':>7} {'x none':>6} {'decode tok/s':>12} {'x none':>6} {'s/pass':>7} "
           f"{'GB/s':>6} {'copyGB/s':>8} {'accept':>7} {'tok/seq/pass':>12} {'gpu busy':>8}")
     for r in results:
         x = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         xd = r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else float("nan")
-        print(f"{r['mode']:8} {r['batch']:5d} {r['tokens_per_s']:7.1f} {x:6.2f} {r['decode_tokens_per_s']:12.1f} {xd:6.2f} "
+        print(f"{r['mode']:12} {r['batch']:5d} {r['tokens_per_s']:7.1f} {x:6.2f} {r['decode_tokens_per_s']:12.1f} {xd:6.2f} "
               f"{r['s_per_pass']:7.3f} {str(r['stream_GBps']):>6} {str(r['copy_GBps']):>8} {str(r['acceptance']):>7} "
               f"{str(r['tokens_per_seq_pass']):>12} {r['gpu_busy_decode']:8.3f}")
     if a.json:

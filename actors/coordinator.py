@@ -82,6 +82,12 @@ class Coordinator:
         """Switch schedule / draft length between runs (benchmarks compare modes in one run)."""
         self.run_cfg = run_cfg
 
+    def set_micro_batches(self, m: int):
+        """Micro-batches per target pass from the next pass on (benchmarks compare them)."""
+        if m < 1:
+            raise ValueError("micro_batches must be >= 1")
+        self.backend.M = m
+
     def stats(self) -> dict:
         return self.backend.stats()
 

@@ -55,6 +55,7 @@ class RingKVCache(KVCache):
             m |= pad[:, :, None]  # padded query rows: anything, their output is dropped
             masks[w] = m[:, None]
         self._pass = (q_lens, b_idx, i_idx, masks, slot, n_q)
+        self._grouped = {}  # (window, G) -> the pass's mask repeated for G query heads
 
     def _store(self, j, which, x):
         if not self.fp8:
@@ -68,19 +69,35 @@ class RingKVCache(KVCache):
         if not self.fp8:
             return t
         s = (self.k_scale if which == "k" else self.v_scale)[j]
-        return (t.float() * s[None, :, None, None]).to(self.compute_dtype)
+        # Dequantise in the compute dtype: half the memory traffic of going through fp32.
+        return t.to(self.compute_dtype) * s.to(self.compute_dtype)[None, :, None, None]
 
     def attend_layer(self, layer, q, k, v):
         q_lens, b_idx, i_idx, masks, slot, n_q = self._pass
         self.k[layer][b_idx, :, slot] = self._store(layer, "k", k)
         self.v[layer][b_idx, :, slot] = self._store(layer, "v", v)
         B, (T, Hq, d) = self.batch, q.shape
-        qp = q.new_zeros(B, n_q, Hq, d)
-        qp[b_idx, i_idx] = q
+        Hkv = self.k[layer].shape[1]
+        G = Hq // Hkv
+        if n_q == 1 and T == B:  # a plain draft step: one token per sequence, nothing to pack
+            qp = q.view(B, 1, Hq, d)
+        else:
+            qp = q.new_zeros(B, n_q, Hq, d)
+            qp[b_idx, i_idx] = q
         kk, vv = self._load(layer, "k", self.k[layer]), self._load(layer, "v", self.v[layer])
-        out = F.scaled_dot_product_attention(qp.transpose(1, 2).to(kk.dtype), kk, vv,
-                                             attn_mask=masks[self.windows[layer]], enable_gqa=True)
-        return out.transpose(1, 2)[b_idx, i_idx].reshape(T, Hq * d).to(q.dtype)
+        # Grouped-query attention as Hkv heads of G*n_q queries each: the G query heads that
+        # share a K/V head become extra query rows, so K/V are never expanded G-fold.
+        qg = qp.permute(0, 2, 1, 3).reshape(B, Hkv, G * n_q, d).to(kk.dtype)
+        key = (self.windows[layer], G)
+        if key not in self._grouped:
+            m = masks[key[0]]  # [B, 1, n_q, C]
+            self._grouped[key] = m[:, :, None].expand(B, 1, G, n_q, m.shape[-1]).reshape(B, 1, G * n_q, m.shape[-1])
+        mg = self._grouped[key]
+        out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mg)  # [B, Hkv, G*n_q, d]
+        out = out.view(B, Hq, n_q, d).transpose(1, 2)  # [B, n_q, Hq, d]
+        if n_q == 1 and T == B:
+            return out.reshape(T, Hq * d).to(q.dtype)
+        return out[b_idx, i_idx].reshape(T, Hq * d).to(q.dtype)
 
     def select(self, keep: torch.Tensor):
         super().select(keep)

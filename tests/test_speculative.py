@@ -108,15 +108,17 @@ def test_windowed_draft_sees_only_its_window(tiny_dir):
 
     d = tiny_dir("llama")
     m = ResidentModel.from_source(Checkpoint(d))
-    prompt = PROMPTS[0]
+    assert m.spec.num_heads > m.spec.num_kv_heads  # grouped-query attention is exercised
+    prompts = PROMPTS[:3]  # ragged: 14, 3 and 6 tokens
     W = 4
-    ring = m.new_cache(1, 0, window=W, max_new=len(prompt))
-    full_w = KVCache(m.spec.num_layers, 1, m.spec.num_kv_heads, m.spec.head_dim, 64, m.spec.torch_dtype,
-                     windows=(W,) * m.spec.num_layers)  # the plain cache with a sliding-window mask
-    toks, ql = torch.tensor(prompt), torch.tensor([len(prompt)])
-    a = m.forward(ring, toks, ql, which="all")
-    b = m.forward(full_w, toks, ql, which="all")
-    torch.testing.assert_close(a, b)
-    for t in [5, 6, 7, 8, 9]:  # decode steps wrap the ring several times
-        torch.testing.assert_close(m.forward(ring, torch.tensor([t]), torch.tensor([1])),
-                                   m.forward(full_w, torch.tensor([t]), torch.tensor([1])))
+    ring = m.new_cache(len(prompts), 0, window=W, max_new=max(map(len, prompts)))
+    full_w = KVCache(m.spec.num_layers, len(prompts), m.spec.num_kv_heads, m.spec.head_dim, 64,
+                     m.spec.torch_dtype, windows=(W,) * m.spec.num_layers)  # plain cache, sliding-window mask
+    toks, ql = torch.tensor([t for p in prompts for t in p]), torch.tensor([len(p) for p in prompts])
+    torch.testing.assert_close(m.forward(ring, toks, ql, which="all"), m.forward(full_w, toks, ql, which="all"))
+    for t in [5, 6, 7, 8, 9]:  # one token per sequence (the unpacked fast path), wrapping the ring
+        step, ones = torch.tensor([t, t + 1, t + 2]), torch.ones(3, dtype=torch.long)
+        torch.testing.assert_close(m.forward(ring, step, ones), m.forward(full_w, step, ones))
+    two = torch.tensor([2, 1, 2])  # ragged again after decoding
+    step = torch.tensor([11, 12, 13, 14, 15])
+    torch.testing.assert_close(m.forward(ring, step, two, which="all"), m.forward(full_w, step, two, which="all"))

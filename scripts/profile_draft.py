@@ -1,0 +1,101 @@
+"""Time the resident draft's decode step (Mistral-7B shape by default) per batch/window/KV dtype.
+
+Builds a random-weight draft on the device, prefills a batch through `SpecRunner` exactly as
+the executor does, then times rounds of k draft steps with CUDA events and wall clock; the
+last configuration is also run under torch.profiler and its top kernels printed. A table of
+milliseconds per draft step comes last.
+
+    python scripts/profile_draft.py --configs 192:128:fp8,192:128:bf16 --k 6
+    python scripts/profile_draft.py --layers 2 --configs 4:8:bf16 --prompt-len 16   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--configs", default="192:128:fp8,192:128:bf16,96:128:fp8",
+                    help="comma list of batch:window:kv (kv = fp8 or bf16; window 0 = full context)")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--k", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table for the last configuration")
+    a = ap.parse_args(argv)
+
+    from specoffload.models.constructed import mistral_7b
+    from specoffload.models.random_weights import RandomWeights
+    from specoffload.models.resident import ResidentModel
+    from specoffload.scheduler.batch_state import SpecRunner
+    from specoffload.scheduler.sampler import SamplingTensors
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = mistral_7b(a.layers)
+    t = time.perf_counter()
+    draft = ResidentModel.from_source(RandomWeights(spec), dev)
+    print(f"draft of {a.layers} layers on {dev} in {time.perf_counter() - t:.1f} s", flush=True)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    rows = []
+    for i, c in enumerate(a.configs.split(",")):
+        B, W, kv = c.split(":")
+        B, W = int(B), int(W) or None
+        runner = SpecRunner(draft, dev, window=W, fp8=kv == "fp8", prefill_chunk=32)
+        g = torch.Generator().manual_seed(i)
+        prompts = torch.randint(3, spec.vocab_size, (B, a.prompt_len), generator=g).tolist()
+        samp = SamplingTensors(np.zeros(B, np.float32), np.zeros(B, np.int64), np.ones(B, np.float32))
+        t = time.perf_counter()
+        runner.start(0, samp, prompts, a.prompt_len + 4 * (a.k + 1) * (a.rounds + 2))
+        runner.finish(0, torch.randn(B, 1, spec.vocab_size, device=dev), 0, None, np.zeros(B, np.float32), first=True)
+        sync()
+        prefill_s = time.perf_counter() - t
+        u = np.zeros((B, a.k), np.float32)
+        step_ms = []
+        prof = None
+        for r in range(a.rounds + 1):
+            if a.profile and i == len(a.configs.split(",")) - 1 and r == a.rounds:
+                from torch.profiler import ProfilerActivity, profile
+
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+                prof = profile(activities=acts)
+                prof.__enter__()
+            sync()
+            t = time.perf_counter()
+            runner.propose(0, a.k, u)
+            sync()
+            if r:  # round 0 warms up
+                step_ms.append((time.perf_counter() - t) / a.k * 1e3)
+            # The target rejects everything (random logits): one token per sequence, as in a
+            # worst-case round; the draft's rollback runs as in a real one.
+            runner.finish(0, torch.randn(B, a.k + 1, spec.vocab_size, device=dev), a.k, None, u[:, :1])
+            if prof is not None:
+                prof.__exit__(None, None, None)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
+        rows.append((B, W or "full", kv, prefill_s, float(np.mean(step_ms)), float(np.min(step_ms)), mem))
+        print(f"B={B} W={W} kv={kv}: prefill {prefill_s:.2f} s, draft step {np.mean(step_ms):.2f} ms "
+              f"(min {np.min(step_ms):.2f}), peak {mem:.1f} GiB", flush=True)
+        if prof is not None:
+            key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+            n_kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+            print(f"kernels launched in one round of {a.k} steps: {n_kernels} ({n_kernels / a.k:.0f} per step)")
+        runner.free(0)
+        del runner
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    print(f"\ndraft: Mistral-7B shape, {a.layers} layers, {dev}, prompt {a.prompt_len}, k {a.k}")
+    print(f"{'batch':>5} {'window':>6} {'kv':>4} {'prefill s':>9} {'ms/step':>8} {'min ms':>7} {'peak GiB':>8}")
+    for B, W, kv, p, m, mn, mem in rows:
+        print(f"{B:5d} {str(W):>6} {kv:>4} {p:9.2f} {m:8.2f} {mn:7.2f} {mem:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
