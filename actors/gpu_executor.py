@@ -25,7 +25,7 @@ from .disk_tier import DiskTier
 from .shm_layout import map_file, views
 from .stage_timer import StageTimer
 from .weight_stream import WeightStreamer
-from .wire import from_wire, to_wire
+from .wire import PinnedStager, from_wire
 
 
 def _register(buf: torch.Tensor):
@@ -75,9 +75,10 @@ class GPUExecutor:
             disk = DiskTier(target_desc, list(plan.disk_layers), cuda)
             disk.prefetch(plan.disk_layers[0])
         self.streamer = WeightStreamer({j: self.host[j] for j in streamed if j in self.host}, streamed,
-                                       plan.num_slots, self.device, self.timer, disk)
+                                       plan.num_slots, self.device, self.timer, disk, plan.copy_chunk_mib << 20)
         self.runner = SpecRunner(self._build_draft(draft_desc), self.device, window=plan.draft_window,
                                  fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch)
+        self.stager = PinnedStager()
         self.tb: dict[int, dict] = {}
         self._drafting: dict[int, object] = {}
         self.streamer.prefetch()
@@ -161,7 +162,9 @@ class GPUExecutor:
             self._done(j)
         # The cache just built holds this layer's K/V padded as [P, Hkv, longest, d]: the
         # CPU worker stores that with one strided copy.
-        return to_wire(cache.k[0]), to_wire(cache.v[0])
+        with self.timer.host_span("to_host", f"b{bid} L{j} s{s} kv"):
+            w = self.stager.to_wire({"pk": cache.k[0], "pv": cache.v[0]})
+        return w["pk"], w["pv"]
 
     @torch.inference_mode()
     def prefill_head(self, bid, u_sample):
@@ -193,7 +196,9 @@ class GPUExecutor:
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
             q, k, v = pre_attention(self.spec, w, part["h"], *part["cs"])
-            return to_wire(q), to_wire(k), to_wire(v), part["q_lens_np"], part["lo"], part["hi"]
+        with self.timer.host_span("to_host", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
+            x = self.stager.to_wire({"q": q, "k": k, "v": v})
+        return x["q"], x["k"], x["v"], part["q_lens_np"], part["lo"], part["hi"]
 
     def _post(self, part, j, attn, last: bool):
         w = self._layer(j)

@@ -49,6 +49,15 @@ class StageTimer:
             self.totals[stage] += t2 - t
             self._keep(stage, label, t, t2)
 
+    @contextmanager
+    def host_span(self, stage: str, label: str = ""):
+        """Wall time of host-side work (waiting for the device, staging data), on any device."""
+        t = time.time()
+        yield
+        t2 = time.time()
+        self.totals[stage] += t2 - t
+        self._keep(stage, label, t, t2)
+
     def add_pair(self, stage: str, label: str, a, b):
         """A span delimited by two CUDA events recorded by the caller (e.g. on a copy stream)."""
         self.pending.append((stage, label, a, b))

@@ -54,6 +54,7 @@ class Plan:
     # attention of one overlaps the GPU work of the next (the per-layer round trip of a whole
     # batch can outlast the next layer's weight copy).
     micro_batches: int = 1
+    copy_chunk_mib: int = 64  # weight copies are issued in pieces of this size (see weight_stream.py)
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -71,6 +72,8 @@ class Plan:
             raise ConfigError(f"draft_window must be >= 1 or None, got {self.draft_window}")
         if self.draft_kv_fp8 and self.draft_window is None:
             raise ConfigError("draft_kv_fp8 needs a draft_window")
+        if self.copy_chunk_mib < 1:
+            raise ConfigError(f"copy_chunk_mib must be >= 1, got {self.copy_chunk_mib}")
         if not 1 <= self.micro_batches <= 64:
             raise ConfigError(f"micro_batches must be in 1..64, got {self.micro_batches}")
         if self.gpu_memory is not None and self.gpu_memory <= 0:
