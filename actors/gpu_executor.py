@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
 from ..models.attention import KVCache, pack_index
+from ..models.host_io import to_device
 from ..models.layers import embed, head, post_attention, pre_attention, rope_cos_sin
 from ..models.resident import ResidentModel, last_index
 from ..models.source import open_source
@@ -25,7 +27,7 @@ from .disk_tier import DiskTier
 from .shm_layout import map_file, views
 from .stage_timer import StageTimer
 from .weight_stream import WeightStreamer
-from .wire import PinnedStager, from_wire
+from .wire import PinnedStager
 
 
 def _register(buf: torch.Tensor):
@@ -120,10 +122,10 @@ class GPUExecutor:
     def start(self, bid, prompts, samp, capacity, with_draft):
         with self.timer.span("prefill"):
             self.runner.start(bid, samp, prompts if (with_draft and self.runner.draft) else None, capacity)
-        self.tb[bid] = {"bid": bid, "prompts": prompts, "lens": torch.tensor([len(p) for p in prompts], device=self.device)}
+        self.tb[bid] = {"bid": bid, "prompts": prompts, "lens": to_device([len(p) for p in prompts], self.device, torch.long)}
 
     def keep(self, bid, idx):
-        t = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        t = to_device(idx, self.device, torch.long)
         self.tb[bid]["lens"] = self.tb[bid]["lens"][t]
         self.runner.keep(bid, idx)
 
@@ -140,19 +142,19 @@ class GPUExecutor:
         subs = st.setdefault("subs", {})
         if j == 0:
             prompts = st["prompts"][s * P:(s + 1) * P]
-            q_lens = torch.tensor([len(p) for p in prompts], device=self.device)
-            toks = torch.tensor([t for p in prompts for t in p], device=self.device)
-            b, i = pack_index(q_lens)
-            subs[s] = {"h": embed(self.glob["embed"], toks), "q_lens": q_lens,
+            q_lens = to_device([len(p) for p in prompts], self.device, torch.long)
+            toks = to_device([t for p in prompts for t in p], self.device, torch.long)
+            _, i = pack_index(q_lens, toks.shape[0])
+            subs[s] = {"h": embed(self.glob["embed"], toks), "q_lens": q_lens, "longest": max(map(len, prompts)),
                        "cs": rope_cos_sin(spec, i, spec.torch_dtype)}
         sub = subs[s]
         w = self._layer(j)
         with self.timer.span("prefill", f"b{bid} L{j} s{s}"):
             q, k, v = pre_attention(spec, w, sub["h"], *sub["cs"])
             ql = sub["q_lens"]
-            cache = KVCache(1, len(ql), spec.num_kv_heads, spec.head_dim, int(ql.max()),
+            cache = KVCache(1, len(ql), spec.num_kv_heads, spec.head_dim, sub["longest"],
                             spec.torch_dtype, self.device, (spec.sliding_windows[j],))
-            cache.begin_pass(ql)
+            cache.begin_pass(ql, sub["h"].shape[0], sub["longest"])
             sub["h"] = post_attention(spec, w, sub["h"], cache.attend_layer(0, q, k, v))
             if j == spec.num_layers - 1:
                 sub["logits"] = head(spec, self.glob["norm"], self.glob["head"], sub["h"][last_index(ql)])
@@ -185,7 +187,7 @@ class GPUExecutor:
         cos, sin = rope_cos_sin(spec, st["lens"][b] + i, spec.torch_dtype)
         h = embed(self.glob["embed"], toks)
         st["q_lens"] = q_lens
-        ql = q_lens.cpu().numpy()  # once per pass, not once per layer
+        ql = np.full(q_lens.shape[0], k + 1)  # what target_inputs feeds, known without a device read
         starts = [0, *ql.cumsum().tolist()]
         st["parts"] = [{"bid": bid, "lo": lo, "hi": hi, "q_lens_np": ql[lo:hi], "h": h[starts[lo]:starts[hi]],
                         "cs": (cos[starts[lo]:starts[hi]], sin[starts[lo]:starts[hi]])}
@@ -203,7 +205,7 @@ class GPUExecutor:
     def _post(self, part, j, attn, last: bool):
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) ffn"):
-            part["h"] = post_attention(self.spec, w, part["h"], from_wire(attn, self.device))
+            part["h"] = post_attention(self.spec, w, part["h"], self.stager.from_wire(attn, self.device, "attn"))
         if last:  # every micro-batch is past layer j: its slot may be refilled
             self._done(j)
 
@@ -226,7 +228,7 @@ class GPUExecutor:
             logits = head(spec, self.glob["norm"], self.glob["head"], torch.cat([x["h"] for x in parts]))
         B = st["q_lens"].shape[0]
         tokens, counts = self.runner.finish(bid, logits.view(B, k + 1, -1), k, u_accept, u_sample)
-        st["lens"] = st["lens"] + torch.as_tensor(counts, device=self.device)
+        st["lens"] = st["lens"] + to_device(counts, self.device, torch.long)
         return tokens, counts
 
     # -- draft -----------------------------------------------------------------------------

@@ -35,13 +35,14 @@ def from_wire(x, device="cpu") -> torch.Tensor:
 
 
 class PinnedStager:
-    """Device-to-host copies into reused page-locked buffers: DMA at the full PCIe rate
+    """Device-to-host (and host-to-device) copies through reused page-locked buffers: DMA at the full PCIe rate
     instead of the driver's pageable path. One buffer per name (q, k, v, ...), grown as
     needed; the numpy views it returns stay valid until the same name is staged again, which
     on a sequential actor is after Ray has stored the method's return value."""
 
     def __init__(self):
         self.bufs: dict[str, torch.Tensor] = {}
+        self.inbound: dict[str, list] = {}
 
     def to_wire(self, named: dict[str, torch.Tensor]) -> dict:
         if not named or next(iter(named.values())).device.type != "cuda":
@@ -58,3 +59,26 @@ class PinnedStager:
             out[name] = h
         torch.cuda.current_stream().synchronize()  # one wait for all of them
         return {k: to_wire(h) for k, h in out.items()}
+
+    def from_wire(self, x, device, name: str = "in") -> torch.Tensor:
+        """Host-to-device through a page-locked buffer. A pageable source makes the driver
+        stage the copy itself, and that copy waited behind every weight copy in flight (W1
+        trace: the FFN after it stalled until the next layer had arrived)."""
+        t = from_wire(x)
+        if torch.device(device).type != "cuda":
+            return t
+        n = t.numel() * t.element_size()
+        ring = self.inbound.setdefault(name, [[None, None], [None, None]])  # two (buffer, event)
+        slot = ring[0]
+        ring.reverse()
+        buf, ev = slot
+        if ev is not None:
+            ev.synchronize()  # the copy that last read this buffer is done
+        if buf is None or buf.numel() < n:
+            buf = slot[0] = torch.empty(max(n, 1 << 20), dtype=torch.uint8, pin_memory=True)
+        h = buf[:n].view(t.dtype).view(t.shape)
+        h.copy_(t)
+        out = h.to(device, non_blocking=True)
+        slot[1] = torch.cuda.Event()
+        slot[1].record()
+        return out

@@ -96,13 +96,14 @@ class KVCache:
     def batch(self) -> int:
         return self.lens.shape[0]
 
-    def begin_pass(self, q_lens: torch.Tensor, total: int | None = None):
+    def begin_pass(self, q_lens: torch.Tensor, total: int | None = None, n_q: int | None = None):
         q_lens = q_lens.to(self.lens.device)
         n_k = int((self.lens + q_lens).max())
         if n_k > self.capacity:
             raise RuntimeError("KV cache capacity exceeded")
         b_idx, i_idx = pack_index(q_lens, total)
-        n_q = int(q_lens.max())
+        if n_q is None:
+            n_q = int(q_lens.max())
         masks = {w: causal_mask(self.lens, q_lens, n_q, n_k, w) for w in set(self.windows)}
         self._pass = (q_lens, b_idx, i_idx, masks, n_q, n_k)
 
@@ -118,7 +119,9 @@ class KVCache:
 
     def truncate(self, new_lens: torch.Tensor):
         new_lens = new_lens.to(self.lens.device)
-        if bool((new_lens > self.lens).any()):
+        # Checked on the host only: on a GPU the check is a device read every round, and the
+        # callers derive new_lens from the old ones.
+        if new_lens.device.type == "cpu" and bool((new_lens > self.lens).any()):
             raise RuntimeError("truncate cannot extend a sequence")
         self.lens = new_lens.clone()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .host_io import to_host
 from .spec import ModelSpec
 
 # Names of one layer's tensors in our flat layout (see checkpoint.py for the HF mapping).
@@ -97,7 +98,8 @@ def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
     # One gather per expert that has tokens: the work scales with tokens routed, not E x T.
     flat_e = top_i.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
-    counts = torch.bincount(flat_e, minlength=spec.num_experts).tolist()
+    (counts,) = to_host(torch.bincount(flat_e, minlength=spec.num_experts))
+    counts = counts.tolist()
     tok = order // spec.experts_per_token
     start = 0
     for e, n in enumerate(counts):

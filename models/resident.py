@@ -55,15 +55,17 @@ class ResidentModel:
                        s.torch_dtype, self.device, s.sliding_windows)
 
     @torch.inference_mode()
-    def forward(self, cache: KVCache, tokens: torch.Tensor, q_lens: torch.Tensor, which="last"):
+    def forward(self, cache: KVCache, tokens: torch.Tensor, q_lens: torch.Tensor, which="last",
+                n_q: int | None = None):
         """Run new tokens (packed) through every layer; logits of the last ("last") or of
-        every ("all") new token, fp32."""
+        every ("all") new token, fp32. `n_q`: the most new tokens of any sequence, if the
+        caller knows it (saves the cache a device read)."""
         s = self.spec
         tokens, q_lens = tokens.to(self.device), q_lens.to(self.device)
         T = tokens.shape[0]
         cos, sin = rope_cos_sin(s, positions_of(cache, q_lens, T), s.torch_dtype)
         h = embed(self.glob["embed"], tokens)
-        cache.begin_pass(q_lens, T)
+        cache.begin_pass(q_lens, T, n_q)
         for j, w in enumerate(self.layers):
             q, k, v = pre_attention(s, w, h, cos, sin)
             h = post_attention(s, w, h, cache.attend_layer(j, q, k, v))

@@ -35,10 +35,10 @@ class RingKVCache(KVCache):
         self.k_scale = [None] * num_layers
         self.v_scale = [None] * num_layers
 
-    def begin_pass(self, q_lens: torch.Tensor, total: int | None = None):
+    def begin_pass(self, q_lens: torch.Tensor, total: int | None = None, n_q: int | None = None):
         q_lens = q_lens.to(self.lens.device)
-        # One sync per pass (not per layer): the most new tokens any sequence brings.
-        n_q = int(q_lens.max()) if len(q_lens) else 0
+        if n_q is None:  # a device read, once per pass: the most new tokens of any sequence
+            n_q = int(q_lens.max()) if len(q_lens) else 0
         if n_q > self.capacity:
             raise RuntimeError("more new tokens in one pass than the ring holds")
         b_idx, i_idx = pack_index(q_lens, total)

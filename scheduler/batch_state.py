@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..models.attention import KVCache
+from ..models.host_io import to_device, to_host
 from ..models.resident import ResidentModel
 from .sampler import SamplingTensors, probs_from_logits, sample
 from .verify import verify_greedy, verify_sampled
@@ -97,16 +98,19 @@ class SpecRunner:
         in the gaps of other work (dual-batch interleaving)."""
         st = self.batches[bid]
         B = st.last.shape[0]
-        temp, top_k, top_p = st.samp.to(self.device)
         greedy = st.samp.all_greedy
-        u = torch.as_tensor(u_draft, device=self.device, dtype=torch.float32)
-        toks = torch.tensor([t for p in st.pending for t in p], dtype=torch.long, device=self.device)
-        q_lens = torch.tensor([len(p) for p in st.pending], dtype=torch.long, device=self.device)
+        if not greedy:
+            temp, top_k, top_p = st.samp.to(self.device)
+            u = to_device(u_draft, self.device, torch.float32)
+        # Built on the host (pending tokens are host lists): no device reads in the loop.
+        toks = to_device([t for p in st.pending for t in p], self.device, torch.long)
+        q_lens = to_device([len(p) for p in st.pending], self.device, torch.long)
+        n_q = max((len(p) for p in st.pending), default=1)
         props, qs = [], []
         st.proposals, st.q = None, None
         for i in range(k):
             with torch.inference_mode():
-                logits = self.draft.forward(st.draft_cache, toks, q_lens)  # [B, V]
+                logits = self.draft.forward(st.draft_cache, toks, q_lens, n_q=n_q)  # [B, V]
                 if greedy:
                     d = logits.argmax(-1)
                 else:
@@ -114,7 +118,7 @@ class SpecRunner:
                     d = sample(q, u[:, i])
                     qs.append(q)
             props.append(d)
-            toks, q_lens = d, torch.ones(B, dtype=torch.long, device=self.device)
+            toks, q_lens, n_q = d, torch.ones(B, dtype=torch.long, device=self.device), 1
             if i < k - 1:
                 yield i
         st.proposals = torch.stack(props, 1) if k else torch.zeros(B, 0, dtype=torch.long, device=self.device)
@@ -144,27 +148,29 @@ class SpecRunner:
         else:
             temp, top_k, top_p = st.samp.to(self.device)
             p = probs_from_logits(logits, temp, top_k, top_p)
-            us = torch.as_tensor(u_sample, device=self.device, dtype=torch.float32)
-            ua = torch.as_tensor(u_accept, device=self.device, dtype=torch.float32)[:, :k] if k else None
+            us = to_device(u_sample, self.device, torch.float32)
+            ua = to_device(u_accept, self.device, torch.float32)[:, :k] if k else None
             tokens, counts = verify_sampled(p, props, st.q if k else None, ua, us)
         rows = torch.arange(tokens.shape[0], device=self.device)
         st.last = tokens[rows, counts - 1]
+        tokens_h, counts_h = to_host(tokens, counts)  # one wait per round
         if st.draft_cache is not None:
-            self._roll_draft(st, k, counts, first)
+            self._roll_draft(st, k, counts, tokens_h, counts_h, first)
         st.proposals, st.q = None, None
-        return tokens.cpu().numpy(), counts.cpu().numpy()
+        return tokens_h, counts_h
 
-    def _roll_draft(self, st: BatchState, k: int, counts: torch.Tensor, first: bool):
-        last = st.last.tolist()
+    def _roll_draft(self, st: BatchState, k: int, counts: torch.Tensor, tokens_h: np.ndarray,
+                    counts_h: np.ndarray, first: bool):
+        last = tokens_h[np.arange(len(counts_h)), counts_h - 1].tolist()
         if first or k == 0:
             if not first:  # a plain decoding round the draft sat out: it must see `last` too
                 st.pending = [p + [t] for p, t in zip(st.pending, last)]
             else:
                 st.pending = [[t] for t in last]
             return
-        a = (counts - 1).tolist()
+        a = (counts_h - 1).tolist()
         # The draft saw pending + d1..d_{k-1}; keep pending + d1..d_min(a, k-1).
         keep = st.draft_cache.lens - (k - 1) + (counts - 1).clamp(max=k - 1)
         st.draft_cache.truncate(keep)
-        props = st.proposals.tolist()
-        st.pending = [([props[b][k - 1]] if a[b] == k else []) + [last[b]] for b in range(len(last))]
+        # Emitted tokens start with the accepted proposals, so d_k is tokens[b, k-1] when a = k.
+        st.pending = [([int(tokens_h[b, k - 1])] if a[b] == k else []) + [last[b]] for b in range(len(last))]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..models.host_io import to_device
+
 
 @dataclass
 class SamplingTensors:
@@ -22,11 +24,7 @@ class SamplingTensors:
     top_p: np.ndarray  # [B] float32
 
     def to(self, device):
-        return (
-            torch.as_tensor(self.temperature, device=device),
-            torch.as_tensor(self.top_k, device=device),
-            torch.as_tensor(self.top_p, device=device),
-        )
+        return to_device(self.temperature, device), to_device(self.top_k, device), to_device(self.top_p, device)
 
     def select(self, idx):
         return SamplingTensors(self.temperature[idx], self.top_k[idx], self.top_p[idx])
