@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .host_io import to_device
+
 
 def pack_index(q_lens: torch.Tensor, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For packed tokens: (sequence index, index within that sequence's new tokens).
@@ -126,10 +128,24 @@ class KVCache:
         self.lens = new_lens.clone()
 
     def select(self, keep: torch.Tensor):
-        """Keep only the sequences at indices `keep` (finished ones leave the batch)."""
-        keep = keep.to(self.lens.device)
-        self.k = [t[keep] for t in self.k]
-        self.v = [t[keep] for t in self.v]
+        """Keep only the sequences at indices `keep` (finished ones leave the batch), in that
+        order. When every kept row stays put or comes from a row past the new end (the
+        generator's `fill_holes` order), only the moved rows are copied, in place."""
+        kh = torch.as_tensor(keep, dtype=torch.long).cpu()  # callers pass host indices: no device read
+        keep = to_device(kh, self.lens.device, torch.long)
+        n = keep.shape[0]
+        rows = torch.arange(n)
+        moved = kh != rows
+        if bool((kh[moved] >= n).all()):
+            dst, src = rows[moved].to(keep.device), kh[moved].to(keep.device)
+            for t in self.k + self.v:
+                if len(dst):
+                    t[dst] = t[src]  # sources lie past the new end: never overwritten first
+            self.k = [t[:n] for t in self.k]
+            self.v = [t[:n] for t in self.v]
+        else:
+            self.k = [t[keep] for t in self.k]
+            self.v = [t[keep] for t in self.v]
         self.lens = self.lens[keep]
 
     def part(self, lo: int, hi: int) -> "KVCache":

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import KVCache, pack_index
+from .host_io import to_device
 
 FP8_MAX = 448.0
 
@@ -101,7 +102,7 @@ class RingKVCache(KVCache):
 
     def select(self, keep: torch.Tensor):
         super().select(keep)
-        self.pos = self.pos[keep.to(self.pos.device)]
+        self.pos = self.pos[to_device(torch.as_tensor(keep).cpu(), self.pos.device, torch.long)]
 
     def start_at(self, lens: torch.Tensor):
         """Sequences whose first cached token is not position 0 (a window re-prefill)."""

@@ -74,7 +74,7 @@ class SpecRunner:
 
     def keep(self, bid: int, idx: np.ndarray):
         st = self.batches[bid]
-        t = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        t = to_device(idx, self.device, torch.long)
         st.last, st.samp = st.last[t], st.samp.select(idx)
         st.pending = [st.pending[i] for i in idx] if st.pending else []
         if st.proposals is not None:
@@ -82,7 +82,7 @@ class SpecRunner:
         if st.q is not None:
             st.q = st.q[t]
         if st.draft_cache is not None:
-            st.draft_cache.select(t)
+            st.draft_cache.select(torch.as_tensor(idx))
 
     def free(self, bid: int):
         self.batches.pop(bid, None)

@@ -48,6 +48,17 @@ class RunStats:
         }
 
 
+def fill_holes(keep: list[int]) -> list[int]:
+    """An order for the n surviving sequences in which each stays in its row if that row is
+    below n, and the survivors from rows >= n move into the freed rows. Caches can then
+    compact in place by copying only the moved rows (a host KV cache of several GB would
+    otherwise be copied whole each time a sequence finishes)."""
+    n = len(keep)
+    movers = iter(i for i in keep if i >= n)
+    alive = set(keep)
+    return [i if i in alive else next(movers) for i in range(n)]
+
+
 def sampling_tensors(reqs: list[Request]) -> SamplingTensors:
     return SamplingTensors(
         temperature=np.array([r.params.temperature for r in reqs], np.float32),
@@ -194,6 +205,7 @@ class Generator:
         if self.on_progress:
             self.on_progress(self.stats)
         if len(keep) < len(b.reqs):
+            keep = fill_holes(keep)
             b.reqs = [b.reqs[i] for i in keep]
             if keep:
                 self.backend.keep(b.bid, np.array(keep, dtype=np.int64))

@@ -122,3 +122,28 @@ def test_windowed_draft_sees_only_its_window(tiny_dir):
     two = torch.tensor([2, 1, 2])  # ragged again after decoding
     step = torch.tensor([11, 12, 13, 14, 15])
     torch.testing.assert_close(m.forward(ring, step, two, which="all"), m.forward(full_w, step, two, which="all"))
+
+
+def test_cache_compaction_in_place_matches_a_gather():
+    """`fill_holes` orders survivors so a cache compacts by moving only the rows past the new
+    end; the result equals gathering the kept rows, and other orders still work."""
+    import torch
+
+    from specoffload.models.attention import KVCache
+    from specoffload.scheduler.generator import fill_holes
+
+    assert fill_holes([0, 2, 3, 5]) == [0, 5, 2, 3]  # rows 0, 2, 3 stay; 5 fills the hole at 1
+    for keep in ([0, 2, 3, 5], [4, 5], [1, 2, 3, 4, 5], [0, 1]):
+        order = fill_holes(keep)
+        assert sorted(order) == sorted(keep)
+        for idx in (order, list(reversed(keep))):  # the in-place path and the general one
+            c = KVCache(2, 6, 2, 4, 8, torch.float32)
+            for t in c.k + c.v:
+                t.copy_(torch.randn_like(t))
+            c.lens = torch.arange(6) + 1
+            want_k = [t[idx].clone() for t in c.k]
+            want_v = [t[idx].clone() for t in c.v]
+            c.select(torch.tensor(idx))
+            for a, b in zip(c.k + c.v, want_k + want_v):
+                torch.testing.assert_close(a, b)
+            assert c.lens.tolist() == [i + 1 for i in idx]
