@@ -8,6 +8,10 @@ in place and nothing is copied: the same calls, no transfers.
 
 from __future__ import annotations
 
+import queue
+import sys
+import threading
+from collections import deque
 
 import torch
 
@@ -16,11 +20,11 @@ from .shm_layout import views
 
 class WeightStreamer:
     def __init__(self, host: dict[int, tuple], order: list[int], num_slots: int, device, timer=None, disk=None,
-                 chunk_bytes: int = 64 << 20):
+                 chunk_bytes: int = 64 << 20, depth: int = 4):
         """host: layer -> (flat uint8 host buffer, entries); order: layers streamed per pass;
         timer: a StageTimer that records each copy as a "weight_copy" span; disk: a DiskTier
-        for the layers of `order` that are not in `host`; chunk_bytes: one layer is copied as
-        pieces of this size (see `_issue`)."""
+        for the layers of `order` that are not in `host`; chunk_bytes, depth: a layer is
+        copied as pieces of this size, at most `depth` of them queued at a time (see `_feed`)."""
         self.host, self.order, self.timer, self.disk = host, list(order), timer, disk
         self.chunk = max(int(chunk_bytes), 1 << 20)
         self.device = torch.device(device)
@@ -37,14 +41,20 @@ class WeightStreamer:
         nbytes = max(sizes)
         self.slots = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.nslots)]
         self.copy_stream = torch.cuda.Stream(self.device)
-        self.loaded = [None] * self.nslots
+        self.loaded: list = [None] * self.nslots  # the _Copy that last filled each slot
         self.released = [None] * self.nslots
         self.free = list(range(self.nslots))
         self._views = {}
         self._next = 0  # position in `order` of the next layer to load
+        self.depth = depth
+        self._jobs: queue.Queue = queue.Queue()
+        # The executor's thread holds the GIL between torch calls; a short switch interval
+        # lets the feeder top up the copy engine's queue in time.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        threading.Thread(target=self._feed, name="weight-copy-feeder", daemon=True).start()
 
     def _issue(self):
-        """Start copies into every free slot, following the cyclic layer order."""
+        """Queue copies into every free slot, following the cyclic layer order."""
         while self.free and self.order:
             j = self.order[self._next % len(self.order)]
             if j in self.slot_of:
@@ -52,28 +62,45 @@ class WeightStreamer:
             s = self.free.pop(0)
             self._next += 1
             buf, entries = self._host(j)
-            # Fresh events per copy: a slot is reused before its timing is read.
-            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(self.copy_stream):
-                if self.released[s] is not None:
-                    self.copy_stream.wait_event(self.released[s])
-                start.record(self.copy_stream)
-                # In pieces: the copy engine runs copies in order, so a small host-to-device
-                # copy of the compute stream (an attention output coming back) would otherwise
-                # wait behind a whole 3 GB layer (measured on W1: the FFN stalled 25-47 ms).
-                n = buf.numel()
-                for o in range(0, n, self.chunk):
-                    self.slots[s][o: min(n, o + self.chunk)].copy_(buf[o: o + self.chunk], non_blocking=True)
-                done.record(self.copy_stream)
-            self.loaded[s] = done
-            if j not in self.host:  # a staged disk layer: its buffer frees once copied
-                self.disk.done_with(j, done)
-                self._prefetch_disk(j)
-            if self.timer is not None:
-                self.timer.add_pair("weight_copy", f"layer {j}", start, done)
+            job = _Copy(j, s, buf, self.released[s])
+            self.loaded[s] = job
             self.bytes_copied += buf.numel()
             self.slot_of[j] = s
             self._views[j] = views(self.slots[s], entries)
+            self._jobs.put(job)
+
+    def _feed(self):
+        """The copy feeder thread. It issues each layer as pieces with at most `depth` of
+        them queued on the copy engine: the engine runs host-to-device copies in the order
+        they were queued, whatever the stream, so a small copy of the compute stream (an
+        attention output coming back) waits behind whatever is queued ahead of it; a whole
+        3 GB layer queued at once made the FFN after it stall 25-47 ms (W1 trace)."""
+        torch.cuda.set_device(self.device)
+        in_flight: deque = deque()
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                with torch.cuda.stream(self.copy_stream):
+                    if job.released is not None:
+                        self.copy_stream.wait_event(job.released)
+                    job.start.record(self.copy_stream)
+                    n, dst = job.buf.numel(), self.slots[job.slot]
+                    for o in range(0, n, self.chunk):
+                        while len(in_flight) >= self.depth:
+                            in_flight.popleft().synchronize()  # releases the GIL while it waits
+                        dst[o: min(n, o + self.chunk)].copy_(job.buf[o: o + self.chunk], non_blocking=True)
+                        ev = torch.cuda.Event()
+                        ev.record(self.copy_stream)
+                        in_flight.append(ev)
+                    job.done.record(self.copy_stream)
+                if job.layer not in self.host:  # a staged disk layer: its buffer frees once copied
+                    self.disk.done_with(job.layer, job.done)
+                    self._prefetch_disk(job.layer)
+            except BaseException as e:  # surfaced to the executor by acquire()
+                job.error = e
+            job.issued.set()
 
     def acquire(self, j: int) -> dict[str, torch.Tensor]:
         """Layer j's tensors on the device; compute issued after this waits for its copy."""
@@ -85,8 +112,15 @@ class WeightStreamer:
             self._issue()
         if j not in self.slot_of:
             raise RuntimeError(f"layer {j} requested while every slot holds a layer in use")
-        s = self.slot_of[j]
-        torch.cuda.current_stream(self.device).wait_event(self.loaded[s])
+        job = self.loaded[self.slot_of[j]]
+        if not job.issued.is_set():
+            job.issued.wait()  # every piece is queued (the last ones still copying)
+            if job.error is not None:
+                raise RuntimeError(f"copying layer {j} to the device failed: {job.error}") from job.error
+        if not job.timed and self.timer is not None:
+            self.timer.add_pair("weight_copy", f"layer {j}", job.start, job.done)
+            job.timed = True
+        torch.cuda.current_stream(self.device).wait_event(job.done)
         return self._views[j]
 
     def release(self, j: int):
@@ -118,3 +152,14 @@ class WeightStreamer:
         n = self.disk.next_after(j, self.order)
         if n is not None:
             self.disk.prefetch(n)
+
+
+class _Copy:
+    """One layer's copy into a slot, issued by the feeder thread."""
+
+    def __init__(self, layer: int, slot: int, buf: torch.Tensor, released):
+        self.layer, self.slot, self.buf, self.released = layer, slot, buf, released
+        self.start, self.done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.issued = threading.Event()  # set once `done` is recorded (waiting on it is then valid)
+        self.error: BaseException | None = None
+        self.timed = False
