@@ -165,8 +165,8 @@ class GPUExecutor:
         # The cache just built holds this layer's K/V padded as [P, Hkv, longest, d]: the
         # CPU worker stores that with one strided copy.
         with self.timer.host_span("to_host", f"b{bid} L{j} s{s} kv"):
-            w = self.stager.to_wire({"pk": cache.k[0], "pv": cache.v[0]})
-        return w["pk"], w["pv"]
+            kv = self.stager.to_wire({"pk": cache.k[0], "pv": cache.v[0]})
+        return kv["pk"], kv["pv"]
 
     @torch.inference_mode()
     def prefill_head(self, bid, u_sample):

@@ -35,8 +35,8 @@ def from_wire(x, device="cpu") -> torch.Tensor:
 
 
 class PinnedStager:
-    """Device-to-host (and host-to-device) copies through reused page-locked buffers: DMA at the full PCIe rate
-    instead of the driver's pageable path. One buffer per name (q, k, v, ...), grown as
+    """Device-to-host (and host-to-device) copies through reused page-locked buffers: DMA at
+    the full PCIe rate instead of the driver's pageable path. One buffer per name (q, k, v, ...), grown as
     needed; the numpy views it returns stay valid until the same name is staged again, which
     on a sequential actor is after Ray has stored the method's return value."""
 
@@ -61,9 +61,9 @@ class PinnedStager:
         return {k: to_wire(h) for k, h in out.items()}
 
     def from_wire(self, x, device, name: str = "in") -> torch.Tensor:
-        """Host-to-device through a page-locked buffer. A pageable source makes the driver
-        stage the copy itself, and that copy waited behind every weight copy in flight (W1
-        trace: the FFN after it stalled until the next layer had arrived)."""
+        """Host-to-device through a page-locked buffer (two per name, reused once the copy
+        that read one is done), so the copy is plain DMA on the compute stream rather than
+        the driver's pageable path that blocks the executor's thread."""
         t = from_wire(x)
         if torch.device(device).type != "cuda":
             return t

@@ -137,7 +137,7 @@ class KVCache:
         rows = torch.arange(n)
         moved = kh != rows
         if bool((kh[moved] >= n).all()):
-            dst, src = rows[moved].to(keep.device), kh[moved].to(keep.device)
+            dst, src = to_device(rows[moved], keep.device), to_device(kh[moved], keep.device)
             for t in self.k + self.v:
                 if len(dst):
                     t[dst] = t[src]  # sources lie past the new end: never overwritten first

@@ -1,9 +1,9 @@
 """Small host<->device transfers through page-locked memory.
 
-On the GPU executor a host-to-device weight copy of ~3 GB is nearly always in flight. A copy
-to or from pageable memory is staged by the driver and waited behind it (W1 trace: an FFN
-stalled until the next layer had arrived), so every small transfer on the hot path goes
-through pinned buffers instead. On the CPU these are plain conversions.
+On the GPU executor the host thread must keep issuing work while a weight copy is in flight;
+a transfer to or from pageable memory is staged by the driver and blocks that thread, and
+every device read is a wait. So small transfers on the hot path go through pinned buffers and
+device reads are batched (one per round). On the CPU these are plain conversions.
 """
 
 from __future__ import annotations
