@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-draft", action="store_true")
     ap.add_argument("--draft-window", type=int, help="draft attends over the last W tokens (KV ring)")
     ap.add_argument("--draft-kv-fp8", action="store_true")
+    ap.add_argument("--draft-sinks", type=int, default=0, help="the windowed draft also keeps each sequence's "
+                                                               "first N tokens")
     ap.add_argument("--micro-batches", default="2", help="comma list: each mode runs with each count of "
                                                            "micro-batches per target pass (e.g. 1,2)")
     ap.add_argument("--trace-dir", help="write a Chrome-trace JSON timeline per mode into this folder")
@@ -77,7 +79,7 @@ def main(argv=None):
     plan = Plan(device="cuda" if cuda else "cpu", gpu_memory=a.gpu_memory if cuda else None,
                 batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
                 attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
-                trace=bool(a.trace_dir))
+                draft_sinks=a.draft_sinks, trace=bool(a.trace_dir))
     try:
         micro = [int(x) for x in a.micro_batches.split(",")]
         if min(micro) < 1:

@@ -31,6 +31,8 @@ def _add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--adaptive-k", action="store_true", help="adjust k per batch from measured acceptance")
     p.add_argument("--draft-window", type=int, help="the draft attends over only the last W tokens "
                                                     "(its KV cache a ring of W slots per sequence)")
+    p.add_argument("--draft-sinks", type=int, help="with --draft-window: the draft also keeps the first N "
+                   "tokens of each sequence (attention sinks)")
     p.add_argument("--draft-kv-fp8", action="store_true", help="store the windowed draft KV cache in fp8")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -144,6 +146,7 @@ def _generate(args) -> int:
               gpu_memory=args.gpu_memory, plan=args.plan, schedule=args.schedule, k=args.k,
               adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
               draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, micro_batches=args.micro_batches,
+              draft_sinks=args.draft_sinks,
               trace=bool(args.trace),
               ray_address=args.ray_address, progress=not args.quiet)
     inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)

@@ -79,7 +79,7 @@ class GPUExecutor:
         self.streamer = WeightStreamer({j: self.host[j] for j in streamed if j in self.host}, streamed,
                                        plan.num_slots, self.device, self.timer, disk, plan.copy_chunk_mib << 20)
         self.runner = SpecRunner(self._build_draft(draft_desc), self.device, window=plan.draft_window,
-                                 fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch)
+                                 fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch, sinks=plan.draft_sinks)
         self.stager = PinnedStager()
         self.tb: dict[int, dict] = {}
         self._drafting: dict[int, object] = {}

@@ -7,6 +7,10 @@ decides what a query sees. Rolled-back slots need no clearing: their positions l
 every later query until they are overwritten. Capacity W + (tokens per pass) - 1 keeps a
 pass's new tokens from overwriting keys its own queries still see.
 
+Optionally the first S positions of each sequence ("attention sinks") stay in S extra
+slots for good, and every query may also see them; models put much attention on the first
+tokens, so a window that drops them changes the draft more than its size suggests.
+
 Optionally stored in fp8 (e4m3) with one scale per layer and KV head, set from the first
 tokens written (the draft's prefill); later values are clamped. Only the draft's view is
 shortened or rounded: the target still verifies every token, so output stays exact.
@@ -25,9 +29,10 @@ FP8_MAX = 448.0
 
 class RingKVCache(KVCache):
     def __init__(self, num_layers, batch, num_kv_heads, head_dim, window, max_new, dtype, device="cpu",
-                 windows=None, fp8: bool = False):
-        self.window = int(window)
-        capacity = self.window + max_new
+                 windows=None, fp8: bool = False, sinks: int = 0):
+        self.window, self.sinks = int(window), int(sinks)
+        self.ring = self.window + max_new  # slots that rotate; the sink slots come first
+        capacity = self.sinks + self.ring
         self.fp8 = fp8
         self.compute_dtype = dtype
         store = torch.float8_e4m3fn if fp8 else dtype
@@ -40,18 +45,22 @@ class RingKVCache(KVCache):
         q_lens = q_lens.to(self.lens.device)
         if n_q is None:  # a device read, once per pass: the most new tokens of any sequence
             n_q = int(q_lens.max()) if len(q_lens) else 0
-        if n_q > self.capacity:
+        if n_q > self.ring:
             raise RuntimeError("more new tokens in one pass than the ring holds")
         b_idx, i_idx = pack_index(q_lens, total)
         pos = self.lens[b_idx] + i_idx
-        slot = pos % self.capacity
+        S = self.sinks
+        slot = torch.where(pos < S, pos, S + pos % self.ring) if S else pos % self.ring
         self.pos[b_idx, slot] = pos
         qpos = self.lens[:, None] + torch.arange(n_q, device=self.lens.device)[None, :]  # [B, n_q]
         kpos = self.pos[:, None, :]  # [B, 1, C]
         masks = {}
         for w in set(self.windows):
             lim = self.window if w is None else min(w, self.window)
-            m = (kpos >= 0) & (kpos <= qpos[:, :, None]) & (kpos > qpos[:, :, None] - lim)
+            seen = kpos > qpos[:, :, None] - lim
+            if S:
+                seen |= kpos < S
+            m = (kpos >= 0) & (kpos <= qpos[:, :, None]) & seen
             pad = torch.arange(n_q, device=self.lens.device)[None, :] >= q_lens[:, None]
             m |= pad[:, :, None]  # padded query rows: anything, their output is dropped
             masks[w] = m[:, None]
@@ -107,3 +116,39 @@ class RingKVCache(KVCache):
     def start_at(self, lens: torch.Tensor):
         """Sequences whose first cached token is not position 0 (a window re-prefill)."""
         self.lens = lens.to(self.lens.device).clone()
+
+
+def window_view(prompt: list[int], window: int | None, sinks: int = 0) -> tuple[list[int], int, list[int]]:
+    """What a windowed draft is primed with: (sink tokens, start of the window, window tokens).
+    A prompt that fits in sinks + window is seen whole, from position 0."""
+    if window is None or len(prompt) <= sinks + window:
+        return [], 0, list(prompt)
+    return list(prompt[:sinks]), len(prompt) - window, list(prompt[-window:])
+
+
+@torch.inference_mode()
+def prime(model, cache: KVCache, prompts: list[list[int]], window: int | None, sinks: int = 0,
+          chunk: int | None = None, which="last"):
+    """Feed a draft the prompts as it sees them (sinks at positions 0.., then the window at its
+    true positions), `chunk` sequences at a time. Returns the last-token logits when one chunk
+    holds every sequence and `which` is "last", else None."""
+    views = [window_view(p, window, sinks) for p in prompts]
+    n, dev = len(prompts), model.device
+    chunk = chunk or n
+    out = None
+    for phase in ("sinks", "window"):
+        if phase == "sinks":
+            segs = [v[0] for v in views]
+            if not any(segs):
+                continue
+        else:
+            segs = [v[2] for v in views]
+            if window is not None:
+                cache.start_at(torch.tensor([v[1] for v in views]))
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            toks = to_device([t for s in segs[lo:hi] for t in s], dev, torch.long)
+            q_lens = to_device([len(s) if lo <= i < hi else 0 for i, s in enumerate(segs)], dev, torch.long)
+            last = phase == "window" and chunk >= n and which == "last"
+            out = model.forward(cache, toks, q_lens, which="last" if last else None)
+    return out

@@ -49,6 +49,7 @@ class Plan:
     attention_cpus: float = 1.0  # Ray num_cpus of the CPU attention worker
     draft_window: int | None = None  # the draft attends over the last W tokens (KV ring); None = all
     draft_kv_fp8: bool = False  # store the draft's windowed KV in fp8 (e4m3, scale per head)
+    draft_sinks: int = 0  # the windowed draft also keeps each sequence's first N tokens
     trace: bool = False  # keep a Chrome-trace timeline of stage spans in the actors
     # Each target pass runs a batch as this many micro-batches, layer by layer, so the CPU
     # attention of one overlaps the GPU work of the next (the per-layer round trip of a whole
@@ -72,6 +73,8 @@ class Plan:
             raise ConfigError(f"draft_window must be >= 1 or None, got {self.draft_window}")
         if self.draft_kv_fp8 and self.draft_window is None:
             raise ConfigError("draft_kv_fp8 needs a draft_window")
+        if self.draft_sinks < 0 or (self.draft_sinks and self.draft_window is None):
+            raise ConfigError(f"draft_sinks must be >= 0 and needs a draft_window, got {self.draft_sinks}")
         if self.copy_chunk_mib < 1:
             raise ConfigError(f"copy_chunk_mib must be >= 1, got {self.copy_chunk_mib}")
         if not 1 <= self.micro_batches <= 64:

@@ -20,6 +20,7 @@ import torch
 from ..models.attention import KVCache
 from ..models.host_io import to_device, to_host
 from ..models.resident import ResidentModel
+from ..models.ring_cache import prime
 from .sampler import SamplingTensors, probs_from_logits, sample
 from .verify import verify_greedy, verify_sampled
 
@@ -38,10 +39,14 @@ class SpecRunner:
     """Draft proposals and verification for many batches on one device."""
 
     def __init__(self, draft: ResidentModel | None, device, window: int | None = None, fp8: bool = False,
-                 prefill_chunk: int = 64, max_new: int = 18):
+                 prefill_chunk: int = 64, max_new: int = 18, sinks: int = 0):
         """window: the draft attends over only the last `window` tokens (its KV a ring);
-        fp8: store that ring in fp8; prefill_chunk: sequences per draft prefill step."""
+        fp8: store that ring in fp8; sinks: the first tokens of each sequence it also keeps;
+        prefill_chunk: sequences per draft prefill step."""
         self.draft, self.device = draft, torch.device(device)
+        self.sinks = sinks
+        if sinks and window is None:
+            raise ValueError("attention sinks need a draft window")
         self.window, self.fp8, self.prefill_chunk, self.max_new = window, fp8, prefill_chunk, max_new
         if fp8 and window is None:
             raise ValueError("an fp8 draft KV cache needs a draft window")
@@ -56,20 +61,13 @@ class SpecRunner:
         self.batches[bid] = st
 
     def _draft_prefill(self, prompts, capacity):
-        """The draft sees each prompt (only its last `window` tokens, at their true positions,
-        when windowed), a chunk of sequences at a time to bound activation memory."""
-        W = self.window
+        """The draft sees each prompt (when windowed: its first `sinks` and last `window`
+        tokens, at their true positions), a chunk of sequences at a time to bound activation
+        memory."""
         # The ring holds W + the most tokens one decode pass adds; a W-token prefill fits too.
-        cache = self.draft.new_cache(len(prompts), capacity, window=W, fp8=self.fp8, max_new=self.max_new)
-        seen = [p[-W:] if W else p for p in prompts]
-        if W:
-            cache.start_at(torch.tensor([len(p) - len(s) for p, s in zip(prompts, seen)]))
-        n = len(prompts)
-        for lo in range(0, n, self.prefill_chunk):
-            hi = min(n, lo + self.prefill_chunk)
-            toks = torch.tensor([t for s in seen[lo:hi] for t in s], device=self.device)
-            q_lens = torch.tensor([len(s) if lo <= i < hi else 0 for i, s in enumerate(seen)], device=self.device)
-            self.draft.forward(cache, toks, q_lens, which=None)
+        cache = self.draft.new_cache(len(prompts), capacity, window=self.window, fp8=self.fp8,
+                                     max_new=self.max_new, sinks=self.sinks)
+        prime(self.draft, cache, prompts, self.window, self.sinks, chunk=self.prefill_chunk, which=None)
         return cache
 
     def keep(self, bid: int, idx: np.ndarray):

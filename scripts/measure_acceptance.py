@@ -68,15 +68,18 @@ def wname(W) -> str:
     return "full" if W is None else str(W)
 
 
-def settings_of(windows) -> list[tuple]:
+def settings_of(windows, fp8: bool = True) -> list[tuple]:
     """(W, fp8) pairs: every W in the model dtype, windowed ones also with an fp8 ring."""
     out = [(W, False) for W in windows]
-    out += [(W, True) for W in windows if W is not None]
+    out += [(W, True) for W in windows if W is not None and fp8]
     return out
 
 
+SINKS = 0  # set from --sinks: first tokens the windowed draft keeps (attention sinks)
+
+
 def key(W, fp8) -> str:
-    return f"W={wname(W)},{'fp8' if fp8 else 'fp32'}"
+    return f"W={wname(W)},{'fp8' if fp8 else 'fp32'}" + (f",sinks={SINKS}" if SINKS and W is not None else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,24 +124,22 @@ def target_greedy(target, prompts: list[list[int]], n_tokens: int, capacity: int
 
 
 @torch.inference_mode()
-def draft_predictions(draft, prompts: list[list[int]], gen: np.ndarray, W, fp8: bool, desc: str) -> np.ndarray:
+def draft_predictions(draft, prompts: list[list[int]], gen: np.ndarray, W, fp8: bool, desc: str,
+                      sinks: int = 0) -> np.ndarray:
     """pred[b, j]: the draft's greedy token after prompt + gen[b, :j] (j = 0 .. M-1), with the
-    draft primed the way SpecRunner primes it (window re-prefill of the last W prompt tokens,
-    all sequences in one prefill pass)."""
+    draft primed the way SpecRunner primes it (`ring_cache.prime`: the first `sinks` and the
+    last W prompt tokens, all sequences in one prefill pass)."""
+    from specoffload.models.ring_cache import prime
+
     B, M = gen.shape
     if W is None:
         cache = draft.new_cache(B, max(map(len, prompts)) + M + 2)
-        seen = prompts
     else:
-        cache = draft.new_cache(B, 0, window=W, fp8=fp8, max_new=RING_MAX_NEW)
-        seen = [p[-W:] for p in prompts]
-        cache.start_at(torch.tensor([len(p) - len(s) for p, s in zip(prompts, seen)]))
+        cache = draft.new_cache(B, 0, window=W, fp8=fp8, max_new=RING_MAX_NEW, sinks=sinks)
     pred = np.zeros((B, M), dtype=np.int64)
     chunks = list(range(0, M - 1, CHUNK))
     with tqdm(total=1 + len(chunks), desc=desc, unit="pass", leave=False) as bar:
-        toks = torch.tensor([t for s in seen for t in s])
-        q_lens = torch.tensor([len(s) for s in seen])
-        pred[:, 0] = draft.forward(cache, toks, q_lens, which="last").argmax(-1).numpy()
+        pred[:, 0] = prime(draft, cache, prompts, W, sinks).argmax(-1).numpy()
         bar.update(1)
         g = torch.as_tensor(gen)
         for c0 in chunks:
@@ -197,7 +198,7 @@ def run_end_to_end(target, draft, prompts, n_gen, W, fp8, k, pre=None) -> tuple[
                 return super().prefill(bid, u_sample)
             return self.spec.finish(bid, pre.logits[:, None], 0, None, u_sample, first=True)
 
-    be = Backend(target, draft, draft_window=W, draft_kv_fp8=fp8)
+    be = Backend(target, draft, draft_window=W, draft_kv_fp8=fp8, draft_sinks=SINKS if W is not None else 0)
     reqs = [Request(i, list(p), SamplingParams(max_tokens=n_gen, ignore_eos=True)) for i, p in enumerate(prompts)]
     bar = tqdm(total=len(prompts) * n_gen, desc=f"end-to-end {key(W, fp8)} k={k}", unit="tok")
 
@@ -274,7 +275,12 @@ def main():
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plot", default="docs/acceptance_w2.png")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--sinks", type=int, default=0,
+                    help="windowed drafts also keep each sequence's first N tokens (attention sinks)")
+    ap.add_argument("--no-fp8", action="store_true", help="only the model dtype for the draft KV")
     a = ap.parse_args()
+    global SINKS
+    SINKS = a.sinks
     if a.threads:
         torch.set_num_threads(a.threads)
 
@@ -288,7 +294,7 @@ def main():
     timings = {}
     windows = [parse_window(s) for s in a.windows.split(",")]
     ks = [int(s) for s in a.ks.split(",")]
-    settings = settings_of(windows)
+    settings = settings_of(windows, fp8=not a.no_fp8)
 
     draft_dir, target_dir = qwen_pair_dirs()
     tok = AutoTokenizer.from_pretrained(target_dir)
@@ -318,7 +324,7 @@ def main():
     results = {}
     t = time.perf_counter()
     for W, fp8 in tqdm(settings, desc="draft settings", unit="setting"):
-        pred = draft_predictions(draft, prompts, gen, W, fp8, key(W, fp8))
+        pred = draft_predictions(draft, prompts, gen, W, fp8, key(W, fp8), SINKS if W is not None else 0)
         agree = pred == gen
         r = {
             "W": wname(W),
@@ -345,7 +351,8 @@ def main():
         e2e, outs = run_end_to_end(target, draft, prompts, a.n_gen, W, fp8, k,
                                     None if a.fresh_prefill else pre)
         sim = results[key(W, fp8)]["k"][str(k)] if key(W, fp8) in results else \
-            simulate(draft_predictions(draft, prompts, gen, W, fp8, key(W, fp8)) == gen, a.n_gen, k)
+            simulate(draft_predictions(draft, prompts, gen, W, fp8, key(W, fp8), SINKS if W is not None else 0) == gen,
+                     a.n_gen, k)
         same_out = sum(int(list(o) == gen[i, : a.n_gen].tolist()) for i, o in enumerate(outs))
         first_div = [next((j for j, (x, y) in enumerate(zip(o, gen[i])) if x != y), None) for i, o in enumerate(outs)]
         v = {
@@ -375,7 +382,7 @@ def main():
                       "block simulation; validated against the end-to-end loop",
             "model_dtype": model_dtype,
             "n_prompts": len(prompts), "n_gen": a.n_gen, "prompt_tokens": plens,
-            "windows": [wname(W) for W in windows], "ks": ks,
+            "windows": [wname(W) for W in windows], "ks": ks, "sinks": SINKS,
             "ring_max_new": RING_MAX_NEW, "teacher_forced_chunk": CHUNK,
             "results": results, "validation": validation, "markdown_table": table,
             "timings_s": {k: round(v, 1) for k, v in timings.items()},

@@ -86,14 +86,15 @@ def test_draft_vocab_mismatch_is_an_error(tiny_dir):
         LLM(str(d), draft=str(other), engine="reference", progress=False)
 
 
-@pytest.mark.parametrize("window,fp8", [(3, False), (3, True), (8, False), (8, True), (None, False)])
+@pytest.mark.parametrize("window,fp8,sinks", [(3, False, 0), (3, True, 0), (8, False, 0), (8, True, 0), (None, False, 0),
+                                              (3, False, 2), (4, True, 4)])
 @pytest.mark.parametrize("schedule", ["single", "dual"])
-def test_windowed_draft_is_lossless(tiny_dir, window, fp8, schedule):
+def test_windowed_draft_is_lossless(tiny_dir, window, fp8, sinks, schedule):
     d = tiny_dir("llama")
     want = hf_greedy(d, PROMPTS, 24)
     tgt = ResidentModel.from_source(Checkpoint(d))
     reqs = [Request(i, p, SamplingParams(max_tokens=24, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
-    backend = ReferenceBackend(tgt, tgt, draft_window=window, draft_kv_fp8=fp8)
+    backend = ReferenceBackend(tgt, tgt, draft_window=window, draft_kv_fp8=fp8, draft_sinks=sinks)
     stats = Generator(backend, RunConfig(schedule=schedule, k=3, batch_size=2)).run(reqs)
     assert [r.out for r in reqs] == want
     if window is None:
@@ -147,3 +148,45 @@ def test_cache_compaction_in_place_matches_a_gather():
             for a, b in zip(c.k + c.v, want_k + want_v):
                 torch.testing.assert_close(a, b)
             assert c.lens.tolist() == [i + 1 for i in idx]
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_ring_attention_is_window_plus_sinks(sinks):
+    """Ring attention over many passes (ragged prefill, verification blocks, rollbacks, wrap
+    around) equals attention over the full history with the mask "within W, or among the
+    first `sinks` positions"."""
+    import torch
+
+    from specoffload.models.attention import attend
+    from specoffload.models.ring_cache import RingKVCache
+
+    g = torch.Generator().manual_seed(sinks)
+    B, Hq, Hkv, d, W = 3, 4, 2, 8, 5
+    ring = RingKVCache(1, B, Hkv, d, W, 4, torch.float32, sinks=sinks)
+    K = torch.zeros(B, Hkv, 64, d)  # full history, by absolute position
+    V = torch.zeros(B, Hkv, 64, d)
+    lens = torch.zeros(B, dtype=torch.long)
+    ring.start_at(lens)
+    for q_lens, keep in [([7, 3, 1], None), ([1, 1, 1], None), ([4, 4, 4], [2, 4, 1]), ([2, 1, 3], None),
+                         ([4, 4, 4], [4, 1, 3]), ([1, 1, 1], None), ([3, 3, 3], None)]:
+        ql = torch.tensor(q_lens)
+        T = int(ql.sum())
+        q, k, v = (torch.randn(T, h, d, generator=g) for h in (Hq, Hkv, Hkv))
+        ring.begin_pass(ql, T)
+        got = ring.attend_layer(0, q, k, v)
+        b_idx = torch.repeat_interleave(torch.arange(B), ql)
+        i_idx = torch.cat([torch.arange(n) for n in q_lens])
+        pos = lens[b_idx] + i_idx
+        K[b_idx, :, pos], V[b_idx, :, pos] = k, v
+        n_q, n_k = max(q_lens), int((lens + ql).max())
+        qpos = lens[:, None] + torch.arange(n_q)[None, :]
+        kpos = torch.arange(n_k)[None, None, :]
+        mask = (kpos <= qpos[:, :, None]) & ((kpos > qpos[:, :, None] - W) | (kpos < sinks))
+        mask |= (torch.arange(n_q)[None, :] >= ql[:, None])[:, :, None] & (kpos == 0)
+        want = attend(q, K, V, lens, ql, mask=mask[:, None], n_q=n_q, n_k=n_k)
+        torch.testing.assert_close(got, want)
+        ring.advance()
+        lens = lens + ql
+        if keep is not None:  # verification rejected some of the block: roll back
+            lens = lens - ql + torch.tensor(keep)
+            ring.truncate(lens)
