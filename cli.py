@@ -18,7 +18,8 @@ BUILTIN_PROMPTS = [
 ]
 
 
-def _add_engine_options(p: argparse.ArgumentParser):
+def add_engine_options(p: argparse.ArgumentParser):
+    """Options that choose the model, the draft and the placement (shared with the Ray job)."""
     p.add_argument("--model", help="local Hugging Face checkpoint folder (default: the embedded "
                                    "SmolLM2-135M-Instruct, converted once into ~/.cache/specoffload)")
     p.add_argument("--draft", help="draft model: 'self:N' (the target's first N layers) or a checkpoint "
@@ -67,11 +68,22 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--trace", help="write a Chrome-trace JSON timeline of stage spans (weight copy, CPU "
                                    "attention, GPU target, draft) per layer and batch; see scripts/plot_timeline.py")
-    _add_engine_options(g)
+    add_engine_options(g)
     sub.add_parser("bench", add_help=False,
                    help="run a benchmark workload (W1 shapes) and print tokens/s against no speculation; "
                         "`specoffload bench --help` for its options")
     return ap
+
+
+def llm_from_args(args, progress: bool, trace: bool = False):
+    """An LLM from the options of `add_engine_options`."""
+    from .llm import LLM
+
+    return LLM(args.model, draft=args.draft, engine=args.engine, device=args.device,
+               gpu_memory=args.gpu_memory, plan=args.plan, schedule=args.schedule, k=args.k,
+               adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
+               draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, micro_batches=args.micro_batches,
+               draft_sinks=args.draft_sinks, trace=trace, ray_address=args.ray_address, progress=progress)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -135,20 +147,13 @@ def open_out(path: str | None):
 
 def _generate(args) -> int:
     from .configs.sampling_params import SamplingParams
-    from .llm import LLM
 
     prompts = collect_prompts(args.prompt, args.prompts)
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, ignore_eos=args.ignore_eos,
                              seed=None if args.seed is None else args.seed + i)
               for i in range(len(prompts))]
-    llm = LLM(args.model, draft=args.draft, engine=args.engine, device=args.device,
-              gpu_memory=args.gpu_memory, plan=args.plan, schedule=args.schedule, k=args.k,
-              adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
-              draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, micro_batches=args.micro_batches,
-              draft_sinks=args.draft_sinks,
-              trace=bool(args.trace),
-              ray_address=args.ray_address, progress=not args.quiet)
+    llm = llm_from_args(args, progress=not args.quiet, trace=bool(args.trace))
     inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
     try:
         out_f = open_out(args.out)

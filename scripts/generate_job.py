@@ -23,9 +23,6 @@ import time
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="generate_job.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="checkpoint folder visible on the cluster's nodes (default: the "
-                                    "embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--draft", help="'self:N' or a draft checkpoint folder (default: no speculation)")
     ap.add_argument("--prompts", help="file of prompts: plain text (one per line) or JSONL with 'prompt'")
     ap.add_argument("--prompt", action="append", default=[],
                     help="a prompt (repeatable; these come before the --prompts file's)")
@@ -35,14 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-chat-template", action="store_true",
                     help="send prompts as raw text even if the tokenizer has a chat template")
     ap.add_argument("--out", help="JSONL results file (default: print the texts to the job log)")
-    ap.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
-    ap.add_argument("--ray-address", help="cluster to join (default: the job's, from RAY_ADDRESS)")
+    # The same engine options as `specoffload generate` (model and checkpoint folders must be
+    # visible on the cluster's nodes; --ray-address defaults to the job's cluster, RAY_ADDRESS).
+    from specoffload.cli import add_engine_options
+
+    add_engine_options(ap)
     return ap
 
 
 def run(args) -> int:
-    from specoffload import LLM, SamplingParams
-    from specoffload.cli import collect_prompts, encode_prompts, open_out, result_record
+    from specoffload import SamplingParams
+    from specoffload.cli import collect_prompts, encode_prompts, llm_from_args, open_out, result_record
     from specoffload.errors import ConfigError
 
     prompts = collect_prompts(args.prompt, args.prompts)
@@ -55,8 +55,7 @@ def run(args) -> int:
     # LLM checks the model and draft first, then joins Ray (`ray_env.ensure_ray`): in a job,
     # the job's cluster from RAY_ADDRESS.
     try:
-        llm = LLM(args.model, draft=args.draft, batch_size=args.batch_size, ray_address=args.ray_address,
-                  progress=False)
+        llm = llm_from_args(args, progress=False)
     except BaseException:
         if out_f:
             out_f.close()
