@@ -151,11 +151,12 @@ class KVCache:
     def part(self, lo: int, hi: int) -> "KVCache":
         """Sequences [lo, hi) as a cache of their own that shares this one's storage (a
         micro-batch of a pass); its lengths are copied, hand them back with `merge`."""
-        p = KVCache.__new__(KVCache)
+        p = type(self).__new__(type(self))
+        p.__dict__.update(self.__dict__)  # settings (and a ring's fp8 scale lists) are shared
         p.k = [t[lo:hi] for t in self.k]
         p.v = [t[lo:hi] for t in self.v]
         p.lens = self.lens[lo:hi].clone()
-        p.capacity, p.windows, p._pass = self.capacity, self.windows, None
+        p._pass = None
         return p
 
     def merge(self, lo: int, part: "KVCache"):

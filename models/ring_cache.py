@@ -109,6 +109,11 @@ class RingKVCache(KVCache):
             return out.reshape(T, Hq * d).to(q.dtype)
         return out[b_idx, i_idx].reshape(T, Hq * d).to(q.dtype)
 
+    def part(self, lo: int, hi: int) -> "RingKVCache":
+        p = super().part(lo, hi)
+        p.pos = self.pos[lo:hi]  # a view: slot positions written through the part land here
+        return p
+
     def select(self, keep: torch.Tensor):
         super().select(keep)
         self.pos = self.pos[to_device(torch.as_tensor(keep).cpu(), self.pos.device, torch.long)]
@@ -147,8 +152,15 @@ def prime(model, cache: KVCache, prompts: list[list[int]], window: int | None, s
                 cache.start_at(torch.tensor([v[1] for v in views]))
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
+            if not any(segs[lo:hi]):
+                continue
+            # A chunk runs on a view of its own rows: attention and masks cost what the chunk
+            # holds, not the whole batch.
+            part = cache.part(lo, hi) if chunk < n else cache
             toks = to_device([t for s in segs[lo:hi] for t in s], dev, torch.long)
-            q_lens = to_device([len(s) if lo <= i < hi else 0 for i, s in enumerate(segs)], dev, torch.long)
+            q_lens = to_device([len(s) for s in segs[lo:hi]], dev, torch.long)
             last = phase == "window" and chunk >= n and which == "last"
-            out = model.forward(cache, toks, q_lens, which="last" if last else None)
+            out = model.forward(part, toks, q_lens, which="last" if last else None)
+            if part is not cache:
+                cache.merge(lo, part)
     return out
