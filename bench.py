@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-kv-fp8", action="store_true")
     ap.add_argument("--draft-sinks", type=int, default=0, help="the windowed draft also keeps each sequence's "
                                                                "first N tokens")
-    ap.add_argument("--micro-batches", default="2", help="comma list: each mode runs with each count of "
+    ap.add_argument("--micro-batches", default="1", help="comma list: each mode runs with each count of "
                                                            "micro-batches per target pass (e.g. 1,2)")
     ap.add_argument("--trace-dir", help="write a Chrome-trace JSON timeline per mode into this folder")
     ap.add_argument("--json", help="write results here")
@@ -145,7 +145,7 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         if a.trace_dir:
             os.makedirs(a.trace_dir, exist_ok=True)
-            with open(os.path.join(a.trace_dir, f"trace_{row['mode'].replace('/', '_')}.json"), "w") as f:
+            with open(os.path.join(a.trace_dir, f"trace_{row['mode'].replace('/', '_').replace('@', '_k')}.json"), "w") as f:
                 json.dump(ray.get(coord.trace.remote()), f)
     ray.get(coord.shutdown.remote())
     base = next((r for r in results if r["mode"].split("/")[0] == "none"), None)
