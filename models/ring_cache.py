@@ -125,10 +125,12 @@ class RingKVCache(KVCache):
 
 def window_view(prompt: list[int], window: int | None, sinks: int = 0) -> tuple[list[int], int, list[int]]:
     """What a windowed draft is primed with: (sink tokens, start of the window, window tokens).
-    A prompt that fits in sinks + window is seen whole, from position 0."""
-    if window is None or len(prompt) <= sinks + window:
+    A prompt that fits the window is seen whole, from position 0; the window part never holds
+    more than `window` tokens (the ring's rotating slots are sized for that)."""
+    if window is None or len(prompt) <= window:
         return [], 0, list(prompt)
-    return list(prompt[:sinks]), len(prompt) - window, list(prompt[-window:])
+    start = max(sinks, len(prompt) - window)
+    return list(prompt[:sinks]), start, list(prompt[start:])
 
 
 @torch.inference_mode()

@@ -190,3 +190,13 @@ def test_ring_attention_is_window_plus_sinks(sinks):
         if keep is not None:  # verification rejected some of the block: roll back
             lens = lens - ql + torch.tensor(keep)
             ring.truncate(lens)
+
+
+def test_window_view_splits_sinks_and_window():
+    from specoffload.models.ring_cache import window_view
+
+    p = list(range(10))
+    assert window_view(p, None, 4) == ([], 0, p)
+    assert window_view(p, 10, 4) == ([], 0, p)  # fits the window: whole, from position 0
+    assert window_view(p, 4, 2) == ([0, 1], 6, [6, 7, 8, 9])
+    assert window_view(p, 7, 4) == ([0, 1, 2, 3], 4, [4, 5, 6, 7, 8, 9])  # overlap: each position once
