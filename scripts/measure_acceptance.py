@@ -26,6 +26,10 @@ Method (exact for greedy decoding, and much cheaper than running every (W, k) en
    real loop.
 
     python scripts/measure_acceptance.py --json docs/acceptance_w2.json --plot docs/acceptance_w2.png
+
+`--sinks 0,4` adds attention sinks to the windowed settings; `--dataset sharegpt
+--prompt-tokens 448:576` uses ShareGPT conversations in the chat template (W1-length prompts)
+instead of HumanEval.
 """
 
 from __future__ import annotations
