@@ -31,6 +31,25 @@ WORKLOADS = {
 }
 
 
+def parse_modes(text: str, k_default: int) -> dict:
+    """'none,single@6,single@auto' -> {label: (schedule, k, adaptive)}; @auto starts at k and
+    lets the loop choose k (1..16) from measured acceptance and timings."""
+    from .scheduler.schedule import SCHEDULES
+
+    out = {}
+    for label in text.split(","):
+        mode, _, kk = label.strip().partition("@")
+        if mode not in SCHEDULES:
+            raise ValueError(f"unknown mode {mode!r} in --modes (use {', '.join(SCHEDULES)}, optionally @k or @auto)")
+        if kk == "auto":
+            out[label.strip()] = (mode, k_default, True)
+        elif kk and not (kk.isdigit() and 1 <= int(kk) <= 16):
+            raise ValueError(f"draft length in {label!r} must be 1..16 or 'auto'")
+        else:
+            out[label.strip()] = (mode, int(kk) if kk else k_default, False)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specoffload bench", description=__doc__.splitlines()[0])
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="w1",
@@ -47,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--agreement", type=float, default=0.8)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--modes", default="none,single", help="comma list of none/single/dual, each with an "
-                                                           "optional @k (e.g. single@6)")
+                                                           "optional @k or @auto (e.g. single@6, single@auto)")
     ap.add_argument("--prefill-batch", type=int, default=32)
     ap.add_argument("--attention-threads", type=int, default=max((os.cpu_count() or 2) - 2, 1))
     ap.add_argument("--no-draft", action="store_true")
@@ -81,6 +100,11 @@ def main(argv=None):
                 attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
                 draft_sinks=a.draft_sinks, trace=bool(a.trace_dir))
     try:
+        modes = parse_modes(a.modes, a.k)
+    except ValueError as e:
+        print(f"specoffload bench: error: {e}", file=sys.stderr)
+        return 2
+    try:
         micro = [int(x) for x in a.micro_batches.split(",")]
         if min(micro) < 1:
             raise ValueError
@@ -101,16 +125,16 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     results = []
     layer_bytes = tspec.layer_param_count() * 2
-    runs = [(mode_k, m) for mode_k in a.modes.split(",") for m in micro]
+    runs = [(mode_k, m) for mode_k in modes for m in micro]
     for mode_k, m in runs:
-        mode, _, kk = mode_k.partition("@")  # "single@6": schedule single with k = 6
-        k = int(kk) if kk else a.k
+        mode, k, adaptive = modes[mode_k]
         bs = a.batch if mode == "none" else (a.spec_batch or a.batch)
         n = bs * (2 if mode == "dual" else 1)
         prompts = [torch.randint(3, tspec.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(n)]
         payload = [{"rid": i, "prompt_ids": p, "params": {"max_tokens": a.gen, "ignore_eos": True}, "eos": [2]}
                    for i, p in enumerate(prompts)]
-        ray.get(coord.set_run_config.remote(RunConfig(schedule=mode, k=k, k_max=max(k, 8), batch_size=bs)))
+        ray.get(coord.set_run_config.remote(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8),
+                                                      adaptive_k=adaptive, batch_size=bs)))
         ray.get(coord.set_micro_batches.remote(m))
         if a.trace_dir:
             ray.get(coord.trace.remote())  # drop spans of earlier modes
@@ -133,6 +157,7 @@ def main(argv=None):
             "stream_GBps": round(layer_bytes * a.target_layers * passes / decode_s / 1e9, 1) if decode_s > 0 else None,
             "copy_GBps": round(d.get("weight_bytes", 0) / max(copy_s, 1e-9) / 1e9, 1) if copy_s else None,
             "acceptance": st.get("acceptance"), "tokens_per_seq_pass": st.get("tokens_per_seq_pass"),
+            "k_mean": st.get("k_mean"),
             "gpu_busy": round((d.get("target_s", 0) + d.get("draft_s", 0)) / wall, 3),
             "gpu_busy_decode": round((d.get("target_s", 0) + d.get("draft_s", 0)) / max(decode_s, 1e-9), 3),
             "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
