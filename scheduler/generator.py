@@ -15,7 +15,7 @@ import numpy as np
 from ..configs.run_config import RunConfig
 from .request import Request
 from .sampler import SamplingTensors
-from .schedule import choose_k, steps
+from .schedule import alpha_from_accepted, choose_k, steps
 
 
 @dataclass
@@ -72,7 +72,7 @@ class _Batch:
         self.bid, self.reqs = bid, list(reqs)
         self.k = 0  # draft length of the proposals made for the next verification
         self.has_proposals = False
-        self.alpha = 0.7  # running acceptance estimate (prior before any measurement)
+        self.alpha = 0.7  # running per-token acceptance estimate (prior before any measurement)
 
     def uniforms(self, n: int) -> np.ndarray:
         return np.stack([r.uniforms(n) for r in self.reqs]) if self.reqs else np.zeros((0, n), np.float32)
@@ -197,8 +197,8 @@ class Generator:
                 keep.append(i)
         if k and b.reqs:
             self.stats.seq_passes += len(b.reqs)
-            rate = float(np.mean(counts[: len(b.reqs)] - 1)) / k
-            b.alpha = 0.7 * b.alpha + 0.3 * rate
+            # choose_k models per-token acceptance, so convert the block's mean accepted count.
+            b.alpha = 0.7 * b.alpha + 0.3 * alpha_from_accepted(float(np.mean(counts[: len(b.reqs)] - 1)), k)
             self.stats.k_history.append(k)
         elif b.reqs and not prefill:
             self.stats.seq_passes += len(b.reqs)

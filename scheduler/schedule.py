@@ -53,6 +53,23 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
+def alpha_from_accepted(mean_accepted: float, k: int) -> float:
+    """The per-token acceptance probability alpha behind a measured mean of accepted draft
+    tokens per block of k: acceptance stops at the first rejection, so the mean is
+    alpha + alpha^2 + ... + alpha^k (not k * alpha); solved by bisection (monotone in alpha)."""
+    target = min(max(float(mean_accepted), 0.0), float(k))
+    if target >= k:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(mid ** i for i in range(1, k + 1)) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 def choose_k(alpha: float, t_pass: float, t_draft_step: float, k_min: int, k_max: int) -> int:
     """Draft length maximising tokens per second for one batch, given measured acceptance,
     target pass time and time per draft step (what the draft costs when it cannot hide)."""

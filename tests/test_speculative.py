@@ -200,3 +200,20 @@ def test_window_view_splits_sinks_and_window():
     assert window_view(p, 10, 4) == ([], 0, p)  # fits the window: whole, from position 0
     assert window_view(p, 4, 2) == ([0, 1], 6, [6, 7, 8, 9])
     assert window_view(p, 7, 4) == ([0, 1, 2, 3], 4, [4, 5, 6, 7, 8, 9])  # overlap: each position once
+
+
+def test_per_token_acceptance_is_recovered_from_block_means():
+    """Adaptive k models per-token acceptance alpha; what a round measures is the mean number of
+    draft tokens accepted per block, alpha + ... + alpha^k. The conversion inverts that, and with
+    W1-like timings the chosen k follows."""
+    from specoffload.scheduler.schedule import alpha_from_accepted, choose_k
+
+    for alpha in (0.0, 0.3, 0.6, 0.8, 0.95):
+        for k in (1, 4, 6, 8):
+            mean = sum(alpha ** i for i in range(1, k + 1))
+            assert abs(alpha_from_accepted(mean, k) - alpha) < 1e-6
+    assert alpha_from_accepted(6, 6) == 1.0 and alpha_from_accepted(-1, 4) < 1e-12
+    # run 4 measured 0.489 accepted per draft token at k = 6 (2.93 per block): alpha ~ 0.8, not 0.49
+    a = alpha_from_accepted(0.489 * 6, 6)
+    assert 0.78 < a < 0.81
+    assert choose_k(a, 1.86, 0.045, 1, 16) > choose_k(0.489, 1.86, 0.045, 1, 16)
