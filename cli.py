@@ -145,6 +145,24 @@ def open_out(path: str | None):
         raise ConfigError(f"cannot write --out {path}: {e.strerror}") from None
 
 
+def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f):
+    """llm.generate, each result written to out_f (if any) as a JSONL line as its request finishes."""
+    first_rid = llm._next_rid
+
+    def write(o):
+        i = o.request_id - first_rid
+        if out_f:
+            out_f.write(json.dumps(result_record(i, prompts[i], o)) + "\n")
+            out_f.flush()
+
+    return llm.generate(inputs, params, on_output=write)
+
+
+def print_texts(prompts: list[str], outs):
+    for p, o in zip(prompts, outs):
+        print(f"### {p}\n{o.outputs[0].text.strip()}\n")
+
+
 def _generate(args) -> int:
     from .configs.sampling_params import SamplingParams
 
@@ -161,15 +179,8 @@ def _generate(args) -> int:
         llm.shutdown()
         raise
 
-    def write(o):
-        i = o.request_id - first_rid
-        if out_f:
-            out_f.write(json.dumps(result_record(i, prompts[i], o)) + "\n")
-            out_f.flush()
-
-    first_rid = llm._next_rid
     try:
-        outs = llm.generate(inputs, params, on_output=write)
+        outs = generate_writing(llm, prompts, inputs, params, out_f)
         if args.trace:
             Path(args.trace).write_text(json.dumps(llm.trace()))
     finally:
@@ -177,8 +188,7 @@ def _generate(args) -> int:
             out_f.close()
         llm.shutdown()
     if not args.out:
-        for p, o in zip(prompts, outs):
-            print(f"### {p}\n{o.outputs[0].text.strip()}\n")
+        print_texts(prompts, outs)
     s = llm.last_stats
     line = f"{s.get('tokens', 0)} tokens in {s.get('seconds', 0):.2f} s ({s.get('tokens_per_s', 0)} tok/s)"
     if s.get("acceptance") is not None:

@@ -16,7 +16,6 @@ and exit 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -42,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from specoffload import SamplingParams
-    from specoffload.cli import collect_prompts, encode_prompts, llm_from_args, open_out, result_record
+    from specoffload.cli import (collect_prompts, encode_prompts, generate_writing, llm_from_args, open_out,
+                                 print_texts)
     from specoffload.errors import ConfigError
 
     prompts = collect_prompts(args.prompt, args.prompts)
@@ -66,24 +66,15 @@ def run(args) -> int:
         print(f"generate_job: {len(prompts)} prompts on Ray cluster {ray.get_runtime_context().gcs_address}, "
               f"engine run id {llm.run_id} (dashboard metrics tag run={llm.run_id})", flush=True)
         inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
-        first_rid = llm._next_rid
-
-        def write(o):
-            i = o.request_id - first_rid
-            if out_f:
-                out_f.write(json.dumps(result_record(i, prompts[i], o)) + "\n")
-                out_f.flush()
-
         t0 = time.perf_counter()
-        outs = llm.generate(inputs, params, on_output=write)
+        outs = generate_writing(llm, prompts, inputs, params, out_f)
         wall = time.perf_counter() - t0
     finally:
         if out_f:
             out_f.close()
         llm.shutdown()
     if not args.out:
-        for p, o in zip(prompts, outs):
-            print(f"### {p}\n{o.outputs[0].text.strip()}\n")
+        print_texts(prompts, outs)
     s = llm.last_stats
     line = (f"generate_job: {len(outs)} requests, {s.get('tokens', 0)} tokens in {wall:.2f} s "
             f"({s.get('tokens_per_s', 0)} tok/s)")
