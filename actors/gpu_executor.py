@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.attention import KVCache, pack_index
-from ..models.host_io import to_device
+from ..models.host_io import to_device, to_host
 from ..models.layers import embed, head, post_attention, pre_attention, rope_cos_sin
 from ..models.resident import ResidentModel, last_index
 from ..models.source import open_source
@@ -27,7 +27,7 @@ from .disk_tier import DiskTier
 from .shm_layout import map_file, views
 from .stage_timer import StageTimer
 from .weight_stream import WeightStreamer
-from .wire import PinnedStager
+from .wire import from_wire, to_wire
 
 
 def _register(buf: torch.Tensor):
@@ -80,7 +80,6 @@ class GPUExecutor:
                                        plan.num_slots, self.device, self.timer, disk, plan.copy_chunk_mib << 20)
         self.runner = SpecRunner(self._build_draft(draft_desc), self.device, window=plan.draft_window,
                                  fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch, sinks=plan.draft_sinks)
-        self.stager = PinnedStager()
         self.tb: dict[int, dict] = {}
         self._drafting: dict[int, object] = {}
         self.streamer.prefetch()
@@ -165,8 +164,8 @@ class GPUExecutor:
         # The cache just built holds this layer's K/V padded as [P, Hkv, longest, d]: the
         # CPU worker stores that with one strided copy.
         with self.timer.host_span("to_host", f"b{bid} L{j} s{s} kv"):
-            kv = self.stager.to_wire({"pk": cache.k[0], "pv": cache.v[0]})
-        return kv["pk"], kv["pv"]
+            k, v = to_host(cache.k[0], cache.v[0])
+        return to_wire(k), to_wire(v)
 
     @torch.inference_mode()
     def prefill_head(self, bid, u_sample):
@@ -199,13 +198,13 @@ class GPUExecutor:
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
             q, k, v = pre_attention(self.spec, w, part["h"], *part["cs"])
         with self.timer.host_span("to_host", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
-            x = self.stager.to_wire({"q": q, "k": k, "v": v})
-        return x["q"], x["k"], x["v"], part["q_lens_np"], part["lo"], part["hi"]
+            q, k, v = (to_wire(t) for t in to_host(q, k, v))
+        return q, k, v, part["q_lens_np"], part["lo"], part["hi"]
 
     def _post(self, part, j, attn, last: bool):
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) ffn"):
-            part["h"] = post_attention(self.spec, w, part["h"], self.stager.from_wire(attn, self.device, "attn"))
+            part["h"] = post_attention(self.spec, w, part["h"], to_device(from_wire(attn), self.device))
         if last:  # every micro-batch is past layer j: its slot may be refilled
             self._done(j)
 

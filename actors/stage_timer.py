@@ -43,11 +43,8 @@ class StageTimer:
             b.record()
             self.add_pair(stage, label, a, b)
         else:
-            t = time.time()
-            yield
-            t2 = time.time()
-            self.totals[stage] += t2 - t
-            self._keep(stage, label, t, t2)
+            with self.host_span(stage, label):
+                yield
 
     @contextmanager
     def host_span(self, stage: str, label: str = ""):

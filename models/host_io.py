@@ -8,7 +8,6 @@ device reads are batched (one per round). On the CPU these are plain conversions
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 
@@ -21,14 +20,16 @@ def to_device(x, device, dtype=None) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
-    """Device tensors as numpy arrays, with one wait for all of them."""
+def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Device tensors as host tensors (page-locked when they come from a GPU), with one wait
+    for all of them. Pinned blocks come from torch's caching host allocator, so they are
+    reused without being reallocated, and stay alive while anything (a numpy view) uses them."""
     if not tensors or tensors[0].device.type != "cuda":
-        return [t.numpy() if t.device.type == "cpu" else t.cpu().numpy() for t in tensors]
+        return [t.detach().cpu() for t in tensors]
     hosts = []
     for t in tensors:
         h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         h.copy_(t, non_blocking=True)
         hosts.append(h)
     torch.cuda.current_stream(tensors[0].device).synchronize()
-    return [h.numpy() for h in hosts]
+    return hosts

@@ -98,8 +98,7 @@ def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
     # One gather per expert that has tokens: the work scales with tokens routed, not E x T.
     flat_e = top_i.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
-    (counts,) = to_host(torch.bincount(flat_e, minlength=spec.num_experts))
-    counts = counts.tolist()
+    counts = to_host(torch.bincount(flat_e, minlength=spec.num_experts))[0].tolist()
     tok = order // spec.experts_per_token
     start = 0
     for e, n in enumerate(counts):

@@ -151,7 +151,7 @@ class SpecRunner:
             tokens, counts = verify_sampled(p, props, st.q if k else None, ua, us)
         rows = torch.arange(tokens.shape[0], device=self.device)
         st.last = tokens[rows, counts - 1]
-        tokens_h, counts_h = to_host(tokens, counts)  # one wait per round
+        tokens_h, counts_h = (t.numpy() for t in to_host(tokens, counts))  # one wait per round
         if st.draft_cache is not None:
             self._roll_draft(st, k, counts, tokens_h, counts_h, first)
         st.proposals, st.q = None, None
