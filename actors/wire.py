@@ -24,12 +24,13 @@ def to_wire(t: torch.Tensor):
     return (None, t.numpy())
 
 
-def from_wire(x, device="cpu") -> torch.Tensor:
+def from_wire(x) -> torch.Tensor:
+    """A host tensor over the object-store array (no copy); models/host_io.to_device moves it."""
     name, arr = x
     with warnings.catch_warnings():  # object-store arrays are read-only; we never write them
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(arr)
     if name is not None:
         t = t.view(getattr(torch, name))
-    return t.to(device, non_blocking=True) if str(device) != "cpu" else t
+    return t
 
