@@ -32,21 +32,29 @@ WORKLOADS = {
 
 
 def parse_modes(text: str, k_default: int) -> dict:
-    """'none,single@6,single@auto' -> {label: (schedule, k, adaptive)}; @auto starts at k and
-    lets the loop choose k (1..16) from measured acceptance and timings."""
+    """'none,single@6,single@auto,dual+recompute@4' -> {label: (schedule, k, adaptive, draft_kv)};
+    @auto starts at k and lets the loop choose k (1..16) from measured acceptance and timings;
+    +recompute rebuilds the draft's KV every round (the paper's schedule), else it stays on the GPU."""
+    from .scheduler.batch_state import DRAFT_KV
     from .scheduler.schedule import SCHEDULES
 
     out = {}
     for label in text.split(","):
-        mode, _, kk = label.strip().partition("@")
+        label = label.strip()
+        mode, _, kk = label.partition("@")
+        mode, _, kv = mode.partition("+")
+        kv = kv or "gpu"
         if mode not in SCHEDULES:
-            raise ValueError(f"unknown mode {mode!r} in --modes (use {', '.join(SCHEDULES)}, optionally @k or @auto)")
+            raise ValueError(f"unknown mode {mode!r} in --modes (use {', '.join(SCHEDULES)}, optionally "
+                             f"+recompute, @k or @auto)")
+        if kv not in DRAFT_KV:
+            raise ValueError(f"draft KV policy in {label!r} must be one of {', '.join(DRAFT_KV)}")
         if kk == "auto":
-            out[label.strip()] = (mode, k_default, True)
+            out[label] = (mode, k_default, True, kv)
         elif kk and not (kk.isdigit() and 1 <= int(kk) <= 16):
             raise ValueError(f"draft length in {label!r} must be 1..16 or 'auto'")
         else:
-            out[label.strip()] = (mode, int(kk) if kk else k_default, False)
+            out[label] = (mode, int(kk) if kk else k_default, False, kv)
     return out
 
 
@@ -65,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory", default="24GiB")
     ap.add_argument("--agreement", type=float, default=0.8)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--modes", default="none,single", help="comma list of none/single/dual, each with an "
+    ap.add_argument("--modes", default="none,single", help="comma list of none/single/dual, each with an optional "
+                                                           "+recompute (draft KV rebuilt per round) and an "
                                                            "optional @k or @auto (e.g. single@6, single@auto)")
     ap.add_argument("--prefill-batch", type=int, default=32)
     ap.add_argument("--attention-threads", type=int, default=max((os.cpu_count() or 2) - 2, 1))
@@ -74,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-kv-fp8", action="store_true")
     ap.add_argument("--draft-sinks", type=int, default=0, help="the windowed draft also keeps each sequence's "
                                                                "first N tokens")
+    ap.add_argument("--no-draft-graphs", action="store_true", help="launch the draft's steps one kernel at a "
+                                                                    "time instead of replaying CUDA graphs")
     ap.add_argument("--micro-batches", default="1", help="comma list: each mode runs with each count of "
                                                            "micro-batches per target pass (e.g. 1,2)")
     ap.add_argument("--trace-dir", help="write a Chrome-trace JSON timeline per mode into this folder")
@@ -98,7 +109,7 @@ def main(argv=None):
     plan = Plan(device="cuda" if cuda else "cpu", gpu_memory=a.gpu_memory if cuda else None,
                 batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
                 attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
-                draft_sinks=a.draft_sinks, trace=bool(a.trace_dir))
+                draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir))
     try:
         modes = parse_modes(a.modes, a.k)
     except ValueError as e:
@@ -127,7 +138,7 @@ def main(argv=None):
     layer_bytes = tspec.layer_param_count() * 2
     runs = [(mode_k, m) for mode_k in modes for m in micro]
     for mode_k, m in runs:
-        mode, k, adaptive = modes[mode_k]
+        mode, k, adaptive, draft_kv = modes[mode_k]
         bs = a.batch if mode == "none" else (a.spec_batch or a.batch)
         n = bs * (2 if mode == "dual" else 1)
         prompts = [torch.randint(3, tspec.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(n)]
@@ -136,6 +147,7 @@ def main(argv=None):
         ray.get(coord.set_run_config.remote(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8),
                                                       adaptive_k=adaptive, batch_size=bs)))
         ray.get(coord.set_micro_batches.remote(m))
+        ray.get(coord.set_draft_kv.remote(draft_kv))
         if a.trace_dir:
             ray.get(coord.trace.remote())  # drop spans of earlier modes
         before = ray.get(coord.stats.remote())
@@ -162,6 +174,7 @@ def main(argv=None):
             "gpu_busy_decode": round((d.get("target_s", 0) + d.get("draft_s", 0)) / max(decode_s, 1e-9), 3),
             "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
             "draft_gpu_s": round(d.get("draft_s", 0), 2), "copy_s": round(copy_s, 2),
+            "draft_graph_steps": d.get("draft_graph_steps", 0),
         }
         row["micro_batches"] = m
         if len(micro) > 1:
@@ -170,7 +183,7 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         if a.trace_dir:
             os.makedirs(a.trace_dir, exist_ok=True)
-            with open(os.path.join(a.trace_dir, f"trace_{row['mode'].replace('/', '_').replace('@', '_k')}.json"), "w") as f:
+            with open(os.path.join(a.trace_dir, f"trace_{row['mode'].replace('/', '_').replace('@', '_k').replace('+', '_')}.json"), "w") as f:
                 json.dump(ray.get(coord.trace.remote()), f)
     ray.get(coord.shutdown.remote())
     base = next((r for r in results if r["mode"].split("/")[0] == "none"), None)

@@ -72,7 +72,7 @@ class LLM:
                  gpu_memory=None, plan=None, schedule: str | None = None, k: int = 4,
                  adaptive_k: bool = False, batch_size: int | None = None, dtype: str | None = None,
                  draft_window: int | None = None, draft_kv_fp8: bool = False, micro_batches: int | None = None,
-                 draft_sinks: int | None = None,
+                 draft_sinks: int | None = None, draft_kv: str | None = None,
                  trace: bool = False, ray_address: str | None = None, progress: bool = True):
         if engine not in ("ray", "reference"):
             raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
@@ -98,11 +98,12 @@ class LLM:
         if schedule != "none" and not self.draft_desc:
             raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
         self.plan = self._make_plan(plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8)
-        if micro_batches is not None or draft_sinks is not None:
+        if micro_batches is not None or draft_sinks is not None or draft_kv is not None:
             from dataclasses import replace
 
             self.plan = replace(self.plan, micro_batches=micro_batches or self.plan.micro_batches,
-                                draft_sinks=self.plan.draft_sinks if draft_sinks is None else draft_sinks)
+                                draft_sinks=self.plan.draft_sinks if draft_sinks is None else draft_sinks,
+                                draft_kv=draft_kv or self.plan.draft_kv)
         if trace:
             if engine != "ray":
                 raise ConfigError("a timeline trace needs engine='ray' (the spans are the actors')")
@@ -156,7 +157,7 @@ class LLM:
         elif self.draft_desc:
             draft = ResidentModel.from_source(Checkpoint(self.draft_desc[1], dtype=self.spec.dtype), dev)
         self.backend = ReferenceBackend(target, draft, self.plan.draft_window, self.plan.draft_kv_fp8,
-                                        self.plan.draft_sinks)
+                                        self.plan.draft_sinks, self.plan.draft_kv)
 
     def _start_ray(self, address):
         import ray

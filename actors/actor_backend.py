@@ -24,6 +24,7 @@ class ActorBackend:
         self._props: list[tuple] = []  # (bid, k, u) not yet submitted
         self._t_pass, self._t_draft = 1.0, 0.01
         self._submitted_at = {}
+        self._own_steps: dict[int, int] = {}  # draft steps of a batch run just before its pass
         self._draft_steps, self._seen = 0, (0.0, 0)  # for measuring seconds per draft step
         self._timing_calls = 0
 
@@ -54,7 +55,10 @@ class ActorBackend:
         self._props = rest
 
     def verify(self, bid, k, u_accept, u_sample):
-        self._flush(only=bid)  # a batch's own proposals must precede its verification
+        # The pass's clock starts before the batch's own proposals (they must precede its
+        # verification); their steps are taken off again in `get`.
+        self._own_steps[bid] = sum(kb for b, kb, _ in self._props if b == bid)
+        self._flush(only=bid)
         gaps = self._props
         self._props = []
         # Spread each other batch's k draft steps over the pass's layers.
@@ -86,7 +90,8 @@ class ActorBackend:
         if isinstance(handle, tuple):
             bid, ref = handle
             out = ray.get(ref)
-            self._t_pass = time.perf_counter() - self._submitted_at.pop(bid, time.perf_counter())
+            t = time.perf_counter() - self._submitted_at.pop(bid, time.perf_counter())
+            self._t_pass = max(t - self._own_steps.pop(bid, 0) * self._t_draft, 0.5 * t)
             return out
         return ray.get(handle)
 

@@ -79,7 +79,8 @@ class GPUExecutor:
         self.streamer = WeightStreamer({j: self.host[j] for j in streamed if j in self.host}, streamed,
                                        plan.num_slots, self.device, self.timer, disk, plan.copy_chunk_mib << 20)
         self.runner = SpecRunner(self._build_draft(draft_desc), self.device, window=plan.draft_window,
-                                 fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch, sinks=plan.draft_sinks)
+                                 fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch, sinks=plan.draft_sinks,
+                                 graphs=plan.draft_graphs, draft_kv=plan.draft_kv)
         self.tb: dict[int, dict] = {}
         self._drafting: dict[int, object] = {}
         self.streamer.prefetch()
@@ -254,11 +255,20 @@ class GPUExecutor:
                 for _ in it:
                     pass
 
+    def set_draft_kv(self, policy: str):
+        """The draft KV policy for batches started from now on (benchmarks compare them)."""
+        if self.runner.batches:
+            raise RuntimeError("the draft KV policy changes only between runs")
+        if policy not in ("gpu", "recompute"):
+            raise ValueError(f"draft_kv must be 'gpu' or 'recompute', got {policy!r}")
+        self.runner.recompute = policy == "recompute"
+
     # -- measurements ----------------------------------------------------------------------
     def stats(self) -> dict:
         s = self.timer.collect()
         s.setdefault("weight_copy_s", 0.0)
         s["weight_bytes"] = self.streamer.bytes_copied
+        s["draft_graph_steps"] = self.runner.graph_steps
         return s
 
     def trace_events(self) -> list[dict]:

@@ -15,11 +15,15 @@ import torch.nn.functional as F
 from .host_io import to_device
 
 
-def pack_index(q_lens: torch.Tensor, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_index(q_lens: torch.Tensor, total: int | None = None, n_q: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """For packed tokens: (sequence index, index within that sequence's new tokens).
 
-    Pass `total` (the packed length, known from the tokens' shape) to avoid a device sync.
+    Pass `total` (the packed length, known from the tokens' shape) to avoid a device sync,
+    and `n_q` (the most new tokens of any sequence) if known: one token each needs no scan.
     """
+    if n_q == 1 and total == len(q_lens):
+        return torch.arange(total, device=q_lens.device), torch.zeros(total, dtype=torch.long, device=q_lens.device)
     if total is None:
         total = int(q_lens.sum())
     b = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens, output_size=total)
@@ -125,7 +129,8 @@ class KVCache:
         # callers derive new_lens from the old ones.
         if new_lens.device.type == "cpu" and bool((new_lens > self.lens).any()):
             raise RuntimeError("truncate cannot extend a sequence")
-        self.lens = new_lens.clone()
+        # In place: a draft step captured as a CUDA graph reads the lengths from this storage.
+        self.lens.copy_(new_lens)
 
     def select(self, keep: torch.Tensor):
         """Keep only the sequences at indices `keep` (finished ones leave the batch), in that

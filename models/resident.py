@@ -9,8 +9,9 @@ from .layers import embed, head, post_attention, pre_attention, rope_cos_sin
 from .spec import ModelSpec
 
 
-def positions_of(cache: KVCache, q_lens: torch.Tensor, total: int | None = None) -> torch.Tensor:
-    b, i = pack_index(q_lens, total)
+def positions_of(cache: KVCache, q_lens: torch.Tensor, total: int | None = None,
+                 n_q: int | None = None) -> torch.Tensor:
+    b, i = pack_index(q_lens, total, n_q)
     return cache.lens.to(q_lens.device)[b] + i
 
 
@@ -64,7 +65,7 @@ class ResidentModel:
         s = self.spec
         tokens, q_lens = tokens.to(self.device), q_lens.to(self.device)
         T = tokens.shape[0]
-        cos, sin = rope_cos_sin(s, positions_of(cache, q_lens, T), s.torch_dtype)
+        cos, sin = rope_cos_sin(s, positions_of(cache, q_lens, T, n_q), s.torch_dtype)
         h = embed(self.glob["embed"], tokens)
         cache.begin_pass(q_lens, T, n_q)
         for j, w in enumerate(self.layers):

@@ -47,7 +47,7 @@ class RingKVCache(KVCache):
             n_q = int(q_lens.max()) if len(q_lens) else 0
         if n_q > self.ring:
             raise RuntimeError("more new tokens in one pass than the ring holds")
-        b_idx, i_idx = pack_index(q_lens, total)
+        b_idx, i_idx = pack_index(q_lens, total, n_q)
         pos = self.lens[b_idx] + i_idx
         S = self.sinks
         slot = torch.where(pos < S, pos, S + pos % self.ring) if S else pos % self.ring

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..models.attention import KVCache
+from ..models.draft_graph import GraphedDraftStep, graphable
 from ..models.host_io import to_device, to_host
 from ..models.resident import ResidentModel
 from ..models.ring_cache import prime
@@ -31,18 +32,30 @@ class BatchState:
     samp: SamplingTensors
     draft_cache: KVCache | None = None
     pending: list = field(default_factory=list)  # per sequence: tokens the draft has not seen
+    history: list | None = None  # per sequence: every token so far (draft KV recomputed per round)
     proposals: torch.Tensor | None = None  # [B, k]
     q: torch.Tensor | None = None  # [B, k, V] draft probabilities (sampled rows only)
+
+
+DRAFT_KV = ("gpu", "recompute")
 
 
 class SpecRunner:
     """Draft proposals and verification for many batches on one device."""
 
     def __init__(self, draft: ResidentModel | None, device, window: int | None = None, fp8: bool = False,
-                 prefill_chunk: int = 64, max_new: int = 18, sinks: int = 0):
+                 prefill_chunk: int = 64, max_new: int = 18, sinks: int = 0, graphs: bool = True,
+                 draft_kv: str = "gpu"):
         """window: the draft attends over only the last `window` tokens (its KV a ring);
         fp8: store that ring in fp8; sinks: the first tokens of each sequence it also keeps;
-        prefill_chunk: sequences per draft prefill step."""
+        prefill_chunk: sequences per draft prefill step; graphs: replay the draft's one-token
+        steps as CUDA graphs where that is safe (see models/draft_graph.py); draft_kv: "gpu"
+        keeps the draft's KV for the whole run, "recompute" rebuilds it every round from each
+        sequence's tokens, `prefill_chunk` sequences at a time, and drops it (the paper's
+        answer when the draft KV of a batch does not fit; GPU memory holds one chunk's)."""
+        if draft_kv not in DRAFT_KV:
+            raise ValueError(f"draft_kv must be one of {', '.join(DRAFT_KV)}, got {draft_kv!r}")
+        self.recompute = draft_kv == "recompute"
         self.draft, self.device = draft, torch.device(device)
         self.sinks = sinks
         if sinks and window is None:
@@ -51,13 +64,19 @@ class SpecRunner:
         if fp8 and window is None:
             raise ValueError("an fp8 draft KV cache needs a draft window")
         self.batches: dict[int, BatchState] = {}
+        self.graphs_enabled = graphs
+        self._graphs: dict[int, GraphedDraftStep] = {}  # per batch: its captured draft step
+        self.graph_steps = 0  # draft steps that ran through a graph (captures included)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, bid: int, samp: SamplingTensors, prompts: list[list[int]] | None, capacity: int):
         st = BatchState(last=torch.zeros(len(samp.temperature), dtype=torch.long, device=self.device),
                         samp=samp)
         if self.draft is not None and prompts is not None:
-            st.draft_cache = self._draft_prefill(prompts, capacity)
+            if self.recompute:
+                st.history = [list(p) for p in prompts]
+            else:
+                st.draft_cache = self._draft_prefill(prompts, capacity)
         self.batches[bid] = st
 
     def _draft_prefill(self, prompts, capacity):
@@ -75,15 +94,30 @@ class SpecRunner:
         t = to_device(idx, self.device, torch.long)
         st.last, st.samp = st.last[t], st.samp.select(idx)
         st.pending = [st.pending[i] for i in idx] if st.pending else []
+        if st.history is not None:
+            st.history = [st.history[i] for i in idx]
         if st.proposals is not None:
             st.proposals = st.proposals[t]
         if st.q is not None:
             st.q = st.q[t]
         if st.draft_cache is not None:
+            self._graphs.pop(bid, None)  # its addresses are stale now; free its memory first
             st.draft_cache.select(torch.as_tensor(idx))
 
     def free(self, bid: int):
         self.batches.pop(bid, None)
+        self._graphs.pop(bid, None)
+
+    def _step(self, bid: int, st: BatchState, toks, q_lens, n_q):
+        """One draft forward pass: through the batch's captured graph when every sequence has
+        one new token and the cache allows it, else eagerly."""
+        if n_q == 1 and self.graphs_enabled and graphable(self.draft, st.draft_cache):
+            g = self._graphs.get(bid)
+            if g is None or not g.serves(st.draft_cache):
+                g = self._graphs[bid] = GraphedDraftStep(self.draft, st.draft_cache)
+            self.graph_steps += 1
+            return g.step(toks)
+        return self.draft.forward(st.draft_cache, toks, q_lens, n_q=n_q)
 
     # -- one round -------------------------------------------------------------------------
     def propose(self, bid: int, k: int, u_draft: np.ndarray):
@@ -96,32 +130,61 @@ class SpecRunner:
         in the gaps of other work (dual-batch interleaving)."""
         st = self.batches[bid]
         B = st.last.shape[0]
+        st.proposals, st.q = None, None
+        u = None if st.samp.all_greedy else to_device(u_draft, self.device, torch.float32)
+        if self.recompute:
+            props, qs = [], []
+            for lo in range(0, B, self.prefill_chunk):
+                hi = min(B, lo + self.prefill_chunk)
+                hist = st.history[lo:hi]
+                cache = self.draft.new_cache(hi - lo, max(map(len, hist)) + k + 1, window=self.window,
+                                             fp8=self.fp8, max_new=self.max_new, sinks=self.sinks)
+                logits = prime(self.draft, cache, hist, self.window, self.sinks)
+                yield -1
+                p, q = yield from self._draft_block(None, st, cache, logits, None, None, k, slice(lo, hi), u)
+                props.append(p)
+                qs.append(q)
+            p = torch.cat(props) if props else torch.zeros(0, k, dtype=torch.long, device=self.device)
+            q = torch.cat(qs) if qs and qs[0] is not None else None
+        else:
+            # Built on the host (pending tokens are host lists): no device reads in the loop.
+            toks = to_device([t for p in st.pending for t in p], self.device, torch.long)
+            q_lens = to_device([len(p) for p in st.pending], self.device, torch.long)
+            n_q = max((len(p) for p in st.pending), default=1)
+            p, q = yield from self._draft_block(bid, st, st.draft_cache, toks, q_lens, n_q, k, slice(0, B), u)
+        st.proposals, st.q = p, q
+        yield k
+
+    def _draft_block(self, bid, st: BatchState, cache, first, q_lens, n_q, k: int, rows: slice, u):
+        """k draft tokens for the sequences `rows` of a batch, whose draft state is `cache`.
+        `first`: the first step's logits (a re-prefill just made them), or its packed input
+        tokens. Yields after each step but the last; returns (proposals [n, k], probs or None)."""
         greedy = st.samp.all_greedy
         if not greedy:
-            temp, top_k, top_p = st.samp.to(self.device)
-            u = to_device(u_draft, self.device, torch.float32)
-        # Built on the host (pending tokens are host lists): no device reads in the loop.
-        toks = to_device([t for p in st.pending for t in p], self.device, torch.long)
-        q_lens = to_device([len(p) for p in st.pending], self.device, torch.long)
-        n_q = max((len(p) for p in st.pending), default=1)
+            temp, top_k, top_p = (t[rows] for t in st.samp.to(self.device))
+        n = len(range(*rows.indices(st.last.shape[0])))
         props, qs = [], []
-        st.proposals, st.q = None, None
+        toks = first
         for i in range(k):
             with torch.inference_mode():
-                logits = self.draft.forward(st.draft_cache, toks, q_lens, n_q=n_q)  # [B, V]
+                if q_lens is None and i == 0:
+                    logits = first
+                elif bid is None:  # a cache rebuilt this round: not worth capturing
+                    logits = self.draft.forward(cache, toks, q_lens, n_q=n_q)
+                else:
+                    logits = self._step(bid, st, toks, q_lens, n_q)  # [n, V]
                 if greedy:
                     d = logits.argmax(-1)
                 else:
                     q = probs_from_logits(logits[:, None], temp, top_k, top_p)[:, 0]
-                    d = sample(q, u[:, i])
+                    d = sample(q, u[rows, i])
                     qs.append(q)
             props.append(d)
-            toks, q_lens, n_q = d, torch.ones(B, dtype=torch.long, device=self.device), 1
+            toks, q_lens, n_q = d, torch.ones(n, dtype=torch.long, device=self.device), 1
             if i < k - 1:
                 yield i
-        st.proposals = torch.stack(props, 1) if k else torch.zeros(B, 0, dtype=torch.long, device=self.device)
-        st.q = torch.stack(qs, 1) if qs else None
-        yield k
+        p = torch.stack(props, 1) if k else torch.zeros(n, 0, dtype=torch.long, device=self.device)
+        return p, (torch.stack(qs, 1) if qs else None)
 
     def target_inputs(self, bid: int, k: int):
         """Packed tokens and per-sequence counts for the target pass of this round."""
@@ -154,6 +217,9 @@ class SpecRunner:
         tokens_h, counts_h = (t.numpy() for t in to_host(tokens, counts))  # one wait per round
         if st.draft_cache is not None:
             self._roll_draft(st, k, counts, tokens_h, counts_h, first)
+        if st.history is not None:
+            for h, t, c in zip(st.history, tokens_h, counts_h):
+                h.extend(t[:c].tolist())
         st.proposals, st.q = None, None
         return tokens_h, counts_h
 

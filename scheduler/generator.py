@@ -15,7 +15,7 @@ import numpy as np
 from ..configs.run_config import RunConfig
 from .request import Request
 from .sampler import SamplingTensors
-from .schedule import alpha_from_accepted, choose_k, steps
+from .schedule import PassTimes, alpha_from_accepted, choose_k, steps
 
 
 @dataclass
@@ -84,6 +84,7 @@ class Generator:
         self.on_finish, self.on_progress = on_finish, on_progress
         self.stats = RunStats()
         self._next_bid = 0
+        self.pass_times = PassTimes()
 
     # ------------------------------------------------------------------------------------
     def run(self, requests: list[Request]) -> RunStats:
@@ -152,9 +153,9 @@ class Generator:
     def _propose(self, b: _Batch):
         if not b.reqs:
             return
-        if self.cfg.adaptive_k and self.stats.passes:
-            t_pass, t_draft = self.backend.timings()
-            b.k = choose_k(b.alpha, t_pass, t_draft, 1, self.cfg.k_max)
+        if self.cfg.adaptive_k and self.pass_times.mean:
+            _, t_draft = self.backend.timings()
+            b.k = choose_k(b.alpha, self.pass_times, t_draft, 1, self.cfg.k_max)
         else:
             b.k = self.cfg.k
         self.backend.propose(b.bid, b.k, b.uniforms(b.k))
@@ -176,6 +177,8 @@ class Generator:
         self.stats.passes += 1
         for b, k, h in handles:
             tokens, counts = be.get(h)
+            if k:
+                self.pass_times.observe(k, be.timings()[0])
             self._apply(b, tokens, counts, k)
             if b.bid in step.propose:
                 self._propose(b)

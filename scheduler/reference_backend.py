@@ -16,9 +16,10 @@ from .batch_state import SpecRunner
 
 class ReferenceBackend:
     def __init__(self, target: ResidentModel, draft: ResidentModel | None = None, draft_window=None,
-                 draft_kv_fp8: bool = False, draft_sinks: int = 0):
+                 draft_kv_fp8: bool = False, draft_sinks: int = 0, draft_kv: str = "gpu"):
         self.target = target
-        self.spec = SpecRunner(draft, target.device, window=draft_window, fp8=draft_kv_fp8, sinks=draft_sinks)
+        self.spec = SpecRunner(draft, target.device, window=draft_window, fp8=draft_kv_fp8, sinks=draft_sinks,
+                               draft_kv=draft_kv)
         self.caches = {}
         self._t_pass, self._t_draft = 1.0, 0.01
 

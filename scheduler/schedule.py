@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import ConfigError
 
 SCHEDULES = ("none", "single", "dual")
@@ -70,12 +72,37 @@ def alpha_from_accepted(mean_accepted: float, k: int) -> float:
     return (lo + hi) / 2
 
 
-def choose_k(alpha: float, t_pass: float, t_draft_step: float, k_min: int, k_max: int) -> int:
+class PassTimes:
+    """Seconds per target pass as a function of k, from the passes seen so far: a pass
+    verifies k+1 tokens per sequence, so its CPU attention and GPU compute grow with k while
+    the weight copy does not. A line through the per-k running means (one k seen: flat)."""
+
+    def __init__(self):
+        self.mean: dict[int, float] = {}
+
+    def observe(self, k: int, seconds: float):
+        m = self.mean.get(k)
+        self.mean[k] = seconds if m is None else 0.6 * m + 0.4 * seconds
+
+    def __call__(self, k: int) -> float:
+        if not self.mean:
+            return 1.0
+        ks = np.array(list(self.mean), float)
+        ts = np.array(list(self.mean.values()))
+        if len(ks) == 1:
+            return float(ts[0])
+        slope = max(float(np.polyfit(ks, ts, 1)[0]), 0.0)  # noise must not make long blocks look free
+        return float(ts.mean() + slope * (k - ks.mean()))
+
+
+def choose_k(alpha: float, t_pass, t_draft_step: float, k_min: int, k_max: int) -> int:
     """Draft length maximising tokens per second for one batch, given measured acceptance,
-    target pass time and time per draft step (what the draft costs when it cannot hide)."""
+    target pass time (seconds, or a function of k such as `PassTimes`) and time per draft
+    step (what the draft costs when it cannot hide)."""
     best, best_rate = k_min, -1.0
     for k in range(k_min, k_max + 1):
-        rate = expected_tokens(alpha, k) / (t_pass + k * t_draft_step)
+        tp = t_pass(k) if callable(t_pass) else t_pass
+        rate = expected_tokens(alpha, k) / (tp + k * t_draft_step)
         if rate > best_rate:
             best, best_rate = k, rate
     return best

@@ -5,7 +5,7 @@ the executor does, then times rounds of k draft steps with CUDA events and wall 
 last configuration is also run under torch.profiler and its top kernels printed. A table of
 milliseconds per draft step comes last.
 
-    python scripts/profile_draft.py --configs 192:128:fp8,192:128:bf16 --k 6
+    python scripts/profile_draft.py --configs 192:128:fp8,192:128:fp8:eager --k 6
     python scripts/profile_draft.py --layers 2 --configs 4:8:bf16 --prompt-len 16   # CPU smoke test
 """
 
@@ -23,7 +23,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--configs", default="192:128:fp8,192:128:bf16,96:128:fp8",
-                    help="comma list of batch:window:kv (kv = fp8 or bf16; window 0 = full context)")
+                    help="comma list of batch:window:kv[:eager] (kv = fp8 or bf16; window 0 = full context; "
+                         "eager = no CUDA graphs for the one-token steps)")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=4)
@@ -44,9 +45,10 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     rows = []
     for i, c in enumerate(a.configs.split(",")):
-        B, W, kv = c.split(":")
+        B, W, kv, *rest = c.split(":")
         B, W = int(B), int(W) or None
-        runner = SpecRunner(draft, dev, window=W, fp8=kv == "fp8", prefill_chunk=32)
+        eager = rest == ["eager"]
+        runner = SpecRunner(draft, dev, window=W, fp8=kv == "fp8", prefill_chunk=32, graphs=not eager)
         g = torch.Generator().manual_seed(i)
         prompts = torch.randint(3, spec.vocab_size, (B, a.prompt_len), generator=g).tolist()
         samp = SamplingTensors(np.zeros(B, np.float32), np.zeros(B, np.int64), np.ones(B, np.float32))
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
             if prof is not None:
                 prof.__exit__(None, None, None)
         mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-        rows.append((B, W or "full", kv, prefill_s, float(np.mean(step_ms)), float(np.min(step_ms)), mem))
+        rows.append((B, W or "full", kv + (" eager" if eager else ""), prefill_s, float(np.mean(step_ms)), float(np.min(step_ms)), mem))
         print(f"B={B} W={W} kv={kv}: prefill {prefill_s:.2f} s, draft step {np.mean(step_ms):.2f} ms "
               f"(min {np.min(step_ms):.2f}), peak {mem:.1f} GiB", flush=True)
         if prof is not None:
@@ -91,9 +93,9 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     print(f"\ndraft: Mistral-7B shape, {a.layers} layers, {dev}, prompt {a.prompt_len}, k {a.k}")
-    print(f"{'batch':>5} {'window':>6} {'kv':>4} {'prefill s':>9} {'ms/step':>8} {'min ms':>7} {'peak GiB':>8}")
+    print(f"{'batch':>5} {'window':>6} {'kv':>10} {'prefill s':>9} {'ms/step':>8} {'min ms':>7} {'peak GiB':>8}")
     for B, W, kv, p, m, mn, mem in rows:
-        print(f"{B:5d} {str(W):>6} {kv:>4} {p:9.2f} {m:8.2f} {mn:7.2f} {mem:8.1f}")
+        print(f"{B:5d} {str(W):>6} {kv:>10} {p:9.2f} {m:8.2f} {mn:7.2f} {mem:8.1f}")
     return 0
 
 

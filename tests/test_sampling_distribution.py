@@ -62,10 +62,12 @@ def test_top_k_top_p_restrict_support():
     assert p.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # temperature 0 is greedy
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.8, 20, 0.9)])
-def test_speculative_sampling_matches_target_end_to_end(tiny_dir, temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,draft_kv", [(1.0, -1, 1.0, "gpu"), (0.8, 20, 0.9, "gpu"),
+                                                              (0.8, 20, 0.9, "recompute")])
+def test_speculative_sampling_matches_target_end_to_end(tiny_dir, temperature, top_k, top_p, draft_kv):
     """Many seeds, one prompt: the first speculated token (the second emitted) follows the
-    target's own distribution, with a draft that often disagrees."""
+    target's own distribution, with a draft that often disagrees (its KV kept, or rebuilt
+    each round in chunks of 1000 sequences)."""
     d = tiny_dir("llama")
     other = tiny_dir("llama", seed=1, num_hidden_layers=1, intermediate_size=48)
     tgt = ResidentModel.from_source(Checkpoint(d))
@@ -74,7 +76,9 @@ def test_speculative_sampling_matches_target_end_to_end(tiny_dir, temperature, t
     N = 3000
     reqs = [Request(i, prompt, SamplingParams(max_tokens=2, temperature=temperature, top_k=top_k, top_p=top_p,
                                               seed=1000 + i, ignore_eos=True)) for i in range(N)]
-    stats = Generator(ReferenceBackend(tgt, draft), RunConfig(schedule="single", k=3, batch_size=N)).run(reqs)
+    backend = ReferenceBackend(tgt, draft, draft_kv=draft_kv)
+    backend.spec.prefill_chunk = 1000
+    stats = Generator(backend, RunConfig(schedule="single", k=3, batch_size=N)).run(reqs)
     assert 0 < stats.accepted < stats.proposed  # the draft is right sometimes and wrong sometimes
     first = np.array([r.out[0] for r in reqs])
     second = np.array([r.out[1] for r in reqs])

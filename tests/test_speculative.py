@@ -71,8 +71,17 @@ def test_adaptive_k_stays_lossless(tiny_dir):
     want = hf_greedy(d, PROMPTS, 24)
     tgt = ResidentModel.from_source(Checkpoint(d))
     reqs = [Request(i, p, SamplingParams(max_tokens=24, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
-    stats = Generator(ReferenceBackend(tgt, tgt), RunConfig(schedule="single", k=2, k_max=8, adaptive_k=True,
-                                                            batch_size=4)).run(reqs)
+
+
+    class W1Timings(ReferenceBackend):
+        """Offloaded timings (a pass costs 40 draft steps): the tiny draft here is the target
+        itself, as slow as a pass, and for that small k would rightly win."""
+
+        def timings(self):
+            return 1.8, 0.045
+
+    stats = Generator(W1Timings(tgt, tgt), RunConfig(schedule="single", k=2, k_max=8, adaptive_k=True,
+                                                     batch_size=4)).run(reqs)
     assert [r.out for r in reqs] == want
     assert max(stats.k_history) > 2  # full acceptance pushes k up
 
@@ -99,6 +108,23 @@ def test_windowed_draft_is_lossless(tiny_dir, window, fp8, sinks, schedule):
     assert [r.out for r in reqs] == want
     if window is None:
         assert stats.accepted == stats.proposed  # a full-context copy of the target agrees always
+
+
+@pytest.mark.parametrize("window,sinks", [(None, 0), (4, 2)])
+@pytest.mark.parametrize("schedule", ["single", "dual"])
+def test_recomputed_draft_kv_is_lossless(tiny_dir, window, sinks, schedule):
+    """The paper's policy: no draft KV kept between rounds, rebuilt from each sequence's tokens
+    two sequences at a time; a full-context copy of the target still agrees on every token."""
+    d = tiny_dir("llama")
+    want = hf_greedy(d, PROMPTS, 24)
+    tgt = ResidentModel.from_source(Checkpoint(d))
+    reqs = [Request(i, p, SamplingParams(max_tokens=24, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    backend = ReferenceBackend(tgt, tgt, draft_window=window, draft_sinks=sinks, draft_kv="recompute")
+    backend.spec.prefill_chunk = 2
+    stats = Generator(backend, RunConfig(schedule=schedule, k=3, batch_size=3)).run(reqs)
+    assert [r.out for r in reqs] == want
+    if window is None:
+        assert stats.accepted == stats.proposed
 
 
 def test_windowed_draft_sees_only_its_window(tiny_dir):
@@ -217,3 +243,20 @@ def test_per_token_acceptance_is_recovered_from_block_means():
     a = alpha_from_accepted(0.489 * 6, 6)
     assert 0.78 < a < 0.81
     assert choose_k(a, 1.86, 0.045, 1, 16) > choose_k(0.489, 1.86, 0.045, 1, 16)
+
+
+def test_pass_time_model_follows_k():
+    """A pass verifies k+1 tokens per sequence, so its time grows with k; once two draft
+    lengths have been seen, adaptive k sees that growth and stops short of the longest block."""
+    from specoffload.scheduler.schedule import PassTimes, choose_k
+
+    pt = PassTimes()
+    assert pt(6) == 1.0  # nothing seen yet: a neutral prior
+    pt.observe(4, 1.9)
+    assert pt(16) == 1.9  # one k seen: flat
+    pt.observe(10, 2.5)
+    assert abs(pt(16) - 3.1) < 1e-9 and abs(pt(7) - 2.2) < 1e-9  # the line through both
+    flat = choose_k(0.8, 1.9, 0.01, 1, 16)
+    assert flat == 16 and choose_k(0.8, pt, 0.01, 1, 16) < flat
+    pt.observe(10, 1.0)  # noise that makes longer blocks look cheaper is not believed
+    assert pt(16) >= pt(4)

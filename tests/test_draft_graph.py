@@ -1,0 +1,99 @@
+"""The draft's one-token steps replayed as CUDA graphs propose exactly what eager steps do.
+
+The graph reads the ring cache through fixed addresses, so what it relies on is tested on
+every machine (lengths rolled back in place, the one-token packing); the replay itself needs
+a GPU (run on the device machine: `pytest tests/test_draft_graph.py`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import PROMPTS, hf_greedy
+from specoffload.configs.run_config import RunConfig
+from specoffload.configs.sampling_params import SamplingParams
+from specoffload.models.attention import KVCache, pack_index
+from specoffload.models.checkpoint import Checkpoint
+from specoffload.models.resident import ResidentModel
+from specoffload.scheduler.batch_state import SpecRunner
+from specoffload.scheduler.generator import Generator
+from specoffload.scheduler.reference_backend import ReferenceBackend
+from specoffload.scheduler.request import Request
+from specoffload.scheduler.sampler import SamplingTensors
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def test_rollback_keeps_the_length_storage():
+    c = KVCache(2, 3, 1, 4, 16, torch.float32)
+    c.lens += torch.tensor([5, 6, 7])
+    ptr = c.lens.data_ptr()
+    c.truncate(torch.tensor([4, 6, 5]))
+    assert c.lens.tolist() == [4, 6, 5] and c.lens.data_ptr() == ptr
+    with pytest.raises(RuntimeError, match="cannot extend"):
+        c.truncate(torch.tensor([9, 6, 5]))
+
+
+def test_one_token_packing_needs_no_scan():
+    ones = torch.ones(5, dtype=torch.long)
+    fast, general = pack_index(ones, 5, n_q=1), pack_index(ones, 5)
+    assert all(torch.equal(a, b) for a, b in zip(fast, general))
+    ragged = torch.tensor([2, 1, 2])  # n_q != 1: the general scan
+    assert pack_index(ragged, 5, n_q=2)[1].tolist() == [0, 1, 0, 0, 1]
+
+
+def _rounds(runner, draft, prompts, k, seed=0):
+    """Proposals of a few rounds with random target verdicts, a sequence leaving mid-way."""
+    B, V = len(prompts), draft.spec.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    samp = SamplingTensors(np.zeros(B, np.float32), np.zeros(B, np.int64), np.ones(B, np.float32))
+    runner.start(0, samp, prompts, 64)
+    dev = draft.device
+    runner.finish(0, torch.randn(1, 1, V, generator=g).expand(B, 1, V).to(dev), 0, None,
+                  np.zeros(B, np.float32), first=True)
+    out = []
+    for r in range(5):
+        n = runner.batches[0].last.shape[0]
+        u = np.zeros((n, k), np.float32)
+        runner.propose(0, k, u)
+        props = runner.batches[0].proposals.clone()
+        out.append(props.cpu())
+        # The target accepts a varying prefix of the proposals: logits whose argmax is the
+        # proposal for the first `a` positions, a fresh token after.
+        a = torch.randint(0, k + 1, (n,), generator=g)
+        logits = torch.randn(n, k + 1, V, generator=g).to(dev)
+        for b in range(n):
+            for i in range(int(a[b])):
+                logits[b, i, props[b, i]] = 100.0
+        runner.finish(0, logits, k, None, u[:, :1])
+        if r == 2:
+            runner.keep(0, np.array([0, 2] + list(range(3, n)), dtype=np.int64))  # row 1 finished
+    return out
+
+
+@cuda_only
+@pytest.mark.parametrize("fp8,sinks", [(False, 0), (True, 2)])
+def test_graphed_draft_proposes_what_eager_steps_do(tiny_dir, fp8, sinks):
+    draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)), "cuda")
+    prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)] * 2
+    graphed = SpecRunner(draft, "cuda", window=4, fp8=fp8, sinks=sinks)
+    eager = SpecRunner(draft, "cuda", window=4, fp8=fp8, sinks=sinks, graphs=False)
+    want = _rounds(eager, draft, prompts, k=5)
+    got = _rounds(graphed, draft, prompts, k=5)
+    assert eager.graph_steps == 0 and graphed.graph_steps >= 5 * 4
+    for w, o in zip(want, got):
+        assert torch.equal(w, o)
+
+
+@cuda_only
+def test_graphed_draft_on_cuda_is_lossless(tiny_dir):
+    d = tiny_dir("llama")
+    want = hf_greedy(d, PROMPTS, 24)
+    tgt = ResidentModel.from_source(Checkpoint(d), "cuda")
+    reqs = [Request(i, p, SamplingParams(max_tokens=24, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    backend = ReferenceBackend(tgt, tgt, draft_window=4, draft_sinks=2)
+    Generator(backend, RunConfig(schedule="single", k=4, batch_size=4)).run(reqs)
+    assert backend.spec.graph_steps > 0
+    assert [r.out for r in reqs] == want
