@@ -88,9 +88,10 @@ class Coordinator:
             raise ValueError("micro_batches must be >= 1")
         self.backend.M = m
 
-    def set_draft_kv(self, policy: str):
-        """Keep the draft's KV on the GPU or recompute it per round, from the next run on."""
-        ray.get(self.executor.set_draft_kv.remote(policy))
+    def set_draft_kv(self, policy: str, full_context: bool = False):
+        """Keep the draft's KV on the GPU or recompute it per round, from the next run on;
+        full_context: the draft attends over every token (the plan's window set aside)."""
+        ray.get(self.executor.set_draft_kv.remote(policy, full_context))
 
     def stats(self) -> dict:
         return self.backend.stats()

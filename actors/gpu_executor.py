@@ -255,13 +255,20 @@ class GPUExecutor:
                 for _ in it:
                     pass
 
-    def set_draft_kv(self, policy: str):
-        """The draft KV policy for batches started from now on (benchmarks compare them)."""
-        if self.runner.batches:
+    def set_draft_kv(self, policy: str, full_context: bool = False):
+        """The draft KV policy for batches started from now on (benchmarks compare them);
+        full_context: the draft sees every token (no window, sinks or fp8), as in the paper's
+        re-prefill schedule, instead of the plan's window."""
+        r, p = self.runner, self.plan
+        if r.batches:
             raise RuntimeError("the draft KV policy changes only between runs")
         if policy not in ("gpu", "recompute"):
             raise ValueError(f"draft_kv must be 'gpu' or 'recompute', got {policy!r}")
-        self.runner.recompute = policy == "recompute"
+        r.recompute = policy == "recompute"
+        if full_context:
+            r.window, r.sinks, r.fp8 = None, 0, False
+        else:
+            r.window, r.sinks, r.fp8 = p.draft_window, p.draft_sinks, p.draft_kv_fp8
 
     # -- measurements ----------------------------------------------------------------------
     def stats(self) -> dict:

@@ -29,6 +29,9 @@ class WeightStreamer:
         self.chunk = max(int(chunk_bytes), 1 << 20)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            # The feeder thread selects the device by index ("cuda" alone names none).
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.slot_of: dict[int, int] = {}  # layer -> slot holding (or loading) it
         self.bytes_copied = 0
         if not self.cuda or not self.order:
@@ -51,7 +54,8 @@ class WeightStreamer:
         # The executor's thread holds the GIL between torch calls; a short switch interval
         # lets the feeder top up the copy engine's queue in time.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-        threading.Thread(target=self._feed, name="weight-copy-feeder", daemon=True).start()
+        self._feeder = threading.Thread(target=self._feed, name="weight-copy-feeder", daemon=True)
+        self._feeder.start()
 
     def _issue(self):
         """Queue copies into every free slot, following the cyclic layer order."""
@@ -113,10 +117,11 @@ class WeightStreamer:
         if j not in self.slot_of:
             raise RuntimeError(f"layer {j} requested while every slot holds a layer in use")
         job = self.loaded[self.slot_of[j]]
-        if not job.issued.is_set():
-            job.issued.wait()  # every piece is queued (the last ones still copying)
-            if job.error is not None:
-                raise RuntimeError(f"copying layer {j} to the device failed: {job.error}") from job.error
+        while not job.issued.wait(timeout=1.0):  # every piece is queued (the last ones still copying)
+            if not self._feeder.is_alive():
+                raise RuntimeError(f"the weight copy thread died before layer {j} was copied")
+        if job.error is not None:
+            raise RuntimeError(f"copying layer {j} to the device failed: {job.error}") from job.error
         if not job.timed and self.timer is not None:
             self.timer.add_pair("weight_copy", f"layer {j}", job.start, job.done)
             job.timed = True
