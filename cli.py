@@ -35,8 +35,9 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--draft-sinks", type=int, help="with --draft-window: the draft also keeps the first N "
                    "tokens of each sequence (attention sinks)")
     p.add_argument("--draft-kv-fp8", action="store_true", help="store the windowed draft KV cache in fp8")
-    p.add_argument("--draft-kv", choices=["gpu", "recompute"],
-                   help="gpu: the draft's KV cache stays on the GPU (default); recompute: rebuilt every "
+    p.add_argument("--draft-kv", choices=["gpu", "host", "recompute"],
+                   help="gpu: the draft's KV cache stays on the GPU (default); host: kept in host memory, "
+                        "visiting the GPU a prefill batch at a time each round; recompute: rebuilt every "
                         "round from each sequence's tokens, a prefill batch at a time (the paper's "
                         "schedule when the draft KV of a whole batch does not fit)")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
@@ -87,7 +88,8 @@ def llm_from_args(args, progress: bool, trace: bool = False):
                gpu_memory=args.gpu_memory, plan=args.plan, schedule=args.schedule, k=args.k,
                adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
                draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, micro_batches=args.micro_batches,
-               draft_sinks=args.draft_sinks, draft_kv=args.draft_kv, trace=trace, ray_address=args.ray_address, progress=progress)
+               draft_sinks=args.draft_sinks, draft_kv=args.draft_kv, trace=trace, ray_address=args.ray_address,
+               progress=progress)
 
 
 def read_prompts(path: str) -> list[str]:

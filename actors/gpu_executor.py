@@ -262,9 +262,9 @@ class GPUExecutor:
         r, p = self.runner, self.plan
         if r.batches:
             raise RuntimeError("the draft KV policy changes only between runs")
-        if policy not in ("gpu", "recompute"):
-            raise ValueError(f"draft_kv must be 'gpu' or 'recompute', got {policy!r}")
-        r.recompute = policy == "recompute"
+        if policy not in ("gpu", "host", "recompute"):
+            raise ValueError(f"draft_kv must be 'gpu', 'host' or 'recompute', got {policy!r}")
+        r.recompute, r.host_kv = policy == "recompute", policy == "host"
         if full_context:
             r.window, r.sinks, r.fp8 = None, 0, False
         else:

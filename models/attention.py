@@ -166,3 +166,26 @@ class KVCache:
 
     def merge(self, lo: int, part: "KVCache"):
         self.lens[lo: lo + part.batch] = part.lens
+
+    def to(self, device) -> "KVCache":
+        """A copy on `device` (a draft cache kept in host memory visits the GPU per round)."""
+        c = type(self).__new__(type(self))
+        c.__dict__.update(self.__dict__)
+        # copy=True: a real copy even on the same device, so the write-back path is the same
+        c.k = [t.to(device, non_blocking=True, copy=True) for t in self.k]
+        c.v = [t.to(device, non_blocking=True, copy=True) for t in self.v]
+        c.lens = self.lens.to(device, copy=True)
+        c._pass = None
+        return c
+
+    def load(self, other: "KVCache"):
+        """Take over the contents of a same-shaped cache (its copy back from the device)."""
+        for a, b in zip(self.k + self.v, other.k + other.v):
+            a.copy_(b, non_blocking=True)
+        self.lens.copy_(other.lens)  # a blocking copy on the same stream: the K/V have landed too
+
+    def pin(self) -> "KVCache":
+        """Page-locked host storage, so copies to and from the GPU run asynchronously."""
+        self.k = [t.pin_memory() for t in self.k]
+        self.v = [t.pin_memory() for t in self.v]
+        return self

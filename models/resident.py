@@ -44,17 +44,18 @@ class ResidentModel:
         return cls(spec, source.read_globals(), layers, device)
 
     def new_cache(self, batch: int, capacity: int, window: int | None = None, fp8: bool = False,
-                  max_new: int = 16, sinks: int = 0) -> KVCache:
+                  max_new: int = 16, sinks: int = 0, device=None) -> KVCache:
         """A full cache of `capacity` tokens, or (window set) a ring of the last `window`
-        (plus the first `sinks` positions of each sequence)."""
+        (plus the first `sinks` positions of each sequence), on `device` (default: the model's)."""
         s = self.spec
+        device = self.device if device is None else device
         if window is not None:
             from .ring_cache import RingKVCache
 
             return RingKVCache(s.num_layers, batch, s.num_kv_heads, s.head_dim, window, max_new,
-                               s.torch_dtype, self.device, s.sliding_windows, fp8=fp8, sinks=sinks)
+                               s.torch_dtype, device, s.sliding_windows, fp8=fp8, sinks=sinks)
         return KVCache(s.num_layers, batch, s.num_kv_heads, s.head_dim, capacity,
-                       s.torch_dtype, self.device, s.sliding_windows)
+                       s.torch_dtype, device, s.sliding_windows)
 
     @torch.inference_mode()
     def forward(self, cache: KVCache, tokens: torch.Tensor, q_lens: torch.Tensor, which="last",

@@ -104,7 +104,7 @@ class RingKVCache(KVCache):
             self._grouped[key] = m[:, :, None].expand(B, 1, G, n_q, m.shape[-1]).reshape(B, 1, G * n_q, m.shape[-1])
         mg = self._grouped[key]
         out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mg)  # [B, Hkv, G*n_q, d]
-        out = out.view(B, Hq, n_q, d).transpose(1, 2)  # [B, n_q, Hq, d]
+        out = out.reshape(B, Hq, n_q, d).transpose(1, 2)  # [B, n_q, Hq, d] (SDPA may return it strided)
         if n_q == 1 and T == B:
             return out.reshape(T, Hq * d).to(q.dtype)
         return out[b_idx, i_idx].reshape(T, Hq * d).to(q.dtype)
@@ -113,6 +113,15 @@ class RingKVCache(KVCache):
         p = super().part(lo, hi)
         p.pos = self.pos[lo:hi]  # a view: slot positions written through the part land here
         return p
+
+    def to(self, device) -> "RingKVCache":
+        c = super().to(device)
+        c.pos = self.pos.to(device, copy=True)
+        return c
+
+    def load(self, other: "RingKVCache"):
+        self.pos.copy_(other.pos)
+        super().load(other)
 
     def select(self, keep: torch.Tensor):
         super().select(keep)

@@ -51,9 +51,10 @@ class Plan:
     draft_kv_fp8: bool = False  # store the draft's windowed KV in fp8 (e4m3, scale per head)
     draft_sinks: int = 0  # the windowed draft also keeps each sequence's first N tokens
     draft_graphs: bool = True  # replay the windowed draft's one-token steps as CUDA graphs (on CUDA)
-    # "gpu": the draft's KV stays on the GPU for the run; "recompute": rebuilt every round from
-    # each sequence's tokens, prefill_batch sequences at a time (the paper's schedule when the
-    # batch's draft KV does not fit)
+    # "gpu": the draft's KV stays on the GPU for the run; "host": kept in host memory, visiting
+    # the GPU prefill_batch sequences at a time each round; "recompute": rebuilt every round from
+    # each sequence's tokens, a chunk at a time (the paper's schedule when the draft KV of a
+    # batch does not fit)
     draft_kv: str = "gpu"
     trace: bool = False  # keep a Chrome-trace timeline of stage spans in the actors
     # Each target pass runs a batch as this many micro-batches, layer by layer, so the CPU
@@ -82,8 +83,8 @@ class Plan:
             raise ConfigError(f"draft_sinks must be >= 0 and needs a draft_window, got {self.draft_sinks}")
         if self.copy_chunk_mib < 1:
             raise ConfigError(f"copy_chunk_mib must be >= 1, got {self.copy_chunk_mib}")
-        if self.draft_kv not in ("gpu", "recompute"):
-            raise ConfigError(f"draft_kv must be 'gpu' or 'recompute', got {self.draft_kv!r}")
+        if self.draft_kv not in ("gpu", "host", "recompute"):
+            raise ConfigError(f"draft_kv must be 'gpu', 'host' or 'recompute', got {self.draft_kv!r}")
         if not 1 <= self.micro_batches <= 64:
             raise ConfigError(f"micro_batches must be in 1..64, got {self.micro_batches}")
         if self.gpu_memory is not None and self.gpu_memory <= 0:

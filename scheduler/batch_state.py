@@ -37,7 +37,7 @@ class BatchState:
     q: torch.Tensor | None = None  # [B, k, V] draft probabilities (sampled rows only)
 
 
-DRAFT_KV = ("gpu", "recompute")
+DRAFT_KV = ("gpu", "host", "recompute")
 
 
 class SpecRunner:
@@ -50,12 +50,15 @@ class SpecRunner:
         fp8: store that ring in fp8; sinks: the first tokens of each sequence it also keeps;
         prefill_chunk: sequences per draft prefill step; graphs: replay the draft's one-token
         steps as CUDA graphs where that is safe (see models/draft_graph.py); draft_kv: "gpu"
-        keeps the draft's KV for the whole run, "recompute" rebuilds it every round from each
-        sequence's tokens, `prefill_chunk` sequences at a time, and drops it (the paper's
-        answer when the draft KV of a batch does not fit; GPU memory holds one chunk's)."""
+        keeps the draft's KV on the device for the whole run; "host" keeps it in (pinned)
+        host memory and brings `prefill_chunk` sequences' worth to the device at a time each
+        round, then back; "recompute" rebuilds it every round from each sequence's tokens,
+        a chunk at a time, and drops it (the paper's answer when the draft KV of a batch does
+        not fit). With "host" and "recompute" device memory holds one chunk's draft KV."""
         if draft_kv not in DRAFT_KV:
             raise ValueError(f"draft_kv must be one of {', '.join(DRAFT_KV)}, got {draft_kv!r}")
         self.recompute = draft_kv == "recompute"
+        self.host_kv = draft_kv == "host"
         self.draft, self.device = draft, torch.device(device)
         self.sinks = sinks
         if sinks and window is None:
@@ -84,10 +87,28 @@ class SpecRunner:
         tokens, at their true positions), a chunk of sequences at a time to bound activation
         memory."""
         # The ring holds W + the most tokens one decode pass adds; a W-token prefill fits too.
+        host = self.host_kv and self.device.type != "cpu"
         cache = self.draft.new_cache(len(prompts), capacity, window=self.window, fp8=self.fp8,
-                                     max_new=self.max_new, sinks=self.sinks)
-        prime(self.draft, cache, prompts, self.window, self.sinks, chunk=self.prefill_chunk, which=None)
+                                     max_new=self.max_new, sinks=self.sinks, device="cpu" if host else None)
+        if not self.host_kv:
+            prime(self.draft, cache, prompts, self.window, self.sinks, chunk=self.prefill_chunk, which=None)
+            return cache
+        if host:
+            cache.pin()
+        for lo, hi, dev in self._visits(cache):
+            prime(self.draft, dev, prompts[lo:hi], self.window, self.sinks, which=None)
         return cache
+
+    def _visits(self, cache):
+        """(lo, hi, device copy of those rows) per chunk of a host-kept draft cache; each
+        copy's contents go back to host memory when the loop moves on."""
+        for lo in range(0, cache.batch, self.prefill_chunk):
+            hi = min(cache.batch, lo + self.prefill_chunk)
+            part = cache.part(lo, hi)
+            dev = part.to(self.device)
+            yield lo, hi, dev
+            part.load(dev)
+            cache.merge(lo, part)
 
     def keep(self, bid: int, idx: np.ndarray):
         st = self.batches[bid]
@@ -132,7 +153,20 @@ class SpecRunner:
         B = st.last.shape[0]
         st.proposals, st.q = None, None
         u = None if st.samp.all_greedy else to_device(u_draft, self.device, torch.float32)
-        if self.recompute:
+        if self.host_kv:
+            props, qs = [], []
+            for lo, hi, dev in self._visits(st.draft_cache):
+                pend = st.pending[lo:hi]
+                toks = to_device([t for p in pend for t in p], self.device, torch.long)
+                q_lens = to_device([len(p) for p in pend], self.device, torch.long)
+                n_q = max((len(p) for p in pend), default=1)
+                p, q = yield from self._draft_block(None, st, dev, toks, q_lens, n_q, k, slice(lo, hi), u)
+                props.append(p)
+                qs.append(q)
+                yield -1
+            p = torch.cat(props) if props else torch.zeros(0, k, dtype=torch.long, device=self.device)
+            q = torch.cat(qs) if qs and qs[0] is not None else None
+        elif self.recompute:
             props, qs = [], []
             for lo in range(0, B, self.prefill_chunk):
                 hi = min(B, lo + self.prefill_chunk)
@@ -234,6 +268,8 @@ class SpecRunner:
             return
         a = (counts_h - 1).tolist()
         # The draft saw pending + d1..d_{k-1}; keep pending + d1..d_min(a, k-1).
+        if st.draft_cache.lens.device != counts.device:  # kept in host memory: use the host copy
+            counts = torch.from_numpy(counts_h)
         keep = st.draft_cache.lens - (k - 1) + (counts - 1).clamp(max=k - 1)
         st.draft_cache.truncate(keep)
         # Emitted tokens start with the accepted proposals, so d_k is tokens[b, k-1] when a = k.

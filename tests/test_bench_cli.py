@@ -10,19 +10,21 @@ import sys
 def test_bench_tiny_workload_prints_ratios(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny", "--modes",
-                        "none,single@2,single@auto,dual+recompute@2", "--draft-window", "8", "--json", str(tmp_path / "b.json")],
+                        "none,single@2,single@auto,dual+recompute@2,single+host@2", "--draft-window", "8",
+                        "--json", str(tmp_path / "b.json")],
                        capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("none ", "single@"))]
-    rows += [line.split() for line in r.stdout.splitlines() if line.startswith("dual+")]
-    assert [row[0] for row in rows] == ["none", "single@2", "single@auto", "dual+recompute@2"]
+    rows += [line.split() for line in r.stdout.splitlines() if line.startswith(("dual+", "single+"))]
+    assert [row[0] for row in rows] == ["none", "single@2", "single@auto", "dual+recompute@2", "single+host@2"]
     assert rows[0][3] == "1.00"  # the baseline's ratio to itself
     import json
 
     res = json.loads((tmp_path / "b.json").read_text())["results"]
     assert res[1]["acceptance"] is not None and res[1]["tokens"] == res[0]["tokens"] == 4 * 6
     assert res[1]["k_mean"] == 2 and 1 <= res[2]["k_mean"] <= 16  # fixed k, and k chosen by the loop
-    assert res[3]["tokens"] == 2 * 4 * 6 and res[3]["acceptance"] is not None  # two batches, drafted
+    assert res[3]["tokens"] == 4 * 6 and res[3]["acceptance"] is not None  # two batches of 2, drafted
+    assert res[4]["tokens"] == 4 * 6 and res[4]["acceptance"] is not None
 
 
 def test_bench_bad_mode_exits_2():

@@ -62,12 +62,13 @@ def test_top_k_top_p_restrict_support():
     assert p.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # temperature 0 is greedy
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,draft_kv", [(1.0, -1, 1.0, "gpu"), (0.8, 20, 0.9, "gpu"),
-                                                              (0.8, 20, 0.9, "recompute")])
+@pytest.mark.parametrize("temperature,top_k,top_p,draft_kv", [
+    (1.0, -1, 1.0, "gpu"), (0.8, 20, 0.9, "gpu"), (0.8, 20, 0.9, "recompute"), (1.0, -1, 1.0, "host")])
 def test_speculative_sampling_matches_target_end_to_end(tiny_dir, temperature, top_k, top_p, draft_kv):
     """Many seeds, one prompt: the first speculated token (the second emitted) follows the
-    target's own distribution, with a draft that often disagrees (its KV kept, or rebuilt
-    each round in chunks of 1000 sequences)."""
+    target's own distribution, with a draft that often disagrees (its KV kept on the device,
+    kept on the host and visiting in chunks of 1000 sequences, or rebuilt each round in such
+    chunks)."""
     d = tiny_dir("llama")
     other = tiny_dir("llama", seed=1, num_hidden_layers=1, intermediate_size=48)
     tgt = ResidentModel.from_source(Checkpoint(d))

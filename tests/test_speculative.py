@@ -110,16 +110,18 @@ def test_windowed_draft_is_lossless(tiny_dir, window, fp8, sinks, schedule):
         assert stats.accepted == stats.proposed  # a full-context copy of the target agrees always
 
 
+@pytest.mark.parametrize("draft_kv", ["host", "recompute"])
 @pytest.mark.parametrize("window,sinks", [(None, 0), (4, 2)])
 @pytest.mark.parametrize("schedule", ["single", "dual"])
-def test_recomputed_draft_kv_is_lossless(tiny_dir, window, sinks, schedule):
-    """The paper's policy: no draft KV kept between rounds, rebuilt from each sequence's tokens
-    two sequences at a time; a full-context copy of the target still agrees on every token."""
+def test_chunked_draft_kv_policies_are_lossless(tiny_dir, draft_kv, window, sinks, schedule):
+    """Draft KV kept in host memory (copied to the device and back two sequences at a time),
+    or not kept at all (the paper's: rebuilt from each sequence's tokens every round); a
+    full-context copy of the target still agrees on every token."""
     d = tiny_dir("llama")
     want = hf_greedy(d, PROMPTS, 24)
     tgt = ResidentModel.from_source(Checkpoint(d))
     reqs = [Request(i, p, SamplingParams(max_tokens=24, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
-    backend = ReferenceBackend(tgt, tgt, draft_window=window, draft_sinks=sinks, draft_kv="recompute")
+    backend = ReferenceBackend(tgt, tgt, draft_window=window, draft_sinks=sinks, draft_kv=draft_kv)
     backend.spec.prefill_chunk = 2
     stats = Generator(backend, RunConfig(schedule=schedule, k=3, batch_size=3)).run(reqs)
     assert [r.out for r in reqs] == want
