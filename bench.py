@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-layers", type=int)
     ap.add_argument("--batch", type=int, help="sequences per batch")
     ap.add_argument("--spec-batch", type=int, help="sequences per batch in speculative modes (default --batch)")
+    ap.add_argument("--requests", type=int, help="requests per mode (default: one batch); more than a batch "
+                                                 "keeps the batch full as rows finish (see --no-refill)")
+    ap.add_argument("--no-refill", action="store_true", help="run requests beyond the batch in waves, each "
+                                                             "wave waiting for its slowest sequence")
     ap.add_argument("--prompt-len", type=int)
     ap.add_argument("--gen", type=int, help="tokens generated per sequence")
     ap.add_argument("--gpu-memory", default="24GiB")
@@ -144,11 +148,13 @@ def main(argv=None):
         # The dual schedule splits the same sequences into two batches: host memory holds the
         # target KV of n sequences in every mode.
         bs = max(n // 2, 1) if mode == "dual" else n
+        n = a.requests or n
         prompts = [torch.randint(3, tspec.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(n)]
         payload = [{"rid": i, "prompt_ids": p, "params": {"max_tokens": a.gen, "ignore_eos": True}, "eos": [2]}
                    for i, p in enumerate(prompts)]
         ray.get(coord.set_run_config.remote(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8),
-                                                      adaptive_k=adaptive, batch_size=bs)))
+                                                      adaptive_k=adaptive, batch_size=bs,
+                                                      refill=not a.no_refill)))
         ray.get(coord.set_micro_batches.remote(m))
         # +recompute is the paper's schedule: the draft re-reads each sequence's whole context.
         ray.get(coord.set_draft_kv.remote(draft_kv, draft_kv == "recompute"))
@@ -165,7 +171,8 @@ def main(argv=None):
         copy_s = d.get("weight_copy_s", 0.0)
         decode_s = st["seconds"] - st["prefill_seconds"]
         row = {
-            "mode": mode_k, "batch": n, "wall_s": round(wall, 2), "tokens": st["tokens"],
+            "mode": mode_k, "batch": bs * (2 if mode == "dual" else 1), "requests": n,
+            "batches": st.get("batches"), "wall_s": round(wall, 2), "tokens": st["tokens"],
             "tokens_per_s": round(st["tokens"] / wall, 1), "decode_tokens_per_s": st["decode_tokens_per_s"],
             "prefill_s": round(st["prefill_seconds"], 2), "passes": passes,
             "s_per_pass": round(decode_s / max(passes, 1), 3),

@@ -25,6 +25,8 @@ class ActorBackend:
         self._t_pass, self._t_draft = 1.0, 0.01
         self._submitted_at = {}
         self._own_steps: dict[int, int] = {}  # draft steps of a batch run just before its pass
+        self._verifies: list[tuple] = []  # verifications queued for the next pass
+        self._results: dict[int, object] = {}  # batch -> ref of its verification's result
         self._draft_steps, self._seen = 0, (0.0, 0)  # for measuring seconds per draft step
         self._timing_calls = 0
 
@@ -45,55 +47,74 @@ class ActorBackend:
         self._props.append((bid, k, u_draft))
         self._draft_steps += k
 
-    def _flush(self, only=None):
-        rest = []
+    def _flush(self):
         for bid, k, u in self._props:
-            if only is None or bid == only:
-                self.ex.propose.remote(bid, k, u)
-            else:
-                rest.append((bid, k, u))
-        self._props = rest
+            self.ex.propose.remote(bid, k, u)
+        self._props = []
 
     def verify(self, bid, k, u_accept, u_sample):
-        # The pass's clock starts before the batch's own proposals (they must precede its
-        # verification); their steps are taken off again in `get`.
-        self._own_steps[bid] = sum(kb for b, kb, _ in self._props if b == bid)
-        self._flush(only=bid)
-        gaps = self._props
-        self._props = []
+        """Queue batch `bid`'s verification; every batch queued before the next `get` is
+        verified in the same streamed pass (each layer's weights serve them all)."""
+        self._verifies.append((bid, k, u_accept, u_sample))
+        return ("pass", bid)
+
+    def _submit_pass(self):
+        batches, self._verifies = self._verifies, []
+        vids = {bid for bid, *_ in batches}
+        # The pass's clock starts before the verified batches' own proposals (they must
+        # precede their verification); their steps are taken off again in `get`.
+        for bid in vids:
+            self._own_steps[bid] = sum(kb for b, kb, _ in self._props if b == bid)
+        own = [p for p in self._props if p[0] in vids]
+        gaps = [p for p in self._props if p[0] not in vids]
+        self._props = own
+        self._flush()
         # Spread each other batch's k draft steps over the pass's layers.
         step_at = {}
         for b, kb, u in gaps:
             self.ex.draft_begin.remote(b, kb, u)
             for i in range(kb):
                 step_at.setdefault(min(self.L - 1, (i * self.L) // max(kb, 1)), []).append(b)
-        self._submitted_at[bid] = time.perf_counter()
-        m = len(split_range(self._size[bid], self.M))
-        self.ex.verify_begin.remote(bid, k, m)
+        t0 = time.perf_counter()
+        parts = []  # (batch, micro-batch) in the order the executor sees them each layer
+        for bid, k, _, _ in batches:
+            self._submitted_at[bid] = t0
+            m = len(split_range(self._size[bid], self.M))
+            self.ex.verify_begin.remote(bid, k, m)
+            parts += [(bid, p) for p in range(m)]
+        self.ex.pass_begin.remote(len(parts))
         # Layer by layer, micro-batch by micro-batch: the executor's queue alternates between
         # micro-batches, so it computes one while the CPU worker attends for another.
-        a = [None] * m
+        a = dict.fromkeys(parts)
         for j in range(self.L):
-            for p in range(m):
-                x = self.ex.target_layer.remote(bid, j, a[p], p)
-                a[p] = self.at.attend.remote(bid, j, x)
+            for bid, p in parts:
+                x = self.ex.target_layer.remote(bid, j, a[(bid, p)], p)
+                a[(bid, p)] = self.at.attend.remote(bid, j, x)
             for b in step_at.get(j, []):
                 self.ex.draft_step.remote(b)
-        r = self.ex.verify_head.remote(bid, k, u_accept, u_sample, *a)
-        self.at.rollback.remote(bid, k, r)
+        for bid, k, u_accept, u_sample in batches:
+            r = self.ex.verify_head.remote(bid, k, u_accept, u_sample, *[a[x] for x in parts if x[0] == bid])
+            self.at.rollback.remote(bid, k, r)
+            self._results[bid] = r
         for b, _, _ in gaps:
             self.ex.draft_finish.remote(b)
-        return (bid, r)
 
     def get(self, handle):
-        self._flush()
         if isinstance(handle, tuple):
-            bid, ref = handle
-            out = ray.get(ref)
+            if self._verifies:
+                self._submit_pass()
+            _, bid = handle
+            out = ray.get(self._results.pop(bid))
             t = time.perf_counter() - self._submitted_at.pop(bid, time.perf_counter())
             self._t_pass = max(t - self._own_steps.pop(bid, 0) * self._t_draft, 0.5 * t)
             return out
+        self._flush()
         return ray.get(handle)
+
+    def compact(self, bid):
+        """Give back the memory of the batch's finished rows (before a new batch joins)."""
+        self.ex.compact.remote(bid)
+        self.at.compact.remote(bid)
 
     def timings(self):
         """(seconds per target pass, seconds per draft step), measured; the draft figure is

@@ -82,6 +82,9 @@ class CPUAttention:
     def keep(self, bid, idx):
         self.caches[bid].select(torch.as_tensor(idx, dtype=torch.long))
 
+    def compact(self, bid):
+        self.caches[bid].compact()
+
     def free(self, bid):
         self.caches.pop(bid, None)
         self.parts = {key: p for key, p in self.parts.items() if key[0] != bid}

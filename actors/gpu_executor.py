@@ -24,6 +24,7 @@ from ..models.source import open_source
 from ..placement.plan import Plan, split_range
 from ..scheduler.batch_state import SpecRunner
 from .disk_tier import DiskTier
+from .pass_layers import PassLayers
 from .shm_layout import map_file, views
 from .stage_timer import StageTimer
 from .weight_stream import WeightStreamer
@@ -82,6 +83,7 @@ class GPUExecutor:
                                  fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch, sinks=plan.draft_sinks,
                                  graphs=plan.draft_graphs, draft_kv=plan.draft_kv)
         self.tb: dict[int, dict] = {}
+        self.pass_layers = PassLayers()
         self._drafting: dict[int, object] = {}
         self.streamer.prefetch()
         self.init_seconds = time.perf_counter() - t0
@@ -128,6 +130,10 @@ class GPUExecutor:
         t = to_device(idx, self.device, torch.long)
         self.tb[bid]["lens"] = self.tb[bid]["lens"][t]
         self.runner.keep(bid, idx)
+
+    def compact(self, bid):
+        """Free the device memory of the batch's finished rows (a new batch is joining)."""
+        self.runner.compact(bid)
 
     def free(self, bid):
         self.tb.pop(bid, None)
@@ -194,6 +200,10 @@ class GPUExecutor:
                        for lo, hi in split_range(len(ql), micro_batches)]
         return len(st["parts"])
 
+    def pass_begin(self, parts: int):
+        """The pass about to run has this many parts (micro-batches over all its batches)."""
+        self.pass_layers.begin(parts)
+
     def _pre(self, part, j):
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
@@ -202,11 +212,11 @@ class GPUExecutor:
             q, k, v = (to_wire(t) for t in to_host(q, k, v))
         return q, k, v, part["q_lens_np"], part["lo"], part["hi"]
 
-    def _post(self, part, j, attn, last: bool):
+    def _post(self, part, j, attn):
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) ffn"):
             part["h"] = post_attention(self.spec, w, part["h"], to_device(from_wire(attn), self.device))
-        if last:  # every micro-batch is past layer j: its slot may be refilled
+        if self.pass_layers.finished(j):  # every part of the pass is past layer j: refill its slot
             self._done(j)
 
     @torch.inference_mode()
@@ -214,7 +224,7 @@ class GPUExecutor:
         """Micro-batch p: finish layer j-1 with its attention output (j > 0), start layer j."""
         parts = self.tb[bid]["parts"]
         if j > 0:
-            self._post(parts[p], j - 1, attn, last=p == len(parts) - 1)
+            self._post(parts[p], j - 1, attn)
         return self._pre(parts[p], j)
 
     @torch.inference_mode()
@@ -223,7 +233,7 @@ class GPUExecutor:
         st, spec = self.tb[bid], self.spec
         parts = st.pop("parts")
         for p, attn in enumerate(attns):
-            self._post(parts[p], spec.num_layers - 1, attn, last=p == len(parts) - 1)
+            self._post(parts[p], spec.num_layers - 1, attn)
         with self.timer.span("target"):
             logits = head(spec, self.glob["norm"], self.glob["head"], torch.cat([x["h"] for x in parts]))
         B = st["q_lens"].shape[0]

@@ -15,6 +15,10 @@ class RunConfig:
     k_max: int = 8
     adaptive_k: bool = False
     batch_size: int = 64  # sequences per batch (dual: per each of the two batches)
+    # none/single: waiting requests start as a new batch that joins the running batches'
+    # target passes once `refill_rows` rows have finished (0: a quarter of batch_size)
+    refill: bool = True
+    refill_rows: int = 0
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -25,6 +29,10 @@ class RunConfig:
             raise ConfigError(f"k_max must be in k..16, got {self.k_max}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.refill_rows <= self.batch_size:
+            raise ConfigError(f"refill_rows must be in 0..batch_size, got {self.refill_rows}")
+        if self.refill_rows == 0:
+            object.__setattr__(self, "refill_rows", max(1, self.batch_size // 4))
 
     @property
     def speculative(self) -> bool:

@@ -153,6 +153,13 @@ class KVCache:
             self.v = [t[keep] for t in self.v]
         self.lens = self.lens[keep]
 
+    def compact(self):
+        """Storage for exactly the rows kept: `select` in place leaves the finished rows'
+        memory allocated, which a batch joining the same passes needs."""
+        keep = lambda t: t.pin_memory() if t.is_pinned() else t.clone()  # noqa: E731
+        self.k = [keep(t) for t in self.k]
+        self.v = [keep(t) for t in self.v]
+
     def part(self, lo: int, hi: int) -> "KVCache":
         """Sequences [lo, hi) as a cache of their own that shares this one's storage (a
         micro-batch of a pass); its lengths are copied, hand them back with `merge`."""

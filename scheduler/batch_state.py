@@ -125,6 +125,13 @@ class SpecRunner:
             self._graphs.pop(bid, None)  # its addresses are stale now; free its memory first
             st.draft_cache.select(torch.as_tensor(idx))
 
+    def compact(self, bid: int):
+        """Free the draft KV of the batch's finished rows (see KVCache.compact)."""
+        st = self.batches[bid]
+        if st.draft_cache is not None:
+            self._graphs.pop(bid, None)  # it holds the old storage
+            st.draft_cache.compact()
+
     def free(self, bid: int):
         self.batches.pop(bid, None)
         self._graphs.pop(bid, None)

@@ -15,7 +15,7 @@ import numpy as np
 from ..configs.run_config import RunConfig
 from .request import Request
 from .sampler import SamplingTensors
-from .schedule import PassTimes, alpha_from_accepted, choose_k, steps
+from .schedule import PassTimes, Step, alpha_from_accepted, choose_k, steps
 
 
 @dataclass
@@ -29,6 +29,7 @@ class RunStats:
     first_tokens: int = 0  # tokens that came out of prefill
     seconds: float = 0.0
     prefill_seconds: float = 0.0  # until every batch of each wave had its first token
+    batches: int = 0  # batches started (more than requests / batch size when batches refill)
     k_history: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -45,6 +46,7 @@ class RunStats:
             "tokens_per_seq_pass": round((self.tokens - self.first_tokens) / self.seq_passes, 4)
             if self.seq_passes else None,
             "k_mean": round(float(np.mean(self.k_history)), 3) if self.k_history else 0,
+            "batches": self.batches,
         }
 
 
@@ -92,6 +94,9 @@ class Generator:
         cfg = self.cfg
         n_batches = 2 if cfg.schedule == "dual" else 1
         queue = list(requests)
+        if cfg.refill and cfg.schedule != "dual":
+            self._run_continuous(queue)
+            queue = []
         while queue:
             wave = []
             for _ in range(n_batches):
@@ -105,23 +110,62 @@ class Generator:
     def _capacity(self, reqs) -> int:
         return max(len(r.prompt_ids) + r.params.max_tokens for r in reqs) + self.cfg.k_max + 2
 
-    def _run_wave(self, wave: list[list[Request]]):
+    def _start(self, reqs: list[Request]):
+        """A new batch: its target prefill (and the draft's) submitted; returns (batch, handle)."""
+        b = _Batch(self._next_bid, reqs)
+        self._next_bid += 1
+        self.backend.start(b.bid, [r.prompt_ids for r in reqs], sampling_tensors(reqs), self._capacity(reqs),
+                           with_draft=self.cfg.schedule != "none")
+        self.stats.prefill_tokens += sum(len(r.prompt_ids) for r in reqs)
+        self.stats.batches += 1
+        return b, self.backend.prefill(b.bid, b.uniforms(1)[:, 0])
+
+    def _first_tokens(self, b: _Batch, handle):
+        before = self.stats.tokens
+        self._apply(b, *self.backend.get(handle), k=0, prefill=True)
+        self.stats.first_tokens += self.stats.tokens - before
+
+    def _run_continuous(self, queue: list[Request]):
+        """Batches that share target passes: when enough rows of the running batches have
+        finished and requests wait, they start as a new batch whose verification joins the
+        same streamed passes. Without this, each pass of a batch's tail (its last, slowest
+        sequences) streams every weight for a handful of rows; with speculation the tail is
+        long, since sequences accept different counts each round."""
         be, cfg = self.backend, self.cfg
         speculative = cfg.schedule != "none"
+        live: dict[int, _Batch] = {}
+        while queue or live:
+            free = cfg.batch_size - sum(len(b.reqs) for b in live.values())
+            if queue and free >= (1 if not live else cfg.refill_rows):
+                t0 = time.perf_counter()
+                for b in live.values():
+                    be.compact(b.bid)  # give the finished rows' memory to the joining batch
+                reqs, queue[:] = queue[:free], queue[free:]
+                b, h = self._start(reqs)
+                self._first_tokens(b, h)
+                self.stats.prefill_seconds += time.perf_counter() - t0
+                if not b.reqs:
+                    be.free(b.bid)
+                    continue
+                live[b.bid] = b
+                if speculative:
+                    self._propose(b)
+            ids = tuple(live)
+            self._step(Step(ids, ids if speculative else ()), live)
+            for bid in [i for i, b in live.items() if not b.reqs]:
+                be.free(bid)
+                del live[bid]
+
+    def _run_wave(self, wave: list[list[Request]]):
+        be, cfg = self.backend, self.cfg
         batches, handles = [], []
         t0 = time.perf_counter()
         for reqs in wave:
-            b = _Batch(self._next_bid, reqs)
-            self._next_bid += 1
-            be.start(b.bid, [r.prompt_ids for r in reqs], sampling_tensors(reqs), self._capacity(reqs),
-                     with_draft=speculative)
-            handles.append(be.prefill(b.bid, b.uniforms(1)[:, 0]))
-            self.stats.prefill_tokens += sum(len(r.prompt_ids) for r in reqs)
+            b, h = self._start(reqs)
             batches.append(b)
+            handles.append(h)
         for b, h in zip(batches, handles):
-            before = self.stats.tokens
-            self._apply(b, *be.get(h), k=0, prefill=True)
-            self.stats.first_tokens += self.stats.tokens - before
+            self._first_tokens(b, h)
         self.stats.prefill_seconds += time.perf_counter() - t0
         batches = [b for b in batches if b.reqs]
         if not batches:
