@@ -72,7 +72,7 @@ class LLM:
                  gpu_memory=None, plan=None, schedule: str | None = None, k: int = 4,
                  adaptive_k: bool = False, batch_size: int | None = None, dtype: str | None = None,
                  draft_window: int | None = None, draft_kv_fp8: bool = False, micro_batches: int | None = None,
-                 draft_sinks: int | None = None, draft_kv: str | None = None,
+                 draft_sinks: int | None = None, draft_kv: str | None = None, refill: bool | None = None,
                  trace: bool = False, ray_address: str | None = None, progress: bool = True):
         if engine not in ("ray", "reference"):
             raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
@@ -110,8 +110,12 @@ class LLM:
             from dataclasses import replace
 
             self.plan = replace(self.plan, trace=True)
+        # Refill (default: on a GPU) pays where a pass costs the same whatever its rows (weights
+        # streamed to a GPU); on a CPU a pass costs what its rows cost, and each extra batch in
+        # a pass reads the weights again.
+        refill = self.plan.device == "cuda" if refill is None else refill
         self.run_cfg = RunConfig(schedule=schedule, k=k, k_max=max(k, 8), adaptive_k=adaptive_k,
-                                 batch_size=self.plan.batch_size)
+                                 batch_size=self.plan.batch_size, refill=refill)
         self.engine, self.progress = engine, progress
         self._next_rid = 0
         self.last_stats: dict = {}

