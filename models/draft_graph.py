@@ -44,6 +44,7 @@ class GraphedDraftStep:
         self.q_lens = torch.ones(cache.batch, dtype=torch.long, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.error: Exception | None = None  # why capture failed, if it did
 
     def serves(self, cache) -> bool:
         return cache is self.cache and _storage_key(cache) == self.key
@@ -58,10 +59,14 @@ class GraphedDraftStep:
             # The first step runs eagerly (the warm-up capture needs: cuBLAS handles, the RoPE
             # table), then is recorded; recording runs nothing, so the cache advances once.
             out = self._forward()
-            g = torch.cuda.CUDAGraph()
-            # thread_local: the weight streamer's feeder thread keeps issuing copies meanwhile.
-            with torch.cuda.graph(g, capture_error_mode="thread_local"):
-                self.logits = self._forward()
+            try:
+                g = torch.cuda.CUDAGraph()
+                # thread_local: the weight streamer's feeder thread keeps issuing copies meanwhile.
+                with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                    self.logits = self._forward()
+            except RuntimeError as e:  # the caller falls back to eager steps
+                self.error = e
+                return out
             self.graph = g
             return out
         self.graph.replay()

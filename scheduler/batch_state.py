@@ -12,6 +12,7 @@ Bookkeeping of one round with k proposals, per sequence:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,7 +145,12 @@ class SpecRunner:
             if g is None or not g.serves(st.draft_cache):
                 g = self._graphs[bid] = GraphedDraftStep(self.draft, st.draft_cache)
             self.graph_steps += 1
-            return g.step(toks)
+            out = g.step(toks)
+            if g.error is not None:
+                warnings.warn(f"draft steps run eagerly: CUDA graph capture failed ({g.error})", stacklevel=2)
+                self.graphs_enabled = False
+                self._graphs.pop(bid, None)
+            return out
         return self.draft.forward(st.draft_cache, toks, q_lens, n_q=n_q)
 
     # -- one round -------------------------------------------------------------------------

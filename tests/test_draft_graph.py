@@ -73,6 +73,22 @@ def _rounds(runner, draft, prompts, k, seed=0):
     return out
 
 
+def test_a_failed_capture_falls_back_to_eager_steps(tiny_dir, monkeypatch):
+    """Where capture fails (here: a CPU build, which has no graphs) the step that tried it still
+    returns its eager result, a warning says so, and later steps run eagerly: same proposals."""
+    import specoffload.scheduler.batch_state as bs
+
+    draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)))
+    prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)]
+    want = _rounds(SpecRunner(draft, "cpu", window=4, sinks=2, graphs=False), draft, prompts, k=4)
+    monkeypatch.setattr(bs, "graphable", lambda model, cache: True)
+    runner = SpecRunner(draft, "cpu", window=4, sinks=2)
+    with pytest.warns(UserWarning, match="draft steps run eagerly: CUDA graph capture failed"):
+        got = _rounds(runner, draft, prompts, k=4)
+    assert not runner.graphs_enabled and runner.graph_steps == 1  # tried once, then eager
+    assert all(torch.equal(w, o) for w, o in zip(want, got))
+
+
 @cuda_only
 @pytest.mark.parametrize("fp8,sinks", [(False, 0), (True, 2)])
 def test_graphed_draft_proposes_what_eager_steps_do(tiny_dir, fp8, sinks):
