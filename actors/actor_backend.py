@@ -2,9 +2,10 @@
 
 Every call is submitted ahead and returns an object ref; refs flow from one actor to the
 next without the coordinator waiting (`ray.get` happens once per pass, on the few bytes of
-accepted tokens). Proposals for a batch that is not being verified are split into single
-draft steps and queued between the pass's layer calls, so the executor drafts in the gaps
-while the CPU worker computes attention.
+accepted tokens). Verifications queued together (the running batches of a refilled
+workload) run as one streamed pass: each layer's weights serve every batch. Proposals for a
+batch that is not being verified are split into single draft steps and queued between the
+pass's layer calls, so the executor drafts in the gaps while the CPU worker computes attention.
 """
 
 from __future__ import annotations
