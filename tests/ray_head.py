@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +55,13 @@ class RayHead:
     env: dict
     sid: int = 0
     log: list = field(default_factory=list)
-    temp_dir: Path | None = None  # default: root / "ray"
+    temp_dir: Path | None = None  # default: a new short folder under /tmp
 
     def __post_init__(self):
-        self.temp_dir = Path(self.temp_dir) if self.temp_dir else Path(self.root) / "ray"
+        # Short on purpose: Ray puts AF_UNIX sockets under <temp>/session_<date>_<pid>/sockets/,
+        # and a socket path over 107 bytes fails (a pytest tmp path such as
+        # /tmp/pytest-of-root/pytest-107/rayjob0/ray made the dashboard's MetricsHead fail).
+        self.temp_dir = Path(self.temp_dir) if self.temp_dir else Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
 
     @property
     def address(self) -> str:

@@ -10,6 +10,7 @@ top-level folders (`models`, `configs`, `tests`...) on the workers' sys.path.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ def head(tmp_path_factory):
         yield h
     finally:
         stop_head(h)  # `ray stop --force` for this head only
+        shutil.rmtree(h.temp_dir, ignore_errors=True)
 
 
 def _submit(head, sid, *args, timeout=120):
