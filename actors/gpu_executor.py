@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.attention import KVCache, pack_index
-from ..models.host_io import to_device, to_host
+from ..models.host_io import packed, to_device, to_host
 from ..models.layers import embed, head, post_attention, pre_attention, rope_cos_sin
 from ..models.resident import ResidentModel, last_index
 from ..models.source import open_source
@@ -148,8 +148,7 @@ class GPUExecutor:
         subs = st.setdefault("subs", {})
         if j == 0:
             prompts = st["prompts"][s * P:(s + 1) * P]
-            q_lens = to_device([len(p) for p in prompts], self.device, torch.long)
-            toks = to_device([t for p in prompts for t in p], self.device, torch.long)
+            toks, q_lens = packed(prompts, self.device)
             _, i = pack_index(q_lens, toks.shape[0])
             subs[s] = {"h": embed(self.glob["embed"], toks), "q_lens": q_lens, "longest": max(map(len, prompts)),
                        "cs": rope_cos_sin(spec, i, spec.torch_dtype)}
@@ -269,16 +268,11 @@ class GPUExecutor:
         """The draft KV policy for batches started from now on (benchmarks compare them);
         full_context: the draft sees every token (no window, sinks or fp8), as in the paper's
         re-prefill schedule, instead of the plan's window."""
-        r, p = self.runner, self.plan
-        if r.batches:
+        if self.runner.batches:
             raise RuntimeError("the draft KV policy changes only between runs")
-        if policy not in ("gpu", "host", "recompute"):
-            raise ValueError(f"draft_kv must be 'gpu', 'host' or 'recompute', got {policy!r}")
-        r.recompute, r.host_kv = policy == "recompute", policy == "host"
-        if full_context:
-            r.window, r.sinks, r.fp8 = None, 0, False
-        else:
-            r.window, r.sinks, r.fp8 = p.draft_window, p.draft_sinks, p.draft_kv_fp8
+        p = self.plan
+        view = (None, 0, False) if full_context else (p.draft_window, p.draft_sinks, p.draft_kv_fp8)
+        self.runner.configure(policy, *view)
 
     # -- measurements ----------------------------------------------------------------------
     def stats(self) -> dict:

@@ -83,8 +83,6 @@ class WeightStreamer:
         in_flight: deque = deque()
         while True:
             job = self._jobs.get()
-            if job is None:
-                return
             try:
                 with torch.cuda.stream(self.copy_stream):
                     if job.released is not None:

@@ -132,10 +132,11 @@ class KVCache:
         # In place: a draft step captured as a CUDA graph reads the lengths from this storage.
         self.lens.copy_(new_lens)
 
-    def select(self, keep: torch.Tensor):
+    def select(self, keep: torch.Tensor) -> torch.Tensor:
         """Keep only the sequences at indices `keep` (finished ones leave the batch), in that
         order. When every kept row stays put or comes from a row past the new end (the
-        generator's `fill_holes` order), only the moved rows are copied, in place."""
+        generator's `fill_holes` order), only the moved rows are copied, in place. Returns
+        `keep` on the cache's device (for subclasses that index more per-row state)."""
         kh = torch.as_tensor(keep, dtype=torch.long).cpu()  # callers pass host indices: no device read
         keep = to_device(kh, self.lens.device, torch.long)
         n = keep.shape[0]
@@ -152,6 +153,7 @@ class KVCache:
             self.k = [t[keep] for t in self.k]
             self.v = [t[keep] for t in self.v]
         self.lens = self.lens[keep]
+        return keep
 
     def compact(self):
         """Storage for exactly the rows kept: `select` in place leaves the finished rows'
@@ -163,27 +165,23 @@ class KVCache:
     def part(self, lo: int, hi: int) -> "KVCache":
         """Sequences [lo, hi) as a cache of their own that shares this one's storage (a
         micro-batch of a pass); its lengths are copied, hand them back with `merge`."""
-        p = type(self).__new__(type(self))
-        p.__dict__.update(self.__dict__)  # settings (and a ring's fp8 scale lists) are shared
-        p.k = [t[lo:hi] for t in self.k]
-        p.v = [t[lo:hi] for t in self.v]
-        p.lens = self.lens[lo:hi].clone()
-        p._pass = None
-        return p
+        return self._like([t[lo:hi] for t in self.k], [t[lo:hi] for t in self.v], self.lens[lo:hi].clone())
+
+    def _like(self, k: list, v: list, lens: torch.Tensor) -> "KVCache":
+        """A cache of the same kind and settings (a ring's fp8 scale lists shared) over k/v/lens."""
+        c = type(self).__new__(type(self))
+        c.__dict__.update(self.__dict__)
+        c.k, c.v, c.lens, c._pass = k, v, lens, None
+        return c
 
     def merge(self, lo: int, part: "KVCache"):
         self.lens[lo: lo + part.batch] = part.lens
 
     def to(self, device) -> "KVCache":
         """A copy on `device` (a draft cache kept in host memory visits the GPU per round)."""
-        c = type(self).__new__(type(self))
-        c.__dict__.update(self.__dict__)
         # copy=True: a real copy even on the same device, so the write-back path is the same
-        c.k = [t.to(device, non_blocking=True, copy=True) for t in self.k]
-        c.v = [t.to(device, non_blocking=True, copy=True) for t in self.v]
-        c.lens = self.lens.to(device, copy=True)
-        c._pass = None
-        return c
+        move = lambda t: t.to(device, non_blocking=True, copy=True)  # noqa: E731
+        return self._like([move(t) for t in self.k], [move(t) for t in self.v], self.lens.to(device, copy=True))
 
     def load(self, other: "KVCache"):
         """Take over the contents of a same-shaped cache (its copy back from the device)."""

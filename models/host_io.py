@@ -20,6 +20,12 @@ def to_device(x, device, dtype=None) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def packed(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one packed tensor and their lengths, both moved to `device`."""
+    return (to_device([t for s in seqs for t in s], device, torch.long),
+            to_device([len(s) for s in seqs], device, torch.long))
+
+
 def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Device tensors as host tensors (page-locked when they come from a GPU), with one wait
     for all of them. Pinned blocks come from torch's caching host allocator, so they are

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import KVCache, pack_index
-from .host_io import to_device
+from .host_io import packed
 
 FP8_MAX = 448.0
 
@@ -123,9 +123,10 @@ class RingKVCache(KVCache):
         self.pos.copy_(other.pos)
         super().load(other)
 
-    def select(self, keep: torch.Tensor):
-        super().select(keep)
-        self.pos = self.pos[to_device(torch.as_tensor(keep).cpu(), self.pos.device, torch.long)]
+    def select(self, keep: torch.Tensor) -> torch.Tensor:
+        keep = super().select(keep)
+        self.pos = self.pos[keep]
+        return keep
 
     def start_at(self, lens: torch.Tensor):
         """Sequences whose first cached token is not position 0 (a window re-prefill)."""
@@ -168,8 +169,7 @@ def prime(model, cache: KVCache, prompts: list[list[int]], window: int | None, s
             # A chunk runs on a view of its own rows: attention and masks cost what the chunk
             # holds, not the whole batch.
             part = cache.part(lo, hi) if chunk < n else cache
-            toks = to_device([t for s in segs[lo:hi] for t in s], dev, torch.long)
-            q_lens = to_device([len(s) for s in segs[lo:hi]], dev, torch.long)
+            toks, q_lens = packed(segs[lo:hi], dev)
             last = phase == "window" and chunk >= n and which == "last"
             out = model.forward(part, toks, q_lens, which="last" if last else None)
             if part is not cache:

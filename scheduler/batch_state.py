@@ -20,7 +20,7 @@ import torch
 
 from ..models.attention import KVCache
 from ..models.draft_graph import GraphedDraftStep, graphable
-from ..models.host_io import to_device, to_host
+from ..models.host_io import packed, to_device, to_host
 from ..models.resident import ResidentModel
 from ..models.ring_cache import prime
 from .sampler import SamplingTensors, probs_from_logits, sample
@@ -56,28 +56,30 @@ class SpecRunner:
         round, then back; "recompute" rebuilds it every round from each sequence's tokens,
         a chunk at a time, and drops it (the paper's answer when the draft KV of a batch does
         not fit). With "host" and "recompute" device memory holds one chunk's draft KV."""
-        if draft_kv not in DRAFT_KV:
-            raise ValueError(f"draft_kv must be one of {', '.join(DRAFT_KV)}, got {draft_kv!r}")
-        self.recompute = draft_kv == "recompute"
-        self.host_kv = draft_kv == "host"
         self.draft, self.device = draft, torch.device(device)
-        self.sinks = sinks
-        if sinks and window is None:
-            raise ValueError("attention sinks need a draft window")
-        self.window, self.fp8, self.prefill_chunk, self.max_new = window, fp8, prefill_chunk, max_new
-        if fp8 and window is None:
-            raise ValueError("an fp8 draft KV cache needs a draft window")
+        self.prefill_chunk, self.max_new = prefill_chunk, max_new
+        self.configure(draft_kv, window, sinks, fp8)
         self.batches: dict[int, BatchState] = {}
         self.graphs_enabled = graphs
         self._graphs: dict[int, GraphedDraftStep] = {}  # per batch: its captured draft step
         self.graph_steps = 0  # draft steps that ran through a graph (captures included)
+
+    def configure(self, draft_kv: str, window: int | None, sinks: int, fp8: bool):
+        """Where the draft's KV lives and what it sees, for batches started from now on."""
+        if draft_kv not in DRAFT_KV:
+            raise ValueError(f"draft_kv must be one of {', '.join(DRAFT_KV)}, got {draft_kv!r}")
+        if sinks and window is None:
+            raise ValueError("attention sinks need a draft window")
+        if fp8 and window is None:
+            raise ValueError("an fp8 draft KV cache needs a draft window")
+        self.draft_kv, self.window, self.sinks, self.fp8 = draft_kv, window, sinks, fp8
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, bid: int, samp: SamplingTensors, prompts: list[list[int]] | None, capacity: int):
         st = BatchState(last=torch.zeros(len(samp.temperature), dtype=torch.long, device=self.device),
                         samp=samp)
         if self.draft is not None and prompts is not None:
-            if self.recompute:
+            if self.draft_kv == "recompute":
                 st.history = [list(p) for p in prompts]
             else:
                 st.draft_cache = self._draft_prefill(prompts, capacity)
@@ -88,10 +90,10 @@ class SpecRunner:
         tokens, at their true positions), a chunk of sequences at a time to bound activation
         memory."""
         # The ring holds W + the most tokens one decode pass adds; a W-token prefill fits too.
-        host = self.host_kv and self.device.type != "cpu"
+        host = self.draft_kv == "host" and self.device.type != "cpu"
         cache = self.draft.new_cache(len(prompts), capacity, window=self.window, fp8=self.fp8,
                                      max_new=self.max_new, sinks=self.sinks, device="cpu" if host else None)
-        if not self.host_kv:
+        if self.draft_kv != "host":
             prime(self.draft, cache, prompts, self.window, self.sinks, chunk=self.prefill_chunk, which=None)
             return cache
         if host:
@@ -166,41 +168,41 @@ class SpecRunner:
         B = st.last.shape[0]
         st.proposals, st.q = None, None
         u = None if st.samp.all_greedy else to_device(u_draft, self.device, torch.float32)
-        if self.host_kv:
+        if self.draft_kv == "gpu":
+            p, q = yield from self._draft_block(bid, st, st.draft_cache, *self._inputs(st.pending), k, slice(0, B), u)
+        else:  # one chunk of sequences on the device at a time
             props, qs = [], []
-            for lo, hi, dev in self._visits(st.draft_cache):
-                pend = st.pending[lo:hi]
-                toks = to_device([t for p in pend for t in p], self.device, torch.long)
-                q_lens = to_device([len(p) for p in pend], self.device, torch.long)
-                n_q = max((len(p) for p in pend), default=1)
-                p, q = yield from self._draft_block(None, st, dev, toks, q_lens, n_q, k, slice(lo, hi), u)
-                props.append(p)
-                qs.append(q)
+            for rows, cache, first in self._chunks(st, k):
                 yield -1
-            p = torch.cat(props) if props else torch.zeros(0, k, dtype=torch.long, device=self.device)
-            q = torch.cat(qs) if qs and qs[0] is not None else None
-        elif self.recompute:
-            props, qs = [], []
-            for lo in range(0, B, self.prefill_chunk):
-                hi = min(B, lo + self.prefill_chunk)
-                hist = st.history[lo:hi]
-                cache = self.draft.new_cache(hi - lo, max(map(len, hist)) + k + 1, window=self.window,
-                                             fp8=self.fp8, max_new=self.max_new, sinks=self.sinks)
-                logits = prime(self.draft, cache, hist, self.window, self.sinks)
-                yield -1
-                p, q = yield from self._draft_block(None, st, cache, logits, None, None, k, slice(lo, hi), u)
+                p, q = yield from self._draft_block(None, st, cache, *first, k, rows, u)
                 props.append(p)
                 qs.append(q)
             p = torch.cat(props) if props else torch.zeros(0, k, dtype=torch.long, device=self.device)
             q = torch.cat(qs) if qs and qs[0] is not None else None
-        else:
-            # Built on the host (pending tokens are host lists): no device reads in the loop.
-            toks = to_device([t for p in st.pending for t in p], self.device, torch.long)
-            q_lens = to_device([len(p) for p in st.pending], self.device, torch.long)
-            n_q = max((len(p) for p in st.pending), default=1)
-            p, q = yield from self._draft_block(bid, st, st.draft_cache, toks, q_lens, n_q, k, slice(0, B), u)
         st.proposals, st.q = p, q
         yield k
+
+    def _inputs(self, pending: list) -> tuple:
+        """A draft step's packed input tokens, per-sequence counts and most tokens of any
+        sequence, built on the host (pending tokens are host lists): no device reads."""
+        return (*packed(pending, self.device), max((len(p) for p in pending), default=1))
+
+    def _chunks(self, st: BatchState, k: int):
+        """(rows, device draft cache of those rows, first step's input) per chunk of a batch
+        whose draft KV is not kept on the device: brought from host memory (and written back
+        when the loop moves on), or rebuilt from each sequence's tokens (the first step's
+        logits come out of that re-prefill)."""
+        if self.draft_kv == "host":
+            for lo, hi, dev in self._visits(st.draft_cache):
+                yield slice(lo, hi), dev, self._inputs(st.pending[lo:hi])
+            return
+        B = st.last.shape[0]
+        for lo in range(0, B, self.prefill_chunk):
+            hi = min(B, lo + self.prefill_chunk)
+            hist = st.history[lo:hi]
+            cache = self.draft.new_cache(hi - lo, max(map(len, hist)) + k + 1, window=self.window,
+                                         fp8=self.fp8, max_new=self.max_new, sinks=self.sinks)
+            yield slice(lo, hi), cache, (prime(self.draft, cache, hist, self.window, self.sinks), None, None)
 
     def _draft_block(self, bid, st: BatchState, cache, first, q_lens, n_q, k: int, rows: slice, u):
         """k draft tokens for the sequences `rows` of a batch, whose draft state is `cache`.
