@@ -2,8 +2,8 @@
 
 A Mixtral-8x7B-shaped target streamed from host memory and a Mistral-7B-shaped draft on the
 GPU (constructed pair, agreement a parameter; see models/constructed.py), the GPU capped
-(default 24 GiB). Each requested mode runs on the same actors and the same prompts in one
-process; the table printed last gives tokens/s and its ratio to mode "none" measured in the
+(default 24 GiB). Each requested mode runs on the same actors in one process, on its own
+random prompts of the same length; the table printed last gives tokens/s and its ratio to mode "none" measured in the
 same run, seconds per target pass, weight-stream GB/s, acceptance and GPU busy fraction.
 
     specoffload bench --workload w1 --modes none,single@6 --draft-window 128 --draft-kv-fp8
@@ -144,6 +144,16 @@ def main(argv=None):
     results = []
     layer_bytes = tspec.layer_param_count() * 2
     runs = [(mode_k, m) for mode_k in modes for m in micro]
+
+    def payload(gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
+        """n requests of random prompt tokens, generating max_tokens each."""
+        return [{"rid": i, "prompt_ids": torch.randint(3, tspec.vocab_size, (a.prompt_len,), generator=gen).tolist(),
+                 "params": {"max_tokens": max_tokens, "ignore_eos": True}, "eos": [2]} for i in range(n)]
+
+    def configure(run_cfg: RunConfig, draft_kv: str):
+        ray.get(coord.set_run_config.remote(run_cfg))
+        # +recompute is the paper's schedule: the draft re-reads each sequence's whole context.
+        ray.get(coord.set_draft_kv.remote(draft_kv, draft_kv == "recompute"))
     if not a.no_warmup:
         # The first generation on fresh actors pays one-off costs (CUDA and cuBLAS start-up,
         # allocator growth, first graph captures): a short run of each schedule takes them, so
@@ -151,13 +161,9 @@ def main(argv=None):
         # first mode had the slowest prefill: 11.4 s against 7.1 s, and 10.0 s against 9.1 s).
         t = time.perf_counter()
         wg = torch.Generator().manual_seed(1)
-        for mode, k, _, draft_kv in dict.fromkeys((v[0], v[1], False, v[3]) for v in modes.values()):
-            n = 2 if mode == "dual" else 1
-            warm = [{"rid": i, "prompt_ids": torch.randint(3, tspec.vocab_size, (a.prompt_len,), generator=wg).tolist(),
-                     "params": {"max_tokens": min(a.gen, 4), "ignore_eos": True}, "eos": [2]} for i in range(n)]
-            ray.get(coord.set_run_config.remote(RunConfig(schedule=mode, k=k, k_max=max(k, 8), batch_size=1)))
-            ray.get(coord.set_draft_kv.remote(draft_kv, draft_kv == "recompute"))
-            ray.get(coord.generate.remote(warm))
+        for mode, k, draft_kv in dict.fromkeys((v[0], v[1], v[3]) for v in modes.values()):
+            configure(RunConfig(schedule=mode, k=k, k_max=max(k, 8), batch_size=1), draft_kv)
+            ray.get(coord.generate.remote(payload(wg, 2 if mode == "dual" else 1, min(a.gen, 4))))
         print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
     for mode_k, m in runs:
         mode, k, adaptive, draft_kv = modes[mode_k]
@@ -166,20 +172,15 @@ def main(argv=None):
         # target KV of n sequences in every mode.
         bs = max(n // 2, 1) if mode == "dual" else n
         n = a.requests or n
-        prompts = [torch.randint(3, tspec.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(n)]
-        payload = [{"rid": i, "prompt_ids": p, "params": {"max_tokens": a.gen, "ignore_eos": True}, "eos": [2]}
-                   for i, p in enumerate(prompts)]
-        ray.get(coord.set_run_config.remote(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8),
-                                                      adaptive_k=adaptive, batch_size=bs,
-                                                      refill=not a.no_refill)))
+        work = payload(g, n, a.gen)
+        configure(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive,
+                            batch_size=bs, refill=not a.no_refill), draft_kv)
         ray.get(coord.set_micro_batches.remote(m))
-        # +recompute is the paper's schedule: the draft re-reads each sequence's whole context.
-        ray.get(coord.set_draft_kv.remote(draft_kv, draft_kv == "recompute"))
         if a.trace_dir:
             ray.get(coord.trace.remote())  # drop spans of earlier modes
         before = ray.get(coord.stats.remote())
         t = time.perf_counter()
-        st = ray.get(coord.generate.remote(payload))
+        st = ray.get(coord.generate.remote(work))
         wall = time.perf_counter() - t
         ray.get(coord.poll.remote())
         d = {k: st[k] - before.get(k, 0) if isinstance(st[k], (int, float)) and k in before else st[k] for k in st}
