@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "from each sequence's whole context) and an "
                                                            "optional @k or @auto (e.g. single@6, single@auto)")
     ap.add_argument("--prefill-batch", type=int, default=32)
+    ap.add_argument("--slots", type=int, default=2, help="device buffers the streamed target layers rotate through")
     ap.add_argument("--attention-threads", type=int, default=max((os.cpu_count() or 2) - 2, 1))
     ap.add_argument("--no-draft", action="store_true")
     ap.add_argument("--draft-window", type=int, help="draft attends over the last W tokens (KV ring)")
@@ -108,15 +109,20 @@ def main(argv=None):
     from specoffload.actors.coordinator import Coordinator
     from specoffload.configs.run_config import RunConfig
     from specoffload.models.constructed import constructed_pair, mistral_7b, mixtral_8x7b
+    from specoffload.errors import ConfigError
     from specoffload.placement.plan import Plan
 
     tspec, dspec = mixtral_8x7b(a.target_layers), mistral_7b(a.draft_layers)
     tsrc, dsrc = constructed_pair(tspec, dspec, a.agreement)
     cuda = torch.cuda.is_available()
-    plan = Plan(device="cuda" if cuda else "cpu", gpu_memory=a.gpu_memory if cuda else None,
-                batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
-                attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
-                draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir))
+    try:
+        plan = Plan(device="cuda" if cuda else "cpu", gpu_memory=a.gpu_memory if cuda else None, num_slots=a.slots,
+                    batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
+                    attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
+                    draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir))
+    except ConfigError as e:
+        print(f"specoffload bench: error: {e}", file=sys.stderr)
+        return 2
     try:
         modes = parse_modes(a.modes, a.k)
     except ValueError as e:
@@ -204,6 +210,8 @@ def main(argv=None):
             "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
             "draft_gpu_s": round(d.get("draft_s", 0), 2), "copy_s": round(copy_s, 2),
             "draft_graph_steps": d.get("draft_graph_steps", 0),
+            # the executor's peak device memory so far (the cap bounds it)
+            "gpu_peak_gib": round(ray.get(coord.memory.remote()).get("max_allocated", 0) / 2**30, 2),
         }
         row["micro_batches"] = m
         if len(micro) > 1:

@@ -93,6 +93,10 @@ class Coordinator:
         full_context: the draft attends over every token (the plan's window set aside)."""
         ray.get(self.executor.set_draft_kv.remote(policy, full_context))
 
+    def memory(self) -> dict:
+        """The executor's device memory in bytes: allocated now, and the peak so far."""
+        return ray.get(self.executor.memory.remote())
+
     def stats(self) -> dict:
         return self.backend.stats()
 

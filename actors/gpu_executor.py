@@ -83,6 +83,7 @@ class GPUExecutor:
                                  fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch, sinks=plan.draft_sinks,
                                  graphs=plan.draft_graphs, draft_kv=plan.draft_kv)
         self.tb: dict[int, dict] = {}
+        self._failed: dict[int, Exception] = {}  # batches whose start raised: why
         self.pass_layers = PassLayers()
         self._drafting: dict[int, object] = {}
         self.streamer.prefetch()
@@ -122,13 +123,26 @@ class GPUExecutor:
 
     # -- batches ---------------------------------------------------------------------------
     def start(self, bid, prompts, samp, capacity, with_draft):
-        with self.timer.span("prefill"):
-            self.runner.start(bid, samp, prompts if (with_draft and self.runner.draft) else None, capacity)
+        try:
+            with self.timer.span("prefill"):
+                self.runner.start(bid, samp, prompts if (with_draft and self.runner.draft) else None, capacity)
+        except Exception as e:
+            # The backend queues this batch's prefill layers without waiting for start: each
+            # of them should report this cause, not an unknown batch.
+            self._failed[bid] = e
+            raise
         self.tb[bid] = {"bid": bid, "prompts": prompts, "lens": to_device([len(p) for p in prompts], self.device, torch.long)}
+
+    def _batch(self, bid) -> dict:
+        if bid in self.tb:
+            return self.tb[bid]
+        err = self._failed.get(bid)
+        raise RuntimeError(f"batch {bid} did not start on the executor: {err}" if err else f"no batch {bid} on the executor")
 
     def keep(self, bid, idx):
         t = to_device(idx, self.device, torch.long)
-        self.tb[bid]["lens"] = self.tb[bid]["lens"][t]
+        st = self._batch(bid)
+        st["lens"] = st["lens"][t]
         self.runner.keep(bid, idx)
 
     def compact(self, bid):
@@ -137,6 +151,7 @@ class GPUExecutor:
 
     def free(self, bid):
         self.tb.pop(bid, None)
+        self._failed.pop(bid, None)
         self.runner.free(bid)
         self._drafting.pop(bid, None)
 
@@ -144,7 +159,7 @@ class GPUExecutor:
     @torch.inference_mode()
     def prefill_layer(self, bid, s: int, j: int):
         """Layer j for prefill sub-batch s, attention on the device; returns its K/V."""
-        st, spec, P = self.tb[bid], self.spec, self.plan.prefill_batch
+        st, spec, P = self._batch(bid), self.spec, self.plan.prefill_batch
         subs = st.setdefault("subs", {})
         if j == 0:
             prompts = st["prompts"][s * P:(s + 1) * P]
@@ -175,7 +190,7 @@ class GPUExecutor:
 
     @torch.inference_mode()
     def prefill_head(self, bid, u_sample):
-        st = self.tb[bid]
+        st = self._batch(bid)
         subs = st.pop("subs")
         logits = torch.cat([subs[s]["logits"] for s in sorted(subs)])
         return self.runner.finish(bid, logits[:, None], 0, None, u_sample, first=True)
@@ -186,7 +201,7 @@ class GPUExecutor:
     # attends for one micro-batch the GPU computes another.
     @torch.inference_mode()
     def verify_begin(self, bid, k: int, micro_batches: int = 1):
-        st, spec = self.tb[bid], self.spec
+        st, spec = self._batch(bid), self.spec
         toks, q_lens = self.runner.target_inputs(bid, k)
         b, i = pack_index(q_lens, toks.shape[0])
         cos, sin = rope_cos_sin(spec, st["lens"][b] + i, spec.torch_dtype)
@@ -221,7 +236,7 @@ class GPUExecutor:
     @torch.inference_mode()
     def target_layer(self, bid, j: int, attn, p: int = 0):
         """Micro-batch p: finish layer j-1 with its attention output (j > 0), start layer j."""
-        parts = self.tb[bid]["parts"]
+        parts = self._batch(bid)["parts"]
         if j > 0:
             self._post(parts[p], j - 1, attn)
         return self._pre(parts[p], j)
@@ -229,7 +244,7 @@ class GPUExecutor:
     @torch.inference_mode()
     def verify_head(self, bid, k: int, u_accept, u_sample, *attns):
         """Finish the last layer of every micro-batch (one attention output each), then verify."""
-        st, spec = self.tb[bid], self.spec
+        st, spec = self._batch(bid), self.spec
         parts = st.pop("parts")
         for p, attn in enumerate(attns):
             self._post(parts[p], spec.num_layers - 1, attn)

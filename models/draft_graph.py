@@ -38,8 +38,11 @@ class GraphedDraftStep:
     advancing the cache, exactly as `model.forward(cache, tokens, ones, n_q=1)` does. The
     returned tensor is overwritten by the next step: use it before then."""
 
-    def __init__(self, model, cache: RingKVCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache: RingKVCache, pool=None):
+        """pool: the memory pool of a capture this one replaces (`.pool()` of its graph, which
+        must never replay again): the new capture reuses its memory."""
+        self.model, self.cache, self.pool = model, cache, pool
+        self.stale = False  # set when the cache's rows change: the graph must not replay
         self.key = _storage_key(cache)
         dev = model.device
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=dev)
@@ -49,10 +52,28 @@ class GraphedDraftStep:
         self.error: Exception | None = None  # why capture failed, if it did
 
     def serves(self, cache) -> bool:
-        return cache is self.cache and _storage_key(cache) == self.key
+        return not self.stale and cache is self.cache and _storage_key(cache) == self.key
 
     def _forward(self):
         return self.model.forward(self.cache, self.tokens, self.q_lens, n_q=1)
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Record one step. Not `torch.cuda.graph(...)`: on entry it synchronizes the device,
+        which here waits for the weight copies in flight (up to two 2.9 GB layers), and
+        empties the allocator's cache; in a batch's tail the step is recaptured every round."""
+        g = torch.cuda.CUDAGraph()
+        cur = torch.cuda.current_stream(self.model.device)
+        side = torch.cuda.Stream(self.model.device)  # capture must not run on the default stream
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            # thread_local: the weight streamer's feeder thread keeps issuing copies meanwhile.
+            g.capture_begin(*([self.pool] if self.pool is not None else []), capture_error_mode="thread_local")
+            try:
+                self.logits = self._forward()
+            finally:
+                g.capture_end()
+        cur.wait_stream(side)
+        return g
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -62,14 +83,10 @@ class GraphedDraftStep:
             # table), then is recorded; recording runs nothing, so the cache advances once.
             out = self._forward()
             try:
-                g = torch.cuda.CUDAGraph()
-                # thread_local: the weight streamer's feeder thread keeps issuing copies meanwhile.
-                with torch.cuda.graph(g, capture_error_mode="thread_local"):
-                    self.logits = self._forward()
-            except RuntimeError as e:  # the caller falls back to eager steps
+                self.graph = self._capture()
+            except Exception as e:  # noqa: BLE001 - any capture failure: the caller falls back to eager steps
+                # (RuntimeError from CUDA; a build without CUDA raises AssertionError, a CPU model ValueError)
                 self.error = e
-                return out
-            self.graph = g
             return out
         self.graph.replay()
         return self.logits

@@ -125,15 +125,21 @@ class SpecRunner:
         if st.q is not None:
             st.q = st.q[t]
         if st.draft_cache is not None:
-            self._graphs.pop(bid, None)  # its addresses are stale now; free its memory first
+            self._stale(bid)
             st.draft_cache.select(torch.as_tensor(idx))
 
     def compact(self, bid: int):
         """Free the draft KV of the batch's finished rows (see KVCache.compact)."""
         st = self.batches[bid]
         if st.draft_cache is not None:
-            self._graphs.pop(bid, None)  # it holds the old storage
+            self._stale(bid)
             st.draft_cache.compact()
+
+    def _stale(self, bid: int):
+        """The batch's draft cache is about to get new storage: its graph must not replay, but
+        is kept until the next capture takes over its memory pool."""
+        if bid in self._graphs:
+            self._graphs[bid].stale = True
 
     def free(self, bid: int):
         self.batches.pop(bid, None)
@@ -143,11 +149,15 @@ class SpecRunner:
         """One draft forward pass: through the batch's captured graph when every sequence has
         one new token and the cache allows it, else eagerly."""
         if n_q == 1 and self.graphs_enabled and graphable(self.draft, st.draft_cache):
-            g = self._graphs.get(bid)
+            g = old = self._graphs.get(bid)
             if g is None or not g.serves(st.draft_cache):
-                g = self._graphs[bid] = GraphedDraftStep(self.draft, st.draft_cache)
+                # A recapture reuses the memory pool of the capture it replaces, which stays
+                # alive (`old`) until then: a pool is freed with its last graph.
+                pool = old.graph.pool() if old is not None and old.graph is not None else None
+                g = self._graphs[bid] = GraphedDraftStep(self.draft, st.draft_cache, pool)
             self.graph_steps += 1
             out = g.step(toks)
+            del old
             if g.error is not None:
                 warnings.warn(f"draft steps run eagerly: CUDA graph capture failed ({g.error})", stacklevel=2)
                 self.graphs_enabled = False

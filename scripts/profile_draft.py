@@ -2,7 +2,7 @@
 
 Builds a random-weight draft on the device, prefills a batch through `SpecRunner` exactly as
 the executor does, then times rounds of k draft steps with CUDA events and wall clock; the
-last configuration is also run under torch.profiler and its top kernels printed. A table of
+configuration can also run one more round under torch.profiler (`--profile`), top kernels printed. A table of
 milliseconds per draft step comes last.
 
     python scripts/profile_draft.py --configs 192:128:fp8,192:128:fp8:eager --k 6
@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--profile", action="store_true", help="torch.profiler table for the last configuration")
+    ap.add_argument("--sinks", type=int, default=0, help="attention sinks kept beside a window")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table for every configuration's last round")
     a = ap.parse_args(argv)
 
     from specoffload.models.constructed import mistral_7b
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
         B, W, kv, *rest = c.split(":")
         B, W = int(B), int(W) or None
         eager = rest == ["eager"]
-        runner = SpecRunner(draft, dev, window=W, fp8=kv == "fp8", prefill_chunk=32, graphs=not eager)
+        runner = SpecRunner(draft, dev, window=W, fp8=kv == "fp8", prefill_chunk=32, graphs=not eager,
+                            sinks=a.sinks if W else 0)
         g = torch.Generator().manual_seed(i)
         prompts = torch.randint(3, spec.vocab_size, (B, a.prompt_len), generator=g).tolist()
         samp = SamplingTensors(np.zeros(B, np.float32), np.zeros(B, np.int64), np.ones(B, np.float32))
@@ -60,8 +62,8 @@ def main(argv=None) -> int:
         u = np.zeros((B, a.k), np.float32)
         step_ms = []
         prof = None
-        for r in range(a.rounds + 1):
-            if a.profile and i == len(a.configs.split(",")) - 1 and r == a.rounds:
+        for r in range(a.rounds + 1 + a.profile):  # round 0 warms up; a profiled round is extra
+            if r == a.rounds + 1:
                 from torch.profiler import ProfilerActivity, profile
 
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             runner.propose(0, a.k, u)
             sync()
-            if r:  # round 0 warms up
+            if 0 < r <= a.rounds:
                 step_ms.append((time.perf_counter() - t) / a.k * 1e3)
             # The target rejects everything (random logits): one token per sequence, as in a
             # worst-case round; the draft's rollback runs as in a real one.

@@ -178,11 +178,12 @@ def test_cache_compaction_in_place_matches_a_gather():
             assert c.lens.tolist() == [i + 1 for i in idx]
 
 
-@pytest.mark.parametrize("sinks", [0, 2])
-def test_ring_attention_is_window_plus_sinks(sinks):
+@pytest.mark.parametrize("sinks,fp8", [(0, False), (2, False), (2, True)])
+def test_ring_attention_is_window_plus_sinks(sinks, fp8):
     """Ring attention over many passes (ragged prefill, verification blocks, rollbacks, wrap
     around) equals attention over the full history with the mask "within W, or among the
-    first `sinks` positions"."""
+    first `sinks` positions". With fp8 storage: equals it over the keys and values rounded
+    as the ring stores them (per-head scales, clamped), whatever order it applies them in."""
     import torch
 
     from specoffload.models.attention import attend
@@ -190,7 +191,7 @@ def test_ring_attention_is_window_plus_sinks(sinks):
 
     g = torch.Generator().manual_seed(sinks)
     B, Hq, Hkv, d, W = 3, 4, 2, 8, 5
-    ring = RingKVCache(1, B, Hkv, d, W, 4, torch.float32, sinks=sinks)
+    ring = RingKVCache(1, B, Hkv, d, W, 4, torch.float32, sinks=sinks, fp8=fp8)
     K = torch.zeros(B, Hkv, 64, d)  # full history, by absolute position
     V = torch.zeros(B, Hkv, 64, d)
     lens = torch.zeros(B, dtype=torch.long)
@@ -202,6 +203,9 @@ def test_ring_attention_is_window_plus_sinks(sinks):
         q, k, v = (torch.randn(T, h, d, generator=g) for h in (Hq, Hkv, Hkv))
         ring.begin_pass(ql, T)
         got = ring.attend_layer(0, q, k, v)
+        if fp8:  # what the ring holds: k / scale rounded to e4m3, times scale
+            k, v = ((x / s[None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s[None, :, None]
+                    for x, s in ((k, ring.k_scale[0]), (v, ring.v_scale[0])))
         b_idx = torch.repeat_interleave(torch.arange(B), ql)
         i_idx = torch.cat([torch.arange(n) for n in q_lens])
         pos = lens[b_idx] + i_idx
