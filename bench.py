@@ -186,7 +186,13 @@ def main(argv=None):
             ray.get(coord.trace.remote())  # drop spans of earlier modes
         before = ray.get(coord.stats.remote())
         t = time.perf_counter()
-        st = ray.get(coord.generate.remote(work))
+        ref, done = coord.generate.remote(work), 0
+        while not ray.wait([ref], timeout=30)[0]:  # a progress line every 30 s: a cut-short run still says something
+            fin, prog = ray.get(coord.poll.remote())
+            done += len(fin)
+            print(f"  {mode_k}: {time.perf_counter() - t:.0f} s, {done}/{n} requests done, "
+                  f"{prog.get('passes', 0)} passes, {prog.get('tokens', 0)} tokens", flush=True)
+        st = ray.get(ref)
         wall = time.perf_counter() - t
         ray.get(coord.poll.remote())
         d = {k: st[k] - before.get(k, 0) if isinstance(st[k], (int, float)) and k in before else st[k] for k in st}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -36,10 +37,14 @@ class IOLoader:
     def ready(self) -> bool:
         return True
 
-    def load(self, layers: list[int], progress: bool = True) -> dict:
+    def load(self, layers: list[int], progress: bool = True, threads: int | None = None) -> dict:
         """Write the given layers and the globals into shared memory; returns the manifest
         (paths and tensor layouts) the executor maps. Each file is written to a temporary
-        name and renamed, so a reader never maps a half-written layer."""
+        name and renamed, so a reader never maps a half-written layer.
+
+        `threads` layers are read and written at once (default: up to 4, each holding one
+        layer in memory meanwhile): the copies and page faults of one thread ran at about
+        0.6 GB/s, 152 s for W1's 93 GB (Ray gives an actor one torch thread)."""
         out = {"layers": {}, "globals": None, "tied": False, "dir": str(self.dir)}
         bar = tqdm(total=len(layers) + 1, desc="host weights", unit="layer", disable=not progress)
         g = self.source.read_globals()
@@ -48,10 +53,16 @@ class IOLoader:
             g = {k: v for k, v in g.items() if k != "head"}
         out["globals"] = (str(self.dir / "globals.bin"), write_file(self.dir / "globals.bin", g))
         bar.update(1)
-        for j in layers:
+
+        def one(j: int):
             path = self.dir / f"layer_{j:03d}.bin"
-            out["layers"][j] = (str(path), write_file(path, self.source.read_layer(j)))
-            bar.update(1)
+            return j, (str(path), write_file(path, self.source.read_layer(j)))
+
+        threads = threads or max(1, min(4, os.cpu_count() or 1, len(layers)))
+        with ThreadPoolExecutor(threads, thread_name_prefix="layer-writer") as pool:
+            for j, entry in pool.map(one, layers):  # in order; at most `threads` layers in memory ahead
+                out["layers"][j] = entry
+                bar.update(1)
         bar.close()
         self.manifest = out
         return out
