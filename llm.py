@@ -72,7 +72,7 @@ class LLM:
                  gpu_memory=None, plan=None, schedule: str | None = None, k: int = 4,
                  adaptive_k: bool = False, batch_size: int | None = None, dtype: str | None = None,
                  draft_window: int | None = None, draft_kv_fp8: bool = False, micro_batches: int | None = None,
-                 draft_sinks: int | None = None, draft_kv: str | None = None, refill: bool | None = None,
+                 draft_sinks: int | None = None, draft_kv: str | None = None, refill: bool = False,
                  trace: bool = False, ray_address: str | None = None, progress: bool = True):
         if engine not in ("ray", "reference"):
             raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
@@ -110,10 +110,12 @@ class LLM:
             from dataclasses import replace
 
             self.plan = replace(self.plan, trace=True)
-        # Refill (default: on a GPU) pays where a pass costs the same whatever its rows (weights
-        # streamed to a GPU); on a CPU a pass costs what its rows cost, and each extra batch in
-        # a pass reads the weights again.
-        refill = self.plan.device == "cuda" if refill is None else refill
+        # Refill is off unless asked for: each joining batch drafts on its own (its own graph,
+        # its own first eager step) and prefills in a stream of its own, and on W1 (run 7,
+        # docs/benchmarks.md) a refilled request stream decoded 1.53x plain decoding against
+        # 2.36x for the same schedule one batch at a time (that run's draft also lost its CUDA
+        # graphs to an out-of-memory capture, since fixed). On a CPU a pass costs what its
+        # rows cost, and each extra batch in a pass reads the weights again.
         self.run_cfg = RunConfig(schedule=schedule, k=k, k_max=max(k, 8), adaptive_k=adaptive_k,
                                  batch_size=self.plan.batch_size, refill=refill)
         self.engine, self.progress = engine, progress

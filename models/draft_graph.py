@@ -58,9 +58,12 @@ class GraphedDraftStep:
         return self.model.forward(self.cache, self.tokens, self.q_lens, n_q=1)
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        """Record one step. Not `torch.cuda.graph(...)`: on entry it synchronizes the device,
-        which here waits for the weight copies in flight (up to two 2.9 GB layers), and
-        empties the allocator's cache; in a batch's tail the step is recaptured every round."""
+        """Record one step. Like `torch.cuda.graph(...)` minus its device synchronize, which
+        here would wait for the weight copies in flight (up to two 2.9 GB layers), and its
+        host-side cache flush. The allocator's cache is still emptied first: a capture can
+        only allocate into its own pool, and under the GPU cap it otherwise ran out of
+        memory (W1 run 7, the first recapture after sequences finished)."""
+        torch.cuda.empty_cache()
         g = torch.cuda.CUDAGraph()
         cur = torch.cuda.current_stream(self.model.device)
         side = torch.cuda.Stream(self.model.device)  # capture must not run on the default stream
@@ -70,23 +73,30 @@ class GraphedDraftStep:
             g.capture_begin(*([self.pool] if self.pool is not None else []), capture_error_mode="thread_local")
             try:
                 self.logits = self._forward()
-            finally:
-                g.capture_end()
+            except BaseException:
+                try:  # the capture is void; end it quietly so the forward's error (say OOM) is what surfaces
+                    g.capture_end()
+                except Exception:  # noqa: BLE001, S110
+                    pass
+                raise
+            g.capture_end()
         cur.wait_stream(side)
         return g
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
-        if self.graph is None:
-            # The first step runs eagerly (the warm-up capture needs: cuBLAS handles, the RoPE
-            # table), then is recorded; recording runs nothing, so the cache advances once.
-            out = self._forward()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        # The first step runs eagerly (the warm-up capture needs: cuBLAS handles, the RoPE
+        # table), then is recorded; recording runs nothing, so the cache advances once. After
+        # a failed capture every step of this cache state runs eagerly.
+        out = self._forward()
+        if self.error is None:
             try:
                 self.graph = self._capture()
             except Exception as e:  # noqa: BLE001 - any capture failure: the caller falls back to eager steps
                 # (RuntimeError from CUDA; a build without CUDA raises AssertionError, a CPU model ValueError)
                 self.error = e
-            return out
-        self.graph.replay()
-        return self.logits
+        return out

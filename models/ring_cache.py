@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import KVCache, pack_index
+from .attention import KVCache, grouped_mask, pack_index
 from .host_io import packed
 
 FP8_MAX = 448.0
@@ -98,8 +98,7 @@ class RingKVCache(KVCache):
             qg = qg * self.k_scale[layer].to(kk.dtype)[None, :, None, None]
         key = (self.windows[layer], G)
         if key not in self._grouped:
-            m = masks[key[0]]  # [B, 1, n_q, C]
-            self._grouped[key] = m[:, :, None].expand(B, 1, G, n_q, m.shape[-1]).reshape(B, 1, G * n_q, m.shape[-1])
+            self._grouped[key] = grouped_mask(masks[key[0]], G)
         mg = self._grouped[key]
         out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mg)  # [B, Hkv, G*n_q, d]
         if self.fp8:

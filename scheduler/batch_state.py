@@ -63,6 +63,7 @@ class SpecRunner:
         self.graphs_enabled = graphs
         self._graphs: dict[int, GraphedDraftStep] = {}  # per batch: its captured draft step
         self.graph_steps = 0  # draft steps that ran through a graph (captures included)
+        self._oom_warned = False
 
     def configure(self, draft_kv: str, window: int | None, sinks: int, fp8: bool):
         """Where the draft's KV lives and what it sees, for batches started from now on."""
@@ -150,18 +151,28 @@ class SpecRunner:
         one new token and the cache allows it, else eagerly."""
         if n_q == 1 and self.graphs_enabled and graphable(self.draft, st.draft_cache):
             g = old = self._graphs.get(bid)
-            if g is None or not g.serves(st.draft_cache):
+            fresh = g is None or not g.serves(st.draft_cache)
+            if fresh:
                 # A recapture reuses the memory pool of the capture it replaces, which stays
                 # alive (`old`) until then: a pool is freed with its last graph.
                 pool = old.graph.pool() if old is not None and old.graph is not None else None
                 g = self._graphs[bid] = GraphedDraftStep(self.draft, st.draft_cache, pool)
-            self.graph_steps += 1
             out = g.step(toks)
             del old
-            if g.error is not None:
-                warnings.warn(f"draft steps run eagerly: CUDA graph capture failed ({g.error})", stacklevel=2)
-                self.graphs_enabled = False
-                self._graphs.pop(bid, None)
+            if g.graph is not None:
+                self.graph_steps += 1
+            elif fresh:
+                if isinstance(g.error, torch.OutOfMemoryError):
+                    # Memory may be there at the next capture (rows leave, batches end):
+                    # only this cache state steps eagerly.
+                    if not self._oom_warned:
+                        warnings.warn(f"a draft step ran out of memory in CUDA graph capture; until the batch's "
+                                      f"rows change its steps run eagerly ({g.error})", stacklevel=2)
+                        self._oom_warned = True
+                else:
+                    warnings.warn(f"draft steps run eagerly: CUDA graph capture failed ({g.error})", stacklevel=2)
+                    self.graphs_enabled = False
+                    self._graphs.pop(bid, None)
             return out
         return self.draft.forward(st.draft_cache, toks, q_lens, n_q=n_q)
 

@@ -85,7 +85,34 @@ def test_a_failed_capture_falls_back_to_eager_steps(tiny_dir, monkeypatch):
     runner = SpecRunner(draft, "cpu", window=4, sinks=2)
     with pytest.warns(UserWarning, match="draft steps run eagerly: CUDA graph capture failed"):
         got = _rounds(runner, draft, prompts, k=4)
-    assert not runner.graphs_enabled and runner.graph_steps == 1  # tried once, then eager
+    assert not runner.graphs_enabled and runner.graph_steps == 0  # tried once, never graphed
+    assert all(torch.equal(w, o) for w, o in zip(want, got))
+
+
+def test_a_capture_out_of_memory_steps_eagerly_until_the_rows_change(tiny_dir, monkeypatch):
+    """A capture that runs out of memory (W1 run 7, under the GPU cap) costs only that cache
+    state its graph: one warning, graphs stay on, and the next cache state (rows left the
+    batch) tries again. Proposals are the eager ones throughout."""
+    import specoffload.scheduler.batch_state as bs
+    from specoffload.models.draft_graph import GraphedDraftStep
+
+    draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)))
+    prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)]
+    want = _rounds(SpecRunner(draft, "cpu", window=4, sinks=2, graphs=False), draft, prompts, k=4)
+    attempts = []
+
+    def no_memory(self):
+        attempts.append(self.cache.batch)
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(bs, "graphable", lambda model, cache: True)
+    monkeypatch.setattr(GraphedDraftStep, "_capture", no_memory)
+    runner = SpecRunner(draft, "cpu", window=4, sinks=2)
+    with pytest.warns(UserWarning, match="ran out of memory in CUDA graph capture") as rec:
+        got = _rounds(runner, draft, prompts, k=4)
+    assert len(rec) == 1 and runner.graphs_enabled and runner.graph_steps == 0
+    B = len(prompts)
+    assert attempts == [B, B - 1]  # once per cache state: before and after a row left
     assert all(torch.equal(w, o) for w, o in zip(want, got))
 
 
