@@ -4,8 +4,8 @@ One draft step of a Mistral-7B-shaped draft for a whole batch is about 1,500 sma
 Launched one by one from Python they cost twice the GPU time they fill (profile_draft on the
 H200: 26 ms per step at batch 192, 12 ms of it GPU time; 45 ms inside the busy executor),
 and a round drafts k of them. A captured graph launches the whole step at once (measured in
-one profile_draft run on the H200: 33.3 -> 23.0 ms per step at batch 192, window 128, fp8;
-33.1 -> 12.0 ms at batch 32; docs/benchmarks.md).
+one profile_draft run on the H200: 33.3 -> 23.0 ms per step at batch 192, window 128, fp8,
+18.3 ms once the fp8 scales moved off the ring; 33.1 -> 12.0 ms at batch 32; docs/benchmarks.md).
 
 A graph bakes in tensor addresses and shapes, so it is captured per cache state: the ring's
 storage stays put across rounds (`truncate` writes lengths in place), so one capture serves
