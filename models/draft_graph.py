@@ -9,8 +9,9 @@ one profile_draft run on the H200: 33.3 -> 23.0 ms per step at batch 192, window
 
 A graph bakes in tensor addresses and shapes, so it is captured per cache state: the ring's
 storage stays put across rounds (`truncate` writes lengths in place), so one capture serves
-every round until finished sequences leave the batch (`select` builds new tensors), after
-which the step is captured again. Only what is safe to capture is graphed: a windowed (ring)
+every round until the cache's rows change (`select` builds new tensors), after which the step
+is captured again. Finished sequences' rows stay in the cache until half of its rows are
+finished (SpecRunner's lazy rows), so a batch's tail recaptures a few times, not every round. Only what is safe to capture is graphed: a windowed (ring)
 draft cache (a full cache sizes its attention from a device read) and a dense draft (MoE
 routing reads expert counts back to the host).
 """

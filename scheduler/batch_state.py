@@ -36,6 +36,10 @@ class BatchState:
     history: list | None = None  # per sequence: every token so far (draft KV recomputed per round)
     proposals: torch.Tensor | None = None  # [B, k]
     q: torch.Tensor | None = None  # [B, k, V] draft probabilities (sampled rows only)
+    # While finished sequences' rows stay in the draft cache (SpecRunner.keep): the cache row
+    # of each live sequence, on the host and on the device. None: row i is sequence i.
+    rows: np.ndarray | None = None
+    rows_t: torch.Tensor | None = None
 
 
 DRAFT_KV = ("gpu", "host", "recompute")
@@ -46,7 +50,7 @@ class SpecRunner:
 
     def __init__(self, draft: ResidentModel | None, device, window: int | None = None, fp8: bool = False,
                  prefill_chunk: int = 64, max_new: int = 18, sinks: int = 0, graphs: bool = True,
-                 draft_kv: str = "gpu"):
+                 draft_kv: str = "gpu", lazy_rows: bool | None = None):
         """window: the draft attends over only the last `window` tokens (its KV a ring);
         fp8: store that ring in fp8; sinks: the first tokens of each sequence it also keeps;
         prefill_chunk: sequences per draft prefill step; graphs: replay the draft's one-token
@@ -55,12 +59,17 @@ class SpecRunner:
         host memory and brings `prefill_chunk` sequences' worth to the device at a time each
         round, then back; "recompute" rebuilds it every round from each sequence's tokens,
         a chunk at a time, and drops it (the paper's answer when the draft KV of a batch does
-        not fit). With "host" and "recompute" device memory holds one chunk's draft KV."""
+        not fit). With "host" and "recompute" device memory holds one chunk's draft KV.
+        lazy_rows: finished sequences' rows stay in a device-kept draft cache, computed and
+        ignored, until half of its rows are finished, so the batch's captured draft step keeps
+        serving instead of being captured again every round of the batch's tail (each capture
+        also empties the allocator cache and runs one step eagerly); None: when steps are graphed."""
         self.draft, self.device = draft, torch.device(device)
         self.prefill_chunk, self.max_new = prefill_chunk, max_new
         self.configure(draft_kv, window, sinks, fp8)
         self.batches: dict[int, BatchState] = {}
         self.graphs_enabled = graphs
+        self.lazy_rows = lazy_rows
         self._graphs: dict[int, GraphedDraftStep] = {}  # per batch: its captured draft step
         self.graph_steps = 0  # draft steps that ran through a graph (captures included)
         self._oom_warned = False
@@ -114,6 +123,13 @@ class SpecRunner:
             part.load(dev)
             cache.merge(lo, part)
 
+    def _lazy(self, st: BatchState) -> bool:
+        if self.draft_kv != "gpu":
+            return False
+        if self.lazy_rows is not None:
+            return self.lazy_rows
+        return self.graphs_enabled and graphable(self.draft, st.draft_cache)
+
     def keep(self, bid: int, idx: np.ndarray):
         st = self.batches[bid]
         t = to_device(idx, self.device, torch.long)
@@ -126,14 +142,22 @@ class SpecRunner:
         if st.q is not None:
             st.q = st.q[t]
         if st.draft_cache is not None:
-            self._stale(bid)
-            st.draft_cache.select(torch.as_tensor(idx))
+            rows = np.asarray(idx) if st.rows is None else st.rows[idx]
+            if self._lazy(st) and 2 * len(rows) > st.draft_cache.batch:
+                st.rows, st.rows_t = rows, to_device(rows, self.device, torch.long)
+            else:
+                self._stale(bid)
+                st.draft_cache.select(torch.as_tensor(rows))
+                st.rows = st.rows_t = None
 
     def compact(self, bid: int):
         """Free the draft KV of the batch's finished rows (see KVCache.compact)."""
         st = self.batches[bid]
         if st.draft_cache is not None:
             self._stale(bid)
+            if st.rows is not None:
+                st.draft_cache.select(torch.as_tensor(st.rows))
+                st.rows = st.rows_t = None
             st.draft_cache.compact()
 
     def _stale(self, bid: int):
@@ -190,7 +214,13 @@ class SpecRunner:
         st.proposals, st.q = None, None
         u = None if st.samp.all_greedy else to_device(u_draft, self.device, torch.float32)
         if self.draft_kv == "gpu":
-            p, q = yield from self._draft_block(bid, st, st.draft_cache, *self._inputs(st.pending), k, slice(0, B), u)
+            pending = st.pending
+            if st.rows is not None:  # finished sequences' rows still in the cache get a dummy token
+                pending = [[0]] * st.draft_cache.batch
+                for i, r in enumerate(st.rows.tolist()):
+                    pending[r] = st.pending[i]
+            p, q = yield from self._draft_block(bid, st, st.draft_cache, *self._inputs(pending), k, slice(0, B), u,
+                                                st.rows_t)
         else:  # one chunk of sequences on the device at a time
             props, qs = [], []
             for rows, cache, first in self._chunks(st, k):
@@ -225,14 +255,17 @@ class SpecRunner:
                                          fp8=self.fp8, max_new=self.max_new, sinks=self.sinks)
             yield slice(lo, hi), cache, (prime(self.draft, cache, hist, self.window, self.sinks), None, None)
 
-    def _draft_block(self, bid, st: BatchState, cache, first, q_lens, n_q, k: int, rows: slice, u):
+    def _draft_block(self, bid, st: BatchState, cache, first, q_lens, n_q, k: int, rows: slice, u, live=None):
         """k draft tokens for the sequences `rows` of a batch, whose draft state is `cache`.
         `first`: the first step's logits (a re-prefill just made them), or its packed input
-        tokens. Yields after each step but the last; returns (proposals [n, k], probs or None)."""
+        tokens; `live`: the cache row of each sequence when the cache also holds finished
+        ones (their logits are dropped). Yields after each step but the last; returns
+        (proposals [n, k], probs or None)."""
         greedy = st.samp.all_greedy
         if not greedy:
             temp, top_k, top_p = (t[rows] for t in st.samp.to(self.device))
         n = len(range(*rows.indices(st.last.shape[0])))
+        m = n if live is None else cache.batch  # rows the draft computes
         props, qs = [], []
         toks = first
         for i in range(k):
@@ -242,7 +275,9 @@ class SpecRunner:
                 elif bid is None:  # a cache rebuilt this round: not worth capturing
                     logits = self.draft.forward(cache, toks, q_lens, n_q=n_q)
                 else:
-                    logits = self._step(bid, st, toks, q_lens, n_q)  # [n, V]
+                    logits = self._step(bid, st, toks, q_lens, n_q)  # [m, V]
+                if live is not None:
+                    logits = logits[live]
                 if greedy:
                     d = logits.argmax(-1)
                 else:
@@ -250,7 +285,8 @@ class SpecRunner:
                     d = sample(q, u[rows, i])
                     qs.append(q)
             props.append(d)
-            toks, q_lens, n_q = d, torch.ones(n, dtype=torch.long, device=self.device), 1
+            toks = d if live is None else torch.zeros(m, dtype=torch.long, device=self.device).index_copy_(0, live, d)
+            q_lens, n_q = torch.ones(m, dtype=torch.long, device=self.device), 1
             if i < k - 1:
                 yield i
         p = torch.stack(props, 1) if k else torch.zeros(n, 0, dtype=torch.long, device=self.device)
@@ -306,7 +342,12 @@ class SpecRunner:
         # The draft saw pending + d1..d_{k-1}; keep pending + d1..d_min(a, k-1).
         if st.draft_cache.lens.device != counts.device:  # kept in host memory: use the host copy
             counts = torch.from_numpy(counts_h)
-        keep = st.draft_cache.lens - (k - 1) + (counts - 1).clamp(max=k - 1)
+        lens = st.draft_cache.lens
+        if st.rows is None:
+            keep = lens - (k - 1) + (counts - 1).clamp(max=k - 1)
+        else:  # finished rows go back to where the round found them (a dummy token, then k - 1 steps)
+            keep = lens - k
+            keep[st.rows_t] = lens[st.rows_t] - (k - 1) + (counts - 1).clamp(max=k - 1)
         st.draft_cache.truncate(keep)
         # Emitted tokens start with the accepted proposals, so d_k is tokens[b, k-1] when a = k.
         st.pending = [([int(tokens_h[b, k - 1])] if a[b] == k else []) + [last[b]] for b in range(len(last))]

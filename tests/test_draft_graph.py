@@ -107,13 +107,55 @@ def test_a_capture_out_of_memory_steps_eagerly_until_the_rows_change(tiny_dir, m
 
     monkeypatch.setattr(bs, "graphable", lambda model, cache: True)
     monkeypatch.setattr(GraphedDraftStep, "_capture", no_memory)
-    runner = SpecRunner(draft, "cpu", window=4, sinks=2)
+    runner = SpecRunner(draft, "cpu", window=4, sinks=2, lazy_rows=False)  # a leaving row changes the cache
     with pytest.warns(UserWarning, match="ran out of memory in CUDA graph capture") as rec:
         got = _rounds(runner, draft, prompts, k=4)
     assert len(rec) == 1 and runner.graphs_enabled and runner.graph_steps == 0
     B = len(prompts)
     assert attempts == [B, B - 1]  # once per cache state: before and after a row left
     assert all(torch.equal(w, o) for w, o in zip(want, got))
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_finished_rows_stay_in_the_draft_cache_until_half_are_gone(tiny_dir, greedy):
+    """With lazy rows the draft keeps computing finished sequences' rows (so a captured step
+    keeps serving) and drops them once half the rows are finished: the live sequences'
+    proposals and draft probabilities are those of a cache that drops rows at once."""
+    draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)))
+    prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)] * 2
+    B, V, k = len(prompts), draft.spec.vocab_size, 3
+    leave = {1: [0, 2] + list(range(3, B)), 3: [0, 1, 3], 4: [0, 2]}  # after round r: rows kept
+
+    def run(lazy: bool):
+        g = torch.Generator().manual_seed(0)
+        runner = SpecRunner(draft, "cpu", window=4, sinks=2, graphs=False, lazy_rows=lazy)
+        temp = np.full(B, 0.0 if greedy else 0.9, np.float32)
+        runner.start(0, SamplingTensors(temp, np.zeros(B, np.int64), np.ones(B, np.float32)), prompts, 64)
+        runner.finish(0, torch.randn(B, 1, V, generator=g), 0, None, np.full(B, 0.5, np.float32), first=True)
+        out, sizes = [], []
+        for r in range(6):
+            n = runner.batches[0].last.shape[0]
+            u = torch.rand(n, k + 1, generator=g).numpy()
+            runner.propose(0, k, u[:, :k])
+            st = runner.batches[0]
+            out.append((st.proposals.clone(), None if st.q is None else st.q.clone()))
+            a = torch.randint(0, k + 1, (n,), generator=g)
+            logits = torch.randn(n, k + 1, V, generator=g)
+            for b in range(n):
+                for i in range(int(a[b])):
+                    logits[b, i, st.proposals[b, i]] = 100.0
+            runner.finish(0, logits, k, u[:, :k], u[:, k])
+            if r in leave:
+                runner.keep(0, np.array(leave[r], dtype=np.int64))
+            sizes.append(runner.batches[0].draft_cache.batch)
+        return out, sizes
+
+    (want, eager_sizes), (got, lazy_sizes) = run(False), run(True)
+    assert eager_sizes == [B, B - 1, B - 1, 3, 2, 2]
+    assert lazy_sizes == [B, B, B, 3, 3, 3]  # 3 of 8 live: compacted; then 2 of 3 stay lazily
+    for (wp, wq), (gp, gq) in zip(want, got):
+        assert torch.equal(wp, gp)
+        assert (wq is None) == greedy and (greedy or torch.allclose(wq, gq, atol=1e-6))
 
 
 @cuda_only

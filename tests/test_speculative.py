@@ -110,6 +110,27 @@ def test_windowed_draft_is_lossless(tiny_dir, window, fp8, sinks, schedule):
         assert stats.accepted == stats.proposed  # a full-context copy of the target agrees always
 
 
+@pytest.mark.parametrize("schedule", ["single", "dual"])
+def test_finished_rows_left_in_the_draft_cache_stay_lossless(tiny_dir, schedule):
+    """Sequences finish at different rounds while their rows stay in the draft's cache (the
+    mode a graphed draft runs in, forced here on the CPU): output is still the target's, and
+    the draft proposed what it does when finished rows leave at once (same acceptance)."""
+    d = tiny_dir("llama")
+    want = hf_greedy(d, PROMPTS, 30)
+    tgt = ResidentModel.from_source(Checkpoint(d))
+    lengths = [30, 7, 19, 12, 26, 3][: len(PROMPTS)]
+    accepted = []
+    for lazy in (False, True):
+        reqs = [Request(i, p, SamplingParams(max_tokens=n, ignore_eos=True))
+                for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+        backend = ReferenceBackend(tgt, tgt, draft_window=4, draft_sinks=1)
+        backend.spec.lazy_rows = lazy
+        stats = Generator(backend, RunConfig(schedule=schedule, k=3, batch_size=len(PROMPTS), refill=False)).run(reqs)
+        assert [r.out for r in reqs] == [w[:n] for w, n in zip(want, lengths)]
+        accepted.append((stats.accepted, stats.proposed))
+    assert accepted[0] == accepted[1] and accepted[0][0] < accepted[0][1]  # the window makes it disagree
+
+
 @pytest.mark.parametrize("draft_kv", ["host", "recompute"])
 @pytest.mark.parametrize("window,sinks", [(None, 0), (4, 2)])
 @pytest.mark.parametrize("schedule", ["single", "dual"])
