@@ -108,8 +108,8 @@ def main(argv=None):
 
     from specoffload.actors.coordinator import Coordinator
     from specoffload.configs.run_config import RunConfig
-    from specoffload.models.constructed import constructed_pair, mistral_7b, mixtral_8x7b
     from specoffload.errors import ConfigError
+    from specoffload.models.constructed import constructed_pair, mistral_7b, mixtral_8x7b
     from specoffload.placement.plan import Plan
 
     tspec, dspec = mixtral_8x7b(a.target_layers), mistral_7b(a.draft_layers)

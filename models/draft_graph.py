@@ -11,9 +11,10 @@ A graph bakes in tensor addresses and shapes, so it is captured per cache state:
 storage stays put across rounds (`truncate` writes lengths in place), so one capture serves
 every round until the cache's rows change (`select` builds new tensors), after which the step
 is captured again. Finished sequences' rows stay in the cache until half of its rows are
-finished (SpecRunner's lazy rows), so a batch's tail recaptures a few times, not every round. Only what is safe to capture is graphed: a windowed (ring)
-draft cache (a full cache sizes its attention from a device read) and a dense draft (MoE
-routing reads expert counts back to the host).
+finished (SpecRunner's lazy rows), so a batch's tail recaptures a few times, not every
+round. Only what is safe to capture is graphed: a windowed (ring) draft cache (a full cache
+sizes its attention from a device read) and a dense draft (MoE routing reads expert counts
+back to the host).
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ class GraphedDraftStep:
         return self.model.forward(self.cache, self.tokens, self.q_lens, n_q=1)
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        """Record one step. Like `torch.cuda.graph(...)` minus its device synchronize, which
-        here would wait for the weight copies in flight (up to two 2.9 GB layers), and its
-        host-side cache flush. The allocator's cache is still emptied first: a capture can
-        only allocate into its own pool, and under the GPU cap it otherwise ran out of
-        memory (W1 run 7, the first recapture after sequences finished)."""
+        """Record one step. Like `torch.cuda.graph(...)` minus its explicit device synchronize
+        (which waits for the weight copies in flight, up to two 2.9 GB layers) and its flush of
+        pinned host blocks. The allocator's cache is still emptied first (freeing blocks may
+        itself wait for the device): a capture only allocates into its own pool, and under the
+        GPU cap it otherwise ran out of memory (W1 run 7, the first recapture after sequences
+        finished)."""
         torch.cuda.empty_cache()
         g = torch.cuda.CUDAGraph()
         cur = torch.cuda.current_stream(self.model.device)

@@ -1,9 +1,9 @@
 """Time the resident draft's decode step (Mistral-7B shape by default) per batch/window/KV dtype.
 
 Builds a random-weight draft on the device, prefills a batch through `SpecRunner` exactly as
-the executor does, then times rounds of k draft steps with CUDA events and wall clock; the
-configuration can also run one more round under torch.profiler (`--profile`), top kernels printed. A table of
-milliseconds per draft step comes last.
+the executor does, then times rounds of k draft steps with CUDA events and wall clock; each
+configuration can also run one more round under torch.profiler (`--profile`, top kernels
+printed). A table of milliseconds per draft step comes last.
 
     python scripts/profile_draft.py --configs 192:128:fp8,192:128:fp8:eager --k 6
     python scripts/profile_draft.py --layers 2 --configs 4:8:bf16 --prompt-len 16   # CPU smoke test
