@@ -18,7 +18,17 @@ COLORS = {"weight_copy": "#4c72b0", "cpu_attention": "#dd8452", "target": "#55a8
 
 
 def rounds(events):
-    starts = sorted(e["ts"] for e in events if e["cat"] == "target" and " L0 [0:" in e["name"] and e["name"].endswith("qkv"))
+    """(start, end) of each target pass. A pass starts at the first layer-0 projection after
+    any later layer ran: the layer-0 spans of every batch verified in the same pass (refill)
+    belong to one pass."""
+    starts, later = [], True
+    for e in sorted((e for e in events if e["cat"] == "target"), key=lambda e: e["ts"]):
+        if " L0 [" in e["name"]:
+            if later and e["name"].endswith("qkv"):
+                starts.append(e["ts"])
+                later = False
+        else:
+            later = True
     return list(zip(starts, starts[1:]))
 
 
