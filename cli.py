@@ -46,6 +46,9 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--gpu-memory", help="GPU memory cap, e.g. 24GiB (enforced)")
     p.add_argument("--micro-batches", type=int, help="split each target pass into this many micro-batches "
                    "so CPU attention of one overlaps GPU work of another (default: the plan's, 1)")
+    p.add_argument("--refill", action="store_true", help="with more prompts than --batch-size: once a quarter "
+                   "of a batch has finished, start waiting prompts as a new batch verified in the same passes "
+                   "(default: batches run in waves; refill lost on W1, docs/benchmarks.md run 7)")
     p.add_argument("--plan", help="a placement plan JSON file (see configs/)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's)")
@@ -88,8 +91,8 @@ def llm_from_args(args, progress: bool, trace: bool = False):
                gpu_memory=args.gpu_memory, plan=args.plan, schedule=args.schedule, k=args.k,
                adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
                draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, micro_batches=args.micro_batches,
-               draft_sinks=args.draft_sinks, draft_kv=args.draft_kv, trace=trace, ray_address=args.ray_address,
-               progress=progress)
+               draft_sinks=args.draft_sinks, draft_kv=args.draft_kv, refill=args.refill, trace=trace,
+               ray_address=args.ray_address, progress=progress)
 
 
 def read_prompts(path: str) -> list[str]:
