@@ -35,7 +35,7 @@ def parse_modes(text: str, k_default: int) -> dict:
     """'none,single@6,single@auto,dual+recompute@4' -> {label: (schedule, k, adaptive, draft_kv)};
     @auto starts at k and lets the loop choose k (1..16) from measured acceptance and timings;
     +recompute rebuilds the draft's KV every round (the paper's schedule), else it stays on the GPU."""
-    from .scheduler.batch_state import DRAFT_KV
+    from .placement.plan import DRAFT_KV
     from .scheduler.schedule import SCHEDULES
 
     out = {}

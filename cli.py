@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from .placement.plan import DRAFT_KV
+
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -35,7 +37,7 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--draft-sinks", type=int, help="with --draft-window: the draft also keeps the first N "
                    "tokens of each sequence (attention sinks)")
     p.add_argument("--draft-kv-fp8", action="store_true", help="store the windowed draft KV cache in fp8")
-    p.add_argument("--draft-kv", choices=["gpu", "host", "recompute"],
+    p.add_argument("--draft-kv", choices=DRAFT_KV,
                    help="gpu: the draft's KV cache stays on the GPU (default); host: kept in host memory, "
                         "visiting the GPU a prefill batch at a time each round; recompute: rebuilt every "
                         "round from each sequence's tokens, a prefill batch at a time (the paper's "

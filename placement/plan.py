@@ -14,6 +14,10 @@ import msgpack
 
 from ..errors import ConfigError
 
+# Where a draft's KV cache lives (Plan.draft_kv); here so that the CLI, the bench and the
+# scheduler share one list without importing torch.
+DRAFT_KV = ("gpu", "host", "recompute")
+
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 
@@ -83,8 +87,8 @@ class Plan:
             raise ConfigError(f"draft_sinks must be >= 0 and needs a draft_window, got {self.draft_sinks}")
         if self.copy_chunk_mib < 1:
             raise ConfigError(f"copy_chunk_mib must be >= 1, got {self.copy_chunk_mib}")
-        if self.draft_kv not in ("gpu", "host", "recompute"):
-            raise ConfigError(f"draft_kv must be 'gpu', 'host' or 'recompute', got {self.draft_kv!r}")
+        if self.draft_kv not in DRAFT_KV:
+            raise ConfigError(f"draft_kv must be one of {', '.join(DRAFT_KV)}, got {self.draft_kv!r}")
         if not 1 <= self.micro_batches <= 64:
             raise ConfigError(f"micro_batches must be in 1..64, got {self.micro_batches}")
         if self.gpu_memory is not None and self.gpu_memory <= 0:

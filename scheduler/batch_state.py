@@ -22,6 +22,7 @@ from ..models.attention import KVCache
 from ..models.draft_graph import GraphedDraftStep, graphable
 from ..models.host_io import packed, to_device, to_host
 from ..models.resident import ResidentModel
+from ..placement.plan import DRAFT_KV
 from ..models.ring_cache import prime
 from .sampler import SamplingTensors, probs_from_logits, sample
 from .verify import verify_greedy, verify_sampled
@@ -40,9 +41,6 @@ class BatchState:
     # of each live sequence, on the host and on the device. None: row i is sequence i.
     rows: np.ndarray | None = None
     rows_t: torch.Tensor | None = None
-
-
-DRAFT_KV = ("gpu", "host", "recompute")
 
 
 class SpecRunner:
