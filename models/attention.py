@@ -76,7 +76,7 @@ def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_i
     packing, a layer took 44-51 ms on the CPU where this takes 27-35 (median per layer of
     scripts/profile_cpu_attention.py: 48 sequences x 12 queries x 640 keys, bf16, 2 cores;
     identical output), and the CPU attention of a verification pass is what bounds its layers
-    once k is large (W1 run 7 trace: 45 ms per layer against a 53 ms weight copy).
+    once k is large (W1 run 7 trace: 43 ms per layer against a 53 ms weight copy).
     """
     B = lens_before.shape[0]
     T, Hq, d = q.shape
