@@ -72,10 +72,10 @@ def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_i
     across layers of one pass (they depend only on the lengths); `grouped`: the mask is
     already `grouped_mask`'s.
 
-    Grouped-query attention as Hkv heads of G * n_q query rows: with SDPA's `enable_gqa` and
-    packing, a layer took 44-51 ms on the CPU where this takes 27-35 (median per layer of
-    scripts/profile_cpu_attention.py: 48 sequences x 12 queries x 640 keys, bf16, 2 cores;
-    identical output), and the CPU attention of a verification pass is what bounds its layers
+    Grouped-query attention as Hkv heads of G * n_q query rows: SDPA's `enable_gqa` on packed
+    queries took 43.4-46.9 ms per layer on the CPU where this takes 32.0-34.2, 1.35-1.37x
+    (scripts/profile_cpu_attention.py --passes 16: 48 sequences x 12 queries x 640 keys, bf16,
+    2 cores, both in the same run; identical output), and the CPU attention of a verification pass is what bounds its layers
     once k is large (W1 run 7 trace: 43 ms per layer against a 53 ms weight copy).
     """
     B = lens_before.shape[0]

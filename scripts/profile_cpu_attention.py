@@ -4,7 +4,9 @@
     python scripts/profile_cpu_attention.py --batch 48 --queries 12 --keys 640
 
 Mixtral-8x7B's attention shape (32 query heads, 8 KV heads, head dim 128), bf16 cache, as the
-CPU attention actor holds it. Prints the median milliseconds per layer over `--passes` passes.
+CPU attention actor holds it. Prints the median milliseconds per layer over `--passes` passes,
+beside the same attention through SDPA's `enable_gqa` on packed queries (what the engine did
+before session 4), measured in the same run, and their ratio.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from specoffload.models.attention import KVCache
+    import torch.nn.functional as F
+
+    from specoffload.models.attention import KVCache, append_kv, causal_mask
 
     torch.manual_seed(0)
     B, Hq, Hkv, d, n = a.batch, 32, 8, 128, a.queries
@@ -40,18 +44,46 @@ def main(argv=None) -> int:
         t.normal_()
     q_lens = torch.full((B,), n)
     q, k, v = (torch.randn(B * n, h, d, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
-    times = []
-    for _ in range(a.passes + 1):  # the first pass warms up
-        cache.lens.fill_(a.keys - n)
-        cache.begin_pass(q_lens, B * n, n)
-        t = time.perf_counter()
-        for j in range(a.layers):
-            cache.attend_layer(j, q, k, v)
-        times.append((time.perf_counter() - t) / a.layers * 1e3)
-        cache._pass = None
-    times = sorted(times[1:])
+    lens = torch.full((B,), a.keys - n)
+    b_idx, i_idx = torch.arange(B).repeat_interleave(n), torch.arange(n).repeat(B)
+    mask = causal_mask(lens, q_lens, n, a.keys)
+
+    def engine(j):
+        return cache.attend_layer(j, q, k, v)
+
+    def sdpa_gqa(j):  # the earlier path: packed queries, SDPA's own grouped-query handling
+        append_kv(cache.k[j], cache.v[j], k, v, lens, q_lens, b_idx, i_idx)
+        qp = q.new_zeros(B, n, Hq, d)
+        qp[b_idx, i_idx] = q
+        out = F.scaled_dot_product_attention(qp.transpose(1, 2), cache.k[j], cache.v[j], attn_mask=mask,
+                                             enable_gqa=True)
+        return out.transpose(1, 2)[b_idx, i_idx].reshape(B * n, Hq * d)
+
+    funcs = {"engine": engine, "sdpa enable_gqa": sdpa_gqa}
+    times = {name: [] for name in funcs}
+    for p in range(a.passes + 1):  # the first pass warms up; the two paths alternate pass by pass
+        for name, f in funcs.items():
+            cache.lens.copy_(lens)
+            cache.begin_pass(q_lens, B * n, n)
+            t = time.perf_counter()
+            for j in range(a.layers):
+                f(j)
+            if p:
+                times[name].append((time.perf_counter() - t) / a.layers * 1e3)
+            cache._pass = None
+    med = {}
+    for name, ts in times.items():
+        ts = sorted(ts)
+        med[name] = ts[len(ts) // 2]
+        print(f"{name:16} {med[name]:7.1f} ms per layer (median of {a.passes} passes; min {ts[0]:.1f})", flush=True)
+    want = sdpa_gqa(0)
+    cache.lens.copy_(lens)
+    cache.begin_pass(q_lens, B * n, n)
+    same = torch.equal(cache.attend_layer(0, q, k, v), want)
+    cache._pass = None
     print(f"CPU attention, {B} sequences x {n} queries over {a.keys} keys, bf16, {torch.get_num_threads()} threads: "
-          f"{times[len(times) // 2]:.1f} ms per layer (median of {a.passes} passes; min {times[0]:.1f})")
+          f"engine {med['engine']:.1f} ms, enable_gqa {med['sdpa enable_gqa']:.1f} ms per layer, "
+          f"{med['sdpa enable_gqa'] / med['engine']:.2f}x; identical output: {same}")
     return 0
 
 
