@@ -64,44 +64,58 @@ def grouped_mask(mask: torch.Tensor, G: int) -> torch.Tensor:
     return mask[:, :, None].expand(B, 1, G, n_q, n_k).reshape(B, 1, G * n_q, n_k)
 
 
-def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_idx=None, i_idx=None,
-           n_q=None, n_k=None, grouped: bool = False):
-    """Packed queries q [T, Hq, d] against caches that already hold the new tokens.
+def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale=None, out_scale=None):
+    """Packed queries q [T, Hq, d] of B = cache_k.shape[0] sequences (at most n_q each; row
+    b_idx[t], position i_idx[t]) against K/V [B, Hkv, n_k, d] under a `grouped_mask` mask.
+    Returns [T, Hq * d] in q's dtype. q_scale / out_scale: per-K/V-head factors on the
+    queries and the output (an fp8 ring's K and V scales, see ring_cache.py).
 
-    Returns [T, Hq * d] in q's dtype. `mask`/`b_idx`/`i_idx` may be passed in to reuse them
-    across layers of one pass (they depend only on the lengths); `grouped`: the mask is
-    already `grouped_mask`'s.
-
-    Grouped-query attention as Hkv heads of G * n_q query rows: SDPA's `enable_gqa` on packed
-    queries took 43.4-46.9 ms per layer on the CPU where this takes 32.0-34.2, 1.35-1.37x
-    (scripts/profile_cpu_attention.py --passes 16: 48 sequences x 12 queries x 640 keys, bf16,
-    2 cores, both in the same run; identical output), and the CPU attention of a verification pass is what bounds its layers
-    once k is large (W1 run 7 trace: 43 ms per layer against a 53 ms weight copy).
+    Grouped-query attention as Hkv heads of G * n_q query rows (the G query heads that share a
+    K/V head become extra rows), so K/V are never expanded G-fold. SDPA's `enable_gqa` on
+    packed queries took 43.4-46.9 ms per layer on the CPU where this takes 32.0-34.2,
+    1.35-1.37x (scripts/profile_cpu_attention.py --passes 16: 48 sequences x 12 queries x 640
+    keys, bf16, 2 cores, both in the same run; identical output), and the CPU attention of a
+    verification pass is what bounds its layers once k is large (W1 run 7 trace: 43 ms per
+    layer against a 53 ms weight copy).
     """
-    B = lens_before.shape[0]
     T, Hq, d = q.shape
-    Hkv = cache_k.shape[1]
+    B, Hkv = cache_k.shape[:2]
     G = Hq // Hkv
-    if b_idx is None:
-        b_idx, i_idx = pack_index(q_lens)
-    if n_q is None:
-        n_q = int(q_lens.max()) if T else 0
-    if n_k is None:
-        n_k = int((lens_before + q_lens).max())
-    if mask is None:
-        mask = causal_mask(lens_before, q_lens, n_q, n_k, window)
-    if not grouped:
-        mask = grouped_mask(mask, G)
-    full = T == B * n_q  # every sequence has n_q new tokens (a verification pass): no packing
+    full = T == B * n_q  # every sequence has n_q new tokens (a draft step, a verification pass)
     if full:
         qp = q.view(B, n_q, Hq, d)
     else:
         qp = q.new_zeros(B, n_q, Hq, d)
         qp[b_idx, i_idx] = q
     qg = qp.permute(0, 2, 1, 3).reshape(B, Hkv, G * n_q, d).to(cache_k.dtype)  # head h = kv * G + g
-    out = F.scaled_dot_product_attention(qg, cache_k[:, :, :n_k], cache_v[:, :, :n_k], attn_mask=mask)
-    out = out.reshape(B, Hq, n_q, d).transpose(1, 2)  # [B, n_q, Hq, d]
+    if q_scale is not None:
+        qg = qg * q_scale.to(qg.dtype)[None, :, None, None]
+    out = F.scaled_dot_product_attention(qg, cache_k, cache_v, attn_mask=mask)  # [B, Hkv, G*n_q, d]
+    if out_scale is not None:
+        out = out * out_scale.to(out.dtype)[None, :, None, None]
+    out = out.reshape(B, Hq, n_q, d).transpose(1, 2)  # [B, n_q, Hq, d] (SDPA may return it strided)
     return (out if full else out[b_idx, i_idx]).reshape(T, Hq * d).to(q.dtype)
+
+
+def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_idx=None, i_idx=None,
+           n_q=None, n_k=None, grouped: bool = False):
+    """Packed queries q [T, Hq, d] against caches that already hold the new tokens, causally.
+
+    Returns [T, Hq * d] in q's dtype. `mask`/`b_idx`/`i_idx` may be passed in to reuse them
+    across layers of one pass (they depend only on the lengths); `grouped`: the mask is
+    already `grouped_mask`'s. See `grouped_attention`.
+    """
+    if b_idx is None:
+        b_idx, i_idx = pack_index(q_lens)
+    if n_q is None:
+        n_q = int(q_lens.max()) if q.shape[0] else 0
+    if n_k is None:
+        n_k = int((lens_before + q_lens).max())
+    if mask is None:
+        mask = causal_mask(lens_before, q_lens, n_q, n_k, window)
+    if not grouped:
+        mask = grouped_mask(mask, q.shape[1] // cache_k.shape[1])
+    return grouped_attention(q, cache_k[:, :, :n_k], cache_v[:, :, :n_k], mask, n_q, b_idx, i_idx)
 
 
 class KVCache:
@@ -135,17 +149,20 @@ class KVCache:
             n_q = int(q_lens.max())
         masks = {w: causal_mask(self.lens, q_lens, n_q, n_k, w) for w in set(self.windows)}
         self._pass = (q_lens, b_idx, i_idx, masks, n_q, n_k)
-        self._grouped = {}  # (window, G) -> the pass's mask grouped for attend, built once
+        self._grouped = {}  # (window, G) -> the pass's mask grouped for attention, built once
+
+    def _grouped_mask(self, masks: dict, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The pass's mask for `layer`'s window, grouped for `grouped_attention` (once per pass)."""
+        key = (self.windows[layer], q.shape[1] // self.k[layer].shape[1])
+        if key not in self._grouped:
+            self._grouped[key] = grouped_mask(masks[key[0]], key[1])
+        return self._grouped[key]
 
     def attend_layer(self, layer, q, k, v):
         q_lens, b_idx, i_idx, masks, n_q, n_k = self._pass
         append_kv(self.k[layer], self.v[layer], k, v, self.lens, q_lens, b_idx, i_idx)
-        w = self.windows[layer]
-        key = (w, q.shape[1] // self.k[layer].shape[1])
-        if key not in self._grouped:
-            self._grouped[key] = grouped_mask(masks[w], key[1])
-        return attend(q, self.k[layer], self.v[layer], self.lens, q_lens, w, self._grouped[key], b_idx, i_idx,
-                      n_q, n_k, grouped=True)
+        return attend(q, self.k[layer], self.v[layer], self.lens, q_lens, self.windows[layer],
+                      self._grouped_mask(masks, layer, q), b_idx, i_idx, n_q, n_k, grouped=True)
 
     def advance(self):
         self.lens += self._pass[0]

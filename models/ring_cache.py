@@ -19,9 +19,8 @@ shortened or rounded: the target still verifies every token, so output stays exa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .attention import KVCache, grouped_mask, pack_index
+from .attention import KVCache, grouped_attention, pack_index
 from .host_io import packed
 
 FP8_MAX = 448.0
@@ -79,34 +78,12 @@ class RingKVCache(KVCache):
         q_lens, b_idx, i_idx, masks, slot, n_q = self._pass
         self.k[layer][b_idx, :, slot] = self._store(layer, "k", k)
         self.v[layer][b_idx, :, slot] = self._store(layer, "v", v)
-        B, (T, Hq, d) = self.batch, q.shape
-        Hkv = self.k[layer].shape[1]
-        G = Hq // Hkv
-        if n_q == 1 and T == B:  # a plain draft step: one token per sequence, nothing to pack
-            qp = q.view(B, 1, Hq, d)
-        else:
-            qp = q.new_zeros(B, n_q, Hq, d)
-            qp[b_idx, i_idx] = q
         # fp8 keys and values are only widened here, not scaled: a per-head scale on K is the
         # same scale on q (q.(s k) = (s q).k), and on V the same scale on the output. Scaling
         # the whole ring every step cost ~5 ms of a 23 ms draft step (profile_draft, H200).
         kk, vv = self.k[layer].to(self.compute_dtype), self.v[layer].to(self.compute_dtype)
-        # Grouped-query attention as Hkv heads of G*n_q queries each: the G query heads that
-        # share a K/V head become extra query rows, so K/V are never expanded G-fold.
-        qg = qp.permute(0, 2, 1, 3).reshape(B, Hkv, G * n_q, d).to(kk.dtype)
-        if self.fp8:
-            qg = qg * self.k_scale[layer].to(kk.dtype)[None, :, None, None]
-        key = (self.windows[layer], G)
-        if key not in self._grouped:
-            self._grouped[key] = grouped_mask(masks[key[0]], G)
-        mg = self._grouped[key]
-        out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mg)  # [B, Hkv, G*n_q, d]
-        if self.fp8:
-            out = out * self.v_scale[layer].to(out.dtype)[None, :, None, None]
-        out = out.reshape(B, Hq, n_q, d).transpose(1, 2)  # [B, n_q, Hq, d] (SDPA may return it strided)
-        if n_q == 1 and T == B:
-            return out.reshape(T, Hq * d).to(q.dtype)
-        return out[b_idx, i_idx].reshape(T, Hq * d).to(q.dtype)
+        scales = (self.k_scale[layer], self.v_scale[layer]) if self.fp8 else (None, None)
+        return grouped_attention(q, kk, vv, self._grouped_mask(masks, layer, q), n_q, b_idx, i_idx, *scales)
 
     def part(self, lo: int, hi: int) -> "RingKVCache":
         p = super().part(lo, hi)
