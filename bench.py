@@ -3,8 +3,9 @@
 A Mixtral-8x7B-shaped target streamed from host memory and a Mistral-7B-shaped draft on the
 GPU (constructed pair, agreement a parameter; see models/constructed.py), the GPU capped
 (default 24 GiB). Each requested mode runs on the same actors in one process, on its own
-random prompts of the same length; the table printed last gives tokens/s and its ratio to mode "none" measured in the
-same run, seconds per target pass, weight-stream GB/s, acceptance and GPU busy fraction.
+random prompts of the same length; the table printed last gives tokens/s and its ratio to
+mode "none" measured in the same run, seconds per target pass, weight-stream GB/s,
+acceptance and GPU busy fraction.
 
     specoffload bench --workload w1 --modes none,single@6 --draft-window 128 --draft-kv-fp8
     specoffload bench --workload tiny          # seconds on a CPU, for a smoke test

@@ -89,7 +89,7 @@ class Coordinator:
         self.backend.M = m
 
     def set_draft_kv(self, policy: str, full_context: bool = False):
-        """Keep the draft's KV on the GPU or recompute it per round, from the next run on;
+        """Where the draft's KV lives (GPU, host memory, or recomputed per round), from the next run on;
         full_context: the draft attends over every token (the plan's window set aside)."""
         ray.get(self.executor.set_draft_kv.remote(policy, full_context))
 

@@ -22,8 +22,8 @@ from ..models.attention import KVCache
 from ..models.draft_graph import GraphedDraftStep, graphable
 from ..models.host_io import packed, to_device, to_host
 from ..models.resident import ResidentModel
-from ..placement.plan import DRAFT_KV
 from ..models.ring_cache import prime
+from ..placement.plan import DRAFT_KV
 from .sampler import SamplingTensors, probs_from_logits, sample
 from .verify import verify_greedy, verify_sampled
 
