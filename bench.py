@@ -33,16 +33,21 @@ WORKLOADS = {
 
 
 def parse_modes(text: str, k_default: int) -> dict:
-    """'none,single@6,single@auto,dual+recompute@4' -> {label: (schedule, k, adaptive, draft_kv)};
+    """'none,single@6,single@auto/m2,dual+recompute@4' -> {label: (schedule, k, adaptive, draft_kv, micro)};
     @auto starts at k and lets the loop choose k (1..16) from measured acceptance and timings;
-    +recompute rebuilds the draft's KV every round (the paper's schedule), else it stays on the GPU."""
+    +recompute rebuilds the draft's KV every round (the paper's schedule), else it stays on the GPU;
+    /mN runs that mode with N micro-batches per pass only (micro None: each of --micro-batches)."""
     from .placement.plan import DRAFT_KV
     from .scheduler.schedule import SCHEDULES
 
     out = {}
     for label in text.split(","):
         label = label.strip()
-        mode, _, kk = label.partition("@")
+        spec, _, mm = label.partition("/m")
+        if mm and not (mm.isdigit() and 1 <= int(mm) <= 64):
+            raise ValueError(f"micro-batch count in {label!r} must be 1..64")
+        micro = int(mm) if mm else None
+        mode, _, kk = spec.partition("@")
         mode, _, kv = mode.partition("+")
         kv = kv or "gpu"
         if mode not in SCHEDULES:
@@ -51,11 +56,11 @@ def parse_modes(text: str, k_default: int) -> dict:
         if kv not in DRAFT_KV:
             raise ValueError(f"draft KV policy in {label!r} must be one of {', '.join(DRAFT_KV)}")
         if kk == "auto":
-            out[label] = (mode, k_default, True, kv)
+            out[label] = (mode, k_default, True, kv, micro)
         elif kk and not (kk.isdigit() and 1 <= int(kk) <= 16):
             raise ValueError(f"draft length in {label!r} must be 1..16 or 'auto'")
         else:
-            out[label] = (mode, int(kk) if kk else k_default, False, kv)
+            out[label] = (mode, int(kk) if kk else k_default, False, kv, micro)
     return out
 
 
@@ -81,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--modes", default="none,single", help="comma list of none/single/dual, each with an optional "
                                                            "+recompute (the paper's: the draft's KV rebuilt per round "
                                                            "from each sequence's whole context) and an "
-                                                           "optional @k or @auto (e.g. single@6, single@auto)")
+                                                           "optional @k or @auto (e.g. single@6, single@auto) "
+                                                           "and an optional /mN: N micro-batches per pass for "
+                                                           "that mode only (e.g. single@auto/m2)")
     ap.add_argument("--prefill-batch", type=int, default=32)
     ap.add_argument("--slots", type=int, default=2, help="device buffers the streamed target layers rotate through")
     ap.add_argument("--attention-threads", type=int, default=max((os.cpu_count() or 2) - 2, 1))
@@ -150,7 +157,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     results = []
     layer_bytes = tspec.layer_param_count() * 2
-    runs = [(mode_k, m) for mode_k in modes for m in micro]
+    runs = [(mode_k, m) for mode_k in modes for m in ([modes[mode_k][4]] if modes[mode_k][4] else micro)]
 
     def payload(gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
         """n requests of random prompt tokens, generating max_tokens each."""
@@ -173,7 +180,7 @@ def main(argv=None):
             ray.get(coord.generate.remote(payload(wg, 2 if mode == "dual" else 1, min(a.gen, 4))))
         print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
     for mode_k, m in runs:
-        mode, k, adaptive, draft_kv = modes[mode_k]
+        mode, k, adaptive, draft_kv, _ = modes[mode_k]
         n = a.batch if mode == "none" else (a.spec_batch or a.batch)
         # The dual schedule splits the same sequences into two batches: host memory holds the
         # target KV of n sequences in every mode.
@@ -221,7 +228,7 @@ def main(argv=None):
             "gpu_peak_gib": round(ray.get(coord.memory.remote()).get("max_allocated", 0) / 2**30, 2),
         }
         row["micro_batches"] = m
-        if len(micro) > 1:
+        if len(micro) > 1 and modes[mode_k][4] is None:
             row["mode"] = f"{mode_k}/m{m}"
         results.append(row)
         print(json.dumps(row), flush=True)

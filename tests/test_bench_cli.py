@@ -6,31 +6,36 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_tiny_workload_prints_ratios(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny", "--modes",
-                        "none,single@2,single@auto,dual+recompute@2,single+host@2", "--draft-window", "8",
+                        "none,single@2,single@auto/m2,dual+recompute@2,single+host@2", "--draft-window", "8",
                         "--json", str(tmp_path / "b.json")],
                        capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("none ", "single@"))]
     rows += [line.split() for line in r.stdout.splitlines() if line.startswith(("dual+", "single+"))]
-    assert [row[0] for row in rows] == ["none", "single@2", "single@auto", "dual+recompute@2", "single+host@2"]
+    assert [row[0] for row in rows] == ["none", "single@2", "single@auto/m2", "dual+recompute@2", "single+host@2"]
     assert rows[0][3] == "1.00"  # the baseline's ratio to itself
     import json
 
     res = json.loads((tmp_path / "b.json").read_text())["results"]
     assert res[1]["acceptance"] is not None and res[1]["tokens"] == res[0]["tokens"] == 4 * 6
     assert res[1]["k_mean"] == 2 and 1 <= res[2]["k_mean"] <= 16  # fixed k, and k chosen by the loop
+    assert [r["micro_batches"] for r in res] == [1, 1, 2, 1, 1]  # /m2 applies to its mode only
     assert res[3]["tokens"] == 4 * 6 and res[3]["acceptance"] is not None  # two batches of 2, drafted
     assert res[4]["tokens"] == 4 * 6 and res[4]["acceptance"] is not None
 
 
-def test_bench_bad_mode_exits_2():
+@pytest.mark.parametrize("modes,msg", [("none,single@x", "draft length in 'single@x' must be 1..16 or 'auto'"),
+                                        ("single@4/m0", "micro-batch count in 'single@4/m0' must be 1..64")])
+def test_bench_bad_mode_exits_2(modes, msg):
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny", "--modes",
-                        "none,single@x"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "draft length in 'single@x' must be 1..16 or 'auto'" in r.stderr
+                        modes], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and msg in r.stderr
     assert "Traceback" not in r.stderr
 
 
