@@ -13,8 +13,9 @@ import time
 import torch
 
 from ..models.attention import KVCache
+from .mailbox import WorkerMailboxes
 from .stage_timer import StageTimer
-from .wire import from_wire, to_wire
+from .wire import from_wire
 
 
 class CPUAttention:
@@ -27,6 +28,7 @@ class CPUAttention:
         self.caches: dict[int, KVCache] = {}
         self.prompt_lens: dict[int, torch.Tensor] = {}
         self.parts: dict[tuple, KVCache] = {}  # (batch, first sequence) -> micro-batch view
+        self.mail = WorkerMailboxes(spec)
         self.seconds = 0.0
         self.kv_bytes_read = 0
 
@@ -58,8 +60,8 @@ class CPUAttention:
         """Layer j for one micro-batch [lo, hi) of the batch's sequences: append its new K/V,
         attend causally over the cache; the micro-batch is a view of the batch's cache."""
         t = time.perf_counter()
-        q, k, v = (from_wire(x) for x in qkv[:3])
-        q_lens, lo, hi = qkv[3], qkv[4], qkv[5]
+        payload, q_lens, lo, hi = qkv
+        q, k, v = self.mail.recv_qkv(payload)
         if j == 0:
             part = self.parts[(bid, lo)] = self.caches[bid].part(lo, hi)
             part.begin_pass(torch.as_tensor(q_lens))
@@ -70,8 +72,9 @@ class CPUAttention:
         if j == self.spec.num_layers - 1:
             part.advance()
             self.caches[bid].merge(lo, self.parts.pop((bid, lo)))
+        out = self.mail.send_out(payload, out)
         self.seconds += time.perf_counter() - t
-        return to_wire(out)
+        return out
 
     def rollback(self, bid, k: int, result):
         """After a pass over k+1 new tokens, keep only the `counts` the target accepted."""
@@ -89,6 +92,7 @@ class CPUAttention:
         self.caches.pop(bid, None)
         self.parts = {key: p for key, p in self.parts.items() if key[0] != bid}
         self.prompt_lens.pop(bid, None)
+        self.mail.free(bid)
 
     def stats(self) -> dict:
         return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read}

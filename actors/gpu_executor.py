@@ -24,11 +24,12 @@ from ..models.source import open_source
 from ..placement.plan import Plan, split_range
 from ..scheduler.batch_state import SpecRunner
 from .disk_tier import DiskTier
+from .mailbox import ExecutorMailboxes
 from .pass_layers import PassLayers
 from .shm_layout import map_file, views
 from .stage_timer import StageTimer
 from .weight_stream import WeightStreamer
-from .wire import from_wire, to_wire
+from .wire import to_wire
 
 
 def _register(buf: torch.Tensor):
@@ -85,6 +86,7 @@ class GPUExecutor:
         self.tb: dict[int, dict] = {}
         self._failed: dict[int, Exception] = {}  # batches whose start raised: why
         self.pass_layers = PassLayers()
+        self.mail = ExecutorMailboxes(spec, manifest.get("dir") if plan.shm_activations else None, self.device)
         self._drafting: dict[int, object] = {}
         self.streamer.prefetch()
         self.init_seconds = time.perf_counter() - t0
@@ -154,6 +156,7 @@ class GPUExecutor:
         self._failed.pop(bid, None)
         self.runner.free(bid)
         self._drafting.pop(bid, None)
+        self.mail.free(bid)
 
     # -- prefill: each layer's weights serve every sub-batch before the next layer --------
     @torch.inference_mode()
@@ -210,8 +213,9 @@ class GPUExecutor:
         ql = np.full(q_lens.shape[0], k + 1)  # what target_inputs feeds, known without a device read
         starts = [0, *ql.cumsum().tolist()]
         st["parts"] = [{"bid": bid, "lo": lo, "hi": hi, "q_lens_np": ql[lo:hi], "h": h[starts[lo]:starts[hi]],
-                        "cs": (cos[starts[lo]:starts[hi]], sin[starts[lo]:starts[hi]])}
-                       for lo, hi in split_range(len(ql), micro_batches)]
+                        "cs": (cos[starts[lo]:starts[hi]], sin[starts[lo]:starts[hi]]),
+                        "box": self.mail.ensure(bid, p, starts[hi] - starts[lo])}
+                       for p, (lo, hi) in enumerate(split_range(len(ql), micro_batches))]
         return len(st["parts"])
 
     def pass_begin(self, parts: int):
@@ -223,13 +227,17 @@ class GPUExecutor:
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
             q, k, v = pre_attention(self.spec, w, part["h"], *part["cs"])
         with self.timer.host_span("to_host", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
-            q, k, v = (to_wire(t) for t in to_host(q, k, v))
-        return q, k, v, part["q_lens_np"], part["lo"], part["hi"]
+            msg = self.mail.send_qkv(part["box"], q, k, v, self._sync)
+        return msg, part["q_lens_np"], part["lo"], part["hi"]
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _post(self, part, j, attn):
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) ffn"):
-            part["h"] = post_attention(self.spec, w, part["h"], to_device(from_wire(attn), self.device))
+            part["h"] = post_attention(self.spec, w, part["h"], self.mail.recv_out(attn))
         if self.pass_layers.finished(j):  # every part of the pass is past layer j: refill its slot
             self._done(j)
 

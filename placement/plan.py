@@ -65,6 +65,10 @@ class Plan:
     # attention of one overlaps the GPU work of the next (the per-layer round trip of a whole
     # batch can outlast the next layer's weight copy).
     micro_batches: int = 1
+    # A pass's q/k/v and attention outputs cross between the executor and the CPU worker in
+    # page-locked /dev/shm buffers set up once per micro-batch (actors/mailbox.py); False: as
+    # arrays in Ray's object store (the plain path, kept to test the fast one against).
+    shm_activations: bool = True
     copy_chunk_mib: int = 64  # weight copies are issued in pieces of this size (see weight_stream.py)
 
     def __post_init__(self):

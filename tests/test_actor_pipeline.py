@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import pytest
 import ray
+import torch
 
 from hf_reference import PROMPTS, first_new_token, hf_greedy
 from specoffload.configs.sampling_params import SamplingParams
 from specoffload.errors import CapacityError, ConfigError
 from specoffload.llm import LLM
+from specoffload.placement.plan import Plan
 
 
 def _ids(prompts):
     return [{"prompt_token_ids": p} for p in prompts]
 
 
-@pytest.mark.parametrize("family,micro_batches", [("llama", 1), ("mixtral", 2), ("qwen2", 3)])
-def test_greedy_identical_through_actors(ray_session, tiny_dir, family, micro_batches):
+@pytest.mark.parametrize("family,micro_batches,shm", [("llama", 1, True), ("mixtral", 2, True), ("qwen2", 3, True),
+                                                      ("llama", 2, False)])
+def test_greedy_identical_through_actors(ray_session, tiny_dir, family, micro_batches, shm):
     """micro_batches splits each pass (3 sequences per batch: 1+2 or 1+1+1, then fewer as the
-    last batch is smaller); the output must not depend on it."""
+    last batch is smaller); the output must not depend on it, nor on whether activations
+    cross through shared-memory mailboxes or Ray's object store (shm False: the plain path)."""
     d = tiny_dir(family)
     want = hf_greedy(d, PROMPTS, 24)
-    with LLM(str(d), batch_size=3, progress=False, micro_batches=micro_batches) as llm:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # on the GPU machine: the DMAs into mailboxes too
+    with LLM(str(d), plan=Plan(device=dev, shm_activations=shm), batch_size=3, progress=False,
+             micro_batches=micro_batches) as llm:
         # the four actors are real, named Ray actors
         names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if isinstance(a, dict)} or \
             set(ray.util.list_named_actors())

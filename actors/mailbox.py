@@ -1,0 +1,177 @@
+"""A pass's per-layer activations between the GPU executor and the CPU attention worker,
+through a shared-memory buffer set up once per (batch, micro-batch) instead of Ray's object store.
+
+Every layer of a verification pass sends q/k/v to the CPU worker (~28 MB for W1's 192
+sequences x 12 tokens) and brings the attention output back (~19 MB). Through the object
+store each direction is a copy into plasma, and the output takes one more copy into pinned
+memory before it can go to the GPU: in session 5's W1 trace, 6 ms before and 12 ms after
+each layer's ~30 ms of attention, in a chain that must fit under a 53 ms weight copy.
+
+A `Mailbox` is one /dev/shm file with four regions (q, k, v, out), page-locked on the
+executor: the executor DMAs q/k/v straight into it, the worker reads them in place and writes
+its output into `out`, the executor DMAs that back. Ray carries only a small handle. Nothing
+else keeps writer and reader apart, so the protocol relies on the pass's order:
+- the worker reads q/k/v of layer j only after the executor's call that wrote them returned
+  (the handle is that call's result), and is done with them when it returns its output;
+- the executor writes layer j+1's q/k/v only after it consumed layer j's output, and it waits
+  for its device stream (the copy of `out` to the GPU included) before returning that handle,
+  so the worker's next write into `out` never races a DMA still reading it.
+One mailbox serves one micro-batch of one batch; a pass with more tokens than it holds gets a
+larger one (a new file), so handles name their file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..models.host_io import to_device, to_host
+from .shm_layout import ALIGN
+from .wire import from_wire, to_wire
+
+KIND = "mailbox"
+
+
+def _region_bytes(tokens: int, heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    n = tokens * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Mailbox:
+    """q [cap, Hq, d], k and v [cap, Hkv, d], out [cap, Hq*d] in one shared file."""
+
+    def __init__(self, path: str, capacity: int, spec, create: bool = False):
+        self.path, self.capacity = str(path), int(capacity)
+        hq, hkv, d, dt = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.torch_dtype
+        sizes = [_region_bytes(capacity, h, d, dt) for h in (hq, hkv, hkv, hq)]
+        total = sum(sizes)
+        if not create and os.path.getsize(self.path) < total:
+            raise RuntimeError(f"mailbox {self.path} is smaller than a {capacity}-token mailbox")
+        self.buf = torch.from_file(self.path, shared=True, size=total, dtype=torch.uint8)
+        offs = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        shapes = [(capacity, hq, d), (capacity, hkv, d), (capacity, hkv, d), (capacity, hq * d)]
+        self.q, self.k, self.v, self.out = (self.buf[o:o + s].view(dt)[: _numel(sh)].view(sh)
+                                            for o, s, sh in zip(offs, sizes, shapes))
+        self.registered = False
+
+    def register(self):
+        """Page-lock the mapping so the GPU can DMA to and from it asynchronously."""
+        rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 0)
+        if int(rc) != 0:
+            raise RuntimeError(f"cudaHostRegister failed ({rc}) for mailbox {self.path}")
+        self.registered = True
+
+    def close(self, unlink: bool = False):
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            self.registered = False
+        self.q = self.k = self.v = self.out = self.buf = None
+        if unlink:
+            Path(self.path).unlink(missing_ok=True)
+
+    def handle(self, tokens: int) -> tuple:
+        return (KIND, self.path, self.capacity, tokens)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# -- the executor's side ----------------------------------------------------------------------
+class ExecutorMailboxes:
+    """The executor's mailboxes, one per (batch, micro-batch), grown as passes need."""
+
+    def __init__(self, spec, folder: str | None, device: torch.device):
+        self.spec, self.device = spec, device
+        self.folder = Path(folder) if folder else None
+        self.boxes: dict[tuple, Mailbox] = {}
+        self._gen = 0
+
+    def ensure(self, bid, p: int, tokens: int) -> Mailbox | None:
+        """The mailbox for micro-batch p of batch bid, holding at least `tokens` (None: no folder,
+        activations go through the object store). Call between passes: a mailbox it replaces
+        must have no copy in flight."""
+        if self.folder is None:
+            return None
+        box = self.boxes.get((bid, p))
+        if box is not None and box.capacity >= tokens:
+            return box
+        cap = max(tokens, int(box.capacity * 1.5) if box else 0)
+        if box is not None:
+            box.close(unlink=True)
+        self._gen += 1
+        path = self.folder / f"act_b{bid}_p{p}_{self._gen}.bin"
+        box = Mailbox(path, cap, self.spec, create=True)
+        if self.device.type == "cuda":
+            box.register()
+        self.boxes[(bid, p)] = box
+        return box
+
+    def send_qkv(self, box: Mailbox | None, q, k, v, sync) -> tuple:
+        """q/k/v for the CPU worker: into the mailbox (one DMA each, then `sync`), or as wire arrays."""
+        T = q.shape[0]
+        if box is None:
+            return tuple(to_wire(t) for t in to_host(q, k, v))
+        box.q[:T].copy_(q, non_blocking=True)
+        box.k[:T].copy_(k, non_blocking=True)
+        box.v[:T].copy_(v, non_blocking=True)
+        sync()
+        return box.handle(T)
+
+    def recv_out(self, msg) -> torch.Tensor:
+        """The worker's attention output on the executor's device."""
+        if msg[0] == KIND:
+            _, path, _, T = msg
+            box = next(b for b in self.boxes.values() if b.path == path)
+            # On the CPU the caller consumes it before returning, before the worker writes again.
+            return box.out[:T].to(self.device, non_blocking=True)
+        return to_device(from_wire(msg), self.device)
+
+    def free(self, bid):
+        for key in [key for key in self.boxes if key[0] == bid]:
+            self.boxes.pop(key).close(unlink=True)
+
+    def close(self):
+        for box in self.boxes.values():
+            box.close(unlink=True)
+        self.boxes.clear()
+
+
+# -- the CPU worker's side --------------------------------------------------------------------
+class WorkerMailboxes:
+    """The CPU worker's mappings of the executor's mailboxes, by file."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.maps: dict[str, Mailbox] = {}
+
+    def recv_qkv(self, payload):
+        """q, k, v (host tensors, read in place when they came through a mailbox)."""
+        if payload[0] == KIND:
+            _, path, cap, T = payload
+            box = self.maps.get(path)
+            if box is None:
+                # The executor made a new file for this micro-batch: forget the old mapping.
+                stem = Path(path).name.rsplit("_", 1)[0]
+                for old in [p for p in self.maps if Path(p).name.rsplit("_", 1)[0] == stem]:
+                    self.maps.pop(old).close()
+                box = self.maps[path] = Mailbox(path, cap, self.spec)
+            return box.q[:T], box.k[:T], box.v[:T]
+        return tuple(from_wire(x) for x in payload)
+
+    def send_out(self, payload, out: torch.Tensor):
+        """The attention output back the way q/k/v came."""
+        if payload[0] == KIND:
+            _, path, _, T = payload
+            self.maps[path].out[:T].copy_(out.reshape(T, -1))
+            return payload
+        return to_wire(out)
+
+    def free(self, bid):
+        for path in [p for p in self.maps if Path(p).name.startswith(f"act_b{bid}_")]:
+            self.maps.pop(path).close()

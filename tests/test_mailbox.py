@@ -1,0 +1,75 @@
+"""The shared-memory mailboxes that carry a pass's q/k/v and attention outputs between the
+executor and the CPU worker: what goes in comes out, growth replaces the file, and the plain
+object-store path gives the same tensors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from specoffload.actors.mailbox import ExecutorMailboxes, WorkerMailboxes
+from specoffload.models.spec import ModelSpec
+
+
+def _spec():
+    return ModelSpec(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                     num_heads=4, num_kv_heads=2, head_dim=8, rms_eps=1e-5, rope_theta=1e4, max_positions=64,
+                     dtype="bfloat16")
+
+
+def _qkv(T, g):
+    return (torch.randn(T, 4, 8, generator=g).bfloat16(), torch.randn(T, 2, 8, generator=g).bfloat16(),
+            torch.randn(T, 2, 8, generator=g).bfloat16())
+
+
+def test_round_trip_grow_and_free(tmp_path):
+    spec, g = _spec(), torch.Generator().manual_seed(0)
+    ex, wk = ExecutorMailboxes(spec, str(tmp_path), torch.device("cpu")), WorkerMailboxes(spec)
+    for T in (5, 3, 12):  # 12 outgrows the first file: a new one replaces it
+        box = ex.ensure(7, 0, T)
+        q, k, v = _qkv(T, g)
+        msg = ex.send_qkv(box, q, k, v, lambda: None)
+        rq, rk, rv = wk.recv_qkv(msg)
+        assert torch.equal(rq, q) and torch.equal(rk, k) and torch.equal(rv, v)
+        out = (rq.float() * 2).bfloat16().reshape(T, -1)
+        back = ex.recv_out(wk.send_out(msg, out))
+        assert torch.equal(back, out)
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 1 and ex.boxes[(7, 0)].capacity >= 12  # the outgrown file is gone
+    assert len(wk.maps) == 1  # and the worker dropped its mapping of it
+    ex.free(7)
+    wk.free(7)
+    assert os.listdir(tmp_path) == [] and not wk.maps
+
+
+def test_plain_path_carries_the_same_tensors():
+    spec, g = _spec(), torch.Generator().manual_seed(1)
+    ex, wk = ExecutorMailboxes(spec, None, torch.device("cpu")), WorkerMailboxes(spec)
+    assert ex.ensure(0, 0, 4) is None
+    q, k, v = _qkv(4, g)
+    rq, rk, rv = wk.recv_qkv(ex.send_qkv(None, q, k, v, lambda: None))
+    assert torch.equal(rq, q) and torch.equal(rk, k) and torch.equal(rv, v)
+    msg = ex.send_qkv(None, q, k, v, lambda: None)
+    out = q.reshape(4, -1) + 1
+    assert torch.equal(ex.recv_out(wk.send_out(msg, out)), out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked mailboxes and their DMAs need CUDA")
+def test_cuda_round_trip(tmp_path):
+    """On the GPU the mailbox is registered and both directions are DMAs on the current stream."""
+    spec, g = _spec(), torch.Generator().manual_seed(2)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    ex, wk = ExecutorMailboxes(spec, str(tmp_path), dev), WorkerMailboxes(spec)
+    for T in (6, 40):
+        box = ex.ensure(0, 1, T)
+        assert box.registered
+        q, k, v = (t.to(dev) for t in _qkv(T, g))
+        msg = ex.send_qkv(box, q, k, v, torch.cuda.current_stream(dev).synchronize)
+        rq, rk, rv = wk.recv_qkv(msg)
+        assert torch.equal(rq, q.cpu()) and torch.equal(rk, k.cpu()) and torch.equal(rv, v.cpu())
+        back = ex.recv_out(wk.send_out(msg, rq.reshape(T, -1) * 3))
+        assert back.device == dev and torch.equal(back.cpu(), (q.cpu() * 3).reshape(T, -1))
+    ex.close()
+    assert os.listdir(tmp_path) == []
