@@ -23,6 +23,7 @@ larger one (a new file), so handles name their file.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -108,7 +109,16 @@ class ExecutorMailboxes:
         path = self.folder / f"act_b{bid}_p{p}_{self._gen}.bin"
         box = Mailbox(path, cap, self.spec, create=True)
         if self.device.type == "cuda":
-            box.register()
+            try:
+                box.register()
+            except RuntimeError as e:
+                # A DMA from unregistered memory would be a slow, synchronous staged copy;
+                # the object store's path is the better fallback. Said once, run goes on.
+                box.close(unlink=True)
+                self.boxes.pop((bid, p), None)
+                self.folder = None
+                warnings.warn(f"activations go through Ray's object store: {e}", RuntimeWarning, stacklevel=2)
+                return None
         self.boxes[(bid, p)] = box
         return box
 

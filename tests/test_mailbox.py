@@ -5,11 +5,13 @@ object-store path gives the same tensors."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
-from specoffload.actors.mailbox import ExecutorMailboxes, WorkerMailboxes
+from specoffload.actors.io_loader import default_shm_root
+from specoffload.actors.mailbox import ExecutorMailboxes, Mailbox, WorkerMailboxes
 from specoffload.models.spec import ModelSpec
 
 
@@ -56,12 +58,27 @@ def test_plain_path_carries_the_same_tensors():
     assert torch.equal(ex.recv_out(wk.send_out(msg, out)), out)
 
 
+def test_failed_registration_falls_back_to_the_object_store(tmp_path, monkeypatch):
+    """A mailbox the driver will not page-lock is dropped (file and all) with one warning, and
+    the executor's later passes take the object-store path."""
+    def refuse(self):
+        raise RuntimeError(f"cudaHostRegister failed (1) for mailbox {self.path}")
+
+    monkeypatch.setattr(Mailbox, "register", refuse)
+    ex = ExecutorMailboxes(_spec(), str(tmp_path), torch.device("cuda"))  # registration is tried on CUDA only
+    with pytest.warns(RuntimeWarning, match="object store: cudaHostRegister failed"):
+        assert ex.ensure(0, 0, 8) is None
+    assert ex.ensure(0, 1, 8) is None and not ex.boxes and os.listdir(tmp_path) == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked mailboxes and their DMAs need CUDA")
-def test_cuda_round_trip(tmp_path):
-    """On the GPU the mailbox is registered and both directions are DMAs on the current stream."""
+def test_cuda_round_trip():
+    """On the GPU the mailbox is registered and both directions are DMAs on the current stream.
+    In /dev/shm like the engine's: registering a file mapping on a disk filesystem can fail."""
     spec, g = _spec(), torch.Generator().manual_seed(2)
     dev = torch.device("cuda", torch.cuda.current_device())
-    ex, wk = ExecutorMailboxes(spec, str(tmp_path), dev), WorkerMailboxes(spec)
+    tmp_path = tempfile.mkdtemp(dir=default_shm_root())
+    ex, wk = ExecutorMailboxes(spec, tmp_path, dev), WorkerMailboxes(spec)
     for T in (6, 40):
         box = ex.ensure(0, 1, T)
         assert box.registered
@@ -73,3 +90,4 @@ def test_cuda_round_trip(tmp_path):
         assert back.device == dev and torch.equal(back.cpu(), (q.cpu() * 3).reshape(T, -1))
     ex.close()
     assert os.listdir(tmp_path) == []
+    os.rmdir(tmp_path)
