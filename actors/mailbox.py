@@ -4,8 +4,9 @@ through a shared-memory buffer set up once per (batch, micro-batch) instead of R
 Every layer of a verification pass sends q/k/v to the CPU worker (~28 MB for W1's 192
 sequences x 12 tokens) and brings the attention output back (~19 MB). Through the object
 store each direction is a copy into plasma, and the output takes one more copy into pinned
-memory before it can go to the GPU: in session 5's W1 trace, 6 ms before and 12 ms after
-each layer's ~30 ms of attention, in a chain that must fit under a 53 ms weight copy.
+memory before it can go to the GPU: in W1 run 9's trace, gaps of 4.1 ms before and 12.8 ms
+after each layer's ~30 ms of attention, in a chain that must fit under a 53 ms weight copy
+(run 10, through mailboxes: 2.9 and 8.7 ms; docs/benchmarks.md).
 
 A `Mailbox` is one /dev/shm file with four regions (q, k, v, out), page-locked on the
 executor: the executor DMAs q/k/v straight into it, the worker reads them in place and writes
@@ -22,8 +23,10 @@ larger one (a new file), so handles name their file.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -51,9 +54,9 @@ class Mailbox:
         if not create and os.path.getsize(self.path) < total:
             raise RuntimeError(f"mailbox {self.path} is smaller than a {capacity}-token mailbox")
         self.buf = torch.from_file(self.path, shared=True, size=total, dtype=torch.uint8)
-        offs = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        offs = [0, *accumulate(sizes)]
         shapes = [(capacity, hq, d), (capacity, hkv, d), (capacity, hkv, d), (capacity, hq * d)]
-        self.q, self.k, self.v, self.out = (self.buf[o:o + s].view(dt)[: _numel(sh)].view(sh)
+        self.q, self.k, self.v, self.out = (self.buf[o:o + s].view(dt)[: math.prod(sh)].view(sh)
                                             for o, s, sh in zip(offs, sizes, shapes))
         self.registered = False
 
@@ -74,13 +77,6 @@ class Mailbox:
 
     def handle(self, tokens: int) -> tuple:
         return (KIND, self.path, self.capacity, tokens)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # -- the executor's side ----------------------------------------------------------------------
@@ -112,8 +108,9 @@ class ExecutorMailboxes:
             try:
                 box.register()
             except RuntimeError as e:
-                # A DMA from unregistered memory would be a slow, synchronous staged copy;
-                # the object store's path is the better fallback. Said once, run goes on.
+                # A DMA from unregistered memory is a slow copy staged by the driver that
+                # blocks this thread; the object store's path (pinned staging) does better.
+                # One warning, and the run goes on that way.
                 box.close(unlink=True)
                 self.boxes.pop((bid, p), None)
                 self.folder = None
