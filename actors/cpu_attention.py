@@ -67,7 +67,7 @@ class CPUAttention:
             part.begin_pass(torch.as_tensor(q_lens))
         part = self.parts[(bid, lo)]
         with self.timer.span("cpu_attention", f"b{bid} L{j} [{lo}:{hi})"):
-            out = part.attend_layer(j, q, k, v)
+            out = part.attend_layer(j, q, k, v, out=self.mail.out_buffer(payload))
         self.kv_bytes_read += int(part.lens.sum() + q.shape[0]) * 2 * k.shape[1] * k.shape[2] * part.k[j].element_size()
         if j == self.spec.num_layers - 1:
             part.advance()

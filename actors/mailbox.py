@@ -171,11 +171,20 @@ class WorkerMailboxes:
             return box.q[:T], box.k[:T], box.v[:T]
         return tuple(from_wire(x) for x in payload)
 
-    def send_out(self, payload, out: torch.Tensor):
-        """The attention output back the way q/k/v came."""
+    def out_buffer(self, payload) -> torch.Tensor | None:
+        """Where attention may write its output directly ([T, Hq*d] in the mailbox), or None."""
         if payload[0] == KIND:
             _, path, _, T = payload
-            self.maps[path].out[:T].copy_(out.reshape(T, -1))
+            return self.maps[path].out[:T]
+        return None
+
+    def send_out(self, payload, out: torch.Tensor):
+        """The attention output back the way q/k/v came (no copy if it is already in `out_buffer`)."""
+        if payload[0] == KIND:
+            _, path, _, T = payload
+            dest = self.maps[path].out[:T]
+            if out.data_ptr() != dest.data_ptr():
+                dest.copy_(out.reshape(T, -1))
             return payload
         return to_wire(out)
 

@@ -64,11 +64,13 @@ def grouped_mask(mask: torch.Tensor, G: int) -> torch.Tensor:
     return mask[:, :, None].expand(B, 1, G, n_q, n_k).reshape(B, 1, G * n_q, n_k)
 
 
-def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale=None, out_scale=None):
+def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale=None, out_scale=None, out=None):
     """Packed queries q [T, Hq, d] of B = cache_k.shape[0] sequences (at most n_q each; row
     b_idx[t], position i_idx[t]) against K/V [B, Hkv, n_k, d] under a `grouped_mask` mask.
-    Returns [T, Hq * d] in q's dtype. q_scale / out_scale: per-K/V-head factors on the
-    queries and the output (an fp8 ring's K and V scales, see ring_cache.py).
+    Returns [T, Hq * d] in q's dtype, written into `out` if given (a contiguous [T, Hq * d]:
+    the heads' transpose lands there in one copy instead of a fresh tensor copied again).
+    q_scale / out_scale: per-K/V-head factors on the queries and the output (an fp8 ring's K
+    and V scales, see ring_cache.py).
 
     Grouped-query attention as Hkv heads of G * n_q query rows (the G query heads that share a
     K/V head become extra rows), so K/V are never expanded G-fold. SDPA's `enable_gqa` on
@@ -90,20 +92,26 @@ def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale
     qg = qp.permute(0, 2, 1, 3).reshape(B, Hkv, G * n_q, d).to(cache_k.dtype)  # head h = kv * G + g
     if q_scale is not None:
         qg = qg * q_scale.to(qg.dtype)[None, :, None, None]
-    out = F.scaled_dot_product_attention(qg, cache_k, cache_v, attn_mask=mask)  # [B, Hkv, G*n_q, d]
+    res = F.scaled_dot_product_attention(qg, cache_k, cache_v, attn_mask=mask)  # [B, Hkv, G*n_q, d]
     if out_scale is not None:
-        out = out * out_scale.to(out.dtype)[None, :, None, None]
-    out = out.reshape(B, Hq, n_q, d).transpose(1, 2)  # [B, n_q, Hq, d] (SDPA may return it strided)
-    return (out if full else out[b_idx, i_idx]).reshape(T, Hq * d).to(q.dtype)
+        res = res * out_scale.to(res.dtype)[None, :, None, None]
+    res = res.reshape(B, Hq, n_q, d).transpose(1, 2)  # [B, n_q, Hq, d] (SDPA may return it strided)
+    if out is not None:
+        if full:
+            out.view(B, n_q, Hq, d).copy_(res)
+        else:
+            out.view(T, Hq, d).copy_(res[b_idx, i_idx])
+        return out
+    return (res if full else res[b_idx, i_idx]).reshape(T, Hq * d).to(q.dtype)
 
 
 def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_idx=None, i_idx=None,
-           n_q=None, n_k=None, grouped: bool = False):
+           n_q=None, n_k=None, grouped: bool = False, out=None):
     """Packed queries q [T, Hq, d] against caches that already hold the new tokens, causally.
 
     Returns [T, Hq * d] in q's dtype. `mask`/`b_idx`/`i_idx` may be passed in to reuse them
     across layers of one pass (they depend only on the lengths); `grouped`: the mask is
-    already `grouped_mask`'s. See `grouped_attention`.
+    already `grouped_mask`'s; `out`: where to write the result. See `grouped_attention`.
     """
     if b_idx is None:
         b_idx, i_idx = pack_index(q_lens)
@@ -115,7 +123,7 @@ def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_i
         mask = causal_mask(lens_before, q_lens, n_q, n_k, window)
     if not grouped:
         mask = grouped_mask(mask, q.shape[1] // cache_k.shape[1])
-    return grouped_attention(q, cache_k[:, :, :n_k], cache_v[:, :, :n_k], mask, n_q, b_idx, i_idx)
+    return grouped_attention(q, cache_k[:, :, :n_k], cache_v[:, :, :n_k], mask, n_q, b_idx, i_idx, out=out)
 
 
 class KVCache:
@@ -158,11 +166,11 @@ class KVCache:
             self._grouped[key] = grouped_mask(masks[key[0]], key[1])
         return self._grouped[key]
 
-    def attend_layer(self, layer, q, k, v):
+    def attend_layer(self, layer, q, k, v, out=None):
         q_lens, b_idx, i_idx, masks, n_q, n_k = self._pass
         append_kv(self.k[layer], self.v[layer], k, v, self.lens, q_lens, b_idx, i_idx)
         return attend(q, self.k[layer], self.v[layer], self.lens, q_lens, self.windows[layer],
-                      self._grouped_mask(masks, layer, q), b_idx, i_idx, n_q, n_k, grouped=True)
+                      self._grouped_mask(masks, layer, q), b_idx, i_idx, n_q, n_k, grouped=True, out=out)
 
     def advance(self):
         self.lens += self._pass[0]

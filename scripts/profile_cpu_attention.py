@@ -4,9 +4,13 @@
     python scripts/profile_cpu_attention.py --batch 48 --queries 12 --keys 640
 
 Mixtral-8x7B's attention shape (32 query heads, 8 KV heads, head dim 128), bf16 cache, as the
-CPU attention actor holds it. Prints the median milliseconds per layer over `--passes` passes,
-beside the same attention through SDPA's `enable_gqa` on packed queries (what the engine did
-before session 4), measured in the same run, and their ratio.
+CPU attention actor holds it. Prints the median milliseconds per layer over `--passes` passes of
+- "engine": what the worker does, attention written straight into the output buffer it sends
+  back (a mailbox's `out`, actors/mailbox.py);
+- "engine + copy": attention into a fresh tensor, then copied into that buffer (session 5's
+  run 10);
+- "sdpa enable_gqa": SDPA's `enable_gqa` on packed queries (before session 4), then the copy;
+all in the same run, pass by pass, and the ratios.
 """
 
 from __future__ import annotations
@@ -48,8 +52,13 @@ def main(argv=None) -> int:
     b_idx, i_idx = torch.arange(B).repeat_interleave(n), torch.arange(n).repeat(B)
     mask = causal_mask(lens, q_lens, n, a.keys)
 
+    sent = torch.empty(B * n, Hq * d, dtype=torch.bfloat16)  # the buffer the output leaves in
+
     def engine(j):
-        return cache.attend_layer(j, q, k, v)
+        return cache.attend_layer(j, q, k, v, out=sent)
+
+    def engine_copy(j):
+        return sent.copy_(cache.attend_layer(j, q, k, v))
 
     def sdpa_gqa(j):  # the earlier path: packed queries, SDPA's own grouped-query handling
         append_kv(cache.k[j], cache.v[j], k, v, lens, q_lens, b_idx, i_idx)
@@ -57,9 +66,9 @@ def main(argv=None) -> int:
         qp[b_idx, i_idx] = q
         out = F.scaled_dot_product_attention(qp.transpose(1, 2), cache.k[j], cache.v[j], attn_mask=mask,
                                              enable_gqa=True)
-        return out.transpose(1, 2)[b_idx, i_idx].reshape(B * n, Hq * d)
+        return sent.copy_(out.transpose(1, 2)[b_idx, i_idx].reshape(B * n, Hq * d))
 
-    funcs = {"engine": engine, "sdpa enable_gqa": sdpa_gqa}
+    funcs = {"engine": engine, "engine + copy": engine_copy, "sdpa enable_gqa": sdpa_gqa}
     times = {name: [] for name in funcs}
     for p in range(a.passes + 1):  # the first pass warms up; the two paths alternate pass by pass
         for name, f in funcs.items():
@@ -76,14 +85,15 @@ def main(argv=None) -> int:
         ts = sorted(ts)
         med[name] = ts[len(ts) // 2]
         print(f"{name:16} {med[name]:7.1f} ms per layer (median of {a.passes} passes; min {ts[0]:.1f})", flush=True)
-    want = sdpa_gqa(0)
+    want = sdpa_gqa(0).clone()
     cache.lens.copy_(lens)
     cache.begin_pass(q_lens, B * n, n)
-    same = torch.equal(cache.attend_layer(0, q, k, v), want)
+    same = torch.equal(engine(0), want)
     cache._pass = None
+    e, c, s = med["engine"], med["engine + copy"], med["sdpa enable_gqa"]
     print(f"CPU attention, {B} sequences x {n} queries over {a.keys} keys, bf16, {torch.get_num_threads()} threads: "
-          f"engine {med['engine']:.1f} ms, enable_gqa {med['sdpa enable_gqa']:.1f} ms per layer, "
-          f"{med['sdpa enable_gqa'] / med['engine']:.2f}x; identical output: {same}")
+          f"engine {e:.1f} ms, engine + copy {c:.1f} ms ({c / e:.2f}x), enable_gqa {s:.1f} ms ({s / e:.2f}x) "
+          f"per layer; identical output: {same}")
     return 0
 
 

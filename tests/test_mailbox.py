@@ -91,3 +91,25 @@ def test_cuda_round_trip():
     ex.close()
     assert os.listdir(tmp_path) == []
     os.rmdir(tmp_path)
+
+
+@pytest.mark.parametrize("q_lens", [[3, 3, 3], [1, 3, 2]])  # a verification block; ragged (packed)
+def test_attention_written_into_the_mailbox_equals_a_fresh_result(q_lens):
+    """The worker writes attention straight into the mailbox's `out`: same values as the
+    tensor `attend_layer` returns otherwise, and the mailbox is then sent without a copy."""
+    from specoffload.models.attention import KVCache
+
+    g = torch.Generator().manual_seed(3)
+    T = sum(q_lens)
+    caches = [KVCache(1, 3, 2, 8, 16, torch.bfloat16) for _ in range(2)]
+    hist_k, hist_v = torch.randn(3, 2, 5, 8, generator=g).bfloat16(), torch.randn(3, 2, 5, 8, generator=g).bfloat16()
+    for c in caches:
+        c.k[0][:, :, :5].copy_(hist_k)
+        c.v[0][:, :, :5].copy_(hist_v)
+        c.lens = torch.tensor([5, 2, 4])
+        c.begin_pass(torch.tensor(q_lens))
+    q, k, v = _qkv(T, g)
+    want = caches[0].attend_layer(0, q, k, v)
+    dest = torch.full((T, 32), float("nan"), dtype=torch.bfloat16)
+    got = caches[1].attend_layer(0, q, k, v, out=dest)
+    assert got is dest and torch.equal(got, want)
