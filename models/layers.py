@@ -88,28 +88,64 @@ def dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
     return _linear(_act(spec, _linear(x, w["gate"])) * _linear(x, w["up"]), w["down"])
 
 
-def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
-    """Top-k routed experts (Mixtral): softmax over experts, top-k, renormalise."""
+def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
+    """Top-k routed experts (Mixtral): softmax over experts, top-k, renormalise.
+
+    Token-expert pairs are sorted by expert; with `torch._grouped_mm` (torch >= 2.8) each of
+    the three projections is one grouped matmul over all experts, its group boundaries left on
+    the device. The loop over experts (`grouped=False`, and where grouped matmuls are missing)
+    reads the per-expert counts on the host: a device wait in the middle of every MoE layer,
+    then one launch chain per expert. Both add each token's experts in expert order.
+    """
     logits = _linear(x, w["router"])
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)
     top_w, top_i = torch.topk(probs, spec.experts_per_token, dim=-1)
     top_w = (top_w / top_w.sum(dim=-1, keepdim=True)).to(x.dtype)
-    out = torch.zeros_like(x)
-    # One gather per expert that has tokens: the work scales with tokens routed, not E x T.
     flat_e = top_i.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
-    counts = to_host(torch.bincount(flat_e, minlength=spec.num_experts))[0].tolist()
-    tok = order // spec.experts_per_token
+    tok = order // spec.experts_per_token  # the token of each pair, pairs in expert order
+    weight = top_w.reshape(-1)[order, None]
+    counts = torch.bincount(flat_e, minlength=spec.num_experts)
+    if grouped is None:
+        grouped = _grouped_mm_works(x)
+    if grouped:
+        try:
+            return _experts_grouped(spec, w, x, tok, weight, counts)
+        except (RuntimeError, NotImplementedError):  # shapes or dtypes this build's kernel refuses
+            _GROUPED_MM_FAILED.add((x.device.type, x.dtype))
+    return _experts_loop(spec, w, x, tok, weight, counts)
+
+
+# (device type, dtype) where a grouped matmul raised once: the loop serves them from then on.
+_GROUPED_MM_FAILED: set = set()
+
+
+def _grouped_mm_works(x: torch.Tensor) -> bool:
+    return hasattr(torch, "_grouped_mm") and (x.device.type, x.dtype) not in _GROUPED_MM_FAILED
+
+
+def _experts_grouped(spec, w, x, tok, weight, counts):
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # end of each expert's rows
+    xs = x[tok]
+
+    def mm(a, name):  # weights are stacked [E, out, in]: each group multiplies by W^T
+        return torch._grouped_mm(a, w[name].transpose(-2, -1), offs=offs)
+
+    y = mm(_act(spec, mm(xs, "w_gate")) * mm(xs, "w_up"), "w_down")
+    return torch.zeros_like(x).index_add_(0, tok, y * weight)
+
+
+def _experts_loop(spec, w, x, tok, weight, counts):
+    out = torch.zeros_like(x)
     start = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(to_host(counts)[0].tolist()):
         if n == 0:
             continue
-        idx = order[start : start + n]
-        t = tok[start : start + n]
-        start += n
+        t = tok[start: start + n]
         xe = x[t]
         ye = _linear(_act(spec, _linear(xe, w["w_gate"][e])) * _linear(xe, w["w_up"][e]), w["w_down"][e])
-        out.index_add_(0, t, ye * top_w.reshape(-1)[idx, None])
+        out.index_add_(0, t, ye * weight[start: start + n])
+        start += n
     return out
 
 

@@ -1,0 +1,49 @@
+"""The MoE FFN's two paths: grouped matmuls over expert-sorted tokens (no host read) and the
+loop over experts. Same result to the bit on the CPU, and a build whose grouped kernel refuses
+the call falls back to the loop for that device and dtype."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from specoffload.models import layers
+from specoffload.models.constructed import mixtral_8x7b
+
+
+def _case(dtype, tokens=300, H=64, I=96, E=8):
+    spec = replace(mixtral_8x7b(1), hidden_size=H, intermediate_size=I, num_experts=E)
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.1).to(dtype)  # noqa: E731
+    w = {"router": r(E, H) * 10, "w_gate": r(E, I, H), "w_up": r(E, I, H), "w_down": r(E, H, I)}
+    return spec, w, r(tokens, H) * 10
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no grouped matmul")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_equals_loop(dtype):
+    spec, w, x = _case(dtype)
+    want = layers.moe_ffn(spec, w, x, grouped=False)
+    assert torch.equal(layers.moe_ffn(spec, w, x, grouped=True), want)
+    # an expert no token chose: an empty group
+    w2 = dict(w, router=w["router"].clone())
+    w2["router"][3] = -1e4
+    assert torch.equal(layers.moe_ffn(spec, w2, x, grouped=True), layers.moe_ffn(spec, w2, x, grouped=False))
+
+
+def test_refused_grouped_matmul_falls_back_to_the_loop(monkeypatch):
+    spec, w, x = _case(torch.float32, tokens=40)
+    calls = []
+
+    def refuse(*a, **k):
+        calls.append(1)
+        raise RuntimeError("grouped gemm is only supported on sm90")
+
+    monkeypatch.setattr(torch, "_grouped_mm", refuse, raising=False)
+    monkeypatch.setattr(layers, "_GROUPED_MM_FAILED", set())
+    want = layers.moe_ffn(spec, w, x, grouped=False)
+    assert torch.equal(layers.moe_ffn(spec, w, x), want) and calls == [1]
+    assert torch.equal(layers.moe_ffn(spec, w, x), want) and calls == [1]  # not tried again
+    assert ("cpu", torch.float32) in layers._GROUPED_MM_FAILED
