@@ -111,6 +111,8 @@ def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, grouped: bool | None = No
     if grouped:
         try:
             return _experts_grouped(spec, w, x, tok, weight, counts)
+        except torch.OutOfMemoryError:
+            raise  # not a refusal: the loop would need the memory too
         except (RuntimeError, NotImplementedError):  # shapes or dtypes this build's kernel refuses
             _GROUPED_MM_FAILED.add((x.device.type, x.dtype))
     return _experts_loop(spec, w, x, tok, weight, counts)

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
     funcs = {"engine": engine, "engine + copy": engine_copy, "sdpa enable_gqa": sdpa_gqa}
     times = {name: [] for name in funcs}
-    for p in range(a.passes + 1):  # the first pass warms up; the two paths alternate pass by pass
+    for p in range(a.passes + 1):  # the first pass warms up; the paths alternate pass by pass
         for name, f in funcs.items():
             cache.lens.copy_(lens)
             cache.begin_pass(q_lens, B * n, n)

@@ -47,3 +47,16 @@ def test_refused_grouped_matmul_falls_back_to_the_loop(monkeypatch):
     assert torch.equal(layers.moe_ffn(spec, w, x), want) and calls == [1]
     assert torch.equal(layers.moe_ffn(spec, w, x), want) and calls == [1]  # not tried again
     assert ("cpu", torch.float32) in layers._GROUPED_MM_FAILED
+
+
+def test_out_of_memory_in_the_grouped_path_is_not_a_refusal(monkeypatch):
+    spec, w, x = _case(torch.float32, tokens=8)
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "_grouped_mm", oom, raising=False)
+    monkeypatch.setattr(layers, "_GROUPED_MM_FAILED", set())
+    with pytest.raises(torch.OutOfMemoryError):
+        layers.moe_ffn(spec, w, x)
+    assert not layers._GROUPED_MM_FAILED
