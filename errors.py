@@ -15,3 +15,19 @@ class ConfigError(SpecOffloadError, ValueError):
 
 class CapacityError(SpecOffloadError):
     """The work does not fit: prompt longer than the context, batch larger than host RAM."""
+
+
+def from_actor_init(err: Exception) -> Exception:
+    """The user-facing error inside a Ray actor whose constructor raised one, else `err`.
+
+    Ray reports a failed actor constructor as ActorDiedError, whose only trace of the cause is
+    its message (the remote traceback, ending "specoffload.errors.<Class>: <message>")."""
+    last = None
+    for line in str(err).splitlines():
+        head, sep, msg = line.strip().partition(": ")
+        if sep and head.startswith("specoffload.errors."):
+            last = (head.rsplit(".", 1)[1], msg)
+    cls = globals().get(last[0]) if last else None
+    if isinstance(cls, type) and issubclass(cls, SpecOffloadError):
+        return cls(last[1])
+    return err

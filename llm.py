@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .configs.run_config import RunConfig
 from .configs.sampling_params import SamplingParams
-from .errors import CapacityError, CheckpointError, ConfigError
+from .errors import CapacityError, CheckpointError, ConfigError, from_actor_init
 from .models.spec import ModelSpec, load_spec
 from .placement.plan import Plan
 from .scheduler.request import CompletionOutput, Request, RequestOutput
@@ -169,15 +169,22 @@ class LLM:
         import ray
 
         from .actors.coordinator import Coordinator
+        from .placement.node import pick_node
         from .ray_env import ensure_ray
 
         ensure_ray(address)
+        # The coordinator pins the actors to one node; fail here, before any actor starts,
+        # when no node can hold the executor.
+        pick_node(ray.nodes(), ray.get_runtime_context().get_node_id(), self.plan.device == "cuda")
         self.run_id = uuid.uuid4().hex[:8]
         self.coordinator = ray.remote(Coordinator).options(
             name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
         ).remote(("checkpoint", str(self.model_dir), self.spec.dtype), self.spec, self.plan,
                  self.draft_desc, self.run_cfg, self.run_id, self.progress)
-        self.info = ray.get(self.coordinator.ready.remote())
+        try:
+            self.info = ray.get(self.coordinator.ready.remote())
+        except ray.exceptions.RayActorError as e:  # the coordinator, or an actor it built, refused to start
+            raise from_actor_init(e) from None
         # The loader's /dev/shm files hold the whole target: never leave them behind because a
         # script forgot shutdown() (at exit Ray kills the actors before they could clean up).
         import atexit

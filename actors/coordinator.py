@@ -11,9 +11,11 @@ import threading
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..configs.run_config import RunConfig
 from ..configs.sampling_params import SamplingParams
+from ..placement.node import pick_node
 from ..placement.plan import Plan
 from ..scheduler.generator import Generator
 from ..scheduler.request import Request
@@ -32,17 +34,20 @@ class Coordinator:
         self.spec, self.plan, self.run_cfg, self.run_id = spec, plan, run_cfg, run_id
         cuda = plan.device == "cuda"
         name = lambda role: f"specoffload-{role}-{run_id}"  # noqa: E731
-        self.loader = ray.remote(IOLoader).options(name=name("io_loader"), num_cpus=0).remote(
-            target_desc, run_id)
+        # One host for all three: they share /dev/shm files (placement/node.py).
+        node = pick_node(ray.nodes(), ray.get_runtime_context().get_node_id(), cuda)
+        here = NodeAffinitySchedulingStrategy(node, soft=False)
+        self.loader = ray.remote(IOLoader).options(name=name("io_loader"), num_cpus=0,
+                                                   scheduling_strategy=here).remote(target_desc, run_id)
         host_layers = [j for j in range(spec.num_layers) if j not in plan.disk_layers]
         t0 = time.perf_counter()
         manifest = ray.get(self.loader.load.remote(host_layers, progress))
         load_s = time.perf_counter() - t0
         self.executor = ray.remote(GPUExecutor).options(
-            name=name("gpu_executor"), num_cpus=0 if cuda else 1, num_gpus=1 if cuda else 0
+            name=name("gpu_executor"), num_cpus=0 if cuda else 1, num_gpus=1 if cuda else 0, scheduling_strategy=here
         ).remote(spec, plan, manifest, draft_desc, target_desc)
         self.attention = ray.remote(CPUAttention).options(
-            name=name("cpu_attention"), num_cpus=plan.attention_cpus
+            name=name("cpu_attention"), num_cpus=plan.attention_cpus, scheduling_strategy=here
         ).remote(spec, plan.attention_threads, plan.kv_dtype, plan.trace)
         self.info = ray.get(self.executor.ready.remote())
         self.info["attention_threads"] = ray.get(self.attention.ready.remote())

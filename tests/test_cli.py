@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 
 def _cli(*args):
@@ -33,3 +37,30 @@ def test_generate_bad_prompts_file_and_out_path(tiny_dir, tmp_path):
     r = _cli("generate", "--model", str(tiny_dir("llama")), "--engine", "reference", "--prompt", "w3",
              "--out", str(tmp_path / "no" / "such" / "dir.jsonl"))
     assert r.returncode == 2 and "cannot write --out" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine does not have")
+def test_cuda_plan_without_a_gpu_node_is_one_line(tiny_dir, tmp_path):
+    """The actors are pinned to one node that can hold the executor: with no GPU in the Ray
+    cluster a CUDA plan fails before any actor starts, in one line, exit 2."""
+    plan = tmp_path / "cuda.json"
+    plan.write_text('{"device": "cuda"}')
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "generate", "--model", str(tiny_dir("llama")),
+                        "--plan", str(plan), "--prompt", "w3", "--max-tokens", "2"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("specoffload: error: no alive Ray node has a GPU for the executor "
+                                                 "(plan.device is 'cuda')")
+
+
+def test_actor_init_errors_are_unwrapped():
+    from specoffload.errors import CapacityError, from_actor_init
+
+    msg = ("The actor died because of an error raised in its creation task, ray::Coordinator.__init__()\n"
+           "  File \"coordinator.py\", line 38, in __init__\n"
+           "specoffload.errors.CapacityError: the target KV cache needs 9.0 GiB")
+    e = from_actor_init(RuntimeError(msg))
+    assert type(e) is CapacityError and str(e) == "the target KV cache needs 9.0 GiB"
+    other = RuntimeError("The actor died unexpectedly before finishing this task.")
+    assert from_actor_init(other) is other
