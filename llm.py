@@ -184,6 +184,13 @@ class LLM:
         try:
             self.info = ray.get(self.coordinator.ready.remote())
         except ray.exceptions.RayActorError as e:  # the coordinator, or an actor it built, refused to start
+            # The loader dies with it and may have written the weights already: do not leave
+            # them in this host's shared memory.
+            import shutil
+
+            from .actors.io_loader import default_shm_root
+
+            shutil.rmtree(default_shm_root() / f"specoffload-{self.run_id}", ignore_errors=True)
             raise from_actor_init(e) from None
         # The loader's /dev/shm files hold the whole target: never leave them behind because a
         # script forgot shutdown() (at exit Ray kills the actors before they could clean up).

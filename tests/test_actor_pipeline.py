@@ -92,3 +92,18 @@ def test_disk_tier_layers_stream_from_the_checkpoint(ray_session, tiny_dir):
         host_files = ray.get(llm.coordinator.host_files.remote())
     assert [o.outputs[0].token_ids for o in outs] == want
     assert sorted(host_files) == ["globals.bin", "layer_001.bin"]
+
+
+def test_actor_start_error_is_the_users_and_leaves_no_weights(ray_session, tiny_dir, monkeypatch):
+    """An error the executor raises while starting (after the loader wrote the weights) reaches
+    the caller as itself, not as Ray's ActorDiedError, and the weights leave shared memory."""
+    import uuid
+
+    import specoffload.llm as llm_mod
+    from specoffload.actors.io_loader import default_shm_root
+
+    run = uuid.UUID("5eed0000000000000000000000000000")
+    monkeypatch.setattr(llm_mod.uuid, "uuid4", lambda: run)  # the loader's folder is named by the run id
+    with pytest.raises(ConfigError, match="self-speculative draft's 1 layers must not be on disk"):
+        LLM(str(tiny_dir("llama")), draft="self:1", plan=Plan(device="cpu", disk_layers=(0,)), progress=False)
+    assert not (default_shm_root() / f"specoffload-{run.hex[:8]}").exists()
