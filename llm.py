@@ -186,11 +186,9 @@ class LLM:
         except ray.exceptions.RayActorError as e:  # the coordinator, or an actor it built, refused to start
             # The loader dies with it and may have written the weights already: do not leave
             # them in this host's shared memory.
-            import shutil
+            from .actors.io_loader import remove_local_run_dir
 
-            from .actors.io_loader import default_shm_root
-
-            shutil.rmtree(default_shm_root() / f"specoffload-{self.run_id}", ignore_errors=True)
+            remove_local_run_dir(self.run_id)
             raise from_actor_init(e) from None
         # The loader's /dev/shm files hold the whole target: never leave them behind because a
         # script forgot shutdown() (at exit Ray kills the actors before they could clean up).

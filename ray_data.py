@@ -73,12 +73,14 @@ class SpecOffloadPredictor:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return
+        from .actors.io_loader import remove_local_run_dir
+
         run_id = getattr(llm, "run_id", None)
         try:
             llm.shutdown()
         finally:
             if run_id:
-                _remove_local_weight_files(run_id)
+                remove_local_run_dir(run_id)
 
     def __del__(self):
         # Ray Data drops the UDF when its actor exits gracefully (in Ray 2.60 from the actor's
@@ -91,11 +93,3 @@ class SpecOffloadPredictor:
             pass
 
 
-def _remove_local_weight_files(run_id: str):
-    """The engine's shared-memory folder, if it is on this node (the loader's default root,
-    $SPECOFFLOAD_SHM or /dev/shm; the run id makes the name unique to this engine)."""
-    import shutil
-
-    from .actors.io_loader import default_shm_root
-
-    shutil.rmtree(default_shm_root() / f"specoffload-{run_id}", ignore_errors=True)

@@ -237,7 +237,7 @@ class GPUExecutor:
     def _post(self, part, j, attn):
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) ffn"):
-            part["h"] = post_attention(self.spec, w, part["h"], self.mail.recv_out(attn))
+            part["h"] = post_attention(self.spec, w, part["h"], self.mail.recv_out(part["box"], attn))
         if self.pass_layers.finished(j):  # every part of the pass is past layer j: refill its slot
             self._done(j)
 

@@ -26,11 +26,22 @@ def default_shm_root() -> Path:
     return Path(os.environ.get("SPECOFFLOAD_SHM", "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"))
 
 
+def run_dir(run_id: str, shm_root: str | None = None) -> Path:
+    """The folder holding one run's weight files (and its mailboxes)."""
+    return Path(shm_root or default_shm_root()) / f"specoffload-{run_id}"
+
+
+def remove_local_run_dir(run_id: str):
+    """A run's shared-memory folder, if it is on this node, for when its loader could not
+    clean up (killed, or dead with an actor that failed to start)."""
+    shutil.rmtree(run_dir(run_id), ignore_errors=True)
+
+
 class IOLoader:
     def __init__(self, source_desc, run_id: str | None = None, shm_root: str | None = None):
         self.source = open_source(source_desc)
         self.spec = self.source.spec
-        self.dir = Path(shm_root or default_shm_root()) / f"specoffload-{run_id or uuid.uuid4().hex[:8]}"
+        self.dir = run_dir(run_id or uuid.uuid4().hex[:8], shm_root)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.manifest = None
 

@@ -130,13 +130,12 @@ class ExecutorMailboxes:
         sync()
         return box.handle(T)
 
-    def recv_out(self, msg) -> torch.Tensor:
-        """The worker's attention output on the executor's device."""
-        if msg[0] == KIND:
-            _, path, _, T = msg
-            box = next(b for b in self.boxes.values() if b.path == path)
+    def recv_out(self, box: Mailbox | None, msg) -> torch.Tensor:
+        """The worker's attention output on the executor's device; `box`: the mailbox the
+        q/k/v went out through (`send_qkv`'s), None for wire arrays."""
+        if box is not None:
             # On the CPU the caller consumes it before returning, before the worker writes again.
-            return box.out[:T].to(self.device, non_blocking=True)
+            return box.out[:msg[3]].to(self.device, non_blocking=True)
         return to_device(from_wire(msg), self.device)
 
     def free(self, bid):

@@ -100,10 +100,10 @@ def test_actor_start_error_is_the_users_and_leaves_no_weights(ray_session, tiny_
     import uuid
 
     import specoffload.llm as llm_mod
-    from specoffload.actors.io_loader import default_shm_root
+    from specoffload.actors.io_loader import run_dir
 
     run = uuid.UUID("5eed0000000000000000000000000000")
     monkeypatch.setattr(llm_mod.uuid, "uuid4", lambda: run)  # the loader's folder is named by the run id
     with pytest.raises(ConfigError, match="self-speculative draft's 1 layers must not be on disk"):
         LLM(str(tiny_dir("llama")), draft="self:1", plan=Plan(device="cpu", disk_layers=(0,)), progress=False)
-    assert not (default_shm_root() / f"specoffload-{run.hex[:8]}").exists()
+    assert not run_dir(run.hex[:8]).exists()

@@ -36,7 +36,7 @@ def test_round_trip_grow_and_free(tmp_path):
         rq, rk, rv = wk.recv_qkv(msg)
         assert torch.equal(rq, q) and torch.equal(rk, k) and torch.equal(rv, v)
         out = (rq.float() * 2).bfloat16().reshape(T, -1)
-        back = ex.recv_out(wk.send_out(msg, out))
+        back = ex.recv_out(box, wk.send_out(msg, out))
         assert torch.equal(back, out)
     files = sorted(os.listdir(tmp_path))
     assert len(files) == 1 and ex.boxes[(7, 0)].capacity >= 12  # the outgrown file is gone
@@ -55,7 +55,7 @@ def test_plain_path_carries_the_same_tensors():
     assert torch.equal(rq, q) and torch.equal(rk, k) and torch.equal(rv, v)
     msg = ex.send_qkv(None, q, k, v, lambda: None)
     out = q.reshape(4, -1) + 1
-    assert torch.equal(ex.recv_out(wk.send_out(msg, out)), out)
+    assert torch.equal(ex.recv_out(None, wk.send_out(msg, out)), out)
 
 
 def test_failed_registration_falls_back_to_the_object_store(tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_cuda_round_trip():
         msg = ex.send_qkv(box, q, k, v, torch.cuda.current_stream(dev).synchronize)
         rq, rk, rv = wk.recv_qkv(msg)
         assert torch.equal(rq, q.cpu()) and torch.equal(rk, k.cpu()) and torch.equal(rv, v.cpu())
-        back = ex.recv_out(wk.send_out(msg, rq.reshape(T, -1) * 3))
+        back = ex.recv_out(box, wk.send_out(msg, rq.reshape(T, -1) * 3))
         assert back.device == dev and torch.equal(back.cpu(), (q.cpu() * 3).reshape(T, -1))
     ex.close()
     assert os.listdir(tmp_path) == []
