@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import CapacityError, ConfigError
 from ..models.attention import KVCache, pack_index
 from ..models.host_io import packed, to_device, to_host
 from ..models.layers import embed, head, post_attention, pre_attention, rope_cos_sin
@@ -161,8 +161,29 @@ class GPUExecutor:
     # -- prefill: each layer's weights serve every sub-batch before the next layer --------
     @torch.inference_mode()
     def prefill_layer(self, bid, s: int, j: int):
-        """Layer j for prefill sub-batch s, attention on the device; returns its K/V."""
-        st, spec, P = self._batch(bid), self.spec, self.plan.prefill_batch
+        """Layer j for prefill sub-batch s, attention on the device; returns its K/V.
+
+        The driver queues every (layer, sub-batch) call before it waits on the head, so after a
+        failure the rest would fail on its consequences (a layer slot never released): they
+        raise the first error instead, and `prefill_head` reports it."""
+        st = self._batch(bid)
+        if "prefill_error" in st:
+            raise st["prefill_error"]
+        try:
+            return self._prefill_layer(st, bid, s, j)
+        except torch.OutOfMemoryError as e:
+            P = self.plan.prefill_batch
+            longest = max(map(len, st["prompts"][s * P:(s + 1) * P]))
+            st["prefill_error"] = CapacityError(
+                f"prefill ran out of GPU memory at layer {j} (sub-batch of {P} sequences, longest "
+                f"{longest} tokens): lower prefill_batch or raise gpu_memory ({str(e).splitlines()[0]})")
+            raise st["prefill_error"] from None
+        except Exception as e:
+            st["prefill_error"] = e
+            raise
+
+    def _prefill_layer(self, st, bid, s: int, j: int):
+        spec, P = self.spec, self.plan.prefill_batch
         subs = st.setdefault("subs", {})
         if j == 0:
             prompts = st["prompts"][s * P:(s + 1) * P]
@@ -194,6 +215,8 @@ class GPUExecutor:
     @torch.inference_mode()
     def prefill_head(self, bid, u_sample):
         st = self._batch(bid)
+        if "prefill_error" in st:
+            raise st.pop("prefill_error")
         subs = st.pop("subs")
         logits = torch.cat([subs[s]["logits"] for s in sorted(subs)])
         return self.runner.finish(bid, logits[:, None], 0, None, u_sample, first=True)

@@ -126,15 +126,31 @@ def _grouped_mm_works(x: torch.Tensor) -> bool:
     return hasattr(torch, "_grouped_mm") and (x.device.type, x.dtype) not in _GROUPED_MM_FAILED
 
 
+# Bytes of one expert intermediate ([pairs, I]) that a grouped matmul makes at once. All of a
+# prefill sub-batch in one go (16 x 512 tokens, top-2, Mixtral's 14336-wide experts) needs
+# ~1.3 GiB of them, which W1's 24 GiB cap did not have (out of memory, session 6); the loop
+# peaks at one expert's rows. Chunks are ranges of the expert-sorted pairs, so their group
+# boundaries come from the same device-side counts, and tokens still add experts in order.
+MOE_CHUNK_BYTES = 64 << 20
+
+
 def _experts_grouped(spec, w, x, tok, weight, counts):
-    offs = torch.cumsum(counts, 0).to(torch.int32)  # end of each expert's rows
-    xs = x[tok]
+    ends = torch.cumsum(counts, 0)  # end of each expert's rows among the sorted pairs
+    out = torch.zeros_like(x)
+    pairs = tok.shape[0]
+    step = max(1, MOE_CHUNK_BYTES // (w["w_gate"].shape[1] * x.element_size()))
+    for a in range(0, pairs, step):
+        b = min(a + step, pairs)
+        offs = (ends.clamp(a, b) - a).to(torch.int32)
+        t = tok[a:b]
+        xs = x[t]
 
-    def mm(a, name):  # weights are stacked [E, out, in]: each group multiplies by W^T
-        return torch._grouped_mm(a, w[name].transpose(-2, -1), offs=offs)
+        def mm(m, name):  # weights are stacked [E, out, in]: each group multiplies by W^T
+            return torch._grouped_mm(m, w[name].transpose(-2, -1), offs=offs)
 
-    y = mm(_act(spec, mm(xs, "w_gate")) * mm(xs, "w_up"), "w_down")
-    return torch.zeros_like(x).index_add_(0, tok, y * weight)
+        y = mm(_act(spec, mm(xs, "w_gate")) * mm(xs, "w_up"), "w_down")
+        out.index_add_(0, t, y * weight[a:b])
+    return out
 
 
 def _experts_loop(spec, w, x, tok, weight, counts):

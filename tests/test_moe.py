@@ -60,3 +60,19 @@ def test_out_of_memory_in_the_grouped_path_is_not_a_refusal(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         layers.moe_ffn(spec, w, x)
     assert not layers._GROUPED_MM_FAILED
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no grouped matmul")
+def test_grouped_in_chunks_equals_loop(monkeypatch):
+    # Chunks of 37 pairs cut through experts' groups (600 pairs, 8 experts): each chunk's group
+    # boundaries must still be right (a wrong one multiplies rows by another expert's weights:
+    # errors of order 1). Not to the bit: a CPU matmul of a few rows may round differently from
+    # one of the whole group (seen: 4e-7 of outputs of order 1).
+    spec, w, x = _case(torch.float32)
+    want = layers.moe_ffn(spec, w, x, grouped=False)
+    monkeypatch.setattr(layers, "MOE_CHUNK_BYTES", 37 * w["w_gate"].shape[1] * x.element_size())
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    torch.testing.assert_close(layers.moe_ffn(spec, w, x, grouped=True), want, rtol=1e-5, atol=1e-5)
+    assert max(calls) == 37 and len(calls) == 3 * -(-600 // 37)

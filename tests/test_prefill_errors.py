@@ -1,0 +1,65 @@
+"""A prefill that fails on the executor reports its first error, not the consequences.
+
+The driver queues every (layer, sub-batch) prefill call before it waits on the head. In W1
+(session 6) one ran out of GPU memory at a layer; the calls queued behind it failed with
+"every slot holds a layer in use" and the head with KeyError 'logits', which is what the user
+saw. Exercised on the executor's methods with the layer's work replaced (an out-of-memory needs a
+GPU; the bookkeeping around it does not)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from specoffload.actors.gpu_executor import GPUExecutor
+from specoffload.errors import CapacityError
+from specoffload.placement.plan import Plan
+
+
+class _Fake:
+    def __init__(self, fail_at, error):
+        self.plan = Plan(prefill_batch=2)
+        self.st = {"prompts": [[1] * 7, [1] * 9, [1] * 4]}
+        self.calls, self.fail_at, self.error = [], fail_at, error
+
+    def _batch(self, bid):
+        return self.st
+
+    def _prefill_layer(self, st, bid, s, j):
+        self.calls.append((s, j))
+        if (s, j) == self.fail_at:
+            raise self.error
+        return "kv"
+
+
+def _run(fake):
+    errors = []
+    for j in range(3):
+        for s in range(2):
+            try:
+                assert GPUExecutor.prefill_layer(fake, 0, s, j) == "kv"
+            except Exception as e:  # noqa: BLE001 - the driver sees each call's error
+                errors.append(e)
+    with pytest.raises(Exception) as head:
+        GPUExecutor.prefill_head(fake, 0, None)
+    return errors, head.value
+
+
+def test_out_of_memory_in_prefill_is_a_capacity_error_reported_once():
+    fake = _Fake((0, 1), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 448.00 MiB.\nmore"))
+    errors, head = _run(fake)
+    assert fake.calls == [(0, 0), (1, 0), (0, 1)]  # nothing ran after the failure
+    assert len(errors) == 4 and all(e is errors[0] for e in errors)
+    assert isinstance(head, CapacityError) and head is errors[0]
+    assert str(head) == ("prefill ran out of GPU memory at layer 1 (sub-batch of 2 sequences, longest 9 tokens): "
+                         "lower prefill_batch or raise gpu_memory (CUDA out of memory. Tried to allocate 448.00 MiB.)")
+
+
+def test_other_prefill_errors_pass_through_unchanged():
+    boom = RuntimeError("kernel refused")
+    fake = _Fake((1, 2), boom)
+    errors, head = _run(fake)
+    assert errors == [boom] and head is boom
+    assert fake.calls[-1] == (1, 2)
