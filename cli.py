@@ -29,9 +29,10 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--schedule", choices=["none", "single", "dual"],
                    help="none: no speculation; single: draft then verify one batch; dual: verify one "
                         "batch while drafting the other (default: single with a draft, else none)")
-    p.add_argument("-k", "--draft-length", type=int, default=4, dest="k",
-                   help="draft tokens proposed per sequence per round (default 4)")
-    p.add_argument("--adaptive-k", action="store_true", help="adjust k per batch from measured acceptance")
+    p.add_argument("-k", "--draft-length", type=int, dest="k",
+                   help="draft tokens proposed per sequence per round (default 4, or the planner's)")
+    p.add_argument("--adaptive-k", action="store_true", default=None,
+                   help="adjust k per batch from measured acceptance (--plan auto turns it on)")
     p.add_argument("--draft-window", type=int, help="the draft attends over only the last W tokens "
                                                     "(its KV cache a ring of W slots per sequence)")
     p.add_argument("--draft-sinks", type=int, help="with --draft-window: the draft also keeps the first N "
@@ -51,7 +52,11 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--refill", action="store_true", help="with more prompts than --batch-size: once a quarter "
                    "of a batch has finished, start waiting prompts as a new batch verified in the same passes "
                    "(default: batches run in waves; refill lost on W1, docs/benchmarks.md run 7)")
-    p.add_argument("--plan", help="a placement plan JSON file (see configs/)")
+    p.add_argument("--plan", help="a placement plan JSON file (see configs/, or write one with `specoffload "
+                                  "plan`), or 'auto': measure this machine and let the planner choose the "
+                                  "placement, batch size, schedule and draft settings for these prompts")
+    p.add_argument("--acceptance", type=float, default=0.7,
+                   help="with --plan auto: the draft's expected per-token acceptance (default 0.7)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--engine", choices=["ray", "reference"], default="ray",
@@ -82,11 +87,14 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", add_help=False,
                    help="run a benchmark workload (W1 shapes) and print tokens/s against no speculation; "
                         "`specoffload bench --help` for its options")
+    sub.add_parser("plan", add_help=False,
+                   help="measure the machine and choose placement, batch size, schedule and draft settings; "
+                        "`specoffload plan --help` for its options")
     return ap
 
 
-def llm_from_args(args, progress: bool, trace: bool = False):
-    """An LLM from the options of `add_engine_options`."""
+def llm_from_args(args, progress: bool, trace: bool = False, workload=None):
+    """An LLM from the options of `add_engine_options` (`workload`: what --plan auto plans for)."""
     from .llm import LLM
 
     return LLM(args.model, draft=args.draft, engine=args.engine, device=args.device,
@@ -94,7 +102,7 @@ def llm_from_args(args, progress: bool, trace: bool = False):
                adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
                draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, micro_batches=args.micro_batches,
                draft_sinks=args.draft_sinks, draft_kv=args.draft_kv, refill=args.refill, trace=trace,
-               ray_address=args.ray_address, progress=progress)
+               ray_address=args.ray_address, progress=progress, workload=workload)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -169,6 +177,26 @@ def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f)
     return llm.generate(inputs, params, on_output=write)
 
 
+def auto_workload(args, prompts: list[str]):
+    """What `--plan auto` plans for: these prompts' longest length in tokens, their count, --max-tokens."""
+    from .errors import CheckpointError
+    from .placement.planner import Workload
+
+    model = args.model
+    if model is None:
+        from .models.default_model import default_model_dir
+
+        model = default_model_dir()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{model}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+    lens = [len(i["prompt_token_ids"]) for i in encode_prompts(tok, prompts, chat=not args.no_chat_template)]
+    return Workload(max(lens), args.max_tokens, len(prompts), args.acceptance)
+
+
 def print_texts(prompts: list[str], outs):
     for p, o in zip(prompts, outs):
         print(f"### {p}\n{o.outputs[0].text.strip()}\n")
@@ -182,7 +210,12 @@ def _generate(args) -> int:
                              top_k=args.top_k, ignore_eos=args.ignore_eos,
                              seed=None if args.seed is None else args.seed + i)
               for i in range(len(prompts))]
-    llm = llm_from_args(args, progress=not args.quiet, trace=bool(args.trace))
+    workload = auto_workload(args, prompts) if args.plan == "auto" else None
+    llm = llm_from_args(args, progress=not args.quiet, trace=bool(args.trace), workload=workload)
+    if llm.plan_choice is not None:
+        b = llm.plan_choice.best
+        print(f"plan auto: {b.label()}, batch {b.batch}, {b.resident} resident / {b.disk} disk layers, "
+              f"{b.tokens_per_s:.1f} tok/s predicted at acceptance {args.acceptance}", file=sys.stderr)
     inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
     try:
         out_f = open_out(args.out)
@@ -216,6 +249,10 @@ def main(argv=None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from .plan_cli import main as plan_main
+
+        return plan_main(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
         if args.cmd == "generate":

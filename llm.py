@@ -69,11 +69,12 @@ def check_same_vocab(target_dir: Path, tok, draft_dir: Path, draft_spec: ModelSp
 
 class LLM:
     def __init__(self, model=None, draft=None, *, engine: str = "ray", device: str = "auto",
-                 gpu_memory=None, plan=None, schedule: str | None = None, k: int = 4,
-                 adaptive_k: bool = False, batch_size: int | None = None, dtype: str | None = None,
+                 gpu_memory=None, plan=None, schedule: str | None = None, k: int | None = None,
+                 adaptive_k: bool | None = None, batch_size: int | None = None, dtype: str | None = None,
                  draft_window: int | None = None, draft_kv_fp8: bool = False, micro_batches: int | None = None,
                  draft_sinks: int | None = None, draft_kv: str | None = None, refill: bool = False,
-                 trace: bool = False, ray_address: str | None = None, progress: bool = True):
+                 trace: bool = False, ray_address: str | None = None, progress: bool = True, workload=None):
+        self.plan_choice = None  # with plan="auto": the planner's Choice (every candidate it weighed)
         if engine not in ("ray", "reference"):
             raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
         if model is None:
@@ -94,7 +95,14 @@ class LLM:
             dspec = load_spec(ddir, dtype=self.spec.dtype)
             check_same_vocab(self.model_dir, self.tokenizer, ddir, dspec, self.spec)
             self.draft_desc = ("checkpoint", str(ddir), self.spec.dtype)
+        if plan == "auto":  # the planner measures this machine and chooses (placement/planner.py)
+            plan, chosen = self._auto_plan(device, gpu_memory, workload, batch_size)
+            schedule = schedule or chosen["schedule"]
+            k = chosen["k"] if k is None else k
+            adaptive_k = chosen["adaptive_k"] if adaptive_k is None else adaptive_k
         schedule = schedule or ("single" if self.draft_desc else "none")
+        k = 4 if k is None else k
+        adaptive_k = bool(adaptive_k)
         if schedule != "none" and not self.draft_desc:
             raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
         self.plan = self._make_plan(plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8)
@@ -127,6 +135,30 @@ class LLM:
             self._start_ray(ray_address)
 
     # -- setup -----------------------------------------------------------------------------
+    def _auto_plan(self, device, gpu_memory, workload, batch_size):
+        """Measure this machine, plan for `workload` (a placement.planner.Workload; default: 64
+        requests of 256 prompt tokens and 128 new at acceptance 0.7); returns (Plan, run options)."""
+        from dataclasses import replace
+
+        from .placement.hardware import measure
+        from .placement.planner import Workload, plan
+
+        if workload is None:
+            workload = Workload(min(256, self.spec.max_positions // 2), min(128, self.spec.max_positions // 4),
+                                batch_size or 64)
+        hw = measure(device, gpu_memory)
+        draft_spec, self_layers = None, 0
+        if self.draft_desc and self.draft_desc[0] == "self":
+            self_layers = self.draft_desc[1]
+        elif self.draft_desc:
+            draft_spec = load_spec(Path(self.draft_desc[1]), dtype=self.spec.dtype)
+        choice = plan(self.spec, draft_spec, hw, workload, self_layers=self_layers)
+        p = choice.plan
+        if batch_size is not None:
+            p = replace(p, batch_size=batch_size)
+        self.plan_choice = choice
+        return p, choice.run_options()
+
     def _make_plan(self, plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8) -> Plan:
         from dataclasses import replace
 

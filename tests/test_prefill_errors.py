@@ -8,7 +8,6 @@ GPU; the bookkeeping around it does not)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch

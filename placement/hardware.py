@@ -1,0 +1,176 @@
+"""What the planner knows about a machine: a few measured figures, kept as a self-checking
+dataclass that a JSON file can hold (so a plan can be made for a machine you are not on, and
+re-made without measuring again).
+
+`measure()` times each figure on this machine in a few seconds: the pinned host-to-device copy
+that bounds a streamed pass, the device's memory bandwidth and matmul rate (the draft and the
+target's FFN), and the engine's own CPU attention (its KV read rate and its arithmetic rate, since
+a verification block of k+1 queries costs more than one query over the same keys).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+from ..errors import ConfigError
+from .plan import parse_bytes
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str  # where the executor computes: "cuda" or "cpu"
+    gpu_memory: int  # bytes the executor may use (the cap, or the device's total)
+    host_memory: int  # bytes of host RAM free for the target's weights and KV cache
+    h2d_GBps: float  # pinned host -> device copy (the streamed pass's floor)
+    device_GBps: float  # device memory bandwidth (a draft step reads all its weights)
+    device_tflops: float  # dense matmul rate in the model dtype at a batch-sized M
+    cpu_kv_GBps: float  # CPU attention: bytes of K/V read per second
+    cpu_attention_gflops: float  # CPU attention: arithmetic per query over the keys
+    cpu_cores: int = 1
+    disk_GBps: float = 2.0  # reading layers left on disk (not measured: set it for your disk)
+    measured: str = ""  # how the figures were obtained (command, machine, date)
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"hardware.device must be 'cpu' or 'cuda', got {self.device!r}")
+        object.__setattr__(self, "gpu_memory", parse_bytes(self.gpu_memory))
+        object.__setattr__(self, "host_memory", parse_bytes(self.host_memory))
+        for f in ("gpu_memory", "host_memory", "h2d_GBps", "device_GBps", "device_tflops", "cpu_kv_GBps",
+                  "cpu_attention_gflops", "cpu_cores", "disk_GBps"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"hardware.{f} must be a positive number, got {v!r}")
+
+    def with_gpu_memory(self, cap) -> "Hardware":
+        from dataclasses import replace
+
+        return self if cap is None else replace(self, gpu_memory=parse_bytes(cap))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Hardware":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown hardware field(s): {', '.join(sorted(unknown))}")
+        missing = {f.name for f in fields(cls) if f.default is MISSING} - set(d)
+        if missing:
+            raise ConfigError(f"hardware file lacks: {', '.join(sorted(missing))}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path) -> "Hardware":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"hardware file not found: {p}")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def host_memory_available() -> int:
+    """MemAvailable, bounded by what /dev/shm (where the loader puts the weights) can hold."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        avail = min(avail, shutil.disk_usage("/dev/shm").free)
+    except OSError:
+        pass
+    return avail
+
+
+def _best(f, repeats: int) -> float:
+    f()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure(device: str = "auto", gpu_memory=None, threads: int | None = None, quick: bool = False) -> Hardware:
+    """Time this machine's figures (a few seconds; `quick`: smaller sizes, for tests)."""
+    import torch
+
+    from ..models.attention import KVCache
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("cannot measure a CUDA device: torch sees no GPU here")
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    reps = 2 if quick else 5
+    mib = 16 if quick else 256
+
+    # pinned host -> device copy (on a CPU executor the "copy" is a memcpy out of shared memory)
+    src = torch.empty(mib << 20, dtype=torch.uint8, pin_memory=device == "cuda")
+    dst = torch.empty(mib << 20, dtype=torch.uint8, device=dev)
+    h2d = (mib << 20) / _best(lambda: (dst.copy_(src, non_blocking=True), sync()), reps) / GB
+    # device memory: a copy reads and writes each byte
+    a = torch.empty(mib << 20, dtype=torch.uint8, device=dev)
+    dev_bw = 2 * (mib << 20) / _best(lambda: (a.copy_(dst), sync()), reps) / GB
+    # matmul at a batch-sized M, in the dtype the models run in
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    m, kk, n = (64, 256, 512) if quick else ((1024, 4096, 14336) if device == "cuda" else (256, 1024, 2048))
+    x, w = torch.randn(m, kk, dtype=dt, device=dev), torch.randn(kk, n, dtype=dt, device=dev)
+    tflops = 2 * m * kk * n / _best(lambda: (x @ w, sync()), reps) / 1e12
+
+    # The engine's CPU attention, Mixtral-like heads (32 query, 8 KV, d 128), bf16 cache:
+    # one query per sequence, then 8, over the same keys. Read time + arithmetic time.
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        B, keys = (4, 64) if quick else (32, 512)
+        Hq, Hkv, d = 32, 8, 128
+        cache = KVCache(1, B, Hkv, d, keys + 8, torch.bfloat16)
+        for t in cache.k + cache.v:
+            t.normal_()
+
+        def attn(nq):
+            q_lens = torch.full((B,), nq)
+            q, k, v = (torch.randn(B * nq, h, d, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+
+            def once():
+                cache.lens.fill_(keys)
+                cache.begin_pass(q_lens, B * nq, nq)
+                cache.attend_layer(0, q, k, v)
+            return _best(once, reps)
+
+        t1, t8 = attn(1), attn(8)
+        kv_bytes = 2 * B * (keys + 1) * Hkv * d * 2
+        flops_per_query = 4 * B * (keys + 4) * Hq * d  # q.k and p.v
+        per_query = max((t8 - t1) / 7, 1e-9)
+        cpu_gflops = flops_per_query / per_query / 1e9
+        cpu_kv = kv_bytes / max(t1 - per_query, t1 * 0.1) / GB
+    finally:
+        torch.set_num_threads(old_threads)
+
+    total = torch.cuda.get_device_properties(dev).total_memory if device == "cuda" else host_memory_available()
+    cap = parse_bytes(gpu_memory) if gpu_memory is not None else total
+    return Hardware(device=device, gpu_memory=min(cap, total), host_memory=host_memory_available(),
+                    h2d_GBps=round(h2d, 2), device_GBps=round(dev_bw, 1), device_tflops=round(tflops, 2),
+                    cpu_kv_GBps=round(cpu_kv, 2), cpu_attention_gflops=round(cpu_gflops, 1),
+                    cpu_cores=os.cpu_count() or 1,
+                    measured=f"placement.hardware.measure on {os.uname().nodename}, "
+                             f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}")

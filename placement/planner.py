@@ -1,0 +1,248 @@
+"""The planner: from a machine's figures, the models and the workload, the placement, the batch
+size, the schedule and the draft's settings that the cost model predicts to be fastest.
+
+Every candidate is enumerated, checked against device and host memory, and timed with
+`cost_model`; the table of all of them is kept, so a user (or a test) can see why one won.
+Candidates: no speculation; with a draft, its KV whole on the GPU, or windowed (bf16 or fp8,
+several windows), or kept in host memory, or recomputed per round; single-batch or dual-batch
+schedule. Whatever GPU memory a candidate leaves goes to resident target layers; target layers
+that host memory cannot hold go to disk. The chosen draft length is a start: the run adapts k
+from measured acceptance (`adaptive_k`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from ..errors import CapacityError, ConfigError
+from ..models.spec import ModelSpec
+from . import cost_model as cmod
+from .cost_model import CostModel
+from .hardware import Hardware
+from .plan import Plan
+
+WINDOWS = (64, 128, 256)
+SINKS = 4
+K_MAX = 16
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_len: int  # tokens per prompt (the longest, for memory)
+    gen_len: int  # tokens to generate per request
+    requests: int  # requests in the job
+    # Probability that a draft token is the target's (per token; 0.8 gives at most 5 tokens per
+    # sequence per pass). Measure it for your pair (scripts/measure_acceptance.py).
+    acceptance: float = 0.7
+    # (window, acceptance) pairs: what a draft windowed to W tokens agrees at (a window can cost
+    # much acceptance on long prompts: docs/benchmarks.md, W2). Windows not listed get
+    # `acceptance`; give the pairs, or the planner takes the cheapest window as no worse.
+    window_acceptance: tuple = ()
+
+    def __post_init__(self):
+        if min(self.prompt_len, self.gen_len, self.requests) < 1:
+            raise ConfigError("workload prompt_len, gen_len and requests must be >= 1")
+        object.__setattr__(self, "window_acceptance", tuple(sorted((int(w), float(a)) for w, a in
+                                                                   dict(self.window_acceptance).items())))
+        for a in (self.acceptance, *(a for _, a in self.window_acceptance)):
+            if not 0.0 <= a < 1.0:
+                raise ConfigError(f"acceptance must be in [0, 1), got {a}")
+
+    def acceptance_for(self, window: int | None) -> float:
+        return dict(self.window_acceptance).get(window, self.acceptance) if window else self.acceptance
+
+    @property
+    def context(self) -> int:
+        return self.prompt_len + self.gen_len
+
+
+@dataclass(frozen=True)
+class Candidate:
+    schedule: str  # "none", "single" or "dual"
+    batch: int  # sequences per batch (dual: per each of the two)
+    k: int = 0
+    draft_kv: str = "gpu"
+    window: int | None = None
+    fp8: bool = False
+    resident: int = 0  # target layers kept on the GPU
+    disk: int = 0  # target layers left on disk
+    prefill_batch: int = 16
+    gpu_bytes: int = 0
+    host_bytes: int = 0
+    fits: bool = True
+    why: str = ""  # what did not fit
+    pass_s: float = 0.0  # one target pass at this k
+    draft_s: float = 0.0  # drafting per round
+    rounds: float = 0.0  # per wave (batch), its slowest sequence's
+    seconds: float = math.inf  # the whole workload
+    tokens_per_s: float = 0.0
+
+    def label(self) -> str:
+        if self.schedule == "none":
+            return "none"
+        kv = self.draft_kv if self.window is None else f"W{self.window}{' fp8' if self.fp8 else ''}"
+        return f"{self.schedule} k={self.k} draft KV {kv}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    best: Candidate
+    plan: Plan
+    candidates: tuple = field(default=())
+
+    def run_options(self) -> dict:
+        """The run's settings besides the plan (LLM keyword arguments / CLI flags)."""
+        b = self.best
+        return {"schedule": b.schedule, "k": max(b.k, 1), "adaptive_k": b.schedule != "none"}
+
+
+def _gpu_bytes(target, draft, self_layers, c: Candidate, wl: Workload, cm: CostModel) -> int:
+    lb = cmod.layer_bytes(target)
+    streamed = target.num_layers - c.resident
+    slots = 2 if streamed else 0
+    b = cmod.glob_bytes(target) + (c.resident + slots) * lb + cm.workspace_bytes
+    b += c.prefill_batch * wl.prompt_len * target.hidden_size * cmod.dtype_bytes(target) * \
+        cm.prefill_bytes_per_token_hidden
+    if draft is not None and c.schedule != "none":
+        if not self_layers:  # a self-draft's layers are the resident target layers
+            b += cmod.model_bytes(draft)
+        per_seq = cmod.kv_bytes_per_token_layer(draft, c.fp8) * draft.num_layers * cmod.draft_kv_tokens(
+            c.window, SINKS if c.window else 0, wl.context, K_MAX)
+        on_gpu = {"gpu": c.batch * (2 if c.schedule == "dual" else 1), "host": c.prefill_batch,
+                  "recompute": c.prefill_batch}[c.draft_kv]
+        b += on_gpu * per_seq
+    return b
+
+
+def _host_bytes(target, draft, c: Candidate, wl: Workload, cm: CostModel) -> int:
+    lb = cmod.layer_bytes(target)
+    in_flight = c.batch * (2 if c.schedule == "dual" else 1)
+    b = (target.num_layers - c.disk) * lb + cmod.glob_bytes(target) + cm.host_reserve_bytes
+    b += in_flight * (wl.context + K_MAX + 2) * cmod.kv_bytes_per_token_layer(target) * target.num_layers
+    if draft is not None and c.draft_kv == "host":
+        b += in_flight * cmod.kv_bytes_per_token_layer(draft, c.fp8) * draft.num_layers * cmod.draft_kv_tokens(
+            c.window, SINKS if c.window else 0, wl.context, K_MAX)
+    return b
+
+
+def _place(target, draft, self_layers, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel) -> Candidate:
+    """Resident layers from spare GPU memory, disk layers from missing host memory; or why not."""
+    lb = cmod.layer_bytes(target)
+    c = replace(c, resident=self_layers if c.schedule != "none" else 0)
+    need = _gpu_bytes(target, draft, self_layers, c, wl, cm)
+    if need > hw.gpu_memory:
+        return replace(c, fits=False, gpu_bytes=need, why=f"GPU needs {need / 2**30:.1f} GiB of "
+                                                          f"{hw.gpu_memory / 2**30:.1f}")
+    # Spare GPU memory holds target layers (on a CPU executor "GPU" and host are one memory:
+    # nothing to gain). All of them resident would also free the two slots; not counted.
+    extra = 0 if hw.device == "cpu" else min((hw.gpu_memory - need) // lb, target.num_layers - c.resident)
+    c = replace(c, resident=c.resident + int(extra))
+    c = replace(c, gpu_bytes=_gpu_bytes(target, draft, self_layers, c, wl, cm))
+    host = _host_bytes(target, draft, c, wl, cm)
+    if host > hw.host_memory:
+        over = host - hw.host_memory
+        disk = min(math.ceil(over / lb), target.num_layers - c.resident)
+        c = replace(c, disk=disk)
+        host = _host_bytes(target, draft, c, wl, cm)
+        if host > hw.host_memory:
+            return replace(c, fits=False, host_bytes=host, why=f"host needs {host / 2**30:.1f} GiB of "
+                                                               f"{hw.host_memory / 2**30:.1f} for the KV cache")
+    return replace(c, host_bytes=host)
+
+
+def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel) -> Candidate:
+    """The whole workload's seconds: waves of `batch` requests, each a prefill then rounds."""
+    ctx = wl.prompt_len + wl.gen_len // 2  # the average context over a run
+    k = c.k if c.schedule != "none" else 0
+    t_pass = cmod.target_pass_s(hw, cm, target, c.batch, k + 1, ctx, c.resident, c.disk)  # dual: one batch
+    streamed = c.resident < target.num_layers
+    waves = math.ceil(wl.requests / (c.batch * (2 if c.schedule == "dual" else 1)))
+    pre = cmod.prefill_s(hw, cm, target, c.batch * (2 if c.schedule == "dual" else 1), wl.prompt_len, streamed)
+    t_draft = 0.0
+    if c.schedule != "none":
+        kv_tok = cmod.draft_kv_tokens(c.window, SINKS if c.window else 0, ctx, K_MAX)
+        step = cmod.draft_step_s(hw, cm, draft, c.batch, kv_tok, c.fp8)
+        t_draft = cm.draft_round_fixed_s + k * step
+        if c.draft_kv == "host":  # the draft KV visits the GPU and goes back every round
+            per_seq = cmod.kv_bytes_per_token_layer(draft, c.fp8) * draft.num_layers * kv_tok
+            t_draft += 2 * c.batch * per_seq / (hw.h2d_GBps * 1e9)
+        elif c.draft_kv == "recompute":  # the draft re-prefills every sequence every round
+            t_draft += cmod.prefill_s(hw, cm, draft, c.batch, kv_tok, streamed=False)
+        pre += cmod.prefill_s(hw, cm, draft, c.batch * (2 if c.schedule == "dual" else 1), wl.prompt_len,
+                              streamed=False)
+    rounds = cmod.rounds_needed(wl.acceptance_for(c.window), k, min(c.batch, wl.requests), wl.gen_len - 1)
+    if c.schedule == "dual":  # a pass verifies A while B drafts; each batch gets every other pass
+        per_round = 2 * max(t_pass, t_draft)
+    else:
+        per_round = t_pass + t_draft
+    seconds = waves * (pre + rounds * per_round)
+    return replace(c, pass_s=t_pass, draft_s=t_draft, rounds=rounds, seconds=seconds,
+                   tokens_per_s=wl.requests * wl.gen_len / seconds)
+
+
+def _batches(wl: Workload, cap: int = 1024) -> list[int]:
+    """Powers of two, and the sizes that split the requests into 1..8 equal waves (or halves of
+    them, for the dual schedule's two batches)."""
+    top = min(wl.requests, cap)
+    out = {b for w in range(1, 9) for b in (math.ceil(wl.requests / w), math.ceil(wl.requests / (2 * w))) if b <= top}
+    b = 8
+    while b < top:
+        out.add(b)
+        b *= 2
+    return sorted(out)
+
+
+def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload, *, self_layers: int = 0,
+         cm: CostModel = CostModel(), schedules=("none", "single", "dual")) -> Choice:
+    """The fastest candidate that fits, and every candidate considered.
+
+    `draft` None: only no speculation. `self_layers` N: the draft is the target's first N layers
+    (`--draft self:N`), kept on the GPU as resident target layers."""
+    if self_layers:
+        draft = target.with_layers(self_layers)
+    unknown = set(schedules) - {"none", "single", "dual"}
+    if unknown:
+        raise ConfigError(f"unknown schedule(s): {', '.join(sorted(unknown))}")
+    cands = []
+    for batch in _batches(wl):
+        pb = min(16, batch)
+        if "none" in schedules:
+            cands.append(Candidate("none", batch, prefill_batch=pb))
+        if draft is None:
+            continue
+        for sched in [s for s in ("single", "dual") if s in schedules]:
+            if sched == "dual" and 2 * batch > max(wl.requests, 2):
+                continue
+            kvs = [("gpu", None, False)] + [("gpu", w, f) for w in WINDOWS if w < wl.context
+                                            for f in (False, True)] + [("host", None, False), ("recompute", None, False)]
+            for kv, w, f in kvs:
+                for k in range(1, K_MAX + 1):
+                    cands.append(Candidate(sched, batch, k=k, draft_kv=kv, window=w, fp8=f, prefill_batch=pb))
+    placed, timed = {}, []
+    for c in cands:
+        key = (c.schedule, c.batch, c.draft_kv, c.window, c.fp8)
+        if key not in placed:  # memory does not depend on k
+            placed[key] = _place(target, draft, self_layers, c, hw, wl, cm)
+        p = placed[key]
+        if not p.fits:
+            timed.append(replace(c, fits=False, why=p.why, gpu_bytes=p.gpu_bytes, host_bytes=p.host_bytes))
+            continue
+        timed.append(_time(target, draft, replace(p, k=c.k), hw, wl, cm))
+    ok = [c for c in timed if c.fits]
+    if not ok:
+        worst = min(timed, key=lambda c: (c.gpu_bytes, c.host_bytes))
+        raise CapacityError(f"no placement fits this machine: {worst.why} (the smallest candidate, "
+                            f"batch {worst.batch})")
+    best = max(ok, key=lambda c: (round(c.tokens_per_s, 6), -c.k, c.schedule == "none"))
+    return Choice(best, to_plan(best, target, hw), tuple(timed))
+
+
+def to_plan(c: Candidate, target: ModelSpec, hw: Hardware) -> Plan:
+    L = target.num_layers
+    return Plan(device=hw.device, gpu_memory=hw.gpu_memory if hw.device == "cuda" else None,
+                gpu_layers=tuple(range(c.resident)), disk_layers=tuple(range(L - c.disk, L)),
+                batch_size=c.batch, prefill_batch=c.prefill_batch, draft_window=c.window,
+                draft_kv_fp8=c.fp8, draft_sinks=SINKS if c.window else 0,
+                draft_kv=c.draft_kv if c.schedule != "none" else "gpu",
+                attention_threads=max(1, hw.cpu_cores - 2) if hw.device == "cuda" else None)

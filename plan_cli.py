@@ -1,0 +1,159 @@
+"""`specoffload plan`: measure this machine (or read its figures from a file), then print the
+placement, batch size, schedule and draft settings the planner predicts to be fastest, with the
+candidates it weighed, and write the plan as a file `specoffload generate --plan` takes.
+
+    specoffload plan --model DIR --draft DRAFT_DIR --prompt-len 512 --gen 128 --requests 192 \\
+        --acceptance 0.8 --gpu-memory 24GiB --out plan.json
+    specoffload plan --shapes w1 --hardware configs/hardware_h200_design.json --acceptance 0.8
+
+Errors the user can fix print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="specoffload plan", description=__doc__.splitlines()[0])
+    m = ap.add_mutually_exclusive_group()
+    m.add_argument("--model", help="target checkpoint folder (default: the embedded model)")
+    m.add_argument("--shapes", choices=["w1"], help="plan for model shapes without a checkpoint: "
+                                                    "w1 = Mixtral-8x7B target, Mistral-7B draft (bf16)")
+    ap.add_argument("--draft", help="'self:N' or a draft checkpoint folder (none: plan without speculation)")
+    ap.add_argument("--hardware", help="a hardware JSON file (see configs/hardware_*.json); default: measure now")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device to measure")
+    ap.add_argument("--gpu-memory", help="GPU memory cap to plan for, e.g. 24GiB (overrides the file's)")
+    ap.add_argument("--save-hardware", help="write the measured (or read) figures here as JSON")
+    ap.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt (default 512)")
+    ap.add_argument("--gen", type=int, default=128, help="tokens generated per request (default 128)")
+    ap.add_argument("--requests", type=int, default=192, help="requests in the job (default 192)")
+    ap.add_argument("--acceptance", type=float, default=0.7,
+                    help="per-token probability that the draft's token is the target's (default 0.7)")
+    ap.add_argument("--window-acceptance", default="",
+                    help="acceptance per draft window, e.g. 64=0.62,128=0.7 (unlisted windows: --acceptance)")
+    ap.add_argument("--schedules", default="none,single,dual", help="schedules to consider (default all)")
+    ap.add_argument("--top", type=int, default=10, help="candidates to list (default 10)")
+    ap.add_argument("--out", help="write the chosen plan here (a Plan JSON file)")
+    ap.add_argument("--json", help="write the choice, its prediction and the candidates here")
+    return ap
+
+
+def _window_acceptance(text: str) -> dict:
+    from .errors import ConfigError
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        w, sep, a = part.partition("=")
+        try:
+            out[int(w)] = float(a)
+        except ValueError:
+            raise ConfigError(f"--window-acceptance: cannot read {part!r} (use e.g. 128=0.7)") from None
+    return out
+
+
+def _specs(args):
+    from .errors import ConfigError
+    from .llm import parse_draft
+    from .models.spec import load_spec
+
+    if args.shapes == "w1":
+        from .models.constructed import mistral_7b, mixtral_8x7b
+
+        if args.draft not in (None, "w1"):
+            raise ConfigError("--shapes w1 brings its own draft shape; leave out --draft")
+        return mixtral_8x7b(), mistral_7b(), 0, "--shapes w1"
+    if args.model is None:
+        from .models.default_model import default_model_dir
+
+        args.model = str(default_model_dir())
+    target = load_spec(args.model)
+    desc = parse_draft(args.draft, target.num_layers)
+    if desc is None:
+        return target, None, 0, args.model
+    if desc[0] == "self":
+        return target, None, desc[1], args.model
+    return target, load_spec(desc[1], dtype=target.dtype), 0, args.model
+
+
+def main(argv=None) -> int:
+    from .errors import SpecOffloadError
+
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except SpecOffloadError as e:
+        print(f"specoffload plan: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from dataclasses import asdict
+
+    from .errors import ConfigError
+    from .placement.hardware import Hardware, measure
+    from .placement.planner import Workload, plan
+
+    target, draft, self_layers, where = _specs(args)
+    wl = Workload(args.prompt_len, args.gen, args.requests, args.acceptance,
+                  tuple(_window_acceptance(args.window_acceptance).items()))
+    if args.hardware:
+        hw = Hardware.from_file(args.hardware).with_gpu_memory(args.gpu_memory)
+    else:
+        print("measuring this machine (copy, memory, matmul and CPU attention rates) ...", file=sys.stderr)
+        hw = measure(args.device, args.gpu_memory)
+    if args.save_hardware:
+        Path(args.save_hardware).write_text(json.dumps(hw.to_dict(), indent=2) + "\n")
+    schedules = tuple(s.strip() for s in args.schedules.split(",") if s.strip())
+    if not schedules:
+        raise ConfigError("--schedules names no schedule")
+    choice = plan(target, draft, hw, wl, self_layers=self_layers, schedules=schedules)
+    b = choice.best
+
+    print(f"machine: {hw.device}, {hw.gpu_memory / 2**30:.1f} GiB device memory, {hw.host_memory / 2**30:.1f} GiB host, "
+          f"copy {hw.h2d_GBps} GB/s, matmul {hw.device_tflops} TFLOP/s, CPU attention {hw.cpu_kv_GBps} GB/s "
+          f"+ {hw.cpu_attention_gflops} GFLOP/s ({hw.measured or 'figures from ' + str(args.hardware)})")
+    print(f"workload: {where}, {wl.requests} requests, prompt {wl.prompt_len}, generate {wl.gen_len}, "
+          f"acceptance {wl.acceptance}")
+    best_of = {}
+    for c in choice.candidates:  # the best k of each (schedule, batch, draft KV) that fits
+        key = (c.schedule, c.batch, c.draft_kv, c.window, c.fp8)
+        if c.fits and (key not in best_of or c.tokens_per_s > best_of[key].tokens_per_s):
+            best_of[key] = c
+    rows = sorted(best_of.values(), key=lambda c: -c.tokens_per_s)[: max(args.top, 1)]
+    none = [c for c in best_of.values() if c.schedule == "none"]
+    base = max(none, key=lambda c: c.tokens_per_s) if none else None
+    print(f"{'candidate':32s} {'batch':>5s} {'resident':>8s} {'disk':>4s} {'s/pass':>7s} {'draft s':>7s} "
+          f"{'rounds':>6s} {'seconds':>8s} {'tok/s':>7s} {'x none':>6s} {'GPU GiB':>7s}")
+    for c in rows:
+        ratio = f"{c.tokens_per_s / base.tokens_per_s:6.2f}" if base else "     -"
+        print(f"{c.label():32s} {c.batch:5d} {c.resident:8d} {c.disk:4d} {c.pass_s:7.3f} {c.draft_s:7.3f} "
+              f"{c.rounds:6.1f} {c.seconds:8.1f} {c.tokens_per_s:7.1f} {ratio} {c.gpu_bytes / 2**30:7.1f}")
+    unfit = {(c.label().split(" k=")[0], c.draft_kv, c.window, c.fp8, c.batch): c for c in choice.candidates
+             if not c.fits}
+    if unfit:
+        print(f"{len(unfit)} placements did not fit, the largest batches:")
+        for c in sorted(unfit.values(), key=lambda c: -c.batch)[:3]:
+            print(f"  {c.label().split(' k=')[0]}{'' if c.schedule == 'none' else ' ' + c.label().split('draft KV ')[-1]}"
+                  f", batch {c.batch}: {c.why}")
+    opts = choice.run_options()
+    print(f"chosen: {b.label()}, batch {b.batch}, {b.resident} resident and {b.disk} disk layers: "
+          f"{b.tokens_per_s:.1f} tok/s predicted")
+    if args.out:
+        Path(args.out).write_text(json.dumps(asdict(choice.plan), indent=2) + "\n")
+        draft_flag = f" --draft {args.draft}" if args.draft and not args.shapes else ""
+        flags = "" if b.schedule == "none" else f" --schedule {opts['schedule']} -k {opts['k']} --adaptive-k"
+        print(f"plan written to {args.out}; run it with: specoffload generate --plan {args.out}"
+              f"{' --model ' + args.model if args.model else ''}{draft_flag}{flags}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "hardware": hw.to_dict(), "workload": asdict(wl), "plan": asdict(choice.plan), "run": opts,
+            "best": asdict(b), "candidates": [asdict(c) for c in rows]}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
