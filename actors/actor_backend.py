@@ -28,6 +28,7 @@ class ActorBackend:
         self._own_steps: dict[int, int] = {}  # draft steps of a batch run just before its pass
         self._verifies: list[tuple] = []  # verifications queued for the next pass
         self._results: dict[int, object] = {}  # batch -> ref of its verification's result
+        self._prefill_stores: dict = {}  # prefill head ref -> its layers' K/V store refs
         self._draft_steps, self._seen = 0, (0.0, 0)  # for measuring seconds per draft step
         self._timing_calls = 0
 
@@ -38,11 +39,14 @@ class ActorBackend:
 
     def prefill(self, bid, u_sample):
         n_sub = -(-self._n // self.P)
+        stores = []
         for j in range(self.L):
             for s in range(n_sub):
                 kv = self.ex.prefill_layer.remote(bid, s, j)
-                self.at.store_prefill.remote(bid, s, j, kv)
-        return self.ex.prefill_head.remote(bid, u_sample)
+                stores.append(self.at.store_prefill.remote(bid, s, j, kv))
+        head = self.ex.prefill_head.remote(bid, u_sample)
+        self._prefill_stores[head] = stores
+        return head
 
     def propose(self, bid, k, u_draft):
         self._props.append((bid, k, u_draft))
@@ -110,7 +114,21 @@ class ActorBackend:
             self._t_pass = max(t - self._own_steps.pop(bid, 0) * self._t_draft, 0.5 * t)
             return out
         self._flush()
-        return ray.get(handle)
+        stores = self._prefill_stores.pop(handle, None)
+        try:
+            return ray.get(handle)
+        except Exception:
+            # The head reports the prefill's first error; the K/V stores queued behind it failed
+            # with it. Collect them, so that Ray does not log each one as an unhandled error
+            # (a W1 run that ran out of memory printed ~100 copies of the same message).
+            if stores:
+                ray.wait(stores, num_returns=len(stores), timeout=30)
+                for r in stores:
+                    try:
+                        ray.get(r, timeout=0)
+                    except Exception:  # noqa: BLE001 - the head's error is the one raised
+                        pass
+            raise
 
     def compact(self, bid):
         """Give back the memory of the batch's finished rows (before a new batch joins)."""

@@ -62,3 +62,45 @@ def test_other_prefill_errors_pass_through_unchanged():
     errors, head = _run(fake)
     assert errors == [boom] and head is boom
     assert fake.calls[-1] == (1, 2)
+
+
+def test_failed_prefill_leaves_no_unhandled_errors(ray_session, capfd, caplog):
+    """The driver sees the head's error once; the K/V stores that failed behind it are collected,
+    not each logged by Ray as an unhandled error when their refs go."""
+    import gc
+    import time
+
+    import ray
+
+    from specoffload.actors.actor_backend import ActorBackend
+
+    # defined here so that Ray pickles them by value (the workers cannot import test modules)
+    class Executor:  # fails prefill at layer 1 as the real one does: the first error, then again
+        def __init__(self):
+            self.err = None
+
+        def prefill_layer(self, bid, s, j):
+            if self.err is None and j == 1:
+                self.err = CapacityError("prefill ran out of GPU memory at layer 1")
+            if self.err is not None:
+                raise self.err
+            return b"k", b"v"
+
+        def prefill_head(self, bid, u):
+            raise self.err
+
+    class Attention:
+        def store_prefill(self, bid, s, j, kv):
+            return None
+
+    be = ActorBackend(ray.remote(Executor).remote(), ray.remote(Attention).remote(), num_layers=6,
+                      prefill_batch=2)
+    be._n = 4  # two prefill sub-batches
+    head = be.prefill(0, None)
+    with pytest.raises(CapacityError, match="layer 1"):
+        be.get(head)
+    del head, be
+    gc.collect()
+    time.sleep(2)  # Ray reports unhandled errors when a failed ref is freed
+    out, err = capfd.readouterr()
+    assert "Unhandled error" not in out + err + caplog.text
