@@ -180,3 +180,22 @@ def test_plan_cli_errors_are_one_line(argv, msg, capsys):
     rc = cli_main(args + argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and msg in err[0]
+
+
+@pytest.mark.parametrize("acceptance,speculative", [(0.05, False), (0.9, True)])
+def test_llm_plan_auto_runs_what_it_chose_and_stays_exact(tiny_dir, acceptance, speculative):
+    """LLM(plan="auto") measures this machine, plans for the workload, and generates with the
+    chosen plan and schedule; greedy output stays the target's own (transformers' generate)."""
+    from hf_reference import PROMPTS, hf_greedy
+
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.llm import LLM
+
+    d = tiny_dir("llama")
+    wl = Workload(max(map(len, PROMPTS)), 12, len(PROMPTS), acceptance)
+    llm = LLM(str(d), draft="self:1", plan="auto", workload=wl, engine="reference", progress=False)
+    chosen = llm.plan_choice.best.schedule
+    assert (chosen != "none") == speculative
+    assert llm.run_cfg.schedule == chosen and llm.plan == llm.plan_choice.plan
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(d, PROMPTS, 12)
