@@ -55,6 +55,15 @@ def _window_acceptance(text: str) -> dict:
     return out
 
 
+def _write(flag: str, path: str, text: str):
+    from .errors import ConfigError
+
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise ConfigError(f"cannot write {flag} {path}: {e.strerror}") from None
+
+
 def _specs(args):
     from .errors import ConfigError
     from .llm import parse_draft
@@ -106,7 +115,7 @@ def _run(args) -> int:
         print("measuring this machine (copy, memory, matmul and CPU attention rates) ...", file=sys.stderr)
         hw = measure(args.device, args.gpu_memory)
     if args.save_hardware:
-        Path(args.save_hardware).write_text(json.dumps(hw.to_dict(), indent=2) + "\n")
+        _write("--save-hardware", args.save_hardware, json.dumps(hw.to_dict(), indent=2) + "\n")
     schedules = tuple(s.strip() for s in args.schedules.split(",") if s.strip())
     if not schedules:
         raise ConfigError("--schedules names no schedule")
@@ -143,13 +152,13 @@ def _run(args) -> int:
     print(f"chosen: {b.label()}, batch {b.batch}, {b.resident} resident and {b.disk} disk layers: "
           f"{b.tokens_per_s:.1f} tok/s predicted")
     if args.out:
-        Path(args.out).write_text(json.dumps(asdict(choice.plan), indent=2) + "\n")
+        _write("--out", args.out, json.dumps(asdict(choice.plan), indent=2) + "\n")
         draft_flag = f" --draft {args.draft}" if args.draft and not args.shapes else ""
         flags = "" if b.schedule == "none" else f" --schedule {opts['schedule']} -k {opts['k']} --adaptive-k"
         print(f"plan written to {args.out}; run it with: specoffload generate --plan {args.out}"
               f"{' --model ' + args.model if args.model else ''}{draft_flag}{flags}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        _write("--json", args.json, json.dumps({
             "hardware": hw.to_dict(), "workload": asdict(wl), "plan": asdict(choice.plan), "run": opts,
             "best": asdict(b), "candidates": [asdict(c) for c in rows]}, indent=2, default=str) + "\n")
     return 0

@@ -172,6 +172,7 @@ def test_plan_cli_writes_a_plan_generate_reads(tmp_path, capsys):
     (["--window-acceptance", "64:0.6"], "cannot read '64:0.6'"),
     (["--acceptance", "1.5"], "acceptance must be in"),
     (["--gpu-memory", "4GiB"], "no placement fits"),
+    (["--out", "/nonexistent-dir/plan.json"], "cannot write --out /nonexistent-dir/plan.json"),
 ])
 def test_plan_cli_errors_are_one_line(argv, msg, capsys):
     args = ["plan", "--shapes", "w1", "--hardware", str(H200)]
