@@ -172,6 +172,7 @@ class GPUExecutor:
         try:
             return self._prefill_layer(st, bid, s, j)
         except torch.OutOfMemoryError as e:
+            self._prefill_failed(st)
             P = self.plan.prefill_batch
             longest = max(map(len, st["prompts"][s * P:(s + 1) * P]))
             st["prefill_error"] = CapacityError(
@@ -179,8 +180,15 @@ class GPUExecutor:
                 f"{longest} tokens): lower prefill_batch or raise gpu_memory ({str(e).splitlines()[0]})")
             raise st["prefill_error"] from None
         except Exception as e:
+            self._prefill_failed(st)
             st["prefill_error"] = e
             raise
+
+    def _prefill_failed(self, st):
+        """Leave the executor usable for the next batch: drop this one's prefill activations
+        and free the weight slots the failed layer and its prefetch hold."""
+        st.pop("subs", None)
+        self.streamer.reset()
 
     def _prefill_layer(self, st, bid, s: int, j: int):
         spec, P = self.spec, self.plan.prefill_batch

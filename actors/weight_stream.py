@@ -145,6 +145,22 @@ class WeightStreamer:
         if self.cuda:
             self._issue()
 
+    def reset(self):
+        """Forget what the slots hold (a pass failed between acquire and release) and restart
+        the cycle at its first layer, so the next pass finds free slots. Copies already queued
+        into a slot finish before any new one into it starts (one copy stream, in order)."""
+        if not self.cuda:
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        for j, s in list(self.slot_of.items()):
+            self.released[s] = ev
+            self.free.append(s)
+        self.slot_of.clear()
+        self._views.clear()
+        self._next = 0
+        self._issue()
+
     def _host(self, j: int):
         if j in self.host:
             return self.host[j]

@@ -92,8 +92,8 @@ def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, grouped: bool | None = No
     """Top-k routed experts (Mixtral): softmax over experts, top-k, renormalise.
 
     Token-expert pairs are sorted by expert; with `torch._grouped_mm` (torch >= 2.8) each of
-    the three projections is one grouped matmul over all experts, its group boundaries left on
-    the device. The loop over experts (`grouped=False`, and where grouped matmuls are missing)
+    the three projections is one grouped matmul over all experts (per chunk of pairs, see
+    MOE_CHUNK_BYTES), its group boundaries left on the device. The loop over experts (`grouped=False`, and where grouped matmuls are missing)
     reads the per-expert counts on the host: a device wait in the middle of every MoE layer,
     then one launch chain per expert. Both add each token's experts in expert order.
     """

@@ -8,6 +8,7 @@ GPU; the bookkeeping around it does not)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,12 +23,21 @@ class _Fake:
         self.plan = Plan(prefill_batch=2)
         self.st = {"prompts": [[1] * 7, [1] * 9, [1] * 4]}
         self.calls, self.fail_at, self.error = [], fail_at, error
+        self.resets = 0
+        self.streamer = SimpleNamespace(reset=self._reset)
+
+    def _reset(self):
+        self.resets += 1
+
+    def _prefill_failed(self, st):
+        GPUExecutor._prefill_failed(self, st)
 
     def _batch(self, bid):
         return self.st
 
     def _prefill_layer(self, st, bid, s, j):
         self.calls.append((s, j))
+        st.setdefault("subs", {})[s] = "activations"
         if (s, j) == self.fail_at:
             raise self.error
         return "kv"
@@ -50,6 +60,7 @@ def test_out_of_memory_in_prefill_is_a_capacity_error_reported_once():
     fake = _Fake((0, 1), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 448.00 MiB.\nmore"))
     errors, head = _run(fake)
     assert fake.calls == [(0, 0), (1, 0), (0, 1)]  # nothing ran after the failure
+    assert fake.resets == 1 and "subs" not in fake.st  # slots and activations given back, once
     assert len(errors) == 4 and all(e is errors[0] for e in errors)
     assert isinstance(head, CapacityError) and head is errors[0]
     assert str(head) == ("prefill ran out of GPU memory at layer 1 (sub-batch of 2 sequences, longest 9 tokens): "
@@ -71,7 +82,6 @@ def test_failed_prefill_leaves_no_unhandled_errors(ray_session, capfd, caplog):
     import time
 
     import ray
-
     from specoffload.actors.actor_backend import ActorBackend
 
     # defined here so that Ray pickles them by value (the workers cannot import test modules)

@@ -43,3 +43,26 @@ def test_every_pass_sees_every_layer_exactly(device, slots):
             ws.release(j)
     if device == "cuda":
         assert ws.bytes_copied >= 3 * sum(b.numel() for b, _, _ in layers.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reset_after_a_pass_fails_midway(device):
+    """A pass that stops between acquire and release (prefill out of memory at a layer) leaves
+    its slots held; after reset the next pass starts at the first layer with exact bytes."""
+    layers = _host_layers(5)
+    order = [0, 1, 2, 3, 4]
+    ws = WeightStreamer({j: (b, e) for j, (b, e, _) in layers.items()}, order, 2, device, chunk_bytes=1 << 20)
+    ws.prefetch()
+    ws.acquire(0)
+    ws.release(0)
+    ws.acquire(1)  # ... and the pass fails here: 1 held, 2 loading
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="every slot holds a layer in use"):
+            ws.acquire(0)
+    ws.reset()
+    for _ in range(2):
+        for j in order:
+            w = ws.acquire(j)
+            for name, t in layers[j][2].items():
+                assert torch.equal(w[name].cpu(), t), (j, name)
+            ws.release(j)
