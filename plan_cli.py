@@ -4,7 +4,7 @@ candidates it weighed, and write the plan as a file `specoffload generate --plan
 
     specoffload plan --model DIR --draft DRAFT_DIR --prompt-len 512 --gen 128 --requests 192 \\
         --acceptance 0.8 --gpu-memory 24GiB --out plan.json
-    specoffload plan --shapes w1 --hardware configs/hardware_h200_design.json --acceptance 0.8
+    specoffload plan --shapes w1 --hardware configs/hardware/h200_design.json --acceptance 0.8
 
 Errors the user can fix print one line and exit 2.
 """
@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--shapes", choices=["w1"], help="plan for model shapes without a checkpoint: "
                                                     "w1 = Mixtral-8x7B target, Mistral-7B draft (bf16)")
     ap.add_argument("--draft", help="'self:N' or a draft checkpoint folder (none: plan without speculation)")
-    ap.add_argument("--hardware", help="a hardware JSON file (see configs/hardware_*.json); default: measure now")
+    ap.add_argument("--hardware", help="a hardware JSON file (see configs/hardware/*.json); default: measure now")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device to measure")
     ap.add_argument("--gpu-memory", help="GPU memory cap to plan for, e.g. 24GiB (overrides the file's)")
     ap.add_argument("--save-hardware", help="write the measured (or read) figures here as JSON")

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from specoffload import SamplingParams
-    from specoffload.cli import (collect_prompts, encode_prompts, generate_writing, llm_from_args, open_out,
-                                 print_texts)
+    from specoffload.cli import (auto_workload, collect_prompts, encode_prompts, generate_writing, llm_from_args,
+                                 open_out, print_texts)
     from specoffload.errors import ConfigError
 
     prompts = collect_prompts(args.prompt, args.prompts)
@@ -55,7 +55,8 @@ def run(args) -> int:
     # LLM checks the model and draft first, then joins Ray (`ray_env.ensure_ray`): in a job,
     # the job's cluster from RAY_ADDRESS.
     try:
-        llm = llm_from_args(args, progress=False)
+        workload = auto_workload(args, prompts) if args.plan == "auto" else None  # the planner's input
+        llm = llm_from_args(args, progress=False, workload=workload)
     except BaseException:
         if out_f:
             out_f.close()

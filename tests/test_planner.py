@@ -18,7 +18,7 @@ from specoffload.placement.plan import Plan
 from specoffload.placement.planner import Workload, plan
 from specoffload.scheduler.schedule import expected_tokens
 
-H200 = Path(__file__).resolve().parents[1] / "configs" / "hardware_h200_design.json"
+H200 = Path(__file__).resolve().parents[1] / "configs" / "hardware" / "h200_design.json"
 W1 = Workload(512, 128, 192, 0.8)
 
 
@@ -30,6 +30,14 @@ def h200():
 def _best(choice, **match):
     ok = [c for c in choice.candidates if c.fits and all(getattr(c, k) == v for k, v in match.items())]
     return max(ok, key=lambda c: c.tokens_per_s) if ok else None
+
+
+def test_shipped_hardware_files_load():
+    files = sorted(H200.parent.glob("*.json"))
+    assert len(files) >= 2
+    for f in files:
+        hw = Hardware.from_file(f)
+        assert hw.device == "cuda" and hw.measured
 
 
 def test_hardware_file_checks_itself(tmp_path, h200):
