@@ -10,14 +10,13 @@ a verification block of k+1 queries costs more than one query over the same keys
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
+from .json_file import dataclass_from_dict, read_json
 from .plan import parse_bytes
 
 GB = 1e9
@@ -58,24 +57,11 @@ class Hardware:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Hardware":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown hardware field(s): {', '.join(sorted(unknown))}")
-        missing = {f.name for f in fields(cls) if f.default is MISSING} - set(d)
-        if missing:
-            raise ConfigError(f"hardware file lacks: {', '.join(sorted(missing))}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "hardware")
 
     @classmethod
     def from_file(cls, path) -> "Hardware":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"hardware file not found: {p}")
-        try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(read_json(path, "hardware"))
 
 
 def host_memory_available() -> int:
@@ -168,9 +154,12 @@ def measure(device: str = "auto", gpu_memory=None, threads: int | None = None, q
 
     total = torch.cuda.get_device_properties(dev).total_memory if device == "cuda" else host_memory_available()
     cap = parse_bytes(gpu_memory) if gpu_memory is not None else total
+    def sig(x: float) -> float:  # three significant digits: a slow CPU's rates are small, not zero
+        return float(f"{x:.3g}")
+
     return Hardware(device=device, gpu_memory=min(cap, total), host_memory=host_memory_available(),
-                    h2d_GBps=round(h2d, 2), device_GBps=round(dev_bw, 1), device_tflops=round(tflops, 2),
-                    cpu_kv_GBps=round(cpu_kv, 2), cpu_attention_gflops=round(cpu_gflops, 1),
+                    h2d_GBps=sig(h2d), device_GBps=sig(dev_bw), device_tflops=sig(tflops),
+                    cpu_kv_GBps=sig(cpu_kv), cpu_attention_gflops=sig(cpu_gflops),
                     cpu_cores=os.cpu_count() or 1,
                     measured=f"placement.hardware.measure on {os.uname().nodename}, "
                              f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}")

@@ -6,13 +6,12 @@ JSON-serialisable so a planner (or a `configs/*.json` file) can produce it.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import msgpack
 
 from ..errors import ConfigError
+from .json_file import dataclass_from_dict, read_json
 
 # Where a draft's KV cache lives (Plan.draft_kv); here so that the CLI, the bench and the
 # scheduler share one list without importing torch.
@@ -115,18 +114,8 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown plan field(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "plan")
 
     @classmethod
     def from_file(cls, path) -> "Plan":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"plan file not found: {p}")
-        try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(read_json(path, "plan"))
