@@ -103,9 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "micro-batches per target pass (e.g. 1,2)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the short untimed run of each schedule "
                                                               "before the timed modes")
+    ap.add_argument("--baseline-resident", help="also run `none` on actors of its own that keep N target "
+                                                "layers on the GPU (the memory no draft uses; 'auto': as many "
+                                                "as the planner places), and print ratios against it too")
     ap.add_argument("--trace-dir", help="write a Chrome-trace JSON timeline per mode into this folder")
     ap.add_argument("--json", help="write results here")
     return ap
+
+
+def _baseline_resident(a, tspec, cuda: bool) -> int:
+    """--baseline-resident: a count, or 'auto' (what the planner keeps resident without a draft)."""
+    if a.baseline_resident != "auto":
+        n = int(a.baseline_resident)
+        if not 1 <= n < tspec.num_layers:
+            raise ValueError(f"needs 1..{tspec.num_layers - 1} layers or 'auto', got {n}")
+        return n
+    from specoffload.placement.hardware import measure
+    from specoffload.placement.planner import Workload, plan
+
+    hw = measure("cuda" if cuda else "cpu", a.gpu_memory if cuda else None)
+    n = plan(tspec, None, hw, Workload(a.prompt_len, a.gen, a.requests or a.batch, a.agreement)).best.resident
+    if not 1 <= n < tspec.num_layers:
+        raise ValueError(f"the planner keeps {n} layers resident on this machine: give a count")
+    return n
 
 
 def main(argv=None):
@@ -113,6 +133,8 @@ def main(argv=None):
     for name, v in zip(("target_layers", "draft_layers", "batch", "prompt_len", "gen"), WORKLOADS[a.workload]):
         if getattr(a, name) is None:
             setattr(a, name, v)
+
+    from dataclasses import replace
 
     from specoffload.actors.coordinator import Coordinator
     from specoffload.configs.run_config import RunConfig
@@ -144,6 +166,13 @@ def main(argv=None):
         print(f"specoffload bench: error: --micro-batches needs a comma list of counts >= 1, got {a.micro_batches!r}",
               file=sys.stderr)
         return 2
+    resident = None
+    if a.baseline_resident is not None:
+        try:
+            resident = _baseline_resident(a, tspec, cuda)
+        except (ConfigError, ValueError) as e:
+            print(f"specoffload bench: error: --baseline-resident: {e}", file=sys.stderr)
+            return 2
     if not ray.is_initialized():
         ray.init(num_cpus=max(os.cpu_count() or 1, 4),
                  object_store_memory=int(os.environ.get("OBJ_STORE", 6 * 2**30 if cuda else 2**30)),
@@ -152,92 +181,118 @@ def main(argv=None):
     coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
         ("object", tsrc), tspec, plan, None if a.no_draft else ("object", dsrc),
         RunConfig(schedule="none", batch_size=a.batch), uuid.uuid4().hex[:8], True)
-    info = ray.get(coord.ready.remote())
-    print(f"actors up in {time.perf_counter() - t0:.1f} s: {info}", flush=True)
-    g = torch.Generator().manual_seed(0)
-    results = []
-    layer_bytes = tspec.layer_param_count() * 2
-    runs = [(mode_k, m) for mode_k in modes for m in ([modes[mode_k][4]] if modes[mode_k][4] else micro)]
+    try:
+        info = ray.get(coord.ready.remote())
+        print(f"actors up in {time.perf_counter() - t0:.1f} s: {info}", flush=True)
+        g = torch.Generator().manual_seed(0)
+        results = []
+        layer_bytes = tspec.layer_param_count() * 2
+        runs = [(mode_k, m) for mode_k in modes for m in ([modes[mode_k][4]] if modes[mode_k][4] else micro)]
 
-    def payload(gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
-        """n requests of random prompt tokens, generating max_tokens each."""
-        return [{"rid": i, "prompt_ids": torch.randint(3, tspec.vocab_size, (a.prompt_len,), generator=gen).tolist(),
-                 "params": {"max_tokens": max_tokens, "ignore_eos": True}, "eos": [2]} for i in range(n)]
+        def payload(gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
+            """n requests of random prompt tokens, generating max_tokens each."""
+            return [{"rid": i, "prompt_ids": torch.randint(3, tspec.vocab_size, (a.prompt_len,), generator=gen).tolist(),
+                     "params": {"max_tokens": max_tokens, "ignore_eos": True}, "eos": [2]} for i in range(n)]
 
-    def configure(run_cfg: RunConfig, draft_kv: str):
-        ray.get(coord.set_run_config.remote(run_cfg))
-        # +recompute is the paper's schedule: the draft re-reads each sequence's whole context.
-        ray.get(coord.set_draft_kv.remote(draft_kv, draft_kv == "recompute"))
-    if not a.no_warmup:
-        # The first generation on fresh actors pays one-off costs (CUDA and cuBLAS start-up,
-        # allocator growth, first graph captures): a short run of each schedule takes them, so
-        # the mode listed first is not the one charged (in W1 runs 4 and 6, without this, the
-        # first mode had the slowest prefill: 11.4 s against 7.1 s, and 10.0 s against 9.1 s).
-        t = time.perf_counter()
-        wg = torch.Generator().manual_seed(1)
-        for mode, k, draft_kv in dict.fromkeys((v[0], v[1], v[3]) for v in modes.values()):
-            configure(RunConfig(schedule=mode, k=k, k_max=max(k, 8), batch_size=1), draft_kv)
-            ray.get(coord.generate.remote(payload(wg, 2 if mode == "dual" else 1, min(a.gen, 4))))
-        print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
-    for mode_k, m in runs:
-        mode, k, adaptive, draft_kv, _ = modes[mode_k]
-        n = a.batch if mode == "none" else (a.spec_batch or a.batch)
-        # The dual schedule splits the same sequences into two batches: host memory holds the
-        # target KV of n sequences in every mode.
-        bs = max(n // 2, 1) if mode == "dual" else n
-        n = a.requests or n
-        work = payload(g, n, a.gen)
-        configure(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive,
-                            batch_size=bs, refill=not a.no_refill), draft_kv)
-        ray.get(coord.set_micro_batches.remote(m))
-        if a.trace_dir:
-            ray.get(coord.trace.remote())  # drop spans of earlier modes
-        before = ray.get(coord.stats.remote())
-        t = time.perf_counter()
-        ref, done = coord.generate.remote(work), 0
-        while not ray.wait([ref], timeout=30)[0]:  # a progress line every 30 s: a cut-short run still says something
-            fin, prog = ray.get(coord.poll.remote())
-            done += len(fin)
-            print(f"  {mode_k}: {time.perf_counter() - t:.0f} s, {done}/{n} requests done, "
-                  f"{prog.get('passes', 0)} passes, {prog.get('tokens', 0)} tokens", flush=True)
-        st = ray.get(ref)
-        wall = time.perf_counter() - t
-        ray.get(coord.poll.remote())
-        d = {k: st[k] - before.get(k, 0) if isinstance(st[k], (int, float)) and k in before else st[k] for k in st}
-        # Decode-phase figures: time after prefill. Prefill passes = 1 per batch.
-        passes = st["passes"]
-        copy_s = d.get("weight_copy_s", 0.0)
-        decode_s = st["seconds"] - st["prefill_seconds"]
-        row = {
-            "mode": mode_k, "batch": bs * (2 if mode == "dual" else 1), "requests": n,
-            "batches": st.get("batches"), "wall_s": round(wall, 2), "tokens": st["tokens"],
-            "tokens_per_s": round(st["tokens"] / wall, 1), "decode_tokens_per_s": st["decode_tokens_per_s"],
-            "prefill_s": round(st["prefill_seconds"], 2), "passes": passes,
-            "s_per_pass": round(decode_s / max(passes, 1), 3),
-            # weights streamed per second of decoding, and the copy engine's rate while busy
-            "stream_GBps": round(layer_bytes * a.target_layers * passes / decode_s / 1e9, 1) if decode_s > 0 else None,
-            "copy_GBps": round(d.get("weight_bytes", 0) / max(copy_s, 1e-9) / 1e9, 1) if copy_s else None,
-            "acceptance": st.get("acceptance"), "tokens_per_seq_pass": st.get("tokens_per_seq_pass"),
-            "k_mean": st.get("k_mean"),
-            "gpu_busy": round((d.get("target_s", 0) + d.get("draft_s", 0)) / wall, 3),
-            "gpu_busy_decode": round((d.get("target_s", 0) + d.get("draft_s", 0)) / max(decode_s, 1e-9), 3),
-            "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
-            "draft_gpu_s": round(d.get("draft_s", 0), 2), "copy_s": round(copy_s, 2),
-            "draft_graph_steps": d.get("draft_graph_steps", 0),
-            # the executor's peak device memory so far (the cap bounds it)
-            "gpu_peak_gib": round(ray.get(coord.memory.remote()).get("max_allocated", 0) / 2**30, 2),
-        }
-        row["micro_batches"] = m
-        if len(micro) > 1 and modes[mode_k][4] is None:
-            row["mode"] = f"{mode_k}/m{m}"
-        results.append(row)
-        print(json.dumps(row), flush=True)
-        if a.trace_dir:
-            os.makedirs(a.trace_dir, exist_ok=True)
-            name = row["mode"].replace("/", "_").replace("@", "_k").replace("+", "_")  # plain file names
-            with open(os.path.join(a.trace_dir, f"trace_{name}.json"), "w") as f:
-                json.dump(ray.get(coord.trace.remote()), f)
-    ray.get(coord.shutdown.remote())
+        def configure(run_cfg: RunConfig, draft_kv: str):
+            ray.get(coord.set_run_config.remote(run_cfg))
+            # +recompute is the paper's schedule: the draft re-reads each sequence's whole context.
+            ray.get(coord.set_draft_kv.remote(draft_kv, draft_kv == "recompute"))
+        if not a.no_warmup:
+            # The first generation on fresh actors pays one-off costs (CUDA and cuBLAS start-up,
+            # allocator growth, first graph captures): a short run of each schedule takes them, so
+            # the mode listed first is not the one charged (in W1 runs 4 and 6, without this, the
+            # first mode had the slowest prefill: 11.4 s against 7.1 s, and 10.0 s against 9.1 s).
+            t = time.perf_counter()
+            wg = torch.Generator().manual_seed(1)
+            for mode, k, draft_kv in dict.fromkeys((v[0], v[1], v[3]) for v in modes.values()):
+                configure(RunConfig(schedule=mode, k=k, k_max=max(k, 8), batch_size=1), draft_kv)
+                ray.get(coord.generate.remote(payload(wg, 2 if mode == "dual" else 1, min(a.gen, 4))))
+            print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
+        def run_mode(mode_k, mode_spec, m):
+            mode, k, adaptive, draft_kv, _ = mode_spec
+            n = a.batch if mode == "none" else (a.spec_batch or a.batch)
+            # The dual schedule splits the same sequences into two batches: host memory holds the
+            # target KV of n sequences in every mode.
+            bs = max(n // 2, 1) if mode == "dual" else n
+            n = a.requests or n
+            work = payload(g, n, a.gen)
+            configure(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive,
+                                batch_size=bs, refill=not a.no_refill), draft_kv)
+            ray.get(coord.set_micro_batches.remote(m))
+            if a.trace_dir:
+                ray.get(coord.trace.remote())  # drop spans of earlier modes
+            before = ray.get(coord.stats.remote())
+            t = time.perf_counter()
+            ref, done = coord.generate.remote(work), 0
+            while not ray.wait([ref], timeout=30)[0]:  # a progress line every 30 s: a cut-short run still says something
+                fin, prog = ray.get(coord.poll.remote())
+                done += len(fin)
+                print(f"  {mode_k}: {time.perf_counter() - t:.0f} s, {done}/{n} requests done, "
+                      f"{prog.get('passes', 0)} passes, {prog.get('tokens', 0)} tokens", flush=True)
+            st = ray.get(ref)
+            wall = time.perf_counter() - t
+            ray.get(coord.poll.remote())
+            d = {k: st[k] - before.get(k, 0) if isinstance(st[k], (int, float)) and k in before else st[k] for k in st}
+            # Decode-phase figures: time after prefill. Prefill passes = 1 per batch.
+            passes = st["passes"]
+            copy_s = d.get("weight_copy_s", 0.0)
+            decode_s = st["seconds"] - st["prefill_seconds"]
+            row = {
+                "mode": mode_k, "batch": bs * (2 if mode == "dual" else 1), "requests": n,
+                "batches": st.get("batches"), "wall_s": round(wall, 2), "tokens": st["tokens"],
+                "tokens_per_s": round(st["tokens"] / wall, 1), "decode_tokens_per_s": st["decode_tokens_per_s"],
+                "prefill_s": round(st["prefill_seconds"], 2), "passes": passes,
+                "s_per_pass": round(decode_s / max(passes, 1), 3),
+                # weights streamed per second of decoding, and the copy engine's rate while busy
+                "stream_GBps": round(layer_bytes * a.target_layers * passes / decode_s / 1e9, 1) if decode_s > 0 else None,
+                "copy_GBps": round(d.get("weight_bytes", 0) / max(copy_s, 1e-9) / 1e9, 1) if copy_s else None,
+                "acceptance": st.get("acceptance"), "tokens_per_seq_pass": st.get("tokens_per_seq_pass"),
+                "k_mean": st.get("k_mean"),
+                "gpu_busy": round((d.get("target_s", 0) + d.get("draft_s", 0)) / wall, 3),
+                "gpu_busy_decode": round((d.get("target_s", 0) + d.get("draft_s", 0)) / max(decode_s, 1e-9), 3),
+                "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
+                "draft_gpu_s": round(d.get("draft_s", 0), 2), "copy_s": round(copy_s, 2),
+                "draft_graph_steps": d.get("draft_graph_steps", 0),
+                # the executor's peak device memory so far (the cap bounds it)
+                "gpu_peak_gib": round(ray.get(coord.memory.remote()).get("max_allocated", 0) / 2**30, 2),
+            }
+            row["micro_batches"] = m
+            if len(micro) > 1 and mode_spec[4] is None:
+                row["mode"] = f"{mode_k}/m{m}"
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            if a.trace_dir:
+                os.makedirs(a.trace_dir, exist_ok=True)
+                name = row["mode"].replace("/", "_").replace("@", "_k").replace("+", "_")  # plain file names
+                with open(os.path.join(a.trace_dir, f"trace_{name}.json"), "w") as f:
+                    json.dump(ray.get(coord.trace.remote()), f)
+
+        for mode_k, m in runs:
+            run_mode(mode_k, modes[mode_k], m)
+        ray.get(coord.shutdown.remote())
+        if resident:
+            # The fair non-speculative baseline: the same engine with the GPU memory the draft would
+            # use holding target layers instead (fewer streamed per pass). Its own actors, since an
+            # executor's resident layers are fixed when it starts.
+            t0 = time.perf_counter()
+            coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
+                ("object", tsrc), tspec, replace(plan, gpu_layers=tuple(range(resident))), None,
+                RunConfig(schedule="none", batch_size=a.batch), uuid.uuid4().hex[:8], True)
+            print(f"baseline actors up in {time.perf_counter() - t0:.1f} s: {ray.get(coord.ready.remote())}", flush=True)
+            if not a.no_warmup:
+                configure(RunConfig(schedule="none", batch_size=1), "gpu")
+                ray.get(coord.generate.remote(payload(torch.Generator().manual_seed(1), 1, min(a.gen, 4))))
+            run_mode(f"none+r{resident}", ("none", a.k, False, "gpu", None), 1)  # k unused without a draft
+            ray.get(coord.shutdown.remote())
+    except BaseException:
+        # A run cut short (an error, Ctrl-C) must not leave the loader's weights in /dev/shm:
+        # a crashed tiny run left 3 GB there each time, and the next run was killed for memory.
+        try:
+            ray.get(coord.shutdown.remote(), timeout=120)
+        except Exception:  # noqa: BLE001 - already shut down, or the actor is gone
+            pass
+        raise
     base = next((r for r in results if r["mode"].split("/")[0] == "none"), None)
     print(f"\nW1 (target {a.target_layers} layers, {layer_bytes / 1e9:.2f} GB/layer, draft {a.draft_layers} layers, "
           f"cap {a.gpu_memory}, prompt {a.prompt_len}, gen {a.gen}, agreement {a.agreement})")
@@ -249,6 +304,12 @@ def main(argv=None):
         print(f"{r['mode']:16} {r['batch']:5d} {r['tokens_per_s']:7.1f} {x:6.2f} {r['decode_tokens_per_s']:12.1f} {xd:6.2f} "
               f"{r['s_per_pass']:7.3f} {str(r['stream_GBps']):>6} {str(r['copy_GBps']):>8} {str(r['acceptance']):>7} "
               f"{str(r['tokens_per_seq_pass']):>12} {r['gpu_busy_decode']:8.3f}")
+    fair = next((r for r in results if r["mode"].startswith("none+r")), None)
+    if fair:
+        print(f"against {fair['mode']} (none keeping {resident} target layers on the GPU, own actors): " +
+              ", ".join(f"{r['mode']} {r['tokens_per_s'] / fair['tokens_per_s']:.2f}x e2e "
+                        f"{r['decode_tokens_per_s'] / fair['decode_tokens_per_s']:.2f}x decode"
+                        for r in results if r is not fair))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "results": results}, f, indent=1)

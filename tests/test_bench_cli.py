@@ -30,6 +30,31 @@ def test_bench_tiny_workload_prints_ratios(tmp_path):
     assert res[4]["tokens"] == 4 * 6 and res[4]["acceptance"] is not None
 
 
+def test_bench_fair_baseline_keeps_layers_resident(tmp_path):
+    """--baseline-resident N runs `none` again on actors of its own that keep N target layers
+    resident, and prints every mode's ratio against it."""
+    import json
+
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny", "--modes",
+                        "none,single@2", "--baseline-resident", "1", "--json", str(tmp_path / "b.json")],
+                       capture_output=True, text=True, timeout=400, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "baseline actors up" in r.stdout and "'resident_layers': 1" in r.stdout
+    res = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert [x["mode"] for x in res] == ["none", "single@2", "none+r1"]
+    assert res[2]["tokens"] == res[0]["tokens"] and res[2]["acceptance"] is None
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("against none+r1"))
+    assert "single@2" in line and "x e2e" in line
+
+
+def test_bench_bad_baseline_resident_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny",
+                        "--baseline-resident", "7"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert r.returncode == 2 and "--baseline-resident: needs 1..1 layers or 'auto', got 7" in r.stderr
+
+
 @pytest.mark.parametrize("modes,msg", [("none,single@x", "draft length in 'single@x' must be 1..16 or 'auto'"),
                                         ("single@4/m0", "micro-batch count in 'single@4/m0' must be 1..64")])
 def test_bench_bad_mode_exits_2(modes, msg):
