@@ -274,11 +274,23 @@ class GPUExecutor:
 
     @torch.inference_mode()
     def target_layer(self, bid, j: int, attn, p: int = 0):
-        """Micro-batch p: finish layer j-1 with its attention output (j > 0), start layer j."""
-        parts = self._batch(bid)["parts"]
-        if j > 0:
-            self._post(parts[p], j - 1, attn)
-        return self._pre(parts[p], j)
+        """Micro-batch p: finish layer j-1 with its attention output (j > 0), start layer j.
+
+        The pass's later calls take this one's output (through the CPU worker), so Ray fails
+        them with its error without running them; an out-of-memory becomes a one-line
+        CapacityError, and the weight slots the pass held are given back for the next one."""
+        st = self._batch(bid)
+        parts = st["parts"]
+        try:
+            if j > 0:
+                self._post(parts[p], j - 1, attn)
+            return self._pre(parts[p], j)
+        except torch.OutOfMemoryError as e:
+            self.streamer.reset()
+            raise CapacityError(
+                f"a verification pass ran out of GPU memory at layer {j} ({int(parts[p]['hi'] - parts[p]['lo'])} "
+                f"sequences, {int(parts[p]['q_lens_np'][0])} tokens each): lower batch_size or the draft "
+                f"length, or raise gpu_memory ({str(e).splitlines()[0]})") from None
 
     @torch.inference_mode()
     def verify_head(self, bid, k: int, u_accept, u_sample, *attns):

@@ -114,3 +114,28 @@ def test_failed_prefill_leaves_no_unhandled_errors(ray_session, capfd, caplog):
     time.sleep(2)  # Ray reports unhandled errors when a failed ref is freed
     out, err = capfd.readouterr()
     assert "Unhandled error" not in out + err + caplog.text
+
+
+def test_out_of_memory_in_a_verification_layer_is_a_capacity_error():
+    class Fake:
+        def __init__(self):
+            self.resets = 0
+            self.streamer = SimpleNamespace(reset=lambda: setattr(self, "resets", self.resets + 1))
+            self.st = {"parts": [{"lo": 0, "hi": 48, "q_lens_np": [9] * 48}]}
+
+        def _batch(self, bid):
+            return self.st
+
+        def _post(self, part, j, attn):
+            pass
+
+        def _pre(self, part, j):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
+
+    fake = Fake()
+    with pytest.raises(CapacityError) as e:
+        GPUExecutor.target_layer(fake, 0, 5, None)
+    assert str(e.value) == ("a verification pass ran out of GPU memory at layer 5 (48 sequences, 9 tokens each): "
+                            "lower batch_size or the draft length, or raise gpu_memory "
+                            "(CUDA out of memory. Tried to allocate 2.00 GiB.)")
+    assert fake.resets == 1
