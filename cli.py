@@ -179,7 +179,7 @@ def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f)
 
 def auto_workload(args, prompts: list[str]):
     """What `--plan auto` plans for: these prompts' longest length in tokens, their count, --max-tokens."""
-    from .errors import CheckpointError
+    from .llm import load_tokenizer
     from .placement.planner import Workload
 
     model = args.model
@@ -187,12 +187,7 @@ def auto_workload(args, prompts: list[str]):
         from .models.default_model import default_model_dir
 
         model = default_model_dir()
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{model}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+    tok = load_tokenizer(model)
     lens = [len(i["prompt_token_ids"]) for i in encode_prompts(tok, prompts, chat=not args.no_chat_template)]
     return Workload(max(lens), args.max_tokens, len(prompts), args.acceptance)
 

@@ -11,7 +11,6 @@ worker, coordinator); `engine="reference"` runs the plain in-process path instea
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from pathlib import Path
@@ -20,19 +19,19 @@ from .configs.run_config import RunConfig
 from .configs.sampling_params import SamplingParams
 from .errors import CapacityError, CheckpointError, ConfigError, from_actor_init
 from .models.spec import ModelSpec, load_spec
+from .placement.hardware import mem_available as _host_memory_available  # tests patch this name
 from .placement.plan import Plan
 from .scheduler.request import CompletionOutput, Request, RequestOutput
 
 
-def _host_memory_available() -> int:
+def load_tokenizer(model_dir):
+    """The checkpoint's tokenizer, or a one-line CheckpointError."""
+    from transformers import AutoTokenizer
+
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
 
 
 def parse_draft(draft, target_layers: int):
@@ -83,16 +82,12 @@ class LLM:
             model = default_model_dir()
         self.model_dir = Path(model)
         self.spec = load_spec(self.model_dir, dtype=dtype)
-        from transformers import AutoTokenizer
-
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{self.model_dir}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+        self.tokenizer = load_tokenizer(self.model_dir)
         self.draft_desc = parse_draft(draft, self.spec.num_layers)
+        self.draft_spec = None  # a separate draft checkpoint's (the planner sizes it)
         if self.draft_desc and self.draft_desc[0] == "checkpoint":
             ddir = Path(self.draft_desc[1])
-            dspec = load_spec(ddir, dtype=self.spec.dtype)
+            dspec = self.draft_spec = load_spec(ddir, dtype=self.spec.dtype)
             check_same_vocab(self.model_dir, self.tokenizer, ddir, dspec, self.spec)
             self.draft_desc = ("checkpoint", str(ddir), self.spec.dtype)
         if plan == "auto":  # the planner measures this machine and chooses (placement/planner.py)
@@ -138,26 +133,16 @@ class LLM:
     def _auto_plan(self, device, gpu_memory, workload, batch_size):
         """Measure this machine, plan for `workload` (a placement.planner.Workload; default: 64
         requests of 256 prompt tokens and 128 new at acceptance 0.7); returns (Plan, run options)."""
-        from dataclasses import replace
-
         from .placement.hardware import measure
         from .placement.planner import Workload, plan
 
         if workload is None:
             workload = Workload(min(256, self.spec.max_positions // 2), min(128, self.spec.max_positions // 4),
                                 batch_size or 64)
-        hw = measure(device, gpu_memory)
-        draft_spec, self_layers = None, 0
-        if self.draft_desc and self.draft_desc[0] == "self":
-            self_layers = self.draft_desc[1]
-        elif self.draft_desc:
-            draft_spec = load_spec(Path(self.draft_desc[1]), dtype=self.spec.dtype)
-        choice = plan(self.spec, draft_spec, hw, workload, self_layers=self_layers)
-        p = choice.plan
-        if batch_size is not None:
-            p = replace(p, batch_size=batch_size)
+        self_layers = self.draft_desc[1] if self.draft_desc and self.draft_desc[0] == "self" else 0
+        choice = plan(self.spec, self.draft_spec, measure(device, gpu_memory), workload, self_layers=self_layers)
         self.plan_choice = choice
-        return p, choice.run_options()
+        return choice.plan, choice.run_options()  # _make_plan applies an explicit batch_size
 
     def _make_plan(self, plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8) -> Plan:
         from dataclasses import replace

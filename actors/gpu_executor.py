@@ -279,8 +279,7 @@ class GPUExecutor:
         The pass's later calls take this one's output (through the CPU worker), so Ray fails
         them with its error without running them; an out-of-memory becomes a one-line
         CapacityError, and the weight slots the pass held are given back for the next one."""
-        st = self._batch(bid)
-        parts = st["parts"]
+        parts = self._batch(bid)["parts"]
         try:
             if j > 0:
                 self._post(parts[p], j - 1, attn)

@@ -93,9 +93,10 @@ def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, grouped: bool | None = No
 
     Token-expert pairs are sorted by expert; with `torch._grouped_mm` (torch >= 2.8) each of
     the three projections is one grouped matmul over all experts (per chunk of pairs, see
-    MOE_CHUNK_BYTES), its group boundaries left on the device. The loop over experts (`grouped=False`, and where grouped matmuls are missing)
-    reads the per-expert counts on the host: a device wait in the middle of every MoE layer,
-    then one launch chain per expert. Both add each token's experts in expert order.
+    MOE_CHUNK_BYTES), its group boundaries left on the device. The loop over experts
+    (`grouped=False`, and where grouped matmuls are missing) reads the per-expert counts on
+    the host: a device wait in the middle of every MoE layer, then one launch chain per
+    expert. Both add each token's experts in expert order.
     """
     logits = _linear(x, w["router"])
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)
@@ -139,16 +140,16 @@ def _experts_grouped(spec, w, x, tok, weight, counts):
     out = torch.zeros_like(x)
     pairs = tok.shape[0]
     step = max(1, MOE_CHUNK_BYTES // (w["w_gate"].shape[1] * x.element_size()))
+
+    def mm(m, name, offs):  # weights are stacked [E, out, in]: each group multiplies by W^T
+        return torch._grouped_mm(m, w[name].transpose(-2, -1), offs=offs)
+
     for a in range(0, pairs, step):
         b = min(a + step, pairs)
         offs = (ends.clamp(a, b) - a).to(torch.int32)
         t = tok[a:b]
         xs = x[t]
-
-        def mm(m, name):  # weights are stacked [E, out, in]: each group multiplies by W^T
-            return torch._grouped_mm(m, w[name].transpose(-2, -1), offs=offs)
-
-        y = mm(_act(spec, mm(xs, "w_gate")) * mm(xs, "w_up"), "w_down")
+        y = mm(_act(spec, mm(xs, "w_gate", offs)) * mm(xs, "w_up", offs), "w_down", offs)
         out.index_add_(0, t, y * weight[a:b])
     return out
 

@@ -51,7 +51,7 @@ class CostModel:
 
 
 def dtype_bytes(spec: ModelSpec) -> int:
-    return 4 if spec.dtype == "float32" else 2
+    return spec.torch_dtype.itemsize
 
 
 def layer_bytes(spec: ModelSpec) -> int:

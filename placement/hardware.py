@@ -64,18 +64,21 @@ class Hardware:
         return cls.from_dict(read_json(path, "hardware"))
 
 
-def host_memory_available() -> int:
-    """MemAvailable, bounded by what /dev/shm (where the loader puts the weights) can hold."""
-    avail = None
+def mem_available() -> int:
+    """The kernel's MemAvailable (what can be allocated without swapping), in bytes."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
-    if avail is None:
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def host_memory_available() -> int:
+    """mem_available(), bounded by what /dev/shm (where the loader puts the weights) can hold."""
+    avail = mem_available()
     try:
         avail = min(avail, shutil.disk_usage("/dev/shm").free)
     except OSError:
@@ -152,12 +155,13 @@ def measure(device: str = "auto", gpu_memory=None, threads: int | None = None, q
     finally:
         torch.set_num_threads(old_threads)
 
-    total = torch.cuda.get_device_properties(dev).total_memory if device == "cuda" else host_memory_available()
+    host = host_memory_available()
+    total = torch.cuda.get_device_properties(dev).total_memory if device == "cuda" else host
     cap = parse_bytes(gpu_memory) if gpu_memory is not None else total
     def sig(x: float) -> float:  # three significant digits: a slow CPU's rates are small, not zero
         return float(f"{x:.3g}")
 
-    return Hardware(device=device, gpu_memory=min(cap, total), host_memory=host_memory_available(),
+    return Hardware(device=device, gpu_memory=min(cap, total), host_memory=host,
                     h2d_GBps=sig(h2d), device_GBps=sig(dev_bw), device_tflops=sig(tflops),
                     cpu_kv_GBps=sig(cpu_kv), cpu_attention_gflops=sig(cpu_gflops),
                     cpu_cores=os.cpu_count() or 1,
