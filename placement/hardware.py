@@ -16,14 +16,16 @@ import time
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
-from .json_file import dataclass_from_dict, read_json
+from .json_file import JsonFile
 from .plan import parse_bytes
 
 GB = 1e9
 
 
 @dataclass(frozen=True)
-class Hardware:
+class Hardware(JsonFile):
+    json_what = "hardware"
+
     device: str  # where the executor computes: "cuda" or "cpu"
     gpu_memory: int  # bytes the executor may use (the cap, or the device's total)
     host_memory: int  # bytes of host RAM free for the target's weights and KV cache
@@ -54,14 +56,6 @@ class Hardware:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Hardware":
-        return dataclass_from_dict(cls, d, "hardware")
-
-    @classmethod
-    def from_file(cls, path) -> "Hardware":
-        return cls.from_dict(read_json(path, "hardware"))
 
 
 def mem_available() -> int:

@@ -31,3 +31,18 @@ def read_json(path, what: str):
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+class JsonFile:
+    """`from_dict` / `from_file` for a self-checking dataclass; `json_what` names it in errors
+    (a class attribute without annotation, so not a dataclass field)."""
+
+    json_what = "config"
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return dataclass_from_dict(cls, d, cls.json_what)
+
+    @classmethod
+    def from_file(cls, path):
+        return cls.from_dict(read_json(path, cls.json_what))

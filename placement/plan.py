@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import msgpack
 
 from ..errors import ConfigError
-from .json_file import dataclass_from_dict, read_json
+from .json_file import JsonFile
 
 # Where a draft's KV cache lives (Plan.draft_kv); here so that the CLI, the bench and the
 # scheduler share one list without importing torch.
@@ -39,7 +39,9 @@ def split_range(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(JsonFile):
+    json_what = "plan"
+
     device: str = "cpu"  # where the executor computes: "cuda" or "cpu"
     gpu_memory: int | None = None  # executor memory cap in bytes (enforced on CUDA)
     gpu_layers: tuple = ()  # target layers kept resident on the executor's device
@@ -111,11 +113,3 @@ class Plan:
     @classmethod
     def from_msgpack(cls, data: bytes) -> "Plan":
         return cls(**msgpack.unpackb(data))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
-        return dataclass_from_dict(cls, d, "plan")
-
-    @classmethod
-    def from_file(cls, path) -> "Plan":
-        return cls.from_dict(read_json(path, "plan"))
