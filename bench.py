@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-draft", action="store_true")
     ap.add_argument("--draft-window", type=int, help="draft attends over the last W tokens (KV ring)")
     ap.add_argument("--draft-kv-fp8", action="store_true")
+    ap.add_argument("--draft-fp8", action="store_true", help="keep the draft's layer matrices in fp8 (half its "
+                                                             "GPU memory; see --resident)")
+    ap.add_argument("--resident", type=int, default=0, help="target layers kept on the GPU by the actors every "
+                                                            "mode runs on (the memory an fp8 draft frees)")
     ap.add_argument("--draft-sinks", type=int, default=0, help="the windowed draft also keeps each sequence's "
                                                                "first N tokens")
     ap.add_argument("--no-draft-graphs", action="store_true", help="launch the draft's steps one kernel at a "
@@ -149,7 +153,9 @@ def main(argv=None):
         plan = Plan(device="cuda" if cuda else "cpu", gpu_memory=a.gpu_memory if cuda else None, num_slots=a.slots,
                     batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
                     attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
-                    draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir))
+                    draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir),
+                    draft_fp8=a.draft_fp8, gpu_layers=tuple(range(a.resident)))
+        plan.check_layers(a.target_layers)
     except ConfigError as e:
         print(f"specoffload bench: error: {e}", file=sys.stderr)
         return 2
@@ -209,7 +215,8 @@ def main(argv=None):
                 configure(RunConfig(schedule=mode, k=k, k_max=max(k, 8), batch_size=1), draft_kv)
                 ray.get(coord.generate.remote(payload(wg, 2 if mode == "dual" else 1, min(a.gen, 4))))
             print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
-        def run_mode(mode_k, mode_spec, m):
+        def run_mode(mode_k, mode_spec, m, on_gpu: int = a.resident):
+            """on_gpu: target layers the actors keep resident (not streamed per pass)."""
             mode, k, adaptive, draft_kv, _ = mode_spec
             n = a.batch if mode == "none" else (a.spec_batch or a.batch)
             # The dual schedule splits the same sequences into two batches: host memory holds the
@@ -245,7 +252,7 @@ def main(argv=None):
                 "prefill_s": round(st["prefill_seconds"], 2), "passes": passes,
                 "s_per_pass": round(decode_s / max(passes, 1), 3),
                 # weights streamed per second of decoding, and the copy engine's rate while busy
-                "stream_GBps": round(layer_bytes * a.target_layers * passes / decode_s / 1e9, 1) if decode_s > 0 else None,
+                "stream_GBps": round(layer_bytes * (a.target_layers - on_gpu) * passes / decode_s / 1e9, 1) if decode_s > 0 else None,
                 "copy_GBps": round(d.get("weight_bytes", 0) / max(copy_s, 1e-9) / 1e9, 1) if copy_s else None,
                 "acceptance": st.get("acceptance"), "tokens_per_seq_pass": st.get("tokens_per_seq_pass"),
                 "k_mean": st.get("k_mean"),
@@ -283,7 +290,7 @@ def main(argv=None):
             if not a.no_warmup:
                 configure(RunConfig(schedule="none", batch_size=1), "gpu")
                 ray.get(coord.generate.remote(payload(torch.Generator().manual_seed(1), 1, min(a.gen, 4))))
-            run_mode(f"none+r{resident}", ("none", a.k, False, "gpu", None), 1)  # k unused without a draft
+            run_mode(f"none+r{resident}", ("none", a.k, False, "gpu", None), 1, resident)  # k unused without a draft
             ray.get(coord.shutdown.remote())
     except BaseException:
         # A run cut short (an error, Ctrl-C) must not leave the loader's weights in /dev/shm:
@@ -294,8 +301,9 @@ def main(argv=None):
             pass
         raise
     base = next((r for r in results if r["mode"].split("/")[0] == "none"), None)
-    print(f"\nW1 (target {a.target_layers} layers, {layer_bytes / 1e9:.2f} GB/layer, draft {a.draft_layers} layers, "
-          f"cap {a.gpu_memory}, prompt {a.prompt_len}, gen {a.gen}, agreement {a.agreement})")
+    print(f"\nW1 (target {a.target_layers} layers, {layer_bytes / 1e9:.2f} GB/layer, {a.resident} resident, draft "
+          f"{a.draft_layers} layers{' fp8' if a.draft_fp8 else ''}, cap {a.gpu_memory}, prompt {a.prompt_len}, "
+          f"gen {a.gen}, agreement {a.agreement})")
     print(f"{'mode':16} {'batch':>5} {'tok/s':>7} {'x none':>6} {'decode tok/s':>12} {'x none':>6} {'s/pass':>7} "
           f"{'GB/s':>6} {'copyGB/s':>8} {'accept':>7} {'tok/seq/pass':>12} {'gpu busy':>8}")
     for r in results:

@@ -38,6 +38,8 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--draft-sinks", type=int, help="with --draft-window: the draft also keeps the first N "
                    "tokens of each sequence (attention sinks)")
     p.add_argument("--draft-kv-fp8", action="store_true", help="store the windowed draft KV cache in fp8")
+    p.add_argument("--draft-fp8", action="store_true", help="keep the draft checkpoint's layer matrices in fp8 "
+                   "(half its GPU memory; output stays the target's, acceptance may change)")
     p.add_argument("--draft-kv", choices=DRAFT_KV,
                    help="gpu: the draft's KV cache stays on the GPU (default); host: kept in host memory, "
                         "visiting the GPU a prefill batch at a time each round; recompute: rebuilt every "
@@ -100,7 +102,8 @@ def llm_from_args(args, progress: bool, trace: bool = False, workload=None):
     return LLM(args.model, draft=args.draft, engine=args.engine, device=args.device,
                gpu_memory=args.gpu_memory, plan=args.plan, schedule=args.schedule, k=args.k,
                adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
-               draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, micro_batches=args.micro_batches,
+               draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, draft_fp8=args.draft_fp8,
+               micro_batches=args.micro_batches,
                draft_sinks=args.draft_sinks, draft_kv=args.draft_kv, refill=args.refill, trace=trace,
                ray_address=args.ray_address, progress=progress, workload=workload)
 

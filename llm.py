@@ -70,7 +70,8 @@ class LLM:
     def __init__(self, model=None, draft=None, *, engine: str = "ray", device: str = "auto",
                  gpu_memory=None, plan=None, schedule: str | None = None, k: int | None = None,
                  adaptive_k: bool | None = None, batch_size: int | None = None, dtype: str | None = None,
-                 draft_window: int | None = None, draft_kv_fp8: bool = False, micro_batches: int | None = None,
+                 draft_window: int | None = None, draft_kv_fp8: bool = False, draft_fp8: bool = False,
+                 micro_batches: int | None = None,
                  draft_sinks: int | None = None, draft_kv: str | None = None, refill: bool = False,
                  trace: bool = False, ray_address: str | None = None, progress: bool = True, workload=None):
         self.plan_choice = None  # with plan="auto": the planner's Choice (every candidate it weighed)
@@ -91,7 +92,7 @@ class LLM:
             check_same_vocab(self.model_dir, self.tokenizer, ddir, dspec, self.spec)
             self.draft_desc = ("checkpoint", str(ddir), self.spec.dtype)
         if plan == "auto":  # the planner measures this machine and chooses (placement/planner.py)
-            plan, chosen = self._auto_plan(device, gpu_memory, workload, batch_size)
+            plan, chosen = self._auto_plan(device, gpu_memory, workload, batch_size, draft_fp8)
             schedule = schedule or chosen["schedule"]
             k = chosen["k"] if k is None else k
             adaptive_k = chosen["adaptive_k"] if adaptive_k is None else adaptive_k
@@ -101,6 +102,13 @@ class LLM:
         if schedule != "none" and not self.draft_desc:
             raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
         self.plan = self._make_plan(plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8)
+        if draft_fp8:
+            from dataclasses import replace
+
+            self.plan = replace(self.plan, draft_fp8=True)
+        if self.plan.draft_fp8 and not (self.draft_desc and self.draft_desc[0] == "checkpoint"):
+            raise ConfigError("draft_fp8 needs a separate draft checkpoint (a self:N draft is the target's "
+                              "own layers, which stay as they are)")
         if micro_batches is not None or draft_sinks is not None or draft_kv is not None:
             from dataclasses import replace
 
@@ -130,9 +138,10 @@ class LLM:
             self._start_ray(ray_address)
 
     # -- setup -----------------------------------------------------------------------------
-    def _auto_plan(self, device, gpu_memory, workload, batch_size):
+    def _auto_plan(self, device, gpu_memory, workload, batch_size, draft_fp8: bool):
         """Measure this machine, plan for `workload` (a placement.planner.Workload; default: 64
-        requests of 256 prompt tokens and 128 new at acceptance 0.7); returns (Plan, run options)."""
+        requests of 256 prompt tokens and 128 new at acceptance 0.7); returns (Plan, run options).
+        The planner may choose an fp8 draft where that is faster; draft_fp8 True insists on it."""
         from .placement.hardware import measure
         from .placement.planner import Workload, plan
 
@@ -140,7 +149,8 @@ class LLM:
             workload = Workload(min(256, self.spec.max_positions // 2), min(128, self.spec.max_positions // 4),
                                 batch_size or 64)
         self_layers = self.draft_desc[1] if self.draft_desc and self.draft_desc[0] == "self" else 0
-        choice = plan(self.spec, self.draft_spec, measure(device, gpu_memory), workload, self_layers=self_layers)
+        choice = plan(self.spec, self.draft_spec, measure(device, gpu_memory), workload, self_layers=self_layers,
+                      draft_fp8=True if draft_fp8 else None)
         self.plan_choice = choice
         return choice.plan, choice.run_options()  # _make_plan applies an explicit batch_size
 
@@ -178,7 +188,8 @@ class LLM:
             n = self.draft_desc[1]
             draft = ResidentModel(self.spec.with_layers(n), target.glob, target.layers[:n], dev)
         elif self.draft_desc:
-            draft = ResidentModel.from_source(Checkpoint(self.draft_desc[1], dtype=self.spec.dtype), dev)
+            draft = ResidentModel.from_source(Checkpoint(self.draft_desc[1], dtype=self.spec.dtype), dev,
+                                              fp8_weights=self.plan.draft_fp8)
         self.backend = ReferenceBackend(target, draft, self.plan.draft_window, self.plan.draft_kv_fp8,
                                         self.plan.draft_sinks, self.plan.draft_kv)
 

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--window-acceptance", default="",
                     help="acceptance per draft window, e.g. 64=0.62,128=0.7 (unlisted windows: --acceptance)")
     ap.add_argument("--schedules", default="none,single,dual", help="schedules to consider (default all)")
+    ap.add_argument("--draft-fp8", choices=["auto", "on", "off"], default="auto",
+                    help="a separate draft's matrices in fp8: where faster (auto, the default; its acceptance "
+                         "is taken to be the bf16 draft's), always, or never")
     ap.add_argument("--top", type=int, default=10, help="candidates to list (default 10)")
     ap.add_argument("--out", help="write the chosen plan here (a Plan JSON file)")
     ap.add_argument("--json", help="write the choice, its prediction and the candidates here")
@@ -119,7 +122,8 @@ def _run(args) -> int:
     schedules = tuple(s.strip() for s in args.schedules.split(",") if s.strip())
     if not schedules:
         raise ConfigError("--schedules names no schedule")
-    choice = plan(target, draft, hw, wl, self_layers=self_layers, schedules=schedules)
+    choice = plan(target, draft, hw, wl, self_layers=self_layers, schedules=schedules,
+                  draft_fp8={"auto": None, "on": True, "off": False}[args.draft_fp8])
     b = choice.best
 
     print(f"machine: {hw.device}, {hw.gpu_memory / 2**30:.1f} GiB device memory, {hw.host_memory / 2**30:.1f} GiB host, "
@@ -129,7 +133,7 @@ def _run(args) -> int:
           f"acceptance {wl.acceptance}")
     best_of = {}
     for c in choice.candidates:  # the best k of each (schedule, batch, draft KV) that fits
-        key = (c.schedule, c.batch, c.draft_kv, c.window, c.fp8)
+        key = (c.schedule, c.batch, c.draft_kv, c.window, c.fp8, c.draft_fp8)
         if c.fits and (key not in best_of or c.tokens_per_s > best_of[key].tokens_per_s):
             best_of[key] = c
     rows = sorted(best_of.values(), key=lambda c: -c.tokens_per_s)[: max(args.top, 1)]

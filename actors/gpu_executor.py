@@ -101,14 +101,19 @@ class GPUExecutor:
                 raise ConfigError(f"self-speculative draft needs 1..{self.spec.num_layers - 1} layers, got {n}")
             if set(range(n)) & set(self.plan.disk_layers):
                 raise ConfigError(f"the self-speculative draft's {n} layers must not be on disk")
+            if self.plan.draft_fp8:
+                raise ConfigError("draft_fp8 needs a separate draft checkpoint: a self:N draft is the "
+                                  "target's own layers, which must stay as they are")
             layers = [self.resident.get(j) or views(*self.host[j]) for j in range(n)]
             return ResidentModel(self.spec.with_layers(n), self.glob, layers, self.device)
         src = open_source(desc)
-        return ResidentModel.from_source(src, self.device)
+        return ResidentModel.from_source(src, self.device, fp8_weights=self.plan.draft_fp8)
 
     def ready(self) -> dict:
+        d = self.runner.draft
         return {"device": str(self.device), "init_s": round(self.init_seconds, 1), "resident_layers": len(self.resident),
-                "slots": self.streamer.nslots, "draft": self.runner.draft is not None}
+                "slots": self.streamer.nslots, "draft": d is not None,
+                "draft_gib": round(d.weight_bytes() / 2**30, 2) if d is not None else 0.0}
 
     def memory(self) -> dict:
         if self.device.type != "cuda":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fp8_weights import Fp8Weight
 from .host_io import to_host
 from .spec import ModelSpec
 
@@ -62,6 +63,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _linear(x, w, b=None):
+    if isinstance(w, Fp8Weight):  # a draft's fp8 matrix (models/fp8_weights.py)
+        return w.linear(x, b)
     return F.linear(x, w, b)
 
 

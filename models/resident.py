@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .attention import KVCache, pack_index
+from .fp8_weights import layer_nbytes, quantize_layer
 from .layers import embed, head, post_attention, pre_attention, rope_cos_sin
 from .spec import ModelSpec
 
@@ -21,16 +22,27 @@ def last_index(q_lens: torch.Tensor) -> torch.Tensor:
 
 
 class ResidentModel:
-    def __init__(self, spec: ModelSpec, globals_: dict, layers: list[dict], device="cpu"):
+    def __init__(self, spec: ModelSpec, globals_: dict, layers: list[dict], device="cpu", fp8_weights: bool = False):
+        """fp8_weights: keep the layers' dense matrices in fp8 (models/fp8_weights.py; drafts
+        only, the output of a target must not change)."""
         self.spec, self.device = spec, torch.device(device)
         mv = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         self.glob = {k: mv(v) for k, v in globals_.items()}
         if globals_["head"] is globals_["embed"]:
             self.glob["head"] = self.glob["embed"]
-        self.layers = [{k: mv(v) for k, v in w.items()} for w in layers]
+        self.fp8_weights = fp8_weights
+        self.layers = [self._prepared({k: mv(v) for k, v in w.items()}) for w in layers]
+
+    def _prepared(self, w: dict) -> dict:
+        return quantize_layer(w) if self.fp8_weights else w
+
+    def weight_bytes(self) -> int:
+        """Device bytes of the layers and globals (what the draft costs the GPU)."""
+        glob = {id(v): v.numel() * v.element_size() for v in self.glob.values()}
+        return sum(layer_nbytes(w) for w in self.layers) + sum(glob.values())
 
     @classmethod
-    def from_source(cls, source, device="cpu", num_layers=None, progress=False):
+    def from_source(cls, source, device="cpu", num_layers=None, progress=False, fp8_weights: bool = False):
         n = num_layers or source.spec.num_layers
         spec = source.spec if n == source.spec.num_layers else source.spec.with_layers(n)
         rng = range(n)
@@ -39,9 +51,11 @@ class ResidentModel:
 
             rng = tqdm(rng, desc="loading layers", unit="layer")
         dev = torch.device(device)
-        # Move each layer as it is read, so host memory never holds the whole model.
-        layers = [{k: v.to(dev) for k, v in source.read_layer(j).items()} for j in rng]
-        return cls(spec, source.read_globals(), layers, device)
+        # Move (and quantize) each layer as it is read, so neither host nor device memory ever
+        # holds the whole model in its checkpoint dtype.
+        prep = quantize_layer if fp8_weights else dict
+        layers = [prep({k: v.to(dev) for k, v in source.read_layer(j).items()}) for j in rng]
+        return cls(spec, source.read_globals(), layers, device, fp8_weights=fp8_weights)
 
     def new_cache(self, batch: int, capacity: int, window: int | None = None, fp8: bool = False,
                   max_new: int = 16, sinks: int = 0, device=None) -> KVCache:

@@ -71,8 +71,13 @@ def glob_bytes(spec: ModelSpec) -> int:
     return n * dtype_bytes(spec)
 
 
-def model_bytes(spec: ModelSpec) -> int:
-    return spec.num_layers * layer_bytes(spec) + glob_bytes(spec)
+def model_bytes(spec: ModelSpec, fp8_layers: bool = False) -> int:
+    """fp8_layers: the layers' matrices in fp8 (models/fp8_weights.py; the globals stay)."""
+    return spec.num_layers * draft_layer_bytes(spec, fp8_layers) + glob_bytes(spec)
+
+
+def draft_layer_bytes(spec: ModelSpec, fp8: bool) -> int:
+    return spec.layer_param_count() * (1 if fp8 else dtype_bytes(spec))
 
 
 def kv_bytes_per_token_layer(spec: ModelSpec, fp8: bool = False) -> int:
@@ -102,9 +107,12 @@ def target_pass_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, quer
     return resident * chain + streamed * max(copy, chain) + disk * max(copy_disk, chain)
 
 
-def draft_step_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, kv_tokens: int, fp8: bool) -> float:
-    """Seconds of one draft step (one token for each of `batch` sequences)."""
-    weights = spec.num_layers * layer_bytes(spec) + glob_bytes(spec) // 2
+def draft_step_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, kv_tokens: int, fp8: bool,
+                 fp8_weights: bool = False) -> float:
+    """Seconds of one draft step (one token for each of `batch` sequences); fp8: its KV ring,
+    fp8_weights: its layer matrices in fp8 (half the bytes read; the arithmetic is counted at
+    the bf16 rate, which fp8 tensor cores exceed, so this errs slow)."""
+    weights = spec.num_layers * draft_layer_bytes(spec, fp8_weights) + glob_bytes(spec) // 2
     kv = batch * kv_tokens * kv_bytes_per_token_layer(spec, fp8) * spec.num_layers
     t = (weights + kv) / (hw.device_GBps * 1e9)
     t += 2 * batch * (spec.num_layers * active_layer_params(spec) + spec.vocab_size * spec.hidden_size) / (

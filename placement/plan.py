@@ -55,6 +55,9 @@ class Plan(JsonFile):
     draft_window: int | None = None  # the draft attends over the last W tokens (KV ring); None = all
     draft_kv_fp8: bool = False  # store the draft's windowed KV in fp8 (e4m3, scale per head)
     draft_sinks: int = 0  # the windowed draft also keeps each sequence's first N tokens
+    # keep the draft's layer matrices in fp8 (one scale per row, models/fp8_weights.py): half its
+    # GPU memory, for target layers or slots; a separate draft checkpoint only, not self:N
+    draft_fp8: bool = False
     draft_graphs: bool = True  # replay the windowed draft's one-token steps as CUDA graphs (on CUDA)
     # "gpu": the draft's KV stays on the GPU for the run; "host": kept in host memory, visiting
     # the GPU prefill_batch sequences at a time each round; "recompute": rebuilt every round from

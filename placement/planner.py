@@ -64,7 +64,8 @@ class Candidate:
     k: int = 0
     draft_kv: str = "gpu"
     window: int | None = None
-    fp8: bool = False
+    fp8: bool = False  # the draft's KV ring in fp8
+    draft_fp8: bool = False  # the draft's layer matrices in fp8
     resident: int = 0  # target layers kept on the GPU
     disk: int = 0  # target layers left on disk
     prefill_batch: int = 16
@@ -82,7 +83,7 @@ class Candidate:
         if self.schedule == "none":
             return "none"
         kv = self.draft_kv if self.window is None else f"W{self.window}{' fp8' if self.fp8 else ''}"
-        return f"{self.schedule} k={self.k} draft KV {kv}"
+        return f"{self.schedule} k={self.k} draft KV {kv}{', fp8 draft' if self.draft_fp8 else ''}"
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def _gpu_bytes(target, draft, self_layers, c: Candidate, wl: Workload, cm: CostM
         cm.prefill_bytes_per_token_hidden
     if draft is not None and c.schedule != "none":
         if not self_layers:  # a self-draft's layers are the resident target layers
-            b += cmod.model_bytes(draft)
+            b += cmod.model_bytes(draft, c.draft_fp8)
         per_seq = cmod.kv_bytes_per_token_layer(draft, c.fp8) * draft.num_layers * cmod.draft_kv_tokens(
             c.window, SINKS if c.window else 0, wl.context, K_MAX)
         on_gpu = {"gpu": c.batch * (2 if c.schedule == "dual" else 1), "host": c.prefill_batch,
@@ -162,7 +163,7 @@ def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel
     t_draft = 0.0
     if c.schedule != "none":
         kv_tok = cmod.draft_kv_tokens(c.window, SINKS if c.window else 0, ctx, K_MAX)
-        step = cmod.draft_step_s(hw, cm, draft, c.batch, kv_tok, c.fp8)
+        step = cmod.draft_step_s(hw, cm, draft, c.batch, kv_tok, c.fp8, c.draft_fp8)
         t_draft = cm.draft_round_fixed_s + k * step
         if c.draft_kv == "host":  # the draft KV visits the GPU and goes back every round
             per_seq = cmod.kv_bytes_per_token_layer(draft, c.fp8) * draft.num_layers * kv_tok
@@ -194,13 +195,18 @@ def _batches(wl: Workload, cap: int = 1024) -> list[int]:
 
 
 def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload, *, self_layers: int = 0,
-         cm: CostModel = CostModel(), schedules=("none", "single", "dual")) -> Choice:
+         cm: CostModel = CostModel(), schedules=("none", "single", "dual"), draft_fp8: bool | None = None) -> Choice:
     """The fastest candidate that fits, and every candidate considered.
 
     `draft` None: only no speculation. `self_layers` N: the draft is the target's first N layers
-    (`--draft self:N`), kept on the GPU as resident target layers."""
+    (`--draft self:N`), kept on the GPU as resident target layers. `draft_fp8`: a separate
+    draft's matrices in fp8 always (True), never (False), or where that is faster (None; its
+    acceptance is taken to be the bf16 draft's, as for an fp8 KV ring: measure it)."""
     if self_layers:
         draft = target.with_layers(self_layers)
+        if draft_fp8:
+            raise ConfigError("draft_fp8 needs a separate draft checkpoint (a self:N draft is the target's own layers)")
+    weight_fp8 = (False,) if self_layers or draft_fp8 is False else (True,) if draft_fp8 else (False, True)
     unknown = set(schedules) - {"none", "single", "dual"}
     if unknown:
         raise ConfigError(f"unknown schedule(s): {', '.join(sorted(unknown))}")
@@ -217,11 +223,13 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
             kvs = [("gpu", None, False)] + [("gpu", w, f) for w in WINDOWS if w < wl.context
                                             for f in (False, True)] + [("host", None, False), ("recompute", None, False)]
             for kv, w, f in kvs:
-                for k in range(1, K_MAX + 1):
-                    cands.append(Candidate(sched, batch, k=k, draft_kv=kv, window=w, fp8=f, prefill_batch=pb))
+                for wf in weight_fp8:
+                    for k in range(1, K_MAX + 1):
+                        cands.append(Candidate(sched, batch, k=k, draft_kv=kv, window=w, fp8=f, draft_fp8=wf,
+                                               prefill_batch=pb))
     placed, timed = {}, []
     for c in cands:
-        key = (c.schedule, c.batch, c.draft_kv, c.window, c.fp8)
+        key = (c.schedule, c.batch, c.draft_kv, c.window, c.fp8, c.draft_fp8)
         if key not in placed:  # memory does not depend on k
             placed[key] = _place(target, draft, self_layers, c, hw, wl, cm)
         p = placed[key]
@@ -243,6 +251,6 @@ def to_plan(c: Candidate, target: ModelSpec, hw: Hardware) -> Plan:
     return Plan(device=hw.device, gpu_memory=hw.gpu_memory if hw.device == "cuda" else None,
                 gpu_layers=tuple(range(c.resident)), disk_layers=tuple(range(L - c.disk, L)),
                 batch_size=c.batch, prefill_batch=c.prefill_batch, draft_window=c.window,
-                draft_kv_fp8=c.fp8, draft_sinks=SINKS if c.window else 0,
+                draft_kv_fp8=c.fp8, draft_sinks=SINKS if c.window else 0, draft_fp8=c.draft_fp8,
                 draft_kv=c.draft_kv if c.schedule != "none" else "gpu",
                 attention_threads=max(1, hw.cpu_cores - 2) if hw.device == "cuda" else None)

@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--sinks", type=int, default=0, help="attention sinks kept beside a window")
+    ap.add_argument("--draft-fp8", action="store_true", help="the draft's layer matrices in fp8 (models/fp8_weights.py)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table for every configuration's last round")
     a = ap.parse_args(argv)
 
@@ -41,8 +42,9 @@ def main(argv=None) -> int:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     spec = mistral_7b(a.layers)
     t = time.perf_counter()
-    draft = ResidentModel.from_source(RandomWeights(spec), dev)
-    print(f"draft of {a.layers} layers on {dev} in {time.perf_counter() - t:.1f} s", flush=True)
+    draft = ResidentModel.from_source(RandomWeights(spec), dev, fp8_weights=a.draft_fp8)
+    print(f"draft of {a.layers} layers{' (fp8 matrices)' if a.draft_fp8 else ''} on {dev} in "
+          f"{time.perf_counter() - t:.1f} s, {draft.weight_bytes() / 2**30:.2f} GiB", flush=True)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     rows = []
     for i, c in enumerate(a.configs.split(",")):

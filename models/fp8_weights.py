@@ -1,0 +1,88 @@
+"""A draft's weight matrices stored in fp8 (e4m3) with one scale per output row.
+
+Why: on W1 the draft (a Mistral-7B shape, 14 GB in bf16) takes over half of the 24 GiB the
+GPU is allowed; in fp8 it takes half that, and the memory freed holds target layers (fewer
+streamed per pass) or more weight slots. Only the draft is quantized: the target verifies
+every token in its own dtype, so output stays the target's exactly; what fp8 can change is
+how often the draft agrees (measure it: scripts/measure_acceptance.py --draft-fp8).
+
+A matmul quantizes its input per row (token) to fp8 as well and runs `torch._scaled_mm`
+(fp8 tensor cores on Hopper; torch's CPU build implements it too), scales applied in the
+kernel, bf16 out. Where the kernel refuses the shapes or dtypes, the weight is widened and
+scaled instead (same values, more memory traffic), once per refusal kind.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+# Matrices of a dense layer that are quantized (norms, biases and MoE experts stay as they are).
+DENSE_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+
+# (device type, input dtype) where _scaled_mm raised once: widened weights from then on.
+_SCALED_MM_FAILED: set = set()
+
+
+class Fp8Weight:
+    """A [out, in] matrix as fp8 values and fp32 per-row scales (w ~= data * scale[:, None])."""
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor):
+        self.data, self.scale = data, scale
+        self.scale_row = scale[None, :].contiguous()  # [1, out], the layout _scaled_mm takes
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> "Fp8Weight":
+        wf = w.float()
+        scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
+        data = (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        return cls(data, scale)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * 4
+
+    def dequantize(self, dtype) -> torch.Tensor:
+        return (self.data.float() * self.scale[:, None]).to(dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in] -> [..., out] in x's dtype."""
+        key = (x.device.type, x.dtype)
+        if key not in _SCALED_MM_FAILED:
+            try:
+                y = self._scaled(x)
+                return y if bias is None else y + bias
+            except torch.OutOfMemoryError:
+                raise  # not a refusal: widening would need more memory still
+            except (RuntimeError, NotImplementedError, TypeError):
+                _SCALED_MM_FAILED.add(key)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xf = x2.float()
+        sx = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # [M, 1]
+        xq = (xf / sx).to(FP8)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        y = torch._scaled_mm(xq, self.data.t(), scale_a=sx, scale_b=self.scale_row, out_dtype=out_dtype)
+        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+
+    def to(self, device, non_blocking: bool = False) -> "Fp8Weight":
+        return Fp8Weight(self.data.to(device, non_blocking=non_blocking),
+                         self.scale.to(device, non_blocking=non_blocking))
+
+
+def quantize_layer(w: dict) -> dict:
+    """A layer's dict with its dense matrices in fp8; everything else as it was."""
+    return {k: Fp8Weight.quantize(v) if k in DENSE_MATRICES and isinstance(v, torch.Tensor) and v.dim() == 2 else v
+            for k, v in w.items()}
+
+
+def layer_nbytes(w: dict) -> int:
+    return sum(v.nbytes() if isinstance(v, Fp8Weight) else v.numel() * v.element_size() for v in w.values())

@@ -1,0 +1,140 @@
+"""A draft whose matrices are stored in fp8: close to its full-precision self, and the output
+stays the target's (the target verifies every token).
+
+The CUDA tests (fp8 tensor-core matmuls, and the graphed draft step over them) run on the
+device machine: `pytest tests/test_fp8_weights.py`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_reference import PROMPTS, hf_greedy
+from specoffload.configs.run_config import RunConfig
+from specoffload.configs.sampling_params import SamplingParams
+from specoffload.errors import ConfigError
+from specoffload.llm import LLM
+from specoffload.models import fp8_weights
+from specoffload.models.checkpoint import Checkpoint
+from specoffload.models.fp8_weights import Fp8Weight, quantize_layer
+from specoffload.models.resident import ResidentModel
+from specoffload.scheduler.batch_state import SpecRunner
+from specoffload.scheduler.generator import Generator
+from specoffload.scheduler.reference_backend import ReferenceBackend
+from specoffload.scheduler.request import Request
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 tensor cores need a GPU")
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _weight(out=96, inp=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.02
+    w[3] *= 1000.0  # one loud row: a single scale for the matrix would flatten every other row to zero
+    return w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_matmul_tracks_full_precision_row_by_row(dtype):
+    w = _weight()
+    x = torch.randn(5, 7, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    q = Fp8Weight.quantize(w)
+    y, ref = q.linear(x), torch.nn.functional.linear(x.float(), w)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert q.data.dtype == torch.float8_e4m3fn and q.nbytes() < w.numel() * 2 // 2 + 4 * 96 + 1
+    # e4m3 keeps 3 mantissa bits: ~2-4% relative error per product, on every row alike.
+    quiet = [i for i in range(96) if i != 3]
+    assert _rel(y[..., quiet], ref[..., quiet]) < 0.08
+    assert _rel(y[..., 3], ref[..., 3]) < 0.08
+    assert _rel(q.dequantize(torch.float32), w) < 0.05
+
+
+def test_widened_fallback_computes_the_same_product(monkeypatch):
+    w, x = _weight(), torch.randn(9, 64, generator=torch.Generator().manual_seed(2))
+    q = Fp8Weight.quantize(w)
+    kernel = q.linear(x)
+
+    def refuse(self, x):
+        raise RuntimeError("shapes refused")
+
+    monkeypatch.setattr(Fp8Weight, "_scaled", refuse)
+    monkeypatch.setattr(fp8_weights, "_SCALED_MM_FAILED", set())
+    widened = q.linear(x, torch.ones(96))
+    assert ("cpu", torch.float32) in fp8_weights._SCALED_MM_FAILED
+    ref = torch.nn.functional.linear(x, w, torch.ones(96))
+    assert _rel(widened, ref) < 0.05 and _rel(kernel + 1, ref) < 0.08
+
+
+def test_only_dense_matrices_are_quantized():
+    w = {"q": torch.randn(8, 4), "ln1": torch.ones(4), "q_bias": torch.zeros(8), "w_gate": torch.randn(2, 6, 4),
+         "router": torch.randn(2, 4)}
+    out = quantize_layer(w)
+    assert isinstance(out["q"], Fp8Weight)
+    assert all(out[k] is w[k] for k in ("ln1", "q_bias", "w_gate", "router"))
+    assert quantize_layer(out)["q"] is out["q"]  # already quantized: left alone
+
+
+def _run(target, draft, k=4, schedule="single"):
+    reqs = [Request(i, p, SamplingParams(max_tokens=24, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    stats = Generator(ReferenceBackend(target, draft), RunConfig(schedule=schedule, k=k, k_max=8, batch_size=2)).run(reqs)
+    return [r.out for r in reqs], stats
+
+
+@pytest.mark.parametrize("schedule", ["single", "dual"])
+def test_fp8_copy_of_the_target_is_lossless_and_still_agrees(tiny_dir, schedule):
+    """The target's own weights in fp8 as its draft: output must be the target's exactly, and
+    the draft must still agree far more often than an unrelated draft does (on these tiny random
+    models: fp8 copy 0.69 per proposed token, a bf16 copy 1.0, another random draft 0.003)."""
+    d = tiny_dir("llama")
+    tgt = ResidentModel.from_source(Checkpoint(d))
+    draft = ResidentModel.from_source(Checkpoint(d), fp8_weights=True)
+    assert draft.weight_bytes() < tgt.weight_bytes()
+    got, stats = _run(tgt, draft, schedule=schedule)
+    assert got == hf_greedy(d, PROMPTS, 24)
+    assert stats.accepted / stats.proposed > 0.5
+
+
+def test_fp8_draft_of_another_size_through_the_actors(ray_session, tiny_dir):
+    """A MoE target, a smaller MoE draft in fp8 (attention matrices fp8, experts as they were)."""
+    d = tiny_dir("mixtral")
+    other = tiny_dir("mixtral", seed=2, num_hidden_layers=2)
+    with LLM(str(d), draft=str(other), draft_fp8=True, schedule="single", k=3, batch_size=2, progress=False) as llm:
+        assert llm.plan.draft_fp8
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=20, ignore_eos=True))
+        assert llm.last_stats["acceptance"] is not None
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(d, PROMPTS, 20)
+
+
+def test_self_draft_refuses_fp8(tiny_dir):
+    with pytest.raises(ConfigError, match="separate draft checkpoint"):
+        LLM(str(tiny_dir("llama")), draft="self:1", draft_fp8=True, engine="reference", progress=False)
+
+
+@cuda_only
+def test_fp8_kernel_on_cuda_tracks_the_widened_product():
+    w = _weight(4096, 4096).cuda()
+    x = torch.randn(192, 4096, device="cuda", dtype=torch.bfloat16)
+    q = Fp8Weight.quantize(w.to(torch.bfloat16))
+    assert ("cuda", torch.bfloat16) not in fp8_weights._SCALED_MM_FAILED
+    y = q._scaled(x)  # the kernel itself: a refusal here is a failure, not a fallback
+    assert _rel(y, torch.nn.functional.linear(x.float(), w)) < 0.08
+
+
+@cuda_only
+def test_graphed_fp8_draft_proposes_what_eager_steps_do(tiny_dir):
+    """CUDA graphs over fp8 matmuls (and their per-token input scales) replay the eager step."""
+    from test_draft_graph import _rounds
+
+    draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)), "cuda",
+                                      fp8_weights=True)
+    prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)] * 2
+    graphed = SpecRunner(draft, "cuda", window=4, fp8=True, sinks=2)
+    eager = SpecRunner(draft, "cuda", window=4, fp8=True, sinks=2, graphs=False)
+    want = _rounds(eager, draft, prompts, k=5)
+    got = _rounds(graphed, draft, prompts, k=5)
+    assert eager.graph_steps == 0 and graphed.graph_steps >= 5 * 4
+    for w, o in zip(want, got):
+        assert torch.equal(w, o)
