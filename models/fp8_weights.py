@@ -21,6 +21,11 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # Matrices of a dense layer that are quantized (norms, biases and MoE experts stay as they are).
 DENSE_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+# Matrices that read the same input are stored as one (rows stacked; each row keeps its own
+# scale, so the values are those of quantizing them apart): one input quantization and one
+# matmul instead of three or two. At batch 192 the draft step is bound by kernel count, not
+# bytes (H200, profile_draft: fp8 matrices one by one took 23.3 ms per step, bf16 18.3).
+FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 
 # (device type, input dtype) where _scaled_mm raised once: widened weights from then on.
 _SCALED_MM_FAILED: set = set()
@@ -66,9 +71,11 @@ class Fp8Weight:
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xf = x2.float()
-        sx = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # [M, 1]
-        xq = (xf / sx).to(FP8)
+        # Few kernels: |x| max per row in one reduction, fp32 out. x / sx stays within
+        # FP8_MAX up to rounding that e4m3 rounds back to it, so no clamp is needed.
+        amax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+        sx = (amax * (1.0 / FP8_MAX)).clamp_min_(1e-12)  # [M, 1]
+        xq = (x2 / sx).to(FP8)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         y = torch._scaled_mm(xq, self.data.t(), scale_a=sx, scale_b=self.scale_row, out_dtype=out_dtype)
         return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
@@ -79,9 +86,16 @@ class Fp8Weight:
 
 
 def quantize_layer(w: dict) -> dict:
-    """A layer's dict with its dense matrices in fp8; everything else as it was."""
+    """A layer's dict with its dense matrices in fp8 (those sharing an input stacked as one,
+    see FUSED); everything else as it was."""
+    out = dict(w)
+    for fused, parts in FUSED.items():
+        if all(isinstance(w.get(p), torch.Tensor) for p in parts):
+            out[fused] = Fp8Weight.quantize(torch.cat([w[p] for p in parts]))
+            for p in parts:
+                del out[p]
     return {k: Fp8Weight.quantize(v) if k in DENSE_MATRICES and isinstance(v, torch.Tensor) and v.dim() == 2 else v
-            for k, v in w.items()}
+            for k, v in out.items()}
 
 
 def layer_nbytes(w: dict) -> int:

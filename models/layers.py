@@ -72,9 +72,13 @@ def pre_attention(spec: ModelSpec, w: dict, h: torch.Tensor, cos, sin):
     """h [T, H] -> q [T, Hq, d], k [T, Hkv, d], v [T, Hkv, d] (RoPE applied)."""
     x = rms_norm(h, w["ln1"], spec.rms_eps)
     T, d = h.shape[0], spec.head_dim
-    q = _linear(x, w["q"], w.get("q_bias")).view(T, spec.num_heads, d)
-    k = _linear(x, w["k"], w.get("k_bias")).view(T, spec.num_kv_heads, d)
-    v = _linear(x, w["v"], w.get("v_bias")).view(T, spec.num_kv_heads, d)
+    if "qkv" in w:  # an fp8 draft's stacked q/k/v (models/fp8_weights.py)
+        q, k, v = _linear(x, w["qkv"]).split([spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d], -1)
+        if "q_bias" in w:
+            q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+    else:
+        q, k, v = (_linear(x, w[n], w.get(f"{n}_bias")) for n in ("q", "k", "v"))
+    q, k, v = q.view(T, spec.num_heads, d), k.view(T, spec.num_kv_heads, d), v.view(T, spec.num_kv_heads, d)
     if spec.qk_norm:
         q = rms_norm(q, w["q_norm"], spec.rms_eps)
         k = rms_norm(k, w["k_norm"], spec.rms_eps)
@@ -88,6 +92,9 @@ def _act(spec: ModelSpec, x):
 
 
 def dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
+    if "gate_up" in w:  # an fp8 draft's stacked gate/up
+        g, u = _linear(x, w["gate_up"]).chunk(2, dim=-1)
+        return _linear(_act(spec, g) * u, w["down"])
     return _linear(_act(spec, _linear(x, w["gate"])) * _linear(x, w["up"]), w["down"])
 
 

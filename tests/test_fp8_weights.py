@@ -17,7 +17,9 @@ from specoffload.llm import LLM
 from specoffload.models import fp8_weights
 from specoffload.models.checkpoint import Checkpoint
 from specoffload.models.fp8_weights import Fp8Weight, quantize_layer
+from specoffload.models.layers import post_attention, pre_attention, rope_cos_sin
 from specoffload.models.resident import ResidentModel
+from specoffload.models.spec import load_spec
 from specoffload.scheduler.batch_state import SpecRunner
 from specoffload.scheduler.generator import Generator
 from specoffload.scheduler.reference_backend import ReferenceBackend
@@ -75,6 +77,22 @@ def test_only_dense_matrices_are_quantized():
     assert isinstance(out["q"], Fp8Weight)
     assert all(out[k] is w[k] for k in ("ln1", "q_bias", "w_gate", "router"))
     assert quantize_layer(out)["q"] is out["q"]  # already quantized: left alone
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_stacked_matrices_give_each_part_its_own_product(tiny_dir, family):
+    """q/k/v and gate/up stacked into one fp8 matrix each (biases and q/k norms applied per
+    part): a layer's outputs stay within fp8's error of the full-precision layer's."""
+    spec = load_spec(tiny_dir(family))
+    w = Checkpoint(tiny_dir(family)).read_layer(0)
+    wq = quantize_layer(w)
+    assert {"qkv", "gate_up"} <= set(wq) and not {"q", "k", "v", "gate", "up"} & set(wq)
+    h = torch.randn(6, spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    cos, sin = rope_cos_sin(spec, torch.arange(6), h.dtype)
+    for a, b in zip(pre_attention(spec, wq, h, cos, sin), pre_attention(spec, w, h, cos, sin)):
+        assert a.shape == b.shape and _rel(a, b) < 0.08
+    attn = torch.randn(6, spec.num_heads * spec.head_dim, generator=torch.Generator().manual_seed(4))
+    assert _rel(post_attention(spec, wq, h, attn) - h, post_attention(spec, w, h, attn) - h) < 0.08
 
 
 def _run(target, draft, k=4, schedule="single"):
