@@ -142,7 +142,8 @@ def main(argv=None):
 
     from specoffload.actors.coordinator import Coordinator
     from specoffload.configs.run_config import RunConfig
-    from specoffload.errors import ConfigError
+    from specoffload.actors.io_loader import remove_local_run_dir
+    from specoffload.errors import ConfigError, SpecOffloadError, from_actor_init
     from specoffload.models.constructed import constructed_pair, mistral_7b, mixtral_8x7b
     from specoffload.placement.plan import Plan
 
@@ -172,7 +173,7 @@ def main(argv=None):
         print(f"specoffload bench: error: --micro-batches needs a comma list of counts >= 1, got {a.micro_batches!r}",
               file=sys.stderr)
         return 2
-    resident = None
+    resident, baseline_error = None, None
     if a.baseline_resident is not None:
         try:
             resident = _baseline_resident(a, tspec, cuda)
@@ -183,13 +184,27 @@ def main(argv=None):
         ray.init(num_cpus=max(os.cpu_count() or 1, 4),
                  object_store_memory=int(os.environ.get("OBJ_STORE", 6 * 2**30 if cuda else 2**30)),
                  include_dashboard=False)
-    t0 = time.perf_counter()
-    coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
-        ("object", tsrc), tspec, plan, None if a.no_draft else ("object", dsrc),
-        RunConfig(schedule="none", batch_size=a.batch), uuid.uuid4().hex[:8], True)
+    def start(run_plan: Plan, draft_src, what: str):
+        """Coordinator and actors for `run_plan`; one that refuses to start (say the plan does
+        not fit the GPU) leaves nothing behind in /dev/shm and raises its own one-line error."""
+        t0, run_id = time.perf_counter(), uuid.uuid4().hex[:8]
+        c = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
+            ("object", tsrc), tspec, run_plan, draft_src, RunConfig(schedule="none", batch_size=a.batch), run_id, True)
+        try:
+            info = ray.get(c.ready.remote())
+        except ray.exceptions.RayActorError as e:
+            remove_local_run_dir(run_id)
+            raise from_actor_init(e) from None
+        print(f"{what} up in {time.perf_counter() - t0:.1f} s: {info}", flush=True)
+        return c
+
     try:
-        info = ray.get(coord.ready.remote())
-        print(f"actors up in {time.perf_counter() - t0:.1f} s: {info}", flush=True)
+        coord = start(plan, None if a.no_draft else ("object", dsrc), "actors")
+    except SpecOffloadError as e:
+        print(f"specoffload bench: error: {e}", file=sys.stderr)
+        ray.shutdown()
+        return 2
+    try:
         g = torch.Generator().manual_seed(0)
         results = []
         layer_bytes = tspec.layer_param_count() * 2
@@ -282,21 +297,24 @@ def main(argv=None):
             # The fair non-speculative baseline: the same engine with the GPU memory the draft would
             # use holding target layers instead (fewer streamed per pass). Its own actors, since an
             # executor's resident layers are fixed when it starts.
-            t0 = time.perf_counter()
-            coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
-                ("object", tsrc), tspec, replace(plan, gpu_layers=tuple(range(resident))), None,
-                RunConfig(schedule="none", batch_size=a.batch), uuid.uuid4().hex[:8], True)
-            print(f"baseline actors up in {time.perf_counter() - t0:.1f} s: {ray.get(coord.ready.remote())}", flush=True)
-            if not a.no_warmup:
-                configure(RunConfig(schedule="none", batch_size=1), "gpu")
-                ray.get(coord.generate.remote(payload(torch.Generator().manual_seed(1), 1, min(a.gen, 4))))
-            run_mode(f"none+r{resident}", ("none", a.k, False, "gpu", None), 1, resident)  # k unused without a draft
-            ray.get(coord.shutdown.remote())
+            # Two slots, as the planner's count assumes (the speculative modes' --slots may be more).
+            coord = None
+            try:
+                coord = start(replace(plan, gpu_layers=tuple(range(resident)), num_slots=2), None, "baseline actors")
+            except SpecOffloadError as e:  # the modes already run still get their table and JSON
+                baseline_error = f"the baseline keeping {resident} layers did not start: {e}"
+            else:
+                if not a.no_warmup:
+                    configure(RunConfig(schedule="none", batch_size=1), "gpu")
+                    ray.get(coord.generate.remote(payload(torch.Generator().manual_seed(1), 1, min(a.gen, 4))))
+                run_mode(f"none+r{resident}", ("none", a.k, False, "gpu", None), 1, resident)  # k unused without a draft
+                ray.get(coord.shutdown.remote())
     except BaseException:
         # A run cut short (an error, Ctrl-C) must not leave the loader's weights in /dev/shm:
         # a crashed tiny run left 3 GB there each time, and the next run was killed for memory.
         try:
-            ray.get(coord.shutdown.remote(), timeout=120)
+            if coord is not None:
+                ray.get(coord.shutdown.remote(), timeout=120)
         except Exception:  # noqa: BLE001 - already shut down, or the actor is gone
             pass
         raise
@@ -322,6 +340,9 @@ def main(argv=None):
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "results": results}, f, indent=1)
     ray.shutdown()
+    if baseline_error:
+        print(f"specoffload bench: error: {baseline_error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,6 +15,7 @@ from collections import deque
 
 import torch
 
+from ..errors import CapacityError
 from .shm_layout import views
 
 
@@ -42,7 +43,13 @@ class WeightStreamer:
         if disk is not None:
             sizes.append(disk.bufs[0].numel())
         nbytes = max(sizes)
-        self.slots = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.nslots)]
+        try:
+            self.slots = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.nslots)]
+        except torch.OutOfMemoryError as e:
+            raise CapacityError(
+                f"{self.nslots} weight slots of {nbytes / 2**30:.2f} GiB do not fit in the GPU memory left "
+                f"(resident layers and globals take the rest): lower num_slots or the resident layers, or "
+                f"raise gpu_memory ({str(e).splitlines()[0]})") from None
         self.copy_stream = torch.cuda.Stream(self.device)
         self.loaded: list = [None] * self.nslots  # the _Copy that last filled each slot
         self.released = [None] * self.nslots

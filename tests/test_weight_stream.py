@@ -66,3 +66,21 @@ def test_reset_after_a_pass_fails_midway(device):
             for name, t in layers[j][2].items():
                 assert torch.equal(w[name].cpu(), t), (j, name)
             ws.release(j)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="slots live in GPU memory")
+def test_slots_that_do_not_fit_are_a_capacity_error():
+    """Too many slots for the GPU memory left: a one-line CapacityError naming what to lower
+    (the bench's baseline once asked for its resident layers plus the speculative modes' slots)."""
+    from specoffload.errors import CapacityError
+
+    layers = _host_layers(3)
+    free, total = torch.cuda.mem_get_info()
+    size = layers[0][0].numel()
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 1.5 * size) / total)
+    try:
+        with pytest.raises(CapacityError, match="weight slots of .* do not fit.*lower num_slots"):
+            WeightStreamer({j: (b, e) for j, (b, e, _) in layers.items()}, [0, 1, 2], 3, "cuda")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
