@@ -41,6 +41,15 @@ class CostModel:
     fp8_widen_efficiency: float = 0.17
     # Per round: the draft's first, eager step over the accepted tokens (W1 traces, ~34 ms).
     draft_round_fixed_s: float = 0.034
+    # Per round, between the last layer's copy and the first draft step: that layer's chain,
+    # the head, acceptance and the messages (W1: round = copy + drafting + this - what the slots
+    # prefetch meanwhile; run 11, 2 slots: 1.943 = 1.712 + 0.231 + 0.107 - 0.107; run 16, 4
+    # slots: 1.780 = 1.712 + 0.168 + 0.114 - 0.214).
+    round_tail_s: float = 0.11
+    # Per draft layer and step with fp8 matrices: quantizing each matmul's input (H200,
+    # profile_draft at batch 192: fp8 steps took 1.8-2.0 ms longer than bf16 ones although
+    # they read 7 GB less).
+    fp8_matmul_layer_fixed_s: float = 0.00012
     # Device memory beside weights and caches: allocator slack, CUDA graph pools, the MoE
     # chunks, plus per prefill token its activations (W1: run 11 peaked at 22.62 GiB with
     # ~20.9 GiB of weights and caches; runs 12-13 ran out with a bf16 ring).
@@ -110,8 +119,7 @@ def target_pass_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, quer
 def draft_step_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, kv_tokens: int, fp8: bool,
                  fp8_weights: bool = False) -> float:
     """Seconds of one draft step (one token for each of `batch` sequences); fp8: its KV ring,
-    fp8_weights: its layer matrices in fp8 (half the bytes read; the arithmetic is counted at
-    the bf16 rate, which fp8 tensor cores exceed, so this errs slow)."""
+    fp8_weights: its layer matrices in fp8 (half the bytes read, plus the input quantization)."""
     weights = spec.num_layers * draft_layer_bytes(spec, fp8_weights) + glob_bytes(spec) // 2
     kv = batch * kv_tokens * kv_bytes_per_token_layer(spec, fp8) * spec.num_layers
     t = (weights + kv) / (hw.device_GBps * 1e9)
@@ -119,7 +127,19 @@ def draft_step_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, kv_to
         hw.device_tflops * 1e12 * cm.gpu_efficiency)
     if fp8:  # read fp8, write and read bf16
         t += 3 * kv / (hw.device_GBps * 1e9 * cm.fp8_widen_efficiency)
+    if fp8_weights:
+        t += spec.num_layers * cm.fp8_matmul_layer_fixed_s
     return t + spec.num_layers * cm.draft_layer_fixed_s
+
+
+def layer_copy_s(hw: Hardware, spec: ModelSpec) -> float:
+    return layer_bytes(spec) / (hw.h2d_GBps * 1e9)
+
+
+def exposed_draft_s(cm: CostModel, t_draft: float, slots: int, copy_s: float) -> float:
+    """Drafting that the weight copy does not hide: while the draft runs, the copy engine fills
+    the slots with the next pass's first layers, then waits."""
+    return max(0.0, t_draft + cm.round_tail_s - slots * copy_s)
 
 
 def prefill_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, prompt: int, streamed: bool) -> float:

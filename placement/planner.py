@@ -23,6 +23,9 @@ from .hardware import Hardware
 from .plan import Plan
 
 WINDOWS = (64, 128, 256)
+# Most weight slots a plan gets: 4 hid drafting as the model says (W1 run 16: 1.780 s per round,
+# 1.78 predicted); a 5th did not (run 19: 1.871 against 1.78), for reasons not yet known.
+MAX_SLOTS = 4
 SINKS = 4
 K_MAX = 16
 
@@ -67,6 +70,8 @@ class Candidate:
     fp8: bool = False  # the draft's KV ring in fp8
     draft_fp8: bool = False  # the draft's layer matrices in fp8
     resident: int = 0  # target layers kept on the GPU
+    slots: int = 2  # device buffers the streamed layers rotate through
+    spare: int = 0  # layers' worth of GPU memory left over, for resident layers or more slots
     disk: int = 0  # target layers left on disk
     prefill_batch: int = 16
     gpu_bytes: int = 0
@@ -101,7 +106,7 @@ class Choice:
 def _gpu_bytes(target, draft, self_layers, c: Candidate, wl: Workload, cm: CostModel) -> int:
     lb = cmod.layer_bytes(target)
     streamed = target.num_layers - c.resident
-    slots = 2 if streamed else 0
+    slots = c.slots if streamed else 0
     b = cmod.glob_bytes(target) + (c.resident + slots) * lb + cm.workspace_bytes
     b += c.prefill_batch * wl.prompt_len * target.hidden_size * cmod.dtype_bytes(target) * \
         cm.prefill_bytes_per_token_hidden
@@ -138,7 +143,7 @@ def _place(target, draft, self_layers, c: Candidate, hw: Hardware, wl: Workload,
     # Spare GPU memory holds target layers (on a CPU executor "GPU" and host are one memory:
     # nothing to gain). All of them resident would also free the two slots; not counted.
     extra = 0 if hw.device == "cpu" else min((hw.gpu_memory - need) // lb, target.num_layers - c.resident)
-    c = replace(c, resident=c.resident + int(extra))
+    c = replace(c, resident=c.resident + int(extra), spare=int(extra))
     c = replace(c, gpu_bytes=_gpu_bytes(target, draft, self_layers, c, wl, cm))
     host = _host_bytes(target, draft, c, wl, cm)
     if host > hw.host_memory:
@@ -156,7 +161,10 @@ def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel
     """The whole workload's seconds: waves of `batch` requests, each a prefill then rounds."""
     ctx = wl.prompt_len + wl.gen_len // 2  # the average context over a run
     k = c.k if c.schedule != "none" else 0
-    t_pass = cmod.target_pass_s(hw, cm, target, c.batch, k + 1, ctx, c.resident, c.disk)  # dual: one batch
+    def pass_s(resident):  # dual: one batch
+        return cmod.target_pass_s(hw, cm, target, c.batch, k + 1, ctx, resident, c.disk)
+
+    t_pass = pass_s(c.resident)
     streamed = c.resident < target.num_layers
     waves = math.ceil(wl.requests / (c.batch * (2 if c.schedule == "dual" else 1)))
     pre = cmod.prefill_s(hw, cm, target, c.batch * (2 if c.schedule == "dual" else 1), wl.prompt_len, streamed)
@@ -175,6 +183,15 @@ def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel
     rounds = cmod.rounds_needed(wl.acceptance_for(c.window), k, min(c.batch, wl.requests), wl.gen_len - 1)
     if c.schedule == "dual":  # a pass verifies A while B drafts; each batch gets every other pass
         per_round = 2 * max(t_pass, t_draft)
+    elif c.schedule == "single" and streamed:
+        # Spare memory as resident layers saves a layer's copy minus its chain per pass (little
+        # when CPU attention nearly fills a copy, as on W1); as another slot, one more layer
+        # prefetched while the draft runs. Each way of splitting it is tried.
+        copy = cmod.layer_copy_s(hw, target)
+        per_round, split = min((pass_s(c.resident - x) + cmod.exposed_draft_s(cm, t_draft, 2 + x, copy), x)
+                               for x in range(min(c.spare, MAX_SLOTS - 2) + 1))
+        c = replace(c, resident=c.resident - split, slots=2 + split)
+        t_pass = pass_s(c.resident)
     else:
         per_round = t_pass + t_draft
     seconds = waves * (pre + rounds * per_round)
@@ -206,7 +223,11 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
         draft = target.with_layers(self_layers)
         if draft_fp8:
             raise ConfigError("draft_fp8 needs a separate draft checkpoint (a self:N draft is the target's own layers)")
-    weight_fp8 = (False,) if self_layers or draft_fp8 is False else (True,) if draft_fp8 else (False, True)
+    if self_layers or draft_fp8 is False or (draft_fp8 is None and hw.device == "cpu"):
+        # A CPU has no fp8 units: torch emulates them, ~100x slower than bf16 (4096 x 14336, 4 rows).
+        weight_fp8 = (False,)
+    else:
+        weight_fp8 = (True,) if draft_fp8 else (False, True)
     unknown = set(schedules) - {"none", "single", "dual"}
     if unknown:
         raise ConfigError(f"unknown schedule(s): {', '.join(sorted(unknown))}")
@@ -249,7 +270,7 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
 def to_plan(c: Candidate, target: ModelSpec, hw: Hardware) -> Plan:
     L = target.num_layers
     return Plan(device=hw.device, gpu_memory=hw.gpu_memory if hw.device == "cuda" else None,
-                gpu_layers=tuple(range(c.resident)), disk_layers=tuple(range(L - c.disk, L)),
+                gpu_layers=tuple(range(c.resident)), disk_layers=tuple(range(L - c.disk, L)), num_slots=c.slots,
                 batch_size=c.batch, prefill_batch=c.prefill_batch, draft_window=c.window,
                 draft_kv_fp8=c.fp8, draft_sinks=SINKS if c.window else 0, draft_fp8=c.draft_fp8,
                 draft_kv=c.draft_kv if c.schedule != "none" else "gpu",
