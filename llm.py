@@ -107,8 +107,9 @@ class LLM:
 
             self.plan = replace(self.plan, draft_fp8=True)
         if self.plan.draft_fp8 and not (self.draft_desc and self.draft_desc[0] == "checkpoint"):
-            raise ConfigError("draft_fp8 needs a separate draft checkpoint (a self:N draft is the target's "
-                              "own layers, which stay as they are)")
+            from .models.fp8_weights import SELF_DRAFT_REFUSAL
+
+            raise ConfigError(SELF_DRAFT_REFUSAL)
         if micro_batches is not None or draft_sinks is not None or draft_kv is not None:
             from dataclasses import replace
 

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import CapacityError, ConfigError
 from ..models.attention import KVCache, pack_index
+from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.host_io import packed, to_device, to_host
 from ..models.layers import embed, head, post_attention, pre_attention, rope_cos_sin
 from ..models.resident import ResidentModel, last_index
@@ -102,8 +103,7 @@ class GPUExecutor:
             if set(range(n)) & set(self.plan.disk_layers):
                 raise ConfigError(f"the self-speculative draft's {n} layers must not be on disk")
             if self.plan.draft_fp8:
-                raise ConfigError("draft_fp8 needs a separate draft checkpoint: a self:N draft is the "
-                                  "target's own layers, which must stay as they are")
+                raise ConfigError(SELF_DRAFT_REFUSAL)
             layers = [self.resident.get(j) or views(*self.host[j]) for j in range(n)]
             return ResidentModel(self.spec.with_layers(n), self.glob, layers, self.device)
         src = open_source(desc)

@@ -27,6 +27,10 @@ DENSE_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 # bytes (H200, profile_draft: fp8 matrices one by one took 23.3 ms per step, bf16 18.3).
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 
+# Why a self:N draft cannot be fp8 (LLM checks early; the executor again, for other callers).
+SELF_DRAFT_REFUSAL = ("draft_fp8 needs a separate draft checkpoint: a self:N draft is the target's own layers, "
+                      "which must stay as they are")
+
 # (device type, input dtype) where _scaled_mm raised once: widened weights from then on.
 _SCALED_MM_FAILED: set = set()
 

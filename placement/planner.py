@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ..errors import CapacityError, ConfigError
+from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.spec import ModelSpec
 from . import cost_model as cmod
 from .cost_model import CostModel
@@ -222,7 +223,7 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
     if self_layers:
         draft = target.with_layers(self_layers)
         if draft_fp8:
-            raise ConfigError("draft_fp8 needs a separate draft checkpoint (a self:N draft is the target's own layers)")
+            raise ConfigError(SELF_DRAFT_REFUSAL)
     if self_layers or draft_fp8 is False or (draft_fp8 is None and hw.device == "cpu"):
         # A CPU has no fp8 units: torch emulates them, ~100x slower than bf16 (4096 x 14336, 4 rows).
         weight_fp8 = (False,)

@@ -322,6 +322,8 @@ def main():
     ap.add_argument("--prompt-tokens", default="400:600",
                     help="sharegpt: keep conversations whose prompt has LO:HI tokens")
     ap.add_argument("--no-fp8", action="store_true", help="only the model dtype for the draft KV")
+    ap.add_argument("--draft-fp8", action="store_true", help="the draft's matrices in fp8 (models/fp8_weights.py, "
+                    "as `--draft-fp8` runs them; on a CPU torch emulates the fp8 arithmetic, slowly)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -354,7 +356,7 @@ def main():
     t = time.perf_counter()
     target_ckpt, draft_ckpt = Checkpoint(target_dir), Checkpoint(draft_dir)
     target = ResidentModel.from_source(target_ckpt, progress=True)
-    draft = ResidentModel.from_source(draft_ckpt, progress=True)
+    draft = ResidentModel.from_source(draft_ckpt, progress=True, fp8_weights=a.draft_fp8)
     model_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(
         str(target.spec.torch_dtype).replace("torch.", ""), str(target.spec.torch_dtype))
     timings["load_s"] = time.perf_counter() - t
@@ -429,7 +431,7 @@ def main():
                            "HumanEval completion prompts (raw 'prompt' text, no chat template), CPU",
             "method": "teacher-forced draft agreement along the target's greedy continuation + exact greedy "
                       "block simulation; validated against the end-to-end loop",
-            "model_dtype": model_dtype,
+            "model_dtype": model_dtype, "draft_matrices": "fp8" if a.draft_fp8 else model_dtype,
             "n_prompts": len(prompts), "n_gen": a.n_gen, "prompt_tokens": plens,
             "windows": [wname(W) for W in windows], "ks": ks, "sinks": sinks_list,
             "dataset": a.dataset,
