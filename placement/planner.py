@@ -5,9 +5,11 @@ Every candidate is enumerated, checked against device and host memory, and timed
 `cost_model`; the table of all of them is kept, so a user (or a test) can see why one won.
 Candidates: no speculation; with a draft, its KV whole on the GPU, or windowed (bf16 or fp8,
 several windows), or kept in host memory, or recomputed per round; single-batch or dual-batch
-schedule. Whatever GPU memory a candidate leaves goes to resident target layers; target layers
-that host memory cannot hold go to disk. The chosen draft length is a start: the run adapts k
-from measured acceptance (`adaptive_k`).
+schedule; the draft's matrices in bf16 or fp8. Whatever GPU memory a candidate leaves goes to
+more weight slots where they hide drafting (they load the next pass's first layers while the
+draft runs), else to resident target layers; target layers that host memory cannot hold go to
+disk. The chosen draft length is a start: the run adapts k from measured acceptance
+(`adaptive_k`).
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel
     """The whole workload's seconds: waves of `batch` requests, each a prefill then rounds."""
     ctx = wl.prompt_len + wl.gen_len // 2  # the average context over a run
     k = c.k if c.schedule != "none" else 0
+
     def pass_s(resident):  # dual: one batch
         return cmod.target_pass_s(hw, cm, target, c.batch, k + 1, ctx, resident, c.disk)
 
