@@ -44,8 +44,18 @@ def test_bench_fair_baseline_keeps_layers_resident(tmp_path):
     res = json.loads((tmp_path / "b.json").read_text())["results"]
     assert [x["mode"] for x in res] == ["none", "single@2", "none+r1"]
     assert res[2]["tokens"] == res[0]["tokens"] and res[2]["acceptance"] is None
+    # Streamed bytes count only the layer that is not resident (2.90 GB per W1-shaped layer).
+    for row, streamed in ((res[0], 2), (res[2], 1)):
+        assert row["stream_GBps"] == pytest.approx(2.90 * streamed / row["s_per_pass"], rel=0.05)
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("against none+r1"))
     assert "single@2" in line and "x e2e" in line
+
+
+def test_bench_resident_beyond_the_model_exits_2():
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny", "--resident", "3"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert r.returncode == 2 and "plan names layers [2] but the model has 2" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_bench_bad_baseline_resident_exits_2(tmp_path):
