@@ -139,3 +139,21 @@ def test_out_of_memory_in_a_verification_layer_is_a_capacity_error():
                             "lower batch_size or the draft length, or raise gpu_memory "
                             "(CUDA out of memory. Tried to allocate 2.00 GiB.)")
     assert fake.resets == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="an out-of-memory needs a GPU cap")
+def test_generate_again_after_prefill_runs_out_of_memory(ray_session, tiny_dir):
+    """Under a cap that holds the model but not the attention of 16 long prompts at once, the
+    first generate is a CapacityError; the same LLM then serves short prompts exactly (the
+    executor gave back the failed batch's activations and weight slots)."""
+    from hf_reference import PROMPTS, hf_greedy
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.llm import LLM
+
+    d = tiny_dir("llama")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    with LLM(str(d), device="cuda", gpu_memory="24MiB", batch_size=64, progress=False) as llm:
+        with pytest.raises(CapacityError, match="prefill ran out of GPU memory"):
+            llm.generate([{"prompt_token_ids": [1] + [5 + i % 80 for i in range(239)]}] * 64, params)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(d, PROMPTS, 8)
