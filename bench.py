@@ -140,10 +140,9 @@ def main(argv=None):
 
     from dataclasses import replace
 
-    from specoffload.actors.coordinator import Coordinator
+    from specoffload.actors.coordinator import Coordinator, wait_ready
     from specoffload.configs.run_config import RunConfig
-    from specoffload.actors.io_loader import remove_local_run_dir
-    from specoffload.errors import ConfigError, SpecOffloadError, from_actor_init
+    from specoffload.errors import ConfigError, SpecOffloadError
     from specoffload.models.constructed import constructed_pair, mistral_7b, mixtral_8x7b
     from specoffload.placement.plan import Plan
 
@@ -190,11 +189,7 @@ def main(argv=None):
         t0, run_id = time.perf_counter(), uuid.uuid4().hex[:8]
         c = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
             ("object", tsrc), tspec, run_plan, draft_src, RunConfig(schedule="none", batch_size=a.batch), run_id, True)
-        try:
-            info = ray.get(c.ready.remote())
-        except ray.exceptions.RayActorError as e:
-            remove_local_run_dir(run_id)
-            raise from_actor_init(e) from None
+        info = wait_ready(c, run_id)
         print(f"{what} up in {time.perf_counter() - t0:.1f} s: {info}", flush=True)
         return c
 

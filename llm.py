@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .configs.run_config import RunConfig
 from .configs.sampling_params import SamplingParams
-from .errors import CapacityError, CheckpointError, ConfigError, from_actor_init
+from .errors import CapacityError, CheckpointError, ConfigError
 from .models.spec import ModelSpec, load_spec
 from .placement.hardware import mem_available as _host_memory_available  # tests patch this name
 from .placement.plan import Plan
@@ -101,11 +101,7 @@ class LLM:
         adaptive_k = bool(adaptive_k)
         if schedule != "none" and not self.draft_desc:
             raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
-        self.plan = self._make_plan(plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8)
-        if draft_fp8:
-            from dataclasses import replace
-
-            self.plan = replace(self.plan, draft_fp8=True)
+        self.plan = self._make_plan(plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8, draft_fp8)
         if self.plan.draft_fp8 and not (self.draft_desc and self.draft_desc[0] == "checkpoint"):
             from .models.fp8_weights import SELF_DRAFT_REFUSAL
 
@@ -155,7 +151,7 @@ class LLM:
         self.plan_choice = choice
         return choice.plan, choice.run_options()  # _make_plan applies an explicit batch_size
 
-    def _make_plan(self, plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8) -> Plan:
+    def _make_plan(self, plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8, draft_fp8) -> Plan:
         from dataclasses import replace
 
         import torch
@@ -174,6 +170,8 @@ class LLM:
             p = replace(p, batch_size=batch_size)
         if draft_window is not None or draft_kv_fp8:
             p = replace(p, draft_window=draft_window, draft_kv_fp8=draft_kv_fp8)
+        if draft_fp8:
+            p = replace(p, draft_fp8=True)
         p.check_layers(self.spec.num_layers)
         return p
 
@@ -197,7 +195,7 @@ class LLM:
     def _start_ray(self, address):
         import ray
 
-        from .actors.coordinator import Coordinator
+        from .actors.coordinator import Coordinator, wait_ready
         from .placement.node import pick_node
         from .ray_env import ensure_ray
 
@@ -210,15 +208,7 @@ class LLM:
             name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
         ).remote(("checkpoint", str(self.model_dir), self.spec.dtype), self.spec, self.plan,
                  self.draft_desc, self.run_cfg, self.run_id, self.progress)
-        try:
-            self.info = ray.get(self.coordinator.ready.remote())
-        except ray.exceptions.RayActorError as e:  # the coordinator, or an actor it built, refused to start
-            # The loader dies with it and may have written the weights already: do not leave
-            # them in this host's shared memory.
-            from .actors.io_loader import remove_local_run_dir
-
-            remove_local_run_dir(self.run_id)
-            raise from_actor_init(e) from None
+        self.info = wait_ready(self.coordinator, self.run_id)
         # The loader's /dev/shm files hold the whole target: never leave them behind because a
         # script forgot shutdown() (at exit Ray kills the actors before they could clean up).
         import atexit

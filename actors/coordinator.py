@@ -28,6 +28,20 @@ from .metrics import RunMetrics
 ACTOR_NAMES = ("io_loader", "gpu_executor", "cpu_attention")
 
 
+def wait_ready(coordinator, run_id: str) -> dict:
+    """The started actors' facts, once the coordinator and the actors it builds are up. One
+    that refused to start raises its own error (a CapacityError, say) instead of Ray's
+    ActorDiedError, and its loader's weight files, which die with it, leave /dev/shm."""
+    from ..errors import from_actor_init
+    from .io_loader import remove_local_run_dir
+
+    try:
+        return ray.get(coordinator.ready.remote())
+    except ray.exceptions.RayActorError as e:
+        remove_local_run_dir(run_id)
+        raise from_actor_init(e) from None
+
+
 class Coordinator:
     def __init__(self, target_desc, spec, plan: Plan, draft_desc, run_cfg: RunConfig, run_id: str,
                  progress: bool = True):
