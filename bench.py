@@ -1,7 +1,7 @@
 """`specoffload bench`: the W1 workload on the Ray actors, speculative modes against plain decoding.
 
 A Mixtral-8x7B-shaped target streamed from host memory and a Mistral-7B-shaped draft on the
-GPU (constructed pair, agreement a parameter; see models/constructed.py), the GPU capped
+GPU (constructed pair, agreement a parameter; see sources/constructed.py), the GPU capped
 (default 24 GiB). Each requested mode runs on the same actors in one process, on its own
 random prompts of the same length; the table printed last gives tokens/s and its ratio to
 mode "none" measured in the same run, seconds per target pass, weight-stream GB/s,
@@ -143,7 +143,7 @@ def main(argv=None):
     from specoffload.actors.coordinator import Coordinator, wait_ready
     from specoffload.configs.run_config import RunConfig
     from specoffload.errors import ConfigError, SpecOffloadError
-    from specoffload.models.constructed import constructed_pair, mistral_7b, mixtral_8x7b
+    from specoffload.sources.constructed import constructed_pair, mistral_7b, mixtral_8x7b
     from specoffload.placement.plan import Plan
 
     tspec, dspec = mixtral_8x7b(a.target_layers), mistral_7b(a.draft_layers)

@@ -187,7 +187,7 @@ def auto_workload(args, prompts: list[str]):
 
     model = args.model
     if model is None:
-        from .models.default_model import default_model_dir
+        from .sources.default_model import default_model_dir
 
         model = default_model_dir()
     tok = load_tokenizer(model)

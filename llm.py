@@ -78,7 +78,7 @@ class LLM:
         if engine not in ("ray", "reference"):
             raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
         if model is None:
-            from .models.default_model import default_model_dir
+            from .sources.default_model import default_model_dir
 
             model = default_model_dir()
         self.model_dir = Path(model)

@@ -73,13 +73,13 @@ def _specs(args):
     from .models.spec import load_spec
 
     if args.shapes == "w1":
-        from .models.constructed import mistral_7b, mixtral_8x7b
+        from .sources.constructed import mistral_7b, mixtral_8x7b
 
         if args.draft not in (None, "w1"):
             raise ConfigError("--shapes w1 brings its own draft shape; leave out --draft")
         return mixtral_8x7b(), mistral_7b(), 0, "--shapes w1"
     if args.model is None:
-        from .models.default_model import default_model_dir
+        from .sources.default_model import default_model_dir
 
         args.model = str(default_model_dir())
     target = load_spec(args.model)

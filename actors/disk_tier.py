@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ..models.source import open_source
+from ..sources.open import open_source
 from .shm_layout import layout
 
 

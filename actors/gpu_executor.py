@@ -21,9 +21,9 @@ from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.host_io import packed, to_device, to_host
 from ..models.layers import embed, head, post_attention, pre_attention, rope_cos_sin
 from ..models.resident import ResidentModel, last_index
-from ..models.source import open_source
+from ..sources.open import open_source
 from ..placement.plan import Plan, split_range
-from ..scheduler.batch_state import SpecRunner
+from ..speculation.runner import SpecRunner
 from .disk_tier import DiskTier
 from .mailbox import ExecutorMailboxes
 from .pass_layers import PassLayers

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..models.source import open_source
+from ..sources.open import open_source
 from .shm_layout import write_file
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..configs.run_config import RunConfig
 from .request import Request
-from .sampler import SamplingTensors
+from ..speculation.sampler import SamplingTensors
 from .schedule import PassTimes, Step, alpha_from_accepted, choose_k, steps
 
 

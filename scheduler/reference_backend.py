@@ -11,7 +11,7 @@ import time
 import torch
 
 from ..models.resident import ResidentModel
-from .batch_state import SpecRunner
+from ..speculation.runner import SpecRunner
 
 
 class ReferenceBackend:

@@ -20,7 +20,7 @@ def main(argv=None):
     ap.add_argument("--text", default="Write a short story about a robot who learns to paint.")
     a = ap.parse_args(argv)
     if a.model is None:
-        from specoffload.models.default_model import default_model_dir
+        from specoffload.sources.default_model import default_model_dir
 
         a.model = str(default_model_dir())
     m = tf.AutoModelForCausalLM.from_pretrained(a.model).eval()

@@ -331,7 +331,7 @@ def main():
     from transformers import AutoTokenizer
 
     from specoffload.models.checkpoint import Checkpoint
-    from specoffload.models.qwen_pair import qwen_pair_dirs
+    from specoffload.sources.qwen_pair import qwen_pair_dirs
     from specoffload.models.resident import ResidentModel
 
     t_start = time.perf_counter()

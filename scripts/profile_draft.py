@@ -33,11 +33,11 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="torch.profiler table for every configuration's last round")
     a = ap.parse_args(argv)
 
-    from specoffload.models.constructed import mistral_7b
-    from specoffload.models.random_weights import RandomWeights
+    from specoffload.sources.constructed import mistral_7b
+    from specoffload.sources.random_weights import RandomWeights
     from specoffload.models.resident import ResidentModel
-    from specoffload.scheduler.batch_state import SpecRunner
-    from specoffload.scheduler.sampler import SamplingTensors
+    from specoffload.speculation.runner import SpecRunner
+    from specoffload.speculation.sampler import SamplingTensors
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     spec = mistral_7b(a.layers)

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         print("profile_moe_ffn: error: --tokens and --repeats must be >= 1", file=sys.stderr)
         return 2
     from specoffload.models import layers
-    from specoffload.models.constructed import mixtral_8x7b
+    from specoffload.sources.constructed import mixtral_8x7b
 
     if not hasattr(torch, "_grouped_mm"):
         print("profile_moe_ffn: error: this torch has no torch._grouped_mm", file=sys.stderr)

@@ -17,11 +17,11 @@ from specoffload.configs.sampling_params import SamplingParams
 from specoffload.models.attention import KVCache, pack_index
 from specoffload.models.checkpoint import Checkpoint
 from specoffload.models.resident import ResidentModel
-from specoffload.scheduler.batch_state import SpecRunner
+from specoffload.speculation.runner import SpecRunner
 from specoffload.scheduler.generator import Generator
 from specoffload.scheduler.reference_backend import ReferenceBackend
 from specoffload.scheduler.request import Request
-from specoffload.scheduler.sampler import SamplingTensors
+from specoffload.speculation.sampler import SamplingTensors
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -76,7 +76,7 @@ def _rounds(runner, draft, prompts, k, seed=0):
 def test_a_failed_capture_falls_back_to_eager_steps(tiny_dir, monkeypatch):
     """Where capture fails (here: a CPU build, which has no graphs) the step that tried it still
     returns its eager result, a warning says so, and later steps run eagerly: same proposals."""
-    import specoffload.scheduler.batch_state as bs
+    import specoffload.speculation.runner as bs
 
     draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)))
     prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)]
@@ -93,8 +93,8 @@ def test_a_capture_out_of_memory_steps_eagerly_until_the_rows_change(tiny_dir, m
     """A capture that runs out of memory (W1 run 7, under the GPU cap) costs only that cache
     state its graph: one warning, graphs stay on, and the next cache state (rows left the
     batch) tries again. Proposals are the eager ones throughout."""
-    import specoffload.scheduler.batch_state as bs
-    from specoffload.models.draft_graph import GraphedDraftStep
+    import specoffload.speculation.runner as bs
+    from specoffload.speculation.draft_graph import GraphedDraftStep
 
     draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)))
     prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)]

@@ -20,7 +20,7 @@ from specoffload.models.fp8_weights import Fp8Weight, quantize_layer
 from specoffload.models.layers import post_attention, pre_attention, rope_cos_sin
 from specoffload.models.resident import ResidentModel
 from specoffload.models.spec import load_spec
-from specoffload.scheduler.batch_state import SpecRunner
+from specoffload.speculation.runner import SpecRunner
 from specoffload.scheduler.generator import Generator
 from specoffload.scheduler.reference_backend import ReferenceBackend
 from specoffload.scheduler.request import Request

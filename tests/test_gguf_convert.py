@@ -13,9 +13,9 @@ import hashlib
 import pytest
 import torch
 
-from specoffload.models import default_model, qwen_pair
-from specoffload.models.default_model import DEFAULT_MODEL_NAME, default_gguf_path, default_model_dir
-from specoffload.models.gguf_convert import MARKER_NAME, convert_gguf, is_converted, unpermute_qk
+from specoffload.sources import default_model, qwen_pair
+from specoffload.sources.default_model import DEFAULT_MODEL_NAME, default_gguf_path, default_model_dir
+from specoffload.sources.gguf_convert import MARKER_NAME, convert_gguf, is_converted, unpermute_qk
 
 N_LAYERS = 30  # SmolLM2-135M
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from specoffload.models import layers
-from specoffload.models.constructed import mixtral_8x7b
+from specoffload.sources.constructed import mixtral_8x7b
 
 
 def _case(dtype, tokens=300, H=64, I=96, E=8):

@@ -11,7 +11,7 @@ import pytest
 
 from specoffload.cli import main as cli_main
 from specoffload.errors import CapacityError, ConfigError
-from specoffload.models.constructed import mistral_7b, mixtral_8x7b
+from specoffload.sources.constructed import mistral_7b, mixtral_8x7b
 from specoffload.placement import cost_model as cm
 from specoffload.placement.hardware import Hardware, measure
 from specoffload.placement.plan import Plan

@@ -15,8 +15,8 @@ from specoffload.models.resident import ResidentModel
 from specoffload.scheduler.generator import Generator
 from specoffload.scheduler.reference_backend import ReferenceBackend
 from specoffload.scheduler.request import Request
-from specoffload.scheduler.sampler import probs_from_logits, sample
-from specoffload.scheduler.verify import verify_sampled
+from specoffload.speculation.sampler import probs_from_logits, sample
+from specoffload.speculation.verify import verify_sampled
 
 
 def _chi2(samples: np.ndarray, p: np.ndarray, min_expected: float = 5.0) -> float:

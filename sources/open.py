@@ -7,7 +7,7 @@ A source is described by a small picklable tuple so actors can open it themselve
 
 from __future__ import annotations
 
-from .checkpoint import Checkpoint
+from ..models.checkpoint import Checkpoint
 from .random_weights import RandomWeights
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import ModelSpec
+from ..models.spec import ModelSpec
 
 
 def _gen_device():

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from ..models.attention import KVCache
-from ..models.draft_graph import GraphedDraftStep, graphable
 from ..models.host_io import packed, to_device, to_host
 from ..models.resident import ResidentModel
 from ..models.ring_cache import prime
 from ..placement.plan import DRAFT_KV
+from .draft_graph import GraphedDraftStep, graphable
 from .sampler import SamplingTensors, probs_from_logits, sample
 from .verify import verify_greedy, verify_sampled
 
@@ -52,7 +52,7 @@ class SpecRunner:
         """window: the draft attends over only the last `window` tokens (its KV a ring);
         fp8: store that ring in fp8; sinks: the first tokens of each sequence it also keeps;
         prefill_chunk: sequences per draft prefill step; graphs: replay the draft's one-token
-        steps as CUDA graphs where that is safe (see models/draft_graph.py); draft_kv: "gpu"
+        steps as CUDA graphs where that is safe (see draft_graph.py); draft_kv: "gpu"
         keeps the draft's KV on the device for the whole run; "host" keeps it in (pinned)
         host memory and brings `prefill_chunk` sequences' worth to the device at a time each
         round, then back; "recompute" rebuilds it every round from each sequence's tokens,

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import KVCache
-from .ring_cache import RingKVCache
+from ..models.attention import KVCache
+from ..models.ring_cache import RingKVCache
 
 
 def graphable(model, cache: KVCache | None) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import ModelSpec
+from ..models.spec import ModelSpec
 
 _POOL = 1 << 24
 
