@@ -37,7 +37,7 @@ def parse_modes(text: str, k_default: int) -> dict:
     @auto starts at k and lets the loop choose k (1..16) from measured acceptance and timings;
     +recompute rebuilds the draft's KV every round (the paper's schedule), else it stays on the GPU;
     /mN runs that mode with N micro-batches per pass only (micro None: each of --micro-batches)."""
-    from .placement.plan import DRAFT_KV
+    from .placement.draft_kv import PLACEMENTS
     from .scheduler.schedule import SCHEDULES
 
     out = {}
@@ -53,8 +53,8 @@ def parse_modes(text: str, k_default: int) -> dict:
         if mode not in SCHEDULES:
             raise ValueError(f"unknown mode {mode!r} in --modes (use {', '.join(SCHEDULES)}, optionally "
                              f"+recompute, @k or @auto)")
-        if kv not in DRAFT_KV:
-            raise ValueError(f"draft KV policy in {label!r} must be one of {', '.join(DRAFT_KV)}")
+        if kv not in PLACEMENTS:
+            raise ValueError(f"draft KV policy in {label!r} must be one of {', '.join(PLACEMENTS)}")
         if kk == "auto":
             out[label] = (mode, k_default, True, kv, micro)
         elif kk and not (kk.isdigit() and 1 <= int(kk) <= 16):
@@ -213,7 +213,8 @@ def main(argv=None):
         def configure(run_cfg: RunConfig, draft_kv: str):
             ray.get(coord.set_run_config.remote(run_cfg))
             # +recompute is the paper's schedule: the draft re-reads each sequence's whole context.
-            ray.get(coord.set_draft_kv.remote(draft_kv, draft_kv == "recompute"))
+            kv = replace(plan.draft_kv_policy, placement=draft_kv)
+            ray.get(coord.set_draft_kv.remote(kv.full_context() if kv.rebuilt else kv))
         if not a.no_warmup:
             # The first generation on fresh actors pays one-off costs (CUDA and cuBLAS start-up,
             # allocator growth, first graph captures): a short run of each schedule takes them, so

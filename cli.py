@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .placement.plan import DRAFT_KV
+from .placement.draft_kv import PLACEMENTS
 
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
@@ -40,7 +40,7 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--draft-kv-fp8", action="store_true", help="store the windowed draft KV cache in fp8")
     p.add_argument("--draft-fp8", action="store_true", help="keep the draft checkpoint's layer matrices in fp8 "
                    "(half its GPU memory; output stays the target's, acceptance may change)")
-    p.add_argument("--draft-kv", choices=DRAFT_KV,
+    p.add_argument("--draft-kv", choices=PLACEMENTS,
                    help="gpu: the draft's KV cache stays on the GPU (default); host: kept in host memory, "
                         "visiting the GPU a prefill batch at a time each round; recompute: rebuilt every "
                         "round from each sequence's tokens, a prefill batch at a time (the paper's "

@@ -189,8 +189,7 @@ class LLM:
         elif self.draft_desc:
             draft = ResidentModel.from_source(Checkpoint(self.draft_desc[1], dtype=self.spec.dtype), dev,
                                               fp8_weights=self.plan.draft_fp8)
-        self.backend = ReferenceBackend(target, draft, self.plan.draft_window, self.plan.draft_kv_fp8,
-                                        self.plan.draft_sinks, self.plan.draft_kv)
+        self.backend = ReferenceBackend(target, draft, self.plan.draft_kv_policy)
 
     def _start_ray(self, address):
         import ray

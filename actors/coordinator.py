@@ -107,10 +107,9 @@ class Coordinator:
             raise ValueError("micro_batches must be >= 1")
         self.backend.M = m
 
-    def set_draft_kv(self, policy: str, full_context: bool = False):
-        """Where the draft's KV lives (GPU, host memory, or recomputed per round), from the next run on;
-        full_context: the draft attends over every token (the plan's window set aside)."""
-        ray.get(self.executor.set_draft_kv.remote(policy, full_context))
+    def set_draft_kv(self, kv):
+        """Where the draft's KV lives and what it sees (a placement.draft_kv.DraftKV), from the next run on."""
+        ray.get(self.executor.set_draft_kv.remote(kv))
 
     def memory(self) -> dict:
         """The executor's device memory in bytes: allocated now, and the peak so far."""

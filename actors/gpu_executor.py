@@ -22,6 +22,7 @@ from ..models.host_io import packed, to_device, to_host
 from ..models.layers import embed, head, post_attention, pre_attention, rope_cos_sin
 from ..models.resident import ResidentModel, last_index
 from ..sources.open import open_source
+from ..placement.draft_kv import DraftKV
 from ..placement.plan import Plan, split_range
 from ..speculation.runner import SpecRunner
 from .disk_tier import DiskTier
@@ -81,9 +82,8 @@ class GPUExecutor:
             disk.prefetch(plan.disk_layers[0])
         self.streamer = WeightStreamer({j: self.host[j] for j in streamed if j in self.host}, streamed,
                                        plan.num_slots, self.device, self.timer, disk, plan.copy_chunk_mib << 20)
-        self.runner = SpecRunner(self._build_draft(draft_desc), self.device, window=plan.draft_window,
-                                 fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch, sinks=plan.draft_sinks,
-                                 graphs=plan.draft_graphs, draft_kv=plan.draft_kv)
+        self.runner = SpecRunner(self._build_draft(draft_desc), self.device, plan.draft_kv_policy,
+                                 prefill_chunk=plan.prefill_batch, graphs=plan.draft_graphs)
         self.tb: dict[int, dict] = {}
         self._failed: dict[int, Exception] = {}  # batches whose start raised: why
         self.pass_layers = PassLayers()
@@ -334,15 +334,11 @@ class GPUExecutor:
                 for _ in it:
                     pass
 
-    def set_draft_kv(self, policy: str, full_context: bool = False):
-        """The draft KV policy for batches started from now on (benchmarks compare them);
-        full_context: the draft sees every token (no window, sinks or fp8), as in the paper's
-        re-prefill schedule, instead of the plan's window."""
+    def set_draft_kv(self, kv: DraftKV):
+        """The draft KV placement for batches started from now on (benchmarks compare them)."""
         if self.runner.batches:
             raise RuntimeError("the draft KV policy changes only between runs")
-        p = self.plan
-        view = (None, 0, False) if full_context else (p.draft_window, p.draft_sinks, p.draft_kv_fp8)
-        self.runner.configure(policy, *view)
+        self.runner.configure(kv)
 
     # -- measurements ----------------------------------------------------------------------
     def stats(self) -> dict:

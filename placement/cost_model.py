@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..models.spec import ModelSpec
+from .draft_kv import DraftKV
 from .hardware import Hardware
 
 GiB = 1 << 30
@@ -93,11 +94,6 @@ def kv_bytes_per_token_layer(spec: ModelSpec, fp8: bool = False) -> int:
     return 2 * spec.num_kv_heads * spec.head_dim * (1 if fp8 else dtype_bytes(spec))
 
 
-def draft_kv_tokens(window: int | None, sinks: int, context: int, k_max: int) -> int:
-    """Tokens of draft KV kept per sequence: a ring of W + sinks (+ a pass's new tokens), or all."""
-    return context if window is None else min(context, window + sinks + k_max)
-
-
 # -- time --------------------------------------------------------------------------------------
 def target_pass_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, queries: int, context: int,
                   resident: int = 0, disk: int = 0) -> float:
@@ -130,6 +126,16 @@ def draft_step_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, kv_to
     if fp8_weights:
         t += spec.num_layers * cm.fp8_matmul_layer_fixed_s
     return t + spec.num_layers * cm.draft_layer_fixed_s
+
+
+def draft_kv_round_s(hw: Hardware, cm: CostModel, spec: ModelSpec, kv: DraftKV, batch: int, kv_tokens: int) -> float:
+    """What a draft KV kept off the device adds to a round: host memory's copies in and out,
+    or a re-prefill of every sequence."""
+    if kv.in_host_memory:
+        return 2 * batch * kv.bytes_per_token(spec) * kv_tokens / (hw.h2d_GBps * 1e9)
+    if kv.rebuilt:
+        return prefill_s(hw, cm, spec, batch, kv_tokens, streamed=False)
+    return 0.0
 
 
 def layer_copy_s(hw: Hardware, spec: ModelSpec) -> float:

@@ -6,16 +6,13 @@ JSON-serialisable so a planner (or a `configs/*.json` file) can produce it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import msgpack
 
 from ..errors import ConfigError
+from .draft_kv import DraftKV
 from .json_file import JsonFile
-
-# Where a draft's KV cache lives (Plan.draft_kv); here so that the CLI, the bench and the
-# scheduler share one list without importing torch.
-DRAFT_KV = ("gpu", "host", "recompute")
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -52,6 +49,7 @@ class Plan(JsonFile):
     kv_dtype: str | None = None  # target KV cache dtype in host memory (None = model dtype)
     attention_threads: int | None = None  # torch threads of the CPU attention worker
     attention_cpus: float = 1.0  # Ray num_cpus of the CPU attention worker
+    # The draft's KV cache, flat for plan files (`draft_kv_policy` is the one value, DraftKV):
     draft_window: int | None = None  # the draft attends over the last W tokens (KV ring); None = all
     draft_kv_fp8: bool = False  # store the draft's windowed KV in fp8 (e4m3, scale per head)
     draft_sinks: int = 0  # the windowed draft also keeps each sequence's first N tokens
@@ -59,11 +57,7 @@ class Plan(JsonFile):
     # GPU memory, for target layers or slots; a separate draft checkpoint only, not self:N
     draft_fp8: bool = False
     draft_graphs: bool = True  # replay the windowed draft's one-token steps as CUDA graphs (on CUDA)
-    # "gpu": the draft's KV stays on the GPU for the run; "host": kept in host memory, visiting
-    # the GPU prefill_batch sequences at a time each round; "recompute": rebuilt every round from
-    # each sequence's tokens, a chunk at a time (the paper's schedule when the draft KV of a
-    # batch does not fit)
-    draft_kv: str = "gpu"
+    draft_kv: str = "gpu"  # where the draft's KV lives: placement/draft_kv.py's PLACEMENTS
     trace: bool = False  # keep a Chrome-trace timeline of stage spans in the actors
     # Each target pass runs a batch as this many micro-batches, layer by layer, so the CPU
     # attention of one overlaps the GPU work of the next (the per-layer round trip of a whole
@@ -87,20 +81,21 @@ class Plan(JsonFile):
             raise ConfigError("num_slots must be >= 2 (double buffering)")
         if self.batch_size < 1 or self.prefill_batch < 1:
             raise ConfigError("batch_size and prefill_batch must be >= 1")
-        if self.draft_window is not None and self.draft_window < 1:
-            raise ConfigError(f"draft_window must be >= 1 or None, got {self.draft_window}")
-        if self.draft_kv_fp8 and self.draft_window is None:
-            raise ConfigError("draft_kv_fp8 needs a draft_window")
-        if self.draft_sinks < 0 or (self.draft_sinks and self.draft_window is None):
-            raise ConfigError(f"draft_sinks must be >= 0 and needs a draft_window, got {self.draft_sinks}")
+        self.draft_kv_policy  # checks the draft KV fields
         if self.copy_chunk_mib < 1:
             raise ConfigError(f"copy_chunk_mib must be >= 1, got {self.copy_chunk_mib}")
-        if self.draft_kv not in DRAFT_KV:
-            raise ConfigError(f"draft_kv must be one of {', '.join(DRAFT_KV)}, got {self.draft_kv!r}")
         if not 1 <= self.micro_batches <= 64:
             raise ConfigError(f"micro_batches must be in 1..64, got {self.micro_batches}")
         if self.gpu_memory is not None and self.gpu_memory <= 0:
             raise ConfigError("gpu_memory must be positive")
+
+    @property
+    def draft_kv_policy(self) -> DraftKV:
+        return DraftKV(self.draft_kv, self.draft_window, self.draft_sinks, self.draft_kv_fp8)
+
+    def with_draft_kv(self, kv: DraftKV) -> "Plan":
+        return replace(self, draft_kv=kv.placement, draft_window=kv.window, draft_sinks=kv.sinks,
+                       draft_kv_fp8=kv.fp8)
 
     def check_layers(self, num_layers: int):
         bad = [j for j in self.gpu_layers + self.disk_layers if not 0 <= j < num_layers]

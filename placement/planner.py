@@ -22,6 +22,7 @@ from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.spec import ModelSpec
 from . import cost_model as cmod
 from .cost_model import CostModel
+from .draft_kv import PLACEMENTS, DraftKV
 from .hardware import Hardware
 from .plan import Plan
 
@@ -68,9 +69,7 @@ class Candidate:
     schedule: str  # "none", "single" or "dual"
     batch: int  # sequences per batch (dual: per each of the two)
     k: int = 0
-    draft_kv: str = "gpu"
-    window: int | None = None
-    fp8: bool = False  # the draft's KV ring in fp8
+    kv: DraftKV = DraftKV()  # where the draft's KV lives, its window and sinks, fp8 or not
     draft_fp8: bool = False  # the draft's layer matrices in fp8
     resident: int = 0  # target layers kept on the GPU
     slots: int = 2  # device buffers the streamed layers rotate through
@@ -87,11 +86,27 @@ class Candidate:
     seconds: float = math.inf  # the whole workload
     tokens_per_s: float = 0.0
 
+    @property
+    def draft_kv(self) -> str:
+        return self.kv.placement
+
+    @property
+    def window(self) -> int | None:
+        return self.kv.window
+
+    @property
+    def fp8(self) -> bool:  # the draft's KV ring in fp8
+        return self.kv.fp8
+
+    @property
+    def in_flight(self) -> int:
+        """Sequences running at once (the dual schedule's two batches)."""
+        return self.batch * (2 if self.schedule == "dual" else 1)
+
     def label(self) -> str:
         if self.schedule == "none":
             return "none"
-        kv = self.draft_kv if self.window is None else f"W{self.window}{' fp8' if self.fp8 else ''}"
-        return f"{self.schedule} k={self.k} draft KV {kv}{', fp8 draft' if self.draft_fp8 else ''}"
+        return f"{self.schedule} k={self.k} draft KV {self.kv.label()}{', fp8 draft' if self.draft_fp8 else ''}"
 
 
 @dataclass(frozen=True)
@@ -116,22 +131,16 @@ def _gpu_bytes(target, draft, self_layers, c: Candidate, wl: Workload, cm: CostM
     if draft is not None and c.schedule != "none":
         if not self_layers:  # a self-draft's layers are the resident target layers
             b += cmod.model_bytes(draft, c.draft_fp8)
-        per_seq = cmod.kv_bytes_per_token_layer(draft, c.fp8) * draft.num_layers * cmod.draft_kv_tokens(
-            c.window, SINKS if c.window else 0, wl.context, K_MAX)
-        on_gpu = {"gpu": c.batch * (2 if c.schedule == "dual" else 1), "host": c.prefill_batch,
-                  "recompute": c.prefill_batch}[c.draft_kv]
-        b += on_gpu * per_seq
+        b += c.kv.gpu_sequences(c.in_flight, c.prefill_batch) * c.kv.bytes_per_sequence(draft, wl.context, K_MAX)
     return b
 
 
 def _host_bytes(target, draft, c: Candidate, wl: Workload, cm: CostModel) -> int:
     lb = cmod.layer_bytes(target)
-    in_flight = c.batch * (2 if c.schedule == "dual" else 1)
     b = (target.num_layers - c.disk) * lb + cmod.glob_bytes(target) + cm.host_reserve_bytes
-    b += in_flight * (wl.context + K_MAX + 2) * cmod.kv_bytes_per_token_layer(target) * target.num_layers
-    if draft is not None and c.draft_kv == "host":
-        b += in_flight * cmod.kv_bytes_per_token_layer(draft, c.fp8) * draft.num_layers * cmod.draft_kv_tokens(
-            c.window, SINKS if c.window else 0, wl.context, K_MAX)
+    b += c.in_flight * (wl.context + K_MAX + 2) * cmod.kv_bytes_per_token_layer(target) * target.num_layers
+    if draft is not None:
+        b += c.kv.host_sequences(c.in_flight) * c.kv.bytes_per_sequence(draft, wl.context, K_MAX)
     return b
 
 
@@ -170,19 +179,14 @@ def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel
 
     t_pass = pass_s(c.resident)
     streamed = c.resident < target.num_layers
-    waves = math.ceil(wl.requests / (c.batch * (2 if c.schedule == "dual" else 1)))
-    pre = cmod.prefill_s(hw, cm, target, c.batch * (2 if c.schedule == "dual" else 1), wl.prompt_len, streamed)
+    waves = math.ceil(wl.requests / (c.in_flight))
+    pre = cmod.prefill_s(hw, cm, target, c.in_flight, wl.prompt_len, streamed)
     t_draft = 0.0
     if c.schedule != "none":
-        kv_tok = cmod.draft_kv_tokens(c.window, SINKS if c.window else 0, ctx, K_MAX)
+        kv_tok = c.kv.tokens(ctx, K_MAX)
         step = cmod.draft_step_s(hw, cm, draft, c.batch, kv_tok, c.fp8, c.draft_fp8)
-        t_draft = cm.draft_round_fixed_s + k * step
-        if c.draft_kv == "host":  # the draft KV visits the GPU and goes back every round
-            per_seq = cmod.kv_bytes_per_token_layer(draft, c.fp8) * draft.num_layers * kv_tok
-            t_draft += 2 * c.batch * per_seq / (hw.h2d_GBps * 1e9)
-        elif c.draft_kv == "recompute":  # the draft re-prefills every sequence every round
-            t_draft += cmod.prefill_s(hw, cm, draft, c.batch, kv_tok, streamed=False)
-        pre += cmod.prefill_s(hw, cm, draft, c.batch * (2 if c.schedule == "dual" else 1), wl.prompt_len,
+        t_draft = cm.draft_round_fixed_s + k * step + cmod.draft_kv_round_s(hw, cm, draft, c.kv, c.batch, kv_tok)
+        pre += cmod.prefill_s(hw, cm, draft, c.in_flight, wl.prompt_len,
                               streamed=False)
     rounds = cmod.rounds_needed(wl.acceptance_for(c.window), k, min(c.batch, wl.requests), wl.gen_len - 1)
     if c.schedule == "dual":  # a pass verifies A while B drafts; each batch gets every other pass
@@ -245,16 +249,13 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
         for sched in [s for s in ("single", "dual") if s in schedules]:
             if sched == "dual" and 2 * batch > max(wl.requests, 2):
                 continue
-            kvs = [("gpu", None, False)] + [("gpu", w, f) for w in WINDOWS if w < wl.context
-                                            for f in (False, True)] + [("host", None, False), ("recompute", None, False)]
-            for kv, w, f in kvs:
+            for kv in _draft_kvs(wl):
                 for wf in weight_fp8:
                     for k in range(1, K_MAX + 1):
-                        cands.append(Candidate(sched, batch, k=k, draft_kv=kv, window=w, fp8=f, draft_fp8=wf,
-                                               prefill_batch=pb))
+                        cands.append(Candidate(sched, batch, k=k, kv=kv, draft_fp8=wf, prefill_batch=pb))
     placed, timed = {}, []
     for c in cands:
-        key = (c.schedule, c.batch, c.draft_kv, c.window, c.fp8, c.draft_fp8)
+        key = (c.schedule, c.batch, c.kv, c.draft_fp8)
         if key not in placed:  # memory does not depend on k
             placed[key] = _place(target, draft, self_layers, c, hw, wl, cm)
         p = placed[key]
@@ -271,11 +272,17 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
     return Choice(best, to_plan(best, target, hw), tuple(timed))
 
 
+def _draft_kvs(wl: Workload) -> list[DraftKV]:
+    """Every draft KV placement: whole on the GPU, windowed rings (bf16, fp8) that are shorter
+    than the context, in host memory, recomputed."""
+    rings = [DraftKV("gpu", w, SINKS, f) for w in WINDOWS if w < wl.context for f in (False, True)]
+    return [DraftKV("gpu"), *rings, *(DraftKV(p) for p in PLACEMENTS if p != "gpu")]
+
+
 def to_plan(c: Candidate, target: ModelSpec, hw: Hardware) -> Plan:
     L = target.num_layers
     return Plan(device=hw.device, gpu_memory=hw.gpu_memory if hw.device == "cuda" else None,
                 gpu_layers=tuple(range(c.resident)), disk_layers=tuple(range(L - c.disk, L)), num_slots=c.slots,
-                batch_size=c.batch, prefill_batch=c.prefill_batch, draft_window=c.window,
-                draft_kv_fp8=c.fp8, draft_sinks=SINKS if c.window else 0, draft_fp8=c.draft_fp8,
-                draft_kv=c.draft_kv if c.schedule != "none" else "gpu",
-                attention_threads=max(1, hw.cpu_cores - 2) if hw.device == "cuda" else None)
+                batch_size=c.batch, prefill_batch=c.prefill_batch, draft_fp8=c.draft_fp8,
+                attention_threads=max(1, hw.cpu_cores - 2) if hw.device == "cuda" else None
+                ).with_draft_kv(c.kv if c.schedule != "none" else DraftKV())

@@ -11,15 +11,16 @@ import time
 import torch
 
 from ..models.resident import ResidentModel
+from ..placement.draft_kv import DraftKV
 from ..speculation.runner import SpecRunner
 
 
 class ReferenceBackend:
-    def __init__(self, target: ResidentModel, draft: ResidentModel | None = None, draft_window=None,
-                 draft_kv_fp8: bool = False, draft_sinks: int = 0, draft_kv: str = "gpu"):
+    def __init__(self, target: ResidentModel, draft: ResidentModel | None = None, kv: DraftKV | None = None, *,
+                 draft_window=None, draft_kv_fp8: bool = False, draft_sinks: int = 0, draft_kv: str = "gpu"):
+        """kv: the draft's KV cache (placement/draft_kv.py), or its fields as a Plan names them."""
         self.target = target
-        self.spec = SpecRunner(draft, target.device, window=draft_window, fp8=draft_kv_fp8, sinks=draft_sinks,
-                               draft_kv=draft_kv)
+        self.spec = SpecRunner(draft, target.device, kv or DraftKV(draft_kv, draft_window, draft_sinks, draft_kv_fp8))
         self.caches = {}
         self._t_pass, self._t_draft = 1.0, 0.01
 

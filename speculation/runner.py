@@ -22,7 +22,7 @@ from ..models.attention import KVCache
 from ..models.host_io import packed, to_device, to_host
 from ..models.resident import ResidentModel
 from ..models.ring_cache import prime
-from ..placement.plan import DRAFT_KV
+from ..placement.draft_kv import DraftKV
 from .draft_graph import GraphedDraftStep, graphable
 from .sampler import SamplingTensors, probs_from_logits, sample
 from .verify import verify_greedy, verify_sampled
@@ -46,25 +46,21 @@ class BatchState:
 class SpecRunner:
     """Draft proposals and verification for many batches on one device."""
 
-    def __init__(self, draft: ResidentModel | None, device, window: int | None = None, fp8: bool = False,
-                 prefill_chunk: int = 64, max_new: int = 18, sinks: int = 0, graphs: bool = True,
-                 draft_kv: str = "gpu", lazy_rows: bool | None = None):
-        """window: the draft attends over only the last `window` tokens (its KV a ring);
-        fp8: store that ring in fp8; sinks: the first tokens of each sequence it also keeps;
-        prefill_chunk: sequences per draft prefill step; graphs: replay the draft's one-token
-        steps as CUDA graphs where that is safe (see draft_graph.py); draft_kv: "gpu"
-        keeps the draft's KV on the device for the whole run; "host" keeps it in (pinned)
-        host memory and brings `prefill_chunk` sequences' worth to the device at a time each
-        round, then back; "recompute" rebuilds it every round from each sequence's tokens,
-        a chunk at a time, and drops it (the paper's answer when the draft KV of a batch does
-        not fit). With "host" and "recompute" device memory holds one chunk's draft KV.
+    def __init__(self, draft: ResidentModel | None, device, kv: DraftKV | None = None, *,
+                 prefill_chunk: int = 64, max_new: int = 18, graphs: bool = True, lazy_rows: bool | None = None,
+                 window: int | None = None, fp8: bool = False, sinks: int = 0, draft_kv: str = "gpu"):
+        """kv: where the draft's KV lives and what it sees (placement/draft_kv.py); `window`,
+        `fp8`, `sinks` and `draft_kv` say the same field by field, when kv is None. A host-kept
+        or recomputed draft KV visits the device `prefill_chunk` sequences at a time (pinned
+        host memory for "host"). prefill_chunk: sequences per draft prefill step; graphs:
+        replay the draft's one-token steps as CUDA graphs where that is safe (draft_graph.py).
         lazy_rows: finished sequences' rows stay in a device-kept draft cache, computed and
         ignored, until half of its rows are finished, so the batch's captured draft step keeps
         serving instead of being captured again every round of the batch's tail (each capture
         also empties the allocator cache and runs one step eagerly); None: when steps are graphed."""
         self.draft, self.device = draft, torch.device(device)
         self.prefill_chunk, self.max_new = prefill_chunk, max_new
-        self.configure(draft_kv, window, sinks, fp8)
+        self.configure(kv or DraftKV(draft_kv, window, sinks, fp8))
         self.batches: dict[int, BatchState] = {}
         self.graphs_enabled = graphs
         self.lazy_rows = lazy_rows
@@ -72,22 +68,16 @@ class SpecRunner:
         self.graph_steps = 0  # draft steps that ran through a graph (captures included)
         self._oom_warned = False
 
-    def configure(self, draft_kv: str, window: int | None, sinks: int, fp8: bool):
+    def configure(self, kv: DraftKV):
         """Where the draft's KV lives and what it sees, for batches started from now on."""
-        if draft_kv not in DRAFT_KV:
-            raise ValueError(f"draft_kv must be one of {', '.join(DRAFT_KV)}, got {draft_kv!r}")
-        if sinks and window is None:
-            raise ValueError("attention sinks need a draft window")
-        if fp8 and window is None:
-            raise ValueError("an fp8 draft KV cache needs a draft window")
-        self.draft_kv, self.window, self.sinks, self.fp8 = draft_kv, window, sinks, fp8
+        self.kv = kv
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, bid: int, samp: SamplingTensors, prompts: list[list[int]] | None, capacity: int):
         st = BatchState(last=torch.zeros(len(samp.temperature), dtype=torch.long, device=self.device),
                         samp=samp)
         if self.draft is not None and prompts is not None:
-            if self.draft_kv == "recompute":
+            if self.kv.rebuilt:
                 st.history = [list(p) for p in prompts]
             else:
                 st.draft_cache = self._draft_prefill(prompts, capacity)
@@ -98,16 +88,16 @@ class SpecRunner:
         tokens, at their true positions), a chunk of sequences at a time to bound activation
         memory."""
         # The ring holds W + the most tokens one decode pass adds; a W-token prefill fits too.
-        host = self.draft_kv == "host" and self.device.type != "cpu"
-        cache = self.draft.new_cache(len(prompts), capacity, window=self.window, fp8=self.fp8,
-                                     max_new=self.max_new, sinks=self.sinks, device="cpu" if host else None)
-        if self.draft_kv != "host":
-            prime(self.draft, cache, prompts, self.window, self.sinks, chunk=self.prefill_chunk, which=None)
+        host = self.kv.in_host_memory and self.device.type != "cpu"
+        cache = self.draft.new_cache(len(prompts), capacity, window=self.kv.window, fp8=self.kv.fp8,
+                                     max_new=self.max_new, sinks=self.kv.sinks, device="cpu" if host else None)
+        if not self.kv.in_host_memory:
+            prime(self.draft, cache, prompts, self.kv.window, self.kv.sinks, chunk=self.prefill_chunk, which=None)
             return cache
         if host:
             cache.pin()
         for lo, hi, dev in self._visits(cache):
-            prime(self.draft, dev, prompts[lo:hi], self.window, self.sinks, which=None)
+            prime(self.draft, dev, prompts[lo:hi], self.kv.window, self.kv.sinks, which=None)
         return cache
 
     def _visits(self, cache):
@@ -122,7 +112,7 @@ class SpecRunner:
             cache.merge(lo, part)
 
     def _lazy(self, st: BatchState) -> bool:
-        if self.draft_kv != "gpu":
+        if not self.kv.on_gpu:
             return False
         if self.lazy_rows is not None:
             return self.lazy_rows
@@ -211,7 +201,7 @@ class SpecRunner:
         B = st.last.shape[0]
         st.proposals, st.q = None, None
         u = None if st.samp.all_greedy else to_device(u_draft, self.device, torch.float32)
-        if self.draft_kv == "gpu":
+        if self.kv.on_gpu:
             pending = st.pending
             if st.rows is not None:  # finished sequences' rows still in the cache get a dummy token
                 pending = [[0]] * st.draft_cache.batch
@@ -241,7 +231,7 @@ class SpecRunner:
         whose draft KV is not kept on the device: brought from host memory (and written back
         when the loop moves on), or rebuilt from each sequence's tokens (the first step's
         logits come out of that re-prefill)."""
-        if self.draft_kv == "host":
+        if self.kv.in_host_memory:
             for lo, hi, dev in self._visits(st.draft_cache):
                 yield slice(lo, hi), dev, self._inputs(st.pending[lo:hi])
             return
@@ -249,9 +239,9 @@ class SpecRunner:
         for lo in range(0, B, self.prefill_chunk):
             hi = min(B, lo + self.prefill_chunk)
             hist = st.history[lo:hi]
-            cache = self.draft.new_cache(hi - lo, max(map(len, hist)) + k + 1, window=self.window,
-                                         fp8=self.fp8, max_new=self.max_new, sinks=self.sinks)
-            yield slice(lo, hi), cache, (prime(self.draft, cache, hist, self.window, self.sinks), None, None)
+            cache = self.draft.new_cache(hi - lo, max(map(len, hist)) + k + 1, window=self.kv.window,
+                                         fp8=self.kv.fp8, max_new=self.max_new, sinks=self.kv.sinks)
+            yield slice(lo, hi), cache, (prime(self.draft, cache, hist, self.kv.window, self.kv.sinks), None, None)
 
     def _draft_block(self, bid, st: BatchState, cache, first, q_lens, n_q, k: int, rows: slice, u, live=None):
         """k draft tokens for the sequences `rows` of a batch, whose draft state is `cache`.
