@@ -1,6 +1,7 @@
 """specoffload: offloaded, speculative batch inference of LLMs on small GPUs, on Ray."""
 
 if __package__:
+    from .configs.engine_args import EngineArgs
     from .configs.run_config import RunConfig
     from .configs.sampling_params import SamplingParams
     from .errors import CapacityError, CheckpointError, ConfigError, SpecOffloadError
@@ -9,7 +10,7 @@ if __package__:
 # repository root of a checkout whose folder name is not an identifier (the root is the package
 # through pyproject's package-dir); the package itself is imported as `specoffload`.
 
-__all__ = ["LLM", "SamplingParams", "Plan", "RunConfig", "SpecOffloadError", "CheckpointError",
+__all__ = ["LLM", "SamplingParams", "EngineArgs", "Plan", "RunConfig", "SpecOffloadError", "CheckpointError",
            "ConfigError", "CapacityError"]
 __version__ = "0.1.0"
 

@@ -66,26 +66,31 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--ray-address", help="Ray cluster to join (default: a running local one, else start one)")
 
 
+def add_generate_options(p: argparse.ArgumentParser):
+    """`specoffload generate`'s options (shared with the Ray job, scripts/generate_job.py)."""
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="file of prompts: plain text (one per line) or JSONL with a 'prompt' field")
+    p.add_argument("--out", help="write results as JSONL here, one line per request as it finishes")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, help="sampling seed (per request: seed + index)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="send prompts as raw text even if the tokenizer has a chat template")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--trace", help="write a Chrome-trace JSON timeline of stage spans (weight copy, CPU "
+                                   "attention, GPU target, draft) per layer and batch; see scripts/plot_timeline.py")
+    add_engine_options(p)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specoffload", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text for prompts",
                        description="Generate completions. With no prompts, runs a few built-in ones.")
-    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    g.add_argument("--prompts", help="file of prompts: plain text (one per line) or JSONL with a 'prompt' field")
-    g.add_argument("--out", help="write results as JSONL here, one line per request as it finishes")
-    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=-1)
-    g.add_argument("--seed", type=int, help="sampling seed (per request: seed + index)")
-    g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
-    g.add_argument("--no-chat-template", action="store_true",
-                   help="send prompts as raw text even if the tokenizer has a chat template")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--trace", help="write a Chrome-trace JSON timeline of stage spans (weight copy, CPU "
-                                   "attention, GPU target, draft) per layer and batch; see scripts/plot_timeline.py")
-    add_engine_options(g)
+    add_generate_options(g)
     sub.add_parser("bench", add_help=False,
                    help="run a benchmark workload (W1 shapes) and print tokens/s against no speculation; "
                         "`specoffload bench --help` for its options")
@@ -97,15 +102,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def llm_from_args(args, progress: bool, trace: bool = False, workload=None):
     """An LLM from the options of `add_engine_options` (`workload`: what --plan auto plans for)."""
+    from .configs.engine_args import EngineArgs
     from .llm import LLM
 
-    return LLM(args.model, draft=args.draft, engine=args.engine, device=args.device,
-               gpu_memory=args.gpu_memory, plan=args.plan, schedule=args.schedule, k=args.k,
-               adaptive_k=args.adaptive_k, batch_size=args.batch_size, dtype=args.dtype,
-               draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, draft_fp8=args.draft_fp8,
-               micro_batches=args.micro_batches,
-               draft_sinks=args.draft_sinks, draft_kv=args.draft_kv, refill=args.refill, trace=trace,
-               ray_address=args.ray_address, progress=progress, workload=workload)
+    return LLM(args.model, draft=args.draft, plan=args.plan,
+               engine_args=EngineArgs.from_cli(args, trace=trace, progress=progress, workload=workload))
 
 
 def read_prompts(path: str) -> list[str]:
@@ -200,7 +201,9 @@ def print_texts(prompts: list[str], outs):
         print(f"### {p}\n{o.outputs[0].text.strip()}\n")
 
 
-def _generate(args) -> int:
+def run_generate(args, prog: str = "specoffload") -> int:
+    """`specoffload generate` and the Ray job (scripts/generate_job.py): completions for the
+    prompts, written to --out as JSONL as requests finish (else printed), a summary on stderr."""
     from .configs.sampling_params import SamplingParams
 
     prompts = collect_prompts(args.prompt, args.prompts)
@@ -208,20 +211,27 @@ def _generate(args) -> int:
                              top_k=args.top_k, ignore_eos=args.ignore_eos,
                              seed=None if args.seed is None else args.seed + i)
               for i in range(len(prompts))]
-    workload = auto_workload(args, prompts) if args.plan == "auto" else None
-    llm = llm_from_args(args, progress=not args.quiet, trace=bool(args.trace), workload=workload)
-    if llm.plan_choice is not None:
-        b = llm.plan_choice.best
-        print(f"plan auto: {b.label()}, batch {b.batch}, {b.resident} resident / {b.disk} disk layers, "
-              f"{b.tokens_per_s:.1f} tok/s predicted at acceptance {args.acceptance}", file=sys.stderr)
-    inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
+    out_f = open_out(args.out)
     try:
-        out_f = open_out(args.out)
-    except Exception:
-        llm.shutdown()
+        workload = auto_workload(args, prompts) if args.plan == "auto" else None
+        # LLM checks the model and draft first, then joins Ray (ray_env.ensure_ray): in a Ray
+        # job, the job's cluster from RAY_ADDRESS.
+        llm = llm_from_args(args, progress=not args.quiet, trace=bool(args.trace), workload=workload)
+    except BaseException:
+        if out_f:
+            out_f.close()
         raise
-
     try:
+        if llm.plan_choice is not None:
+            b = llm.plan_choice.best
+            print(f"plan auto: {b.label()}, batch {b.batch}, {b.resident} resident / {b.disk} disk layers, "
+                  f"{b.tokens_per_s:.1f} tok/s predicted at acceptance {args.acceptance}", file=sys.stderr)
+        if llm.engine == "ray":
+            import ray
+
+            print(f"{prog}: {len(prompts)} prompts on Ray cluster {ray.get_runtime_context().gcs_address}, engine "
+                  f"run id {llm.run_id} (dashboard metrics tag run={llm.run_id})", file=sys.stderr, flush=True)
+        inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
         outs = generate_writing(llm, prompts, inputs, params, out_f)
         if args.trace:
             Path(args.trace).write_text(json.dumps(llm.trace()))
@@ -232,16 +242,32 @@ def _generate(args) -> int:
     if not args.out:
         print_texts(prompts, outs)
     s = llm.last_stats
-    line = f"{s.get('tokens', 0)} tokens in {s.get('seconds', 0):.2f} s ({s.get('tokens_per_s', 0)} tok/s)"
+    line = (f"{prog}: {len(outs)} requests, {s.get('tokens', 0)} tokens in {s.get('seconds', 0):.2f} s "
+            f"({s.get('tokens_per_s', 0)} tok/s)")
     if s.get("acceptance") is not None:
         line += f", acceptance {s['acceptance']:.2f}, {s['tokens_per_seq_pass']:.2f} tokens/sequence/pass"
-    print(line, file=sys.stderr)
+    if args.out:
+        line += f"; results in {args.out}"
+    print(line, file=sys.stderr, flush=True)
     return 0
 
 
-def main(argv=None) -> int:
+def one_line_errors(prog: str, command, *args) -> int:
+    """Run a command; an error the user can fix prints one line and returns 2."""
     from .errors import SpecOffloadError
 
+    try:
+        return command(*args)
+    except SpecOffloadError as e:
+        e = getattr(e, "cause", None) or e  # unwrap errors raised inside a Ray actor
+        print(f"{prog}: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
@@ -252,16 +278,8 @@ def main(argv=None) -> int:
 
         return plan_main(argv[1:])
     args = _build_parser().parse_args(argv)
-    try:
-        if args.cmd == "generate":
-            return _generate(args)
-    except SpecOffloadError as e:
-        e = getattr(e, "cause", None) or e  # unwrap errors raised inside a Ray actor
-        print(f"specoffload: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("specoffload: interrupted", file=sys.stderr)
-        return 130
+    if args.cmd == "generate":
+        return one_line_errors("specoffload", run_generate, args)
     return 1
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
-from .configs.run_config import RunConfig
+from .configs.engine_args import EngineArgs
 from .configs.sampling_params import SamplingParams
 from .errors import CapacityError, CheckpointError, ConfigError
 from .models.spec import ModelSpec, load_spec
@@ -67,22 +68,20 @@ def check_same_vocab(target_dir: Path, tok, draft_dir: Path, draft_spec: ModelSp
 
 
 class LLM:
-    def __init__(self, model=None, draft=None, *, engine: str = "ray", device: str = "auto",
-                 gpu_memory=None, plan=None, schedule: str | None = None, k: int | None = None,
-                 adaptive_k: bool | None = None, batch_size: int | None = None, dtype: str | None = None,
-                 draft_window: int | None = None, draft_kv_fp8: bool = False, draft_fp8: bool = False,
-                 micro_batches: int | None = None,
-                 draft_sinks: int | None = None, draft_kv: str | None = None, refill: bool = False,
-                 trace: bool = False, ray_address: str | None = None, progress: bool = True, workload=None):
+    def __init__(self, model=None, draft=None, *, plan=None, engine_args: EngineArgs | None = None, **kwargs):
+        """model: a checkpoint folder (None: the embedded default); draft: None, "self:N" or a
+        checkpoint folder; plan: a Plan, a dict, a plan file or "auto" (the planner measures
+        this machine and chooses); engine_args, or its fields as keyword arguments (`k=4,
+        batch_size=8, ...`; configs/engine_args.py): the rest."""
+        args = engine_args if engine_args is not None else EngineArgs()
+        self.args = replace(args, **kwargs) if kwargs else args
         self.plan_choice = None  # with plan="auto": the planner's Choice (every candidate it weighed)
-        if engine not in ("ray", "reference"):
-            raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
         if model is None:
             from .sources.default_model import default_model_dir
 
             model = default_model_dir()
         self.model_dir = Path(model)
-        self.spec = load_spec(self.model_dir, dtype=dtype)
+        self.spec = load_spec(self.model_dir, dtype=self.args.dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.draft_desc = parse_draft(draft, self.spec.num_layers)
         self.draft_spec = None  # a separate draft checkpoint's (the planner sizes it)
@@ -91,89 +90,39 @@ class LLM:
             dspec = self.draft_spec = load_spec(ddir, dtype=self.spec.dtype)
             check_same_vocab(self.model_dir, self.tokenizer, ddir, dspec, self.spec)
             self.draft_desc = ("checkpoint", str(ddir), self.spec.dtype)
+        chosen = None
         if plan == "auto":  # the planner measures this machine and chooses (placement/planner.py)
-            plan, chosen = self._auto_plan(device, gpu_memory, workload, batch_size, draft_fp8)
-            schedule = schedule or chosen["schedule"]
-            k = chosen["k"] if k is None else k
-            adaptive_k = chosen["adaptive_k"] if adaptive_k is None else adaptive_k
-        schedule = schedule or ("single" if self.draft_desc else "none")
-        k = 4 if k is None else k
-        adaptive_k = bool(adaptive_k)
-        if schedule != "none" and not self.draft_desc:
-            raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
-        self.plan = self._make_plan(plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8, draft_fp8)
+            plan, chosen = self._auto_plan()
+        self.plan = self.args.plan_from(plan, self.spec.num_layers)
         if self.plan.draft_fp8 and not (self.draft_desc and self.draft_desc[0] == "checkpoint"):
             from .models.fp8_weights import SELF_DRAFT_REFUSAL
 
             raise ConfigError(SELF_DRAFT_REFUSAL)
-        if micro_batches is not None or draft_sinks is not None or draft_kv is not None:
-            from dataclasses import replace
-
-            self.plan = replace(self.plan, micro_batches=micro_batches or self.plan.micro_batches,
-                                draft_sinks=self.plan.draft_sinks if draft_sinks is None else draft_sinks,
-                                draft_kv=draft_kv or self.plan.draft_kv)
-        if trace:
-            if engine != "ray":
-                raise ConfigError("a timeline trace needs engine='ray' (the spans are the actors')")
-            from dataclasses import replace
-
-            self.plan = replace(self.plan, trace=True)
-        # Refill is off unless asked for: each joining batch drafts on its own (its own graph,
-        # its own first eager step) and prefills in a stream of its own, and on W1 (run 7,
-        # docs/benchmarks.md) a refilled request stream decoded 1.53x plain decoding against
-        # 2.36x for the same schedule one batch at a time (that run's draft also lost its CUDA
-        # graphs to an out-of-memory capture, since fixed). On a CPU a pass costs what its
-        # rows cost, and each extra batch in a pass reads the weights again.
-        self.run_cfg = RunConfig(schedule=schedule, k=k, k_max=max(k, 8), adaptive_k=adaptive_k,
-                                 batch_size=self.plan.batch_size, refill=refill)
-        self.engine, self.progress = engine, progress
+        self.run_cfg = self.args.run_config(self.plan.batch_size, self.draft_desc is not None, chosen)
+        self.engine, self.progress = self.args.engine, self.args.progress
         self._next_rid = 0
         self.last_stats: dict = {}
-        if engine == "reference":
+        if self.engine == "reference":
             self._start_reference()
         else:
-            self._start_ray(ray_address)
+            self._start_ray(self.args.ray_address)
 
     # -- setup -----------------------------------------------------------------------------
-    def _auto_plan(self, device, gpu_memory, workload, batch_size, draft_fp8: bool):
-        """Measure this machine, plan for `workload` (a placement.planner.Workload; default: 64
-        requests of 256 prompt tokens and 128 new at acceptance 0.7); returns (Plan, run options).
-        The planner may choose an fp8 draft where that is faster; draft_fp8 True insists on it."""
+    def _auto_plan(self):
+        """Measure this machine, plan for the workload (default: 64 requests of 256 prompt
+        tokens and 128 new at acceptance 0.7); returns (Plan, run options). The planner may
+        choose an fp8 draft where that is faster; draft_fp8 True insists on it."""
         from .placement.hardware import measure
         from .placement.planner import Workload, plan
 
-        if workload is None:
-            workload = Workload(min(256, self.spec.max_positions // 2), min(128, self.spec.max_positions // 4),
-                                batch_size or 64)
+        a = self.args
+        workload = a.workload or Workload(min(256, self.spec.max_positions // 2),
+                                          min(128, self.spec.max_positions // 4), a.batch_size or 64)
         self_layers = self.draft_desc[1] if self.draft_desc and self.draft_desc[0] == "self" else 0
-        choice = plan(self.spec, self.draft_spec, measure(device, gpu_memory), workload, self_layers=self_layers,
-                      draft_fp8=True if draft_fp8 else None)
+        choice = plan(self.spec, self.draft_spec, measure(a.device, a.gpu_memory), workload,
+                      self_layers=self_layers, draft_fp8=True if a.draft_fp8 else None)
         self.plan_choice = choice
-        return choice.plan, choice.run_options()  # _make_plan applies an explicit batch_size
-
-    def _make_plan(self, plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8, draft_fp8) -> Plan:
-        from dataclasses import replace
-
-        import torch
-
-        if isinstance(plan, Plan):
-            p = plan
-        elif isinstance(plan, dict):
-            p = Plan.from_dict(plan)
-        elif plan is not None:
-            p = Plan.from_file(plan)
-        else:
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            p = Plan(device=device, gpu_memory=gpu_memory, batch_size=batch_size or 64)
-        if batch_size is not None and p.batch_size != batch_size:
-            p = replace(p, batch_size=batch_size)
-        if draft_window is not None or draft_kv_fp8:
-            p = replace(p, draft_window=draft_window, draft_kv_fp8=draft_kv_fp8)
-        if draft_fp8:
-            p = replace(p, draft_fp8=True)
-        p.check_layers(self.spec.num_layers)
-        return p
+        return choice.plan, choice.run_options()  # plan_from applies an explicit batch_size
 
     def _start_reference(self):
         from .models.checkpoint import Checkpoint

@@ -16,8 +16,9 @@ class RunConfig:
     adaptive_k: bool = False
     batch_size: int = 64  # sequences per batch (dual: per each of the two batches)
     # none/single: waiting requests start as a new batch that joins the running batches'
-    # target passes once `refill_rows` rows have finished (0: a quarter of batch_size)
-    refill: bool = True
+    # target passes once `refill_rows` rows have finished (0: a quarter of batch_size); off by
+    # default, as in EngineArgs (why: there)
+    refill: bool = False
     refill_rows: int = 0
 
     def __post_init__(self):
