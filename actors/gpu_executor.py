@@ -9,8 +9,8 @@ the device between calls; only q/k/v and attention outputs cross processes, as n
 
 from __future__ import annotations
 
-
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from ..errors import CapacityError, ConfigError
 from ..models.attention import KVCache, pack_index
 from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.host_io import packed, to_device, to_host
-from ..models.layers import embed, head, post_attention, pre_attention, rope_cos_sin
+from ..models.forward import Forward
 from ..models.resident import ResidentModel, last_index
 from ..sources.open import open_source
 from ..placement.draft_kv import DraftKV
@@ -202,20 +202,19 @@ class GPUExecutor:
             prompts = st["prompts"][s * P:(s + 1) * P]
             toks, q_lens = packed(prompts, self.device)
             _, i = pack_index(q_lens, toks.shape[0])
-            subs[s] = {"h": embed(self.glob["embed"], toks), "q_lens": q_lens, "longest": max(map(len, prompts)),
-                       "cs": rope_cos_sin(spec, i, spec.torch_dtype)}
+            subs[s] = {"pass": Forward.start(spec, self.glob, toks, i), "q_lens": q_lens,
+                       "longest": max(map(len, prompts))}
         sub = subs[s]
         w = self._layer(j)
         with self.timer.span("prefill", f"b{bid} L{j} s{s}"):
-            q, k, v = pre_attention(spec, w, sub["h"], *sub["cs"])
             ql = sub["q_lens"]
+            # One layer's cache: attention runs here, the CPU worker stores the K/V.
             cache = KVCache(1, len(ql), spec.num_kv_heads, spec.head_dim, sub["longest"],
                             spec.torch_dtype, self.device, (spec.sliding_windows[j],))
-            cache.begin_pass(ql, sub["h"].shape[0], sub["longest"])
-            sub["h"] = post_attention(spec, w, sub["h"], cache.attend_layer(0, q, k, v))
+            cache.begin_pass(ql, sub["pass"].h.shape[0], sub["longest"])
+            sub["pass"].layer(w, partial(cache.attend_layer, 0))
             if j == spec.num_layers - 1:
-                sub["logits"] = head(spec, self.glob["norm"], self.glob["head"], sub["h"][last_index(ql)])
-                del sub["h"]
+                sub["logits"] = sub.pop("pass").logits(last_index(ql))
         n_sub = -(-len(st["prompts"]) // P)
         if s == n_sub - 1:
             self._done(j)
@@ -243,15 +242,15 @@ class GPUExecutor:
         st, spec = self._batch(bid), self.spec
         toks, q_lens = self.runner.target_inputs(bid, k)
         b, i = pack_index(q_lens, toks.shape[0])
-        cos, sin = rope_cos_sin(spec, st["lens"][b] + i, spec.torch_dtype)
-        h = embed(self.glob["embed"], toks)
         st["q_lens"] = q_lens
         ql = np.full(q_lens.shape[0], k + 1)  # what target_inputs feeds, known without a device read
         starts = [0, *ql.cumsum().tolist()]
-        st["parts"] = [{"bid": bid, "lo": lo, "hi": hi, "q_lens_np": ql[lo:hi], "h": h[starts[lo]:starts[hi]],
-                        "cs": (cos[starts[lo]:starts[hi]], sin[starts[lo]:starts[hi]]),
+        ranges = split_range(len(ql), micro_batches)
+        passes = Forward.start(spec, self.glob, toks, st["lens"][b] + i).split(
+            [(starts[lo], starts[hi]) for lo, hi in ranges])
+        st["parts"] = [{"bid": bid, "lo": lo, "hi": hi, "q_lens_np": ql[lo:hi], "pass": f,
                         "box": self.mail.ensure(bid, p, starts[hi] - starts[lo])}
-                       for p, (lo, hi) in enumerate(split_range(len(ql), micro_batches))]
+                       for p, ((lo, hi), f) in enumerate(zip(ranges, passes))]
         return len(st["parts"])
 
     def pass_begin(self, parts: int):
@@ -261,7 +260,7 @@ class GPUExecutor:
     def _pre(self, part, j):
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
-            q, k, v = pre_attention(self.spec, w, part["h"], *part["cs"])
+            q, k, v = part["pass"].qkv(w)
         with self.timer.host_span("to_host", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
             msg = self.mail.send_qkv(part["box"], q, k, v, self._sync)
         return msg, part["q_lens_np"], part["lo"], part["hi"]
@@ -273,7 +272,7 @@ class GPUExecutor:
     def _post(self, part, j, attn):
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) ffn"):
-            part["h"] = post_attention(self.spec, w, part["h"], self.mail.recv_out(part["box"], attn))
+            part["pass"].finish(w, self.mail.recv_out(part["box"], attn))
         if self.pass_layers.finished(j):  # every part of the pass is past layer j: refill its slot
             self._done(j)
 
@@ -304,7 +303,7 @@ class GPUExecutor:
         for p, attn in enumerate(attns):
             self._post(parts[p], spec.num_layers - 1, attn)
         with self.timer.span("target"):
-            logits = head(spec, self.glob["norm"], self.glob["head"], torch.cat([x["h"] for x in parts]))
+            logits = Forward.logits_of([x["pass"] for x in parts])
         B = st["q_lens"].shape[0]
         tokens, counts = self.runner.finish(bid, logits.view(B, k + 1, -1), k, u_accept, u_sample)
         st["lens"] = st["lens"] + to_device(counts, self.device, torch.long)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from .attention import KVCache, pack_index
 from .fp8_weights import layer_nbytes, quantize_layer
-from .layers import embed, head, post_attention, pre_attention, rope_cos_sin
+from .forward import Forward
 from .spec import ModelSpec
 
 
@@ -77,18 +79,13 @@ class ResidentModel:
         """Run new tokens (packed) through every layer; logits of the last ("last") or of
         every ("all") new token, fp32. `n_q`: the most new tokens of any sequence, if the
         caller knows it (saves the cache a device read)."""
-        s = self.spec
         tokens, q_lens = tokens.to(self.device), q_lens.to(self.device)
         T = tokens.shape[0]
-        cos, sin = rope_cos_sin(s, positions_of(cache, q_lens, T, n_q), s.torch_dtype)
-        h = embed(self.glob["embed"], tokens)
+        f = Forward.start(self.spec, self.glob, tokens, positions_of(cache, q_lens, T, n_q))
         cache.begin_pass(q_lens, T, n_q)
         for j, w in enumerate(self.layers):
-            q, k, v = pre_attention(s, w, h, cos, sin)
-            h = post_attention(s, w, h, cache.attend_layer(j, q, k, v))
+            f.layer(w, partial(cache.attend_layer, j))
         cache.advance()
         if which is None:
             return None
-        if which == "last":
-            h = h[last_index(q_lens)]
-        return head(s, self.glob["norm"], self.glob["head"], h)
+        return f.logits(last_index(q_lens) if which == "last" else None)
