@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from .layers import layer_shapes
 from .spec import ModelSpec, load_spec
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -136,12 +137,7 @@ class Checkpoint:
             if sorted(parts) != list(range(self.spec.num_experts)):
                 raise CheckpointError(f"{self.dir}: layer {j} is missing experts for {key}")
             w[key] = torch.stack([parts[e] for e in range(self.spec.num_experts)])
-        need = {"ln1", "ln2", "q", "k", "v", "o"}
-        need |= {"router", "w_gate", "w_up", "w_down"} if self.spec.is_moe else {"gate", "up", "down"}
-        if self.spec.qkv_bias:
-            need |= {"q_bias", "k_bias", "v_bias"}
-        if self.spec.qk_norm:
-            need |= {"q_norm", "k_norm"}
+        need = set(layer_shapes(self.spec))
         if need - set(w):
             raise CheckpointError(f"{self.dir}: layer {j} lacks {sorted(need - set(w))}")
         return w

@@ -22,6 +22,30 @@ from .spec import ModelSpec
 ATTN_KEYS = ("ln1", "q", "k", "v", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm")
 FFN_KEYS = ("o", "ln2", "gate", "up", "down", "router", "w_gate", "w_up", "w_down")
 LAYER_KEYS = ATTN_KEYS + FFN_KEYS
+OUT_KEYS = ("o", "down", "w_down")  # the matrices that write into the residual stream
+
+
+def layer_shapes(spec: ModelSpec) -> dict[str, tuple]:
+    """The tensors one layer of `spec` has in the flat layout, name -> shape (the names a
+    checkpoint must fill; random and constructed weights make them). Norm weights are the
+    names starting with "ln" or ending in "_norm", biases end in "_bias"."""
+    h, d, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    q, kv = spec.num_heads * d, spec.num_kv_heads * d
+    shapes = {"ln1": (h,), "ln2": (h,), "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q)}
+    if spec.qkv_bias:
+        shapes |= {"q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,)}
+    if spec.qk_norm:
+        shapes |= {"q_norm": (d,), "k_norm": (d,)}
+    if spec.is_moe:
+        e = spec.num_experts
+        shapes |= {"router": (e, h), "w_gate": (e, inter, h), "w_up": (e, inter, h), "w_down": (e, h, inter)}
+    else:
+        shapes |= {"gate": (inter, h), "up": (inter, h), "down": (h, inter)}
+    return shapes
+
+
+def is_norm(name: str) -> bool:
+    return name.startswith("ln") or name.endswith("_norm")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.layers import OUT_KEYS, is_norm, layer_shapes
 from ..models.spec import ModelSpec
 
 _POOL = 1 << 24
@@ -79,25 +80,17 @@ class ConstructedModel:
         return {"embed": E.to(dt), "norm": torch.ones(H, dtype=dt), "head": head.to(dt)}
 
     def read_layer(self, j: int) -> dict:
-        s, dt = self.spec, self.dtype
+        dt = self.dtype
         pool = _Pool(self.seed * 1000 + j + (500 if self.is_draft else 0), dt)
-        h, d, I = s.hidden_size, s.head_dim, s.intermediate_size
-        r = pool.take
-        w = {"ln1": torch.ones(h, dtype=dt), "ln2": torch.ones(h, dtype=dt),
-             "q": r((s.num_heads * d, h), self.layer_std), "k": r((s.num_kv_heads * d, h), self.layer_std),
-             "v": r((s.num_kv_heads * d, h), self.layer_std), "o": r((h, s.num_heads * d), self.out_std)}
-        if s.qkv_bias:
-            w |= {"q_bias": torch.zeros(s.num_heads * d, dtype=dt), "k_bias": torch.zeros(s.num_kv_heads * d, dtype=dt),
-                  "v_bias": torch.zeros(s.num_kv_heads * d, dtype=dt)}
-        if s.qk_norm:
-            w |= {"q_norm": torch.ones(d, dtype=dt), "k_norm": torch.ones(d, dtype=dt)}
-        if s.is_moe:
-            E = s.num_experts
-            w |= {"router": r((E, h), self.layer_std), "w_gate": r((E, I, h), self.layer_std),
-                  "w_up": r((E, I, h), self.layer_std), "w_down": r((E, h, I), self.out_std)}
-        else:
-            w |= {"gate": r((I, h), self.layer_std), "up": r((I, h), self.layer_std), "down": r((h, I), self.out_std)}
-        return w
+
+        def tensor(name, shape):
+            if is_norm(name):
+                return torch.ones(shape, dtype=dt)
+            if name.endswith("_bias"):
+                return torch.zeros(shape, dtype=dt)
+            return pool.take(shape, self.out_std if name in OUT_KEYS else self.layer_std)
+
+        return {name: tensor(name, shape) for name, shape in layer_shapes(self.spec).items()}
 
 
 def mixtral_8x7b(num_layers: int = 32, dtype: str = "bfloat16") -> ModelSpec:

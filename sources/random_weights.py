@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.layers import is_norm, layer_shapes
 from ..models.spec import ModelSpec
 
 
@@ -22,29 +23,9 @@ def _rand(shape, dtype, gen, std, out_device):
 
 def random_layer(spec: ModelSpec, j: int, seed: int = 0, device="cpu", std: float = 0.02) -> dict:
     gen = torch.Generator(device=_gen_device()).manual_seed(seed * 100_003 + j)
-    dt, h, d, I = spec.torch_dtype, spec.hidden_size, spec.head_dim, spec.intermediate_size
-
-    def r(*shape):
-        return _rand(shape, dt, gen, std, device)
-
-    w = {
-        "ln1": torch.ones(h, dtype=dt, device=device),
-        "ln2": torch.ones(h, dtype=dt, device=device),
-        "q": r(spec.num_heads * d, h),
-        "k": r(spec.num_kv_heads * d, h),
-        "v": r(spec.num_kv_heads * d, h),
-        "o": r(h, spec.num_heads * d),
-    }
-    if spec.qkv_bias:
-        w |= {"q_bias": r(spec.num_heads * d), "k_bias": r(spec.num_kv_heads * d), "v_bias": r(spec.num_kv_heads * d)}
-    if spec.qk_norm:
-        w |= {"q_norm": torch.ones(d, dtype=dt, device=device), "k_norm": torch.ones(d, dtype=dt, device=device)}
-    if spec.is_moe:
-        E = spec.num_experts
-        w |= {"router": r(E, h), "w_gate": r(E, I, h), "w_up": r(E, I, h), "w_down": r(E, h, I)}
-    else:
-        w |= {"gate": r(I, h), "up": r(I, h), "down": r(h, I)}
-    return w
+    dt = spec.torch_dtype
+    return {name: torch.ones(shape, dtype=dt, device=device) if is_norm(name) else _rand(shape, dt, gen, std, device)
+            for name, shape in layer_shapes(spec).items()}
 
 
 def random_globals(spec: ModelSpec, seed: int = 0, device="cpu", std: float = 0.02) -> dict:
