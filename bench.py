@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import replace
 
 import ray
 import torch
@@ -132,23 +133,22 @@ def _baseline_resident(a, tspec, cuda: bool) -> int:
     return n
 
 
-def main(argv=None):
+class BenchError(Exception):
+    """A bad option or a run that cannot start: one line, exit status 2."""
+
+
+def _options(argv) -> argparse.Namespace:
     a = build_parser().parse_args(argv)
     for name, v in zip(("target_layers", "draft_layers", "batch", "prompt_len", "gen"), WORKLOADS[a.workload]):
         if getattr(a, name) is None:
             setattr(a, name, v)
+    return a
 
-    from dataclasses import replace
 
-    from specoffload.actors.coordinator import Coordinator, wait_ready
-    from specoffload.configs.run_config import RunConfig
-    from specoffload.errors import ConfigError, SpecOffloadError
-    from specoffload.sources.constructed import constructed_pair, mistral_7b, mixtral_8x7b
+def _plan(a, cuda: bool):
+    from specoffload.errors import ConfigError
     from specoffload.placement.plan import Plan
 
-    tspec, dspec = mixtral_8x7b(a.target_layers), mistral_7b(a.draft_layers)
-    tsrc, dsrc = constructed_pair(tspec, dspec, a.agreement)
-    cuda = torch.cuda.is_available()
     try:
         plan = Plan(device="cuda" if cuda else "cpu", gpu_memory=a.gpu_memory if cuda else None, num_slots=a.slots,
                     batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
@@ -157,163 +157,167 @@ def main(argv=None):
                     draft_fp8=a.draft_fp8, gpu_layers=tuple(range(a.resident)))
         plan.check_layers(a.target_layers)
     except ConfigError as e:
-        print(f"specoffload bench: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        modes = parse_modes(a.modes, a.k)
-    except ValueError as e:
-        print(f"specoffload bench: error: {e}", file=sys.stderr)
-        return 2
+        raise BenchError(e) from None
+    return plan
+
+
+def _micro_batches(a) -> list[int]:
     try:
         micro = [int(x) for x in a.micro_batches.split(",")]
         if min(micro) < 1:
             raise ValueError
     except ValueError:
-        print(f"specoffload bench: error: --micro-batches needs a comma list of counts >= 1, got {a.micro_batches!r}",
-              file=sys.stderr)
-        return 2
-    resident, baseline_error = None, None
-    if a.baseline_resident is not None:
-        try:
-            resident = _baseline_resident(a, tspec, cuda)
-        except (ConfigError, ValueError) as e:
-            print(f"specoffload bench: error: --baseline-resident: {e}", file=sys.stderr)
-            return 2
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(os.cpu_count() or 1, 4),
-                 object_store_memory=int(os.environ.get("OBJ_STORE", 6 * 2**30 if cuda else 2**30)),
-                 include_dashboard=False)
-    def start(run_plan: Plan, draft_src, what: str):
+        raise BenchError(f"--micro-batches needs a comma list of counts >= 1, got {a.micro_batches!r}") from None
+    return micro
+
+
+class Bench:
+    """The modes of one invocation, run one after another on the same actors."""
+
+    def __init__(self, a, plan, tspec, tsrc):
+        self.a, self.plan, self.tspec, self.tsrc = a, plan, tspec, tsrc
+        self.coord = None
+        self.many_micro = False
+        self.results: list[dict] = []
+        self.gen = torch.Generator().manual_seed(0)
+        self.layer_bytes = tspec.layer_param_count() * 2
+
+    def start(self, run_plan, draft_src, what: str):
         """Coordinator and actors for `run_plan`; one that refuses to start (say the plan does
         not fit the GPU) leaves nothing behind in /dev/shm and raises its own one-line error."""
+        from specoffload.actors.coordinator import Coordinator, wait_ready
+        from specoffload.configs.run_config import RunConfig
+
         t0, run_id = time.perf_counter(), uuid.uuid4().hex[:8]
         c = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
-            ("object", tsrc), tspec, run_plan, draft_src, RunConfig(schedule="none", batch_size=a.batch), run_id, True)
+            ("object", self.tsrc), self.tspec, run_plan, draft_src, RunConfig(schedule="none", batch_size=self.a.batch),
+            run_id, True)
         info = wait_ready(c, run_id)
+        self.coord = c
         print(f"{what} up in {time.perf_counter() - t0:.1f} s: {info}", flush=True)
-        return c
 
-    try:
-        coord = start(plan, None if a.no_draft else ("object", dsrc), "actors")
-    except SpecOffloadError as e:
-        print(f"specoffload bench: error: {e}", file=sys.stderr)
-        ray.shutdown()
-        return 2
-    try:
-        g = torch.Generator().manual_seed(0)
-        results = []
-        layer_bytes = tspec.layer_param_count() * 2
-        runs = [(mode_k, m) for mode_k in modes for m in ([modes[mode_k][4]] if modes[mode_k][4] else micro)]
+    def stop(self, timeout=None):
+        if self.coord is not None:
+            ray.get(self.coord.shutdown.remote(), timeout=timeout)
+            self.coord = None
 
-        def payload(gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
-            """n requests of random prompt tokens, generating max_tokens each."""
-            return [{"rid": i, "prompt_ids": torch.randint(3, tspec.vocab_size, (a.prompt_len,), generator=gen).tolist(),
-                     "params": {"max_tokens": max_tokens, "ignore_eos": True}, "eos": [2]} for i in range(n)]
+    def payload(self, gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
+        """n requests of random prompt tokens, generating max_tokens each."""
+        return [{"rid": i, "prompt_ids": torch.randint(3, self.tspec.vocab_size, (self.a.prompt_len,),
+                                                       generator=gen).tolist(),
+                 "params": {"max_tokens": max_tokens, "ignore_eos": True}, "eos": [2]} for i in range(n)]
 
-        def configure(run_cfg: RunConfig, draft_kv: str):
-            ray.get(coord.set_run_config.remote(run_cfg))
-            # +recompute is the paper's schedule: the draft re-reads each sequence's whole context.
-            kv = replace(plan.draft_kv_policy, placement=draft_kv)
-            ray.get(coord.set_draft_kv.remote(kv.full_context() if kv.rebuilt else kv))
-        if not a.no_warmup:
-            # The first generation on fresh actors pays one-off costs (CUDA and cuBLAS start-up,
-            # allocator growth, first graph captures): a short run of each schedule takes them, so
-            # the mode listed first is not the one charged (in W1 runs 4 and 6, without this, the
-            # first mode had the slowest prefill: 11.4 s against 7.1 s, and 10.0 s against 9.1 s).
-            t = time.perf_counter()
-            wg = torch.Generator().manual_seed(1)
-            for mode, k, draft_kv in dict.fromkeys((v[0], v[1], v[3]) for v in modes.values()):
-                configure(RunConfig(schedule=mode, k=k, k_max=max(k, 8), batch_size=1), draft_kv)
-                ray.get(coord.generate.remote(payload(wg, 2 if mode == "dual" else 1, min(a.gen, 4))))
-            print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
-        def run_mode(mode_k, mode_spec, m, on_gpu: int = a.resident):
-            """on_gpu: target layers the actors keep resident (not streamed per pass)."""
-            mode, k, adaptive, draft_kv, _ = mode_spec
-            n = a.batch if mode == "none" else (a.spec_batch or a.batch)
-            # The dual schedule splits the same sequences into two batches: host memory holds the
-            # target KV of n sequences in every mode.
-            bs = max(n // 2, 1) if mode == "dual" else n
-            n = a.requests or n
-            work = payload(g, n, a.gen)
-            configure(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive,
-                                batch_size=bs, refill=not a.no_refill), draft_kv)
-            ray.get(coord.set_micro_batches.remote(m))
-            if a.trace_dir:
-                ray.get(coord.trace.remote())  # drop spans of earlier modes
-            before = ray.get(coord.stats.remote())
-            t = time.perf_counter()
-            ref, done = coord.generate.remote(work), 0
-            while not ray.wait([ref], timeout=30)[0]:  # a progress line every 30 s: a cut-short run still says something
-                fin, prog = ray.get(coord.poll.remote())
-                done += len(fin)
-                print(f"  {mode_k}: {time.perf_counter() - t:.0f} s, {done}/{n} requests done, "
-                      f"{prog.get('passes', 0)} passes, {prog.get('tokens', 0)} tokens", flush=True)
-            st = ray.get(ref)
-            wall = time.perf_counter() - t
-            ray.get(coord.poll.remote())
-            d = {k: st[k] - before.get(k, 0) if isinstance(st[k], (int, float)) and k in before else st[k] for k in st}
-            # Decode-phase figures: time after prefill. Prefill passes = 1 per batch.
-            passes = st["passes"]
-            copy_s = d.get("weight_copy_s", 0.0)
-            decode_s = st["seconds"] - st["prefill_seconds"]
-            row = {
-                "mode": mode_k, "batch": bs * (2 if mode == "dual" else 1), "requests": n,
-                "batches": st.get("batches"), "wall_s": round(wall, 2), "tokens": st["tokens"],
-                "tokens_per_s": round(st["tokens"] / wall, 1), "decode_tokens_per_s": st["decode_tokens_per_s"],
-                "prefill_s": round(st["prefill_seconds"], 2), "passes": passes,
-                "s_per_pass": round(decode_s / max(passes, 1), 3),
-                # weights streamed per second of decoding, and the copy engine's rate while busy
-                "stream_GBps": round(layer_bytes * (a.target_layers - on_gpu) * passes / decode_s / 1e9, 1) if decode_s > 0 else None,
-                "copy_GBps": round(d.get("weight_bytes", 0) / max(copy_s, 1e-9) / 1e9, 1) if copy_s else None,
-                "acceptance": st.get("acceptance"), "tokens_per_seq_pass": st.get("tokens_per_seq_pass"),
-                "k_mean": st.get("k_mean"),
-                "gpu_busy": round((d.get("target_s", 0) + d.get("draft_s", 0)) / wall, 3),
-                "gpu_busy_decode": round((d.get("target_s", 0) + d.get("draft_s", 0)) / max(decode_s, 1e-9), 3),
-                "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
-                "draft_gpu_s": round(d.get("draft_s", 0), 2), "copy_s": round(copy_s, 2),
-                "draft_graph_steps": d.get("draft_graph_steps", 0),
-                # the executor's peak device memory so far (the cap bounds it)
-                "gpu_peak_gib": round(ray.get(coord.memory.remote()).get("max_allocated", 0) / 2**30, 2),
-            }
-            row["micro_batches"] = m
-            if len(micro) > 1 and mode_spec[4] is None:
-                row["mode"] = f"{mode_k}/m{m}"
-            results.append(row)
-            print(json.dumps(row), flush=True)
-            if a.trace_dir:
-                os.makedirs(a.trace_dir, exist_ok=True)
-                name = row["mode"].replace("/", "_").replace("@", "_k").replace("+", "_")  # plain file names
-                with open(os.path.join(a.trace_dir, f"trace_{name}.json"), "w") as f:
-                    json.dump(ray.get(coord.trace.remote()), f)
+    def configure(self, run_cfg, draft_kv: str):
+        ray.get(self.coord.set_run_config.remote(run_cfg))
+        # +recompute is the paper's schedule: the draft re-reads each sequence's whole context.
+        kv = replace(self.plan.draft_kv_policy, placement=draft_kv)
+        ray.get(self.coord.set_draft_kv.remote(kv.full_context() if kv.rebuilt else kv))
 
-        for mode_k, m in runs:
-            run_mode(mode_k, modes[mode_k], m)
-        ray.get(coord.shutdown.remote())
-        if resident:
-            # The fair non-speculative baseline: the same engine with the GPU memory the draft would
-            # use holding target layers instead (fewer streamed per pass). Its own actors, since an
-            # executor's resident layers are fixed when it starts.
-            # Two slots, as the planner's count assumes (the speculative modes' --slots may be more).
-            coord = None
-            try:
-                coord = start(replace(plan, gpu_layers=tuple(range(resident)), num_slots=2), None, "baseline actors")
-            except SpecOffloadError as e:  # the modes already run still get their table and JSON
-                baseline_error = f"the baseline keeping {resident} layers did not start: {e}"
-            else:
-                if not a.no_warmup:
-                    configure(RunConfig(schedule="none", batch_size=1), "gpu")
-                    ray.get(coord.generate.remote(payload(torch.Generator().manual_seed(1), 1, min(a.gen, 4))))
-                run_mode(f"none+r{resident}", ("none", a.k, False, "gpu", None), 1, resident)  # k unused without a draft
-                ray.get(coord.shutdown.remote())
-    except BaseException:
-        # A run cut short (an error, Ctrl-C) must not leave the loader's weights in /dev/shm:
-        # a crashed tiny run left 3 GB there each time, and the next run was killed for memory.
+    def warm_up(self, modes: dict):
+        """A short untimed run of each schedule: the first generation on fresh actors pays
+        one-off costs (CUDA start-up, allocator growth, first graph captures), which would
+        otherwise be charged to the mode listed first."""
+        from specoffload.configs.run_config import RunConfig
+
+        t = time.perf_counter()
+        wg = torch.Generator().manual_seed(1)
+        for mode, k, draft_kv in dict.fromkeys((v[0], v[1], v[3]) for v in modes.values()):
+            self.configure(RunConfig(schedule=mode, k=k, k_max=max(k, 8), batch_size=1, refill=not self.a.no_refill),
+                           draft_kv)
+            ray.get(self.coord.generate.remote(self.payload(wg, 2 if mode == "dual" else 1, min(self.a.gen, 4))))
+        print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
+
+    def run_mode(self, label: str, mode_spec: tuple, m: int, on_gpu: int):
+        """One timed mode; on_gpu: target layers the actors keep resident (not streamed)."""
+        from specoffload.configs.run_config import RunConfig
+
+        a, coord = self.a, self.coord
+        mode, k, adaptive, draft_kv, _ = mode_spec
+        n = a.batch if mode == "none" else (a.spec_batch or a.batch)
+        # The dual schedule splits the same sequences into two batches: host memory holds the
+        # target KV of n sequences in every mode.
+        bs = max(n // 2, 1) if mode == "dual" else n
+        n = a.requests or n
+        work = self.payload(self.gen, n, a.gen)
+        # Refill unless --no-refill, unlike LLM: --requests beyond a batch measures a stream
+        # that keeps the batch full.
+        self.configure(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive,
+                                 batch_size=bs, refill=not a.no_refill), draft_kv)
+        ray.get(coord.set_micro_batches.remote(m))
+        if a.trace_dir:
+            ray.get(coord.trace.remote())  # drop spans of earlier modes
+        before = ray.get(coord.stats.remote())
+        t = time.perf_counter()
+        ref, done = coord.generate.remote(work), 0
+        while not ray.wait([ref], timeout=30)[0]:  # a progress line every 30 s: a cut-short run still says something
+            fin, prog = ray.get(coord.poll.remote())
+            done += len(fin)
+            print(f"  {label}: {time.perf_counter() - t:.0f} s, {done}/{n} requests done, "
+                  f"{prog.get('passes', 0)} passes, {prog.get('tokens', 0)} tokens", flush=True)
+        st = ray.get(ref)
+        wall = time.perf_counter() - t
+        ray.get(coord.poll.remote())
+        row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, on_gpu)
+        row["micro_batches"] = m
+        if self.many_micro and mode_spec[4] is None:
+            row["mode"] = f"{label}/m{m}"
+        self.results.append(row)
+        print(json.dumps(row), flush=True)
+        if a.trace_dir:
+            os.makedirs(a.trace_dir, exist_ok=True)
+            name = row["mode"].replace("/", "_").replace("@", "_k").replace("+", "_")  # plain file names
+            with open(os.path.join(a.trace_dir, f"trace_{name}.json"), "w") as f:
+                json.dump(ray.get(coord.trace.remote()), f)
+
+    def _row(self, label, st: dict, before: dict, wall: float, batch: int, n: int, on_gpu: int) -> dict:
+        """A mode's figures; decode figures count the time after prefill (one prefill pass per batch)."""
+        d = {k: st[k] - before.get(k, 0) if isinstance(st[k], (int, float)) and k in before else st[k] for k in st}
+        passes = st["passes"]
+        copy_s = d.get("weight_copy_s", 0.0)
+        decode_s = st["seconds"] - st["prefill_seconds"]
+        streamed = self.layer_bytes * (self.a.target_layers - on_gpu) * passes
+        return {
+            "mode": label, "batch": batch, "requests": n,
+            "batches": st.get("batches"), "wall_s": round(wall, 2), "tokens": st["tokens"],
+            "tokens_per_s": round(st["tokens"] / wall, 1), "decode_tokens_per_s": st["decode_tokens_per_s"],
+            "prefill_s": round(st["prefill_seconds"], 2), "passes": passes,
+            "s_per_pass": round(decode_s / max(passes, 1), 3),
+            # weights streamed per second of decoding, and the copy engine's rate while busy
+            "stream_GBps": round(streamed / decode_s / 1e9, 1) if decode_s > 0 else None,
+            "copy_GBps": round(d.get("weight_bytes", 0) / max(copy_s, 1e-9) / 1e9, 1) if copy_s else None,
+            "acceptance": st.get("acceptance"), "tokens_per_seq_pass": st.get("tokens_per_seq_pass"),
+            "k_mean": st.get("k_mean"),
+            "gpu_busy": round((d.get("target_s", 0) + d.get("draft_s", 0)) / wall, 3),
+            "gpu_busy_decode": round((d.get("target_s", 0) + d.get("draft_s", 0)) / max(decode_s, 1e-9), 3),
+            "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
+            "draft_gpu_s": round(d.get("draft_s", 0), 2), "copy_s": round(copy_s, 2),
+            "draft_graph_steps": d.get("draft_graph_steps", 0),
+            # the executor's peak device memory so far (the cap bounds it)
+            "gpu_peak_gib": round(ray.get(self.coord.memory.remote()).get("max_allocated", 0) / 2**30, 2),
+        }
+
+    def baseline(self, resident: int) -> str | None:
+        """The fair non-speculative baseline: `none` on actors of its own (an executor's
+        resident layers are fixed when it starts) that keep `resident` target layers in the
+        GPU memory a draft would use, with two slots as the planner counts. Returns why it did
+        not start, if it did not (the modes already run still get their table)."""
+        from specoffload.configs.run_config import RunConfig
+        from specoffload.errors import SpecOffloadError
+
         try:
-            if coord is not None:
-                ray.get(coord.shutdown.remote(), timeout=120)
-        except Exception:  # noqa: BLE001 - already shut down, or the actor is gone
-            pass
-        raise
+            self.start(replace(self.plan, gpu_layers=tuple(range(resident)), num_slots=2), None, "baseline actors")
+        except SpecOffloadError as e:
+            return f"the baseline keeping {resident} layers did not start: {e}"
+        if not self.a.no_warmup:
+            self.configure(RunConfig(schedule="none", batch_size=1, refill=not self.a.no_refill), "gpu")
+            ray.get(self.coord.generate.remote(self.payload(torch.Generator().manual_seed(1), 1, min(self.a.gen, 4))))
+        run = ("none", self.a.k, False, "gpu", None)  # k unused without a draft
+        self.run_mode(f"none+r{resident}", run, 1, resident)
+        self.stop()
+        return None
+
+
+def print_table(a, results: list[dict], layer_bytes: int, resident: int | None):
     base = next((r for r in results if r["mode"].split("/")[0] == "none"), None)
     print(f"\nW1 (target {a.target_layers} layers, {layer_bytes / 1e9:.2f} GB/layer, {a.resident} resident, draft "
           f"{a.draft_layers} layers{' fp8' if a.draft_fp8 else ''}, cap {a.gpu_memory}, prompt {a.prompt_len}, "
@@ -332,13 +336,70 @@ def main(argv=None):
               ", ".join(f"{r['mode']} {r['tokens_per_s'] / fair['tokens_per_s']:.2f}x e2e "
                         f"{r['decode_tokens_per_s'] / fair['decode_tokens_per_s']:.2f}x decode"
                         for r in results if r is not fair))
+
+
+def main(argv=None):
+    try:
+        return _main(argv)
+    except BenchError as e:
+        print(f"specoffload bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv):
+    from specoffload.errors import ConfigError, SpecOffloadError
+    from specoffload.sources.constructed import constructed_pair, mistral_7b, mixtral_8x7b
+
+    a = _options(argv)
+    tspec, dspec = mixtral_8x7b(a.target_layers), mistral_7b(a.draft_layers)
+    tsrc, dsrc = constructed_pair(tspec, dspec, a.agreement)
+    cuda = torch.cuda.is_available()
+    plan = _plan(a, cuda)
+    try:
+        modes = parse_modes(a.modes, a.k)
+    except ValueError as e:
+        raise BenchError(e) from None
+    micro = _micro_batches(a)
+    resident, baseline_error = None, None
+    if a.baseline_resident is not None:
+        try:
+            resident = _baseline_resident(a, tspec, cuda)
+        except (ConfigError, ValueError) as e:
+            raise BenchError(f"--baseline-resident: {e}") from None
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4),
+                 object_store_memory=int(os.environ.get("OBJ_STORE", 6 * 2**30 if cuda else 2**30)),
+                 include_dashboard=False)
+    bench = Bench(a, plan, tspec, tsrc)
+    bench.many_micro = len(micro) > 1  # then each mode's label names its micro-batch count
+    try:
+        bench.start(plan, None if a.no_draft else ("object", dsrc), "actors")
+    except SpecOffloadError as e:
+        ray.shutdown()
+        raise BenchError(e) from None
+    try:
+        if not a.no_warmup:
+            bench.warm_up(modes)
+        for label, spec in modes.items():
+            for m in [spec[4]] if spec[4] else micro:
+                bench.run_mode(label, spec, m, a.resident)
+        bench.stop()
+        if resident:
+            baseline_error = bench.baseline(resident)
+    except BaseException:
+        # A run cut short (an error, Ctrl-C) must not leave the loader's weights in /dev/shm.
+        try:
+            bench.stop(timeout=120)
+        except Exception:  # noqa: BLE001 - already shut down, or the actor is gone
+            pass
+        raise
+    print_table(a, bench.results, bench.layer_bytes, resident)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "results": results}, f, indent=1)
+            json.dump({"args": vars(a), "results": bench.results}, f, indent=1)
     ray.shutdown()
     if baseline_error:
-        print(f"specoffload bench: error: {baseline_error}", file=sys.stderr)
-        return 2
+        raise BenchError(baseline_error)
     return 0
 
 

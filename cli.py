@@ -40,11 +40,9 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--draft-kv-fp8", action="store_true", help="store the windowed draft KV cache in fp8")
     p.add_argument("--draft-fp8", action="store_true", help="keep the draft checkpoint's layer matrices in fp8 "
                    "(half its GPU memory; output stays the target's, acceptance may change)")
-    p.add_argument("--draft-kv", choices=PLACEMENTS,
-                   help="gpu: the draft's KV cache stays on the GPU (default); host: kept in host memory, "
-                        "visiting the GPU a prefill batch at a time each round; recompute: rebuilt every "
-                        "round from each sequence's tokens, a prefill batch at a time (the paper's "
-                        "schedule when the draft KV of a whole batch does not fit)")
+    p.add_argument("--draft-kv", choices=tuple(PLACEMENTS),
+                   help="where the draft's KV cache lives: " + "; ".join(f"{k}: {v}" for k, v in PLACEMENTS.items())
+                   + " (default: gpu)")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the executor computes (default: cuda if available)")

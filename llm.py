@@ -21,7 +21,6 @@ from .configs.sampling_params import SamplingParams
 from .errors import CapacityError, CheckpointError, ConfigError
 from .models.spec import ModelSpec, load_spec
 from .placement.hardware import mem_available as _host_memory_available  # tests patch this name
-from .placement.plan import Plan
 from .scheduler.request import CompletionOutput, Request, RequestOutput
 
 

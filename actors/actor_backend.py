@@ -119,8 +119,7 @@ class ActorBackend:
             return ray.get(handle)
         except Exception:
             # The head reports the prefill's first error; the K/V stores queued behind it failed
-            # with it. Collect them, so that Ray does not log each one as an unhandled error
-            # (a W1 run that ran out of memory printed ~100 copies of the same message).
+            # with it. Collect them, so that Ray does not log each one as an unhandled error.
             if stores:
                 ray.wait(stores, num_returns=len(stores), timeout=30)
                 for r in stores:

@@ -4,9 +4,8 @@ through a shared-memory buffer set up once per (batch, micro-batch) instead of R
 Every layer of a verification pass sends q/k/v to the CPU worker (~28 MB for W1's 192
 sequences x 12 tokens) and brings the attention output back (~19 MB). Through the object
 store each direction is a copy into plasma, and the output takes one more copy into pinned
-memory before it can go to the GPU: in W1 run 9's trace, gaps of 4.0 ms before and 12.7 ms
-after each layer's ~30 ms of attention, in a chain that must fit under a 53 ms weight copy
-(run 10, through mailboxes: 2.8 and 8.6 ms; scripts/trace_layer_chain.py, docs/benchmarks.md).
+memory before it can go to the GPU; those copies widen the gaps around attention in a chain
+that must fit under a layer's weight copy (docs/benchmarks.md, scripts/trace_layer_chain.py).
 
 A `Mailbox` is one /dev/shm file with four regions (q, k, v, out), page-locked on the
 executor: the executor DMAs q/k/v straight into it, the worker reads them in place and writes

@@ -73,12 +73,9 @@ def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale
     and V scales, see ring_cache.py).
 
     Grouped-query attention as Hkv heads of G * n_q query rows (the G query heads that share a
-    K/V head become extra rows), so K/V are never expanded G-fold. SDPA's `enable_gqa` on
-    packed queries took 43.4-46.9 ms per layer on the CPU where this takes 32.0-34.2,
-    1.35-1.37x (scripts/profile_cpu_attention.py --passes 16: 48 sequences x 12 queries x 640
-    keys, bf16, 2 cores, both in the same run; identical output), and the CPU attention of a
-    verification pass is what bounds its layers once k is large (W1 run 7 trace: 43 ms per
-    layer against a 53 ms weight copy).
+    K/V head become extra rows), so K/V are never expanded G-fold: faster on the CPU than SDPA's
+    `enable_gqa`, with identical output, and CPU attention bounds a verification pass's layers
+    once k is large (figures: docs/benchmarks.md, scripts/profile_cpu_attention.py).
     """
     T, Hq, d = q.shape
     B, Hkv = cache_k.shape[:2]

@@ -2,9 +2,10 @@
 
 Why: on W1 the draft (a Mistral-7B shape, 14 GB in bf16) takes over half of the 24 GiB the
 GPU is allowed; in fp8 it takes half that, and the memory freed holds more weight slots, which
-load the next pass's layers while the draft runs (W1 run 16: 1.78 s per round against 1.94). Only the draft is quantized: the target verifies
-every token in its own dtype, so output stays the target's exactly; what fp8 can change is
-how often the draft agrees (measure it: scripts/measure_acceptance.py --draft-fp8).
+load the next pass's layers while the draft runs (docs/benchmarks.md). Only the draft is
+quantized: the target verifies every token in its own dtype, so output stays the target's
+exactly; what fp8 can change is how often the draft agrees (measure it:
+scripts/measure_acceptance.py --draft-fp8).
 
 A matmul quantizes its input per row (token) to fp8 as well and runs `torch._scaled_mm`
 (fp8 tensor cores on Hopper; torch's CPU build emulates it, correct but ~100x slower than

@@ -163,7 +163,7 @@ def _grouped_mm_works(x: torch.Tensor) -> bool:
 
 # Bytes of one expert intermediate ([pairs, I]) that a grouped matmul makes at once. All of a
 # prefill sub-batch in one go (16 x 512 tokens, top-2, Mixtral's 14336-wide experts) needs
-# ~1.3 GiB of them, which W1's 24 GiB cap did not have (out of memory, session 6); the loop
+# ~1.3 GiB of them, more than W1's 24 GiB cap leaves; the loop
 # peaks at one expert's rows. Chunks are ranges of the expert-sorted pairs, so their group
 # boundaries come from the same device-side counts, and tokens still add experts in order.
 MOE_CHUNK_BYTES = 64 << 20

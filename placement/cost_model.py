@@ -8,7 +8,7 @@ batch runs as many rounds as its slowest sequence needs; that is simulated (acce
 per-token probability), not taken from the mean, since the tail is most of the gap between the
 mean and what W1 measured.
 
-The constants below are the parts the measured figures do not give; each names its source.
+The constants below are the parts the measured figures do not give.
 """
 
 from __future__ import annotations
@@ -27,33 +27,26 @@ GiB = 1 << 30
 
 @dataclass(frozen=True)
 class CostModel:
-    # Per target layer and pass: GPU launches, the q/k/v and output transfers and Ray's
-    # messages, independent of tokens (W1 run 11 traces, `none`: 0.1 + 3.0 + 1.9 ms of gaps and
-    # qkv, 7.5 ms FFN for 192 tokens that is launch- and routing-bound).
+    # Fitted to W1's traces and profiles; where each figure comes from: docs/benchmarks.md,
+    # "The cost model's constants".
+    # Per target layer and pass: GPU launches, q/k/v and output transfers and Ray's messages,
+    # which do not grow with tokens.
     layer_fixed_s: float = 0.0125
-    # Share of the measured matmul rate that the target's FFN and the draft reach (W1 run 11:
-    # 2304-token verification FFN 10.4 ms against 7.5 ms at 192 tokens).
+    # Share of the measured matmul rate that the target's FFN and the draft reach.
     gpu_efficiency: float = 0.6
-    # Per draft step and layer: launches that CUDA graphs do not remove (session 4: 12.0 ms per
-    # step for 192 sequences, bf16 ring, against ~9 ms of bytes and arithmetic).
+    # Per draft step and layer: launches that CUDA graphs do not remove.
     draft_layer_fixed_s: float = 0.0001
-    # Widening an fp8 ring to bf16 runs far below the memory bandwidth (session 4's kernel
-    # table: 89 us per K or V tensor per layer, 18.3 against 12.0 ms per step).
+    # Widening an fp8 ring to bf16 runs far below the memory bandwidth.
     fp8_widen_efficiency: float = 0.17
-    # Per round: the draft's first, eager step over the accepted tokens (W1 traces, ~34 ms).
+    # Per round: the draft's first, eager step over the accepted tokens.
     draft_round_fixed_s: float = 0.034
     # Per round, between the last layer's copy and the first draft step: that layer's chain,
-    # the head, acceptance and the messages (W1: round = copy + drafting + this - what the slots
-    # prefetch meanwhile; run 11, 2 slots: 1.943 = 1.712 + 0.231 + 0.107 - 0.107; run 16, 4
-    # slots: 1.780 = 1.712 + 0.168 + 0.114 - 0.214).
+    # the head, acceptance and the messages.
     round_tail_s: float = 0.11
-    # Per draft layer and step with fp8 matrices: quantizing each matmul's input (H200,
-    # profile_draft at batch 192: fp8 steps took 1.8-2.0 ms longer than bf16 ones although
-    # they read 7 GB less).
+    # Per draft layer and step with fp8 matrices: quantizing each matmul's input.
     fp8_matmul_layer_fixed_s: float = 0.00012
     # Device memory beside weights and caches: allocator slack, CUDA graph pools, the MoE
-    # chunks, plus per prefill token its activations (W1: run 11 peaked at 22.62 GiB with
-    # ~20.9 GiB of weights and caches; runs 12-13 ran out with a bf16 ring).
+    # chunks, plus per prefill token its activations.
     workspace_bytes: int = int(1.25 * GiB)
     prefill_bytes_per_token_hidden: int = 12  # x hidden x dtype bytes, per prefill token
     # Host memory kept free for Ray's object store, the processes and the OS.

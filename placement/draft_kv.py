@@ -1,15 +1,9 @@
 """Where the draft's KV cache lives and what it holds: one frozen, self-checking value that
 the planner, the CLI, the bench and the speculation engine all read.
 
-    gpu        on the device for the whole run
-    host       in host memory; each round a prefill batch of sequences at a time visits
-               the device and goes back
-    recompute  nowhere: rebuilt every round from each sequence's tokens, a prefill batch at a
-               time (the paper's answer when the draft KV of a batch does not fit)
-
-`window` W: the draft attends over only the last W tokens (its cache a ring), plus each
-sequence's first `sinks` tokens; `fp8` stores that ring in fp8. No torch here: the CLI and
-the planner import it.
+`placement` is one of PLACEMENTS; `window` W: the draft attends over only the last W tokens
+(its cache a ring), plus each sequence's first `sinks` tokens; `fp8` stores that ring in fp8.
+No torch here: the CLI and the planner import it.
 """
 
 from __future__ import annotations
@@ -18,7 +12,13 @@ from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
 
-PLACEMENTS = ("gpu", "host", "recompute")
+# name -> where the draft's KV lives (the CLI's help says it)
+PLACEMENTS = {
+    "gpu": "on the GPU for the whole run",
+    "host": "in host memory, visiting the GPU a prefill batch of sequences at a time each round",
+    "recompute": "nowhere: rebuilt every round from each sequence's tokens, a prefill batch at a time "
+                 "(the paper's schedule when the draft KV of a whole batch does not fit)",
+}
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from .hardware import Hardware
 from .plan import Plan
 
 WINDOWS = (64, 128, 256)
-# Most weight slots a plan gets: 4 hid drafting as the model says (W1 run 16: 1.780 s per round,
-# 1.78 predicted); a 5th did not (run 19: 1.871 against 1.78), for reasons not yet known.
+# Most weight slots a plan gets: up to 4 hid drafting as the cost model says on W1, a 5th did
+# not, for reasons not yet known (docs/benchmarks.md).
 MAX_SLOTS = 4
 SINKS = 4
 K_MAX = 16

@@ -7,9 +7,8 @@ Mixtral-8x7B's attention shape (32 query heads, 8 KV heads, head dim 128), bf16 
 CPU attention actor holds it. Prints the median milliseconds per layer over `--passes` passes of
 - "engine": what the worker does, attention written straight into the output buffer it sends
   back (a mailbox's `out`, actors/mailbox.py);
-- "engine + copy": attention into a fresh tensor, then copied into that buffer (session 5's
-  run 10);
-- "sdpa enable_gqa": SDPA's `enable_gqa` on packed queries (before session 4), then the copy;
+- "engine + copy": attention into a fresh tensor, then copied into that buffer;
+- "sdpa enable_gqa": SDPA's `enable_gqa` on packed queries, then the copy;
 all in the same run, pass by pass, and the ratios.
 """
 

@@ -63,9 +63,8 @@ class GraphedDraftStep:
         """Record one step. Like `torch.cuda.graph(...)` minus its explicit device synchronize
         (which waits for the weight copies in flight, up to two 2.9 GB layers) and its flush of
         pinned host blocks. The allocator's cache is still emptied first (freeing blocks may
-        itself wait for the device): a capture only allocates into its own pool, and under the
-        GPU cap it otherwise ran out of memory (W1 run 7, the first recapture after sequences
-        finished)."""
+        itself wait for the device): a capture only allocates into its own pool, and under a GPU
+        cap a recapture can otherwise run out of memory."""
         torch.cuda.empty_cache()
         g = torch.cuda.CUDAGraph()
         cur = torch.cuda.current_stream(self.model.device)
