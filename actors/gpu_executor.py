@@ -17,13 +17,13 @@ import torch
 
 from ..errors import CapacityError, ConfigError
 from ..models.attention import KVCache, pack_index
+from ..models.forward import Forward
 from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.host_io import packed, to_device, to_host
-from ..models.forward import Forward
 from ..models.resident import ResidentModel, last_index
-from ..sources.open import open_source
 from ..placement.draft_kv import DraftKV
 from ..placement.plan import Plan, split_range
+from ..sources.open import open_source
 from ..speculation.runner import SpecRunner
 from .disk_tier import DiskTier
 from .mailbox import ExecutorMailboxes

@@ -7,8 +7,8 @@ from functools import partial
 import torch
 
 from .attention import KVCache, pack_index
-from .fp8_weights import layer_nbytes, quantize_layer
 from .forward import Forward
+from .fp8_weights import layer_nbytes, quantize_layer
 from .spec import ModelSpec
 
 

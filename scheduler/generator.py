@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..configs.run_config import RunConfig
-from .request import Request
 from ..speculation.sampler import SamplingTensors
+from .request import Request
 from .schedule import PassTimes, Step, alpha_from_accepted, choose_k, steps
 
 

@@ -17,10 +17,10 @@ from specoffload.configs.sampling_params import SamplingParams
 from specoffload.models.attention import KVCache, pack_index
 from specoffload.models.checkpoint import Checkpoint
 from specoffload.models.resident import ResidentModel
-from specoffload.speculation.runner import SpecRunner
 from specoffload.scheduler.generator import Generator
 from specoffload.scheduler.reference_backend import ReferenceBackend
 from specoffload.scheduler.request import Request
+from specoffload.speculation.runner import SpecRunner
 from specoffload.speculation.sampler import SamplingTensors
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -20,10 +20,10 @@ from specoffload.models.fp8_weights import Fp8Weight, quantize_layer
 from specoffload.models.layers import post_attention, pre_attention, rope_cos_sin
 from specoffload.models.resident import ResidentModel
 from specoffload.models.spec import load_spec
-from specoffload.speculation.runner import SpecRunner
 from specoffload.scheduler.generator import Generator
 from specoffload.scheduler.reference_backend import ReferenceBackend
 from specoffload.scheduler.request import Request
+from specoffload.speculation.runner import SpecRunner
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 tensor cores need a GPU")
 

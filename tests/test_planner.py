@@ -11,12 +11,12 @@ import pytest
 
 from specoffload.cli import main as cli_main
 from specoffload.errors import CapacityError, ConfigError
-from specoffload.sources.constructed import mistral_7b, mixtral_8x7b
 from specoffload.placement import cost_model as cm
 from specoffload.placement.hardware import Hardware, measure
 from specoffload.placement.plan import Plan
 from specoffload.placement.planner import Workload, plan
 from specoffload.scheduler.schedule import expected_tokens
+from specoffload.sources.constructed import mistral_7b, mixtral_8x7b
 
 H200 = Path(__file__).resolve().parents[1] / "configs" / "hardware" / "h200_design.json"
 W1 = Workload(512, 128, 192, 0.8)
