@@ -22,9 +22,9 @@ class EngineArgs:
     device: str = "auto"  # without a plan: "cuda" if there is one, else "cpu"
     gpu_memory: int | str | None = None  # without a plan: the executor's memory cap
     schedule: str | None = None  # "single" with a draft, else "none" (or the planner's)
-    k: int | None = None  # draft tokens per round: 4 (or the planner's)
+    k: int | None = None  # draft tokens per round: RunConfig's (or the planner's)
     adaptive_k: bool | None = None  # off (or the planner's)
-    batch_size: int | None = None  # the plan's, 64 without one
+    batch_size: int | None = None  # the plan's (Plan's default without one)
     dtype: str | None = None  # the checkpoint's
     draft_window: int | None = None  # with draft_kv_fp8: replace the plan's ring
     draft_kv_fp8: bool = False
@@ -76,7 +76,7 @@ class EngineArgs:
                 import torch
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            p = Plan(device=device, gpu_memory=self.gpu_memory, batch_size=self.batch_size or 64)
+            p = Plan(device=device, gpu_memory=self.gpu_memory, batch_size=self.batch_size or Plan.batch_size)
         if self.batch_size is not None and p.batch_size != self.batch_size:
             p = replace(p, batch_size=self.batch_size)
         if self.draft_window is not None or self.draft_kv_fp8:
@@ -99,7 +99,7 @@ class EngineArgs:
         schedule = self.schedule or chosen.get("schedule") or ("single" if has_draft else "none")
         if schedule != "none" and not has_draft:
             raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
-        k = self.k if self.k is not None else chosen.get("k", 4)
+        k = self.k if self.k is not None else chosen.get("k", RunConfig.k)
         adaptive_k = bool(self.adaptive_k if self.adaptive_k is not None else chosen.get("adaptive_k"))
         return RunConfig(schedule=schedule, k=k, k_max=max(k, 8), adaptive_k=adaptive_k, batch_size=batch_size,
                          refill=self.refill)
