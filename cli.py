@@ -222,7 +222,10 @@ def run_generate(args, prog: str = "specoffload") -> int:
     try:
         if llm.plan_choice is not None:
             b = llm.plan_choice.best
+            for why in getattr(llm, "refused", []):
+                print(f"plan auto: a faster candidate did not start ({why}); fell back", file=sys.stderr)
             print(f"plan auto: {b.label()}, batch {b.batch}, {b.resident} resident / {b.disk} disk layers, "
+                  f"{b.slots} slots, {b.gpu_bytes / 2**30:.2f} GiB GPU predicted, "
                   f"{b.tokens_per_s:.1f} tok/s predicted at acceptance {args.acceptance}", file=sys.stderr)
         if llm.engine == "ray":
             import ray
@@ -244,6 +247,9 @@ def run_generate(args, prog: str = "specoffload") -> int:
             f"({s.get('tokens_per_s', 0)} tok/s)")
     if s.get("acceptance") is not None:
         line += f", acceptance {s['acceptance']:.2f}, {s['tokens_per_seq_pass']:.2f} tokens/sequence/pass"
+    g = s.get("gpu_memory")
+    if g:
+        line += f", GPU peak {g['peak_in_use'] / 2**30:.2f} GiB" + (f" of {g['cap'] / 2**30:.2f}" if g["cap"] else "")
     if args.out:
         line += f"; results in {args.out}"
     print(line, file=sys.stderr, flush=True)

@@ -89,15 +89,12 @@ class LLM:
             dspec = self.draft_spec = load_spec(ddir, dtype=self.spec.dtype)
             check_same_vocab(self.model_dir, self.tokenizer, ddir, dspec, self.spec)
             self.draft_desc = ("checkpoint", str(ddir), self.spec.dtype)
-        chosen = None
+        chosen, fallbacks = None, []  # fallbacks: the planner's next candidates, if its choice does not start
         if plan == "auto":  # the planner measures this machine and chooses (placement/planner.py)
-            plan, chosen = self._auto_plan()
-        self.plan = self.args.plan_from(plan, self.spec.num_layers)
-        if self.plan.draft_fp8 and not (self.draft_desc and self.draft_desc[0] == "checkpoint"):
-            from .models.fp8_weights import SELF_DRAFT_REFUSAL
-
-            raise ConfigError(SELF_DRAFT_REFUSAL)
-        self.run_cfg = self.args.run_config(self.plan.batch_size, self.draft_desc is not None, chosen)
+            plan, chosen, fallbacks = self._auto_plan()
+        self.plan, self.run_cfg = self._settle(plan, chosen)
+        # What the caller set stays set in every fallback (EngineArgs over the candidate's options).
+        self._fallbacks = [self._settle(fp, o) + (c,) for fp, o, c in fallbacks]
         self.engine, self.progress = self.args.engine, self.args.progress
         self._next_rid = 0
         self.last_stats: dict = {}
@@ -109,10 +106,11 @@ class LLM:
     # -- setup -----------------------------------------------------------------------------
     def _auto_plan(self):
         """Measure this machine, plan for the workload (default: 64 requests of 256 prompt
-        tokens and 128 new at acceptance 0.7); returns (Plan, run options). The planner may
-        choose an fp8 draft where that is faster; draft_fp8 True insists on it."""
+        tokens and 128 new at acceptance 0.7); returns (Plan, run options, fallbacks: (Plan,
+        run options, Candidate) of the next candidates that need less GPU memory). The planner
+        may choose an fp8 draft where that is faster; draft_fp8 True insists on it."""
         from .placement.hardware import measure
-        from .placement.planner import Workload, plan
+        from .placement.planner import Workload, plan, to_plan
 
         a = self.args
         workload = a.workload or Workload(min(256, self.spec.max_positions // 2),
@@ -121,7 +119,19 @@ class LLM:
         choice = plan(self.spec, self.draft_spec, measure(a.device, a.gpu_memory), workload,
                       self_layers=self_layers, draft_fp8=True if a.draft_fp8 else None)
         self.plan_choice = choice
-        return choice.plan, choice.run_options()  # plan_from applies an explicit batch_size
+        fallbacks = [(to_plan(c, self.spec, choice.hardware), choice.run_options(c), c)
+                     for c in choice.fallbacks()]
+        return choice.plan, choice.run_options(), fallbacks  # plan_from applies an explicit batch_size
+
+    def _settle(self, plan, chosen: dict | None = None):
+        """(Plan, RunConfig) of a plan (a file, dict, Plan or None) and the planner's run options
+        (`chosen`), with this LLM's arguments over them."""
+        p = self.args.plan_from(plan, self.spec.num_layers)
+        if p.draft_fp8 and not (self.draft_desc and self.draft_desc[0] == "checkpoint"):
+            from .models.fp8_weights import SELF_DRAFT_REFUSAL
+
+            raise ConfigError(SELF_DRAFT_REFUSAL)
+        return p, self.args.run_config(p.batch_size, self.draft_desc is not None, chosen)
 
     def _start_reference(self):
         from .models.checkpoint import Checkpoint
@@ -154,8 +164,16 @@ class LLM:
         self.coordinator = ray.remote(Coordinator).options(
             name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
         ).remote(("checkpoint", str(self.model_dir), self.spec.dtype), self.spec, self.plan,
-                 self.draft_desc, self.run_cfg, self.run_id, self.progress)
+                 self.draft_desc, self.run_cfg, self.run_id, self.progress,
+                 tuple((p, cfg) for p, cfg, _ in self._fallbacks))
         self.info = wait_ready(self.coordinator, self.run_id)
+        self.refused = self.info.pop("refused", [])
+        if self.refused:  # a fallback started: the run follows it
+            started = self.info["plan"], self.info["run_config"]
+            for p, cfg, c in self._fallbacks:
+                if (p, cfg) == started:
+                    self.plan, self.run_cfg = p, cfg
+                    self.plan_choice = replace(self.plan_choice, best=c)
         # The loader's /dev/shm files hold the whole target: never leave them behind because a
         # script forgot shutdown() (at exit Ray kills the actors before they could clean up).
         import atexit
@@ -285,6 +303,7 @@ class LLM:
             if ready:
                 stats = ray.get(ref)
                 drain()
+                stats["gpu_memory"] = ray.get(self.coordinator.memory.remote())  # {} on a CPU executor
                 return stats
 
     def trace(self) -> dict:
