@@ -220,18 +220,7 @@ def run_generate(args, prog: str = "specoffload") -> int:
             out_f.close()
         raise
     try:
-        if llm.plan_choice is not None:
-            b = llm.plan_choice.best
-            for why in getattr(llm, "refused", []):
-                print(f"plan auto: a faster candidate did not start ({why}); fell back", file=sys.stderr)
-            print(f"plan auto: {b.label()}, batch {b.batch}, {b.resident} resident / {b.disk} disk layers, "
-                  f"{b.slots} slots, {b.gpu_bytes / 2**30:.2f} GiB GPU predicted, "
-                  f"{b.tokens_per_s:.1f} tok/s predicted at acceptance {args.acceptance}", file=sys.stderr)
-        if llm.engine == "ray":
-            import ray
-
-            print(f"{prog}: {len(prompts)} prompts on Ray cluster {ray.get_runtime_context().gcs_address}, engine "
-                  f"run id {llm.run_id} (dashboard metrics tag run={llm.run_id})", file=sys.stderr, flush=True)
+        _announce(llm, prog, len(prompts), args.acceptance)
         inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
         outs = generate_writing(llm, prompts, inputs, params, out_f)
         if args.trace:
@@ -242,18 +231,37 @@ def run_generate(args, prog: str = "specoffload") -> int:
         llm.shutdown()
     if not args.out:
         print_texts(prompts, outs)
-    s = llm.last_stats
-    line = (f"{prog}: {len(outs)} requests, {s.get('tokens', 0)} tokens in {s.get('seconds', 0):.2f} s "
+    print(summary_line(prog, len(outs), llm.last_stats, args.out), file=sys.stderr, flush=True)
+    return 0
+
+
+def _announce(llm, prog: str, n_prompts: int, acceptance: float):
+    """What --plan auto chose (and the faster candidates that did not start), and the Ray run."""
+    if llm.plan_choice is not None:
+        b = llm.plan_choice.best
+        for why in getattr(llm, "refused", []):
+            print(f"plan auto: a faster candidate did not start ({why}); fell back", file=sys.stderr)
+        print(f"plan auto: {b.label()}, batch {b.batch}, {b.resident} resident / {b.disk} disk layers, "
+              f"{b.slots} slots, {b.gpu_bytes / 2**30:.2f} GiB GPU predicted, "
+              f"{b.tokens_per_s:.1f} tok/s predicted at acceptance {acceptance}", file=sys.stderr)
+    if llm.engine == "ray":
+        import ray
+
+        print(f"{prog}: {n_prompts} prompts on Ray cluster {ray.get_runtime_context().gcs_address}, engine "
+              f"run id {llm.run_id} (dashboard metrics tag run={llm.run_id})", file=sys.stderr, flush=True)
+
+
+def summary_line(prog: str, requests: int, s: dict, out: str | None) -> str:
+    line = (f"{prog}: {requests} requests, {s.get('tokens', 0)} tokens in {s.get('seconds', 0):.2f} s "
             f"({s.get('tokens_per_s', 0)} tok/s)")
     if s.get("acceptance") is not None:
         line += f", acceptance {s['acceptance']:.2f}, {s['tokens_per_seq_pass']:.2f} tokens/sequence/pass"
     g = s.get("gpu_memory")
     if g:
         line += f", GPU peak {g['peak_in_use'] / 2**30:.2f} GiB" + (f" of {g['cap'] / 2**30:.2f}" if g["cap"] else "")
-    if args.out:
-        line += f"; results in {args.out}"
-    print(line, file=sys.stderr, flush=True)
-    return 0
+    if out:
+        line += f"; results in {out}"
+    return line
 
 
 def one_line_errors(prog: str, command, *args) -> int:
