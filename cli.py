@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -227,6 +228,12 @@ def _generate(args) -> int:
               for i in range(len(prompts))]
     # Everything checkable is checked before Ray starts and the weights load: where the
     # results go, then the model, plan and prompts (context length, host memory for the KV).
+    if args.trace:
+        trace_dir = Path(args.trace).resolve().parent
+        if not trace_dir.is_dir() or not os.access(trace_dir, os.W_OK):
+            from .errors import ConfigError
+
+            raise ConfigError(f"cannot write --trace {args.trace}: {trace_dir} is not a writable folder")
     new_out = bool(args.out) and not Path(args.out).exists()
     out_f = open_out(args.out)
     try:

@@ -41,14 +41,33 @@ def wait_ready(coordinator, run_id: str) -> dict:
     try:
         return ray.get(coordinator.ready.remote())
     except BaseException as e:  # an actor's error, Ctrl-C, the driver shutting down
-        try:
-            ray.kill(coordinator)  # its actors die with it (Ray's fate sharing)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        _kill_run(coordinator, run_id)
         remove_local_run_dir(run_id)
         if isinstance(e, ray.exceptions.RayError):
             raise user_error(e, run_id) from None
         raise
+
+
+def _kill_run(coordinator, run_id: str):
+    """Kill the coordinator (the actors it built die with it) and the loader itself, and wait
+    until the loader is gone: ray.kill returns at once, and a loader still writing a layer
+    would leave its file behind after the run's folder was removed."""
+    loader = None
+    try:
+        loader = ray.get_actor(f"specoffload-io_loader-{run_id}")
+    except Exception:  # noqa: BLE001 - not started, or gone
+        pass
+    for a in (coordinator, loader):
+        if a is not None:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    if loader is not None:
+        try:
+            ray.get(loader.ready.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - RayActorError: it is dead
+            pass
 
 
 class Coordinator:

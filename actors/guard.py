@@ -73,7 +73,7 @@ def guarded(cls, role: str, run_id: str):
 
     ns = {"__init__": __init__, "__module__": cls.__module__, "__doc__": cls.__doc__}
     for name, fn in inspect.getmembers(cls, inspect.isfunction):
-        if not name.startswith("_"):
+        if not name.startswith("_") and not isinstance(inspect.getattr_static(cls, name), staticmethod):
             ns[name] = wrap(fn)
     return type(cls.__name__, (cls,), ns)
 
