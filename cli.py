@@ -239,13 +239,16 @@ def _generate(args) -> int:
     try:
         workload = auto_workload(args, prompts) if args.plan == "auto" else None
         llm = llm_from_args(args, progress=not args.quiet, trace=bool(args.trace), workload=workload, start=False)
-        if llm.plan_choice is not None:
-            b = llm.plan_choice.best
-            print(f"plan auto: {b.label()}, batch {b.batch}, {b.resident} resident / {b.disk} disk layers, "
-                  f"{b.tokens_per_s:.1f} tok/s predicted at acceptance {args.acceptance}", file=sys.stderr)
         inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
         llm.check(inputs, params)
         llm.start()
+        if llm.plan_choice is not None:  # after the start: a choice that did not start fell back
+            b = llm.plan_choice.best
+            for why in getattr(llm, "refused", []):
+                print(f"plan auto: a faster candidate did not start ({why}); fell back", file=sys.stderr)
+            print(f"plan auto: {b.label()}, batch {b.batch}, {b.resident} resident / {b.disk} disk layers, "
+                  f"{b.slots} slots, {b.gpu_bytes / 2**30:.2f} GiB GPU predicted, "
+                  f"{b.tokens_per_s:.1f} tok/s predicted at acceptance {args.acceptance}", file=sys.stderr)
     except BaseException:
         if out_f:
             out_f.close()
@@ -267,6 +270,9 @@ def _generate(args) -> int:
     line = f"{s.get('tokens', 0)} tokens in {s.get('seconds', 0):.2f} s ({s.get('tokens_per_s', 0)} tok/s)"
     if s.get("acceptance") is not None:
         line += f", acceptance {s['acceptance']:.2f}, {s['tokens_per_seq_pass']:.2f} tokens/sequence/pass"
+    g = s.get("gpu_memory")
+    if g:
+        line += f", GPU peak {g['peak_in_use'] / 2**30:.2f} GiB" + (f" of {g['cap'] / 2**30:.2f}" if g["cap"] else "")
     print(line, file=sys.stderr)
     return 0
 
