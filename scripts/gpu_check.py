@@ -125,7 +125,8 @@ from specoffload import LLM, SamplingParams
 prompts = open({str(self.prompts)!r}).read().splitlines()
 with LLM({str(self.target)!r}, draft={str(self.draft)!r}, draft_fp8=True, k=4, draft_window=64, draft_sinks=4,
          gpu_memory={CAP!r}, progress=False) as llm:
-    outs = llm.generate(prompts, SamplingParams(max_tokens={self.max_tokens}, ignore_eos=True))
+    ids = [{{"prompt_token_ids": llm.tokenizer(p, add_special_tokens=False)["input_ids"]}} for p in prompts]  # as the CLI
+    outs = llm.generate(ids, SamplingParams(max_tokens={self.max_tokens}, ignore_eos=True))
     print("stats:", json.dumps({{k: llm.last_stats.get(k) for k in ("tokens_per_s", "acceptance")}}))
 with open({str(self.work / "api.jsonl")!r}, "w") as f:
     for i, o in enumerate(outs):
