@@ -67,11 +67,14 @@ def check_same_vocab(target_dir: Path, tok, draft_dir: Path, draft_spec: ModelSp
 
 
 class LLM:
-    def __init__(self, model=None, draft=None, *, plan=None, engine_args: EngineArgs | None = None, **kwargs):
+    def __init__(self, model=None, draft=None, *, plan=None, engine_args: EngineArgs | None = None,
+                 start: bool = True, **kwargs):
         """model: a checkpoint folder (None: the embedded default); draft: None, "self:N" or a
         checkpoint folder; plan: a Plan, a dict, a plan file or "auto" (the planner measures
         this machine and chooses); engine_args, or its fields as keyword arguments (`k=4,
-        batch_size=8, ...`; configs/engine_args.py): the rest."""
+        batch_size=8, ...`; configs/engine_args.py): the rest. `start=False` checks the model,
+        draft and plan but starts nothing: `check` the prompts, then `start()` (the CLI fails on
+        them before Ray starts and weights load; `generate` starts the engine if need be)."""
         args = engine_args if engine_args is not None else EngineArgs()
         self.args = replace(args, **kwargs) if kwargs else args
         self.plan_choice = None  # with plan="auto": the planner's Choice (every candidate it weighed)
@@ -89,6 +92,14 @@ class LLM:
             dspec = self.draft_spec = load_spec(ddir, dtype=self.spec.dtype)
             check_same_vocab(self.model_dir, self.tokenizer, ddir, dspec, self.spec)
             self.draft_desc = ("checkpoint", str(ddir), self.spec.dtype)
+        if self.args.engine == "ray":
+            # The loader reads the weights in an actor, after Ray starts; a missing shard or a
+            # truncated file is found here first, from the files' headers.
+            from .models.checkpoint import Checkpoint
+
+            Checkpoint(self.model_dir, dtype=self.spec.dtype)
+            if self.draft_desc and self.draft_desc[0] == "checkpoint":
+                Checkpoint(self.draft_desc[1], dtype=self.spec.dtype)
         chosen, fallbacks = None, []  # fallbacks: the planner's next candidates, if its choice does not start
         if plan == "auto":  # the planner measures this machine and chooses (placement/planner.py)
             plan, chosen, fallbacks = self._auto_plan()
@@ -98,10 +109,30 @@ class LLM:
         self.engine, self.progress = self.args.engine, self.args.progress
         self._next_rid = 0
         self.last_stats: dict = {}
+        self.started = False
+        if start:
+            self.start()
+
+    def start(self):
+        """Start the engine (load the weights; with engine="ray" join or start Ray and start
+        the actors). Done by the constructor unless it was given start=False."""
+        if self.started:
+            return
         if self.engine == "reference":
             self._start_reference()
         else:
             self._start_ray(self.args.ray_address)
+        self.started = True
+
+    def check(self, prompts, params=None):
+        """The errors `generate(prompts, params)` would raise for its input (prompt too long for
+        the context, token ids outside the vocabulary, a KV cache host memory cannot hold),
+        without running anything: before `start()` they cost no Ray start and no weight load."""
+        rid = self._next_rid
+        try:
+            self._requests(prompts, params)
+        finally:
+            self._next_rid = rid
 
     # -- setup -----------------------------------------------------------------------------
     def _auto_plan(self):
@@ -153,15 +184,17 @@ class LLM:
         import ray
 
         from .actors.coordinator import Coordinator, wait_ready
+        from .actors.guard import guarded
         from .placement.node import pick_node
-        from .ray_env import ensure_ray
+        from .ray_env import check_cluster, ensure_ray
 
-        ensure_ray(address)
+        ensure_ray(address, dashboard=self.args.dashboard)
         # The coordinator pins the actors to one node; fail here, before any actor starts,
-        # when no node can hold the executor.
-        pick_node(ray.nodes(), ray.get_runtime_context().get_node_id(), self.plan.device == "cuda")
+        # when no node can hold the executor, or when that node runs another specoffload.
+        node = pick_node(ray.nodes(), ray.get_runtime_context().get_node_id(), self.plan.device == "cuda")
+        check_cluster(node)
         self.run_id = uuid.uuid4().hex[:8]
-        self.coordinator = ray.remote(Coordinator).options(
+        self.coordinator = ray.remote(guarded(Coordinator, "coordinator", self.run_id)).options(
             name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
         ).remote(("checkpoint", str(self.model_dir), self.spec.dtype), self.spec, self.plan,
                  self.draft_desc, self.run_cfg, self.run_id, self.progress,
@@ -246,6 +279,7 @@ class LLM:
         """One output per prompt, in prompt order. `on_output(RequestOutput)` is called as each
         request finishes (the CLI writes results as they come)."""
         reqs, texts = self._requests(prompts, params)
+        self.start()
         text_of = {r.rid: t for r, t in zip(reqs, texts)}
         show = self.progress if use_tqdm is None else use_tqdm
         from tqdm import tqdm
@@ -283,6 +317,16 @@ class LLM:
     def _generate_ray(self, reqs, finished, progress) -> dict:
         import ray
 
+        from .actors.guard import user_error
+
+        try:
+            return self._run_ray(reqs, finished, progress)
+        except ray.exceptions.RayError as e:  # an actor's error: one line, its traceback in the run's log
+            raise user_error(e, self.run_id) from None
+
+    def _run_ray(self, reqs, finished, progress) -> dict:
+        import ray
+
         by_rid = {r.rid: r for r in reqs}
         payload = [{"rid": r.rid, "prompt_ids": r.prompt_ids, "params": r.params.__dict__, "eos": r.eos_ids}
                    for r in reqs]
@@ -318,7 +362,7 @@ class LLM:
 
     # -- lifecycle -------------------------------------------------------------------------
     def shutdown(self):
-        if self.engine == "ray" and getattr(self, "coordinator", None) is not None:
+        if getattr(self, "engine", None) == "ray" and getattr(self, "coordinator", None) is not None:
             import ray
 
             if not ray.is_initialized():

@@ -37,6 +37,9 @@ class EngineArgs:
     refill: bool = False
     trace: bool = False  # keep a timeline of stage spans (engine "ray")
     ray_address: str | None = None
+    # Ray's dashboard on the local cluster this starts, if it starts one (None: on, unless
+    # SPECOFFLOAD_DASHBOARD=0)
+    dashboard: bool | None = None
     progress: bool = True
     workload: object = None  # with plan="auto": a placement.planner.Workload to plan for
 

@@ -14,10 +14,10 @@ from ..errors import ConfigError
 
 # name -> where the draft's KV lives (the CLI's help says it)
 PLACEMENTS = {
-    "gpu": "on the GPU for the whole run",
-    "host": "in host memory, visiting the GPU a prefill batch of sequences at a time each round",
-    "recompute": "nowhere: rebuilt every round from each sequence's tokens, a prefill batch at a time "
-                 "(the paper's schedule when the draft KV of a whole batch does not fit)",
+    "gpu": "on the GPU for the whole run (default)",
+    "host": "in host memory, visiting the GPU a prefill batch at a time each round",
+    "recompute": "rebuilt every round from each sequence's tokens, a prefill batch at a time (the paper's "
+                 "schedule when the draft KV of a whole batch does not fit)",
 }
 
 
