@@ -201,9 +201,10 @@ class GPUExecutor:
         if j == 0:
             prompts = st["prompts"][s * P:(s + 1) * P]
             toks, q_lens = packed(prompts, self.device)
-            _, i = pack_index(q_lens, toks.shape[0])
+            b, i = pack_index(q_lens, toks.shape[0])
+            # seq_lens: the prompt's length, as a length-dependent RoPE needs (models/rope.py)
             subs[s] = {"h": embed(self.glob["embed"], toks), "q_lens": q_lens, "longest": max(map(len, prompts)),
-                       "cs": rope_cos_sin(spec, i, spec.torch_dtype)}
+                       "cs": rope_cos_sin(spec, i, spec.torch_dtype, q_lens[b])}
         sub = subs[s]
         w = self._layer(j)
         with self.timer.span("prefill", f"b{bid} L{j} s{s}"):
