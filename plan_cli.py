@@ -21,8 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specoffload plan", description=__doc__.splitlines()[0])
     m = ap.add_mutually_exclusive_group()
     m.add_argument("--model", help="target checkpoint folder (default: the embedded model)")
-    m.add_argument("--shapes", choices=["w1"], help="plan for model shapes without a checkpoint: "
-                                                    "w1 = Mixtral-8x7B target, Mistral-7B draft (bf16)")
+    m.add_argument("--shapes", choices=["w1", "w3"], help="plan for model shapes without a checkpoint: "
+                                                          "w1 = Mixtral-8x7B target, Mistral-7B draft; "
+                                                          "w3 = Qwen3-30B-A3B target, Qwen3-0.6B draft (bf16)")
     ap.add_argument("--draft", help="'self:N' or a draft checkpoint folder (none: plan without speculation)")
     ap.add_argument("--hardware", help="a hardware JSON file (see configs/hardware/*.json); default: measure now")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device to measure")
@@ -78,6 +79,12 @@ def _specs(args):
         if args.draft not in (None, "w1"):
             raise ConfigError("--shapes w1 brings its own draft shape; leave out --draft")
         return mixtral_8x7b(), mistral_7b(), 0, "--shapes w1"
+    if args.shapes == "w3":
+        from .models.w3_shapes import qwen3_0_6b, qwen3_30b_a3b
+
+        if args.draft not in (None, "w3"):
+            raise ConfigError("--shapes w3 brings its own draft shape; leave out --draft")
+        return qwen3_30b_a3b(), qwen3_0_6b(), 0, "--shapes w3"
     if args.model is None:
         from .models.default_model import default_model_dir
 
