@@ -22,10 +22,11 @@ BUILTIN_PROMPTS = [
 
 def add_engine_options(p: argparse.ArgumentParser):
     """Options that choose the model, the draft and the placement (shared with the Ray job)."""
-    p.add_argument("--model", help="local Hugging Face checkpoint folder (default: the embedded "
+    p.add_argument("--model", help="local Hugging Face checkpoint folder or Hub id org/name (from the HF "
+                                   "cache, downloaded unless HF_HUB_OFFLINE; default: the embedded "
                                    "SmolLM2-135M-Instruct, converted once into ~/.cache/specoffload)")
     p.add_argument("--draft", help="draft model: 'self:N' (the target's first N layers) or a checkpoint "
-                                   "folder with the same tokenizer; omit for no speculation")
+                                   "folder or Hub id with the same tokenizer; omit for no speculation")
     p.add_argument("--schedule", choices=["none", "single", "dual"],
                    help="none: no speculation; single: draft then verify one batch; dual: verify one "
                         "batch while drafting the other (default: single with a draft, else none)")
@@ -190,7 +191,9 @@ def auto_workload(args, prompts: list[str]):
         from .models.default_model import default_model_dir
 
         model = default_model_dir()
-    tok = load_tokenizer(model)
+    from .models.hub import resolve_model
+
+    tok = load_tokenizer(resolve_model(model))
     lens = [len(i["prompt_token_ids"]) for i in encode_prompts(tok, prompts, chat=not args.no_chat_template)]
     return Workload(max(lens), args.max_tokens, len(prompts), args.acceptance)
 

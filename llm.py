@@ -47,7 +47,9 @@ def parse_draft(draft, target_layers: int):
         if not 1 <= n < target_layers:
             raise ConfigError(f"--draft self:N needs 1 <= N < {target_layers} (target layers), got {n}")
         return ("self", n)
-    return ("checkpoint", str(Path(s)), None)
+    from .models.hub import resolve_model
+
+    return ("checkpoint", str(resolve_model(s)), None)  # a folder, or a Hub id's cached snapshot
 
 
 def check_same_vocab(target_dir: Path, tok, draft_dir: Path, draft_spec: ModelSpec, target_spec: ModelSpec):
@@ -81,7 +83,9 @@ class LLM:
             from .models.default_model import default_model_dir
 
             model = default_model_dir()
-        self.model_dir = Path(model)
+        from .models.hub import resolve_model
+
+        self.model_dir = resolve_model(model)  # a folder, or a Hub id's cached snapshot (models/hub.py)
         self.spec = load_spec(self.model_dir, dtype=dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.draft_desc = parse_draft(draft, self.spec.num_layers)

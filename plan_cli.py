@@ -89,7 +89,9 @@ def _specs(args):
         from .models.default_model import default_model_dir
 
         args.model = str(default_model_dir())
-    target = load_spec(args.model)
+    from .models.hub import resolve_model
+
+    target = load_spec(resolve_model(args.model))
     desc = parse_draft(args.draft, target.num_layers)
     if desc is None:
         return target, None, 0, args.model

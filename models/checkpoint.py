@@ -81,6 +81,9 @@ class Checkpoint:
             return where
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
+            from .hub import check_weights_format
+
+            check_weights_format(self.dir)  # .bin or .gguf only: says how to convert
             raise CheckpointError(f"no *.safetensors files in {self.dir}")
         for f in files:
             for name in self._check_header(f):
