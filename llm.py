@@ -131,6 +131,10 @@ class LLM:
         self.run_cfg = RunConfig(schedule=schedule, k=k, k_max=max(k, 8), adaptive_k=adaptive_k,
                                  batch_size=self.plan.batch_size, refill=refill)
         self.engine, self.progress = engine, progress
+        if engine == "ray":  # before the loader writes a byte: what host memory cannot hold goes to disk
+            from .placement.host_fit import fit_for_llm
+
+            self.plan = fit_for_llm(self.spec, self.plan, schedule, self.draft_desc, workload, progress)
         self._next_rid = 0
         self.last_stats: dict = {}
         if engine == "reference":
