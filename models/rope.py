@@ -43,9 +43,15 @@ def describe_rope(cfg, head_dim: int) -> tuple[str, int]:
         raise CheckpointError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
     if kind == "default":
         return "", max_pos  # plain RoPE from rope_theta: the engine's own few lines
-    if kind == "dynamic":
-        # max_position_embeddings is the trained context; dynamic NTK stretches it by `factor`.
-        max_pos = int(max_pos * float(params.get("factor", 1.0)))
+    # The context a scaled model may run to, as vLLM derives it: linear and dynamic stretch
+    # max_position_embeddings (the trained context) by `factor`, yarn the original context
+    # (checkpoints often leave max_position_embeddings at the trained length); llama3 and longrope
+    # configs already state the extended one.
+    factor = float(params.get("factor") or 1.0)
+    if kind in ("linear", "dynamic"):
+        max_pos = int(max_pos * factor)
+    elif kind == "yarn":
+        max_pos = max(max_pos, int(int(params.get("original_max_position_embeddings") or max_pos) * factor))
     desc = {"rope_parameters": params, "max_position_embeddings": int(cfg.max_position_embeddings),
             "hidden_size": int(cfg.hidden_size), "num_attention_heads": int(cfg.num_attention_heads),
             "head_dim": int(head_dim)}
