@@ -75,7 +75,12 @@ class LLM:
                  draft_window: int | None = None, draft_kv_fp8: bool = False, draft_fp8: bool = False,
                  micro_batches: int | None = None,
                  draft_sinks: int | None = None, draft_kv: str | None = None, refill: bool = False,
-                 trace: bool = False, ray_address: str | None = None, progress: bool = True, workload=None):
+                 trace: bool = False, ray_address: str | None = None, progress: bool = True, workload=None,
+                 dashboard: bool | None = None, start: bool = True):
+        """`start=False` checks the model, draft and plan but starts nothing: `check` the
+        prompts, then `start()` (the CLI fails on them before Ray starts and weights load;
+        `generate` starts the engine if need be). `dashboard`: Ray's dashboard on the local
+        cluster this starts, if it starts one (default on; SPECOFFLOAD_DASHBOARD=0 turns it off)."""
         self.plan_choice = None  # with plan="auto": the planner's Choice (every candidate it weighed)
         if engine not in ("ray", "reference"):
             raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
@@ -95,8 +100,18 @@ class LLM:
             dspec = self.draft_spec = load_spec(ddir, dtype=self.spec.dtype)
             check_same_vocab(self.model_dir, self.tokenizer, ddir, dspec, self.spec)
             self.draft_desc = ("checkpoint", str(ddir), self.spec.dtype)
+        if engine == "ray":
+            # The loader reads the weights in an actor, after Ray starts; a missing shard or a
+            # truncated file is found here first, from the files' headers.
+            from .models.checkpoint import Checkpoint
+
+            Checkpoint(self.model_dir, dtype=self.spec.dtype)
+            if self.draft_desc and self.draft_desc[0] == "checkpoint":
+                Checkpoint(self.draft_desc[1], dtype=self.spec.dtype)
+        fallbacks = []  # with plan="auto": the planner's next candidates, if its choice does not start
+        asked = (schedule, k, adaptive_k)  # what the caller set stays set in every fallback
         if plan == "auto":  # the planner measures this machine and chooses (placement/planner.py)
-            plan, chosen = self._auto_plan(device, gpu_memory, workload, batch_size, draft_fp8)
+            plan, chosen, fallbacks = self._auto_plan(device, gpu_memory, workload, batch_size, draft_fp8)
             schedule = schedule or chosen["schedule"]
             k = chosen["k"] if k is None else k
             adaptive_k = chosen["adaptive_k"] if adaptive_k is None else adaptive_k
@@ -105,42 +120,67 @@ class LLM:
         adaptive_k = bool(adaptive_k)
         if schedule != "none" and not self.draft_desc:
             raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
-        self.plan = self._make_plan(plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8, draft_fp8)
-        if self.plan.draft_fp8 and not (self.draft_desc and self.draft_desc[0] == "checkpoint"):
-            from .models.fp8_weights import SELF_DRAFT_REFUSAL
+        if trace and engine != "ray":
+            raise ConfigError("a timeline trace needs engine='ray' (the spans are the actors')")
 
-            raise ConfigError(SELF_DRAFT_REFUSAL)
-        if micro_batches is not None or draft_sinks is not None or draft_kv is not None:
+        def settle(p, schedule, k, adaptive_k):
+            """The Plan and RunConfig of a plan (a file, dict, Plan or None) with the caller's overrides."""
             from dataclasses import replace
 
-            self.plan = replace(self.plan, micro_batches=micro_batches or self.plan.micro_batches,
-                                draft_sinks=self.plan.draft_sinks if draft_sinks is None else draft_sinks,
-                                draft_kv=draft_kv or self.plan.draft_kv)
-        if trace:
-            if engine != "ray":
-                raise ConfigError("a timeline trace needs engine='ray' (the spans are the actors')")
-            from dataclasses import replace
+            p = self._make_plan(p, device, gpu_memory, batch_size, draft_window, draft_kv_fp8, draft_fp8)
+            if p.draft_fp8 and not (self.draft_desc and self.draft_desc[0] == "checkpoint"):
+                from .models.fp8_weights import SELF_DRAFT_REFUSAL
 
-            self.plan = replace(self.plan, trace=True)
-        # Refill is off unless asked for: each joining batch drafts on its own (its own graph,
-        # its own first eager step) and prefills in a stream of its own, and on W1 (run 7,
-        # docs/benchmarks.md) a refilled request stream decoded 1.53x plain decoding against
-        # 2.36x for the same schedule one batch at a time (that run's draft also lost its CUDA
-        # graphs to an out-of-memory capture, since fixed). On a CPU a pass costs what its
-        # rows cost, and each extra batch in a pass reads the weights again.
-        self.run_cfg = RunConfig(schedule=schedule, k=k, k_max=max(k, 8), adaptive_k=adaptive_k,
-                                 batch_size=self.plan.batch_size, refill=refill)
+                raise ConfigError(SELF_DRAFT_REFUSAL)
+            if micro_batches is not None or draft_sinks is not None or draft_kv is not None:
+                p = replace(p, micro_batches=micro_batches or p.micro_batches,
+                            draft_sinks=p.draft_sinks if draft_sinks is None else draft_sinks,
+                            draft_kv=draft_kv or p.draft_kv)
+            if trace:
+                p = replace(p, trace=True)
+            # Refill is off unless asked for: each joining batch drafts and prefills on its own,
+            # which lost to one batch at a time on W1 (docs/benchmarks.md); on a CPU each extra
+            # batch in a pass reads the weights again.
+            return p, RunConfig(schedule=schedule, k=k, k_max=max(k, 8), adaptive_k=adaptive_k,
+                                batch_size=p.batch_size, refill=refill)
+
+        self.plan, self.run_cfg = settle(plan, schedule, k, adaptive_k)
+        self._fallbacks = [settle(fp, *(a if a is not None else o[n] for a, n in
+                                        zip(asked, ("schedule", "k", "adaptive_k")))) + (c,)
+                           for fp, o, c in fallbacks]
         self.engine, self.progress = engine, progress
         if engine == "ray":  # before the loader writes a byte: what host memory cannot hold goes to disk
-            from .placement.host_fit import fit_for_llm
+            from .placement.host_fit import fit_fallbacks, fit_for_llm
 
-            self.plan = fit_for_llm(self.spec, self.plan, schedule, self.draft_desc, workload, progress)
+            self.plan = fit_for_llm(self.spec, self.plan, self.run_cfg.schedule, self.draft_desc, workload, progress)
+            self._fallbacks = fit_fallbacks(self.spec, self._fallbacks, self.draft_desc, workload)
+        self._ray_address, self._dashboard = ray_address, dashboard
         self._next_rid = 0
         self.last_stats: dict = {}
-        if engine == "reference":
+        self.started = False
+        if start:
+            self.start()
+
+    def start(self):
+        """Start the engine (load the weights; with engine="ray" join or start Ray and start
+        the actors). Done by the constructor unless it was given start=False."""
+        if self.started:
+            return
+        if self.engine == "reference":
             self._start_reference()
         else:
-            self._start_ray(ray_address)
+            self._start_ray(self._ray_address)
+        self.started = True
+
+    def check(self, prompts, params=None):
+        """The errors `generate(prompts, params)` would raise for its input (prompt too long for
+        the context, token ids outside the vocabulary, a KV cache host memory cannot hold),
+        without running anything: before `start()` they cost no Ray start and no weight load."""
+        rid = self._next_rid
+        try:
+            self._requests(prompts, params)
+        finally:
+            self._next_rid = rid
 
     # -- setup -----------------------------------------------------------------------------
     def _auto_plan(self, device, gpu_memory, workload, batch_size, draft_fp8: bool):
@@ -148,7 +188,7 @@ class LLM:
         requests of 256 prompt tokens and 128 new at acceptance 0.7); returns (Plan, run options).
         The planner may choose an fp8 draft where that is faster; draft_fp8 True insists on it."""
         from .placement.hardware import measure
-        from .placement.planner import Workload, plan
+        from .placement.planner import Workload, plan, to_plan
 
         if workload is None:
             workload = Workload(min(256, self.spec.max_positions // 2), min(128, self.spec.max_positions // 4),
@@ -157,7 +197,9 @@ class LLM:
         choice = plan(self.spec, self.draft_spec, measure(device, gpu_memory), workload, self_layers=self_layers,
                       draft_fp8=True if draft_fp8 else None)
         self.plan_choice = choice
-        return choice.plan, choice.run_options()  # _make_plan applies an explicit batch_size
+        fallbacks = [(to_plan(c, self.spec, choice.hardware), choice.run_options(c), c)
+                     for c in choice.fallbacks()]
+        return choice.plan, choice.run_options(), fallbacks  # _make_plan applies an explicit batch_size
 
     def _make_plan(self, plan, device, gpu_memory, batch_size, draft_window, draft_kv_fp8, draft_fp8) -> Plan:
         from dataclasses import replace
@@ -201,22 +243,34 @@ class LLM:
                                         self.plan.draft_sinks, self.plan.draft_kv)
 
     def _start_ray(self, address):
+        from dataclasses import replace
+
         import ray
 
         from .actors.coordinator import Coordinator, wait_ready
+        from .actors.guard import guarded
         from .placement.node import pick_node
-        from .ray_env import ensure_ray
+        from .ray_env import check_cluster, ensure_ray
 
-        ensure_ray(address)
+        ensure_ray(address, dashboard=self._dashboard)
         # The coordinator pins the actors to one node; fail here, before any actor starts,
-        # when no node can hold the executor.
-        pick_node(ray.nodes(), ray.get_runtime_context().get_node_id(), self.plan.device == "cuda")
+        # when no node can hold the executor, or when that node runs another specoffload.
+        node = pick_node(ray.nodes(), ray.get_runtime_context().get_node_id(), self.plan.device == "cuda")
+        check_cluster(node)
         self.run_id = uuid.uuid4().hex[:8]
-        self.coordinator = ray.remote(Coordinator).options(
+        self.coordinator = ray.remote(guarded(Coordinator, "coordinator", self.run_id)).options(
             name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
         ).remote(("checkpoint", str(self.model_dir), self.spec.dtype), self.spec, self.plan,
-                 self.draft_desc, self.run_cfg, self.run_id, self.progress)
+                 self.draft_desc, self.run_cfg, self.run_id, self.progress,
+                 tuple((p, cfg) for p, cfg, _ in self._fallbacks))
         self.info = wait_ready(self.coordinator, self.run_id)
+        self.refused = self.info.pop("refused", [])
+        if self.refused:  # a fallback started: the run follows it
+            started = self.info["plan"], self.info["run_config"]
+            for p, cfg, c in self._fallbacks:
+                if (p, cfg) == started:
+                    self.plan, self.run_cfg = p, cfg
+                    self.plan_choice = replace(self.plan_choice, best=c)
         # The loader's /dev/shm files hold the whole target: never leave them behind because a
         # script forgot shutdown() (at exit Ray kills the actors before they could clean up).
         import atexit
@@ -289,6 +343,7 @@ class LLM:
         """One output per prompt, in prompt order. `on_output(RequestOutput)` is called as each
         request finishes (the CLI writes results as they come)."""
         reqs, texts = self._requests(prompts, params)
+        self.start()
         text_of = {r.rid: t for r, t in zip(reqs, texts)}
         show = self.progress if use_tqdm is None else use_tqdm
         from tqdm import tqdm
@@ -326,6 +381,16 @@ class LLM:
     def _generate_ray(self, reqs, finished, progress) -> dict:
         import ray
 
+        from .actors.guard import user_error
+
+        try:
+            return self._run_ray(reqs, finished, progress)
+        except ray.exceptions.RayError as e:  # an actor's error: one line, its traceback in the run's log
+            raise user_error(e, self.run_id) from None
+
+    def _run_ray(self, reqs, finished, progress) -> dict:
+        import ray
+
         by_rid = {r.rid: r for r in reqs}
         payload = [{"rid": r.rid, "prompt_ids": r.prompt_ids, "params": r.params.__dict__, "eos": r.eos_ids}
                    for r in reqs]
@@ -346,6 +411,7 @@ class LLM:
             if ready:
                 stats = ray.get(ref)
                 drain()
+                stats["gpu_memory"] = ray.get(self.coordinator.memory.remote())  # {} on a CPU executor
                 return stats
 
     def trace(self) -> dict:
@@ -360,7 +426,7 @@ class LLM:
 
     # -- lifecycle -------------------------------------------------------------------------
     def shutdown(self):
-        if self.engine == "ray" and getattr(self, "coordinator", None) is not None:
+        if getattr(self, "engine", None) == "ray" and getattr(self, "coordinator", None) is not None:
             import ray
 
             if not ray.is_initialized():

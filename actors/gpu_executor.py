@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from ..errors import CapacityError, ConfigError
+from ..errors import CapacityError, ConfigError, SpecOffloadError
 from ..models.attention import KVCache, pack_index
 from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.host_io import packed, to_device, to_host
@@ -25,6 +25,7 @@ from ..models.source import open_source
 from ..placement.plan import Plan, split_range
 from ..scheduler.batch_state import SpecRunner
 from .disk_tier import DiskTier
+from .gpu_budget import GpuBudget
 from .mailbox import ExecutorMailboxes
 from .pass_layers import PassLayers
 from .shm_layout import map_file, views
@@ -49,13 +50,10 @@ class GPUExecutor:
             if not torch.cuda.is_available():
                 raise ConfigError("plan.device is 'cuda' but this executor sees no CUDA device")
             self.device = torch.device("cuda", torch.cuda.current_device())
-            if plan.gpu_memory:
-                total = torch.cuda.get_device_properties(self.device).total_memory
-                # Enforced, not advisory: allocations past the cap raise out-of-memory.
-                torch.cuda.set_per_process_memory_fraction(min(plan.gpu_memory / total, 1.0), self.device)
         else:
             self.device = torch.device("cpu")
         cuda = self.device.type == "cuda"
+        self.budget = GpuBudget(self.device, plan.gpu_memory)
         self._maps = []
         self.host = {}
         for j, (path, entries) in manifest["layers"].items():
@@ -66,11 +64,18 @@ class GPUExecutor:
             self.host[int(j)] = (buf, entries)
         gbuf, gv = map_file(*manifest["globals"])
         self._maps.append(gbuf)
-        self.glob = {k: v.to(self.device) for k, v in gv.items()}
-        if manifest["tied"]:
-            self.glob["head"] = self.glob["embed"]
-        self.resident = {j: {k: v.to(self.device) for k, v in views(*self.host[j]).items()}
-                         for j in plan.gpu_layers}
+        # The draft loads first: its load peak (a checkpoint layer staged while it is
+        # quantized) then falls in memory that the slots and resident layers take later.
+        with self.budget.part("draft"):
+            draft = self._load_draft(draft_desc) if draft_desc and draft_desc[0] != "self" else None
+        with self.budget.part("globals"):
+            self.glob = self._globals(gv, manifest["tied"])
+        with self.budget.part("resident layers"):
+            self.resident = {}
+            for j in plan.gpu_layers:  # one at a time, so a failure names the layer
+                self.resident[j] = {k: v.to(self.device) for k, v in views(*self.host[j]).items()}
+        if draft_desc and draft_desc[0] == "self":  # the target's own first layers and globals
+            draft = self._self_draft(int(draft_desc[1]))
         streamed = plan.streamed_layers(spec.num_layers)
         self.timer = StageTimer(self.device, role="gpu_executor", trace=plan.trace)
         disk = None
@@ -79,9 +84,10 @@ class GPUExecutor:
                 raise ConfigError("disk layers need the target's checkpoint to read them from")
             disk = DiskTier(target_desc, list(plan.disk_layers), cuda)
             disk.prefetch(plan.disk_layers[0])
-        self.streamer = WeightStreamer({j: self.host[j] for j in streamed if j in self.host}, streamed,
-                                       plan.num_slots, self.device, self.timer, disk, plan.copy_chunk_mib << 20)
-        self.runner = SpecRunner(self._build_draft(draft_desc), self.device, window=plan.draft_window,
+        with self.budget.part("weight slots"):
+            self.streamer = WeightStreamer({j: self.host[j] for j in streamed if j in self.host}, streamed,
+                                           plan.num_slots, self.device, self.timer, disk, plan.copy_chunk_mib << 20)
+        self.runner = SpecRunner(draft, self.device, window=plan.draft_window,
                                  fp8=plan.draft_kv_fp8, prefill_chunk=plan.prefill_batch, sinks=plan.draft_sinks,
                                  graphs=plan.draft_graphs, draft_kv=plan.draft_kv)
         self.tb: dict[int, dict] = {}
@@ -93,33 +99,34 @@ class GPUExecutor:
         self.init_seconds = time.perf_counter() - t0
 
     # -- setup -----------------------------------------------------------------------------
-    def _build_draft(self, desc):
-        if desc is None:
-            return None
-        if desc[0] == "self":
-            n = int(desc[1])
-            if not 1 <= n < self.spec.num_layers:
-                raise ConfigError(f"self-speculative draft needs 1..{self.spec.num_layers - 1} layers, got {n}")
-            if set(range(n)) & set(self.plan.disk_layers):
-                raise ConfigError(f"the self-speculative draft's {n} layers must not be on disk")
-            if self.plan.draft_fp8:
-                raise ConfigError(SELF_DRAFT_REFUSAL)
-            layers = [self.resident.get(j) or views(*self.host[j]) for j in range(n)]
-            return ResidentModel(self.spec.with_layers(n), self.glob, layers, self.device)
-        src = open_source(desc)
-        return ResidentModel.from_source(src, self.device, fp8_weights=self.plan.draft_fp8)
+    def _globals(self, gv: dict, tied: bool) -> dict:
+        glob = {k: v.to(self.device) for k, v in gv.items()}
+        if tied:
+            glob["head"] = glob["embed"]
+        return glob
+
+    def _self_draft(self, n: int) -> ResidentModel:
+        if not 1 <= n < self.spec.num_layers:
+            raise ConfigError(f"self-speculative draft needs 1..{self.spec.num_layers - 1} layers, got {n}")
+        if set(range(n)) & set(self.plan.disk_layers):
+            raise ConfigError(f"the self-speculative draft's {n} layers must not be on disk")
+        if self.plan.draft_fp8:
+            raise ConfigError(SELF_DRAFT_REFUSAL)
+        layers = [self.resident.get(j) or views(*self.host[j]) for j in range(n)]
+        return ResidentModel(self.spec.with_layers(n), self.glob, layers, self.device)
+
+    def _load_draft(self, desc) -> ResidentModel:
+        return ResidentModel.from_source(open_source(desc), self.device, fp8_weights=self.plan.draft_fp8)
 
     def ready(self) -> dict:
         d = self.runner.draft
         return {"device": str(self.device), "init_s": round(self.init_seconds, 1), "resident_layers": len(self.resident),
-                "slots": self.streamer.nslots, "draft": d is not None,
+                "slots": self.streamer.nslots, "draft": d is not None, "gpu_context": self.budget.context,
                 "draft_gib": round(d.weight_bytes() / 2**30, 2) if d is not None else 0.0}
 
     def memory(self) -> dict:
-        if self.device.type != "cuda":
-            return {}
-        return {"allocated": torch.cuda.memory_allocated(self.device),
-                "max_allocated": torch.cuda.max_memory_allocated(self.device)}
+        """Device bytes: CUDA context, each startup part, allocated now, the peaks (see GpuBudget)."""
+        return self.budget.report()
 
     def _layer(self, j: int) -> dict:
         return self.resident[j] if j in self.resident else self.streamer.acquire(j)
@@ -133,6 +140,13 @@ class GPUExecutor:
         try:
             with self.timer.span("prefill"):
                 self.runner.start(bid, samp, prompts if (with_draft and self.runner.draft) else None, capacity)
+        except torch.OutOfMemoryError as e:
+            self._failed[bid] = CapacityError(
+                f"the draft's KV cache and prefill for a batch of {len(prompts)} sequences (longest "
+                f"{max(map(len, prompts))} tokens) ran out of GPU memory ({self.budget.summary()} GiB held at "
+                f"start): lower batch_size, give the draft a window (--draft-window), an fp8 draft, or "
+                f"raise gpu_memory ({str(e).splitlines()[0][:60]})")
+            raise self._failed[bid] from None
         except Exception as e:
             # The backend queues this batch's prefill layers without waiting for start: each
             # of them should report this cause, not an unknown batch.
@@ -144,6 +158,8 @@ class GPUExecutor:
         if bid in self.tb:
             return self.tb[bid]
         err = self._failed.get(bid)
+        if isinstance(err, SpecOffloadError):  # the user's problem: the same one line, not a consequence
+            raise err
         raise RuntimeError(f"batch {bid} did not start on the executor: {err}" if err else f"no batch {bid} on the executor")
 
     def keep(self, bid, idx):

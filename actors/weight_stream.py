@@ -35,7 +35,8 @@ class WeightStreamer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.slot_of: dict[int, int] = {}  # layer -> slot holding (or loading) it
         self.bytes_copied = 0
-        if not self.cuda or not self.order:
+        self.streaming = self.cuda and bool(self.order)  # nothing to copy on a CPU or with every layer resident
+        if not self.streaming:
             self.nslots = 0
             return
         self.nslots = min(num_slots, len(self.order))
@@ -149,14 +150,14 @@ class WeightStreamer:
         self._issue()
 
     def prefetch(self):
-        if self.cuda:
+        if self.streaming:
             self._issue()
 
     def reset(self):
         """Forget what the slots hold (a pass failed between acquire and release) and restart
         the cycle at its first layer, so the next pass finds free slots. Copies already queued
         into a slot finish before any new one into it starts (one copy stream, in order)."""
-        if not self.cuda:
+        if not self.streaming:
             return
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))

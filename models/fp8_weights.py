@@ -43,11 +43,22 @@ class Fp8Weight:
         self.scale_row = scale[None, :].contiguous()  # [1, out], the layout _scaled_mm takes
 
     @classmethod
-    def quantize(cls, w: torch.Tensor) -> "Fp8Weight":
-        wf = w.float()
-        scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
-        data = (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    def quantize(cls, w: torch.Tensor, chunk_rows: int = 1024) -> "Fp8Weight":
+        """Rows a chunk at a time: the fp32 temporaries of a whole matrix (4x its fp8 size)
+        would be the load's memory peak on a GPU that the draft nearly fills."""
+        data = torch.empty(w.shape, dtype=FP8, device=w.device)
+        scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+        for lo in range(0, w.shape[0], chunk_rows):
+            wf = w[lo:lo + chunk_rows].float()
+            s = (wf.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
+            data[lo:lo + chunk_rows] = (wf / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            scale[lo:lo + chunk_rows] = s
         return cls(data, scale)
+
+    @classmethod
+    def stacked(cls, parts: list["Fp8Weight"]) -> "Fp8Weight":
+        """Matrices quantized apart, stacked by rows (each row keeps its own scale)."""
+        return cls(torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]))
 
     @property
     def shape(self):
@@ -95,9 +106,12 @@ def quantize_layer(w: dict) -> dict:
     out = dict(w)
     for fused, parts in FUSED.items():
         if all(isinstance(w.get(p), torch.Tensor) for p in parts):
-            out[fused] = Fp8Weight.quantize(torch.cat([w[p] for p in parts]))
+            # Per part, then stacked: the same values as quantizing the stack, without a
+            # bf16 copy of it. Each part's checkpoint tensor is dropped once quantized.
+            q = []
             for p in parts:
-                del out[p]
+                q.append(Fp8Weight.quantize(out.pop(p)))
+            out[fused] = Fp8Weight.stacked(q)
     return {k: Fp8Weight.quantize(v) if k in DENSE_MATRICES and isinstance(v, torch.Tensor) and v.dim() == 2 else v
             for k, v in out.items()}
 

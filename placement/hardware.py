@@ -91,7 +91,22 @@ def _best(f, repeats: int) -> float:
 
 
 def measure(device: str = "auto", gpu_memory=None, threads: int | None = None, quick: bool = False) -> Hardware:
-    """Time this machine's figures (a few seconds; `quick`: smaller sizes, for tests)."""
+    """Time this machine's figures (a few seconds; `quick`: smaller sizes, for tests).
+
+    A GPU is measured from a child process: a CUDA context in the caller would stay on the
+    card for the whole run and take memory the executor was planned to have."""
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            return pool.submit(_measure, "cuda", gpu_memory, threads, quick).result()
+    return _measure(device, gpu_memory, threads, quick)
+
+
+def _measure(device: str, gpu_memory, threads: int | None, quick: bool) -> Hardware:
     import torch
 
     from ..models.attention import KVCache

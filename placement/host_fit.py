@@ -96,3 +96,15 @@ def fit_for_llm(spec, plan: Plan, schedule: str, draft_desc, workload=None, prog
     ctx = workload.prompt_len + workload.gen_len if workload is not None else LOAD_CONTEXT
     keep = int(draft_desc[1]) if draft_desc and draft_desc[0] == "self" else 0
     return fit_before_load(spec, plan, seqs, min(ctx, spec.max_positions), keep, quiet=not progress)
+
+
+def fit_fallbacks(spec, fallbacks: list, draft_desc, workload=None) -> list:
+    """The same for --plan auto's fallbacks, (Plan, RunConfig, candidate) each; one that cannot
+    fit is dropped (the coordinator only tries those with the first plan's disk layers anyway)."""
+    out = []
+    for p, cfg, c in fallbacks:
+        try:
+            out.append((fit_for_llm(spec, p, cfg.schedule, draft_desc, workload, progress=False), cfg, c))
+        except CapacityError:
+            pass
+    return out

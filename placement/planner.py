@@ -99,28 +99,47 @@ class Choice:
     best: Candidate
     plan: Plan
     candidates: tuple = field(default=())
+    hardware: Hardware | None = None
 
-    def run_options(self) -> dict:
-        """The run's settings besides the plan (LLM keyword arguments / CLI flags)."""
-        b = self.best
-        return {"schedule": b.schedule, "k": max(b.k, 1), "adaptive_k": b.schedule != "none"}
+    def run_options(self, c: Candidate | None = None) -> dict:
+        """The run's settings besides the plan (LLM keyword arguments / CLI flags), of the best
+        candidate or of `c`."""
+        c = c or self.best
+        return {"schedule": c.schedule, "k": max(c.k, 1), "adaptive_k": c.schedule != "none"}
+
+    def fallbacks(self, n: int = 3) -> list[Candidate]:
+        """What to try if the best does not start for want of GPU memory: the fastest of the
+        candidates that need less GPU memory than the one tried before, up to n."""
+        out, need = [], self.best.gpu_bytes
+        for c in sorted((c for c in self.candidates if c.fits), key=lambda c: -c.tokens_per_s):
+            if c.gpu_bytes < need and len(out) < n:
+                out.append(c)
+                need = c.gpu_bytes
+        return out
 
 
 def _gpu_bytes(target, draft, self_layers, c: Candidate, wl: Workload, cm: CostModel) -> int:
     lb = cmod.layer_bytes(target)
     streamed = target.num_layers - c.resident
     slots = c.slots if streamed else 0
-    b = cmod.glob_bytes(target) + (c.resident + slots) * lb + cm.workspace_bytes
+    b = cm.cuda_context_bytes + cmod.glob_bytes(target) + (c.resident + slots) * lb + cm.workspace_bytes
     b += c.prefill_batch * wl.prompt_len * target.hidden_size * cmod.dtype_bytes(target) * \
         cm.prefill_bytes_per_token_hidden
     if draft is not None and c.schedule != "none":
         if not self_layers:  # a self-draft's layers are the resident target layers
-            b += cmod.model_bytes(draft, c.draft_fp8)
+            draft_bytes = cmod.model_bytes(draft, c.draft_fp8)
+            b += draft_bytes
+            # The draft loads first, one checkpoint layer at a time (quantized on the device
+            # when fp8): its own peak, before the slots and resident layers are allocated.
+            load_peak = cm.cuda_context_bytes + draft_bytes + cmod.layer_bytes(draft) + cm.workspace_bytes
+        else:
+            load_peak = 0
         per_seq = cmod.kv_bytes_per_token_layer(draft, c.fp8) * draft.num_layers * cmod.draft_kv_tokens(
             c.window, SINKS if c.window else 0, wl.context, K_MAX)
         on_gpu = {"gpu": c.batch * (2 if c.schedule == "dual" else 1), "host": c.prefill_batch,
                   "recompute": c.prefill_batch}[c.draft_kv]
         b += on_gpu * per_seq
+        b = max(b, load_peak)
     return b
 
 
@@ -268,7 +287,7 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
         raise CapacityError(f"no placement fits this machine: {worst.why} (the smallest candidate, "
                             f"batch {worst.batch})")
     best = max(ok, key=lambda c: (round(c.tokens_per_s, 6), -c.k, c.schedule == "none"))
-    return Choice(best, to_plan(best, target, hw), tuple(timed))
+    return Choice(best, to_plan(best, target, hw), tuple(timed), hw)
 
 
 def to_plan(c: Candidate, target: ModelSpec, hw: Hardware) -> Plan:

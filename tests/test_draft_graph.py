@@ -22,8 +22,9 @@ from specoffload.scheduler.generator import Generator
 from specoffload.scheduler.reference_backend import ReferenceBackend
 from specoffload.scheduler.request import Request
 from specoffload.scheduler.sampler import SamplingTensors
+import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+cuda_only = gpu.cuda_only("CUDA graphs need a GPU")
 
 
 def test_rollback_keeps_the_length_storage():

@@ -24,8 +24,9 @@ from specoffload.scheduler.batch_state import SpecRunner
 from specoffload.scheduler.generator import Generator
 from specoffload.scheduler.reference_backend import ReferenceBackend
 from specoffload.scheduler.request import Request
+import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 tensor cores need a GPU")
+cuda_only = gpu.cuda_only("fp8 tensor cores need a GPU")
 
 
 def _rel(a, b) -> float:

@@ -13,6 +13,7 @@ import torch
 from specoffload.actors.io_loader import default_shm_root
 from specoffload.actors.mailbox import ExecutorMailboxes, Mailbox, WorkerMailboxes
 from specoffload.models.spec import ModelSpec
+import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
 
 def _spec():
@@ -71,7 +72,7 @@ def test_failed_registration_falls_back_to_the_object_store(tmp_path, monkeypatc
     assert ex.ensure(0, 1, 8) is None and not ex.boxes and os.listdir(tmp_path) == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked mailboxes and their DMAs need CUDA")
+@gpu.cuda_only("page-locked mailboxes and their DMAs need CUDA")
 def test_cuda_round_trip():
     """On the GPU the mailbox is registered and both directions are DMAs on the current stream.
     In /dev/shm like the engine's: registering a file mapping on a disk filesystem can fail."""

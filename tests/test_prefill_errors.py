@@ -16,6 +16,7 @@ import torch
 from specoffload.actors.gpu_executor import GPUExecutor
 from specoffload.errors import CapacityError
 from specoffload.placement.plan import Plan
+import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
 
 class _Fake:
@@ -141,7 +142,7 @@ def test_out_of_memory_in_a_verification_layer_is_a_capacity_error():
     assert fake.resets == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="an out-of-memory needs a GPU cap")
+@gpu.cuda_only("an out-of-memory needs a GPU cap")
 def test_generate_again_after_prefill_runs_out_of_memory(ray_session, tiny_dir):
     """Under a cap that holds the model but not the attention of 16 long prompts at once, the
     first generate is a CapacityError; the same LLM then serves short prompts exactly (the
@@ -152,7 +153,9 @@ def test_generate_again_after_prefill_runs_out_of_memory(ray_session, tiny_dir):
 
     d = tiny_dir("llama")
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    with LLM(str(d), device="cuda", gpu_memory="24MiB", batch_size=64, progress=False) as llm:
+    with LLM(str(d), device="cuda", progress=False) as llm:  # the cap counts the CUDA context: measure it
+        context = llm.info["gpu_context"]
+    with LLM(str(d), device="cuda", gpu_memory=context + (24 << 20), batch_size=64, progress=False) as llm:
         with pytest.raises(CapacityError, match="prefill ran out of GPU memory"):
             llm.generate([{"prompt_token_ids": [1] + [5 + i % 80 for i in range(239)]}] * 64, params)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)

@@ -9,8 +9,9 @@ import torch
 
 from specoffload.actors.shm_layout import layout, views
 from specoffload.actors.weight_stream import WeightStreamer
+import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", gpu.CUDA]
 
 
 def _host_layers(n: int):
@@ -68,7 +69,7 @@ def test_reset_after_a_pass_fails_midway(device):
             ws.release(j)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="slots live in GPU memory")
+@gpu.cuda_only("slots live in GPU memory")
 def test_slots_that_do_not_fit_are_a_capacity_error():
     """Too many slots for the GPU memory left: a one-line CapacityError naming what to lower
     (the bench's baseline once asked for its resident layers plus the speculative modes' slots)."""

@@ -1,0 +1,238 @@
+"""The GPU check: what users run, on a GPU, with one table at the end. CI has no GPU; this is its
+stand-in. Run it on a GPU machine whenever a change touches what the GPU runs:
+
+    python scripts/gpu_check.py --work /tmp/gpucheck --logs gpu_check_logs
+
+It writes random Hugging Face checkpoints to disk (a Mixtral-8x7B-shaped target with a few
+layers, a Mistral-7B-shaped draft with the same tokenizer), then runs, each as a user would:
+`specoffload generate` without and with the draft (flags by hand, `--plan auto` with bf16 and
+fp8 drafts) under a 24 GiB cap with `--out` JSONL, the Python `LLM` API, a Ray job submitted to
+a `ray start` head, `specoffload plan`, `specoffload bench --workload w1-small` (shortened), a
+tiny checkpoint of every family through the actors on the GPU against transformers, and every
+CUDA-only test. Each row asserts exit 0, every output present and, for speculative runs, greedy
+output equal to plain decoding of the same target. Exit status 1 if any row fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CAP = "24GiB"
+# The `ray` command, or its module where Ray was unpacked without scripts (the GPU machine).
+RAY = ["ray"] if shutil.which("ray") else [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+class Check:
+    def __init__(self, work: Path, logs: Path, n_prompts: int, max_tokens: int, target_layers: int):
+        self.work, self.logs = work, logs
+        self.n, self.max_tokens, self.target_layers = n_prompts, max_tokens, target_layers
+        self.rows: list[tuple[str, bool, float, str]] = []
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
+                        TOKENIZERS_PARALLELISM="false")
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, name: str, cmd: list[str], timeout: int = 300, env: dict | None = None):
+        """Run a command, its output to logs/<name>.log; (rc, stdout+stderr, seconds)."""
+        t0 = time.perf_counter()
+        try:
+            cmd = [str(c) for c in cmd]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or self.env, cwd=REPO)
+            rc, out = r.returncode, r.stdout + r.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out = 124, f"timed out after {timeout} s\n{e.stdout or ''}{e.stderr or ''}"
+        dt = time.perf_counter() - t0
+        with open(self.logs / "steps.log", "a") as f:  # one file: every step's command and output
+            f.write(f"\n===== {name} (rc {rc}, {dt:.1f} s)\n$ {' '.join(map(str, cmd))}\n{out}")
+        return rc, out, dt
+
+    def row(self, name: str, ok: bool, seconds: float, note: str):
+        self.rows.append((name, bool(ok), seconds, note))
+        print(f"[{'PASS' if ok else 'FAIL'}] {name} ({seconds:.0f} s): {note}", flush=True)
+
+    def cli(self, *args) -> list[str]:
+        return [sys.executable, "-m", "specoffload.cli", *map(str, args)]
+
+    # -- the steps -----------------------------------------------------------------------------
+    def write_checkpoints(self):
+        t0 = time.perf_counter()
+        self.target, self.draft = self.work / "mixtral", self.work / "mistral"
+        for folder, shape, layers in ((self.target, "mixtral-8x7b", self.target_layers),
+                                      (self.draft, "mistral-7b", None)):
+            if not (folder / "model.safetensors.index.json").is_file():
+                # In a process of its own: a CUDA context left in this one would sit on the card
+                # beside every run below and take memory their plans count on.
+                self.run(f"write {shape}", [sys.executable, REPO / "scripts" / "random_checkpoint.py", "--shape",
+                                            shape, "--out", folder] + (["--layers", layers] if layers else []), 600)
+        size = sum(f.stat().st_size for d in (self.target, self.draft) for f in d.iterdir()) / 2**30
+        rng = random.Random(0)
+        lines = [" ".join(f"w{rng.randrange(3, 32000)}" for _ in range(rng.randrange(32, 480)))
+                 for _ in range(self.n)]
+        self.prompts = self.work / "prompts.txt"
+        self.prompts.write_text("\n".join(lines) + "\n")
+        self.row("write checkpoints", True, time.perf_counter() - t0,
+                 f"{self.target_layers}-layer Mixtral-8x7B + Mistral-7B shapes, {size:.1f} GiB on disk")
+
+    def outputs(self, path: Path) -> dict[int, list[int]]:
+        if not path.is_file():
+            return {}
+        return {r["index"]: r["token_ids"] for r in map(json.loads, path.read_text().splitlines())}
+
+    def same(self, got: dict, ref: dict) -> tuple[bool, str]:
+        if len(got) != self.n:
+            return False, f"{len(got)}/{self.n} outputs"
+        bad = [i for i in ref if got.get(i) != ref[i]]
+        return not bad, f"{self.n - len(bad)}/{self.n} equal to plain" + (f" (first differs: {bad[0]})" if bad else "")
+
+    @staticmethod
+    def figures(out: str) -> str:
+        """The run's own summary: tokens/s, acceptance, GPU peak, and the plan auto line."""
+        keep = [ln.split("error: ")[-1] for ln in out.splitlines()
+                if re.search(r"tok/s\)|specoffload: error|^plan auto", ln)]
+        return "; ".join(keep)[-400:]
+
+    def generate(self, name: str, out_name: str, *flags, env=None, ref: bool = True):
+        out = self.work / f"{out_name}.jsonl"
+        out.unlink(missing_ok=True)
+        rc, text, dt = self.run(name, self.cli("generate", "--model", self.target, "--prompts", self.prompts,
+                                               "--max-tokens", self.max_tokens, "--ignore-eos", "--out", out,
+                                               "--gpu-memory", CAP, "--quiet", *flags), env=env)
+        got = self.outputs(out)
+        ok, note = (len(got) == self.n, f"{len(got)}/{self.n} outputs") if not ref else self.same(got, self.plain)
+        self.row(name, rc == 0 and ok, dt, f"rc {rc}, {note}; {self.figures(text)}")
+        return got
+
+    def ray_head(self) -> dict:
+        self.run("ray stop (before)", [*RAY, "stop", "--force"], 60)
+        rc, text, dt = self.run("ray start", [*RAY, "start", "--head", "--dashboard-host", "127.0.0.1",
+                                              "--object-store-memory", str(4 * 2**30), "--disable-usage-stats"], 120)
+        self.row("ray start --head", rc == 0, dt, f"rc {rc}")
+        return dict(self.env, RAY_ADDRESS="127.0.0.1:6379")
+
+    def llm_api(self, env):
+        code = f"""
+import json
+from specoffload import LLM, SamplingParams
+prompts = open({str(self.prompts)!r}).read().splitlines()
+with LLM({str(self.target)!r}, draft={str(self.draft)!r}, draft_fp8=True, k=4, draft_window=64, draft_sinks=4,
+         gpu_memory={CAP!r}, progress=False) as llm:
+    ids = [{{"prompt_token_ids": llm.tokenizer(p, add_special_tokens=False)["input_ids"]}} for p in prompts]  # as the CLI
+    outs = llm.generate(ids, SamplingParams(max_tokens={self.max_tokens}, ignore_eos=True))
+    print("stats:", json.dumps({{k: llm.last_stats.get(k) for k in ("tokens_per_s", "acceptance")}}))
+with open({str(self.work / "api.jsonl")!r}, "w") as f:
+    for i, o in enumerate(outs):
+        f.write(json.dumps({{"index": i, "token_ids": o.outputs[0].token_ids}}) + "\\n")
+"""
+        rc, text, dt = self.run("python LLM API", [sys.executable, "-c", code], env=env)
+        ok, note = self.same(self.outputs(self.work / "api.jsonl"), self.plain)
+        chosen = " ".join(ln for ln in text.splitlines() if ln.startswith("stats"))
+        self.row("python LLM API (fp8 draft, W64)", rc == 0 and ok, dt, f"rc {rc}, {note}; {chosen[-300:]}")
+
+    def ray_job(self, env):
+        out = self.work / "job.jsonl"
+        out.unlink(missing_ok=True)
+        rc, text, dt = self.run("ray job", [*RAY, "job", "submit", "--address", "http://127.0.0.1:8265",
+                                            "--working-dir", "scripts", "--", sys.executable, "generate_job.py",
+                                            "--model", self.target, "--prompts", self.prompts, "--max-tokens",
+                                            self.max_tokens, "--ignore-eos", "--gpu-memory", CAP, "--out", out],
+                                env=env)
+        ok, note = self.same(self.outputs(out), self.plain)
+        self.row("ray job submit (generate_job.py)", rc == 0 and ok, dt, f"rc {rc}, {note}")
+
+    def plan(self, env):
+        rc, text, dt = self.run("plan", self.cli("plan", "--model", self.target, "--draft", self.draft,
+                                                 "--gpu-memory", CAP, "--prompt-len", 512, "--gen", 128,
+                                                 "--requests", 192, "--acceptance", 0.8), env=env)
+        best = [ln for ln in text.splitlines() if "best" in ln.lower() or "chose" in ln.lower()]
+        self.row("specoffload plan", rc == 0, dt, f"rc {rc}; {' '.join(best)[-300:]}")
+
+    def bench(self, env):
+        rc, text, dt = self.run("bench w1-small", self.cli(
+            "bench", "--workload", "w1-small", "--target-layers", 2, "--draft-layers", 4, "--batch", 64,
+            "--gen", 12, "--prompt-len", 256, "--modes", "none,single", "--no-warmup", "--json",
+            self.logs / "bench.json"),
+            timeout=420, env=env)
+        modes = [ln for ln in text.splitlines() if re.match(r"^(none|single)\S*\s+\d", ln)]
+        self.row("bench --workload w1-small (2+4 layers)", rc == 0 and len(modes) >= 2, dt,
+                 f"rc {rc}; " + " | ".join(" ".join(m.split()[:4]) for m in modes))
+
+    def families(self, env):
+        rc, text, dt = self.run("tiny families", [sys.executable, str(REPO / "scripts" / "gpu_check_families.py")],
+                                env=env)
+        lines = [ln for ln in text.splitlines() if ln.startswith("family")]
+        self.row("tiny families on the GPU (actors vs transformers)", rc == 0 and lines, dt,
+                 f"rc {rc}; " + " | ".join(lines)[-400:])
+
+    def cuda_tests(self):
+        rc, text, dt = self.run("cuda tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p",
+                                               "no:cacheprovider"], timeout=600)
+        tail = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+        self.row("CUDA-only tests (pytest -m cuda)", rc == 0, dt, (tail[-1] if tail else f"rc {rc}").strip("= "))
+
+    # -- all -----------------------------------------------------------------------------------
+    def main(self, skip: set) -> int:
+        self.write_checkpoints()
+        self.plain = self.generate("generate (no draft, local Ray)", "plain", ref=False)
+        env = self.ray_head()
+        d = ["--draft", self.draft]
+        self.generate("generate --draft (bf16, flags by hand)", "hand", *d, "--schedule", "single", "-k", 4,
+                      "--draft-window", 64, "--draft-sinks", 4, env=env)
+        self.generate("generate --draft --plan auto", "auto", *d, "--plan", "auto", env=env)
+        self.generate("generate --draft --draft-fp8 --plan auto", "auto_fp8", *d, "--draft-fp8", "--plan", "auto",
+                      env=env)
+        self.llm_api(env)
+        if "job" not in skip:
+            self.ray_job(env)
+        self.plan(env)
+        if "bench" not in skip:
+            self.bench(env)
+        self.families(env)
+        self.run("ray stop", [*RAY, "stop", "--force"], 60)
+        if "tests" not in skip:
+            self.cuda_tests()
+        return self.table()
+
+    def table(self) -> int:
+        w = max(len(r[0]) for r in self.rows)
+        lines = [f"{'check':<{w}}  result  seconds  notes", "-" * (w + 40)]
+        lines += [f"{n:<{w}}  {'PASS' if ok else 'FAIL':<6}  {s:7.0f}  {note}" for n, ok, s, note in self.rows]
+        failed = sum(not ok for _, ok, _, _ in self.rows)
+        lines.append(f"{len(self.rows) - failed}/{len(self.rows)} passed")
+        text = "\n".join(lines)
+        (self.logs / "table.txt").write_text(text + "\n")
+        print("\n" + text)
+        return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Run what users run on a GPU and print one table of results.")
+    ap.add_argument("--work", default="/tmp/specoffload-gpucheck",
+                    help="folder for the checkpoints and outputs (kept between runs; checkpoints are reused).")
+    ap.add_argument("--logs", default="gpu_check_logs", help="folder for the steps' full log (steps.log) and the table (table.txt).")
+    ap.add_argument("--prompts", type=int, default=48, help="prompts per generate run (default 48).")
+    ap.add_argument("--max-tokens", type=int, default=16, help="tokens generated per prompt (default 16).")
+    ap.add_argument("--target-layers", type=int, default=2, help="layers of the Mixtral-shaped target (default 2).")
+    ap.add_argument("--skip", default="", help="comma list of steps to leave out: job, bench, tests.")
+    a = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: error: no CUDA device visible; this check is for a GPU machine", file=sys.stderr)
+        return 2
+    work, logs = Path(a.work), Path(a.logs)
+    work.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    return Check(work, logs, a.prompts, a.max_tokens, a.target_layers).main(set(filter(None, a.skip.split(","))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

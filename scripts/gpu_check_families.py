@@ -1,0 +1,40 @@
+"""Part of the GPU check (scripts/gpu_check.py): a tiny checkpoint of every family through the
+Ray actors on the GPU, greedy, plain and self-speculative, against transformers' own generate.
+Prints one line per family; exit 1 if any differs."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from hf_reference import PROMPTS, hf_greedy  # noqa: E402
+from tiny_models import FAMILIES, make_tiny_with_tokenizer  # noqa: E402
+
+from specoffload import LLM, SamplingParams  # noqa: E402
+
+
+def main() -> int:
+    bad = 0
+    root = Path(tempfile.mkdtemp(prefix="gpucheck-tiny-"))
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    for fam in FAMILIES:
+        folder = make_tiny_with_tokenizer(fam, root / fam)
+        ref = hf_greedy(folder, PROMPTS, 12)
+        got = {}
+        for name, draft in (("plain", None), ("self:1", "self:1")):
+            with LLM(str(folder), draft=draft, device="cuda", dtype="float32", k=3, progress=False) as llm:
+                got[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        eq = {n: sum(a == b for a, b in zip(g, ref)) for n, g in got.items()}
+        bad += sum(v != len(PROMPTS) for v in eq.values())
+        print(f"family {fam}: " + ", ".join(f"{n} {v}/{len(PROMPTS)}" for n, v in eq.items()) + " equal to HF",
+              flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
