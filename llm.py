@@ -149,11 +149,7 @@ class LLM:
                                         zip(asked, ("schedule", "k", "adaptive_k")))) + (c,)
                            for fp, o, c in fallbacks]
         self.engine, self.progress = engine, progress
-        if engine == "ray":  # before the loader writes a byte: what host memory cannot hold goes to disk
-            from .placement.host_fit import fit_fallbacks, fit_for_llm
-
-            self.plan = fit_for_llm(self.spec, self.plan, self.run_cfg.schedule, self.draft_desc, workload, progress)
-            self._fallbacks = fit_fallbacks(self.spec, self._fallbacks, self.draft_desc, workload)
+        self._workload, self._context = workload, None  # what the host memory fit sizes the KV cache for
         self._ray_address, self._dashboard = ray_address, dashboard
         self._next_rid = 0
         self.last_stats: dict = {}
@@ -169,6 +165,12 @@ class LLM:
         if self.engine == "reference":
             self._start_reference()
         else:
+            # Before the loader writes a byte: what host memory cannot hold goes to disk.
+            from .placement.host_fit import fit_fallbacks, fit_for_llm
+
+            self.plan = fit_for_llm(self.spec, self.plan, self.run_cfg.schedule, self.draft_desc, self._workload,
+                                    self.progress, self._context)
+            self._fallbacks = fit_fallbacks(self.spec, self._fallbacks, self.draft_desc, self._workload, self._context)
             self._start_ray(self._ray_address)
         self.started = True
 
@@ -178,7 +180,9 @@ class LLM:
         without running anything: before `start()` they cost no Ray start and no weight load."""
         rid = self._next_rid
         try:
-            self._requests(prompts, params)
+            reqs, _ = self._requests(prompts, params)
+            # the longest sequence: the host memory fit at start() sizes the KV cache by it
+            self._context = max(len(r.prompt_ids) + r.params.max_tokens for r in reqs) + self.run_cfg.k_max + 2
         finally:
             self._next_rid = rid
 

@@ -22,8 +22,9 @@ GiB = 2**30
 # Left free in MemAvailable for the actors' processes, Ray's object store and the OS.
 HOST_RESERVE = 2 * GiB
 # Tokens per sequence the KV cache is sized for at load time when the run's prompts are not yet
-# known (each generate call checks its own requests again).
-LOAD_CONTEXT = 2048
+# known (LLM(...) started before any prompt; each generate call checks its own requests again).
+# W1 in this engine: 640.
+LOAD_CONTEXT = 1024
 
 
 def host_memory() -> tuple[int, int]:
@@ -88,23 +89,24 @@ def fit_before_load(spec, plan: Plan, sequences: int, context: int, keep: int = 
         f"or free memory")
 
 
-def fit_for_llm(spec, plan: Plan, schedule: str, draft_desc, workload=None, progress: bool = True) -> Plan:
+def fit_for_llm(spec, plan: Plan, schedule: str, draft_desc, workload=None, progress: bool = True,
+                context: int | None = None) -> Plan:
     """`fit_before_load` for an LLM about to start its actors (llm.py's hook): a batch (two for
-    the dual schedule) of the workload's length, else LOAD_CONTEXT tokens, and a
-    self-speculative draft's layers kept in host memory."""
+    the dual schedule) of `context` tokens (the checked prompts' longest), else the workload's
+    length, else LOAD_CONTEXT, and a self-speculative draft's layers kept in host memory."""
     seqs = plan.batch_size * (2 if schedule == "dual" else 1)
-    ctx = workload.prompt_len + workload.gen_len if workload is not None else LOAD_CONTEXT
+    ctx = context or (workload.prompt_len + workload.gen_len if workload is not None else LOAD_CONTEXT)
     keep = int(draft_desc[1]) if draft_desc and draft_desc[0] == "self" else 0
     return fit_before_load(spec, plan, seqs, min(ctx, spec.max_positions), keep, quiet=not progress)
 
 
-def fit_fallbacks(spec, fallbacks: list, draft_desc, workload=None) -> list:
+def fit_fallbacks(spec, fallbacks: list, draft_desc, workload=None, context: int | None = None) -> list:
     """The same for --plan auto's fallbacks, (Plan, RunConfig, candidate) each; one that cannot
     fit is dropped (the coordinator only tries those with the first plan's disk layers anyway)."""
     out = []
     for p, cfg, c in fallbacks:
         try:
-            out.append((fit_for_llm(spec, p, cfg.schedule, draft_desc, workload, progress=False), cfg, c))
+            out.append((fit_for_llm(spec, p, cfg.schedule, draft_desc, workload, False, context), cfg, c))
         except CapacityError:
             pass
     return out

@@ -68,3 +68,17 @@ def test_cli_too_little_memory_is_one_line(tiny_dir, monkeypatch, capsys):
     assert main(["generate", "--model", str(tiny_dir("llama")), "--prompt", "w5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "host memory too small" in err and "GiB free" in err
+
+
+def test_checked_prompts_size_the_kv_cache(tiny_dir, monkeypatch):
+    # The CLI checks its prompts before start(): the fit then sizes the KV cache by the longest
+    # sequence, not by LOAD_CONTEXT.
+    d = tiny_dir("llama")
+    spec, layer, glob = _sizes(d)
+    llm = LLM(str(d), batch_size=64, progress=False, start=False)
+    llm.check([{"prompt_token_ids": [1, 5, 6]}], SamplingParams(max_tokens=5))
+    assert llm._context == 3 + 5 + llm.run_cfg.k_max + 2
+    kv = host_fit.kv_bytes(spec, llm.plan, 64, llm._context)
+    _patch(monkeypatch, 64 * GiB, host_fit.HOST_RESERVE + glob + 3 * layer + kv + 1)
+    assert host_fit.fit_for_llm(spec, llm.plan, "none", None, None, False, llm._context).disk_layers == ()
+    assert host_fit.fit_for_llm(spec, llm.plan, "none", None, None, False).disk_layers != ()
