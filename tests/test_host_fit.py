@@ -81,4 +81,5 @@ def test_checked_prompts_size_the_kv_cache(tiny_dir, monkeypatch):
     kv = host_fit.kv_bytes(spec, llm.plan, 64, llm._context)
     _patch(monkeypatch, 64 * GiB, host_fit.HOST_RESERVE + glob + 3 * layer + kv + 1)
     assert host_fit.fit_for_llm(spec, llm.plan, "none", None, None, False, llm._context).disk_layers == ()
-    assert host_fit.fit_for_llm(spec, llm.plan, "none", None, None, False).disk_layers != ()
+    with pytest.raises(CapacityError, match="64 sequences x 256 tokens"):  # LOAD_CONTEXT, capped by the context
+        host_fit.fit_for_llm(spec, llm.plan, "none", None, None, False)
