@@ -23,10 +23,12 @@ BUILTIN_PROMPTS = [
 
 def add_engine_options(p: argparse.ArgumentParser):
     """Options that choose the model, the draft and the placement (shared with the Ray job)."""
-    p.add_argument("--model", help="The local Hugging Face checkpoint folder to run (default: the embedded "
+    p.add_argument("--model", help="The local Hugging Face checkpoint folder to run, or a Hub id org/name (from "
+                                   "the HF cache, downloaded unless HF_HUB_OFFLINE is set; default: the embedded "
                                    "SmolLM2-135M-Instruct, converted once into ~/.cache/specoffload).")
     p.add_argument("--draft", help="The draft model: 'self:N' for the target's first N layers, or a checkpoint "
-                                   "folder with the same tokenizer. Leave it out to decode without speculation.")
+                                   "folder or Hub id with the same tokenizer. Leave it out to decode without "
+                                   "speculation.")
     p.add_argument("--schedule", choices=["none", "single", "dual"],
                    help="none decodes without speculation; single drafts, then verifies one batch; dual "
                         "verifies one batch while the draft proposes for the other (default: single with a "
@@ -206,7 +208,9 @@ def auto_workload(args, prompts: list[str]):
         from .sources.default_model import default_model_dir
 
         model = default_model_dir()
-    tok = load_tokenizer(model)
+    from .sources.hub import resolve_model
+
+    tok = load_tokenizer(resolve_model(model))
     lens = [len(i["prompt_token_ids"]) for i in encode_prompts(tok, prompts, chat=not args.no_chat_template)]
     return Workload(max(lens), args.max_tokens, len(prompts), args.acceptance)
 

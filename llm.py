@@ -47,7 +47,9 @@ def parse_draft(draft, target_layers: int):
         if not 1 <= n < target_layers:
             raise ConfigError(f"--draft self:N needs 1 <= N < {target_layers} (target layers), got {n}")
         return ("self", n)
-    return ("checkpoint", str(Path(s)), None)
+    from .sources.hub import resolve_model
+
+    return ("checkpoint", str(resolve_model(s)), None)  # a folder, or a Hub id's cached snapshot
 
 
 def check_same_vocab(target_dir: Path, tok, draft_dir: Path, draft_spec: ModelSpec, target_spec: ModelSpec):
@@ -82,7 +84,9 @@ class LLM:
             from .sources.default_model import default_model_dir
 
             model = default_model_dir()
-        self.model_dir = Path(model)
+        from .sources.hub import resolve_model
+
+        self.model_dir = resolve_model(model)  # a folder, or a Hub id's cached snapshot (sources/hub.py)
         self.spec = load_spec(self.model_dir, dtype=self.args.dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.draft_desc = parse_draft(draft, self.spec.num_layers)
@@ -107,6 +111,7 @@ class LLM:
         # What the caller set stays set in every fallback (EngineArgs over the candidate's options).
         self._fallbacks = [self._settle(fp, o) + (c,) for fp, o, c in fallbacks]
         self.engine, self.progress = self.args.engine, self.args.progress
+        self._context = None  # with check(): the longest sequence, which the host memory fit sizes the KV for
         self._next_rid = 0
         self.last_stats: dict = {}
         self.started = False
@@ -121,6 +126,13 @@ class LLM:
         if self.engine == "reference":
             self._start_reference()
         else:
+            # Before the loader writes a byte: what host memory cannot hold goes to disk.
+            from .placement.host_fit import fit_fallbacks, fit_for_llm
+
+            self.plan = fit_for_llm(self.spec, self.plan, self.run_cfg.schedule, self.draft_desc, self.args.workload,
+                                    self.progress, self._context)
+            self._fallbacks = fit_fallbacks(self.spec, self._fallbacks, self.draft_desc, self.args.workload,
+                                            self._context)
             self._start_ray(self.args.ray_address)
         self.started = True
 
@@ -130,7 +142,9 @@ class LLM:
         without running anything: before `start()` they cost no Ray start and no weight load."""
         rid = self._next_rid
         try:
-            self._requests(prompts, params)
+            reqs, _ = self._requests(prompts, params)
+            # the longest sequence: the host memory fit at start() sizes the KV cache by it
+            self._context = max(len(r.prompt_ids) + r.params.max_tokens for r in reqs) + self.run_cfg.k_max + 2
         finally:
             self._next_rid = rid
 

@@ -217,8 +217,9 @@ class GPUExecutor:
         if j == 0:
             prompts = st["prompts"][s * P:(s + 1) * P]
             toks, q_lens = packed(prompts, self.device)
-            _, i = pack_index(q_lens, toks.shape[0])
-            subs[s] = {"pass": Forward.start(spec, self.glob, toks, i), "q_lens": q_lens,
+            b, i = pack_index(q_lens, toks.shape[0])
+            # seq_lens: the prompt's length, as a length-dependent RoPE needs (models/rope.py)
+            subs[s] = {"pass": Forward.start(spec, self.glob, toks, i, q_lens[b]), "q_lens": q_lens,
                        "longest": max(map(len, prompts))}
         sub = subs[s]
         w = self._layer(j)

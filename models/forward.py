@@ -18,9 +18,11 @@ class Forward:
         self.spec, self.glob, self.h, self.cos, self.sin = spec, glob, h, cos, sin
 
     @classmethod
-    def start(cls, spec: ModelSpec, glob: dict, tokens: torch.Tensor, positions: torch.Tensor) -> "Forward":
-        """A pass over packed `tokens` at `positions`: embedded, RoPE computed once."""
-        cos, sin = rope_cos_sin(spec, positions, spec.torch_dtype)
+    def start(cls, spec: ModelSpec, glob: dict, tokens: torch.Tensor, positions: torch.Tensor,
+              seq_lens: torch.Tensor | None = None) -> "Forward":
+        """A pass over packed `tokens` at `positions`: embedded, RoPE computed once (`seq_lens`:
+        per token, the length a length-dependent RoPE uses; see layers.rope_cos_sin)."""
+        cos, sin = rope_cos_sin(spec, positions, spec.torch_dtype, seq_lens)
         return cls(spec, glob, embed(glob["embed"], tokens), cos, sin)
 
     def qkv(self, w: dict):

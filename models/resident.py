@@ -9,6 +9,7 @@ import torch
 from .attention import KVCache, pack_index
 from .forward import Forward
 from .fp8_weights import layer_nbytes, quantize_layer
+from .rope import prefill_aware_seq_lens, rope_table
 from .spec import ModelSpec
 
 
@@ -16,6 +17,17 @@ def positions_of(cache: KVCache, q_lens: torch.Tensor, total: int | None = None,
                  n_q: int | None = None) -> torch.Tensor:
     b, i = pack_index(q_lens, total, n_q)
     return cache.lens.to(q_lens.device)[b] + i
+
+
+def _positions_and_lens(spec: ModelSpec, cache: KVCache, q_lens, total, n_q):
+    """Packed positions, and for RoPE that depends on the length (models/rope.py) the seq_len
+    of each token's pass as transformers would have run it."""
+    if not rope_table(spec, q_lens.device).length_dependent:
+        return positions_of(cache, q_lens, total, n_q), None
+    b, i = pack_index(q_lens, total, n_q)
+    lens = cache.lens.to(q_lens.device)
+    pos = lens[b] + i
+    return pos, prefill_aware_seq_lens(lens, q_lens, b, pos)
 
 
 def last_index(q_lens: torch.Tensor) -> torch.Tensor:
@@ -81,7 +93,8 @@ class ResidentModel:
         caller knows it (saves the cache a device read)."""
         tokens, q_lens = tokens.to(self.device), q_lens.to(self.device)
         T = tokens.shape[0]
-        f = Forward.start(self.spec, self.glob, tokens, positions_of(cache, q_lens, T, n_q))
+        pos, seq_lens = _positions_and_lens(self.spec, cache, q_lens, T, n_q)
+        f = Forward.start(self.spec, self.glob, tokens, pos, seq_lens)
         cache.begin_pass(q_lens, T, n_q)
         for j, w in enumerate(self.layers):
             f.layer(w, partial(cache.attend_layer, j))

@@ -90,7 +90,7 @@ class ConstructedModel:
                 return torch.zeros(shape, dtype=dt)
             return pool.take(shape, self.out_std if name in OUT_KEYS else self.layer_std)
 
-        return {name: tensor(name, shape) for name, shape in layer_shapes(self.spec).items()}
+        return {name: tensor(name, shape) for name, shape in layer_shapes(self.spec, j).items()}
 
 
 def mixtral_8x7b(num_layers: int = 32, dtype: str = "bfloat16") -> ModelSpec:

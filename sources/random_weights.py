@@ -25,7 +25,7 @@ def random_layer(spec: ModelSpec, j: int, seed: int = 0, device="cpu", std: floa
     gen = torch.Generator(device=_gen_device()).manual_seed(seed * 100_003 + j)
     dt = spec.torch_dtype
     return {name: torch.ones(shape, dtype=dt, device=device) if is_norm(name) else _rand(shape, dt, gen, std, device)
-            for name, shape in layer_shapes(spec).items()}
+            for name, shape in layer_shapes(spec, j).items()}
 
 
 def random_globals(spec: ModelSpec, seed: int = 0, device="cpu", std: float = 0.02) -> dict:
