@@ -1,6 +1,6 @@
 """W3's model shapes: a Qwen3-30B-A3B-shaped target (48 layers of 128 experts, top-8, each
 768 wide; ~61 GB in bf16) and a Qwen3-0.6B-shaped draft (28 dense layers, tied head, the same
-vocabulary). Built as constructed pairs (models/constructed.py) for `specoffload bench
+vocabulary). Built as constructed pairs (constructed.py) for `specoffload bench
 --workload w3` and planned with `specoffload plan --shapes w3`."""
 
 from __future__ import annotations
