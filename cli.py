@@ -172,7 +172,7 @@ def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f)
     first_rid = llm._next_rid
 
     def write(o):
-        i = o.request_id - first_rid
+        i = int(o.request_id) - first_rid
         if out_f:
             out_f.write(json.dumps(result_record(i, prompts[i], o)) + "\n")
             out_f.flush()
