@@ -86,6 +86,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", help="write a Chrome-trace JSON timeline of stage spans (weight copy, CPU "
                                    "attention, GPU target, draft) per layer and batch; see scripts/plot_timeline.py")
     add_engine_options(g)
+    from .run_batch import add_parser as add_run_batch
+
+    add_run_batch(sub, add_engine_options)
     sub.add_parser("bench", add_help=False,
                    help="run a benchmark workload (W1 shapes) and print tokens/s against no speculation; "
                         "`specoffload bench --help` for its options")
@@ -261,6 +264,10 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "generate":
             return _generate(args)
+        if args.cmd == "run-batch":
+            from .run_batch import main_args
+
+            return main_args(args, llm_from_args)
     except SpecOffloadError as e:
         e = getattr(e, "cause", None) or e  # unwrap errors raised inside a Ray actor
         print(f"specoffload: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
