@@ -59,6 +59,16 @@ def _vllm_llm():
             except TypeError as e:  # an engine argument of vLLM's we do not have
                 raise ConfigError(f"LLM: {e}".replace("__init__() ", "")) from None
 
+        # Without sampling params, vLLM's defaults (temperature 1.0, 16 tokens), not the engine's.
+        def generate(self, prompts, sampling_params=None, *args, **kw):
+            if sampling_params is None and kw.get("params") is None:
+                sampling_params = SamplingParams()
+            return super().generate(prompts, sampling_params, *args, **kw)
+
+        def chat(self, messages, sampling_params=None, *args, **kw):
+            return super().chat(messages, SamplingParams() if sampling_params is None else sampling_params,
+                                *args, **kw)
+
     return LLM
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
+
 from specoffload.cli import main
 from specoffload.configs.sampling_params import SamplingParams
 from specoffload.llm import LLM
@@ -46,11 +48,11 @@ def test_run_batch_chat_completion_and_broken_lines(tiny_dir, tmp_path, capsys):
     inp.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
     rc = main(["run-batch", "-i", str(inp), "-o", str(out), "--model", str(d), "--engine", "reference", "--quiet"])
     assert rc == 0
-    assert "4 requests ran, 3 got an error line" in capsys.readouterr().err
+    assert "3 requests ran, 4 got an error line" in capsys.readouterr().err
     res = [json.loads(s) for s in out.read_text().splitlines()]
     assert [r["custom_id"] for r in res] == ["chat-1", "cmpl-1", None, "tools", "url", "long", "cmpl-n"]
     ok = {r["custom_id"]: r for r in res if r["error"] is None}
-    assert set(ok) == {"chat-1", "cmpl-1", "cmpl-n"} or set(ok) == {"chat-1", "cmpl-1", "cmpl-n", "long"}
+    assert set(ok) == {"chat-1", "cmpl-1", "cmpl-n"}
     for r in res:
         assert r["id"] and r["response"]["request_id"]
         assert r["response"]["status_code"] == (200 if r["error"] is None else 400)
@@ -73,15 +75,17 @@ def test_run_batch_chat_completion_and_broken_lines(tiny_dir, tmp_path, capsys):
     lp = c["logprobs"]["content"]
     assert len(lp) == len(want_chat.outputs[0].token_ids) and all(len(e["top_logprobs"]) == 2 for e in lp)
     for e, t, d_ in zip(lp, want_chat.outputs[0].token_ids, want_chat.outputs[0].logprobs):
-        assert abs(e["logprob"] - d_[t].logprob) < 1e-6
+        assert abs(e["logprob"] - d_[t].logprob) < 1e-4  # batched differently: float rounding
 
     want = llm.generate(["w40 w41 w42"], SamplingParams(max_tokens=7, logprobs=1))[0].outputs[0]
     body = ok["cmpl-1"]["response"]["body"]
     assert body["object"] == "text_completion"
     (c,) = body["choices"]
     assert c["text"] == want.text and c["index"] == 0
-    assert c["logprobs"]["token_logprobs"] == [d_[t].logprob for t, d_ in zip(want.token_ids, want.logprobs)]
-    assert "".join(c["logprobs"]["tokens"]) == llm.tokenizer.decode(want.token_ids) or c["logprobs"]["tokens"]
+    assert np.allclose(c["logprobs"]["token_logprobs"], [d_[t].logprob for t, d_ in zip(want.token_ids, want.logprobs)],
+                       atol=1e-4)
+    assert c["logprobs"]["tokens"] == [llm.tokenizer.decode([t]) for t in want.token_ids]
+    assert all(len(x) == 1 for x in c["logprobs"]["top_logprobs"])
 
     body = ok["cmpl-n"]["response"]["body"]
     assert [ch["index"] for ch in body["choices"]] == [0, 1]
