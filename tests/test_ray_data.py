@@ -109,7 +109,7 @@ def test_processor_messages_prompts_and_row_params(ray_session, tiny_dir, tmp_pa
 def test_processor_caps_engines_per_node():
     """One GPU: concurrency 2 would put two engines' weights in one host's /dev/shm (and on one
     GPU); the cap counts GPUs and free shared memory per node."""
-    from specoffload.ray_data import _Reservation, engine_slots
+    from specoffload.ray_data import engine_slots
 
     one_gpu = [{"id": "a", "gpus": 1, "shm_free": 100 << 30}]
     assert engine_slots(one_gpu, 10 << 30, cuda=True) == {"a": 1}
