@@ -188,7 +188,7 @@ def run_batch(llm, in_path: str, out_path: str, default_max_tokens: int = 256) -
     for slot, (n, s) in enumerate(lines):
         try:
             req = parse_line(s, n, llm.tokenizer, default_max_tokens)
-            llm._requests(req["inputs"], [req["params"]] * len(req["inputs"]))  # too long, bad ids: this line's error
+            llm.check(req["inputs"], [req["params"]] * len(req["inputs"]))  # too long, bad ids: this line's error
             runnable.append((slot, req))
         except LineError as e:
             results[slot] = _line(e.custom_id, error=str(e))
@@ -214,15 +214,16 @@ def run_batch(llm, in_path: str, out_path: str, default_max_tokens: int = 256) -
 
 
 def add_parser(sub, add_engine_options):
-    r = sub.add_parser("run-batch", help="run an OpenAI Batch API file (chat and completion lines), as vllm run-batch",
+    r = sub.add_parser("run-batch", help="Run an OpenAI Batch API file (chat and completion lines), as vllm run-batch does.",
                        description="Read OpenAI Batch API request lines (/v1/chat/completions, /v1/completions) and "
                                    "write one response line per request, in input order; a line that cannot run "
                                    "gets an error line for its custom_id.")
-    r.add_argument("-i", "--input-file", required=True, help="requests, JSONL in the OpenAI Batch API format")
-    r.add_argument("-o", "--output-file", required=True, help="where the response lines go (JSONL)")
+    r.add_argument("-i", "--input-file", required=True, help="The requests: JSONL in the OpenAI Batch API format.")
+    r.add_argument("-o", "--output-file", required=True, help="Where the response lines go (JSONL, one per request, in input order).")
     r.add_argument("--max-tokens", type=int, default=256,
-                   help="max_tokens of chat lines that set none (default 256; completion lines: 16, the API's)")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="The max_tokens of chat lines that set none (default 256; completion lines get 16, "
+                        "the API's default).")
+    r.add_argument("--quiet", action="store_true", help="Show no progress bar.")
     add_engine_options(r)
     return r
 
@@ -234,7 +235,8 @@ def main_args(args, llm_from_args) -> int:
 
     if not Path(args.input_file).is_file():  # before the engine loads
         raise ConfigError(f"batch input file not found: {args.input_file}")
-    llm = llm_from_args(args, progress=not args.quiet)
+    # Lines are checked before the engine starts (LLM.start), so bad lines cost no weight load.
+    llm = llm_from_args(args, progress=not args.quiet, start=False)
     try:
         ok, bad = run_batch(llm, args.input_file, args.output_file, args.max_tokens)
     finally:
