@@ -71,6 +71,20 @@ def _kill_run(coordinator, run_id: str):
             pass
 
 
+def _kill_and_wait(actor, timeout: float = 60.0):
+    """ray.kill returns at once; wait until Ray reports the actor's process gone."""
+    ray.kill(actor)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except Exception:  # noqa: BLE001 - a timeout: ask again
+            pass
+        time.sleep(0.2)
+
+
 class Coordinator:
     def __init__(self, target_desc, spec, plan: Plan, draft_desc, run_cfg: RunConfig, run_id: str,
                  progress: bool = True, fallbacks: tuple = ()):
@@ -136,7 +150,9 @@ class Coordinator:
         try:
             return ray.get(self.executor.ready.remote())
         except ray.exceptions.RayError:
-            ray.kill(self.executor)  # its GPU memory and its name are free for the next try
+            # Its GPU memory and its name must be free before the next try: a process still
+            # holding memory on the card counts against the next executor's cap.
+            _kill_and_wait(self.executor)
             self.executor = None
             raise
 
@@ -237,5 +253,8 @@ class Coordinator:
         try:
             ray.get(self.loader.cleanup.remote())
         finally:
-            for a in (self.executor, self.attention, self.loader):
+            for a in (self.attention, self.loader):
                 ray.kill(a)
+            # The executor's GPU memory is free once this returns: the next run on the card
+            # (this driver's or another's) counts whatever is still held against its cap.
+            _kill_and_wait(self.executor)
