@@ -104,6 +104,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "attention, GPU target, draft) per layer and batch here; see "
                                    "scripts/plot_timeline.py.")
     add_engine_options(g)
+    from .run_batch import add_parser as add_run_batch
+
+    add_run_batch(sub, add_engine_options)
     sub.add_parser("bench", add_help=False,
                    help="Run a benchmark workload (W1 shapes) and print tokens/s against no speculation; "
                         "`specoffload bench --help` lists its options.")
@@ -192,7 +195,7 @@ def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f)
     first_rid = llm._next_rid
 
     def write(o):
-        i = o.request_id - first_rid
+        i = int(o.request_id) - first_rid
         if out_f:
             out_f.write(json.dumps(result_record(i, prompts[i], o)) + "\n")
             out_f.flush()
@@ -297,6 +300,10 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "generate":
             return _generate(args)
+        if args.cmd == "run-batch":
+            from .run_batch import main_args
+
+            return main_args(args, llm_from_args)
     except SpecOffloadError as e:
         from .errors import ActorError
 
