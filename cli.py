@@ -107,6 +107,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "options.",
                        description="Generate completions. With no prompts, it runs a few built-in ones.")
     add_generate_options(g)
+    from .run_batch import add_parser as add_run_batch
+
+    add_run_batch(sub, add_engine_options)
     sub.add_parser("bench", add_help=False,
                    help="Run a benchmark workload (W1 shapes) and print tokens/s against no speculation; "
                         "`specoffload bench --help` lists its options.")
@@ -190,7 +193,7 @@ def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f)
     first_rid = llm._next_rid
 
     def write(o):
-        i = o.request_id - first_rid
+        i = int(o.request_id) - first_rid
         if out_f:
             out_f.write(json.dumps(result_record(i, prompts[i], o)) + "\n")
             out_f.flush()
@@ -329,6 +332,10 @@ def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
     if args.cmd == "generate":
         return one_line_errors("specoffload", run_generate, args)
+    if args.cmd == "run-batch":
+        from .run_batch import main_args
+
+        return one_line_errors("specoffload", main_args, args, llm_from_args)
     return 1
 
 

@@ -322,9 +322,9 @@ class GPUExecutor:
         with self.timer.span("target"):
             logits = Forward.logits_of([x["pass"] for x in parts])
         B = st["q_lens"].shape[0]
-        tokens, counts = self.runner.finish(bid, logits.view(B, k + 1, -1), k, u_accept, u_sample)
-        st["lens"] = st["lens"] + to_device(counts, self.device, torch.long)
-        return tokens, counts
+        res = self.runner.finish(bid, logits.view(B, k + 1, -1), k, u_accept, u_sample)  # (tokens, counts[, logprobs])
+        st["lens"] = st["lens"] + to_device(res[1], self.device, torch.long)
+        return res
 
     # -- draft -----------------------------------------------------------------------------
     def propose(self, bid, k, u_draft):
