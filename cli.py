@@ -167,17 +167,50 @@ def open_out(path: str | None):
         raise ConfigError(f"cannot write --out {path}: {e.strerror}") from None
 
 
-def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f):
-    """llm.generate, each result written to out_f (if any) as a JSONL line as its request finishes."""
+def open_results(path: str | None, prompts: list[str], params: list, model, chat: bool, prog: str = "specoffload"):
+    """--out as a resumable journal (results_journal.py): lines already there for these prompts
+    and parameters are kept and their requests skipped; None without --out."""
+    from .results_journal import open_journal, request_key
+
+    if not path:
+        return None
+    salt = json.dumps({"model": str(Path(model).resolve()) if model else "default", "chat": chat})
+    journal = open_journal(path, [request_key(p, sp, salt) for p, sp in zip(prompts, params)])
+    if journal.torn:
+        print(f"{prog}: {path}: dropped a torn last line ({journal.torn} bytes, a run killed mid-write); "
+              f"that request runs again", file=sys.stderr)
+    if journal.done:
+        print(f"{prog}: resuming: {len(journal.done)} of {len(prompts)} requests already in {path}, "
+              f"{len(journal.pending())} to run", file=sys.stderr)
+    return journal
+
+
+def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f, indices=None):
+    """llm.generate, each result written to out_f (if any) as a JSONL line as its request finishes.
+    out_f: a file, or a results_journal.Journal (then `indices` are the requests' places in the
+    whole prompt list, for resuming)."""
+    from .results_journal import Journal
+
     first_rid = llm._next_rid
 
     def write(o):
-        i = o.request_id - first_rid
-        if out_f:
-            out_f.write(json.dumps(result_record(i, prompts[i], o)) + "\n")
+        j = o.request_id - first_rid
+        i = indices[j] if indices is not None else j
+        if isinstance(out_f, Journal):
+            out_f.append(i, result_record(i, prompts[j], o))
+        elif out_f:
+            out_f.write(json.dumps(result_record(i, prompts[j], o)) + "\n")
             out_f.flush()
 
     return llm.generate(inputs, params, on_output=write)
+
+
+def generate_pending(llm, prompts: list[str], params: list, journal, chat: bool):
+    """Encode and run the prompts `journal` does not hold yet (all of them without one)."""
+    todo = journal.pending() if journal is not None else list(range(len(prompts)))
+    sub = [prompts[i] for i in todo]
+    inputs = encode_prompts(llm.tokenizer, sub, chat=chat)
+    return generate_writing(llm, sub, inputs, [params[i] for i in todo], journal, indices=todo)
 
 
 def auto_workload(args, prompts: list[str]):
@@ -208,6 +241,11 @@ def _generate(args) -> int:
                              top_k=args.top_k, ignore_eos=args.ignore_eos,
                              seed=None if args.seed is None else args.seed + i)
               for i in range(len(prompts))]
+    chat = not args.no_chat_template
+    journal = open_results(args.out, prompts, params, args.model, chat)
+    if journal is not None and not journal.pending():
+        print(f"specoffload: all {len(prompts)} requests already in {args.out}; nothing to run", file=sys.stderr)
+        return 0
     workload = auto_workload(args, prompts) if args.plan == "auto" else None
     llm = llm_from_args(args, progress=not args.quiet, trace=bool(args.trace), workload=workload)
     if llm.plan_choice is not None:
@@ -217,20 +255,13 @@ def _generate(args) -> int:
         print(f"plan auto: {b.label()}, batch {b.batch}, {b.resident} resident / {b.disk} disk layers, "
               f"{b.slots} slots, {b.gpu_bytes / 2**30:.2f} GiB GPU predicted, "
               f"{b.tokens_per_s:.1f} tok/s predicted at acceptance {args.acceptance}", file=sys.stderr)
-    inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
     try:
-        out_f = open_out(args.out)
-    except Exception:
-        llm.shutdown()
-        raise
-
-    try:
-        outs = generate_writing(llm, prompts, inputs, params, out_f)
+        outs = generate_pending(llm, prompts, params, journal, chat)
         if args.trace:
             Path(args.trace).write_text(json.dumps(llm.trace()))
     finally:
-        if out_f:
-            out_f.close()
+        if journal:
+            journal.close()
         llm.shutdown()
     if not args.out:
         print_texts(prompts, outs)
@@ -264,7 +295,7 @@ def main(argv=None) -> int:
     except SpecOffloadError as e:
         e = getattr(e, "cause", None) or e  # unwrap errors raised inside a Ray actor
         print(f"specoffload: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 2: the user can fix it; EngineFailed says 1
     except KeyboardInterrupt:
         print("specoffload: interrupted", file=sys.stderr)
         return 130

@@ -67,6 +67,8 @@ def check_same_vocab(target_dir: Path, tok, draft_dir: Path, draft_spec: ModelSp
 
 
 class LLM:
+    max_restarts = 3  # actor-set rebuilds allowed in one generate before it gives up (actors/supervisor.py)
+
     def __init__(self, model=None, draft=None, *, engine: str = "ray", device: str = "auto",
                  gpu_memory=None, plan=None, schedule: str | None = None, k: int | None = None,
                  adaptive_k: bool | None = None, batch_size: int | None = None, dtype: str | None = None,
@@ -205,14 +207,22 @@ class LLM:
         import ray
 
         from .actors.coordinator import Coordinator, wait_ready
+        from .actors import shm_owners
         from .placement.node import pick_node
         from .ray_env import ensure_ray
 
+        shm_owners.prepare(self.spec, self.plan)  # dead runs' /dev/shm folders go; the weights must fit
         ensure_ray(address)
+        self._ray_address = address  # a restart after an actor dies starts the set again here
         # The coordinator pins the actors to one node; fail here, before any actor starts,
         # when no node can hold the executor.
-        pick_node(ray.nodes(), ray.get_runtime_context().get_node_id(), self.plan.device == "cuda")
+        here = ray.get_runtime_context().get_node_id()
+        node = pick_node(ray.nodes(), here, self.plan.device == "cuda")
         self.run_id = uuid.uuid4().hex[:8]
+        if node == here:  # the driver owns the folder too: killed, its run's files are stale
+            from .actors.io_loader import run_dir
+
+            shm_owners.claim(run_dir(self.run_id), "driver")
         self.coordinator = ray.remote(Coordinator).options(
             name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
         ).remote(("checkpoint", str(self.model_dir), self.spec.dtype), self.spec, self.plan,
@@ -231,8 +241,10 @@ class LLM:
         import atexit
         import weakref
 
-        ref = weakref.ref(self)
-        atexit.register(lambda: ref() is not None and ref().shutdown())
+        if not getattr(self, "_atexit", False):  # once, however often the actors restart
+            self._atexit = True
+            ref = weakref.ref(self)
+            atexit.register(lambda: ref() is not None and ref().shutdown())
 
     # -- requests --------------------------------------------------------------------------
     def _requests(self, prompts, params) -> tuple[list[Request], list]:
@@ -333,6 +345,11 @@ class LLM:
         return [done[r.rid] for r in reqs]
 
     def _generate_ray(self, reqs, finished, progress) -> dict:
+        from .actors.supervisor import supervised_generate
+
+        return supervised_generate(self, reqs, finished, progress)  # rebuilds the actors if one dies
+
+    def _generate_ray_once(self, reqs, finished, progress) -> dict:
         import ray
 
         by_rid = {r.rid: r for r in reqs}
@@ -377,6 +394,12 @@ class LLM:
                 return
             try:
                 ray.get(self.coordinator.shutdown.remote())
+            except ray.exceptions.RayActorError:
+                # An actor died (the loader, which does nothing after loading, can die unnoticed
+                # by the run): kill the rest and remove the run's /dev/shm folder from here.
+                from .actors.supervisor import teardown
+
+                teardown(self.run_id)
             finally:
                 ray.kill(self.coordinator)
                 self.coordinator = None

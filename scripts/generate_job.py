@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from specoffload import SamplingParams
-    from specoffload.cli import (auto_workload, collect_prompts, encode_prompts, generate_writing, llm_from_args,
-                                 open_out, print_texts)
+    from specoffload.cli import (auto_workload, collect_prompts, generate_pending, llm_from_args, open_results,
+                                 print_texts)
     from specoffload.errors import ConfigError
 
     prompts = collect_prompts(args.prompt, args.prompts)
@@ -50,29 +50,28 @@ def run(args) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             ignore_eos=args.ignore_eos)
-    out_f = open_out(args.out)
+    chat = not args.no_chat_template
+    # --out is a journal: a job run again after a crash keeps what is there and runs the rest.
+    journal = open_results(args.out, prompts, [params] * len(prompts), args.model, chat, prog="generate_job")
+    if journal is not None and not journal.pending():
+        print(f"generate_job: all {len(prompts)} requests already in {args.out}; nothing to run", flush=True)
+        return 0
 
     # LLM checks the model and draft first, then joins Ray (`ray_env.ensure_ray`): in a job,
     # the job's cluster from RAY_ADDRESS.
-    try:
-        workload = auto_workload(args, prompts) if args.plan == "auto" else None  # the planner's input
-        llm = llm_from_args(args, progress=False, workload=workload)
-    except BaseException:
-        if out_f:
-            out_f.close()
-        raise
+    workload = auto_workload(args, prompts) if args.plan == "auto" else None  # the planner's input
+    llm = llm_from_args(args, progress=False, workload=workload)
     try:
         import ray
 
         print(f"generate_job: {len(prompts)} prompts on Ray cluster {ray.get_runtime_context().gcs_address}, "
               f"engine run id {llm.run_id} (dashboard metrics tag run={llm.run_id})", flush=True)
-        inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
         t0 = time.perf_counter()
-        outs = generate_writing(llm, prompts, inputs, params, out_f)
+        outs = generate_pending(llm, prompts, [params] * len(prompts), journal, chat)
         wall = time.perf_counter() - t0
     finally:
-        if out_f:
-            out_f.close()
+        if journal:
+            journal.close()
         llm.shutdown()
     if not args.out:
         print_texts(prompts, outs)
