@@ -118,6 +118,10 @@ def host_weight_bytes(spec, plan) -> int:
     return (layers * spec.layer_param_count() + glob) * item
 
 
+def _size(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
 def prepare(spec, plan, log=None):
     """Before a run loads: remove dead runs' folders (one line on `log` saying what came back),
     then check the weights fit in what the shm root has free (a one-line CapacityError if not)."""
@@ -129,7 +133,7 @@ def prepare(spec, plan, log=None):
     n, b = sweep()
     if n:
         print(f"specoffload: removed {n} shared-memory folder(s) of dead runs from {default_shm_root()}, "
-              f"reclaimed {b / 2**30:.2f} GiB", file=log or sys.stderr)
+              f"reclaimed {_size(b)}", file=log or sys.stderr)
     need, free = host_weight_bytes(spec, plan), shm_free_bytes()
     if need > free:
         raise CapacityError(f"the target's host weights need {need / 2**30:.2f} GiB in {default_shm_root()} and "
