@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
+from .errors import SpecOffloadError
 from .placement.plan import DRAFT_KV
 
 BUILTIN_PROMPTS = [
@@ -113,9 +115,24 @@ def read_prompts(path: str) -> list[str]:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"prompts file not found: {p}")
+        raise ConfigError(f"prompts file not found: {p}" if not p.exists() else f"prompts file {p} is not a file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read prompts file {p}: {e.strerror}") from None
+
+    def line_of(offset: int) -> int:
+        return data.count(b"\n", 0, offset) + 1
+
+    if b"\0" in data:  # text never holds NUL: a binary file given by mistake
+        raise ConfigError(f"{p}:{line_of(data.index(0))}: NUL byte: not a text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}:{line_of(e.start)}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                          f"convert it, e.g. iconv -t utf-8") from None
     out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
@@ -125,7 +142,9 @@ def read_prompts(path: str) -> list[str]:
                 raise ConfigError(f"{p}:{n}: not valid JSON ({e.msg})") from None
             if "prompt" not in rec:
                 raise ConfigError(f"{p}:{n}: JSON line has no 'prompt' field")
-            out.append(str(rec["prompt"]))
+            if not isinstance(rec["prompt"], str):
+                raise ConfigError(f"{p}:{n}: 'prompt' must be a string, got {type(rec['prompt']).__name__}")
+            out.append(rec["prompt"])
         else:
             out.append(line)
     if not out:
@@ -210,7 +229,14 @@ def generate_pending(llm, prompts: list[str], params: list, journal, chat: bool)
     todo = journal.pending() if journal is not None else list(range(len(prompts)))
     sub = [prompts[i] for i in todo]
     inputs = encode_prompts(llm.tokenizer, sub, chat=chat)
-    return generate_writing(llm, sub, inputs, [params[i] for i in todo], journal, indices=todo)
+    try:
+        return generate_writing(llm, sub, inputs, [params[i] for i in todo], journal, indices=todo)
+    except SpecOffloadError as e:
+        # LLM numbers the prompts it was given; name them as the user does, whole list counted.
+        m = re.match(r"prompt (\d+)\b", str(e))
+        if m and todo != list(range(len(prompts))):
+            e.args = (f"prompt {todo[int(m.group(1))]}{str(e)[m.end():]}",)
+        raise
 
 
 def auto_workload(args, prompts: list[str]):
@@ -276,6 +302,10 @@ def _generate(args) -> int:
     return 0
 
 
+def _ray_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def main(argv=None) -> int:
     from .errors import SpecOffloadError
 
@@ -289,11 +319,18 @@ def main(argv=None) -> int:
 
         return plan_main(argv[1:])
     args = _build_parser().parse_args(argv)
+    ray_before = _ray_up()
     try:
         if args.cmd == "generate":
             return _generate(args)
     except SpecOffloadError as e:
         e = getattr(e, "cause", None) or e  # unwrap errors raised inside a Ray actor
+        if _ray_up() and not ray_before:
+            # Leave Ray before the line: the failed actors' logs, still streaming to this driver,
+            # would otherwise bury it under their tracebacks.
+            import ray
+
+            ray.shutdown()
         print(f"specoffload: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 2: the user can fix it; EngineFailed says 1
     except KeyboardInterrupt:

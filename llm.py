@@ -208,10 +208,12 @@ class LLM:
 
         from .actors.coordinator import Coordinator, wait_ready
         from .actors import shm_owners
+        from .ray_probe import check_ray_address
         from .placement.node import pick_node
         from .ray_env import ensure_ray
 
         shm_owners.prepare(self.spec, self.plan)  # dead runs' /dev/shm folders go; the weights must fit
+        check_ray_address(address)  # one line now, not a long wait and a traceback inside ray.init
         ensure_ray(address)
         self._ray_address = address  # a restart after an actor dies starts the set again here
         # The coordinator pins the actors to one node; fail here, before any actor starts,

@@ -82,12 +82,40 @@ def main(argv=None) -> int:
            "--out", str(out), "--max-tokens", str(args.max_tokens), "--ignore-eos", "--batch-size", "4",
            "--device", "cpu", "--quiet", "--no-chat-template"]
 
-    rows, torn_seen, reclaimed, left_dead = [], 0, 0, 0
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.llm import LLM
+
+    ref = LLM(str(model), engine="reference", progress=False, batch_size=4)
+    want = [o.outputs[0].token_ids for o in ref.generate(
+        [{"prompt_token_ids": ref.tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts],
+        SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))]
+    totals = {"lost": 0, "duplicated": 0, "wrong": 0, "unparseable": 0, "torn_at_end": 0}
+
+    def check_complete():
+        """A run finished: check its file, then start the next round on an empty one."""
+        recs = {}
+        data = out.read_bytes()
+        totals["torn_at_end"] += not data.endswith(b"\n")
+        for line in data.splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                totals["unparseable"] += 1
+                continue
+            totals["duplicated"] += r["index"] in recs
+            recs[r["index"]] = r
+        totals["lost"] += sum(i not in recs for i in range(args.requests))
+        totals["wrong"] += sum(r["token_ids"] != want[i] for i, r in recs.items())
+        out.rename(work / f"results_round{rounds}.jsonl")
+
+    rows, torn_seen, reclaimed, left_dead, rounds = [], 0, 0, 0, 0
     for c in range(args.cycles + 1):
         final = c == args.cycles
         before = sum(1 for x in _lines(out) if x.endswith(b"}"))
-        target = rng.randrange(0, args.requests)  # kill once the file holds this many lines...
-        extra = rng.uniform(0, 0.3)  # ...and a little later, to land inside writes and passes
+        # Kill once the file holds `target` lines (target == before: right at the start, before or
+        # while loading), a little later still, to land inside passes and writes.
+        target = rng.randint(before, args.requests - 1)
+        extra = rng.uniform(0, 0.3)
         errf = work / f"stderr_{c}.txt"
         t0 = time.time()
         with open(errf, "w") as ef:
@@ -108,45 +136,29 @@ def main(argv=None) -> int:
             reclaimed += int(err.split("removed ")[1].split(" ")[0])
         raw = _lines(out)
         torn_now = bool(raw and raw[-1])  # bytes after the last newline
-        rows.append((c, "finish" if final else f"kill at {killed_at} lines", rc, before,
-                     len([x for x in raw if x]), torn_now, round(time.time() - t0, 1)))
-        if not final and not _owners_dead(shm):
-            left_dead += 1
-        if final and rc != 0:
+        after = len([x for x in raw if x])
+        what = f"kill at {killed_at} lines" if killed_at is not None else ("finished" if rc == 0 else f"rc {rc}")
+        rows.append((c, rounds, what, rc, before, after, torn_now, round(time.time() - t0, 1)))
+        if rc == 0:
+            check_complete()
+            rounds += 1
+        elif killed_at is None:
             print(err, file=sys.stderr)
-
-    # The file after the final run.
-    recs, bad = {}, 0
-    dup = 0
-    data = out.read_bytes()
-    torn_end = not data.endswith(b"\n")
-    for line in data.splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        dup += r["index"] in recs
-        recs[r["index"]] = r
-    from specoffload.configs.sampling_params import SamplingParams
-    from specoffload.llm import LLM
-
-    ref = LLM(str(model), engine="reference", progress=False, batch_size=4)
-    want = ref.generate([{"prompt_token_ids": ref.tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts],
-                        SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
-    lost = [i for i in range(args.requests) if i not in recs]
-    wrong = [i for i, r in recs.items() if r["token_ids"] != want[i].outputs[0].token_ids]
+            totals["lost"] += 1  # a run that failed by itself is a failure here
+        if not _owners_dead(shm):
+            left_dead += 1
     ray.shutdown()
     leftover = sorted(d.name for d in shm.iterdir())
 
-    print(f"{'cycle':>5} {'what':<18} {'rc':>4} {'lines before':>12} {'lines after':>11} {'torn':>5} {'s':>6}")
+    print(f"{'cycle':>5} {'round':>5} {'what':<18} {'rc':>4} {'lines before':>12} {'lines after':>11} {'torn':>5} {'s':>6}")
     for r in rows:
-        print(f"{r[0]:>5} {r[1]:<18} {r[2]:>4} {r[3]:>12} {r[4]:>11} {str(r[5]):>5} {r[6]:>6}")
-    print(f"requests {args.requests}: lost {len(lost)}, duplicated {dup}, wrong {len(wrong)}, unparseable lines {bad}, "
-          f"torn last line at the end {torn_end}; torn lines dropped on rerun {torn_seen}; dead runs' shm folders "
-          f"removed by the next run {reclaimed}; shm folders left at the end {len(leftover)}; owners still alive "
-          f"30 s after a kill {left_dead}")
-    ok = not (lost or dup or wrong or bad or torn_end or leftover or rows[-1][2] != 0)
+        print(f"{r[0]:>5} {r[1]:>5} {r[2]:<18} {r[3]:>4} {r[4]:>12} {r[5]:>11} {str(r[6]):>5} {r[7]:>6}")
+    print(f"{rounds} complete rounds of {args.requests} requests: lost {totals['lost']}, duplicated "
+          f"{totals['duplicated']}, wrong {totals['wrong']}, unparseable lines {totals['unparseable']}, torn last "
+          f"line at the end {totals['torn_at_end']}; torn lines dropped on rerun {torn_seen}; dead runs' shm "
+          f"folders removed by the next run {reclaimed}; shm folders left at the end {len(leftover)}; owners "
+          f"still alive 30 s after a kill {left_dead}")
+    ok = rounds >= 1 and not (any(totals.values()) or leftover or left_dead)
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 
