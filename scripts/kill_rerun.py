@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         before = sum(1 for x in _lines(out) if x.endswith(b"}"))
         # Kill once the file holds `target` lines (target == before: right at the start, before or
         # while loading), a little later still, to land inside passes and writes.
-        target = rng.randint(before, args.requests - 1)
+        target = rng.randint(min(before, args.requests - 1), args.requests - 1)
         extra = rng.uniform(0, 0.3)
         errf = work / f"stderr_{c}.txt"
         t0 = time.time()
