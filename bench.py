@@ -65,53 +65,65 @@ def parse_modes(text: str, k_default: int) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="specoffload bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="specoffload bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="w1",
                     help="w1: 32+32 layers, batch 192, prompt 512, 128 tokens; w1-small: 8+8 layers, "
-                         "32 tokens; tiny: 2+1 layers, 4 sequences of 16 tokens (CPU smoke test). "
+                         "32 tokens; tiny: 2+1 layers, 4 sequences of 16 tokens (a CPU smoke test). "
                          "The options below override its numbers.")
-    ap.add_argument("--target-layers", type=int)
-    ap.add_argument("--draft-layers", type=int)
-    ap.add_argument("--batch", type=int, help="sequences per batch")
-    ap.add_argument("--spec-batch", type=int, help="sequences per batch in speculative modes (default --batch)")
-    ap.add_argument("--requests", type=int, help="requests per mode (default: one batch); more than a batch "
-                                                 "keeps the batch full as rows finish (see --no-refill)")
-    ap.add_argument("--no-refill", action="store_true", help="run requests beyond the batch in waves, each "
-                                                             "wave waiting for its slowest sequence")
-    ap.add_argument("--prompt-len", type=int)
-    ap.add_argument("--gen", type=int, help="tokens generated per sequence")
-    ap.add_argument("--gpu-memory", default="24GiB")
-    ap.add_argument("--agreement", type=float, default=0.8)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--modes", default="none,single", help="comma list of none/single/dual, each with an optional "
-                                                           "+recompute (the paper's: the draft's KV rebuilt per round "
-                                                           "from each sequence's whole context) and an "
-                                                           "optional @k or @auto (e.g. single@6, single@auto) "
+    ap.add_argument("--target-layers", type=int, help="The number of layers of the Mixtral-shaped target "
+                                                      "(default: the workload's).")
+    ap.add_argument("--draft-layers", type=int, help="The number of layers of the Mistral-shaped draft "
+                                                     "(default: the workload's).")
+    ap.add_argument("--batch", type=int, help="The number of sequences per batch (default: the workload's).")
+    ap.add_argument("--spec-batch", type=int, help="The number of sequences per batch in speculative modes "
+                                                   "(default: --batch).")
+    ap.add_argument("--requests", type=int, help="Requests per mode (default: one batch); more than a batch "
+                                                 "keeps the batch full as rows finish (see --no-refill).")
+    ap.add_argument("--no-refill", action="store_true", help="Run requests beyond the batch in waves, each "
+                                                             "wave waiting for its slowest sequence.")
+    ap.add_argument("--prompt-len", type=int, help="Tokens per random prompt (default: the workload's).")
+    ap.add_argument("--gen", type=int, help="Tokens generated per sequence (default: the workload's).")
+    ap.add_argument("--gpu-memory", default="24GiB", help="Cap the executor's GPU memory (default 24GiB).")
+    ap.add_argument("--agreement", type=float, default=0.8,
+                    help="How often the constructed draft's token is the target's (default 0.8).")
+    ap.add_argument("--k", type=int, default=4, help="The draft length of modes without @k (default 4).")
+    ap.add_argument("--modes", default="none,single", help="A comma list of none/single/dual, each with an "
+                                                           "optional +recompute (the paper's: the draft's KV "
+                                                           "rebuilt per round from each sequence's whole context), "
+                                                           "an optional @k or @auto (e.g. single@6, single@auto) "
                                                            "and an optional /mN: N micro-batches per pass for "
-                                                           "that mode only (e.g. single@auto/m2)")
-    ap.add_argument("--prefill-batch", type=int, default=32)
-    ap.add_argument("--slots", type=int, default=2, help="device buffers the streamed target layers rotate through")
-    ap.add_argument("--attention-threads", type=int, default=max((os.cpu_count() or 2) - 2, 1))
-    ap.add_argument("--no-draft", action="store_true")
-    ap.add_argument("--draft-window", type=int, help="draft attends over the last W tokens (KV ring)")
-    ap.add_argument("--draft-kv-fp8", action="store_true")
-    ap.add_argument("--draft-fp8", action="store_true", help="keep the draft's layer matrices in fp8 (half its "
-                                                             "GPU memory; see --resident)")
-    ap.add_argument("--resident", type=int, default=0, help="target layers kept on the GPU by the actors every "
-                                                            "mode runs on (the memory an fp8 draft frees)")
-    ap.add_argument("--draft-sinks", type=int, default=0, help="the windowed draft also keeps each sequence's "
-                                                               "first N tokens")
-    ap.add_argument("--no-draft-graphs", action="store_true", help="launch the draft's steps one kernel at a "
-                                                                    "time instead of replaying CUDA graphs")
-    ap.add_argument("--micro-batches", default="1", help="comma list: each mode runs with each count of "
-                                                           "micro-batches per target pass (e.g. 1,2)")
-    ap.add_argument("--no-warmup", action="store_true", help="skip the short untimed run of each schedule "
-                                                              "before the timed modes")
-    ap.add_argument("--baseline-resident", help="also run `none` on actors of its own that keep N target "
+                                                           "that mode only (e.g. single@auto/m2).")
+    ap.add_argument("--prefill-batch", type=int, default=32,
+                    help="The number of sequences prefilled at a time (default 32).")
+    ap.add_argument("--slots", type=int, default=2,
+                    help="The number of device buffers the streamed target layers rotate through (default 2).")
+    ap.add_argument("--attention-threads", type=int, default=max((os.cpu_count() or 2) - 2, 1),
+                    help="Threads of the CPU attention worker (default: this machine's cores less two).")
+    ap.add_argument("--no-draft", action="store_true", help="Start the actors without a draft (mode none only).")
+    ap.add_argument("--draft-window", type=int, help="Make the draft attend over only the last W tokens (a KV "
+                                                     "ring).")
+    ap.add_argument("--draft-kv-fp8", action="store_true", help="Store the windowed draft's KV cache in fp8.")
+    ap.add_argument("--draft-fp8", action="store_true", help="Keep the draft's layer matrices in fp8 (half its "
+                                                             "GPU memory; see --resident).")
+    ap.add_argument("--resident", type=int, default=0, help="Target layers kept on the GPU by the actors every "
+                                                            "mode runs on (the memory an fp8 draft frees).")
+    ap.add_argument("--draft-sinks", type=int, default=0, help="The windowed draft also keeps each sequence's "
+                                                               "first N tokens in view.")
+    ap.add_argument("--no-draft-graphs", action="store_true", help="Launch the draft's steps one kernel at a "
+                                                                    "time instead of replaying CUDA graphs.")
+    ap.add_argument("--micro-batches", default="1", help="A comma list: each mode runs with each count of "
+                                                           "micro-batches per target pass (e.g. 1,2).")
+    ap.add_argument("--no-warmup", action="store_true", help="Skip the short untimed run of each schedule "
+                                                              "before the timed modes.")
+    ap.add_argument("--baseline-resident", help="Also run `none` on actors of its own that keep N target "
                                                 "layers on the GPU (the memory no draft uses; 'auto': as many "
-                                                "as the planner places), and print ratios against it too")
-    ap.add_argument("--trace-dir", help="write a Chrome-trace JSON timeline per mode into this folder")
-    ap.add_argument("--json", help="write results here")
+                                                "as the planner places), and print ratios against it too.")
+    ap.add_argument("--trace-dir", help="Write a Chrome-trace JSON timeline per mode into this folder.")
+    ap.add_argument("--json", help="Write the results here as JSON.")
+    ap.add_argument("--ray-address", help="The Ray cluster to join, or 'local' (default: as `specoffload "
+                                          "generate`).")
+    ap.add_argument("--no-dashboard", dest="dashboard", action="store_false", default=None,
+                    help="Start a local Ray cluster without its dashboard.")
     return ap
 
 
@@ -179,15 +191,22 @@ def main(argv=None):
         except (ConfigError, ValueError) as e:
             print(f"specoffload bench: error: --baseline-resident: {e}", file=sys.stderr)
             return 2
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(os.cpu_count() or 1, 4),
-                 object_store_memory=int(os.environ.get("OBJ_STORE", 6 * 2**30 if cuda else 2**30)),
-                 include_dashboard=False)
+    from specoffload.actors.guard import guarded
+    from specoffload.ray_env import check_cluster, ensure_ray
+
+    try:
+        ensure_ray(a.ray_address, dashboard=a.dashboard,
+                   object_store=int(os.environ.get("OBJ_STORE", 6 * 2**30 if cuda else 2**30)))
+        check_cluster()
+    except SpecOffloadError as e:
+        print(f"specoffload bench: error: {e}", file=sys.stderr)
+        return 2
+
     def start(run_plan: Plan, draft_src, what: str):
         """Coordinator and actors for `run_plan`; one that refuses to start (say the plan does
         not fit the GPU) leaves nothing behind in /dev/shm and raises its own one-line error."""
         t0, run_id = time.perf_counter(), uuid.uuid4().hex[:8]
-        c = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
+        c = ray.remote(guarded(Coordinator, "coordinator", run_id)).options(num_cpus=0, max_concurrency=2).remote(
             ("object", tsrc), tspec, run_plan, draft_src, RunConfig(schedule="none", batch_size=a.batch), run_id, True)
         info = wait_ready(c, run_id)
         print(f"{what} up in {time.perf_counter() - t0:.1f} s: {info}", flush=True)

@@ -1,4 +1,4 @@
-"""`specoffload` command line: generate text, or run a benchmark workload.
+"""`specoffload` command line: generate text, plan a placement for this machine, or run a benchmark workload.
 
 Errors the user can fix print one line and exit 2; results already written stay written.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -24,81 +25,97 @@ BUILTIN_PROMPTS = [
 
 def add_engine_options(p: argparse.ArgumentParser):
     """Options that choose the model, the draft and the placement (shared with the Ray job)."""
-    p.add_argument("--model", help="local Hugging Face checkpoint folder (default: the embedded "
-                                   "SmolLM2-135M-Instruct, converted once into ~/.cache/specoffload)")
-    p.add_argument("--draft", help="draft model: 'self:N' (the target's first N layers) or a checkpoint "
-                                   "folder with the same tokenizer; omit for no speculation")
+    p.add_argument("--model", help="The local Hugging Face checkpoint folder to run (default: the embedded "
+                                   "SmolLM2-135M-Instruct, converted once into ~/.cache/specoffload).")
+    p.add_argument("--draft", help="The draft model: 'self:N' for the target's first N layers, or a checkpoint "
+                                   "folder with the same tokenizer. Leave it out to decode without speculation.")
     p.add_argument("--schedule", choices=["none", "single", "dual"],
-                   help="none: no speculation; single: draft then verify one batch; dual: verify one "
-                        "batch while drafting the other (default: single with a draft, else none)")
+                   help="none decodes without speculation; single drafts, then verifies one batch; dual "
+                        "verifies one batch while the draft proposes for the other (default: single with a "
+                        "draft, else none).")
     p.add_argument("-k", "--draft-length", type=int, dest="k",
-                   help="draft tokens proposed per sequence per round (default 4, or the planner's)")
+                   help="The number of draft tokens proposed per sequence per round (default 4, or the "
+                        "planner's).")
     p.add_argument("--adaptive-k", action="store_true", default=None,
-                   help="adjust k per batch from measured acceptance (--plan auto turns it on)")
-    p.add_argument("--draft-window", type=int, help="the draft attends over only the last W tokens "
-                                                    "(its KV cache a ring of W slots per sequence)")
-    p.add_argument("--draft-sinks", type=int, help="with --draft-window: the draft also keeps the first N "
-                   "tokens of each sequence (attention sinks)")
-    p.add_argument("--draft-kv-fp8", action="store_true", help="store the windowed draft KV cache in fp8")
-    p.add_argument("--draft-fp8", action="store_true", help="keep the draft checkpoint's layer matrices in fp8 "
-                   "(half its GPU memory; output stays the target's, acceptance may change)")
+                   help="Adjust the draft length per batch from the measured acceptance (--plan auto turns "
+                        "it on).")
+    p.add_argument("--draft-window", type=int, help="Make the draft attend over only the last W tokens (its KV "
+                                                    "cache a ring of W slots per sequence).")
+    p.add_argument("--draft-sinks", type=int, help="With --draft-window, the draft also keeps the first N "
+                   "tokens of each sequence in view (attention sinks).")
+    p.add_argument("--draft-kv-fp8", action="store_true", help="Store the windowed draft's KV cache in fp8.")
+    p.add_argument("--draft-fp8", action="store_true", help="Keep the draft checkpoint's layer matrices in fp8: "
+                   "half its GPU memory; the output stays the target's, the acceptance may change.")
     p.add_argument("--draft-kv", choices=DRAFT_KV,
-                   help="gpu: the draft's KV cache stays on the GPU (default); host: kept in host memory, "
-                        "visiting the GPU a prefill batch at a time each round; recompute: rebuilt every "
-                        "round from each sequence's tokens, a prefill batch at a time (the paper's "
-                        "schedule when the draft KV of a whole batch does not fit)")
-    p.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
+                   help="Where the draft's KV cache lives. gpu: on the GPU for the whole run (default); host: "
+                        "in host memory, visiting the GPU a prefill batch at a time each round; recompute: "
+                        "rebuilt every round from each sequence's tokens, a prefill batch at a time (the "
+                        "paper's schedule when the draft KV of a whole batch does not fit).")
+    p.add_argument("--batch-size", type=int, help="The number of sequences per batch (default 64).")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where the executor computes (default: cuda if available)")
-    p.add_argument("--gpu-memory", help="GPU memory cap, e.g. 24GiB (enforced)")
-    p.add_argument("--micro-batches", type=int, help="split each target pass into this many micro-batches "
-                   "so CPU attention of one overlaps GPU work of another (default: the plan's, 1)")
-    p.add_argument("--refill", action="store_true", help="with more prompts than --batch-size: once a quarter "
-                   "of a batch has finished, start waiting prompts as a new batch verified in the same passes "
-                   "(default: batches run in waves; refill lost on W1, docs/benchmarks.md run 7)")
-    p.add_argument("--plan", help="a placement plan JSON file (see configs/, or write one with `specoffload "
-                                  "plan`), or 'auto': measure this machine and let the planner choose the "
-                                  "placement, batch size, schedule and draft settings for these prompts")
+                   help="Where the executor computes (default: cuda if this machine has a GPU).")
+    p.add_argument("--gpu-memory", help="Cap the executor's GPU memory, e.g. 24GiB; allocations past it fail.")
+    p.add_argument("--micro-batches", type=int, help="Split each target pass into this many micro-batches, so "
+                   "CPU attention of one overlaps GPU work of another (default: the plan's, 1).")
+    p.add_argument("--refill", action="store_true", help="With more prompts than --batch-size, start waiting "
+                   "prompts as a new batch, verified in the same passes, once a quarter of a batch has "
+                   "finished. By default batches run in waves (refill lost on W1, docs/benchmarks.md run 7).")
+    p.add_argument("--plan", help="A placement plan JSON file (see configs/, or write one with `specoffload "
+                                  "plan`), or 'auto' to measure this machine and let the planner choose the "
+                                  "placement, batch size, schedule and draft settings for these prompts.")
     p.add_argument("--acceptance", type=float, default=0.7,
-                   help="with --plan auto: the draft's expected per-token acceptance (default 0.7)")
+                   help="With --plan auto, the draft's expected per-token acceptance (default 0.7).")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: the checkpoint's)")
+                   help="The compute dtype (default: the checkpoint's).")
     p.add_argument("--engine", choices=["ray", "reference"], default="ray",
-                   help="ray: the four Ray actors (default); reference: the plain in-process path")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: a running local one, else start one)")
+                   help="ray runs the four Ray actors (default); reference runs the plain in-process path.")
+    p.add_argument("--ray-address", help="The Ray cluster to join, or 'local' to start one for this run. By "
+                   "default the cluster RAY_ADDRESS names, else the one the last `ray start` on this machine "
+                   "recorded, else a new local one.")
+    p.add_argument("--no-dashboard", dest="dashboard", action="store_false", default=None,
+                   help="Start a local Ray cluster without its dashboard (by default it serves on "
+                        "127.0.0.1; SPECOFFLOAD_DASHBOARD=0 does the same).")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specoffload", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="generate text for prompts",
-                       description="Generate completions. With no prompts, runs a few built-in ones.")
-    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    g.add_argument("--prompts", help="file of prompts: plain text (one per line) or JSONL with a 'prompt' field")
-    g.add_argument("--out", help="write results as JSONL here, one line per request as it finishes")
-    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=-1)
-    g.add_argument("--seed", type=int, help="sampling seed (per request: seed + index)")
-    g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    g = sub.add_parser("generate", help="Generate text for prompts; `specoffload generate --help` lists its "
+                                        "options.",
+                       description="Generate completions. With no prompts, it runs a few built-in ones.")
+    g.add_argument("--prompt", action="append", default=[], help="A prompt; repeat the option for more.")
+    g.add_argument("--prompts", help="A file of prompts: plain text, one per line, or JSONL with a 'prompt' "
+                                     "field.")
+    g.add_argument("--out", help="Write the results here as JSONL, one line per request as it finishes.")
+    g.add_argument("--max-tokens", type=int, default=64, help="The most tokens to generate per prompt "
+                                                              "(default 64).")
+    g.add_argument("--temperature", type=float, default=0.0, help="The sampling temperature; 0 (the default) "
+                                                                  "is greedy decoding.")
+    g.add_argument("--top-p", type=float, default=1.0, help="Sample from the smallest set of tokens whose "
+                   "probabilities sum to at least this (nucleus sampling; default 1.0, every token).")
+    g.add_argument("--top-k", type=int, default=-1, help="Sample from only the k most likely tokens (default "
+                   "-1, no limit).")
+    g.add_argument("--seed", type=int, help="The sampling seed; request i uses seed + i.")
+    g.add_argument("--ignore-eos", action="store_true", help="Do not stop at end-of-sequence tokens.")
     g.add_argument("--no-chat-template", action="store_true",
-                   help="send prompts as raw text even if the tokenizer has a chat template")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--trace", help="write a Chrome-trace JSON timeline of stage spans (weight copy, CPU "
-                                   "attention, GPU target, draft) per layer and batch; see scripts/plot_timeline.py")
+                   help="Send the prompts as raw text even if the tokenizer has a chat template.")
+    g.add_argument("--quiet", action="store_true", help="Show no progress bar.")
+    g.add_argument("--trace", help="Write a Chrome-trace JSON timeline of the stage spans (weight copy, CPU "
+                                   "attention, GPU target, draft) per layer and batch here; see "
+                                   "scripts/plot_timeline.py.")
     add_engine_options(g)
     sub.add_parser("bench", add_help=False,
-                   help="run a benchmark workload (W1 shapes) and print tokens/s against no speculation; "
-                        "`specoffload bench --help` for its options")
+                   help="Run a benchmark workload (W1 shapes) and print tokens/s against no speculation; "
+                        "`specoffload bench --help` lists its options.")
     sub.add_parser("plan", add_help=False,
-                   help="measure the machine and choose placement, batch size, schedule and draft settings; "
-                        "`specoffload plan --help` for its options")
+                   help="Measure this machine and choose the placement, batch size, schedule and draft "
+                        "settings; `specoffload plan --help` lists its options.")
     return ap
 
 
-def llm_from_args(args, progress: bool, trace: bool = False, workload=None):
-    """An LLM from the options of `add_engine_options` (`workload`: what --plan auto plans for)."""
+def llm_from_args(args, progress: bool, trace: bool = False, workload=None, start: bool = True):
+    """An LLM from the options of `add_engine_options` (`workload`: what --plan auto plans for;
+    start=False: checked, not started, see LLM)."""
     from .llm import LLM
 
     return LLM(args.model, draft=args.draft, engine=args.engine, device=args.device,
@@ -107,7 +124,8 @@ def llm_from_args(args, progress: bool, trace: bool = False, workload=None):
                draft_window=args.draft_window, draft_kv_fp8=args.draft_kv_fp8, draft_fp8=args.draft_fp8,
                micro_batches=args.micro_batches,
                draft_sinks=args.draft_sinks, draft_kv=args.draft_kv, refill=args.refill, trace=trace,
-               ray_address=args.ray_address, progress=progress, workload=workload)
+               ray_address=args.ray_address, progress=progress, workload=workload,
+               dashboard=getattr(args, "dashboard", None), start=start)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -224,19 +242,31 @@ def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f,
     return llm.generate(inputs, params, on_output=write)
 
 
+class numbered_as:
+    """Errors that name "prompt j" of a resumed run's remaining prompts name it as the user
+    counts, in the whole list (prompt todo[j])."""
+
+    def __init__(self, todo: list[int], total: int):
+        self.todo, self.total = todo, total
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, SpecOffloadError) and self.todo != list(range(self.total)):
+            m = re.match(r"prompt (\d+)\b", str(e))
+            if m and int(m.group(1)) < len(self.todo):
+                e.args = (f"prompt {self.todo[int(m.group(1))]}{str(e)[m.end():]}",)
+        return False
+
+
 def generate_pending(llm, prompts: list[str], params: list, journal, chat: bool):
     """Encode and run the prompts `journal` does not hold yet (all of them without one)."""
     todo = journal.pending() if journal is not None else list(range(len(prompts)))
     sub = [prompts[i] for i in todo]
     inputs = encode_prompts(llm.tokenizer, sub, chat=chat)
-    try:
+    with numbered_as(todo, len(prompts)):
         return generate_writing(llm, sub, inputs, [params[i] for i in todo], journal, indices=todo)
-    except SpecOffloadError as e:
-        # LLM numbers the prompts it was given; name them as the user does, whole list counted.
-        m = re.match(r"prompt (\d+)\b", str(e))
-        if m and todo != list(range(len(prompts))):
-            e.args = (f"prompt {todo[int(m.group(1))]}{str(e)[m.end():]}",)
-        raise
 
 
 def auto_workload(args, prompts: list[str]):
@@ -268,21 +298,37 @@ def _generate(args) -> int:
                              seed=None if args.seed is None else args.seed + i)
               for i in range(len(prompts))]
     chat = not args.no_chat_template
+    # Everything checkable is checked before Ray starts and the weights load: where the
+    # results go, then the model, plan and prompts (context length, host memory for the KV).
+    if args.trace:
+        trace_dir = Path(args.trace).resolve().parent
+        if not trace_dir.is_dir() or not os.access(trace_dir, os.W_OK):
+            from .errors import ConfigError
+
+            raise ConfigError(f"cannot write --trace {args.trace}: {trace_dir} is not a writable folder")
+    # --out is a journal (results_journal.py): a rerun keeps what is there and runs the rest.
     journal = open_results(args.out, prompts, params, args.model, chat)
     if journal is not None and not journal.pending():
         print(f"specoffload: all {len(prompts)} requests already in {args.out}; nothing to run", file=sys.stderr)
         return 0
-    workload = auto_workload(args, prompts) if args.plan == "auto" else None
-    llm = llm_from_args(args, progress=not args.quiet, trace=bool(args.trace), workload=workload)
-    if llm.plan_choice is not None:
+    todo = journal.pending() if journal is not None else list(range(len(prompts)))
+    sub, sub_params = [prompts[i] for i in todo], [params[i] for i in todo]
+    workload = auto_workload(args, sub) if args.plan == "auto" else None
+    llm = llm_from_args(args, progress=not args.quiet, trace=bool(args.trace), workload=workload, start=False)
+    inputs = encode_prompts(llm.tokenizer, sub, chat=chat)
+    with numbered_as(todo, len(prompts)):
+        llm.check(inputs, sub_params)
+    llm.start()
+    if llm.plan_choice is not None:  # after the start: a choice that did not start fell back
         b = llm.plan_choice.best
         for why in getattr(llm, "refused", []):
             print(f"plan auto: a faster candidate did not start ({why}); fell back", file=sys.stderr)
         print(f"plan auto: {b.label()}, batch {b.batch}, {b.resident} resident / {b.disk} disk layers, "
               f"{b.slots} slots, {b.gpu_bytes / 2**30:.2f} GiB GPU predicted, "
               f"{b.tokens_per_s:.1f} tok/s predicted at acceptance {args.acceptance}", file=sys.stderr)
+
     try:
-        outs = generate_pending(llm, prompts, params, journal, chat)
+        outs = generate_writing(llm, sub, inputs, sub_params, journal, indices=todo)
         if args.trace:
             Path(args.trace).write_text(json.dumps(llm.trace()))
     finally:
@@ -302,10 +348,6 @@ def _generate(args) -> int:
     return 0
 
 
-def _ray_up() -> bool:
-    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
-
-
 def main(argv=None) -> int:
     from .errors import SpecOffloadError
 
@@ -319,20 +361,15 @@ def main(argv=None) -> int:
 
         return plan_main(argv[1:])
     args = _build_parser().parse_args(argv)
-    ray_before = _ray_up()
     try:
         if args.cmd == "generate":
             return _generate(args)
     except SpecOffloadError as e:
-        e = getattr(e, "cause", None) or e  # unwrap errors raised inside a Ray actor
-        if _ray_up() and not ray_before:
-            # Leave Ray before the line: the failed actors' logs, still streaming to this driver,
-            # would otherwise bury it under their tracebacks.
-            import ray
+        from .errors import ActorError
 
-            ray.shutdown()
+        e = getattr(e, "cause", None) or e  # unwrap errors raised inside a Ray actor
         print(f"specoffload: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)  # 2: the user can fix it; EngineFailed says 1
+        return 1 if isinstance(e, ActorError) else 2  # an actor's failure, not the input's
     except KeyboardInterrupt:
         print("specoffload: interrupted", file=sys.stderr)
         return 130

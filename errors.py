@@ -17,6 +17,11 @@ class CapacityError(SpecOffloadError):
     """The work does not fit: prompt longer than the context, batch larger than host RAM."""
 
 
+class ActorError(SpecOffloadError):
+    """An engine actor failed for a reason that is not the input's (a bug, a lost node, memory
+    taken by something else); the message names the log with its traceback. The CLI exits 1."""
+
+
 def from_actor_init(err: Exception) -> Exception:
     """The user-facing error inside a Ray actor whose constructor raised one, else `err`.
 

@@ -75,7 +75,12 @@ class LLM:
                  draft_window: int | None = None, draft_kv_fp8: bool = False, draft_fp8: bool = False,
                  micro_batches: int | None = None,
                  draft_sinks: int | None = None, draft_kv: str | None = None, refill: bool = False,
-                 trace: bool = False, ray_address: str | None = None, progress: bool = True, workload=None):
+                 trace: bool = False, ray_address: str | None = None, progress: bool = True, workload=None,
+                 dashboard: bool | None = None, start: bool = True):
+        """`start=False` checks the model, draft and plan but starts nothing: `check` the
+        prompts, then `start()` (the CLI fails on them before Ray starts and weights load;
+        `generate` starts the engine if need be). `dashboard`: Ray's dashboard on the local
+        cluster this starts, if it starts one (default on; SPECOFFLOAD_DASHBOARD=0 turns it off)."""
         self.plan_choice = None  # with plan="auto": the planner's Choice (every candidate it weighed)
         if engine not in ("ray", "reference"):
             raise ConfigError(f"engine must be 'ray' or 'reference', got {engine!r}")
@@ -93,6 +98,14 @@ class LLM:
             dspec = self.draft_spec = load_spec(ddir, dtype=self.spec.dtype)
             check_same_vocab(self.model_dir, self.tokenizer, ddir, dspec, self.spec)
             self.draft_desc = ("checkpoint", str(ddir), self.spec.dtype)
+        if engine == "ray":
+            # The loader reads the weights in an actor, after Ray starts; a missing shard or a
+            # truncated file is found here first, from the files' headers.
+            from .models.checkpoint import Checkpoint
+
+            Checkpoint(self.model_dir, dtype=self.spec.dtype)
+            if self.draft_desc and self.draft_desc[0] == "checkpoint":
+                Checkpoint(self.draft_desc[1], dtype=self.spec.dtype)
         fallbacks = []  # with plan="auto": the planner's next candidates, if its choice does not start
         asked = (schedule, k, adaptive_k)  # what the caller set stays set in every fallback
         if plan == "auto":  # the planner measures this machine and chooses (placement/planner.py)
@@ -134,12 +147,33 @@ class LLM:
                                         zip(asked, ("schedule", "k", "adaptive_k")))) + (c,)
                            for fp, o, c in fallbacks]
         self.engine, self.progress = engine, progress
+        self._ray_address, self._dashboard = ray_address, dashboard
         self._next_rid = 0
         self.last_stats: dict = {}
-        if engine == "reference":
+        self.started = False
+        if start:
+            self.start()
+
+    def start(self):
+        """Start the engine (load the weights; with engine="ray" join or start Ray and start
+        the actors). Done by the constructor unless it was given start=False."""
+        if self.started:
+            return
+        if self.engine == "reference":
             self._start_reference()
         else:
-            self._start_ray(ray_address)
+            self._start_ray(self._ray_address)
+        self.started = True
+
+    def check(self, prompts, params=None):
+        """The errors `generate(prompts, params)` would raise for its input (prompt too long for
+        the context, token ids outside the vocabulary, a KV cache host memory cannot hold),
+        without running anything: before `start()` they cost no Ray start and no weight load."""
+        rid = self._next_rid
+        try:
+            self._requests(prompts, params)
+        finally:
+            self._next_rid = rid
 
     # -- setup -----------------------------------------------------------------------------
     def _auto_plan(self, device, gpu_memory, workload, batch_size, draft_fp8: bool):
@@ -208,24 +242,23 @@ class LLM:
 
         from .actors.coordinator import Coordinator, wait_ready
         from .actors import shm_owners
-        from .ray_probe import check_ray_address
+        from .actors.guard import guarded
         from .placement.node import pick_node
-        from .ray_env import ensure_ray
+        from .ray_env import check_cluster, ensure_ray
 
         shm_owners.prepare(self.spec, self.plan)  # dead runs' /dev/shm folders go; the weights must fit
-        check_ray_address(address)  # one line now, not a long wait and a traceback inside ray.init
-        ensure_ray(address)
-        self._ray_address = address  # a restart after an actor dies starts the set again here
+        ensure_ray(address, dashboard=self._dashboard)
         # The coordinator pins the actors to one node; fail here, before any actor starts,
-        # when no node can hold the executor.
+        # when no node can hold the executor, or when that node runs another specoffload.
         here = ray.get_runtime_context().get_node_id()
         node = pick_node(ray.nodes(), here, self.plan.device == "cuda")
+        check_cluster(node)
         self.run_id = uuid.uuid4().hex[:8]
         if node == here:  # the driver owns the folder too: killed, its run's files are stale
             from .actors.io_loader import run_dir
 
             shm_owners.claim(run_dir(self.run_id), "driver")
-        self.coordinator = ray.remote(Coordinator).options(
+        self.coordinator = ray.remote(guarded(Coordinator, "coordinator", self.run_id)).options(
             name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
         ).remote(("checkpoint", str(self.model_dir), self.spec.dtype), self.spec, self.plan,
                  self.draft_desc, self.run_cfg, self.run_id, self.progress,
@@ -312,6 +345,7 @@ class LLM:
         """One output per prompt, in prompt order. `on_output(RequestOutput)` is called as each
         request finishes (the CLI writes results as they come)."""
         reqs, texts = self._requests(prompts, params)
+        self.start()
         text_of = {r.rid: t for r, t in zip(reqs, texts)}
         show = self.progress if use_tqdm is None else use_tqdm
         from tqdm import tqdm
@@ -347,11 +381,14 @@ class LLM:
         return [done[r.rid] for r in reqs]
 
     def _generate_ray(self, reqs, finished, progress) -> dict:
+        # An actor that dies mid-run is restarted with the rest of the set and the unfinished
+        # requests re-run (actors/supervisor.py); any other actor error is one line, its
+        # traceback in the run's log.
         from .actors.supervisor import supervised_generate
 
-        return supervised_generate(self, reqs, finished, progress)  # rebuilds the actors if one dies
+        return supervised_generate(self, reqs, finished, progress)
 
-    def _generate_ray_once(self, reqs, finished, progress) -> dict:
+    def _run_ray(self, reqs, finished, progress) -> dict:
         import ray
 
         by_rid = {r.rid: r for r in reqs}
@@ -389,7 +426,7 @@ class LLM:
 
     # -- lifecycle -------------------------------------------------------------------------
     def shutdown(self):
-        if self.engine == "ray" and getattr(self, "coordinator", None) is not None:
+        if getattr(self, "engine", None) == "ray" and getattr(self, "coordinator", None) is not None:
             import ray
 
             if not ray.is_initialized():

@@ -18,30 +18,35 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="specoffload plan", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="specoffload plan", description=__doc__.split("\n\n")[0])
     m = ap.add_mutually_exclusive_group()
-    m.add_argument("--model", help="target checkpoint folder (default: the embedded model)")
-    m.add_argument("--shapes", choices=["w1"], help="plan for model shapes without a checkpoint: "
-                                                    "w1 = Mixtral-8x7B target, Mistral-7B draft (bf16)")
-    ap.add_argument("--draft", help="'self:N' or a draft checkpoint folder (none: plan without speculation)")
-    ap.add_argument("--hardware", help="a hardware JSON file (see configs/hardware/*.json); default: measure now")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device to measure")
-    ap.add_argument("--gpu-memory", help="GPU memory cap to plan for, e.g. 24GiB (overrides the file's)")
-    ap.add_argument("--save-hardware", help="write the measured (or read) figures here as JSON")
-    ap.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt (default 512)")
-    ap.add_argument("--gen", type=int, default=128, help="tokens generated per request (default 128)")
-    ap.add_argument("--requests", type=int, default=192, help="requests in the job (default 192)")
+    m.add_argument("--model", help="The target checkpoint folder (default: the embedded model).")
+    m.add_argument("--shapes", choices=["w1"], help="Plan for model shapes without a checkpoint: "
+                                                    "w1 is a Mixtral-8x7B target with a Mistral-7B draft (bf16).")
+    ap.add_argument("--draft", help="'self:N' or a draft checkpoint folder; leave it out to plan without "
+                                    "speculation.")
+    ap.add_argument("--hardware", help="Read the machine's figures from this hardware JSON file (see "
+                                       "configs/hardware/*.json) instead of measuring them now.")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="The device to measure (default: cuda if this machine has a GPU).")
+    ap.add_argument("--gpu-memory", help="The GPU memory cap to plan for, e.g. 24GiB (it overrides the file's).")
+    ap.add_argument("--save-hardware", help="Write the measured (or read) figures here as JSON.")
+    ap.add_argument("--prompt-len", type=int, default=512, help="Tokens per prompt (default 512).")
+    ap.add_argument("--gen", type=int, default=128, help="Tokens generated per request (default 128).")
+    ap.add_argument("--requests", type=int, default=192, help="The number of requests in the job (default 192).")
     ap.add_argument("--acceptance", type=float, default=0.7,
-                    help="per-token probability that the draft's token is the target's (default 0.7)")
+                    help="The per-token probability that the draft's token is the target's (default 0.7).")
     ap.add_argument("--window-acceptance", default="",
-                    help="acceptance per draft window, e.g. 64=0.62,128=0.7 (unlisted windows: --acceptance)")
-    ap.add_argument("--schedules", default="none,single,dual", help="schedules to consider (default all)")
+                    help="The acceptance per draft window, e.g. 64=0.62,128=0.7; unlisted windows take "
+                         "--acceptance.")
+    ap.add_argument("--schedules", default="none,single,dual",
+                    help="A comma list of the schedules to consider (default: all three).")
     ap.add_argument("--draft-fp8", choices=["auto", "on", "off"], default="auto",
-                    help="a separate draft's matrices in fp8: where faster (auto, the default; its acceptance "
-                         "is taken to be the bf16 draft's), always, or never")
-    ap.add_argument("--top", type=int, default=10, help="candidates to list (default 10)")
-    ap.add_argument("--out", help="write the chosen plan here (a Plan JSON file)")
-    ap.add_argument("--json", help="write the choice, its prediction and the candidates here")
+                    help="Whether a separate draft's matrices are in fp8: where faster (auto, the default; its "
+                         "acceptance is taken to be the bf16 draft's), always (on), or never (off).")
+    ap.add_argument("--top", type=int, default=10, help="The number of candidates to list (default 10).")
+    ap.add_argument("--out", help="Write the chosen plan here (a Plan JSON file).")
+    ap.add_argument("--json", help="Write the choice, its prediction and the candidates here.")
     return ap
 
 

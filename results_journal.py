@@ -119,7 +119,7 @@ def open_journal(path: str | None, keys: list[str]):
     if not j.path.exists():  # fail now, before any model loads, if the folder cannot take it
         parent = j.path.parent
         if not parent.is_dir():
-            raise ConfigError(f"cannot write --out {path}: no such directory {parent}")
+            raise ConfigError(f"cannot write --out {path}: No such file or directory")
         if not os.access(parent, os.W_OK):
             raise ConfigError(f"cannot write --out {path}: permission denied")
     elif not os.access(j.path, os.W_OK):

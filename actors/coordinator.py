@@ -23,6 +23,7 @@ from ..scheduler.request import Request
 from .actor_backend import ActorBackend
 from .cpu_attention import CPUAttention
 from .gpu_executor import GPUExecutor
+from .guard import guarded
 from .io_loader import IOLoader
 from .metrics import RunMetrics
 
@@ -31,16 +32,57 @@ ACTOR_NAMES = ("io_loader", "gpu_executor", "cpu_attention")
 
 def wait_ready(coordinator, run_id: str) -> dict:
     """The started actors' facts, once the coordinator and the actors it builds are up. One
-    that refused to start raises its own error (a CapacityError, say) instead of Ray's
-    ActorDiedError, and its loader's weight files, which die with it, leave /dev/shm."""
-    from ..errors import from_actor_init
+    that refused to start raises its own error (a CapacityError, say: `guard.user_error`, one
+    line naming the actors' log) instead of Ray's, and a failed or interrupted start leaves
+    nothing behind: the coordinator and its actors are killed and the run's /dev/shm files
+    removed (a failed run once left 514 MB there)."""
+    from .guard import user_error
     from .io_loader import remove_local_run_dir
 
     try:
         return ray.get(coordinator.ready.remote())
-    except ray.exceptions.RayActorError as e:
+    except BaseException as e:  # an actor's error, Ctrl-C, the driver shutting down
+        _kill_run(coordinator, run_id)
         remove_local_run_dir(run_id)
-        raise from_actor_init(e) from None
+        if isinstance(e, ray.exceptions.RayError):
+            raise user_error(e, run_id) from None
+        raise
+
+
+def _kill_run(coordinator, run_id: str):
+    """Kill the coordinator (the actors it built die with it) and the loader itself, and wait
+    until the loader is gone: ray.kill returns at once, and a loader still writing a layer
+    would leave its file behind after the run's folder was removed."""
+    loader = None
+    try:
+        loader = ray.get_actor(f"specoffload-io_loader-{run_id}")
+    except Exception:  # noqa: BLE001 - not started, or gone
+        pass
+    for a in (coordinator, loader):
+        if a is not None:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    if loader is not None:
+        try:
+            ray.get(loader.ready.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - RayActorError: it is dead
+            pass
+
+
+def _kill_and_wait(actor, timeout: float = 60.0):
+    """ray.kill returns at once; wait until Ray reports the actor's process gone."""
+    ray.kill(actor)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except Exception:  # noqa: BLE001 - a timeout: ask again
+            pass
+        time.sleep(0.2)
 
 
 class Coordinator:
@@ -50,18 +92,32 @@ class Coordinator:
         under `plan` for want of GPU memory (the planner's next candidates; they must keep the
         same layers on disk, since the host copy is loaded once)."""
         self.spec, self.plan, self.run_cfg, self.run_id = spec, plan, run_cfg, run_id
-        cuda = plan.device == "cuda"
+        self.loader = self.executor = self.attention = None
+        try:
+            self._start(target_desc, spec, plan, draft_desc, run_cfg, progress, fallbacks)
+        except BaseException:
+            self._abandon()
+            raise
+        self._finished, self._lock = [], threading.Lock()
+        self._progress = {}
+        self.metrics = RunMetrics(run_id, spec.num_layers, self.executor, self.attention)
+
+    def _start(self, target_desc, spec, plan: Plan, draft_desc, run_cfg: RunConfig, progress: bool, fallbacks):
+        cuda, run_id = plan.device == "cuda", self.run_id
         self._name = lambda role: f"specoffload-{role}-{run_id}"  # noqa: E731
+        # Each actor's errors reach the caller as its own, its traceback in the run's log
+        # (guard.py), rather than on the driver's terminal.
+        self._actor = lambda cls, role: ray.remote(guarded(cls, role, run_id))  # noqa: E731
         # One host for all three: they share /dev/shm files (placement/node.py).
         node = pick_node(ray.nodes(), ray.get_runtime_context().get_node_id(), cuda)
         self._here = NodeAffinitySchedulingStrategy(node, soft=False)
-        self.loader = ray.remote(IOLoader).options(name=self._name("io_loader"), num_cpus=0,
-                                                   scheduling_strategy=self._here).remote(target_desc, run_id)
+        self.loader = self._actor(IOLoader, "io_loader").options(
+            name=self._name("io_loader"), num_cpus=0, scheduling_strategy=self._here).remote(target_desc, run_id)
         host_layers = [j for j in range(spec.num_layers) if j not in plan.disk_layers]
         t0 = time.perf_counter()
         manifest = ray.get(self.loader.load.remote(host_layers, progress))
         load_s = time.perf_counter() - t0
-        self.attention = ray.remote(CPUAttention).options(
+        self.attention = self._actor(CPUAttention, "cpu_attention").options(
             name=self._name("cpu_attention"), num_cpus=plan.attention_cpus, scheduling_strategy=self._here
         ).remote(spec, plan.attention_threads, plan.kv_dtype, plan.trace)
         tries = [(plan, run_cfg), *[f for f in fallbacks if f[0].disk_layers == plan.disk_layers]]
@@ -69,8 +125,10 @@ class Coordinator:
         for n, (p, cfg) in enumerate(tries):
             try:
                 self.info = self._start_executor(p, manifest, draft_desc, target_desc)
-            except ray.exceptions.RayActorError as e:
-                err = from_actor_init(e)
+            except ray.exceptions.RayError as e:
+                # A guarded executor raises its constructor's error from ready() (RayTaskError);
+                # one that died anyway is a RayActorError.
+                err = e.cause if isinstance(e, ray.exceptions.RayTaskError) else from_actor_init(e)
                 if isinstance(err, CapacityError) and n + 1 < len(tries):
                     refused.append(str(err))
                     continue
@@ -82,21 +140,36 @@ class Coordinator:
         self.info["host_load_s"] = round(load_s, 1)
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, self.plan.prefill_batch,
                                     self.plan.micro_batches)
-        self._finished, self._lock = [], threading.Lock()
-        self._progress = {}
-        self.metrics = RunMetrics(run_id, spec.num_layers, self.executor, self.attention)
 
     def _start_executor(self, plan: Plan, manifest, draft_desc, target_desc) -> dict:
         cuda = plan.device == "cuda"
-        self.executor = ray.remote(GPUExecutor).options(
+        self.executor = self._actor(GPUExecutor, "gpu_executor").options(
             name=self._name("gpu_executor"), num_cpus=0 if cuda else 1, num_gpus=1 if cuda else 0,
             scheduling_strategy=self._here).remote(spec=self.spec, plan=plan, manifest=manifest,
                                                    draft_desc=draft_desc, target_desc=target_desc)
         try:
             return ray.get(self.executor.ready.remote())
-        except ray.exceptions.RayActorError:
-            ray.kill(self.executor)  # its name is free for the next try
+        except ray.exceptions.RayError:
+            # Its GPU memory and its name must be free before the next try: a process still
+            # holding memory on the card counts against the next executor's cap.
+            _kill_and_wait(self.executor)
+            self.executor = None
             raise
+
+    def _abandon(self):
+        """After a failed start: the loader's files removed, the actors built so far killed (not
+        left to die with this one mid-call, which printed `Fatal Python error: Aborted`)."""
+        if self.loader is not None:
+            try:
+                ray.get(self.loader.cleanup.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - the loader failed too; wait_ready removes the folder
+                pass
+        for a in (self.executor, self.attention, self.loader):
+            if a is not None:
+                try:
+                    ray.kill(a)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
 
     def ready(self) -> dict:
         return self.info
@@ -167,5 +240,8 @@ class Coordinator:
         try:
             ray.get(self.loader.cleanup.remote())
         finally:
-            for a in (self.executor, self.attention, self.loader):
+            for a in (self.attention, self.loader):
                 ray.kill(a)
+            # The executor's GPU memory is free once this returns: the next run on the card
+            # (this driver's or another's) counts whatever is still held against its cap.
+            _kill_and_wait(self.executor)

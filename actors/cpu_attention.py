@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..models.attention import KVCache
+from ..models.host_io import host_tensor
 from .mailbox import WorkerMailboxes
 from .stage_timer import StageTimer
 from .wire import from_wire
@@ -39,7 +40,7 @@ class CPUAttention:
         s = self.spec
         self.caches[bid] = KVCache(s.num_layers, len(prompt_lens), s.num_kv_heads, s.head_dim, capacity,
                                    self.kv_dtype, "cpu", s.sliding_windows)
-        self.prompt_lens[bid] = torch.as_tensor(prompt_lens, dtype=torch.long)
+        self.prompt_lens[bid] = host_tensor(prompt_lens, torch.long)
         self.prefill_batch = prefill_batch
 
     def store_prefill(self, bid, s: int, j: int, kv):
@@ -64,7 +65,7 @@ class CPUAttention:
         q, k, v = self.mail.recv_qkv(payload)
         if j == 0:
             part = self.parts[(bid, lo)] = self.caches[bid].part(lo, hi)
-            part.begin_pass(torch.as_tensor(q_lens))
+            part.begin_pass(host_tensor(q_lens))
         part = self.parts[(bid, lo)]
         with self.timer.span("cpu_attention", f"b{bid} L{j} [{lo}:{hi})"):
             out = part.attend_layer(j, q, k, v, out=self.mail.out_buffer(payload))
@@ -80,10 +81,10 @@ class CPUAttention:
         """After a pass over k+1 new tokens, keep only the `counts` the target accepted."""
         _, counts = result
         cache = self.caches[bid]
-        cache.truncate(cache.lens - (k + 1) + torch.as_tensor(counts))
+        cache.truncate(cache.lens - (k + 1) + host_tensor(counts))
 
     def keep(self, bid, idx):
-        self.caches[bid].select(torch.as_tensor(idx, dtype=torch.long))
+        self.caches[bid].select(host_tensor(idx, torch.long))
 
     def compact(self, bid):
         self.caches[bid].compact()

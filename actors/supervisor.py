@@ -20,15 +20,13 @@ from __future__ import annotations
 import re
 import sys
 
-from ..errors import SpecOffloadError
+from ..errors import ActorError
 
 ROLES = ("coordinator", "io_loader", "gpu_executor", "cpu_attention")
 
 
-class EngineFailed(SpecOffloadError):
+class EngineFailed(ActorError):
     """The actors died and could not be brought back. Not the user's input: exit status 1."""
-
-    exit_code = 1
 
 
 def _actor_died(e: BaseException) -> bool:
@@ -113,14 +111,20 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
             r.out, r.finish_reason, r.rounds = o["token_ids"], o["finish_reason"], o["passes"]
             fin(r)
 
+    import ray
+
+    from .guard import user_error
+
     restarts = 0
     while True:
         try:
-            stats = llm._generate_ray_once([pending[rid] for rid in order if rid in pending], fin, progress)
+            stats = llm._run_ray([pending[rid] for rid in order if rid in pending], fin, progress)
             stats["restarts"] = restarts
             return stats
         except Exception as e:
             if not _actor_died(e):
+                if isinstance(e, ray.exceptions.RayError):  # an actor's error: one line, traceback in its log
+                    raise user_error(e, llm.run_id) from None
                 raise
             _collect_finished(llm, deliver)
             who, old = _who(e), llm.run_id

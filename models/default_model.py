@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -90,5 +91,8 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None, *, progress: b
         return out
     with cache_lock(root, DEFAULT_MODEL_NAME):
         if not is_converted(out, dtype=torch.float32, source_size=size):
+            # Said once, even without a bar: the first run otherwise sits silent for up to a minute.
+            print(f"specoffload: converting the embedded model ({DEFAULT_GGUF_FILENAME}) into {out}; "
+                  "this happens once", file=sys.stderr, flush=True)
             convert_gguf(gguf_path, out, dtype=torch.float32, progress=progress, overwrite=True)
     return out

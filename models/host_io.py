@@ -8,12 +8,23 @@ device reads are batched (one per round). On the CPU these are plain conversions
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def host_tensor(x, dtype=None) -> torch.Tensor:
+    """torch.as_tensor for small arguments that may have come through Ray: its numpy arrays
+    (the rows a batch keeps, the accepted counts) are read-only views of the object store,
+    which a tensor must not share (torch warns, and writing one is undefined): those are
+    copied."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()
+    return torch.as_tensor(x, dtype=dtype)
 
 
 def to_device(x, device, dtype=None) -> torch.Tensor:
     """A list/numpy array/CPU tensor on `device`, asynchronously when that is a GPU."""
-    t = torch.as_tensor(x, dtype=dtype)
+    t = host_tensor(x, dtype)
     device = torch.device(device)
     if device.type != "cuda":
         return t

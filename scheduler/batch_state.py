@@ -20,7 +20,7 @@ import torch
 
 from ..models.attention import KVCache
 from ..models.draft_graph import GraphedDraftStep, graphable
-from ..models.host_io import packed, to_device, to_host
+from ..models.host_io import host_tensor, packed, to_device, to_host
 from ..models.resident import ResidentModel
 from ..models.ring_cache import prime
 from ..placement.plan import DRAFT_KV
@@ -145,7 +145,7 @@ class SpecRunner:
                 st.rows, st.rows_t = rows, to_device(rows, self.device, torch.long)
             else:
                 self._stale(bid)
-                st.draft_cache.select(torch.as_tensor(rows))
+                st.draft_cache.select(host_tensor(rows))
                 st.rows = st.rows_t = None
 
     def compact(self, bid: int):
@@ -154,7 +154,7 @@ class SpecRunner:
         if st.draft_cache is not None:
             self._stale(bid)
             if st.rows is not None:
-                st.draft_cache.select(torch.as_tensor(st.rows))
+                st.draft_cache.select(host_tensor(st.rows))
                 st.rows = st.rows_t = None
             st.draft_cache.compact()
 

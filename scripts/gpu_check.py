@@ -122,12 +122,11 @@ class Check:
         code = f"""
 import json
 from specoffload import LLM, SamplingParams
-from specoffload.placement.planner import Workload
 prompts = open({str(self.prompts)!r}).read().splitlines()
-with LLM({str(self.target)!r}, draft={str(self.draft)!r}, plan="auto", gpu_memory={CAP!r}, progress=False,
-         workload=Workload(512, {self.max_tokens}, {self.n}, acceptance=0.7)) as llm:
-    outs = llm.generate(prompts, SamplingParams(max_tokens={self.max_tokens}, ignore_eos=True))
-    print("chosen:", llm.plan_choice.best.label(), "refused:", getattr(llm, "refused", []))
+with LLM({str(self.target)!r}, draft={str(self.draft)!r}, draft_fp8=True, k=4, draft_window=64, draft_sinks=4,
+         gpu_memory={CAP!r}, progress=False) as llm:
+    ids = [{{"prompt_token_ids": llm.tokenizer(p, add_special_tokens=False)["input_ids"]}} for p in prompts]  # as the CLI
+    outs = llm.generate(ids, SamplingParams(max_tokens={self.max_tokens}, ignore_eos=True))
     print("stats:", json.dumps({{k: llm.last_stats.get(k) for k in ("tokens_per_s", "acceptance")}}))
 with open({str(self.work / "api.jsonl")!r}, "w") as f:
     for i, o in enumerate(outs):
@@ -135,8 +134,8 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
 """
         rc, text, dt = self.run("python LLM API", [sys.executable, "-c", code], env=env)
         ok, note = self.same(self.outputs(self.work / "api.jsonl"), self.plain)
-        chosen = " ".join(ln for ln in text.splitlines() if ln.startswith(("chosen", "stats")))
-        self.row("python LLM API (plan auto, draft)", rc == 0 and ok, dt, f"rc {rc}, {note}; {chosen[-300:]}")
+        chosen = " ".join(ln for ln in text.splitlines() if ln.startswith("stats"))
+        self.row("python LLM API (fp8 draft, W64)", rc == 0 and ok, dt, f"rc {rc}, {note}; {chosen[-300:]}")
 
     def ray_job(self, env):
         out = self.work / "job.jsonl"
@@ -158,11 +157,12 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
 
     def bench(self, env):
         rc, text, dt = self.run("bench w1-small", self.cli(
-            "bench", "--workload", "w1-small", "--target-layers", 4, "--draft-layers", 8, "--batch", 64,
-            "--gen", 16, "--prompt-len", 256, "--modes", "none,single", "--json", self.logs / "bench.json"),
+            "bench", "--workload", "w1-small", "--target-layers", 2, "--draft-layers", 4, "--batch", 64,
+            "--gen", 12, "--prompt-len", 256, "--modes", "none,single", "--no-warmup", "--json",
+            self.logs / "bench.json"),
             timeout=420, env=env)
         modes = [ln for ln in text.splitlines() if re.match(r"^(none|single)\S*\s+\d", ln)]
-        self.row("bench --workload w1-small (4+8 layers)", rc == 0 and len(modes) >= 2, dt,
+        self.row("bench --workload w1-small (2+4 layers)", rc == 0 and len(modes) >= 2, dt,
                  f"rc {rc}; " + " | ".join(" ".join(m.split()[:4]) for m in modes))
 
     def families(self, env):
@@ -184,7 +184,8 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
         self.plain = self.generate("generate (no draft, local Ray)", "plain", ref=False)
         env = self.ray_head()
         d = ["--draft", self.draft]
-        self.generate("generate --draft (flags by hand)", "hand", *d, "--schedule", "single", "-k", 4, env=env)
+        self.generate("generate --draft (bf16, flags by hand)", "hand", *d, "--schedule", "single", "-k", 4,
+                      "--draft-window", 64, "--draft-sinks", 4, env=env)
         self.generate("generate --draft --plan auto", "auto", *d, "--plan", "auto", env=env)
         self.generate("generate --draft --draft-fp8 --plan auto", "auto_fp8", *d, "--draft-fp8", "--plan", "auto",
                       env=env)
@@ -217,9 +218,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/specoffload-gpucheck",
                     help="folder for the checkpoints and outputs (kept between runs; checkpoints are reused).")
     ap.add_argument("--logs", default="gpu_check_logs", help="folder for the steps' full log (steps.log) and the table (table.txt).")
-    ap.add_argument("--prompts", type=int, default=64, help="prompts per generate run (default 64).")
-    ap.add_argument("--max-tokens", type=int, default=24, help="tokens generated per prompt (default 24).")
-    ap.add_argument("--target-layers", type=int, default=4, help="layers of the Mixtral-shaped target (default 4).")
+    ap.add_argument("--prompts", type=int, default=48, help="prompts per generate run (default 48).")
+    ap.add_argument("--max-tokens", type=int, default=16, help="tokens generated per prompt (default 16).")
+    ap.add_argument("--target-layers", type=int, default=2, help="layers of the Mixtral-shaped target (default 2).")
     ap.add_argument("--skip", default="", help="comma list of steps to leave out: job, bench, tests.")
     a = ap.parse_args(argv)
     import torch

@@ -112,9 +112,13 @@ def main(argv=None) -> int:
     for c in range(args.cycles + 1):
         final = c == args.cycles
         before = sum(1 for x in _lines(out) if x.endswith(b"}"))
+        if before == args.requests:  # the last run was killed after its last line: a round done
+            check_complete()
+            rounds += 1
+            before = 0
         # Kill once the file holds `target` lines (target == before: right at the start, before or
         # while loading), a little later still, to land inside passes and writes.
-        target = rng.randint(min(before, args.requests - 1), args.requests - 1)
+        target = rng.randint(before, args.requests - 1)
         extra = rng.uniform(0, 0.3)
         errf = work / f"stderr_{c}.txt"
         t0 = time.time()

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny checkpoints of every family, and one local Ray for the session.
 
 Ray 2.60 enables token auth and keeps its token under the user's home; tests run Ray with
-auth off and a private temp dir so they depend on nothing in $HOME.
+auth off and a private temp dir so they depend on nothing in $HOME, and without the dashboard.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SPECOFFLOAD_DASHBOARD", "0")  # local clusters the CLI starts: seconds sooner
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import make_tiny_with_tokenizer  # noqa: E402

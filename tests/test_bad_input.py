@@ -146,7 +146,7 @@ ROWS = {
     "host_memory_too_small": (None, [], "host", "needs 0.0 GiB of host memory and 0.0 GiB is available", True),
     "shm_too_small": (None, ["--engine", "ray"], "shm", "host weights need 0.00 GiB in", True),
     "ray_address_dead": (None, ["--engine", "ray", "--ray-address", "127.0.0.1:9"], None,
-                         "Ray address 127.0.0.1:9 does not answer", True),
+                         "nothing answers there", True),
     "fuzz_empty_prompt": (None, ["--prompt", ""], None, "prompt 2 is empty", True),
     "out_is_a_folder": (None, lambda tmp: ["--out", str(tmp)], None, "it is a directory", False),
     "out_other_results": (None, _write("o.jsonl", json.dumps({"index": 0, "key": "0123456789abcdef"}) + "\n", "--out"),
@@ -247,9 +247,9 @@ def test_end_to_end_nan_weights_through_the_actors(ray_session, tiny_dir, tmp_pa
                           "--max-tokens", "2", "--quiet", "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 2 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == (
+    assert err.strip().splitlines()[-1].startswith(
         f"specoffload: error: {d / 'model.safetensors'}: tensor model.layers.2.mlp.down_proj.weight holds NaN or "
-        f"infinite values")
+        f"infinite values (actor tracebacks: ")
     for f in default_shm_root().glob("specoffload-*/owners.json"):
         try:
             assert p.pid not in [o["pid"] for o in json.loads(f.read_text())], f
