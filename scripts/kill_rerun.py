@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kill-within", type=float, default=40.0,
+                    help="time-drawn kills land in [0, this many seconds] after the start (default 40: "
+                         "start-up here takes ~40 s of a run)")
     ap.add_argument("--workdir", help="where to put the model, prompts and results (default: a temp dir)")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -116,9 +119,12 @@ def main(argv=None) -> int:
             check_complete()
             rounds += 1
             before = 0
-        # Kill once the file holds `target` lines (target == before: right at the start, before or
-        # while loading), a little later still, to land inside passes and writes.
-        target = rng.randint(before, args.requests - 1)
+        # Where to kill: after a random time (most of a run here is start-up: imports, joining
+        # Ray, loading the weights), or once the file holds a random number of new lines (in the
+        # middle of the passes, or after the last line, while it shuts down), a little later still.
+        by_time = rng.random() < 0.4
+        deadline = rng.uniform(0, args.kill_within) if by_time else None
+        target = None if by_time else before + rng.randint(1, args.requests - before)
         extra = rng.uniform(0, 0.3)
         errf = work / f"stderr_{c}.txt"
         t0 = time.time()
@@ -126,8 +132,9 @@ def main(argv=None) -> int:
             p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=ef, env=env)
             killed_at = None
             while p.poll() is None:
-                if not final and len([x for x in _lines(out) if x]) >= target:
-                    time.sleep(extra)
+                if not final and (time.time() - t0 >= deadline if by_time else
+                                  len([x for x in _lines(out) if x]) >= target):
+                    time.sleep(0 if by_time else extra)
                     if p.poll() is None:
                         os.kill(p.pid, signal.SIGKILL)
                         killed_at = len([x for x in _lines(out) if x])
@@ -141,7 +148,8 @@ def main(argv=None) -> int:
         raw = _lines(out)
         torn_now = bool(raw and raw[-1])  # bytes after the last newline
         after = len([x for x in raw if x])
-        what = f"kill at {killed_at} lines" if killed_at is not None else ("finished" if rc == 0 else f"rc {rc}")
+        what = (f"kill at {time.time() - t0:.1f} s" if by_time else f"kill at {killed_at} lines") \
+            if killed_at is not None else ("finished" if rc == 0 else f"rc {rc}")
         rows.append((c, rounds, what, rc, before, after, torn_now, round(time.time() - t0, 1)))
         if rc == 0:
             check_complete()
@@ -154,9 +162,9 @@ def main(argv=None) -> int:
     ray.shutdown()
     leftover = sorted(d.name for d in shm.iterdir())
 
-    print(f"{'cycle':>5} {'round':>5} {'what':<18} {'rc':>4} {'lines before':>12} {'lines after':>11} {'torn':>5} {'s':>6}")
+    print(f"{'cycle':>5} {'round':>5} {'what':<20} {'rc':>4} {'lines before':>12} {'lines after':>11} {'torn':>5} {'s':>6}")
     for r in rows:
-        print(f"{r[0]:>5} {r[1]:>5} {r[2]:<18} {r[3]:>4} {r[4]:>12} {r[5]:>11} {str(r[6]):>5} {r[7]:>6}")
+        print(f"{r[0]:>5} {r[1]:>5} {r[2]:<20} {r[3]:>4} {r[4]:>12} {r[5]:>11} {str(r[6]):>5} {r[7]:>6}")
     print(f"{rounds} complete rounds of {args.requests} requests: lost {totals['lost']}, duplicated "
           f"{totals['duplicated']}, wrong {totals['wrong']}, unparseable lines {totals['unparseable']}, torn last "
           f"line at the end {totals['torn_at_end']}; torn lines dropped on rerun {torn_seen}; dead runs' shm "

@@ -136,7 +136,7 @@ def test_driver_killed_at_random_points_and_rerun(tmp_path):
     """CI form of scripts/kill_rerun.py: 3 kills (SIGKILL to the driver) and a final run; nothing
     lost, duplicated, torn or wrong, and no shared-memory folder left."""
     r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "kill_rerun.py"),
-                        "--cycles", "3", "--requests", "12", "--max-tokens", "12", "--seed", "3",
+                        "--cycles", "3", "--requests", "12", "--max-tokens", "12", "--seed", "3", "--kill-within", "8",
                         "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "lost 0, duplicated 0, wrong 0, unparseable lines 0, torn last line at the end 0" in r.stdout
