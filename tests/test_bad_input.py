@@ -73,7 +73,11 @@ def _small(monkeypatch, what):
     import specoffload.actors.shm_owners as so
     import specoffload.llm as llm_mod
 
-    if what == "host":
+    if what == "fresh":  # a driver not yet joined to any Ray (this test process may have joined one)
+        import ray
+
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    elif what == "host":
         monkeypatch.setattr(llm_mod, "_host_memory_available", lambda: 1024)
     else:
         monkeypatch.setattr(so, "shm_free_bytes", lambda root=None: 4096)
@@ -145,7 +149,7 @@ ROWS = {
     "plan_unknown_field": (None, _write("plan.json", '{"colour": "blue"}', "--plan"), None, "unknown plan field", True),
     "host_memory_too_small": (None, [], "host", "needs 0.0 GiB of host memory and 0.0 GiB is available", True),
     "shm_too_small": (None, ["--engine", "ray"], "shm", "host weights need 0.00 GiB in", True),
-    "ray_address_dead": (None, ["--engine", "ray", "--ray-address", "127.0.0.1:9"], None,
+    "ray_address_dead": (None, ["--engine", "ray", "--ray-address", "127.0.0.1:9"], "fresh",
                          "nothing answers there", True),
     "fuzz_empty_prompt": (None, ["--prompt", ""], None, "prompt 2 is empty", True),
     "out_is_a_folder": (None, lambda tmp: ["--out", str(tmp)], None, "it is a directory", False),
