@@ -29,7 +29,22 @@ WORKLOADS = {
     "w1": (32, 32, 192, 512, 128),
     "w1-small": (8, 8, 192, 512, 32),
     "tiny": (2, 1, 4, 16, 6),
+    # W3: a Qwen3-30B-A3B-shaped target (128 experts of 768, top-8) and a Qwen3-0.6B-shaped draft.
+    "w3": (48, 28, 192, 512, 128),
+    "w3-small": (12, 28, 192, 512, 32),
+    "w3-tiny": (2, 1, 4, 16, 6),
 }
+
+
+def workload_shapes(workload: str, target_layers: int, draft_layers: int):
+    """(target spec, draft spec) of a workload's constructed pair."""
+    if workload.startswith("w3"):
+        from specoffload.models.w3_shapes import qwen3_0_6b, qwen3_30b_a3b
+
+        return qwen3_30b_a3b(target_layers), qwen3_0_6b(draft_layers)
+    from specoffload.models.constructed import mistral_7b, mixtral_8x7b
+
+    return mixtral_8x7b(target_layers), mistral_7b(draft_layers)
 
 
 def parse_modes(text: str, k_default: int) -> dict:
@@ -68,11 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specoffload bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="w1",
                     help="w1: 32+32 layers, batch 192, prompt 512, 128 tokens; w1-small: 8+8 layers, "
-                         "32 tokens; tiny: 2+1 layers, 4 sequences of 16 tokens (a CPU smoke test). "
-                         "The options below override its numbers.")
-    ap.add_argument("--target-layers", type=int, help="The number of layers of the Mixtral-shaped target "
+                         "32 tokens; tiny: 2+1 layers, 4 sequences of 16 tokens (a CPU smoke test); w3, "
+                         "w3-small, w3-tiny: the same with Qwen3-30B-A3B / Qwen3-0.6B shapes (48+28, 12+28 "
+                         "layers, 2+1). The options below override its numbers.")
+    ap.add_argument("--target-layers", type=int, help="The number of layers of the (Mixtral- or Qwen3-MoE-shaped) target "
                                                       "(default: the workload's).")
-    ap.add_argument("--draft-layers", type=int, help="The number of layers of the Mistral-shaped draft "
+    ap.add_argument("--draft-layers", type=int, help="The number of layers of the (Mistral- or Qwen3-shaped) draft "
                                                      "(default: the workload's).")
     ap.add_argument("--batch", type=int, help="The number of sequences per batch (default: the workload's).")
     ap.add_argument("--spec-batch", type=int, help="The number of sequences per batch in speculative modes "
@@ -155,10 +171,10 @@ def main(argv=None):
     from specoffload.actors.coordinator import Coordinator, wait_ready
     from specoffload.configs.run_config import RunConfig
     from specoffload.errors import ConfigError, SpecOffloadError
-    from specoffload.models.constructed import constructed_pair, mistral_7b, mixtral_8x7b
+    from specoffload.models.constructed import constructed_pair
     from specoffload.placement.plan import Plan
 
-    tspec, dspec = mixtral_8x7b(a.target_layers), mistral_7b(a.draft_layers)
+    tspec, dspec = workload_shapes(a.workload, a.target_layers, a.draft_layers)
     tsrc, dsrc = constructed_pair(tspec, dspec, a.agreement)
     cuda = torch.cuda.is_available()
     try:
@@ -333,7 +349,7 @@ def main(argv=None):
             pass
         raise
     base = next((r for r in results if r["mode"].split("/")[0] == "none"), None)
-    print(f"\nW1 (target {a.target_layers} layers, {layer_bytes / 1e9:.2f} GB/layer, {a.resident} resident, draft "
+    print(f"\n{a.workload.split('-')[0].upper()} (target {tspec.model_type} {a.target_layers} layers, {layer_bytes / 1e9:.2f} GB/layer, {a.resident} resident, draft "
           f"{a.draft_layers} layers{' fp8' if a.draft_fp8 else ''}, cap {a.gpu_memory}, prompt {a.prompt_len}, "
           f"gen {a.gen}, agreement {a.agreement})")
     print(f"{'mode':16} {'batch':>5} {'tok/s':>7} {'x none':>6} {'decode tok/s':>12} {'x none':>6} {'s/pass':>7} "

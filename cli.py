@@ -25,10 +25,12 @@ BUILTIN_PROMPTS = [
 
 def add_engine_options(p: argparse.ArgumentParser):
     """Options that choose the model, the draft and the placement (shared with the Ray job)."""
-    p.add_argument("--model", help="The local Hugging Face checkpoint folder to run (default: the embedded "
+    p.add_argument("--model", help="The local Hugging Face checkpoint folder to run, or a Hub id org/name (from "
+                                   "the HF cache, downloaded unless HF_HUB_OFFLINE is set; default: the embedded "
                                    "SmolLM2-135M-Instruct, converted once into ~/.cache/specoffload).")
     p.add_argument("--draft", help="The draft model: 'self:N' for the target's first N layers, or a checkpoint "
-                                   "folder with the same tokenizer. Leave it out to decode without speculation.")
+                                   "folder or Hub id with the same tokenizer. Leave it out to decode without "
+                                   "speculation.")
     p.add_argument("--schedule", choices=["none", "single", "dual"],
                    help="none decodes without speculation; single drafts, then verifies one batch; dual "
                         "verifies one batch while the draft proposes for the other (default: single with a "
@@ -104,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "attention, GPU target, draft) per layer and batch here; see "
                                    "scripts/plot_timeline.py.")
     add_engine_options(g)
+    from .run_batch import add_parser as add_run_batch
+
+    add_run_batch(sub, add_engine_options)
     sub.add_parser("bench", add_help=False,
                    help="Run a benchmark workload (W1 shapes) and print tokens/s against no speculation; "
                         "`specoffload bench --help` lists its options.")
@@ -231,7 +236,7 @@ def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f,
     first_rid = llm._next_rid
 
     def write(o):
-        j = o.request_id - first_rid
+        j = int(o.request_id) - first_rid
         i = indices[j] if indices is not None else j
         if isinstance(out_f, Journal):
             out_f.append(i, result_record(i, prompts[j], o))
@@ -279,7 +284,9 @@ def auto_workload(args, prompts: list[str]):
         from .models.default_model import default_model_dir
 
         model = default_model_dir()
-    tok = load_tokenizer(model)
+    from .models.hub import resolve_model
+
+    tok = load_tokenizer(resolve_model(model))
     lens = [len(i["prompt_token_ids"]) for i in encode_prompts(tok, prompts, chat=not args.no_chat_template)]
     return Workload(max(lens), args.max_tokens, len(prompts), args.acceptance)
 
@@ -364,6 +371,10 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "generate":
             return _generate(args)
+        if args.cmd == "run-batch":
+            from .run_batch import main_args
+
+            return main_args(args, llm_from_args)
     except SpecOffloadError as e:
         from .errors import ActorError
 

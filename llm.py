@@ -21,7 +21,8 @@ from .errors import CapacityError, CheckpointError, ConfigError
 from .models.spec import ModelSpec, load_spec
 from .placement.hardware import mem_available as _host_memory_available  # tests patch this name
 from .placement.plan import Plan
-from .scheduler.request import CompletionOutput, Request, RequestOutput
+from .outputs import RequestOutput, completion
+from .scheduler.request import Request
 
 
 def load_tokenizer(model_dir):
@@ -47,7 +48,18 @@ def parse_draft(draft, target_layers: int):
         if not 1 <= n < target_layers:
             raise ConfigError(f"--draft self:N needs 1 <= N < {target_layers} (target layers), got {n}")
         return ("self", n)
-    return ("checkpoint", str(Path(s)), None)
+    from .models.hub import resolve_model
+
+    return ("checkpoint", str(resolve_model(s)), None)  # a folder, or a Hub id's cached snapshot
+
+
+def n_samples(sp: SamplingParams) -> list[SamplingParams]:
+    """SamplingParams(n=N) as N single-sample params: seed + j when seeded."""
+    if sp.n == 1:
+        return [sp]
+    from dataclasses import replace
+
+    return [replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j) for j in range(sp.n)]
 
 
 def check_same_vocab(target_dir: Path, tok, draft_dir: Path, draft_spec: ModelSpec, target_spec: ModelSpec):
@@ -88,7 +100,9 @@ class LLM:
             from .models.default_model import default_model_dir
 
             model = default_model_dir()
-        self.model_dir = Path(model)
+        from .models.hub import resolve_model
+
+        self.model_dir = resolve_model(model)  # a folder, or a Hub id's cached snapshot (models/hub.py)
         self.spec = load_spec(self.model_dir, dtype=dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.draft_desc = parse_draft(draft, self.spec.num_layers)
@@ -147,6 +161,7 @@ class LLM:
                                         zip(asked, ("schedule", "k", "adaptive_k")))) + (c,)
                            for fp, o, c in fallbacks]
         self.engine, self.progress = engine, progress
+        self._workload, self._context = workload, None  # what the host memory fit sizes the KV cache for
         self._ray_address, self._dashboard = ray_address, dashboard
         self._next_rid = 0
         self.last_stats: dict = {}
@@ -162,6 +177,12 @@ class LLM:
         if self.engine == "reference":
             self._start_reference()
         else:
+            # Before the loader writes a byte: what host memory cannot hold goes to disk.
+            from .placement.host_fit import fit_fallbacks, fit_for_llm
+
+            self.plan = fit_for_llm(self.spec, self.plan, self.run_cfg.schedule, self.draft_desc, self._workload,
+                                    self.progress, self._context)
+            self._fallbacks = fit_fallbacks(self.spec, self._fallbacks, self.draft_desc, self._workload, self._context)
             self._start_ray(self._ray_address)
         self.started = True
 
@@ -171,7 +192,9 @@ class LLM:
         without running anything: before `start()` they cost no Ray start and no weight load."""
         rid = self._next_rid
         try:
-            self._requests(prompts, params)
+            reqs, _ = self._requests(prompts, params)
+            # the longest sequence: the host memory fit at start() sizes the KV cache by it
+            self._context = max(len(r.prompt_ids) + r.params.max_tokens for r in reqs) + self.run_cfg.k_max + 2
         finally:
             self._next_rid = rid
 
@@ -282,7 +305,9 @@ class LLM:
             atexit.register(lambda: ref() is not None and ref().shutdown())
 
     # -- requests --------------------------------------------------------------------------
-    def _requests(self, prompts, params) -> tuple[list[Request], list]:
+    def _requests(self, prompts, params) -> tuple[list[Request], list, list]:
+        """Requests (n per prompt for SamplingParams(n=...)), each one's prompt text, and the
+        request ids of each prompt's samples."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if params is None:
@@ -290,14 +315,16 @@ class LLM:
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ConfigError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        if not all(isinstance(sp, SamplingParams) for sp in plist):
+            raise ConfigError("sampling_params must be a SamplingParams or a list of them, one per prompt")
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
-        reqs, texts = [], []
+        reqs, texts, groups = [], [], []
         for i, (p, sp) in enumerate(zip(prompts, plist)):
             if isinstance(p, dict):
                 if "prompt_token_ids" in p:
-                    ids, text = [int(t) for t in p["prompt_token_ids"]], None
+                    ids, text = [int(t) for t in p["prompt_token_ids"]], p.get("prompt")
                 elif "prompt" in p:
                     text = p["prompt"]
                     ids = self.tokenizer(text)["input_ids"]
@@ -315,11 +342,24 @@ class LLM:
                 raise CapacityError(
                     f"prompt {i} has {len(ids)} tokens + max_tokens {sp.max_tokens} > the model's "
                     f"context of {self.spec.max_positions}")
-            reqs.append(Request(self._next_rid, ids, sp, tuple(sorted(eos))))
-            texts.append(text)
-            self._next_rid += 1
+            group = []
+            for j, one in enumerate(n_samples(sp)):
+                # n samples: n requests sharing the prompt, each with its own generator
+                # (seed + j when seeded, else derived from its request id).
+                reqs.append(Request(self._next_rid, ids, one, tuple(sorted(eos)), decode=self._decoder(one)))
+                texts.append(text)
+                group.append(self._next_rid)
+                self._next_rid += 1
+            groups.append(group)
         self._check_host_memory(reqs)
-        return reqs, texts
+        return reqs, texts, groups
+
+    def _decoder(self, sp: SamplingParams):
+        """How stop strings see the output (in-process; the coordinator builds its own)."""
+        if not sp.stop:
+            return None
+        tok, skip = self.tokenizer, sp.skip_special_tokens
+        return lambda ids: tok.decode(ids, skip_special_tokens=skip)
 
     def _check_host_memory(self, reqs):
         import torch
@@ -334,28 +374,43 @@ class LLM:
                 f"the target KV cache for {n} sequences x {longest} tokens needs {need / 2**30:.1f} GiB of "
                 f"host memory and {free / 2**30:.1f} GiB is available; lower batch_size or max_tokens")
 
-    def _output(self, r: Request, text) -> RequestOutput:
-        out = CompletionOutput(0, self.tokenizer.decode(r.out, skip_special_tokens=True), list(r.out),
-                               r.finish_reason)
-        return RequestOutput(r.rid, text, list(r.prompt_ids), [out],
-                             metrics={"passes": r.rounds, "tokens": len(r.out),
-                                      "tokens_per_pass": round(len(r.out) / max(r.rounds, 1), 3)})
+    def _output(self, rs: list[Request], text) -> RequestOutput:
+        """One prompt's RequestOutput: its n samples as outputs[0..n-1]."""
+        tokens, rounds = sum(len(r.out) for r in rs), sum(r.rounds for r in rs)
+        return RequestOutput(str(rs[0].rid), text, list(rs[0].prompt_ids),
+                             [completion(j, r, self.tokenizer) for j, r in enumerate(rs)],
+                             metrics={"passes": rounds, "tokens": tokens,
+                                      "tokens_per_pass": round(tokens / max(rounds, 1), 3)})
 
-    def generate(self, prompts, params=None, use_tqdm: bool | None = None, on_output=None) -> list[RequestOutput]:
-        """One output per prompt, in prompt order. `on_output(RequestOutput)` is called as each
-        request finishes (the CLI writes results as they come)."""
-        reqs, texts = self._requests(prompts, params)
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool | None = None, on_output=None, *,
+                 params=None) -> list[RequestOutput]:
+        """One output per prompt, in prompt order, as vLLM's `LLM.generate`: prompts are strings,
+        {"prompt": text} or {"prompt_token_ids": [...]}; sampling_params one SamplingParams or a
+        list, one per prompt (`params=` is its old name). `on_output(RequestOutput)` is called
+        as each prompt's requests finish (the CLI writes results as they come)."""
+        if params is not None:
+            if sampling_params is not None:
+                raise ConfigError("pass sampling_params or params (its old name), not both")
+            sampling_params = params
+        reqs, texts, groups = self._requests(prompts, sampling_params)
         self.start()
         text_of = {r.rid: t for r, t in zip(reqs, texts)}
+        by_rid = {r.rid: r for r in reqs}
+        group_of = {rid: g for g in groups for rid in g}
+        left = {g[0]: len(g) for g in groups}
         show = self.progress if use_tqdm is None else use_tqdm
         from tqdm import tqdm
 
-        bar = tqdm(total=len(reqs), desc="requests", unit="req", disable=not show)
+        bar = tqdm(total=len(groups), desc="requests", unit="req", disable=not show)
         done: dict[int, RequestOutput] = {}
 
         def finished(r: Request):
-            o = self._output(r, text_of[r.rid])
-            done[r.rid] = o
+            g = group_of[r.rid]
+            left[g[0]] -= 1
+            if left[g[0]]:
+                return  # its prompt's other samples are still running
+            o = self._output([by_rid[i] for i in g], text_of[r.rid])
+            done[g[0]] = o
             bar.update(1)
             if on_output:
                 on_output(o)
@@ -378,7 +433,19 @@ class LLM:
                 self.last_stats = self._generate_ray(reqs, finished, progress)
         finally:
             bar.close()
-        return [done[r.rid] for r in reqs]
+        return [done[g[0]] for g in groups]
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool | None = None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None, on_output=None) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: one conversation (a list of {"role", "content"}) or a list of
+        them, rendered through the tokenizer's chat template (or `chat_template`, a Jinja
+        string); one RequestOutput per conversation, its `prompt` the rendered text."""
+        from .chat import conversations, render
+
+        prompts = [render(self.tokenizer, c, chat_template, add_generation_prompt, continue_final_message,
+                          chat_template_kwargs) for c in conversations(messages)]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, on_output=on_output)
 
     def _generate_ray(self, reqs, finished, progress) -> dict:
         # An actor that dies mid-run is restarted with the rest of the set and the unfinished
@@ -392,8 +459,12 @@ class LLM:
         import ray
 
         by_rid = {r.rid: r for r in reqs}
-        payload = [{"rid": r.rid, "prompt_ids": r.prompt_ids, "params": r.params.__dict__, "eos": r.eos_ids}
+        payload = [{"rid": r.rid, "prompt_ids": r.prompt_ids, "params": r.params.to_dict(), "eos": r.eos_ids}
                    for r in reqs]
+        if any(r.params.stop for r in reqs) and not getattr(self, "_coordinator_has_tokenizer", False):
+            # Stop strings are matched where the tokens are: the coordinator detokenizes.
+            ray.get(self.coordinator.set_tokenizer.remote(self.tokenizer))
+            self._coordinator_has_tokenizer = True
         ref = self.coordinator.generate.remote(payload)
 
         def drain():
@@ -401,6 +472,7 @@ class LLM:
             for o in outs:
                 r = by_rid[o["rid"]]
                 r.out, r.finish_reason, r.rounds = o["token_ids"], o["finish_reason"], o["passes"]
+                r.stop_reason, r.text, r.logprobs = o["stop_reason"], o["text"], o["logprobs"]
                 finished(r)
             if stats:
                 progress(stats)

@@ -20,9 +20,10 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specoffload plan", description=__doc__.split("\n\n")[0])
     m = ap.add_mutually_exclusive_group()
-    m.add_argument("--model", help="The target checkpoint folder (default: the embedded model).")
-    m.add_argument("--shapes", choices=["w1"], help="Plan for model shapes without a checkpoint: "
-                                                    "w1 is a Mixtral-8x7B target with a Mistral-7B draft (bf16).")
+    m.add_argument("--model", help="The target checkpoint folder or Hub id (default: the embedded model).")
+    m.add_argument("--shapes", choices=["w1", "w3"], help="Plan for model shapes without a checkpoint: "
+                                                          "w1 is a Mixtral-8x7B target with a Mistral-7B draft, "
+                                                          "w3 a Qwen3-30B-A3B target with a Qwen3-0.6B draft (bf16).")
     ap.add_argument("--draft", help="'self:N' or a draft checkpoint folder; leave it out to plan without "
                                     "speculation.")
     ap.add_argument("--hardware", help="Read the machine's figures from this hardware JSON file (see "
@@ -83,11 +84,19 @@ def _specs(args):
         if args.draft not in (None, "w1"):
             raise ConfigError("--shapes w1 brings its own draft shape; leave out --draft")
         return mixtral_8x7b(), mistral_7b(), 0, "--shapes w1"
+    if args.shapes == "w3":
+        from .models.w3_shapes import qwen3_0_6b, qwen3_30b_a3b
+
+        if args.draft not in (None, "w3"):
+            raise ConfigError("--shapes w3 brings its own draft shape; leave out --draft")
+        return qwen3_30b_a3b(), qwen3_0_6b(), 0, "--shapes w3"
     if args.model is None:
         from .models.default_model import default_model_dir
 
         args.model = str(default_model_dir())
-    target = load_spec(args.model)
+    from .models.hub import resolve_model
+
+    target = load_spec(resolve_model(args.model))
     desc = parse_draft(args.draft, target.num_layers)
     if desc is None:
         return target, None, 0, args.model

@@ -176,13 +176,16 @@ class Coordinator:
 
     def generate(self, payload: list[dict]) -> dict:
         """payload: [{rid, prompt_ids, params (dict), eos}] -> run statistics."""
-        reqs = [Request(p["rid"], p["prompt_ids"], SamplingParams(**p["params"]), tuple(p["eos"]))
-                for p in payload]
+        reqs = []
+        for p in payload:
+            sp = SamplingParams(**p["params"])
+            reqs.append(Request(p["rid"], p["prompt_ids"], sp, tuple(p["eos"]), decode=self._decoder(sp)))
 
         def done(r):
             with self._lock:
                 self._finished.append({"rid": r.rid, "token_ids": list(r.out),
-                                       "finish_reason": r.finish_reason, "passes": r.rounds})
+                                       "finish_reason": r.finish_reason, "passes": r.rounds,
+                                       "stop_reason": r.stop_reason, "text": r.text, "logprobs": r.logprobs})
             self.metrics.request_finished()
 
         def progress(stats):
@@ -195,6 +198,16 @@ class Coordinator:
         stats |= self.backend.stats()
         self.metrics.run_finished(stats)
         return stats
+
+    def set_tokenizer(self, tokenizer):
+        """The tokenizer stop strings are matched with (the driver sends it when first needed)."""
+        self.tokenizer = tokenizer
+
+    def _decoder(self, sp: SamplingParams):
+        if not sp.stop:
+            return None
+        tok, skip = self.tokenizer, sp.skip_special_tokens
+        return lambda ids: tok.decode(ids, skip_special_tokens=skip)
 
     def set_run_config(self, run_cfg: RunConfig):
         """Switch schedule / draft length between runs (benchmarks compare modes in one run)."""

@@ -79,7 +79,7 @@ class CPUAttention:
 
     def rollback(self, bid, k: int, result):
         """After a pass over k+1 new tokens, keep only the `counts` the target accepted."""
-        _, counts = result
+        counts = result[1]  # (tokens, counts[, logprobs])
         cache = self.caches[bid]
         cache.truncate(cache.lens - (k + 1) + host_tensor(counts))
 

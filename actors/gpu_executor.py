@@ -217,9 +217,10 @@ class GPUExecutor:
         if j == 0:
             prompts = st["prompts"][s * P:(s + 1) * P]
             toks, q_lens = packed(prompts, self.device)
-            _, i = pack_index(q_lens, toks.shape[0])
+            b, i = pack_index(q_lens, toks.shape[0])
+            # seq_lens: the prompt's length, as a length-dependent RoPE needs (models/rope.py)
             subs[s] = {"h": embed(self.glob["embed"], toks), "q_lens": q_lens, "longest": max(map(len, prompts)),
-                       "cs": rope_cos_sin(spec, i, spec.torch_dtype)}
+                       "cs": rope_cos_sin(spec, i, spec.torch_dtype, q_lens[b])}
         sub = subs[s]
         w = self._layer(j)
         with self.timer.span("prefill", f"b{bid} L{j} s{s}"):
@@ -322,9 +323,9 @@ class GPUExecutor:
         with self.timer.span("target"):
             logits = head(spec, self.glob["norm"], self.glob["head"], torch.cat([x["h"] for x in parts]))
         B = st["q_lens"].shape[0]
-        tokens, counts = self.runner.finish(bid, logits.view(B, k + 1, -1), k, u_accept, u_sample)
-        st["lens"] = st["lens"] + to_device(counts, self.device, torch.long)
-        return tokens, counts
+        res = self.runner.finish(bid, logits.view(B, k + 1, -1), k, u_accept, u_sample)  # (tokens, counts[, logprobs])
+        st["lens"] = st["lens"] + to_device(res[1], self.device, torch.long)
+        return res
 
     # -- draft -----------------------------------------------------------------------------
     def propose(self, bid, k, u_draft):

@@ -107,8 +107,11 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
 
     def deliver(o):
         r = pending.get(o["rid"])
-        if r is not None:
+        if r is not None:  # as LLM._run_ray's drain does
             r.out, r.finish_reason, r.rounds = o["token_ids"], o["finish_reason"], o["passes"]
+            for k in ("stop_reason", "text", "logprobs"):
+                if k in o:
+                    setattr(r, k, o[k])
             fin(r)
 
     import ray
@@ -130,6 +133,7 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
             who, old = _who(e), llm.run_id
             teardown(old)
             llm.coordinator = None
+            llm._coordinator_has_tokenizer = False  # the new coordinator is sent it again
             if restarts >= llm.max_restarts:
                 raise EngineFailed(
                     f"the engine's {who} actor died {restarts + 1} times in one run; stopped with "

@@ -35,9 +35,15 @@ _DIRECT = {
     "mlp.down_proj.weight": "down",
     "block_sparse_moe.gate.weight": "router",
     "mlp.gate.weight": "router",
+    "mlp.shared_expert.gate_proj.weight": "s_gate",  # Qwen2-MoE's shared expert and its gate
+    "mlp.shared_expert.up_proj.weight": "s_up",
+    "mlp.shared_expert.down_proj.weight": "s_down",
+    "mlp.shared_expert_gate.weight": "shared_gate",
 }
-_EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
-_EXPERT_KEY = {"w1": "w_gate", "w3": "w_up", "w2": "w_down"}
+# Mixtral's experts (w1/w3/w2), and the Qwen MoE ones (gate_proj/up_proj/down_proj).
+_EXPERT = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_KEY = {"w1": "w_gate", "w3": "w_up", "w2": "w_down",
+               "gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_down"}
 
 
 class Checkpoint:
@@ -76,6 +82,9 @@ class Checkpoint:
             return where
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
+            from .hub import check_weights_format
+
+            check_weights_format(self.dir)  # .bin or .gguf only: says how to convert
             raise CheckpointError(f"no *.safetensors files in {self.dir}")
         for f in files:
             for name in self._check_header(f):
@@ -142,7 +151,10 @@ class Checkpoint:
                 raise CheckpointError(f"{self.dir}: layer {j} is missing experts for {key}")
             w[key] = torch.stack([parts[e] for e in range(self.spec.num_experts)])
         need = {"ln1", "ln2", "q", "k", "v", "o"}
-        need |= {"router", "w_gate", "w_up", "w_down"} if self.spec.is_moe else {"gate", "up", "down"}
+        moe = self.spec.layer_is_moe(j)
+        need |= {"router", "w_gate", "w_up", "w_down"} if moe else {"gate", "up", "down"}
+        if moe and self.spec.shared_expert_size:
+            need |= {"s_gate", "s_up", "s_down", "shared_gate"}
         if self.spec.qkv_bias:
             need |= {"q_bias", "k_bias", "v_bias"}
         if self.spec.qk_norm:

@@ -91,10 +91,14 @@ class ConstructedModel:
                   "v_bias": torch.zeros(s.num_kv_heads * d, dtype=dt)}
         if s.qk_norm:
             w |= {"q_norm": torch.ones(d, dtype=dt), "k_norm": torch.ones(d, dtype=dt)}
-        if s.is_moe:
-            E = s.num_experts
+        if s.layer_is_moe(j):
+            E, I = s.num_experts, s.expert_size  # Qwen MoE experts are narrower than its dense FFN
             w |= {"router": r((E, h), self.layer_std), "w_gate": r((E, I, h), self.layer_std),
                   "w_up": r((E, I, h), self.layer_std), "w_down": r((E, h, I), self.out_std)}
+            if s.shared_expert_size:
+                S = s.shared_expert_size
+                w |= {"s_gate": r((S, h), self.layer_std), "s_up": r((S, h), self.layer_std),
+                      "s_down": r((h, S), self.out_std), "shared_gate": r((1, h), self.layer_std)}
         else:
             w |= {"gate": r((I, h), self.layer_std), "up": r((I, h), self.layer_std), "down": r((h, I), self.out_std)}
         return w

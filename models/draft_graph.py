@@ -14,7 +14,7 @@ is captured again. Finished sequences' rows stay in the cache until half of its 
 finished (SpecRunner's lazy rows), so a batch's tail recaptures a few times, not every
 round. Only what is safe to capture is graphed: a windowed (ring) draft cache (a full cache
 sizes its attention from a device read) and a dense draft (MoE routing reads expert counts
-back to the host).
+back to the host) without dynamic RoPE (it picks frequencies per length on the host).
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import torch
 
 from .attention import KVCache
 from .ring_cache import RingKVCache
+from .rope import needs_host_lengths
 
 
 def graphable(model, cache: KVCache | None) -> bool:
     return (cache is not None and isinstance(cache, RingKVCache) and model.device.type == "cuda"
-            and not model.spec.is_moe)
+            and not model.spec.is_moe and not needs_host_lengths(model.spec.rope))
 
 
 def _storage_key(cache: RingKVCache) -> tuple:

@@ -16,11 +16,13 @@ import torch.nn.functional as F
 
 from .fp8_weights import Fp8Weight
 from .host_io import to_host
+from .rope import rope_table
 from .spec import ModelSpec
 
 # Names of one layer's tensors in our flat layout (see checkpoint.py for the HF mapping).
 ATTN_KEYS = ("ln1", "q", "k", "v", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm")
-FFN_KEYS = ("o", "ln2", "gate", "up", "down", "router", "w_gate", "w_up", "w_down")
+FFN_KEYS = ("o", "ln2", "gate", "up", "down", "router", "w_gate", "w_up", "w_down",
+            "s_gate", "s_up", "s_down", "shared_gate")  # s_*: Qwen2-MoE's shared expert
 LAYER_KEYS = ATTN_KEYS + FFN_KEYS
 
 
@@ -32,24 +34,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
-_ROPE_CACHE: dict = {}
-
-
-def rope_inv_freq(spec: ModelSpec, device) -> torch.Tensor:
-    key = (spec.head_dim, spec.rope_theta, str(device))
-    if key not in _ROPE_CACHE:
-        d = spec.head_dim
-        _ROPE_CACHE[key] = 1.0 / (
-            spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
-        )
-    return _ROPE_CACHE[key]
-
-
-def rope_cos_sin(spec: ModelSpec, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, head_dim] for packed token positions; computed once per forward pass."""
-    freqs = positions.float()[:, None] * rope_inv_freq(spec, positions.device)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def rope_cos_sin(spec: ModelSpec, positions: torch.Tensor, dtype, seq_lens: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, head_dim] for packed token positions; computed once per forward pass.
+    `seq_lens`: per token, the sequence length transformers' dynamic/longrope RoPE would use
+    (models/rope.py; default position + 1, a decode or verification token)."""
+    return rope_table(spec, positions.device).cos_sin(positions, dtype, seq_lens)
 
 
 def _rotate_half(x):
@@ -99,7 +89,8 @@ def dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
-    """Top-k routed experts (Mixtral): softmax over experts, top-k, renormalise.
+    """Top-k routed experts: softmax over experts, top-k, renormalised (Mixtral; Qwen MoE where
+    norm_topk_prob), plus Qwen2-MoE's shared expert scaled by its sigmoid gate.
 
     Token-expert pairs are sorted by expert; with `torch._grouped_mm` (torch >= 2.8) each of
     the three projections is one grouped matmul over all experts (per chunk of pairs, see
@@ -111,7 +102,9 @@ def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, grouped: bool | None = No
     logits = _linear(x, w["router"])
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)
     top_w, top_i = torch.topk(probs, spec.experts_per_token, dim=-1)
-    top_w = (top_w / top_w.sum(dim=-1, keepdim=True)).to(x.dtype)
+    if spec.norm_topk_prob:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    top_w = top_w.to(x.dtype)
     flat_e = top_i.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
     tok = order // spec.experts_per_token  # the token of each pair, pairs in expert order
@@ -119,14 +112,20 @@ def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, grouped: bool | None = No
     counts = torch.bincount(flat_e, minlength=spec.num_experts)
     if grouped is None:
         grouped = _grouped_mm_works(x)
+    out = None
     if grouped:
         try:
-            return _experts_grouped(spec, w, x, tok, weight, counts)
+            out = _experts_grouped(spec, w, x, tok, weight, counts)
         except torch.OutOfMemoryError:
             raise  # not a refusal: the loop would need the memory too
         except (RuntimeError, NotImplementedError):  # shapes or dtypes this build's kernel refuses
             _GROUPED_MM_FAILED.add((x.device.type, x.dtype))
-    return _experts_loop(spec, w, x, tok, weight, counts)
+    if out is None:
+        out = _experts_loop(spec, w, x, tok, weight, counts)
+    if "shared_gate" in w:  # transformers' order: routed experts + sigmoid(gate) * shared expert
+        shared = _linear(_act(spec, _linear(x, w["s_gate"])) * _linear(x, w["s_up"]), w["s_down"])
+        out = out + torch.sigmoid(_linear(x, w["shared_gate"])) * shared
+    return out
 
 
 # (device type, dtype) where a grouped matmul raised once: the loop serves them from then on.
@@ -182,7 +181,8 @@ def post_attention(spec: ModelSpec, w: dict, h: torch.Tensor, attn: torch.Tensor
     """h [T, H] residual stream, attn [T, Hq*d] attention output -> next layer's h."""
     h = h + _linear(attn, w["o"])
     x = rms_norm(h, w["ln2"], spec.rms_eps)
-    return h + (moe_ffn(spec, w, x) if spec.is_moe else dense_ffn(spec, w, x))
+    # Per layer, from its weights: Qwen MoE models mix dense layers in (mlp_only_layers).
+    return h + (moe_ffn(spec, w, x) if "router" in w else dense_ffn(spec, w, x))
 
 
 def embed(w_embed: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

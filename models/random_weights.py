@@ -39,9 +39,12 @@ def random_layer(spec: ModelSpec, j: int, seed: int = 0, device="cpu", std: floa
         w |= {"q_bias": r(spec.num_heads * d), "k_bias": r(spec.num_kv_heads * d), "v_bias": r(spec.num_kv_heads * d)}
     if spec.qk_norm:
         w |= {"q_norm": torch.ones(d, dtype=dt, device=device), "k_norm": torch.ones(d, dtype=dt, device=device)}
-    if spec.is_moe:
-        E = spec.num_experts
+    if spec.layer_is_moe(j):
+        E, I = spec.num_experts, spec.expert_size  # Qwen MoE experts are narrower than its dense FFN
         w |= {"router": r(E, h), "w_gate": r(E, I, h), "w_up": r(E, I, h), "w_down": r(E, h, I)}
+        if spec.shared_expert_size:
+            S = spec.shared_expert_size
+            w |= {"s_gate": r(S, h), "s_up": r(S, h), "s_down": r(h, S), "shared_gate": r(1, h)}
     else:
         w |= {"gate": r(I, h), "up": r(I, h), "down": r(h, I)}
     return w

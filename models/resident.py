@@ -7,6 +7,7 @@ import torch
 from .attention import KVCache, pack_index
 from .fp8_weights import layer_nbytes, quantize_layer
 from .layers import embed, head, post_attention, pre_attention, rope_cos_sin
+from .rope import prefill_aware_seq_lens, rope_table
 from .spec import ModelSpec
 
 
@@ -14,6 +15,17 @@ def positions_of(cache: KVCache, q_lens: torch.Tensor, total: int | None = None,
                  n_q: int | None = None) -> torch.Tensor:
     b, i = pack_index(q_lens, total, n_q)
     return cache.lens.to(q_lens.device)[b] + i
+
+
+def _positions_and_lens(spec: ModelSpec, cache: KVCache, q_lens, total, n_q):
+    """Packed positions, and for RoPE that depends on the length (models/rope.py) the seq_len
+    of each token's pass as transformers would have run it."""
+    if not rope_table(spec, q_lens.device).length_dependent:
+        return positions_of(cache, q_lens, total, n_q), None
+    b, i = pack_index(q_lens, total, n_q)
+    lens = cache.lens.to(q_lens.device)
+    pos = lens[b] + i
+    return pos, prefill_aware_seq_lens(lens, q_lens, b, pos)
 
 
 def last_index(q_lens: torch.Tensor) -> torch.Tensor:
@@ -80,7 +92,8 @@ class ResidentModel:
         s = self.spec
         tokens, q_lens = tokens.to(self.device), q_lens.to(self.device)
         T = tokens.shape[0]
-        cos, sin = rope_cos_sin(s, positions_of(cache, q_lens, T, n_q), s.torch_dtype)
+        pos, seq_lens = _positions_and_lens(s, cache, q_lens, T, n_q)
+        cos, sin = rope_cos_sin(s, pos, s.torch_dtype, seq_lens)
         h = embed(self.glob["embed"], tokens)
         cache.begin_pass(q_lens, T, n_q)
         for j, w in enumerate(self.layers):

@@ -21,6 +21,8 @@ _FAMILIES = {
     "mixtral": dict(qkv_bias=None, qk_norm=False),
     "qwen2": dict(qkv_bias=True, qk_norm=False),
     "qwen3": dict(qkv_bias=None, qk_norm=True),
+    "qwen2_moe": dict(qkv_bias="qkv_bias", qk_norm=False),  # the config's own qkv_bias flag
+    "qwen3_moe": dict(qkv_bias=None, qk_norm=True),
 }
 SUPPORTED = tuple(sorted(_FAMILIES))
 
@@ -49,6 +51,16 @@ class ModelSpec:
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
+    # Qwen MoE: experts narrower than the dense FFN (0: intermediate_size, as Mixtral), top-k
+    # weights renormalised or not, a shared expert behind a sigmoid gate (0: none), and the
+    # layers that keep a dense FFN (mlp_only_layers / decoder_sparse_step).
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_size: int = 0
+    dense_layers: tuple = ()
+    # Scaled RoPE: the config facts transformers' rope initialisation reads, as JSON
+    # (models/rope.py); "" is plain RoPE from rope_theta.
+    rope: str = ""
 
     def __post_init__(self):
         if self.model_type not in _FAMILIES:
@@ -77,6 +89,14 @@ class ModelSpec:
         return self.num_experts > 0
 
     @property
+    def expert_size(self) -> int:
+        """Width of one routed expert's FFN."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def layer_is_moe(self, j: int) -> bool:
+        return self.is_moe and j not in self.dense_layers
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
@@ -86,12 +106,17 @@ class ModelSpec:
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
-    def layer_param_count(self) -> int:
+    def layer_param_count(self, j: int | None = None) -> int:
+        """Parameters of layer j; without j, of the largest layer (an MoE one where there are
+        any: the planner sizes weight slots by it)."""
         h, d = self.hidden_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        ffn = 3 * h * self.intermediate_size * max(self.num_experts, 1)
+        if not (self.layer_is_moe(j) if j is not None else self.is_moe):
+            return attn + 3 * h * self.intermediate_size + 2 * h
+        ffn = 3 * h * self.expert_size * self.num_experts
+        shared = 3 * h * self.shared_expert_size + h if self.shared_expert_size else 0
         router = h * self.num_experts
-        return attn + ffn + router + 2 * h
+        return attn + ffn + shared + router + 2 * h
 
     def with_layers(self, n: int) -> "ModelSpec":
         """The same architecture truncated to its first n layers (self-speculative drafts)."""
@@ -111,14 +136,21 @@ class ModelSpec:
         kv = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         rope = getattr(cfg, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise CheckpointError(f"unsupported rope_type {rope.get('rope_type')!r}")
+        from .rope import describe_rope
+
+        rope_desc, max_positions = describe_rope(cfg, head_dim)
         theta = rope.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
         n = cfg.num_hidden_layers
         windows = _sliding_windows(cfg, mt, n)
-        qkv_bias = fam["qkv_bias"] if fam["qkv_bias"] is not None else bool(
-            getattr(cfg, "attention_bias", False)
-        )
+        if isinstance(fam["qkv_bias"], str):
+            qkv_bias = bool(getattr(cfg, fam["qkv_bias"], True))
+        elif fam["qkv_bias"] is not None:
+            qkv_bias = fam["qkv_bias"]
+        else:
+            qkv_bias = bool(getattr(cfg, "attention_bias", False))
+        # Mixtral calls it num_local_experts, the Qwen MoE configs num_experts.
+        experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
+        moe = _moe_fields(cfg, mt, n) if experts else {}
         eos = getattr(cfg, "eos_token_id", None)
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         if dtype is None:
@@ -135,25 +167,39 @@ class ModelSpec:
             head_dim=head_dim,
             rms_eps=cfg.rms_norm_eps,
             rope_theta=float(theta),
-            max_positions=getattr(cfg, "max_position_embeddings", 4096),
+            max_positions=max_positions,
             tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             qk_norm=fam["qk_norm"],
-            num_experts=getattr(cfg, "num_local_experts", 0) or 0,
-            experts_per_token=getattr(cfg, "num_experts_per_tok", 0) or 0
-            if getattr(cfg, "num_local_experts", 0)
-            else 0,
+            num_experts=experts,
+            experts_per_token=(getattr(cfg, "num_experts_per_tok", 0) or 0) if experts else 0,
             hidden_act=getattr(cfg, "hidden_act", "silu"),
             sliding_windows=windows,
             dtype=dtype,
             bos_token_id=getattr(cfg, "bos_token_id", None),
             eos_token_ids=eos,
+            rope=rope_desc,
+            **moe,
         )
+
+
+def _moe_fields(cfg, model_type: str, n: int) -> dict:
+    if not model_type.endswith("_moe"):
+        return {}  # Mixtral: every layer routed, experts as wide as intermediate_size, top-k renormalised
+    # The rule of transformers' Qwen2Moe/Qwen3MoeDecoderLayer for which layers are sparse.
+    step = getattr(cfg, "decoder_sparse_step", 1) or 1
+    only = set(getattr(cfg, "mlp_only_layers", None) or ())
+    return dict(
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        norm_topk_prob=bool(getattr(cfg, "norm_topk_prob", False)),
+        shared_expert_size=(getattr(cfg, "shared_expert_intermediate_size", 0) or 0) if model_type == "qwen2_moe" else 0,
+        dense_layers=tuple(j for j in range(n) if j in only or (j + 1) % step),
+    )
 
 
 def _sliding_windows(cfg, model_type: str, n: int) -> tuple:
     window = getattr(cfg, "sliding_window", None)
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         types = getattr(cfg, "layer_types", None)
         if not getattr(cfg, "use_sliding_window", False) or not window:
             return (None,) * n

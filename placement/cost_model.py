@@ -75,7 +75,9 @@ def active_layer_params(spec: ModelSpec) -> int:
     """Parameters one token multiplies per layer (a MoE token visits top-k experts)."""
     h, d = spec.hidden_size, spec.head_dim
     attn = h * d * (spec.num_heads * 2 + spec.num_kv_heads * 2)
-    return attn + 3 * h * spec.intermediate_size * (spec.experts_per_token if spec.is_moe else 1)
+    if not spec.is_moe:
+        return attn + 3 * h * spec.intermediate_size
+    return attn + 3 * h * (spec.expert_size * spec.experts_per_token + spec.shared_expert_size)
 
 
 def glob_bytes(spec: ModelSpec) -> int:

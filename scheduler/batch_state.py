@@ -24,6 +24,7 @@ from ..models.host_io import host_tensor, packed, to_device, to_host
 from ..models.resident import ResidentModel
 from ..models.ring_cache import prime
 from ..placement.plan import DRAFT_KV
+from .logits_process import LogitsState
 from .sampler import SamplingTensors, probs_from_logits, sample
 from .verify import verify_greedy, verify_sampled
 
@@ -41,6 +42,7 @@ class BatchState:
     # of each live sequence, on the host and on the device. None: row i is sequence i.
     rows: np.ndarray | None = None
     rows_t: torch.Tensor | None = None
+    proc: LogitsState | None = None  # penalties / min_tokens / logprobs, when a sequence asks for them
 
 
 class SpecRunner:
@@ -86,6 +88,8 @@ class SpecRunner:
     def start(self, bid: int, samp: SamplingTensors, prompts: list[list[int]] | None, capacity: int):
         st = BatchState(last=torch.zeros(len(samp.temperature), dtype=torch.long, device=self.device),
                         samp=samp)
+        if samp.extra is not None:
+            st.proc = LogitsState(samp.extra, self.device)
         if self.draft is not None and prompts is not None:
             if self.draft_kv == "recompute":
                 st.history = [list(p) for p in prompts]
@@ -132,6 +136,8 @@ class SpecRunner:
         st = self.batches[bid]
         t = to_device(idx, self.device, torch.long)
         st.last, st.samp = st.last[t], st.samp.select(idx)
+        if st.proc is not None:
+            st.proc.select(idx)
         st.pending = [st.pending[i] for i in idx] if st.pending else []
         if st.history is not None:
             st.history = [st.history[i] for i in idx]
@@ -276,6 +282,10 @@ class SpecRunner:
                     logits = self._step(bid, st, toks, q_lens, n_q)  # [m, V]
                 if live is not None:
                     logits = logits[live]
+                if st.proc is not None and st.proc.s.penalized:
+                    # The draft's history: the output so far plus its own proposals of this block.
+                    hist = torch.stack(props, 1) if props else torch.zeros(n, 0, dtype=torch.long, device=self.device)
+                    logits = st.proc.process(logits[:, None], hist, rows)[:, 0]
                 if greedy:
                     d = logits.argmax(-1)
                 else:
@@ -308,6 +318,9 @@ class SpecRunner:
         """
         st = self.batches[bid]
         props = st.proposals if k else torch.zeros(logits.shape[0], 0, dtype=torch.long, device=self.device)
+        raw = logits
+        if st.proc is not None and st.proc.s.penalized:  # position j sees the output plus d1..dj
+            logits = st.proc.process(logits, props)
         if st.samp.all_greedy:
             tokens, counts = verify_greedy(logits, props)
         else:
@@ -325,6 +338,11 @@ class SpecRunner:
             for h, t, c in zip(st.history, tokens_h, counts_h):
                 h.extend(t[:c].tolist())
         st.proposals, st.q = None, None
+        if st.proc is not None:
+            lp = st.proc.logprobs(raw, tokens) if st.proc.s.wants_logprobs else None
+            st.proc.update(tokens, counts)
+            if lp is not None:  # the target's log-probabilities at every emitted position
+                return tokens_h, counts_h, lp
         return tokens_h, counts_h
 
     def _roll_draft(self, st: BatchState, k: int, counts: torch.Tensor, tokens_h: np.ndarray,

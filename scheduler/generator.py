@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..configs.run_config import RunConfig
+from .logits_process import logits_settings
 from .request import Request
 from .sampler import SamplingTensors
 from .schedule import PassTimes, Step, alpha_from_accepted, choose_k, steps
@@ -66,6 +67,7 @@ def sampling_tensors(reqs: list[Request]) -> SamplingTensors:
         temperature=np.array([r.params.temperature for r in reqs], np.float32),
         top_k=np.array([r.params.top_k for r in reqs], np.int64),
         top_p=np.array([r.params.top_p for r in reqs], np.float32),
+        extra=logits_settings(reqs),
     )
 
 
@@ -122,7 +124,7 @@ class Generator:
 
     def _first_tokens(self, b: _Batch, handle):
         before = self.stats.tokens
-        self._apply(b, *self.backend.get(handle), k=0, prefill=True)
+        self._apply(b, self.backend.get(handle), k=0, prefill=True)
         self.stats.first_tokens += self.stats.tokens - before
 
     def _run_continuous(self, queue: list[Request]):
@@ -220,18 +222,22 @@ class Generator:
             b.has_proposals = False
         self.stats.passes += 1
         for b, k, h in handles:
-            tokens, counts = be.get(h)
+            res = be.get(h)
             if k:
                 self.pass_times.observe(k, be.timings()[0])
-            self._apply(b, tokens, counts, k)
+            self._apply(b, res, k)
             if b.bid in step.propose:
                 self._propose(b)
 
-    def _apply(self, b: _Batch, tokens: np.ndarray, counts: np.ndarray, k: int, prefill: bool = False):
+    def _apply(self, b: _Batch, res: tuple, k: int, prefill: bool = False):
+        """res: (tokens [B, k+1], counts [B]) from the backend, plus the target's
+        log-probabilities (logits_process.LogitsState.logprobs) when a sequence asked for them."""
+        tokens, counts = res[0], res[1]
+        lp = res[2] if len(res) > 2 else None
         keep = []
         for i, r in enumerate(b.reqs):
             n = int(counts[i])
-            got = r.extend(tokens[i, :n])
+            got = r.extend(tokens[i, :n], None if lp is None else {key: v[i, :n] for key, v in lp.items()})
             r.rounds += 1
             self.stats.tokens += got
             if k:

@@ -45,10 +45,10 @@ class ReferenceBackend:
         toks, q_lens = self.spec.target_inputs(bid, k)
         B = q_lens.shape[0]
         logits = self.target.forward(cache, toks, q_lens, which="all").view(B, k + 1, -1)
-        tokens, counts = self.spec.finish(bid, logits, k, u_accept, u_sample)
-        cache.truncate(cache.lens - (k + 1) + torch.as_tensor(counts, device=cache.lens.device))
+        res = self.spec.finish(bid, logits, k, u_accept, u_sample)  # (tokens, counts[, logprobs])
+        cache.truncate(cache.lens - (k + 1) + torch.as_tensor(res[1], device=cache.lens.device))
         self._t_pass = time.perf_counter() - t
-        return tokens, counts
+        return res
 
     def get(self, handle):
         return handle

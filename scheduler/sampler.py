@@ -22,12 +22,14 @@ class SamplingTensors:
     temperature: np.ndarray  # [B] float32, 0 = greedy
     top_k: np.ndarray  # [B] int64, <= 0 = off
     top_p: np.ndarray  # [B] float32
+    extra: object = None  # logits_process.LogitsSettings: penalties, min_tokens, logprobs (None: none asked)
 
     def to(self, device):
         return to_device(self.temperature, device), to_device(self.top_k, device), to_device(self.top_p, device)
 
     def select(self, idx):
-        return SamplingTensors(self.temperature[idx], self.top_k[idx], self.top_p[idx])
+        return SamplingTensors(self.temperature[idx], self.top_k[idx], self.top_p[idx],
+                               None if self.extra is None else self.extra.select(idx))
 
     @property
     def all_greedy(self) -> bool:

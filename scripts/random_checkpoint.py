@@ -26,6 +26,14 @@ SHAPES = {
     "mistral-7b": ("MistralConfig", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                                          num_key_value_heads=8, vocab_size=32000, num_hidden_layers=32,
                                          sliding_window=None)),
+    # W3's shapes (models/w3_shapes.py): Qwen3-30B-A3B and Qwen3-0.6B
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                             num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                             num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                             vocab_size=151936, num_hidden_layers=48, rope_theta=1e6)),
+    "qwen3-0.6b": ("Qwen3Config", dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
+                                       num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                       num_hidden_layers=28, rope_theta=1e6)),
 }
 
 _HF = {"ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight",
@@ -37,13 +45,21 @@ _HF = {"ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight"
 _EXPERT = {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}
 
 
-def hf_layer(j: int, w: dict) -> dict:
-    """Our flat layer dict -> HF tensor names (Mixtral's experts one tensor each)."""
+_QWEN_EXPERT = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
+
+
+def hf_layer(j: int, w: dict, qwen_moe: bool = False) -> dict:
+    """Our flat layer dict -> HF tensor names (experts one tensor each: Mixtral's w1/w3/w2 under
+    block_sparse_moe, or the Qwen MoE ones under mlp)."""
     out = {}
     for key, t in w.items():
         if key in _EXPERT:
             for e in range(t.shape[0]):
-                out[f"model.layers.{j}.block_sparse_moe.experts.{e}.{_EXPERT[key]}.weight"] = t[e].contiguous()
+                name = (f"mlp.experts.{e}.{_QWEN_EXPERT[key]}" if qwen_moe
+                        else f"block_sparse_moe.experts.{e}.{_EXPERT[key]}")
+                out[f"model.layers.{j}.{name}.weight"] = t[e].contiguous()
+        elif key == "router" and qwen_moe:
+            out[f"model.layers.{j}.mlp.gate.weight"] = t.contiguous()
         else:
             out[f"model.layers.{j}.{_HF[key]}"] = t.contiguous()
     return out
@@ -81,7 +97,7 @@ def write_checkpoint(folder, shape: str, layers: int | None = None, seed: int = 
     weight_map = {}
     for j in range(spec.num_layers):
         name = f"model-layer{j:03d}.safetensors"
-        tensors = hf_layer(j, random_layer(spec, j, seed, std=std))
+        tensors = hf_layer(j, random_layer(spec, j, seed, std=std), qwen_moe=spec.model_type.endswith("_moe"))
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         weight_map |= dict.fromkeys(tensors, name)
     g = random_globals(spec, seed, std=std)

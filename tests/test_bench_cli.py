@@ -78,3 +78,30 @@ def test_bench_unknown_workload_exits_2():
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "w9"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "invalid choice: 'w9'" in r.stderr
+
+
+def test_bench_w3_tiny_runs_qwen3_moe_shapes(tmp_path):
+    """W3's constructed pair (a Qwen3-30B-A3B-shaped target: 128 experts of 768, top-8, two of
+    its layers; a Qwen3-0.6B-shaped draft layer) runs on the CPU, speculating."""
+    import json
+
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "w3-tiny", "--modes",
+                        "none,single@2", "--json", str(tmp_path / "b.json")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "W3 (target qwen3_moe 2 layers, 1.25 GB/layer" in r.stdout
+    res = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert [x["tokens"] for x in res] == [4 * 6, 4 * 6] and res[1]["acceptance"] is not None
+
+
+def test_plan_w3_shapes(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "plan", "--shapes", "w3", "--hardware",
+                        os.path.join(os.path.dirname(__file__), "..", "configs", "hardware", "h200_measured.json"),
+                        "--gpu-memory", "24GiB", "--json", str(tmp_path / "p.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    best = json.loads((tmp_path / "p.json").read_text())["best"]
+    assert best["schedule"] in ("single", "dual") and best["batch"] >= 64

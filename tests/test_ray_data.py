@@ -60,3 +60,70 @@ def test_predictor_call_in_process(tiny_dir):
     with pytest.raises(ConfigError, match="no 'prompt' column"):
         p({"text": np.array(["x"], dtype=object)})
     p.shutdown()
+
+
+def test_processor_messages_prompts_and_row_params(ray_session, tiny_dir, tmp_path):
+    """build_processor as ray.data.llm's: preprocess makes `messages` or `prompt` rows with their
+    own sampling_params; each row's output equals the engine's own for that row."""
+    from specoffload.ray_data import SpecOffloadProcessorConfig, build_processor
+
+    ray = ray_session
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    d = str(tiny_dir("llama"))
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} </s> {% endfor %}w3 "
+    cfg = SpecOffloadProcessorConfig(model=d, draft="self:2", batch_size=3, concurrency=1, chat_template=template,
+                                     engine_kwargs={"batch_size": 4, "k": 3},
+                                     runtime_env={"env_vars": {"SPECOFFLOAD_SHM": str(tmp_path / "shm")}})
+
+    def pre(row):
+        if row["id"] % 2:
+            return {"id": row["id"], "messages": [{"role": "user", "content": row["text"]}],
+                    "sampling_params": {"max_tokens": 4 + row["id"], "temperature": 0.0}}
+        return {"id": row["id"], "prompt": row["text"],
+                "sampling_params": {"max_tokens": 6, "temperature": 0.0, "stop": ["w9"], "presence_penalty": 0.5}}
+
+    proc = build_processor(cfg, preprocess=pre,
+                           postprocess=lambda row: {"id": row["id"], "answer": row["generated_text"],
+                                                    "tokens": list(row["generated_tokens"]),
+                                                    "n_in": row["num_input_tokens"], "why": row["finish_reason"]})
+    texts = ["w5 w7 w9", "w40 w41", "w60 w61 w62", "w11 w12", "w20"]
+    rows = sorted(proc(ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)])).take_all(),
+                  key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == list(range(5))
+    from specoffload.chat import render
+
+    llm = LLM(d, engine="reference", progress=False)
+    for r, t in zip(rows, texts):
+        i = r["id"]
+        if i % 2:
+            inp = render(llm.tokenizer, [{"role": "user", "content": t}], template)
+            sp = SamplingParams(max_tokens=4 + i)
+        else:
+            inp, sp = t, SamplingParams(max_tokens=6, stop=["w9"], presence_penalty=0.5)
+        want = llm.generate([inp], sp)[0]
+        assert (r["answer"], r["tokens"], r["why"]) == (want.outputs[0].text, want.outputs[0].token_ids,
+                                                        want.outputs[0].finish_reason)
+        assert r["n_in"] == len(want.prompt_token_ids)
+
+
+def test_processor_caps_engines_per_node():
+    """One GPU: concurrency 2 would put two engines' weights in one host's /dev/shm (and on one
+    GPU); the cap counts GPUs and free shared memory per node."""
+    from specoffload.ray_data import engine_slots
+
+    one_gpu = [{"id": "a", "gpus": 1, "shm_free": 100 << 30}]
+    assert engine_slots(one_gpu, 10 << 30, cuda=True) == {"a": 1}
+    assert engine_slots(one_gpu, 40 << 30, cuda=False) == {"a": 2}
+    assert engine_slots([{"id": "a", "gpus": 8, "shm_free": 100 << 30}], 60 << 30, cuda=True) == {"a": 1}
+
+
+def test_reservation_counts_engines_still_loading(tmp_path):
+    from specoffload.errors import CapacityError
+    from specoffload.ray_data import _Reservation, shm_free
+
+    free = shm_free(str(tmp_path))
+    a = _Reservation(int(free * 0.6), tmp_path)
+    with pytest.raises(CapacityError, match="lower concurrency"):
+        _Reservation(int(free * 0.6), tmp_path)  # the first one's promise is still held
+    a.release()
+    _Reservation(int(free * 0.6), tmp_path).release()

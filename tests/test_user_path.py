@@ -283,7 +283,7 @@ def _parsers():
 
     top = cli._build_parser()
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
-    return top, {"generate": sub.choices["generate"], "plan": plan_cli._parser(), "bench": bench.build_parser()}
+    return top, {"generate": sub.choices["generate"], "run-batch": sub.choices["run-batch"], "plan": plan_cli._parser(), "bench": bench.build_parser()}
 
 
 def test_every_subcommand_and_option_has_help_in_sentences():

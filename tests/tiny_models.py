@@ -6,7 +6,27 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+
+# One tiny config override per RoPE kind (llama family). original_max_position_embeddings (or,
+# for dynamic, max_position_embeddings) is 32, so a 14-token prompt plus 32 new tokens runs past it.
+ROPE_KINDS = {
+    "default": {},
+    "linear": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+    "dynamic": {"max_position_embeddings": 32,
+                "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}},
+    "yarn": {"max_position_embeddings": 128,
+             "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                 "rope_theta": 10000.0}},
+    "longrope": {"max_position_embeddings": 128,
+                 "rope_parameters": {"rope_type": "longrope", "original_max_position_embeddings": 32,
+                                     "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                                     "long_factor": [1.0 + 0.5 * i for i in range(8)], "rope_theta": 10000.0}},
+    "llama3": {"max_position_embeddings": 128,
+               "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+                                   "rope_theta": 10000.0}},
+}
 
 
 def tiny_config(family: str, **over):
@@ -21,6 +41,14 @@ def tiny_config(family: str, **over):
         "mixtral": (tf.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
         "qwen2": (tf.Qwen2Config, {"tie_word_embeddings": True}),
         "qwen3": (tf.Qwen3Config, {"head_dim": 32}),
+        # Many narrow experts, top-k not renormalised, layer 1 dense (mlp_only_layers), q/k norm.
+        "qwen3_moe": (tf.Qwen3MoeConfig, {"head_dim": 32, "num_experts": 16, "num_experts_per_tok": 4,
+                                         "moe_intermediate_size": 24, "norm_topk_prob": False,
+                                         "mlp_only_layers": [1]}),
+        # A shared expert behind its sigmoid gate; every second layer sparse (decoder_sparse_step).
+        "qwen2_moe": (tf.Qwen2MoeConfig, {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                         "shared_expert_intermediate_size": 48, "norm_topk_prob": True,
+                                         "decoder_sparse_step": 2, "num_hidden_layers": 4}),
     }[family]
     cls, kw = extra
     return cls(**(common | kw | over))
