@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
+from .errors import SpecOffloadError
 from .placement.draft_kv import PLACEMENTS
 
 BUILTIN_PROMPTS = [
@@ -134,9 +136,24 @@ def read_prompts(path: str) -> list[str]:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"prompts file not found: {p}")
+        raise ConfigError(f"prompts file not found: {p}" if not p.exists() else f"prompts file {p} is not a file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read prompts file {p}: {e.strerror}") from None
+
+    def line_of(offset: int) -> int:
+        return data.count(b"\n", 0, offset) + 1
+
+    if b"\0" in data:  # text never holds NUL: a binary file given by mistake
+        raise ConfigError(f"{p}:{line_of(data.index(0))}: NUL byte: not a text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}:{line_of(e.start)}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                          f"convert it, e.g. iconv -t utf-8") from None
     out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
@@ -146,7 +163,9 @@ def read_prompts(path: str) -> list[str]:
                 raise ConfigError(f"{p}:{n}: not valid JSON ({e.msg})") from None
             if "prompt" not in rec:
                 raise ConfigError(f"{p}:{n}: JSON line has no 'prompt' field")
-            out.append(str(rec["prompt"]))
+            if not isinstance(rec["prompt"], str):
+                raise ConfigError(f"{p}:{n}: 'prompt' must be a string, got {type(rec['prompt']).__name__}")
+            out.append(rec["prompt"])
         else:
             out.append(line)
     if not out:
@@ -177,28 +196,60 @@ def result_record(index: int, prompt: str, o) -> dict:
             "finish_reason": c.finish_reason, "metrics": o.metrics}
 
 
-def open_out(path: str | None):
-    from .errors import ConfigError
+def open_results(path: str | None, prompts: list[str], params: list, model, chat: bool, prog: str = "specoffload"):
+    """--out as a resumable journal (results_journal.py): lines already there for these prompts
+    and parameters are kept and their requests skipped; None without --out."""
+    from .results_journal import open_journal, request_key
 
     if not path:
         return None
-    try:
-        return open(path, "w")
-    except OSError as e:
-        raise ConfigError(f"cannot write --out {path}: {e.strerror}") from None
+    salt = json.dumps({"model": str(Path(model).resolve()) if model else "default", "chat": chat})
+    journal = open_journal(path, [request_key(p, sp, salt) for p, sp in zip(prompts, params)])
+    if journal.torn:
+        print(f"{prog}: {path}: dropped a torn last line ({journal.torn} bytes, a run killed mid-write); "
+              f"that request runs again", file=sys.stderr)
+    if journal.done:
+        print(f"{prog}: resuming: {len(journal.done)} of {len(prompts)} requests already in {path}, "
+              f"{len(journal.pending())} to run", file=sys.stderr)
+    return journal
 
 
-def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f):
-    """llm.generate, each result written to out_f (if any) as a JSONL line as its request finishes."""
+def generate_writing(llm, prompts: list[str], inputs: list[dict], params, out_f, indices=None):
+    """llm.generate, each result written to out_f (if any) as a JSONL line as its request finishes.
+    out_f: a file, or a results_journal.Journal (then `indices` are the requests' places in the
+    whole prompt list, for resuming)."""
+    from .results_journal import Journal
+
     first_rid = llm._next_rid
 
     def write(o):
-        i = int(o.request_id) - first_rid
-        if out_f:
-            out_f.write(json.dumps(result_record(i, prompts[i], o)) + "\n")
+        j = int(o.request_id) - first_rid
+        i = indices[j] if indices is not None else j
+        if isinstance(out_f, Journal):
+            out_f.append(i, result_record(i, prompts[j], o))
+        elif out_f:
+            out_f.write(json.dumps(result_record(i, prompts[j], o)) + "\n")
             out_f.flush()
 
     return llm.generate(inputs, params, on_output=write)
+
+
+class numbered_as:
+    """Errors that name "prompt j" of a resumed run's remaining prompts name it as the user
+    counts, in the whole list (prompt todo[j])."""
+
+    def __init__(self, todo: list[int], total: int):
+        self.todo, self.total = todo, total
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, SpecOffloadError) and self.todo != list(range(self.total)):
+            m = re.match(r"prompt (\d+)\b", str(e))
+            if m and int(m.group(1)) < len(self.todo):
+                e.args = (f"prompt {self.todo[int(m.group(1))]}{str(e)[m.end():]}",)
+        return False
 
 
 def auto_workload(args, prompts: list[str]):
@@ -233,31 +284,36 @@ def run_generate(args, prog: str = "specoffload") -> int:
                              top_k=args.top_k, ignore_eos=args.ignore_eos,
                              seed=None if args.seed is None else args.seed + i)
               for i in range(len(prompts))]
+    chat = not args.no_chat_template
     # Everything checkable is checked before Ray starts and the weights load: where the
     # results go, then the model, plan and prompts (context length, host memory for the KV).
     _check_trace_path(args.trace)
-    new_out = bool(args.out) and not Path(args.out).exists()
-    out_f = open_out(args.out)
+    # --out is a journal (results_journal.py): a rerun keeps what is there and runs the rest.
+    journal = open_results(args.out, prompts, params, args.model, chat, prog=prog)
+    if journal is not None and not journal.pending():
+        print(f"{prog}: all {len(prompts)} requests already in {args.out}; nothing to run", file=sys.stderr)
+        return 0
+    todo = journal.pending() if journal is not None else list(range(len(prompts)))
+    sub, sub_params = [prompts[i] for i in todo], [params[i] for i in todo]
     try:
-        workload = auto_workload(args, prompts) if args.plan == "auto" else None
+        workload = auto_workload(args, sub) if args.plan == "auto" else None
         llm = llm_from_args(args, progress=not args.quiet, trace=bool(args.trace), workload=workload, start=False)
-        inputs = encode_prompts(llm.tokenizer, prompts, chat=not args.no_chat_template)
-        llm.check(inputs, params)
+        inputs = encode_prompts(llm.tokenizer, sub, chat=chat)
+        with numbered_as(todo, len(prompts)):
+            llm.check(inputs, sub_params)
         llm.start()  # joins Ray (ray_env.ensure_ray): in a Ray job, the job's cluster from RAY_ADDRESS
-        _announce(llm, prog, len(prompts), args.acceptance)  # after the start: a choice that did not start fell back
+        _announce(llm, prog, len(sub), args.acceptance)  # after the start: a choice that did not start fell back
     except BaseException:
-        if out_f:
-            out_f.close()
-            if new_out:  # nothing was written: leave no empty results file behind
-                Path(args.out).unlink(missing_ok=True)
+        if journal:
+            journal.close()
         raise
     try:
-        outs = generate_writing(llm, prompts, inputs, params, out_f)
+        outs = generate_writing(llm, sub, inputs, sub_params, journal, indices=todo)
         if args.trace:
             Path(args.trace).write_text(json.dumps(llm.trace()))
     finally:
-        if out_f:
-            out_f.close()
+        if journal:
+            journal.close()
         llm.shutdown()
     if not args.out:
         print_texts(prompts, outs)

@@ -79,6 +79,8 @@ def check_same_vocab(target_dir: Path, tok, draft_dir: Path, draft_spec: ModelSp
 
 
 class LLM:
+    max_restarts = 3  # actor-set rebuilds allowed in one generate before it gives up (actors/supervisor.py)
+
     def __init__(self, model=None, draft=None, *, plan=None, engine_args: EngineArgs | None = None,
                  start: bool = True, **kwargs):
         """model: a checkpoint folder (None: the embedded default); draft: None, "self:N" or a
@@ -211,16 +213,23 @@ class LLM:
         import ray
 
         from .actors.coordinator import Coordinator, wait_ready
+        from .actors import shm_owners
         from .actors.guard import guarded
         from .placement.node import pick_node
         from .ray_env import check_cluster, ensure_ray
 
+        shm_owners.prepare(self.spec, self.plan)  # dead runs' /dev/shm folders go; the weights must fit
         ensure_ray(address, dashboard=self.args.dashboard)
         # The coordinator pins the actors to one node; fail here, before any actor starts,
         # when no node can hold the executor, or when that node runs another specoffload.
-        node = pick_node(ray.nodes(), ray.get_runtime_context().get_node_id(), self.plan.device == "cuda")
+        here = ray.get_runtime_context().get_node_id()
+        node = pick_node(ray.nodes(), here, self.plan.device == "cuda")
         check_cluster(node)
         self.run_id = uuid.uuid4().hex[:8]
+        if node == here:  # the driver owns the folder too: killed, its run's files are stale
+            from .actors.io_loader import run_dir
+
+            shm_owners.claim(run_dir(self.run_id), "driver")
         self.coordinator = ray.remote(guarded(Coordinator, "coordinator", self.run_id)).options(
             name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
         ).remote(("checkpoint", str(self.model_dir), self.spec.dtype), self.spec, self.plan,
@@ -239,8 +248,10 @@ class LLM:
         import atexit
         import weakref
 
-        ref = weakref.ref(self)
-        atexit.register(lambda: ref() is not None and ref().shutdown())
+        if not getattr(self, "_atexit", False):  # once, however often the actors restart
+            self._atexit = True
+            ref = weakref.ref(self)
+            atexit.register(lambda: ref() is not None and ref().shutdown())
 
     # -- requests --------------------------------------------------------------------------
     def _requests(self, prompts, params) -> tuple[list[Request], list, list]:
@@ -386,14 +397,12 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, on_output=on_output)
 
     def _generate_ray(self, reqs, finished, progress) -> dict:
-        import ray
+        # An actor that dies mid-run is restarted with the rest of the set and the unfinished
+        # requests re-run (actors/supervisor.py); any other actor error is one line, its
+        # traceback in the run's log.
+        from .actors.supervisor import supervised_generate
 
-        from .actors.guard import user_error
-
-        try:
-            return self._run_ray(reqs, finished, progress)
-        except ray.exceptions.RayError as e:  # an actor's error: one line, its traceback in the run's log
-            raise user_error(e, self.run_id) from None
+        return supervised_generate(self, reqs, finished, progress)
 
     def _run_ray(self, reqs, finished, progress) -> dict:
         import ray
@@ -445,6 +454,12 @@ class LLM:
                 return
             try:
                 ray.get(self.coordinator.shutdown.remote())
+            except ray.exceptions.RayActorError:
+                # An actor died (the loader, which does nothing after loading, can die unnoticed
+                # by the run): kill the rest and remove the run's /dev/shm folder from here.
+                from .actors.supervisor import teardown
+
+                teardown(self.run_id)
             finally:
                 ray.kill(self.coordinator)
                 self.coordinator = None

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..sources.open import open_source
 from .shm_layout import write_file
+from .shm_owners import claim
 
 
 def default_shm_root() -> Path:
@@ -43,6 +44,7 @@ class IOLoader:
         self.spec = self.source.spec
         self.dir = run_dir(run_id or uuid.uuid4().hex[:8], shm_root)
         self.dir.mkdir(parents=True, exist_ok=True)
+        claim(self.dir, "loader")  # a later run removes the folder once its owners are gone
         self.manifest = None
 
     def ready(self) -> bool:

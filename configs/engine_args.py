@@ -54,8 +54,6 @@ class EngineArgs:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.draft_kv is not None and self.draft_kv not in PLACEMENTS:
             raise ConfigError(f"draft_kv must be one of {', '.join(PLACEMENTS)}, got {self.draft_kv!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.trace and self.engine != "ray":
             raise ConfigError("a timeline trace needs engine='ray' (the spans are the actors')")
 

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from ..errors import CheckpointError
 from .layers import layer_shapes
 from .spec import ModelSpec, load_spec
+from .weight_checks import check_global_shapes, check_layer_shapes, check_tensor
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _DIRECT = {
@@ -117,7 +118,11 @@ class Checkpoint:
             try:
                 with safe_open(str(f), framework="pt") as fh:
                     for n in ns:
-                        out[n] = fh.get_tensor(n).to(self.dtype)
+                        raw = fh.get_tensor(n)
+                        out[n] = raw.to(self.dtype)
+                        check_tensor(f, n, raw, out[n])  # float, finite (models/weight_checks.py)
+            except CheckpointError:
+                raise
             except Exception as e:
                 raise CheckpointError(f"{f}: {str(e).splitlines()[0]}") from None
         return out
@@ -149,6 +154,7 @@ class Checkpoint:
         need = set(layer_shapes(self.spec, j))
         if need - set(w):
             raise CheckpointError(f"{self.dir}: layer {j} lacks {sorted(need - set(w))}")
+        check_layer_shapes(self.dir, self.spec, j, w)
         return w
 
     def read_globals(self) -> dict[str, torch.Tensor]:
@@ -162,8 +168,10 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: missing {missing}")
         raw = self._read(names)
         embed = raw["model.embed_tokens.weight"]
-        return {
+        g = {
             "embed": embed,
             "norm": raw["model.norm.weight"],
             "head": embed if tied else raw["lm_head.weight"],
         }
+        check_global_shapes(self.dir, self.spec, g)
+        return g

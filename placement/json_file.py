@@ -31,6 +31,8 @@ def read_json(path, what: str):
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:  # a binary file (a pickle, say): never read as anything but JSON
+        raise ConfigError(f"{p}: not valid JSON (not UTF-8 text)") from None
 
 
 class JsonFile:

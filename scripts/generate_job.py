@@ -9,7 +9,8 @@ joins a running local cluster or starts one, like the `specoffload` CLI). The
 there); the working dir only needs to carry this script.
 
 It runs what `specoffload generate` runs (cli.run_generate), with the same options.
-Results go to --out as JSONL, one line per request as it finishes (the order requests
+Results go to --out as JSONL (a journal: a job run again after a crash keeps what is there
+and runs the rest), one line per request as it finishes (the order requests
 finish in, each line has its prompt's "index"). Problems the user can fix print one line
 and exit 2.
 """

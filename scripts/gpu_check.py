@@ -180,6 +180,8 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
 
     # -- all -----------------------------------------------------------------------------------
     def main(self, skip: set) -> int:
+        if "tests" not in skip:  # first: they start Ray of their own and need no checkpoint
+            self.cuda_tests()
         self.write_checkpoints()
         self.plain = self.generate("generate (no draft, local Ray)", "plain", ref=False)
         env = self.ray_head()
@@ -193,12 +195,10 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
         if "job" not in skip:
             self.ray_job(env)
         self.plan(env)
+        self.families(env)
         if "bench" not in skip:
             self.bench(env)
-        self.families(env)
         self.run("ray stop", [*RAY, "stop", "--force"], 60)
-        if "tests" not in skip:
-            self.cuda_tests()
         return self.table()
 
     def table(self) -> int:
