@@ -192,7 +192,7 @@ class LLM:
         without running anything: before `start()` they cost no Ray start and no weight load."""
         rid = self._next_rid
         try:
-            reqs, _ = self._requests(prompts, params)
+            reqs = self._requests(prompts, params)[0]
             # the longest sequence: the host memory fit at start() sizes the KV cache by it
             self._context = max(len(r.prompt_ids) + r.params.max_tokens for r in reqs) + self.run_cfg.k_max + 2
         finally:
