@@ -58,10 +58,12 @@ def test_auto_plan_falls_back_when_its_choice_does_not_start(ray_session, tiny_d
     from specoffload.llm import LLM
     from specoffload.placement import hardware, planner
 
-    d = tiny_dir("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=4)  # ~12 MiB a layer
+    d = tiny_dir("llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4)  # ~60 MB a layer in fp32
     with LLM(str(d), device="cuda", dtype="float32", progress=False) as llm:
         context = llm.info["gpu_context"]
-    cap = context + (48 << 20)  # the globals and two slots fit; four resident layers (63 MB) do not
+    # Two slots (~120 MB), cuBLAS's 32 MiB workspace and a short prefill fit; four resident
+    # layers (~240 MB) do not.
+    cap = context + (200 << 20)
     hw = hardware.Hardware(device="cuda", gpu_memory=cap, host_memory=64 * GiB, h2d_GBps=50, device_GBps=3000,
                            device_tflops=500, cpu_kv_GBps=40, cpu_attention_gflops=100, cpu_cores=16)
     best = Candidate("none", 4, resident=4, slots=2, gpu_bytes=cap, tokens_per_s=2.0)
