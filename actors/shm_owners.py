@@ -105,7 +105,10 @@ def shm_free_bytes(root=None) -> int:
     """Free bytes under the shm root (tests patch this to play a small /dev/shm)."""
     from .io_loader import default_shm_root
 
-    return shutil.disk_usage(root or default_shm_root()).free
+    path = Path(root or default_shm_root())
+    while not path.exists() and path != path.parent:  # a root the loader has yet to create: its file system
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def host_weight_bytes(spec, plan) -> int:

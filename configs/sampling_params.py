@@ -52,7 +52,7 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ConfigError(f"top_k must be -1 (off) or a positive integer (0 is off too), got {self.top_k!r}")
+            raise ConfigError(f"top_k must be -1 or 0 (off) or a positive integer, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not isinstance(self.n, int) or self.n < 1:

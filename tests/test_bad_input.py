@@ -137,7 +137,7 @@ ROWS = {
     "top_p_zero": (None, ["--top-p", "0"], None, "top_p must be in (0, 1], got 0.0", False),
     "top_p_above_one": (None, ["--top-p", "1.5"], None, "top_p must be in (0, 1]", False),
     "top_p_nan": (None, ["--top-p", "nan"], None, "top_p must be in (0, 1], got nan", False),
-    "top_k_below_off": (None, ["--top-k", "-2"], None, "top_k must be -1 (off) or a positive integer", False),
+    "top_k_below_off": (None, ["--top-k", "-2"], None, "top_k must be -1 or 0 (off) or a positive integer", False),
     "seed_negative": (None, ["--seed", "-1", "--temperature", "0.7"], None, "seed must be an integer in [0, 2**63)",
                       False),
     "draft_length_zero": (None, ["--draft", "self:1", "-k", "0"], None, "draft length k must be in 1..16", True),
