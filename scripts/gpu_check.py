@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 CAP = "24GiB"
 # The `ray` command, or its module where Ray was unpacked without scripts (the GPU machine).
 RAY = ["ray"] if shutil.which("ray") else [sys.executable, "-m", "ray.scripts.scripts"]
+STEPS = ("tests", "generate", "api", "job", "plan", "families", "bench")
 
 
 class Check:
@@ -117,8 +118,22 @@ class Check:
         self.run("ray stop (before)", [*RAY, "stop", "--force"], 60)
         rc, text, dt = self.run("ray start", [*RAY, "start", "--head", "--dashboard-host", "127.0.0.1",
                                               "--object-store-memory", str(4 * 2**30), "--disable-usage-stats"], 120)
-        self.row("ray start --head", rc == 0, dt, f"rc {rc}")
+        dash = self.dashboard_up()
+        self.row("ray start --head", rc == 0 and dash, dt, f"rc {rc}, dashboard {'up' if dash else 'not answering'}")
         return dict(self.env, RAY_ADDRESS="127.0.0.1:6379")
+
+    @staticmethod
+    def dashboard_up(wait: float = 60) -> bool:
+        """Ray jobs go through the dashboard (port 8265); without ray[default]'s extras it never starts."""
+        import urllib.request
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:8265/api/version", timeout=5):
+                    return True
+            except OSError:
+                time.sleep(2)
+        return False
 
     def llm_api(self, env):
         code = f"""
@@ -181,25 +196,27 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
         self.row("CUDA-only tests (pytest -m cuda)", rc == 0, dt, (tail[-1] if tail else f"rc {rc}").strip("= "))
 
     # -- all -----------------------------------------------------------------------------------
-    def main(self, skip: set) -> int:
-        if "tests" not in skip:  # first: they start Ray of their own and need no checkpoint
+    def main(self, steps: set) -> int:
+        if "tests" in steps:  # first: they start Ray of their own and need no checkpoint
             self.cuda_tests()
+        if not steps - {"tests"}:
+            return self.table()
         self.write_checkpoints()
-        self.plain = self.generate("generate (no draft, local Ray)", "plain", ref=False)
+        if "generate" in steps:
+            self.plain = self.generate("generate (no draft, local Ray)", "plain", ref=False)
+        else:  # a later call on the same machine compares with the plain run an earlier one wrote
+            self.plain = self.outputs(self.work / "plain.jsonl")
         env = self.ray_head()
-        d = ["--draft", self.draft]
-        self.generate("generate --draft (bf16, flags by hand)", "hand", *d, "--schedule", "single", "-k", 4,
-                      "--draft-window", 64, "--draft-sinks", 4, env=env)
-        self.generate("generate --draft --plan auto", "auto", *d, "--plan", "auto", env=env)
-        self.generate("generate --draft --draft-fp8 --plan auto", "auto_fp8", *d, "--draft-fp8", "--plan", "auto",
-                      env=env)
-        self.llm_api(env)
-        if "job" not in skip:
-            self.ray_job(env)
-        self.plan(env)
-        self.families(env)
-        if "bench" not in skip:
-            self.bench(env)
+        if "generate" in steps:
+            d = ["--draft", self.draft]
+            self.generate("generate --draft (bf16, flags by hand)", "hand", *d, "--schedule", "single", "-k", 4,
+                          "--draft-window", 64, "--draft-sinks", 4, env=env)
+            self.generate("generate --draft --plan auto", "auto", *d, "--plan", "auto", env=env)
+            self.generate("generate --draft --draft-fp8 --plan auto", "auto_fp8", *d, "--draft-fp8", "--plan",
+                          "auto", env=env)
+        for step in ("api", "job", "plan", "families", "bench"):
+            if step in steps:
+                getattr(self, {"api": "llm_api", "job": "ray_job"}.get(step, step))(env)
         self.run("ray stop", [*RAY, "stop", "--force"], 60)
         return self.table()
 
@@ -223,7 +240,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=48, help="prompts per generate run (default 48).")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens generated per prompt (default 16).")
     ap.add_argument("--target-layers", type=int, default=2, help="layers of the Mixtral-shaped target (default 2).")
-    ap.add_argument("--skip", default="", help="comma list of steps to leave out: job, bench, tests.")
+    ap.add_argument("--steps", default=",".join(STEPS),
+                    help=f"comma list of steps to run (default all: {','.join(STEPS)}). The check can be split over "
+                         "several calls on one machine: the checkpoints and the plain run's outputs in --work are "
+                         "reused by later calls.")
     a = ap.parse_args(argv)
     import torch
 
@@ -233,7 +253,10 @@ def main(argv=None) -> int:
     work, logs = Path(a.work), Path(a.logs)
     work.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
-    return Check(work, logs, a.prompts, a.max_tokens, a.target_layers).main(set(filter(None, a.skip.split(","))))
+    steps = set(filter(None, a.steps.split(",")))
+    if steps - set(STEPS):
+        ap.error(f"unknown steps {sorted(steps - set(STEPS))}; the steps are {','.join(STEPS)}")
+    return Check(work, logs, a.prompts, a.max_tokens, a.target_layers).main(steps)
 
 
 if __name__ == "__main__":
