@@ -3,7 +3,9 @@
 A checkpoint whose bytes are intact can still be wrong: a tensor saved as integers, a layer
 from another model size, NaNs from a diverged fine-tune. Each would otherwise surface as
 garbage text hours into a batch; here it is one line naming the file and the tensor, before
-any generation. `torch.isfinite(t).all()` costs one read of a layer, which the loader does anyway.
+any generation. The finiteness check is `aminmax` (NaN propagates to both, an infinity is one of
+them): with the one torch thread Ray gives an actor it read bf16 at 20 GB/s on the dev machine,
+where `isfinite(t).all()` read 0.22 GB/s (66 s of a 14.5 GB draft's load).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ def check_tensor(where, name: str, raw: torch.Tensor, t: torch.Tensor):
     if not raw.is_floating_point():
         raise CheckpointError(f"{where}: tensor {name} has dtype {str(raw.dtype).replace('torch.', '')}, "
                               f"expected a floating-point dtype")
-    if not bool(torch.isfinite(t).all()):
+    if t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
         raise CheckpointError(f"{where}: tensor {name} holds NaN or infinite values")
 
 
