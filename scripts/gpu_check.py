@@ -1,7 +1,7 @@
 """The GPU check: what users run, on a GPU, with one table at the end. CI has no GPU; this is its
 stand-in. Run it on a GPU machine whenever a change touches what the GPU runs:
 
-    python scripts/gpu_check.py --work /tmp/gpucheck --logs gpu_check_logs
+    python scripts/gpu_check.py --work /tmp/gpucheck --logs gpu_check_logs   # --steps tests,generate,... picks parts
 
 It writes random Hugging Face checkpoints to disk (a Mixtral-8x7B-shaped target with a few
 layers, a Mistral-7B-shaped draft with the same tokenizer), then runs, each as a user would:
@@ -64,23 +64,35 @@ class Check:
         return [sys.executable, "-m", "specoffload.cli", *map(str, args)]
 
     # -- the steps -----------------------------------------------------------------------------
-    def write_checkpoints(self):
-        t0 = time.perf_counter()
+    def start_checkpoints(self) -> list:
+        """Start writing the checkpoints (CPU and disk only) in processes of their own, so the
+        CUDA-only tests run meanwhile; `write_checkpoints` waits for them."""
+        self.t_write = time.perf_counter()
         self.target, self.draft = self.work / "mixtral", self.work / "mistral"
+        procs = []
         for folder, shape, layers in ((self.target, "mixtral-8x7b", self.target_layers),
                                       (self.draft, "mistral-7b", None)):
             if not (folder / "model.safetensors.index.json").is_file():
-                # In a process of its own: a CUDA context left in this one would sit on the card
-                # beside every run below and take memory their plans count on.
-                self.run(f"write {shape}", [sys.executable, REPO / "scripts" / "random_checkpoint.py", "--shape",
-                                            shape, "--out", folder] + (["--layers", layers] if layers else []), 600)
+                log = open(self.logs / f"write_{shape}.log", "w")
+                cmd = [sys.executable, str(REPO / "scripts" / "random_checkpoint.py"), "--shape", shape, "--out",
+                       str(folder)] + (["--layers", str(layers)] if layers else [])
+                procs.append((shape, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                                      cwd=REPO)))
+        return procs
+
+    def write_checkpoints(self, procs: list):
+        for shape, p in procs:
+            if p.wait(timeout=900) != 0:
+                self.row("write checkpoints", False, time.perf_counter() - self.t_write,
+                         f"random_checkpoint.py --shape {shape} exit {p.returncode} (logs/write_{shape}.log)")
+                raise SystemExit(self.table())
         size = sum(f.stat().st_size for d in (self.target, self.draft) for f in d.iterdir()) / 2**30
         rng = random.Random(0)
         lines = [" ".join(f"w{rng.randrange(3, 32000)}" for _ in range(rng.randrange(32, 480)))
                  for _ in range(self.n)]
         self.prompts = self.work / "prompts.txt"
         self.prompts.write_text("\n".join(lines) + "\n")
-        self.row("write checkpoints", True, time.perf_counter() - t0,
+        self.row("write checkpoints", True, time.perf_counter() - self.t_write,
                  f"{self.target_layers}-layer Mixtral-8x7B + Mistral-7B shapes, {size:.1f} GiB on disk")
 
     def outputs(self, path: Path) -> dict[int, list[int]]:
@@ -197,11 +209,12 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
 
     # -- all -----------------------------------------------------------------------------------
     def main(self, steps: set) -> int:
-        if "tests" in steps:  # first: they start Ray of their own and need no checkpoint
+        procs = self.start_checkpoints() if steps - {"tests"} else []
+        if "tests" in steps:  # meanwhile: they start Ray of their own and need no checkpoint
             self.cuda_tests()
         if not steps - {"tests"}:
             return self.table()
-        self.write_checkpoints()
+        self.write_checkpoints(procs)
         if "generate" in steps:
             self.plain = self.generate("generate (no draft, local Ray)", "plain", ref=False)
         else:  # a later call on the same machine compares with the plain run an earlier one wrote
@@ -245,6 +258,9 @@ def main(argv=None) -> int:
                          "several calls on one machine: the checkpoints and the plain run's outputs in --work are "
                          "reused by later calls.")
     a = ap.parse_args(argv)
+    steps = set(filter(None, a.steps.split(",")))
+    if steps - set(STEPS):
+        ap.error(f"unknown steps {sorted(steps - set(STEPS))}; the steps are {','.join(STEPS)}")
     import torch
 
     if not torch.cuda.is_available():
@@ -253,9 +269,6 @@ def main(argv=None) -> int:
     work, logs = Path(a.work), Path(a.logs)
     work.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
-    steps = set(filter(None, a.steps.split(",")))
-    if steps - set(STEPS):
-        ap.error(f"unknown steps {sorted(steps - set(STEPS))}; the steps are {','.join(STEPS)}")
     return Check(work, logs, a.prompts, a.max_tokens, a.target_layers).main(steps)
 
 
