@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -373,6 +374,15 @@ def one_line_errors(prog: str, command, *args) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit:
+        from .ray_env import terminated
+
+        if not terminated.is_set():
+            raise
+        # ray_env.exit_on_sigterm: the with/finally blocks have shut the run down on the way here
+        print(f"{prog}: terminated (SIGTERM); finished requests are in the output file, if one was given",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def main(argv=None) -> int:

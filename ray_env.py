@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import threading
 from pathlib import Path
 
 from .errors import ConfigError
@@ -72,6 +74,28 @@ def ensure_ray(address: str | None = None, dashboard: bool | None = None, object
 
     if ray.is_initialized():
         return
+    _connect(ray, address, dashboard, object_store)
+    exit_on_sigterm()
+
+
+def exit_on_sigterm():
+    """SIGTERM (`timeout`, `kill`, a scheduler's stop) exits through SystemExit(143), so `with LLM`
+    shuts the actors down, the run's /dev/shm goes and --out is closed on a whole line. Ray's
+    Python side sets the same intent (sys.exit) before `ray.init`, but the driver's core worker
+    then installs a C++ handler that prints a stack dump and aborts, skipping all of that."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_exit)
+
+
+terminated = threading.Event()  # set by SIGTERM: Ray turns the SystemExit raised inside its waits into exit 1
+
+
+def _raise_exit(signum, frame):
+    terminated.set()
+    raise SystemExit(128 + signum)
+
+
+def _connect(ray, address, dashboard, object_store):
     env = dict(runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
     addr, source = cluster_address(address)
     if addr is not None:

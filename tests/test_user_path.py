@@ -4,8 +4,10 @@ anything starts, one-line errors from the actors, a quiet normal run, and help f
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -300,3 +302,33 @@ def test_every_subcommand_and_option_has_help_in_sentences():
                 continue
             h = (a.help or "").strip()
             assert h.endswith("."), (name, a.option_strings, h)
+
+
+def test_sigterm_shuts_the_run_down_and_keeps_what_finished(tiny_dir, tmp_path):
+    """`timeout`, `kill` and schedulers stop a run with SIGTERM: one line and exit 143, the actors
+    shut down (nothing left in shared memory), every line in --out whole. Ray's driver core
+    otherwise answers SIGTERM with a stack dump and an abort that skips all of that."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"w{3 + i} w{9 + i}" for i in range(8)) + "\n")
+    out = tmp_path / "out.jsonl"
+    e = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    e.update(HOME=str(tmp_path / "home"), SPECOFFLOAD_CACHE=str(tmp_path / "cache"), SPECOFFLOAD_SHM=str(shm))
+    p = subprocess.Popen([sys.executable, "-m", "specoffload.cli", "generate", "--model", str(tiny_dir("llama")),
+                          "--prompts", str(prompts), "--out", str(out), "--max-tokens", "48", "--ignore-eos",
+                          "--batch-size", "1", "--no-chat-template", "--ray-address", "local", "--no-dashboard",
+                          "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=e, cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    while not (out.is_file() and out.read_text().count("\n") >= 1):  # the first request has finished
+        assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else "slow"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("specoffload: terminated (SIGTERM); finished requests are in the "
+                                            "output file, if one was given")
+    assert "Traceback" not in err and "SIGTERM received" not in err, err
+    lines = out.read_text().splitlines()
+    assert 1 <= len(lines) < 8 and all(json.loads(ln)["token_ids"] for ln in lines)
+    assert list(shm.iterdir()) == []
