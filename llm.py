@@ -426,14 +426,20 @@ class LLM:
             if stats:
                 progress(stats)
 
-        while True:
-            ready, _ = ray.wait([ref], timeout=0.2)
-            drain()
-            if ready:
-                stats = ray.get(ref)
+        try:
+            while True:
+                ready, _ = ray.wait([ref], timeout=0.2)
                 drain()
-                stats["gpu_memory"] = ray.get(self.coordinator.memory.remote())  # {} on a CPU executor
-                return stats
+                if ready:
+                    stats = ray.get(ref)
+                    drain()
+                    stats["gpu_memory"] = ray.get(self.coordinator.memory.remote())  # {} on a CPU executor
+                    return stats
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM): shutdown collects the run's error, which Ray would
+            # otherwise print as an "unhandled error" after the user's one line.
+            self._abandoned = ref
+            raise
 
     def trace(self) -> dict:
         """Chrome-trace JSON (load it in chrome://tracing or Perfetto) of the stage spans since
@@ -452,6 +458,10 @@ class LLM:
 
             if not ray.is_initialized():
                 return
+            abandoned, self._abandoned = getattr(self, "_abandoned", None), None
+            if abandoned is not None:  # interrupted mid-run: let the run stop at a pass boundary
+                self.coordinator.stop.remote()
+                ray.wait([abandoned], timeout=20)
             try:
                 ray.get(self.coordinator.shutdown.remote())
             except ray.exceptions.RayActorError:
@@ -463,6 +473,11 @@ class LLM:
             finally:
                 ray.kill(self.coordinator)
                 self.coordinator = None
+                if abandoned is not None:
+                    try:
+                        ray.get(abandoned, timeout=10)
+                    except Exception:  # noqa: BLE001 - a run killed mid-pass: its error is expected
+                        pass
 
     def __enter__(self):
         return self

@@ -17,6 +17,10 @@ import ray
 from ..placement.plan import split_range
 
 
+class RunStopped(Exception):
+    """The driver asked the run to stop (Ctrl-C, SIGTERM): raised at the next pass boundary."""
+
+
 class ActorBackend:
     def __init__(self, executor, attention, num_layers: int, prefill_batch: int, micro_batches: int = 1):
         self.ex, self.at = executor, attention
@@ -31,6 +35,7 @@ class ActorBackend:
         self._prefill_stores: dict = {}  # prefill head ref -> its layers' K/V store refs
         self._draft_steps, self._seen = 0, (0.0, 0)  # for measuring seconds per draft step
         self._timing_calls = 0
+        self.stopping = False  # set from the coordinator's other thread (Coordinator.stop)
 
     def start(self, bid, prompts, samp, capacity, with_draft=False):
         self.ex.start.remote(bid, prompts, samp, capacity, with_draft)
@@ -112,11 +117,18 @@ class ActorBackend:
             out = ray.get(self._results.pop(bid))
             t = time.perf_counter() - self._submitted_at.pop(bid, time.perf_counter())
             self._t_pass = max(t - self._own_steps.pop(bid, 0) * self._t_draft, 0.5 * t)
+            if self.stopping:
+                raise RunStopped()
             return out
         self._flush()
         stores = self._prefill_stores.pop(handle, None)
         try:
-            return ray.get(handle)
+            out = ray.get(handle)
+            if self.stopping:
+                raise RunStopped()
+            return out
+        except RunStopped:
+            raise
         except Exception:
             # The head reports the prefill's first error; the K/V stores queued behind it failed
             # with it. Collect them, so that Ray does not log each one as an unhandled error.

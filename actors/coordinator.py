@@ -20,7 +20,7 @@ from ..placement.node import pick_node
 from ..placement.plan import Plan
 from ..scheduler.generator import Generator
 from ..scheduler.request import Request
-from .actor_backend import ActorBackend
+from .actor_backend import ActorBackend, RunStopped
 from .cpu_attention import CPUAttention
 from .gpu_executor import GPUExecutor
 from .guard import guarded
@@ -194,7 +194,10 @@ class Coordinator:
 
         gen = Generator(self.backend, self.run_cfg, on_finish=done, on_progress=progress)
         self.metrics.run_started(len(reqs))
-        stats = gen.run(reqs).as_dict()
+        try:
+            stats = gen.run(reqs).as_dict()
+        except RunStopped:
+            return {"stopped": True}
         stats |= self.backend.stats()
         self.metrics.run_finished(stats)
         return stats
@@ -248,7 +251,17 @@ class Coordinator:
     def actor_names(self) -> list[str]:
         return [f"specoffload-{r}-{self.run_id}" for r in ACTOR_NAMES]
 
+    def stop(self):
+        """End a running `generate` at its next pass boundary (the driver was interrupted), so
+        the actors are killed with nothing in flight and Ray logs no failed task."""
+        self.backend.stopping = True
+
     def shutdown(self):
+        try:
+            # Actors run their tasks in order: these return once everything queued before is done.
+            ray.get([self.executor.ready.remote(), self.attention.ready.remote()], timeout=30)
+        except Exception:  # noqa: BLE001 - a dead or stuck actor is killed below all the same
+            pass
         try:
             ray.get(self.loader.cleanup.remote())
         finally:

@@ -327,7 +327,7 @@ def test_sigterm_shuts_the_run_down_and_keeps_what_finished(tiny_dir, tmp_path):
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 143, err
     assert err.strip().splitlines()[-1] == ("specoffload: terminated (SIGTERM); finished requests are in the "
-                                            "output file, if one was given")
+                                            "output file, if one was given"), err
     assert "Traceback" not in err and "SIGTERM received" not in err, err
     lines = out.read_text().splitlines()
     assert 1 <= len(lines) < 8 and all(json.loads(ln)["token_ids"] for ln in lines)
