@@ -86,6 +86,11 @@ class CPUAttention:
     def keep(self, bid, idx):
         self.caches[bid].select(host_tensor(idx, torch.long))
 
+    def merge(self, bid, new):
+        """Batch `new`'s sequences (their prefill stored) take the rows after bid's live ones."""
+        self.caches[bid].append(self.caches.pop(new))
+        self.free(new)
+
     def compact(self, bid):
         self.caches[bid].compact()
 

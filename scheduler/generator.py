@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..configs.run_config import RunConfig
+from ..placement.refill import refill_default
 from ..speculation.logits_process import logits_settings
 from ..speculation.sampler import SamplingTensors
 from .request import Request
@@ -111,7 +112,8 @@ class Generator:
         queue = list(requests)
         # Refill in place: the first wave's batches keep their rows busy until the queue is
         # empty; their KV caches are sized for the longest request of the whole job.
-        self._queue = queue if cfg.refill and len(queue) > n_batches * cfg.batch_size else None
+        refill = refill_default(cfg.refill, len(queue), n_batches * cfg.batch_size)
+        self._queue = queue if refill and len(queue) > n_batches * cfg.batch_size else None
         self._cap = self._capacity(queue) if self._queue is not None else None
         while queue:
             wave = []
@@ -143,9 +145,10 @@ class Generator:
 
     # -- refill in place ------------------------------------------------------------------
     def _deferred_joins(self) -> bool:
-        """Whether a join's prefill waits for (and rides) the batch's next target pass. The dual
-        schedule drafts for a batch during the other's pass, before that: it joins at once."""
-        return bool(getattr(self.backend, "joins_ride_pass", False)) and self.cfg.schedule != "dual"
+        """Whether a join's prefill rides the batch's next target pass (its rows join after it)
+        rather than a prefill pass of its own. The dual schedule drafts for a batch during the
+        other's pass, before that: there rows join at once."""
+        return self.cfg.refill_prefill == "pass" and self.cfg.schedule != "dual"
 
     def _refill(self, b: _Batch):
         """Rows that finished in batch b go to waiting requests: those whose prefill rode the
@@ -165,7 +168,7 @@ class Generator:
         self.stats.joins += 1
         self.stats.joined += len(reqs)
         h = self.backend.join(b.bid, nb.bid, [r.prompt_ids for r in reqs], sampling_tensors(reqs), self._cap,
-                              self.cfg.schedule != "none", nb.uniforms(1)[:, 0])
+                              self.cfg.schedule != "none", nb.uniforms(1)[:, 0], ride=self._deferred_joins())
         b.joining = (nb, h)
         if not self._deferred_joins():
             self._merge(b)

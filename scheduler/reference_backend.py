@@ -28,9 +28,10 @@ class ReferenceBackend:
         self.caches[bid] = (self.target.new_cache(len(prompts), capacity), prompts)
         self.spec.start(bid, samp, prompts if (with_draft and self.spec.draft) else None, capacity, joins)
 
-    def join(self, bid, new, prompts, samp, capacity, with_draft, u_sample):
+    def join(self, bid, new, prompts, samp, capacity, with_draft, u_sample, ride=False):
         """Waiting requests that will take rows of batch bid: started and prefilled as batch
-        `new` (here at once; nothing streams), merged by `merge` once their first tokens are out."""
+        `new`, merged by `merge` once their first tokens are out. Here at once whether or not
+        the prefill rides the next pass (`ride`; nothing streams), so outputs can be compared."""
         self.start(new, prompts, samp, capacity, with_draft, joins=bid)
         return self.prefill(new, u_sample)
 

@@ -87,15 +87,18 @@ def test_seeded_sampling_unchanged_by_refill(tiny_dir, schedule):
     assert out_on == out_off
 
 
-def test_refill_through_actors_shares_passes(ray_session, tiny_dir):
-    """On the actors a pass verifies every running batch with one stream of the weights."""
+@pytest.mark.parametrize("draft,prefill", [("self:1", "pass"), (None, "own")])
+def test_refill_through_actors(ray_session, tiny_dir, draft, prefill):
+    """On the actors: joining rows' prefill rides the batch's next pass (each layer's weights
+    serving it too, the layer released after its last part), or runs as a pass of its own."""
     d = tiny_dir("llama")
-    with LLM(str(d), draft="self:1", batch_size=3, k=3, progress=False, micro_batches=2, refill=True) as llm:
+    with LLM(str(d), draft=draft, batch_size=3, k=3, progress=False, micro_batches=2, refill=True,
+             refill_prefill=prefill) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p, _ in REQS],
                             [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS])
         stats = llm.last_stats
     assert [o.outputs[0].token_ids for o in outs] == _want(d)
-    assert stats["batches"] == 1 and stats["joins"] > 0
+    assert stats["batches"] == 1 and stats["joins"] > 0 and stats["rows_busy"] > 0.6
 
 
 def test_a_layer_is_released_after_the_last_part_of_the_pass():
