@@ -31,7 +31,7 @@ WORKLOADS = {
     "w1-small": (8, 8, 192, 512, 32),
     # a batch job (bench_job.py): prompt length and tokens generated are the longest of each
     "w1-long": (8, 8, 192, 1024, 256),
-    "w1-long-tiny": (2, 1, 4, 32, 12),
+    "w1-long-tiny": (1, 1, 4, 32, 12),
     "tiny": (2, 1, 4, 16, 6),
     # W3: a Qwen3-30B-A3B-shaped target (128 experts of 768, top-8) and a Qwen3-0.6B-shaped draft.
     "w3": (48, 28, 192, 512, 128),
