@@ -223,9 +223,14 @@ class KVCache:
                 a[:n].copy_(b)
             self._base = (bk, bv)
         self.k, self.v = [t[: n + m] for t in bk], [t[: n + m] for t in bv]
+        used = self._used(other)  # positions past a row's length are masked: their old values may stay
         for a, b in zip(self.k + self.v, other.k + other.v):
-            a[n:].copy_(b)
+            a[n:, :, :used].copy_(b[:, :, :used])
         self.lens = torch.cat([self.lens, other.lens.to(self.lens.device)])
+
+    def _used(self, other: "KVCache") -> int:
+        """Positions of other's rows that hold tokens (a host cache of GBs is copied only so far)."""
+        return int(other.lens.max()) if other.batch else 0
 
     def compact(self):
         """Storage for exactly the rows kept: `select` in place leaves the finished rows'
@@ -272,6 +277,7 @@ class KVCache:
 
 
 def _rows_like(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """Uninitialised storage of `rows` rows shaped and placed like t (page-locked if t is)."""
-    out = torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    """Zeroed storage of `rows` rows shaped and placed like t (page-locked if t is): masked
+    positions are still multiplied by a zero weight, so they must not hold NaNs."""
+    out = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
     return out.pin_memory() if t.is_pinned() else out

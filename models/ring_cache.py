@@ -104,6 +104,9 @@ class RingKVCache(KVCache):
         self.pos = self.pos[keep]
         return keep
 
+    def _used(self, other) -> int:
+        return self.capacity  # slots hold positions in any order
+
     def append(self, other: "RingKVCache"):
         if other.ring != self.ring or other.sinks != self.sinks:
             raise ValueError("append needs a ring of the same size")
