@@ -344,6 +344,7 @@ class Bench:
             # the job's clock: generate returns when its last request finishes
             "time_to_last_s": round(wall, 2), "rows_busy": st.get("rows_busy"),
             "passes_rows_busy_90": st.get("passes_rows_busy_90"), "joins": st.get("joins"),
+            "rows_busy_while_waiting": st.get("rows_busy_while_waiting"),
             "gpu_busy": round((d.get("target_s", 0) + d.get("draft_s", 0)) / wall, 3),
             "gpu_busy_decode": round((d.get("target_s", 0) + d.get("draft_s", 0)) / max(decode_s, 1e-9), 3),
             "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
@@ -389,9 +390,10 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
               f"{r['s_per_pass']:7.3f} {str(r['stream_GBps']):>6} {str(r['copy_GBps']):>8} {str(r['acceptance']):>7} "
               f"{str(r['tokens_per_seq_pass']):>12} {r['gpu_busy_decode']:8.3f}")
     if any(r.get("rows_busy") is not None for r in results):
-        print("rows busy (mean over passes; share of passes >= 90%), joins, time to the last request: " +
-              ", ".join(f"{r['mode']} {r['rows_busy']} ({r['passes_rows_busy_90']}), {r['joins']} joins, "
-                        f"{r['time_to_last_s']} s" for r in results))
+        print("rows busy (mean over passes; share of passes >= 90%; mean while requests waited), joins, time to "
+              "the last request: " +
+              ", ".join(f"{r['mode']} {r['rows_busy']} ({r['passes_rows_busy_90']}; {r['rows_busy_while_waiting']}), "
+                        f"{r['joins']} joins, {r['time_to_last_s']} s" for r in results))
     fair = next((r for r in results if r["mode"].startswith("none+r")), None)
     if fair:
         print(f"against {fair['mode']} (none keeping {resident} target layers on the GPU, own actors): " +

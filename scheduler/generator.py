@@ -36,6 +36,7 @@ class RunStats:
     joined: int = 0  # requests that did so
     row_slots: int = 0  # sum over passes of the rows of the batches verified (batch_size each)
     busy_rows: list = field(default_factory=list)  # per pass: rows verified or joining / rows
+    busy_waiting: list = field(default_factory=list)  # the same, over passes while requests waited
     k_history: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -60,6 +61,8 @@ class RunStats:
             "rows_busy": round(float(np.mean(self.busy_rows)), 4) if self.busy_rows else None,
             "passes_rows_busy_90": round(float(np.mean(np.array(self.busy_rows) >= 0.9)), 4)
             if self.busy_rows else None,
+            # what refill controls: once no request waits, a finite job's batch drains
+            "rows_busy_while_waiting": round(float(np.mean(self.busy_waiting)), 4) if self.busy_waiting else None,
         }
 
 
@@ -257,7 +260,10 @@ class Generator:
         if verify:
             joining = sum(len(b.joining[0].reqs) for b in verify if b.joining is not None and self._deferred_joins())
             rows = self.cfg.batch_size * len(verify)
-            self.stats.busy_rows.append(min(1.0, (sum(len(b.reqs) for b in verify) + joining) / rows))
+            busy = min(1.0, (sum(len(b.reqs) for b in verify) + joining) / rows)
+            self.stats.busy_rows.append(busy)
+            if self._queue:
+                self.stats.busy_waiting.append(busy)
             self.stats.row_slots += rows
         for b, k, h in handles:
             res = be.get(h)

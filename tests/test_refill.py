@@ -54,6 +54,7 @@ def test_refilled_rows_keep_greedy_output(tiny_dir, schedule, draft):
     assert off.batches == 3 and off.joins == 0
     assert on.passes < off.passes  # no pass serves only a wave's last rows while requests wait
     assert on.as_dict()["rows_busy"] > off.as_dict()["rows_busy"]
+    assert on.as_dict()["rows_busy_while_waiting"] >= on.as_dict()["rows_busy"]  # the job's end drains the batch
 
 
 @pytest.mark.parametrize("schedule,draft", [("none", None), ("single", "window"), ("single", "window-fp8")])
