@@ -43,7 +43,11 @@ class ActorBackend:
         """Waiting requests that will take rows of batch bid, started as batch `new`. ride:
         their prefill layers run in the next target pass, each layer's weights serving it too
         (no stream of its own); else in a prefill pass of their own, now (the plain path)."""
-        self.start(new, prompts, samp, capacity, with_draft, joins=bid)
+        self.ex.start.remote(new, prompts, samp, capacity, with_draft, bid)
+        # The worker's cache of the joining rows only holds their prompts until `merge` copies
+        # them into the batch's own rows: no larger than that.
+        self.at.start.remote(new, [len(p) for p in prompts], max(map(len, prompts)), self.P)
+        self._size[new] = len(prompts)
         if not ride:
             return self.prefill(new, u_sample)
         self._joins.append((new, u_sample))

@@ -212,8 +212,8 @@ class KVCache:
         ones left, `select` having moved the survivors to the front). They land in the storage
         `select` left behind when it has the room, so the kept rows are not copied."""
         n, m = self.batch, other.batch
-        if other.capacity != self.capacity or len(other.k) != len(self.k):
-            raise ValueError("append needs a cache of the same capacity and layers")
+        if other.capacity > self.capacity or len(other.k) != len(self.k):
+            raise ValueError("append needs a cache of the same layers and no larger capacity")
         bk, bv = self._base
         in_place = bk[0].shape[0] >= n + m and all(a.data_ptr() == b.data_ptr() for a, b in zip(self.k + self.v, bk + bv))
         if not in_place:
@@ -223,7 +223,7 @@ class KVCache:
                 a[:n].copy_(b)
             self._base = (bk, bv)
         self.k, self.v = [t[: n + m] for t in bk], [t[: n + m] for t in bv]
-        used = self._used(other)  # positions past a row's length are masked: their old values may stay
+        used = min(self._used(other), other.capacity)  # positions past a row's length are masked
         for a, b in zip(self.k + self.v, other.k + other.v):
             a[n:, :, :used].copy_(b[:, :, :used])
         self.lens = torch.cat([self.lens, other.lens.to(self.lens.device)])

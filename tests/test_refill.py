@@ -139,6 +139,8 @@ def test_append_fills_the_rows_select_left_in_place():
     assert c.k[1][:, 0, 0, 0].tolist() == [0, 3, 9, 9] and c.lens.tolist() == [1, 4, 7, 8]
     c.append(new)  # past the storage: a taller one, rows kept
     assert c.batch == 6 and c.v[0][:, 0, 0, 0].tolist() == [0, 3, 9, 9, 9, 9]
+    c.append(KVCache(2, 1, 1, 2, 3, torch.float32))  # a joining prompt's cache may be shorter
+    assert c.batch == 7 and c.lens.tolist()[-1] == 0
     with pytest.raises(ValueError):
         c.append(KVCache(2, 1, 1, 2, 6, torch.float32))
 
