@@ -57,23 +57,34 @@ def test_refilled_rows_keep_greedy_output(tiny_dir, schedule, draft):
     assert on.as_dict()["rows_busy_while_waiting"] >= on.as_dict()["rows_busy"]  # the job's end drains the batch
 
 
+def _decode(ids):
+    return "".join(f"<{t}>" for t in ids)
+
+
 @pytest.mark.parametrize("schedule,draft", [("none", None), ("single", "window"), ("single", "window-fp8")])
 def test_refill_with_stops_and_host_draft_kv(tiny_dir, schedule, draft):
-    """Rows end by EOS-like stop tokens, stop token ids and max_tokens at different passes,
-    some at their first token; more requests than twice the batch; the draft KV in host memory."""
+    """Rows end by EOS, stop token ids, stop strings and max_tokens at different passes, some at
+    their first token, with more requests than twice the batch; the draft KV in host memory."""
     d = tiny_dir("llama")
     ref = hf_greedy(d, PROMPTS, max(LENGTHS))
-    params = []
+    params, eos = [], []
     for i, (p, n) in enumerate(REQS):
         out = ref[i % len(PROMPTS)]
-        j, tok = first_new_token(out, [1, 3, 0, 6][i % 4])
-        params.append(SamplingParams(max_tokens=n, stop_token_ids=[tok] if i % 2 else [], ignore_eos=i % 2 == 1))
+        j, tok = first_new_token(out, [1, 8, 0, 6][i % 4])  # request 1 (5 tokens) runs to its length
+        how = i % 3  # 0: EOS, 1: a stop token id, 2: a stop string
+        eos.append((tok,) if how == 0 else (2,))
+        params.append(SamplingParams(max_tokens=n, stop_token_ids=[tok] if how == 1 else [],
+                                     stop=[f"<{tok}>"] if how == 2 else None))
     backend = _backend(d, draft, draft_kv="host" if draft == "window" else "gpu")
-    # eos 2 ends unrelated rows where the model emits it
-    (on, out_on), (off, out_off) = (_run(backend, params, r, schedule, batch=2) for r in (True, False))
-    assert out_on == out_off
-    assert {f for _, f in out_on} == {"stop", "length"}
-    assert on.joins > 0
+    outs = {}
+    for refill in (True, False):
+        reqs = [Request(i, p, sp, eos_ids=e, decode=_decode) for i, ((p, _), sp, e) in enumerate(zip(REQS, params, eos))]
+        st = Generator(backend, RunConfig(schedule=schedule, k=3, batch_size=2, refill=refill, refill_rows=1)).run(reqs)
+        outs[refill] = [(r.out, r.finish_reason, r.stop_reason) for r in reqs]
+        assert (st.joins > 0) == refill
+    assert outs[True] == outs[False]
+    assert {f for _, f, _ in outs[True]} == {"stop", "length"}
+    assert any(len(o) == 1 for o, _, _ in outs[True])  # a row that ends at its first token
 
 
 @pytest.mark.parametrize("schedule", ["none", "single"])
