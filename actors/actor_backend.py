@@ -172,11 +172,6 @@ class ActorBackend:
                         pass
             raise
 
-    def compact(self, bid):
-        """Give back the memory of the batch's finished rows (before a new batch joins)."""
-        self.ex.compact.remote(bid)
-        self.at.compact.remote(bid)
-
     def timings(self):
         """(seconds per target pass, seconds per draft step), measured; the draft figure is
         refreshed from the executor's CUDA-event totals every few calls."""

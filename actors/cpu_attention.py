@@ -91,9 +91,6 @@ class CPUAttention:
         self.caches[bid].append(self.caches.pop(new))
         self.free(new)
 
-    def compact(self, bid):
-        self.caches[bid].compact()
-
     def free(self, bid):
         self.caches.pop(bid, None)
         self.parts = {key: p for key, p in self.parts.items() if key[0] != bid}

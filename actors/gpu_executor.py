@@ -176,10 +176,6 @@ class GPUExecutor:
         self.runner.merge(bid, new)
         self.mail.free(new)
 
-    def compact(self, bid):
-        """Free the device memory of the batch's finished rows (a new batch is joining)."""
-        self.runner.compact(bid)
-
     def free(self, bid):
         self.tb.pop(bid, None)
         self._failed.pop(bid, None)

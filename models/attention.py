@@ -232,14 +232,6 @@ class KVCache:
         """Positions of other's rows that hold tokens (a host cache of GBs is copied only so far)."""
         return int(other.lens.max()) if other.batch else 0
 
-    def compact(self):
-        """Storage for exactly the rows kept: `select` in place leaves the finished rows'
-        memory allocated, which a batch joining the same passes needs."""
-        keep = lambda t: t.pin_memory() if t.is_pinned() else t.clone()  # noqa: E731
-        self.k = [keep(t) for t in self.k]
-        self.v = [keep(t) for t in self.v]
-        self._base = (self.k, self.v)
-
     def part(self, lo: int, hi: int) -> "KVCache":
         """Sequences [lo, hi) as a cache of their own that shares this one's storage (a
         micro-batch of a pass); its lengths are copied, hand them back with `merge`."""

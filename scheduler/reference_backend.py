@@ -72,10 +72,6 @@ class ReferenceBackend:
         self.caches[bid][0].select(torch.as_tensor(idx, device=self.target.device))
         self.spec.keep(bid, idx)
 
-    def compact(self, bid):
-        self.caches[bid][0].compact()
-        self.spec.compact(bid)
-
     def free(self, bid):
         self.caches.pop(bid, None)
         self.spec.free(bid)

@@ -173,16 +173,6 @@ class SpecRunner:
                 st.draft_cache.select(host_tensor(rows))
                 st.rows = st.rows_t = None
 
-    def compact(self, bid: int):
-        """Free the draft KV of the batch's finished rows (see KVCache.compact)."""
-        st = self.batches[bid]
-        if st.draft_cache is not None:
-            self._stale(bid)
-            if st.rows is not None:
-                st.draft_cache.select(host_tensor(st.rows))
-                st.rows = st.rows_t = None
-            st.draft_cache.compact()
-
     def _stale(self, bid: int):
         """The batch's draft cache is about to get new storage: its graph must not replay, but
         is kept until the next capture takes over its memory pool."""
