@@ -28,6 +28,8 @@ def _want(d):
 
 
 def _backend(d, draft, **kw):
+    if draft == "recompute":  # the draft's KV rebuilt each round from each row's tokens
+        kw["draft_kv"] = "recompute"
     tgt = ResidentModel.from_source(Checkpoint(d))
     dr = None if draft is None else ResidentModel(tgt.spec.with_layers(1), tgt.glob, tgt.layers[:1])
     return ReferenceBackend(tgt, dr, draft_window=4 if draft and draft.startswith("window") else None,
@@ -42,7 +44,7 @@ def _run(backend, params, refill, schedule="single", batch=3, refill_rows=1, k=3
 
 
 @pytest.mark.parametrize("schedule,draft", [("none", None), ("single", "self"), ("single", "window"),
-                                            ("dual", "self")])
+                                            ("single", "recompute"), ("dual", "self")])
 def test_refilled_rows_keep_greedy_output(tiny_dir, schedule, draft):
     d = tiny_dir("llama")
     backend = _backend(d, draft)
