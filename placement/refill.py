@@ -60,7 +60,16 @@ class RefillPrice:
         return decode + self.join_s / rows
 
     def best_rows(self) -> int:
-        return min(range(1, self.batch + 1), key=self.seconds_per_request)
+        """The cheapest r: idle rows cost more and joins less as r grows, both convex, so their
+        sum has one minimum, found by ternary search (the planner asks for thousands)."""
+        lo, hi = 1, self.batch
+        while hi - lo > 2:
+            a, b = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+            if self.seconds_per_request(a) <= self.seconds_per_request(b):
+                hi = b
+            else:
+                lo = a
+        return min(range(lo, hi + 1), key=self.seconds_per_request)
 
     def seconds(self, requests: int, rows: int | None = None) -> float:
         """The job's decode and join seconds, refilled in place (first prefill not included)."""
