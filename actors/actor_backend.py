@@ -34,6 +34,11 @@ class ActorBackend:
         self._joins: list[tuple] = []  # (batch, u_sample) whose prefill rides the next pass
         self._join_heads: dict = {}  # joining batch -> its prefill head ref, once submitted
 
+    def reset(self):
+        """Forget calls queued but not submitted (a run that failed midway left them)."""
+        self._props, self._verifies, self._joins = [], [], []
+        self._join_heads.clear()
+
     def start(self, bid, prompts, samp, capacity, with_draft=False, joins=None):
         self.ex.start.remote(bid, prompts, samp, capacity, with_draft, joins)
         self.at.start.remote(bid, [len(p) for p in prompts], capacity, self.P)
