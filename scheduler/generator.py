@@ -34,7 +34,6 @@ class RunStats:
     batches: int = 0  # batches started (each wave's; refilled rows join these)
     joins: int = 0  # times waiting requests took rows of a running batch
     joined: int = 0  # requests that did so
-    row_slots: int = 0  # sum over passes of the rows of the batches verified (batch_size each)
     busy_rows: list = field(default_factory=list)  # per pass: rows verified or joining / rows
     busy_waiting: list = field(default_factory=list)  # the same, over passes while requests waited
     k_history: list = field(default_factory=list)
@@ -264,7 +263,6 @@ class Generator:
             self.stats.busy_rows.append(busy)
             if self._queue:
                 self.stats.busy_waiting.append(busy)
-            self.stats.row_slots += rows
         for b, k, h in handles:
             res = be.get(h)
             if k:
