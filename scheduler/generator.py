@@ -17,7 +17,7 @@ from ..placement.refill import refill_default
 from ..speculation.logits_process import logits_settings
 from ..speculation.sampler import SamplingTensors
 from .request import Request
-from .schedule import PassTimes, Step, alpha_from_accepted, choose_k, steps
+from .schedule import PassTimes, alpha_from_accepted, choose_k, steps
 
 
 @dataclass
