@@ -29,12 +29,26 @@ WORKLOADS = {
     # name: (target layers, draft layers, batch, prompt length, tokens generated)
     "w1": (32, 32, 192, 512, 128),
     "w1-small": (8, 8, 192, 512, 32),
+    # a batch job (bench_job.py): prompt length and tokens generated are the longest of each
+    "w1-long": (8, 8, 192, 1024, 256),
+    "w1-long-tiny": (1, 1, 4, 32, 12),
     "tiny": (2, 1, 4, 16, 6),
     # W3: a Qwen3-30B-A3B-shaped target (128 experts of 768, top-8) and a Qwen3-0.6B-shaped draft.
     "w3": (48, 28, 192, 512, 128),
     "w3-small": (12, 28, 192, 512, 32),
     "w3-tiny": (2, 1, 4, 16, 6),
 }
+
+
+def job_shape(a):
+    """The job of a batch-job workload (None for the others: one prompt length, fixed outputs)."""
+    from .bench_job import JobShape
+
+    if a.workload == "w1-long":
+        return JobShape(requests=a.requests or 768, prompt_hi=a.prompt_len, gen_hi=a.gen)
+    if a.workload == "w1-long-tiny":
+        return JobShape(requests=a.requests or 12, prompt_lo=8, prompt_hi=a.prompt_len, gen_lo=3, gen_hi=a.gen)
+    return None
 
 
 def workload_shapes(workload: str, target_layers: int, draft_layers: int):
@@ -84,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specoffload bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="w1",
                     help="w1: 32+32 layers, batch 192, prompt 512, 128 tokens; w1-small: 8+8 layers, "
-                         "32 tokens; tiny: 2+1 layers, 4 sequences of 16 tokens (a CPU smoke test); w3, "
+                         "32 tokens; w1-long: 8+8 layers, a job of 768 requests, prompts 128-1024 tokens, "
+                         "outputs 32-256 ended by EOS (w1-long-tiny: its CPU smoke test); tiny: 2+1 layers, 4 sequences of 16 tokens (a CPU smoke test); w3, "
                          "w3-small, w3-tiny: the same with Qwen3-30B-A3B / Qwen3-0.6B shapes (48+28, 12+28 "
                          "layers, 2+1). The options below override its numbers.")
     ap.add_argument("--target-layers", type=int, help="The number of layers of the (Mixtral- or Qwen3-MoE-shaped) target "
@@ -98,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "keeps the batch full as rows finish (see --no-refill).")
     ap.add_argument("--no-refill", action="store_true", help="Run requests beyond the batch in waves, each "
                                                              "wave waiting for its slowest sequence.")
+    ap.add_argument("--refill-prefill", choices=("pass", "own"), default="pass",
+                    help="Joining rows' prefill rides the batch's next target pass (default), or runs as a "
+                         "pass of its own.")
     ap.add_argument("--prompt-len", type=int, help="Tokens per random prompt (default: the workload's).")
     ap.add_argument("--gen", type=int, help="Tokens generated per sequence (default: the workload's).")
     ap.add_argument("--gpu-memory", default="24GiB", help="Cap the executor's GPU memory (default 24GiB).")
@@ -209,6 +227,13 @@ class Bench:
         self.results: list[dict] = []
         self.gen = torch.Generator().manual_seed(0)
         self.layer_bytes = tspec.layer_param_count() * 2
+        shape = job_shape(a)
+        if shape is not None:  # the same requests, seeded, for every mode
+            from specoffload.bench_job import job_payload
+
+            self.job = job_payload(shape, tsrc.next_tokens().numpy(), tspec.eos_token_ids[0], tspec.vocab_size)
+        else:
+            self.job = None
 
     def start(self, run_plan, draft_src, what: str):
         """Coordinator and actors for `run_plan`; one that refuses to start (say the plan does
@@ -266,12 +291,12 @@ class Bench:
         # The dual schedule splits the same sequences into two batches: host memory holds the
         # target KV of n sequences in every mode.
         bs = max(n // 2, 1) if mode == "dual" else n
-        n = a.requests or n
-        work = self.payload(self.gen, n, a.gen)
+        n = len(self.job) if self.job else a.requests or n
+        work = self.job or self.payload(self.gen, n, a.gen)
         # Refill unless --no-refill, unlike LLM: --requests beyond a batch measures a stream
         # that keeps the batch full.
         self.configure(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive,
-                                 batch_size=bs, refill=not a.no_refill), draft_kv)
+                                 batch_size=bs, refill=not a.no_refill, refill_prefill=a.refill_prefill), draft_kv)
         ray.get(coord.set_micro_batches.remote(m))
         if a.trace_dir:
             ray.get(coord.trace.remote())  # drop spans of earlier modes
@@ -316,6 +341,10 @@ class Bench:
             "copy_GBps": round(d.get("weight_bytes", 0) / max(copy_s, 1e-9) / 1e9, 1) if copy_s else None,
             "acceptance": st.get("acceptance"), "tokens_per_seq_pass": st.get("tokens_per_seq_pass"),
             "k_mean": st.get("k_mean"),
+            # the job's clock: generate returns when its last request finishes
+            "time_to_last_s": round(wall, 2), "rows_busy": st.get("rows_busy"),
+            "passes_rows_busy_90": st.get("passes_rows_busy_90"), "joins": st.get("joins"),
+            "rows_busy_while_waiting": st.get("rows_busy_while_waiting"),
             "gpu_busy": round((d.get("target_s", 0) + d.get("draft_s", 0)) / wall, 3),
             "gpu_busy_decode": round((d.get("target_s", 0) + d.get("draft_s", 0)) / max(decode_s, 1e-9), 3),
             "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
@@ -360,6 +389,11 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
         print(f"{r['mode']:16} {r['batch']:5d} {r['tokens_per_s']:7.1f} {x:6.2f} {r['decode_tokens_per_s']:12.1f} {xd:6.2f} "
               f"{r['s_per_pass']:7.3f} {str(r['stream_GBps']):>6} {str(r['copy_GBps']):>8} {str(r['acceptance']):>7} "
               f"{str(r['tokens_per_seq_pass']):>12} {r['gpu_busy_decode']:8.3f}")
+    if any(r.get("rows_busy") is not None for r in results):
+        print("rows busy (mean over passes; share of passes >= 90%; mean while requests waited), joins, time to "
+              "the last request: " +
+              ", ".join(f"{r['mode']} {r['rows_busy']} ({r['passes_rows_busy_90']}; {r['rows_busy_while_waiting']}), "
+                        f"{r['joins']} joins, {r['time_to_last_s']} s" for r in results))
     fair = next((r for r in results if r["mode"].startswith("none+r")), None)
     if fair:
         print(f"against {fair['mode']} (none keeping {resident} target layers on the GPU, own actors): " +

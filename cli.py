@@ -58,9 +58,11 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--gpu-memory", help="Cap the executor's GPU memory, e.g. 24GiB; allocations past it fail.")
     p.add_argument("--micro-batches", type=int, help="Split each target pass into this many micro-batches, so "
                    "CPU attention of one overlaps GPU work of another (default: the plan's, 1).")
-    p.add_argument("--refill", action="store_true", help="With more prompts than --batch-size, start waiting "
-                   "prompts as a new batch, verified in the same passes, once a quarter of a batch has "
-                   "finished. By default batches run in waves (refill lost on W1, docs/benchmarks.md run 7).")
+    p.add_argument("--refill", action=argparse.BooleanOptionalAction, default=None,
+                   help="With more prompts than --batch-size, waiting prompts take the rows of finished "
+                   "ones in the running batch (their prefill rides the next target pass), so the batch "
+                   "stays full; --no-refill runs waves, each waiting for its slowest sequence. Default: "
+                   "on when prompts outnumber rows (placement/refill.py).")
     p.add_argument("--plan", help="A placement plan JSON file (see configs/, or write one with `specoffload "
                                   "plan`), or 'auto' to measure this machine and let the planner choose the "
                                   "placement, batch size, schedule and draft settings for these prompts.")

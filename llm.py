@@ -414,6 +414,12 @@ class LLM:
             # Stop strings are matched where the tokens are: the coordinator detokenizes.
             ray.get(self.coordinator.set_tokenizer.remote(self.tokenizer))
             self._coordinator_has_tokenizer = True
+        if getattr(self, "_abandoned", None) is not None:  # an interrupted run (Ctrl-C) ends first
+            try:
+                ray.get(self._abandoned, timeout=60)
+            except Exception:  # noqa: BLE001 - its error is not this run's
+                pass
+            self._abandoned = None
         ref = self.coordinator.generate.remote(payload)
 
         def drain():
@@ -436,9 +442,10 @@ class LLM:
                     stats["gpu_memory"] = ray.get(self.coordinator.memory.remote())  # {} on a CPU executor
                     return stats
         except BaseException:
-            # Interrupted (Ctrl-C, SIGTERM): shutdown collects the run's error, which Ray would
-            # otherwise print as an "unhandled error" after the user's one line.
+            # Interrupted (Ctrl-C, SIGTERM): the run stops at its next pass boundary, and the
+            # next run or shutdown collects its end (else Ray prints it as an unhandled error).
             self._abandoned = ref
+            self.coordinator.stop.remote()
             raise
 
     def trace(self) -> dict:
@@ -459,8 +466,7 @@ class LLM:
             if not ray.is_initialized():
                 return
             abandoned, self._abandoned = getattr(self, "_abandoned", None), None
-            if abandoned is not None:  # interrupted mid-run: let the run stop at a pass boundary
-                self.coordinator.stop.remote()
+            if abandoned is not None:  # interrupted mid-run: it is stopping at a pass boundary
                 ray.wait([abandoned], timeout=20)
             try:
                 ray.get(self.coordinator.shutdown.remote())

@@ -167,7 +167,8 @@ def _run(args) -> int:
             print(f"  {c.label().split(' k=')[0]}{'' if c.schedule == 'none' else ' ' + c.label().split('draft KV ')[-1]}"
                   f", batch {c.batch}: {c.why}")
     opts = choice.run_options()
-    print(f"chosen: {b.label()}, batch {b.batch}, {b.resident} resident and {b.disk} disk layers, {b.slots} slots: "
+    print(f"chosen: {b.label()}, batch {b.batch}, {b.resident} resident and {b.disk} disk layers, {b.slots} slots, "
+          f"{f'rows refilled in place {b.refill_rows} at a time' if b.refill else 'waves'}: "
           f"{b.tokens_per_s:.1f} tok/s predicted")
     if args.out:
         _write("--out", args.out, json.dumps(asdict(choice.plan), indent=2) + "\n")

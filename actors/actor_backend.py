@@ -35,20 +35,53 @@ class ActorBackend:
         self._prefill_stores: dict = {}  # prefill head ref -> its layers' K/V store refs
         self._draft_steps, self._seen = 0, (0.0, 0)  # for measuring seconds per draft step
         self._timing_calls = 0
+        self._joins: list[tuple] = []  # (batch, u_sample) whose prefill rides the next pass
+        self._join_heads: dict = {}  # joining batch -> its prefill head ref, once submitted
         self.stopping = False  # set from the coordinator's other thread (Coordinator.stop)
 
-    def start(self, bid, prompts, samp, capacity, with_draft=False):
-        self.ex.start.remote(bid, prompts, samp, capacity, with_draft)
+    def reset(self):
+        """Forget calls queued but not submitted (a run that failed midway left them)."""
+        self._props, self._verifies, self._joins = [], [], []
+        self._join_heads.clear()
+        self.stopping = False
+
+    def start(self, bid, prompts, samp, capacity, with_draft=False, joins=None):
+        self.ex.start.remote(bid, prompts, samp, capacity, with_draft, joins)
         self.at.start.remote(bid, [len(p) for p in prompts], capacity, self.P)
-        self._n = self._size[bid] = len(prompts)
+        self._size[bid] = len(prompts)
+
+    def join(self, bid, new, prompts, samp, capacity, with_draft, u_sample, ride=False):
+        """Waiting requests that will take rows of batch bid, started as batch `new`. ride:
+        their prefill layers run in the next target pass, each layer's weights serving it too
+        (no stream of its own); else in a prefill pass of their own, now (the plain path)."""
+        self.ex.start.remote(new, prompts, samp, capacity, with_draft, bid)
+        # The worker's cache of the joining rows only holds their prompts until `merge` copies
+        # them into the batch's own rows: no larger than that.
+        self.at.start.remote(new, [len(p) for p in prompts], max(map(len, prompts)), self.P)
+        self._size[new] = len(prompts)
+        if not ride:
+            return self.prefill(new, u_sample)
+        self._joins.append((new, u_sample))
+        return ("join", new)
+
+    def merge(self, bid, new):
+        """Batch `new` (its first tokens out) takes the rows after bid's live ones."""
+        self._size[bid] += self._size.pop(new)
+        self.ex.merge.remote(bid, new)
+        self.at.merge.remote(bid, new)
+
+    def _prefill_calls(self, bid, j: int, in_pass: bool = False) -> list:
+        """Layer j of batch bid's prefill, a sub-batch at a time; returns the K/V store refs."""
+        stores = []
+        for s in range(-(-self._size[bid] // self.P)):
+            kv = self.ex.prefill_layer.remote(bid, s, j, *((True,) if in_pass else ()))
+            stores.append(self.at.store_prefill.remote(bid, s, j, kv))
+        return stores
 
     def prefill(self, bid, u_sample):
-        n_sub = -(-self._n // self.P)
         stores = []
         for j in range(self.L):
-            for s in range(n_sub):
-                kv = self.ex.prefill_layer.remote(bid, s, j)
-                stores.append(self.at.store_prefill.remote(bid, s, j, kv))
+            stores += self._prefill_calls(bid, j)
         head = self.ex.prefill_head.remote(bid, u_sample)
         self._prefill_stores[head] = stores
         return head
@@ -92,25 +125,34 @@ class ActorBackend:
             m = len(split_range(self._size[bid], self.M))
             self.ex.verify_begin.remote(bid, k, m)
             parts += [(bid, p) for p in range(m)]
-        self.ex.pass_begin.remote(len(parts))
+        joins, self._joins = self._joins, []
+        subs = sum(-(-self._size[b] // self.P) for b, _ in joins)
+        self.ex.pass_begin.remote(len(parts) + subs)
         # Layer by layer, micro-batch by micro-batch: the executor's queue alternates between
-        # micro-batches, so it computes one while the CPU worker attends for another.
+        # micro-batches, so it computes one while the CPU worker attends for another. Joining
+        # rows' prefill takes each layer after the pass's parts, while the layer is on the GPU.
         a = dict.fromkeys(parts)
+        stores = {b: [] for b, _ in joins}
         for j in range(self.L):
             for bid, p in parts:
                 x = self.ex.target_layer.remote(bid, j, a[(bid, p)], p)
                 a[(bid, p)] = self.at.attend.remote(bid, j, x)
+            for b, _ in joins:
+                stores[b] += self._prefill_calls(b, j, in_pass=True)
             for b in step_at.get(j, []):
                 self.ex.draft_step.remote(b)
         for bid, k, u_accept, u_sample in batches:
             r = self.ex.verify_head.remote(bid, k, u_accept, u_sample, *[a[x] for x in parts if x[0] == bid])
             self.at.rollback.remote(bid, k, r)
             self._results[bid] = r
+        for b, u in joins:
+            head = self._join_heads[b] = self.ex.prefill_head.remote(b, u)
+            self._prefill_stores[head] = stores[b]
         for b, _, _ in gaps:
             self.ex.draft_finish.remote(b)
 
     def get(self, handle):
-        if isinstance(handle, tuple):
+        if isinstance(handle, tuple) and handle[0] == "pass":
             if self._verifies:
                 self._submit_pass()
             _, bid = handle
@@ -120,6 +162,13 @@ class ActorBackend:
             if self.stopping:
                 raise RunStopped()
             return out
+        if isinstance(handle, tuple):  # a join's prefill: it rode a pass, or runs on its own now
+            _, bid = handle
+            if bid not in self._join_heads:
+                (u,) = [u for b, u in self._joins if b == bid]
+                self._joins = [x for x in self._joins if x[0] != bid]
+                self._join_heads[bid] = self.prefill(bid, u)
+            handle = self._join_heads.pop(bid)
         self._flush()
         stores = self._prefill_stores.pop(handle, None)
         try:
@@ -140,11 +189,6 @@ class ActorBackend:
                     except Exception:  # noqa: BLE001 - the head's error is the one raised
                         pass
             raise
-
-    def compact(self, bid):
-        """Give back the memory of the batch's finished rows (before a new batch joins)."""
-        self.ex.compact.remote(bid)
-        self.at.compact.remote(bid)
 
     def timings(self):
         """(seconds per target pass, seconds per draft step), measured; the draft figure is

@@ -192,6 +192,7 @@ class Coordinator:
             self._progress = stats.as_dict()
             self.metrics.progress(self._progress)
 
+        self.backend.reset()
         gen = Generator(self.backend, self.run_cfg, on_finish=done, on_progress=progress)
         self.metrics.run_started(len(reqs))
         try:

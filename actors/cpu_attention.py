@@ -86,8 +86,10 @@ class CPUAttention:
     def keep(self, bid, idx):
         self.caches[bid].select(host_tensor(idx, torch.long))
 
-    def compact(self, bid):
-        self.caches[bid].compact()
+    def merge(self, bid, new):
+        """Batch `new`'s sequences (their prefill stored) take the rows after bid's live ones."""
+        self.caches[bid].append(self.caches.pop(new))
+        self.free(new)
 
     def free(self, bid):
         self.caches.pop(bid, None)

@@ -136,10 +136,11 @@ class GPUExecutor:
             self.streamer.release(j)
 
     # -- batches ---------------------------------------------------------------------------
-    def start(self, bid, prompts, samp, capacity, with_draft):
+    def start(self, bid, prompts, samp, capacity, with_draft, joins=None):
+        """joins: the running batch these sequences will take rows of (`merge`)."""
         try:
             with self.timer.span("prefill"):
-                self.runner.start(bid, samp, prompts if (with_draft and self.runner.draft) else None, capacity)
+                self.runner.start(bid, samp, prompts if (with_draft and self.runner.draft) else None, capacity, joins)
         except torch.OutOfMemoryError as e:
             self._failed[bid] = CapacityError(
                 f"the draft's KV cache and prefill for a batch of {len(prompts)} sequences (longest "
@@ -168,9 +169,12 @@ class GPUExecutor:
         st["lens"] = st["lens"][t]
         self.runner.keep(bid, idx)
 
-    def compact(self, bid):
-        """Free the device memory of the batch's finished rows (a new batch is joining)."""
-        self.runner.compact(bid)
+    def merge(self, bid, new):
+        """Batch `new`'s sequences (prefilled, first tokens out) take the rows after bid's."""
+        st, nw = self._batch(bid), self.tb.pop(new)
+        st["lens"] = torch.cat([st["lens"], nw["lens"]])
+        self.runner.merge(bid, new)
+        self.mail.free(new)
 
     def free(self, bid):
         self.tb.pop(bid, None)
@@ -181,8 +185,9 @@ class GPUExecutor:
 
     # -- prefill: each layer's weights serve every sub-batch before the next layer --------
     @torch.inference_mode()
-    def prefill_layer(self, bid, s: int, j: int):
-        """Layer j for prefill sub-batch s, attention on the device; returns its K/V.
+    def prefill_layer(self, bid, s: int, j: int, in_pass: bool = False):
+        """Layer j for prefill sub-batch s, attention on the device; returns its K/V. in_pass:
+        a part of the target pass now running (rows joining a batch), which releases the layer.
 
         The driver queues every (layer, sub-batch) call before it waits on the head, so after a
         failure the rest would fail on its consequences (a layer slot never released): they
@@ -191,7 +196,7 @@ class GPUExecutor:
         if "prefill_error" in st:
             raise st["prefill_error"]
         try:
-            return self._prefill_layer(st, bid, s, j)
+            return self._prefill_layer(st, bid, s, j, in_pass)
         except torch.OutOfMemoryError as e:
             self._prefill_failed(st)
             P = self.plan.prefill_batch
@@ -211,7 +216,7 @@ class GPUExecutor:
         st.pop("subs", None)
         self.streamer.reset()
 
-    def _prefill_layer(self, st, bid, s: int, j: int):
+    def _prefill_layer(self, st, bid, s: int, j: int, in_pass: bool = False):
         spec, P = self.spec, self.plan.prefill_batch
         subs = st.setdefault("subs", {})
         if j == 0:
@@ -233,7 +238,7 @@ class GPUExecutor:
             if j == spec.num_layers - 1:
                 sub["logits"] = sub.pop("pass").logits(last_index(ql))
         n_sub = -(-len(st["prompts"]) // P)
-        if s == n_sub - 1:
+        if self.pass_layers.finished(j) if in_pass else s == n_sub - 1:
             self._done(j)
         # The cache just built holds this layer's K/V padded as [P, Hkv, longest, d]: the
         # CPU worker stores that with one strided copy.

@@ -42,6 +42,9 @@ METRICS = {
         "gauge", "Executor target-model compute seconds per layer per pass" + _STAGE),
     "specoffload_gpu_busy_fraction": (
         "gauge", "Executor busy time (target + draft + prefill) over wall time" + _STAGE),
+    "specoffload_rows_busy_fraction": (
+        "gauge", "Share of the batch's rows at work per target pass (verified, or prefilled to join), "
+                 "mean over the current run"),
     "specoffload_requests_queued": (
         "gauge", "Requests submitted to the engine and not finished yet"),
     "specoffload_requests_done": (
@@ -167,6 +170,8 @@ class RunMetrics:
         self._set("specoffload_tokens_per_s", tokens / max(now - self.t0, 1e-9))
         if stats.get("acceptance") is not None:
             self._set("specoffload_acceptance_rate", stats["acceptance"])
+        if stats.get("rows_busy") is not None:
+            self._set("specoffload_rows_busy_fraction", stats["rows_busy"])
         if collect:
             self._collect_stats(now)
 

@@ -32,9 +32,10 @@ class EngineArgs:
     draft_kv: str | None = None  # placement/draft_kv.py's PLACEMENTS
     draft_fp8: bool = False  # a separate draft's matrices in fp8
     micro_batches: int | None = None
-    # Off: each joining batch drafts and prefills on its own, which lost to waves on W1
-    # (docs/benchmarks.md, the refill run).
-    refill: bool = False
+    # Waiting requests take finished rows of the running batch (None: the planner's choice,
+    # else placement/refill.py's default: on when requests outnumber rows)
+    refill: bool | None = None
+    refill_prefill: str = "pass"  # joining rows' prefill rides the next pass, or "own" pass (RunConfig)
     trace: bool = False  # keep a timeline of stage spans (engine "ray")
     ray_address: str | None = None
     # Ray's dashboard on the local cluster this starts, if it starts one (None: on, unless
@@ -102,5 +103,7 @@ class EngineArgs:
             raise ConfigError(f"schedule {schedule!r} needs a draft (--draft self:N or a checkpoint folder)")
         k = self.k if self.k is not None else chosen.get("k", RunConfig.k)
         adaptive_k = bool(self.adaptive_k if self.adaptive_k is not None else chosen.get("adaptive_k"))
+        refill = self.refill if self.refill is not None else chosen.get("refill")
         return RunConfig(schedule=schedule, k=k, k_max=max(k, 8), adaptive_k=adaptive_k, batch_size=batch_size,
-                         refill=self.refill)
+                         refill=refill, refill_rows=chosen.get("refill_rows", 0) if refill else 0,
+                         refill_prefill=self.refill_prefill)

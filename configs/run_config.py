@@ -15,11 +15,14 @@ class RunConfig:
     k_max: int = 8
     adaptive_k: bool = False
     batch_size: int = 64  # sequences per batch (dual: per each of the two batches)
-    # none/single: waiting requests start as a new batch that joins the running batches'
-    # target passes once `refill_rows` rows have finished (0: a quarter of batch_size); off by
-    # default, as in EngineArgs (why: there)
-    refill: bool = False
+    # With more requests than the batch: waiting requests take the rows of finished ones in
+    # the running batch (refill in place) once `refill_rows` rows are free (0: the default of
+    # placement/refill.py), instead of waves that each wait for their slowest row. Their prefill
+    # rides the batch's next target pass ("pass") or runs as a prefill pass of its own ("own",
+    # the plain path kept to test the other against). None: placement/refill.py decides.
+    refill: bool | None = None
     refill_rows: int = 0
+    refill_prefill: str = "pass"
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -32,8 +35,12 @@ class RunConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.refill_rows <= self.batch_size:
             raise ConfigError(f"refill_rows must be in 0..batch_size, got {self.refill_rows}")
+        if self.refill_prefill not in ("pass", "own"):
+            raise ConfigError(f"refill_prefill must be 'pass' or 'own', got {self.refill_prefill!r}")
         if self.refill_rows == 0:
-            object.__setattr__(self, "refill_rows", max(1, self.batch_size // 4))
+            from ..placement.refill import default_refill_rows
+
+            object.__setattr__(self, "refill_rows", default_refill_rows(self.batch_size, self.refill_prefill))
 
     @property
     def speculative(self) -> bool:

@@ -139,6 +139,7 @@ class KVCache:
         self.capacity = capacity
         self.windows = windows or (None,) * num_layers
         self._pass = None
+        self._base = (self.k, self.v)  # the full-height storage that `select` in place leaves behind
 
     @property
     def batch(self) -> int:
@@ -202,15 +203,34 @@ class KVCache:
         else:
             self.k = [t[keep] for t in self.k]
             self.v = [t[keep] for t in self.v]
+            self._base = (self.k, self.v)
         self.lens = self.lens[keep]
         return keep
 
-    def compact(self):
-        """Storage for exactly the rows kept: `select` in place leaves the finished rows'
-        memory allocated, which a batch joining the same passes needs."""
-        keep = lambda t: t.pin_memory() if t.is_pinned() else t.clone()  # noqa: E731
-        self.k = [keep(t) for t in self.k]
-        self.v = [keep(t) for t in self.v]
+    def append(self, other: "KVCache"):
+        """Take `other`'s sequences as rows n.. (waiting requests taking the rows that finished
+        ones left, `select` having moved the survivors to the front). They land in the storage
+        `select` left behind when it has the room, so the kept rows are not copied."""
+        n, m = self.batch, other.batch
+        if other.capacity > self.capacity or len(other.k) != len(self.k):
+            raise ValueError("append needs a cache of the same layers and no larger capacity")
+        bk, bv = self._base
+        in_place = bk[0].shape[0] >= n + m and all(a.data_ptr() == b.data_ptr() for a, b in zip(self.k + self.v, bk + bv))
+        if not in_place:
+            grow = lambda t: _rows_like(t, max(n + m, bk[0].shape[0]))  # noqa: E731
+            bk, bv = [grow(t) for t in self.k], [grow(t) for t in self.v]
+            for a, b in zip(bk + bv, self.k + self.v):
+                a[:n].copy_(b)
+            self._base = (bk, bv)
+        self.k, self.v = [t[: n + m] for t in bk], [t[: n + m] for t in bv]
+        used = min(self._used(other), other.capacity)  # positions past a row's length are masked
+        for a, b in zip(self.k + self.v, other.k + other.v):
+            a[n:, :, :used].copy_(b[:, :, :used])
+        self.lens = torch.cat([self.lens, other.lens.to(self.lens.device)])
+
+    def _used(self, other: "KVCache") -> int:
+        """Positions of other's rows that hold tokens (a host cache of GBs is copied only so far)."""
+        return int(other.lens.max()) if other.batch else 0
 
     def part(self, lo: int, hi: int) -> "KVCache":
         """Sequences [lo, hi) as a cache of their own that shares this one's storage (a
@@ -222,6 +242,7 @@ class KVCache:
         c = type(self).__new__(type(self))
         c.__dict__.update(self.__dict__)
         c.k, c.v, c.lens, c._pass, c._grouped = k, v, lens, None, {}
+        c._base = (k, v)
         return c
 
     def merge(self, lo: int, part: "KVCache"):
@@ -243,4 +264,12 @@ class KVCache:
         """Page-locked host storage, so copies to and from the GPU run asynchronously."""
         self.k = [t.pin_memory() for t in self.k]
         self.v = [t.pin_memory() for t in self.v]
+        self._base = (self.k, self.v)
         return self
+
+
+def _rows_like(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zeroed storage of `rows` rows shaped and placed like t (page-locked if t is): masked
+    positions are still multiplied by a zero weight, so they must not hold NaNs."""
+    out = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    return out.pin_memory() if t.is_pinned() else out

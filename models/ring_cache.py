@@ -104,6 +104,15 @@ class RingKVCache(KVCache):
         self.pos = self.pos[keep]
         return keep
 
+    def _used(self, other) -> int:
+        return self.capacity  # slots hold positions in any order
+
+    def append(self, other: "RingKVCache"):
+        if other.ring != self.ring or other.sinks != self.sinks:
+            raise ValueError("append needs a ring of the same size")
+        super().append(other)
+        self.pos = torch.cat([self.pos, other.pos.to(self.pos.device)])
+
     def start_at(self, lens: torch.Tensor):
         """Sequences whose first cached token is not position 0 (a window re-prefill)."""
         self.lens = lens.to(self.lens.device).clone()

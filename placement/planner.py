@@ -20,7 +20,9 @@ from dataclasses import dataclass, field, replace
 from ..errors import CapacityError, ConfigError
 from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.spec import ModelSpec
+from ..scheduler.schedule import expected_tokens
 from . import cost_model as cmod
+from . import refill
 from .cost_model import CostModel
 from .draft_kv import PLACEMENTS, DraftKV
 from .hardware import Hardware
@@ -46,6 +48,8 @@ class Workload:
     # much acceptance on long prompts: docs/benchmarks.md, W2). Windows not listed get
     # `acceptance`; give the pairs, or the planner takes the cheapest window as no worse.
     window_acceptance: tuple = ()
+    # Whether rows may be refilled in place when requests outnumber them (else: waves)
+    refill: bool = True
 
     def __post_init__(self):
         if min(self.prompt_len, self.gen_len, self.requests) < 1:
@@ -83,6 +87,8 @@ class Candidate:
     pass_s: float = 0.0  # one target pass at this k
     draft_s: float = 0.0  # drafting per round
     rounds: float = 0.0  # per wave (batch), its slowest sequence's
+    refill: bool = False  # rows refilled in place (placement/refill.py) rather than waves
+    refill_rows: int = 0  # free rows a join waits for
     seconds: float = math.inf  # the whole workload
     tokens_per_s: float = 0.0
 
@@ -120,7 +126,8 @@ class Choice:
         """The run's settings besides the plan (LLM keyword arguments / CLI flags), of the best
         candidate or of `c`."""
         c = c or self.best
-        return {"schedule": c.schedule, "k": max(c.k, 1), "adaptive_k": c.schedule != "none"}
+        return {"schedule": c.schedule, "k": max(c.k, 1), "adaptive_k": c.schedule != "none",
+                "refill": c.refill, "refill_rows": c.refill_rows}
 
     def fallbacks(self, n: int = 3) -> list[Candidate]:
         """What to try if the best does not start for want of GPU memory: the fastest of the
@@ -221,9 +228,27 @@ def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel
         t_pass = pass_s(c.resident)
     else:
         per_round = t_pass + t_draft
-    seconds = waves * (pre + rounds * per_round)
-    return replace(c, pass_s=t_pass, draft_s=t_draft, rounds=rounds, seconds=seconds,
-                   tokens_per_s=wl.requests * wl.gen_len / seconds)
+    seconds = refill.waves_seconds(wl.requests, c.in_flight, rounds, per_round, pre)
+    refill_rows = 0
+    if wl.refill and wl.requests > c.in_flight:
+        # Refilled in place: rows at the mean rate, plus what the joins cost (their prefill rides
+        # the next pass, except under dual, where rows join at once after a prefill pass).
+        tau = expected_tokens(wl.acceptance_for(c.window), k) if k else 1.0
+        own = c.schedule == "dual"
+        per_row = cmod.prefill_s(hw, cm, target, 1, wl.prompt_len, streamed=False)
+        if c.schedule != "none":
+            per_row += cmod.prefill_s(hw, cm, draft, 1, wl.prompt_len, streamed=False)
+        fixed = (cmod.prefill_s(hw, cm, target, 0, wl.prompt_len, streamed=streamed) if own else 0.0) + \
+            (cm.draft_round_fixed_s if c.schedule != "none" else 0.0)
+        price = refill.RefillPrice(c.in_flight, per_round, fixed, max(wl.gen_len - 1, 1) / tau)
+        refill_rows = price.best_rows()
+        refilled = pre / waves + price.seconds(wl.requests, refill_rows) + wl.requests * per_row
+        if refilled < seconds:
+            seconds = refilled
+        else:
+            refill_rows = 0
+    return replace(c, pass_s=t_pass, draft_s=t_draft, rounds=rounds, seconds=seconds, refill=refill_rows > 0,
+                   refill_rows=refill_rows, tokens_per_s=wl.requests * wl.gen_len / seconds)
 
 
 def _batches(wl: Workload, cap: int = 1024) -> list[int]:

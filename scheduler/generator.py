@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..configs.run_config import RunConfig
+from ..placement.refill import refill_default
 from ..speculation.logits_process import logits_settings
 from ..speculation.sampler import SamplingTensors
 from .request import Request
-from .schedule import PassTimes, Step, alpha_from_accepted, choose_k, steps
+from .schedule import PassTimes, alpha_from_accepted, choose_k, steps
 
 
 @dataclass
@@ -30,7 +31,11 @@ class RunStats:
     first_tokens: int = 0  # tokens that came out of prefill
     seconds: float = 0.0
     prefill_seconds: float = 0.0  # until every batch of each wave had its first token
-    batches: int = 0  # batches started (more than requests / batch size when batches refill)
+    batches: int = 0  # batches started (each wave's; refilled rows join these)
+    joins: int = 0  # times waiting requests took rows of a running batch
+    joined: int = 0  # requests that did so
+    busy_rows: list = field(default_factory=list)  # per pass: rows verified or joining / rows
+    busy_waiting: list = field(default_factory=list)  # the same, over passes while requests waited
     k_history: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -48,6 +53,15 @@ class RunStats:
             if self.seq_passes else None,
             "k_mean": round(float(np.mean(self.k_history)), 3) if self.k_history else 0,
             "batches": self.batches,
+            "joins": self.joins,
+            "joined": self.joined,
+            # rows of the batch doing work (verified, or prefilled to join) over all its rows,
+            # the mean over passes and the share of passes at 90% or more
+            "rows_busy": round(float(np.mean(self.busy_rows)), 4) if self.busy_rows else None,
+            "passes_rows_busy_90": round(float(np.mean(np.array(self.busy_rows) >= 0.9)), 4)
+            if self.busy_rows else None,
+            # what refill controls: once no request waits, a finite job's batch drains
+            "rows_busy_while_waiting": round(float(np.mean(self.busy_waiting)), 4) if self.busy_waiting else None,
         }
 
 
@@ -77,6 +91,7 @@ class _Batch:
         self.k = 0  # draft length of the proposals made for the next verification
         self.has_proposals = False
         self.alpha = 0.7  # running per-token acceptance estimate (prior before any measurement)
+        self.joining = None  # (batch of waiting requests, its prefill handle) to merge after the next pass
 
     def uniforms(self, n: int) -> np.ndarray:
         return np.stack([r.uniforms(n) for r in self.reqs]) if self.reqs else np.zeros((0, n), np.float32)
@@ -89,6 +104,7 @@ class Generator:
         self.stats = RunStats()
         self._next_bid = 0
         self.pass_times = PassTimes()
+        self._queue, self._cap = None, None  # requests waiting for rows (refill in place)
 
     # ------------------------------------------------------------------------------------
     def run(self, requests: list[Request]) -> RunStats:
@@ -96,15 +112,17 @@ class Generator:
         cfg = self.cfg
         n_batches = 2 if cfg.schedule == "dual" else 1
         queue = list(requests)
-        if cfg.refill and cfg.schedule != "dual":
-            self._run_continuous(queue)
-            queue = []
+        # Refill in place: the first wave's batches keep their rows busy until the queue is
+        # empty; their KV caches are sized for the longest request of the whole job.
+        refill = refill_default(cfg.refill, len(queue), n_batches * cfg.batch_size)
+        self._queue = queue if refill and len(queue) > n_batches * cfg.batch_size else None
+        self._cap = self._capacity(queue) if self._queue is not None else None
         while queue:
             wave = []
             for _ in range(n_batches):
                 if queue:
                     wave.append(queue[: cfg.batch_size])
-                    queue = queue[cfg.batch_size :]
+                    del queue[: cfg.batch_size]
             self._run_wave(wave)
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
@@ -116,7 +134,7 @@ class Generator:
         """A new batch: its target prefill (and the draft's) submitted; returns (batch, handle)."""
         b = _Batch(self._next_bid, reqs)
         self._next_bid += 1
-        self.backend.start(b.bid, [r.prompt_ids for r in reqs], sampling_tensors(reqs), self._capacity(reqs),
+        self.backend.start(b.bid, [r.prompt_ids for r in reqs], sampling_tensors(reqs), self._cap or self._capacity(reqs),
                            with_draft=self.cfg.schedule != "none")
         self.stats.prefill_tokens += sum(len(r.prompt_ids) for r in reqs)
         self.stats.batches += 1
@@ -127,36 +145,48 @@ class Generator:
         self._apply(b, self.backend.get(handle), k=0, prefill=True)
         self.stats.first_tokens += self.stats.tokens - before
 
-    def _run_continuous(self, queue: list[Request]):
-        """Batches that share target passes: when enough rows of the running batches have
-        finished and requests wait, they start as a new batch whose verification joins the
-        same streamed passes. Without this, each pass of a batch's tail (its last, slowest
-        sequences) streams every weight for a handful of rows; with speculation the tail is
-        long, since sequences accept different counts each round."""
-        be, cfg = self.backend, self.cfg
-        speculative = cfg.schedule != "none"
-        live: dict[int, _Batch] = {}
-        while queue or live:
-            free = cfg.batch_size - sum(len(b.reqs) for b in live.values())
-            if queue and free >= (1 if not live else cfg.refill_rows):
-                t0 = time.perf_counter()
-                for b in live.values():
-                    be.compact(b.bid)  # give the finished rows' memory to the joining batch
-                reqs, queue[:] = queue[:free], queue[free:]
-                b, h = self._start(reqs)
-                self._first_tokens(b, h)
-                self.stats.prefill_seconds += time.perf_counter() - t0
-                if not b.reqs:
-                    be.free(b.bid)
-                    continue
-                live[b.bid] = b
-                if speculative:
-                    self._propose(b)
-            ids = tuple(live)
-            self._step(Step(ids, ids if speculative else ()), live)
-            for bid in [i for i, b in live.items() if not b.reqs]:
-                be.free(bid)
-                del live[bid]
+    # -- refill in place ------------------------------------------------------------------
+    def _deferred_joins(self) -> bool:
+        """Whether a join's prefill rides the batch's next target pass (its rows join after it)
+        rather than a prefill pass of its own. The dual schedule drafts for a batch during the
+        other's pass, before that: there rows join at once."""
+        return self.cfg.refill_prefill == "pass" and self.cfg.schedule != "dual"
+
+    def _refill(self, b: _Batch):
+        """Rows that finished in batch b go to waiting requests: those whose prefill rode the
+        pass just done join now; then, once `refill_rows` rows are free (or the queue's last
+        requests fit), the next ones start, to join after the next pass (or at once)."""
+        if b.joining is not None:
+            self._merge(b)
+        q = self._queue
+        free = self.cfg.batch_size - len(b.reqs)
+        if not q or free < min(self.cfg.refill_rows, len(q)) or free == 0:
+            return
+        reqs = q[:free]
+        del q[:free]
+        nb = _Batch(self._next_bid, reqs)
+        self._next_bid += 1
+        self.stats.prefill_tokens += sum(len(r.prompt_ids) for r in reqs)
+        self.stats.joins += 1
+        self.stats.joined += len(reqs)
+        h = self.backend.join(b.bid, nb.bid, [r.prompt_ids for r in reqs], sampling_tensors(reqs), self._cap,
+                              self.cfg.schedule != "none", nb.uniforms(1)[:, 0], ride=self._deferred_joins())
+        b.joining = (nb, h)
+        if not self._deferred_joins():
+            self._merge(b)
+
+    def _merge(self, b: _Batch):
+        nb, h = b.joining
+        b.joining = None
+        t0 = time.perf_counter()
+        self._first_tokens(nb, h)  # rows that end at their first token leave before joining
+        if nb.reqs:
+            self.backend.merge(b.bid, nb.bid)
+            b.reqs += nb.reqs
+        else:
+            self.backend.free(nb.bid)
+        if not self._deferred_joins():
+            self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _run_wave(self, wave: list[list[Request]]):
         be, cfg = self.backend, self.cfg
@@ -178,6 +208,11 @@ class Generator:
             self._propose(batches[0])
         by_id = {b.bid: b for b in batches}
         for step in steps(kind, [b.bid for b in batches]):
+            for b in by_id.values():
+                if not b.reqs and b.joining is not None:  # no pass left to ride: join now
+                    self._merge(b)
+                    if b.reqs and kind != "none":
+                        self._propose(b)
             live = {bid for bid, b in by_id.items() if b.reqs}
             if not live:
                 break
@@ -221,11 +256,20 @@ class Generator:
             handles.append((b, b.k, be.verify(b.bid, b.k, u[:, : b.k], u[:, b.k])))
             b.has_proposals = False
         self.stats.passes += 1
+        if verify:
+            joining = sum(len(b.joining[0].reqs) for b in verify if b.joining is not None and self._deferred_joins())
+            rows = self.cfg.batch_size * len(verify)
+            busy = min(1.0, (sum(len(b.reqs) for b in verify) + joining) / rows)
+            self.stats.busy_rows.append(busy)
+            if self._queue:
+                self.stats.busy_waiting.append(busy)
         for b, k, h in handles:
             res = be.get(h)
             if k:
                 self.pass_times.observe(k, be.timings()[0])
             self._apply(b, res, k)
+            if self._queue is not None:
+                self._refill(b)
             if b.bid in step.propose:
                 self._propose(b)
 
@@ -260,5 +304,5 @@ class Generator:
         if len(keep) < len(b.reqs):
             keep = fill_holes(keep)
             b.reqs = [b.reqs[i] for i in keep]
-            if keep:
+            if keep or self._queue is not None:  # refilling: an emptied batch takes new rows
                 self.backend.keep(b.bid, np.array(keep, dtype=np.int64))

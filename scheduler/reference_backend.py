@@ -24,9 +24,20 @@ class ReferenceBackend:
         self.caches = {}
         self._t_pass, self._t_draft = 1.0, 0.01
 
-    def start(self, bid, prompts, samp, capacity, with_draft=False):
+    def start(self, bid, prompts, samp, capacity, with_draft=False, joins=None):
         self.caches[bid] = (self.target.new_cache(len(prompts), capacity), prompts)
-        self.spec.start(bid, samp, prompts if (with_draft and self.spec.draft) else None, capacity)
+        self.spec.start(bid, samp, prompts if (with_draft and self.spec.draft) else None, capacity, joins)
+
+    def join(self, bid, new, prompts, samp, capacity, with_draft, u_sample, ride=False):
+        """Waiting requests that will take rows of batch bid: started and prefilled as batch
+        `new`, merged by `merge` once their first tokens are out. Here at once whether or not
+        the prefill rides the next pass (`ride`; nothing streams), so outputs can be compared."""
+        self.start(new, prompts, samp, capacity, with_draft, joins=bid)
+        return self.prefill(new, u_sample)
+
+    def merge(self, bid, new):
+        self.caches[bid][0].append(self.caches.pop(new)[0])
+        self.spec.merge(bid, new)
 
     def prefill(self, bid, u_sample):
         cache, prompts = self.caches[bid]
@@ -60,10 +71,6 @@ class ReferenceBackend:
     def keep(self, bid, idx):
         self.caches[bid][0].select(torch.as_tensor(idx, device=self.target.device))
         self.spec.keep(bid, idx)
-
-    def compact(self, bid):
-        self.caches[bid][0].compact()
-        self.spec.compact(bid)
 
     def free(self, bid):
         self.caches.pop(bid, None)

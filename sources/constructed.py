@@ -54,6 +54,10 @@ class ConstructedModel:
         self.perm_seed, self.agreement, self.is_draft = perm_seed, agreement, is_draft
         self.seed, self.layer_std, self.out_std = seed, layer_std, out_std
 
+    def next_tokens(self) -> torch.Tensor:
+        """[V]: the token this model's head favours after each token (its greedy chain)."""
+        return self._next_token_map()
+
     def _next_token_map(self) -> torch.Tensor:
         V = self.spec.vocab_size
         g = torch.Generator().manual_seed(self.perm_seed)

@@ -55,6 +55,25 @@ class LogitsSettings:
         return bool((self.logprobs >= 0).any())
 
 
+def neutral_settings(n: int) -> LogitsSettings:
+    """Settings of n sequences that ask for none of this (to sit beside ones that do)."""
+    return LogitsSettings(np.ones(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32),
+                          np.zeros(n, np.int64), [[] for _ in range(n)], None, np.full(n, -1, np.int64))
+
+
+def concat_settings(a: LogitsSettings | None, na: int, b: LogitsSettings | None, nb: int) -> LogitsSettings | None:
+    """Rows of a (na sequences) followed by rows of b; None where neither asks for anything."""
+    if a is None and b is None:
+        return None
+    a, b = a or neutral_settings(na), b or neutral_settings(nb)
+    prompts = None
+    if a.prompts is not None or b.prompts is not None:
+        prompts = (a.prompts or [[] for _ in range(na)]) + (b.prompts or [[] for _ in range(nb)])
+    return LogitsSettings(np.concatenate([a.rep, b.rep]), np.concatenate([a.presence, b.presence]),
+                          np.concatenate([a.frequency, b.frequency]), np.concatenate([a.min_tokens, b.min_tokens]),
+                          a.stop_ids + b.stop_ids, prompts, np.concatenate([a.logprobs, b.logprobs]))
+
+
 def logits_settings(reqs) -> LogitsSettings | None:
     """The batch's settings, or None when no request needs any of this (the plain path runs)."""
     ps = [r.params for r in reqs]
@@ -102,6 +121,27 @@ class LogitsState:
             v = getattr(self, name)
             if v is not None:
                 setattr(self, name, v[t])
+
+    def concat(self, other: "LogitsState | None", n_other: int) -> "LogitsState":
+        """This batch's rows followed by other's (None: n_other sequences that ask for nothing).
+        A side without its [B, V] tables has used none of them (its rows are not penalized),
+        so zeros stand in for them."""
+        n = len(self.s.rep)
+        other = other or LogitsState(neutral_settings(n_other), self.device)
+        s = concat_settings(self.s, n, other.s, n_other)
+        out = LogitsState(s, self.device)
+        out.n_out = torch.cat([self.n_out, other.n_out])
+        V = next((x.counts.shape[1] for x in (self, other) if x.counts is not None), None)
+        if V is not None:
+            for x in (self, other):
+                x._ensure(V)
+            out.counts = torch.cat([self.counts, other.counts])
+            for name, built in (("prompt_mask", s.prompts is not None), ("stop_mask", bool((s.min_tokens > 0).any()))):
+                if built:
+                    parts = [getattr(x, name) if getattr(x, name) is not None else
+                             torch.zeros(len(x.s.rep), V, dtype=torch.bool, device=self.device) for x in (self, other)]
+                    setattr(out, name, torch.cat(parts))
+        return out
 
     def process(self, logits: torch.Tensor, hist: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """logits [b, n, V] of the sequences `rows`; hist [b, m] tokens after the output so far

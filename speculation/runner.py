@@ -24,7 +24,7 @@ from ..models.resident import ResidentModel
 from ..models.ring_cache import prime
 from ..placement.draft_kv import DraftKV
 from .draft_graph import GraphedDraftStep, graphable
-from .logits_process import LogitsState
+from .logits_process import LogitsState, neutral_settings
 from .sampler import SamplingTensors, probs_from_logits, sample
 from .verify import verify_greedy, verify_sampled
 
@@ -75,7 +75,10 @@ class SpecRunner:
         self.kv = kv
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self, bid: int, samp: SamplingTensors, prompts: list[list[int]] | None, capacity: int):
+    def start(self, bid: int, samp: SamplingTensors, prompts: list[list[int]] | None, capacity: int,
+              joins: int | None = None):
+        """joins: the running batch these sequences will join (`merge`): an fp8 draft ring
+        then takes that batch's scales, so that the joined rows share one."""
         st = BatchState(last=torch.zeros(len(samp.temperature), dtype=torch.long, device=self.device),
                         samp=samp)
         if samp.extra is not None:
@@ -84,17 +87,43 @@ class SpecRunner:
             if self.kv.rebuilt:
                 st.history = [list(p) for p in prompts]
             else:
-                st.draft_cache = self._draft_prefill(prompts, capacity)
+                like = self.batches[joins].draft_cache if joins is not None else None
+                st.draft_cache = self._draft_prefill(prompts, capacity, like)
         self.batches[bid] = st
 
-    def _draft_prefill(self, prompts, capacity):
+    def merge(self, bid: int, new: int):
+        """Batch `new` (started with joins=bid, its first tokens out) takes the rows after
+        batch bid's live ones, in order: waiting requests refilling a running batch in place."""
+        st, nw = self.batches[bid], self.batches.pop(new)
+        self._graphs.pop(new, None)
+        if st.proposals is not None or nw.proposals is not None:
+            raise RuntimeError("rows join a batch between its verification and its next proposals")
+        n, m = st.last.shape[0], nw.last.shape[0]
+        st.last = torch.cat([st.last, nw.last])
+        st.samp = st.samp.concat(nw.samp)
+        if st.proc is not None or nw.proc is not None:
+            mine = st.proc or LogitsState(neutral_settings(n), self.device)
+            st.proc = mine.concat(nw.proc, m)
+        st.pending = list(st.pending) + list(nw.pending)
+        if st.history is not None:
+            st.history = st.history + nw.history
+        if st.draft_cache is not None:
+            self._stale(bid)  # the captured step serves a batch of the old height
+            if st.rows is not None:  # finished rows still in the cache leave it first
+                st.draft_cache.select(host_tensor(st.rows))
+                st.rows = st.rows_t = None
+            st.draft_cache.append(nw.draft_cache)
+
+    def _draft_prefill(self, prompts, capacity, like=None):
         """The draft sees each prompt (when windowed: its first `sinks` and last `window`
         tokens, at their true positions), a chunk of sequences at a time to bound activation
-        memory."""
+        memory. like: a cache these rows will join, whose fp8 scales they take."""
         # The ring holds W + the most tokens one decode pass adds; a W-token prefill fits too.
         host = self.kv.in_host_memory and self.device.type != "cpu"
         cache = self.draft.new_cache(len(prompts), capacity, window=self.kv.window, fp8=self.kv.fp8,
                                      max_new=self.max_new, sinks=self.kv.sinks, device="cpu" if host else None)
+        if like is not None and getattr(like, "fp8", False):
+            cache.k_scale, cache.v_scale = list(like.k_scale), list(like.v_scale)
         if not self.kv.in_host_memory:
             prime(self.draft, cache, prompts, self.kv.window, self.kv.sinks, chunk=self.prefill_chunk, which=None)
             return cache
@@ -143,16 +172,6 @@ class SpecRunner:
                 self._stale(bid)
                 st.draft_cache.select(host_tensor(rows))
                 st.rows = st.rows_t = None
-
-    def compact(self, bid: int):
-        """Free the draft KV of the batch's finished rows (see KVCache.compact)."""
-        st = self.batches[bid]
-        if st.draft_cache is not None:
-            self._stale(bid)
-            if st.rows is not None:
-                st.draft_cache.select(host_tensor(st.rows))
-                st.rows = st.rows_t = None
-            st.draft_cache.compact()
 
     def _stale(self, bid: int):
         """The batch's draft cache is about to get new storage: its graph must not replay, but

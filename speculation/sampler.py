@@ -31,6 +31,14 @@ class SamplingTensors:
         return SamplingTensors(self.temperature[idx], self.top_k[idx], self.top_p[idx],
                                None if self.extra is None else self.extra.select(idx))
 
+    def concat(self, other: "SamplingTensors") -> "SamplingTensors":
+        """This batch's rows followed by other's (waiting requests joining a running batch)."""
+        from .logits_process import concat_settings
+
+        return SamplingTensors(np.concatenate([self.temperature, other.temperature]),
+                               np.concatenate([self.top_k, other.top_k]), np.concatenate([self.top_p, other.top_p]),
+                               concat_settings(self.extra, len(self.temperature), other.extra, len(other.temperature)))
+
     @property
     def all_greedy(self) -> bool:
         return bool((self.temperature == 0).all())

@@ -105,3 +105,27 @@ def test_plan_w3_shapes(tmp_path):
 
     best = json.loads((tmp_path / "p.json").read_text())["best"]
     assert best["schedule"] in ("single", "dual") and best["batch"] >= 64
+
+
+def test_bench_w1_long_tiny_job(tmp_path):
+    """w1-long's short form: a job of mixed prompt lengths whose outputs end by EOS at drawn
+    lengths, the same requests for every mode, rows refilled in place, rows busy reported."""
+    import json
+
+    import numpy as np
+
+    from specoffload.bench_job import JobShape
+
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "w1-long-tiny", "--modes",
+                        "none,single@2", "--no-warmup", "--json", str(tmp_path / "b.json")],
+                       capture_output=True, text=True, timeout=400, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rows busy" in r.stdout
+    res = json.loads((tmp_path / "b.json").read_text())["results"]
+    shape = JobShape(requests=12, prompt_lo=8, prompt_hi=32, gen_lo=3, gen_hi=12)
+    rng = np.random.default_rng(shape.seed)
+    shape.prompt_lengths(rng)
+    want = int(shape.gen_lengths(rng).sum())  # every output ends by EOS at its drawn length
+    assert [x["tokens"] for x in res] == [want, want] and [x["requests"] for x in res] == [12, 12]
+    assert all(x["joins"] > 0 and 0 < x["rows_busy"] <= 1 and x["time_to_last_s"] > 0 for x in res)

@@ -119,10 +119,11 @@ def test_speculation_only_when_it_pays(h200):
 def test_each_schedule_wins_somewhere(h200):
     """DESIGN.md: the planner models single and dual and chooses by machine. With a CPU whose
     attention is slow the pass grows with its batch, and verifying one batch while the other
-    drafts beats verifying both at once."""
+    drafts beats verifying both at once. In waves: refilled in place, a single batch of half the
+    rows has no tail to hide and wins (test_refill_priced)."""
     slow_cpu = replace(h200, cpu_kv_GBps=3.0, cpu_attention_gflops=100.0, device_tflops=100.0, device_GBps=1000.0,
                        host_memory="400GB").with_gpu_memory("40GiB")
-    wl = Workload(512, 128, 384, 0.8)
+    wl = Workload(512, 128, 384, 0.8, refill=False)
     dual = plan(mixtral_8x7b(), mistral_7b(), slow_cpu, wl)
     assert dual.best.schedule == "dual"
     assert plan(mixtral_8x7b(), mistral_7b(), replace(slow_cpu, cpu_kv_GBps=49.0, cpu_attention_gflops=1040.0,
@@ -240,3 +241,15 @@ def test_llm_plan_auto_runs_what_it_chose_and_stays_exact(tiny_dir, acceptance, 
     assert llm.run_cfg.schedule == chosen and llm.plan == llm.plan_choice.plan
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=12, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(d, PROMPTS, 12)
+
+
+def test_refill_priced(h200):
+    """With more requests than rows, the planner prices refill in place against waves, and picks
+    it where rows would otherwise wait for a wave's slowest one; a join rides the next pass, so
+    it waits for few free rows."""
+    wl = Workload(512, 128, 768, 0.8)
+    on = plan(mixtral_8x7b(), mistral_7b(), h200, wl).best
+    off = plan(mixtral_8x7b(), mistral_7b(), h200, replace(wl, refill=False)).best
+    assert on.refill and 1 <= on.refill_rows <= on.batch // 4
+    assert on.tokens_per_s > off.tokens_per_s and not off.refill
+    assert plan(mixtral_8x7b(), mistral_7b(), h200, W1).run_options()["refill"] is False  # one wave

@@ -36,7 +36,7 @@ class _Fake:
     def _batch(self, bid):
         return self.st
 
-    def _prefill_layer(self, st, bid, s, j):
+    def _prefill_layer(self, st, bid, s, j, in_pass=False):
         self.calls.append((s, j))
         st.setdefault("subs", {})[s] = "activations"
         if (s, j) == self.fail_at:
@@ -106,7 +106,7 @@ def test_failed_prefill_leaves_no_unhandled_errors(ray_session, capfd, caplog):
 
     be = ActorBackend(ray.remote(Executor).remote(), ray.remote(Attention).remote(), num_layers=6,
                       prefill_batch=2)
-    be._n = 4  # two prefill sub-batches
+    be._size[0] = 4  # two prefill sub-batches
     head = be.prefill(0, None)
     with pytest.raises(CapacityError, match="layer 1"):
         be.get(head)

@@ -1,11 +1,12 @@
-"""Batches that refill: requests beyond the batch size start as new batches whose target
-passes are shared with the running ones. Output stays each request's greedy output."""
+"""Rows refilled in place: when sequences finish, waiting requests take their rows in the
+running batch. Output stays each request's own (greedy: transformers' generate; sampled:
+what its seed gives in any batch), and the batch's rows stay busier than in waves."""
 
 from __future__ import annotations
 
 import pytest
 
-from hf_reference import PROMPTS, hf_greedy
+from hf_reference import PROMPTS, first_new_token, hf_greedy
 from specoffload.actors.pass_layers import PassLayers
 from specoffload.configs.run_config import RunConfig
 from specoffload.configs.sampling_params import SamplingParams
@@ -16,7 +17,7 @@ from specoffload.scheduler.generator import Generator
 from specoffload.scheduler.reference_backend import ReferenceBackend
 from specoffload.scheduler.request import Request
 
-# Seven requests of different lengths: rows finish at different passes.
+# Seven requests of different prompt and output lengths: rows finish at different passes.
 LENGTHS = [24, 5, 9, 17, 3, 12, 20]
 REQS = [(PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate(LENGTHS)]
 
@@ -26,32 +27,94 @@ def _want(d):
     return [full[tuple(p)][:n] for p, n in REQS]
 
 
-@pytest.mark.parametrize("schedule,draft", [("none", None), ("single", "self"), ("single", "window")])
-def test_refilled_batches_keep_greedy_output(tiny_dir, schedule, draft):
-    d = tiny_dir("llama")
+def _backend(d, draft, **kw):
+    if draft == "recompute":  # the draft's KV rebuilt each round from each row's tokens
+        kw["draft_kv"] = "recompute"
     tgt = ResidentModel.from_source(Checkpoint(d))
     dr = None if draft is None else ResidentModel(tgt.spec.with_layers(1), tgt.glob, tgt.layers[:1])
-    backend = ReferenceBackend(tgt, dr, draft_window=4 if draft == "window" else None)
-    runs = {}
-    for refill in (True, False):
-        reqs = [Request(i, p, SamplingParams(max_tokens=n, ignore_eos=True)) for i, (p, n) in enumerate(REQS)]
-        cfg = RunConfig(schedule=schedule, k=3, batch_size=3, refill=refill, refill_rows=1)
-        runs[refill] = (Generator(backend, cfg).run(reqs), [r.out for r in reqs])
-    assert runs[True][1] == runs[False][1] == _want(d)
-    (on, _), (off, _) = runs[True], runs[False]
-    assert off.batches == 3 and on.batches > 3  # waves of 3, or a new batch whenever a row frees
-    assert on.passes < off.passes  # no pass serves only a wave's last rows while requests wait
+    return ReferenceBackend(tgt, dr, draft_window=4 if draft and draft.startswith("window") else None,
+                            draft_kv_fp8=draft == "window-fp8", **kw)
 
 
-def test_refill_through_actors_shares_passes(ray_session, tiny_dir):
-    """On the actors a pass verifies every running batch with one stream of the weights."""
+def _run(backend, params, refill, schedule="single", batch=3, refill_rows=1, k=3):
+    reqs = [Request(i, p, sp, eos_ids=(2,)) for i, ((p, _), sp) in enumerate(zip(REQS, params))]
+    cfg = RunConfig(schedule=schedule, k=k, batch_size=batch, refill=refill, refill_rows=refill_rows)
+    st = Generator(backend, cfg).run(reqs)
+    return st, [(r.out, r.finish_reason) for r in reqs]
+
+
+@pytest.mark.parametrize("schedule,draft", [("none", None), ("single", "self"), ("single", "window"),
+                                            ("single", "recompute"), ("dual", "self")])
+def test_refilled_rows_keep_greedy_output(tiny_dir, schedule, draft):
     d = tiny_dir("llama")
-    with LLM(str(d), draft="self:1", batch_size=3, k=3, progress=False, micro_batches=2, refill=True) as llm:
+    backend = _backend(d, draft)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS]
+    (on, out_on), (off, out_off) = (_run(backend, params, r, schedule) for r in (True, False))
+    assert out_on == out_off
+    assert [o for o, _ in out_on] == _want(d)
+    assert on.batches == (2 if schedule == "dual" else 1) and on.joins > 0 and on.joined == len(REQS) - on.batches * 3
+    assert off.batches == 3 and off.joins == 0
+    assert on.passes < off.passes  # no pass serves only a wave's last rows while requests wait
+    assert on.as_dict()["rows_busy"] > off.as_dict()["rows_busy"]
+    assert on.as_dict()["rows_busy_while_waiting"] >= on.as_dict()["rows_busy"]  # the job's end drains the batch
+
+
+def _decode(ids):
+    return "".join(f"<{t}>" for t in ids)
+
+
+@pytest.mark.parametrize("schedule,draft", [("none", None), ("single", "window"), ("single", "window-fp8")])
+def test_refill_with_stops_and_host_draft_kv(tiny_dir, schedule, draft):
+    """Rows end by EOS, stop token ids, stop strings and max_tokens at different passes, some at
+    their first token, with more requests than twice the batch; the draft KV in host memory."""
+    d = tiny_dir("llama")
+    ref = hf_greedy(d, PROMPTS, max(LENGTHS))
+    params, eos = [], []
+    for i, (p, n) in enumerate(REQS):
+        out = ref[i % len(PROMPTS)]
+        j, tok = first_new_token(out, [1, 8, 0, 6][i % 4])  # request 1 (5 tokens) runs to its length
+        how = i % 3  # 0: EOS, 1: a stop token id, 2: a stop string
+        eos.append((tok,) if how == 0 else (2,))
+        params.append(SamplingParams(max_tokens=n, stop_token_ids=[tok] if how == 1 else [],
+                                     stop=[f"<{tok}>"] if how == 2 else None))
+    backend = _backend(d, draft, draft_kv="host" if draft == "window" else "gpu")
+    outs = {}
+    for refill in (True, False):
+        reqs = [Request(i, p, sp, eos_ids=e, decode=_decode) for i, ((p, _), sp, e) in enumerate(zip(REQS, params, eos))]
+        st = Generator(backend, RunConfig(schedule=schedule, k=3, batch_size=2, refill=refill, refill_rows=1)).run(reqs)
+        outs[refill] = [(r.out, r.finish_reason, r.stop_reason) for r in reqs]
+        assert (st.joins > 0) == refill
+    assert outs[True] == outs[False]
+    assert {f for _, f, _ in outs[True]} == {"stop", "length"}
+    assert any(len(o) == 1 for o, _, _ in outs[True])  # a row that ends at its first token
+
+
+@pytest.mark.parametrize("schedule", ["none", "single"])
+def test_seeded_sampling_unchanged_by_refill(tiny_dir, schedule):
+    """Each request draws its uniforms from its own seeded generator: refilled or not, a seeded
+    request samples the same tokens; penalties on some rows only, joined beside rows without."""
+    d = tiny_dir("llama")
+    backend = _backend(d, None if schedule == "none" else "self")
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.8, top_p=0.9, seed=100 + i,
+                             repetition_penalty=1.3 if i % 3 == 0 else 1.0) for i, (_, n) in enumerate(REQS)]
+    (_, out_on), (_, out_off) = (_run(backend, params, r, schedule) for r in (True, False))
+    assert out_on == out_off
+
+
+@pytest.mark.parametrize("draft,prefill,schedule", [("self:1", "pass", "single"), (None, "pass", None),
+                                                     ("self:1", "pass", "dual")])
+def test_refill_through_actors(ray_session, tiny_dir, draft, prefill, schedule):
+    """On the actors: joining rows' prefill rides the batch's next pass (each layer's weights
+    serving it too, the layer released after its last part), or runs as a pass of its own (and
+    always under dual, whose batches draft during each other's passes)."""
+    d = tiny_dir("llama")
+    with LLM(str(d), draft=draft, batch_size=3, k=3, progress=False, micro_batches=2, refill=True,
+             refill_prefill=prefill, schedule=schedule) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p, _ in REQS],
                             [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS])
         stats = llm.last_stats
     assert [o.outputs[0].token_ids for o in outs] == _want(d)
-    assert stats["batches"] > 3
+    assert stats["batches"] == (2 if schedule == "dual" else 1) and stats["joins"] > 0 and stats["rows_busy"] > 0.5
 
 
 def test_a_layer_is_released_after_the_last_part_of_the_pass():
@@ -67,3 +130,45 @@ def test_a_layer_is_released_after_the_last_part_of_the_pass():
     pl.finished(0)  # a pass that failed after one part of layer 0...
     pl.begin(2)  # ...does not leave its count to the next pass
     assert [pl.finished(0), pl.finished(0)] == [False, True]
+
+
+def test_append_fills_the_rows_select_left_in_place():
+    import torch
+
+    from specoffload.models.attention import KVCache
+
+    c = KVCache(2, 4, 1, 2, 5, torch.float32)
+    for t in c.k + c.v:
+        t.copy_(torch.arange(4, dtype=torch.float32)[:, None, None, None].expand_as(t))
+    c.lens[:] = torch.tensor([1, 2, 3, 4])
+    ptr = c.k[0].data_ptr()
+    c.select(torch.tensor([0, 3]))  # rows 0 and 3 stay, 3 moved into row 1
+    new = KVCache(2, 2, 1, 2, 5, torch.float32)
+    for t in new.k + new.v:
+        t.fill_(9)
+    new.lens[:] = torch.tensor([7, 8])
+    c.append(new)
+    assert c.k[0].data_ptr() == ptr  # the batch's own storage, no copy of the kept rows
+    assert c.k[1][:, 0, 0, 0].tolist() == [0, 3, 9, 9] and c.lens.tolist() == [1, 4, 7, 8]
+    c.append(new)  # past the storage: a taller one, rows kept
+    assert c.batch == 6 and c.v[0][:, 0, 0, 0].tolist() == [0, 3, 9, 9, 9, 9]
+    c.append(KVCache(2, 1, 1, 2, 3, torch.float32))  # a joining prompt's cache may be shorter
+    assert c.batch == 7 and c.lens.tolist()[-1] == 0
+    with pytest.raises(ValueError):
+        c.append(KVCache(2, 1, 1, 2, 6, torch.float32))
+
+
+def test_refill_price_and_default():
+    from specoffload.errors import ConfigError
+    from specoffload.placement.refill import RefillPrice, default_refill_rows, refill_default
+
+    ride, own = default_refill_rows(192, "pass"), default_refill_rows(192, "own")
+    assert 1 <= ride < own < 192 // 2  # a join that streams the weights again waits for more rows
+    cheap = RefillPrice(192, 1.0, 0.0, 30)
+    assert cheap.best_rows() == 1 and cheap.busy(1) == 1.0  # free joins: refill every row at once
+    assert refill_default(None, 10, 4) and not refill_default(None, 4, 4)
+    assert refill_default(False, 10, 4) is False and refill_default(True, 1, 4) is True
+    with pytest.raises(ConfigError):
+        RefillPrice(0, 1.0, 0.1, 30)
+    with pytest.raises(ConfigError):
+        RunConfig(refill_prefill="later")
