@@ -208,7 +208,7 @@ class Bench:
         self.many_micro = False
         self.results: list[dict] = []
         self.gen = torch.Generator().manual_seed(0)
-        self.layer_bytes = tspec.layer_param_count() * 2
+        self.layer_bytes = tspec.layer_bytes()
 
     def start(self, run_plan, draft_src, what: str):
         """Coordinator and actors for `run_plan`; one that refuses to start (say the plan does
