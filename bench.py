@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-kv-fp8", action="store_true", help="Store the windowed draft's KV cache in fp8.")
     ap.add_argument("--draft-fp8", action="store_true", help="Keep the draft's layer matrices in fp8 (half its "
                                                              "GPU memory; see --resident).")
+    ap.add_argument("--target-fp8", action="store_true", help="Quantize the target to fp8 per output channel as "
+                                                              "the loader writes host memory (--quantize fp8): "
+                                                              "half the bytes per pass.")
     ap.add_argument("--resident", type=int, default=0, help="Target layers kept on the GPU by the actors every "
                                                             "mode runs on (the memory an fp8 draft frees).")
     ap.add_argument("--draft-sinks", type=int, default=0, help="The windowed draft also keeps each sequence's "
@@ -348,7 +351,8 @@ class Bench:
 
 def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int | None):
     base = next((r for r in results if r["mode"].split("/")[0] == "none"), None)
-    print(f"\n{a.workload.split('-')[0].upper()} (target {tspec.model_type} {a.target_layers} layers, "
+    print(f"\n{a.workload.split('-')[0].upper()} (target {tspec.model_type} {a.target_layers} layers"
+          f"{' fp8' if tspec.weights == 'fp8' else ''}, "
           f"{layer_bytes / 1e9:.2f} GB/layer, {a.resident} resident, draft "
           f"{a.draft_layers} layers{' fp8' if a.draft_fp8 else ''}, cap {a.gpu_memory}, prompt {a.prompt_len}, "
           f"gen {a.gen}, agreement {a.agreement})")
@@ -383,6 +387,11 @@ def _main(argv):
     a = _options(argv)
     tspec, dspec = workload_shapes(a.workload, a.target_layers, a.draft_layers)
     tsrc, dsrc = constructed_pair(tspec, dspec, a.agreement)
+    if a.target_fp8:
+        from specoffload.sources.fp8_quantize import Fp8Quantized
+
+        tsrc = Fp8Quantized(tsrc)
+        tspec = tsrc.spec
     cuda = torch.cuda.is_available()
     plan = _plan(a, cuda)
     try:
