@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-fp8", choices=["auto", "on", "off"], default="auto",
                     help="Whether a separate draft's matrices are in fp8: where faster (auto, the default; its "
                          "acceptance is taken to be the bf16 draft's), always (on), or never (off).")
+    ap.add_argument("--quantize", choices=["fp8"], help="Plan for the target's matrices in fp8 (an fp8 "
+                                                        "checkpoint is without it): half the bytes per layer.")
     ap.add_argument("--top", type=int, default=10, help="The number of candidates to list (default 10).")
     ap.add_argument("--out", help="Write the chosen plan here (a Plan JSON file).")
     ap.add_argument("--json", help="Write the choice, its prediction and the candidates here.")
@@ -117,13 +119,15 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from .errors import ConfigError
     from .placement.hardware import Hardware, measure
     from .placement.planner import Workload, plan
 
     target, draft, self_layers, where = _specs(args)
+    if args.quantize:
+        target = replace(target, weights="fp8")
     wl = Workload(args.prompt_len, args.gen, args.requests, args.acceptance,
                   tuple(_window_acceptance(args.window_acceptance).items()))
     if args.hardware:

@@ -66,9 +66,10 @@ class Fp8Weight:
         data = torch.empty(rows.shape, dtype=FP8, device=w.device)
         scale = torch.empty(rows.shape[0], dtype=torch.float32, device=w.device)
         for lo in range(0, rows.shape[0], chunk_rows):
-            wf = rows[lo:lo + chunk_rows].float()
-            s = (wf.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
-            data[lo:lo + chunk_rows] = (wf / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            # In place, one fp32 temporary: the loader quantizes a whole target this way (--quantize fp8).
+            part = rows[lo:lo + chunk_rows]
+            s = torch.linalg.vector_norm(part, ord=float("inf"), dim=1, dtype=torch.float32).div_(FP8_MAX).clamp_min_(1e-12)
+            data[lo:lo + chunk_rows] = part.to(torch.float32, copy=True).div_(s[:, None]).clamp_(-FP8_MAX, FP8_MAX)
             scale[lo:lo + chunk_rows] = s
         return cls(data.view(w.shape), scale.view(w.shape[:-1]))
 
@@ -117,7 +118,7 @@ class Fp8Weight:
             return (amax * (1.0 / FP8_MAX)).clamp_min_(1e-12)
         s = self.input_scale.float().reshape(-1)
         s = s[expert_of_row] if expert_of_row is not None and s.numel() > 1 else s[:1].expand(x2.shape[0])
-        return s.reshape(-1, 1)
+        return s.reshape(-1, 1).contiguous()  # _scaled_mm takes rowwise scales, materialised
 
     def quantize_input(self, x2: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         # x / sx stays within FP8_MAX for per-token scales up to rounding; a static scale can overflow.

@@ -240,3 +240,19 @@ def test_llm_plan_auto_runs_what_it_chose_and_stays_exact(tiny_dir, acceptance, 
     assert llm.run_cfg.schedule == chosen and llm.plan == llm.plan_choice.plan
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=12, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(d, PROMPTS, 12)
+
+
+def test_fp8_target_halves_the_stream_and_frees_host_memory(h200):
+    """An fp8 target (issue 19): half the bytes per layer for the slots and the copy, a
+    shorter predicted pass, no layers on disk where bf16 needed some, and room for more sequences."""
+    bf16, fp8 = mixtral_8x7b(), replace(mixtral_8x7b(), weights="fp8")
+    assert 0.49 < fp8.layer_bytes() / bf16.layer_bytes() < 0.51
+    assert cm.target_pass_s(h200, cm.CostModel(), fp8, 192, 1, 640) < 0.55 * cm.target_pass_s(
+        h200, cm.CostModel(), bf16, 192, 1, 640)
+    small = replace(h200, host_memory="80GB")
+    assert plan(bf16, None, small, W1).best.disk > 0 and plan(fp8, None, small, W1).best.disk == 0
+    big = Workload(512, 128, 4096, 0.8)
+    # the largest batch whose KV fits beside every layer in host memory (none on disk)
+    batch = lambda spec: max(c.batch for c in plan(spec, None, h200, big).candidates  # noqa: E731
+                             if c.fits and c.disk == 0)
+    assert batch(fp8) >= 2 * batch(bf16)
