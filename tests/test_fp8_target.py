@@ -222,3 +222,75 @@ def test_bad_fp8_checkpoint_is_one_line(fp8_dir, tmp_path, case):
     with pytest.raises(CheckpointError, match=match) as e:
         LLM(str(d), engine="reference", progress=False)  # read whole at start: every layer checked
     assert "\n" not in str(e.value)
+
+
+# -- on the GPU (scripts/gpu_check.py runs these: pytest -m cuda) -------------------------------
+import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
+
+cuda_only = gpu.cuda_only("fp8 kernels need a GPU")
+
+
+def _experts(E=8, out=512, inp=256, static=False):
+    g = torch.Generator().manual_seed(0)
+    w = Fp8Weight.quantize(torch.randn(E, out, inp, generator=g) * 0.05)
+    if static:
+        w = Fp8Weight(w.data, w.scale, torch.rand(E, generator=g) * 0.01 + 0.01)
+    return w.to("cuda")
+
+
+@cuda_only
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_kernel_matches_the_dequantize_path(static):
+    """_scaled_mm with per-row weight scales and per-token or static input scales computes what
+    the CPU's reference path does, up to bf16 output rounding."""
+    from specoffload.models import fp8_weights
+
+    w = _experts(1, 4096, 4096, static)[0]
+    x = torch.randn(192, 4096, device="cuda", dtype=torch.bfloat16)
+    y = w._scaled(x)  # the kernel itself: a refusal here is a failure, not a fallback
+    assert _rel(y, w.reference_linear(x)) < 1e-2
+    assert ("cuda", torch.bfloat16) not in fp8_weights._SCALED_MM_FAILED
+
+
+@cuda_only
+@pytest.mark.parametrize("static", [False, True])
+def test_grouped_fp8_experts_match_one_expert_at_a_time(static):
+    """The grouped MoE path over fp8 experts (fp8 grouped matmul, or widened experts where the
+    build refuses it) gives each expert's rows what that expert's own matmul gives."""
+    w = _experts(8, 512, 256, static)
+    counts = torch.tensor([16, 0, 48, 32, 16, 64, 16, 64], device="cuda")
+    xs = torch.randn(int(counts.sum()), 256, device="cuda", dtype=torch.bfloat16)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    eid = torch.repeat_interleave(torch.arange(8, device="cuda"), counts)
+    got = w.grouped(xs, offs, eid)
+    want = torch.cat([w[e].reference_linear(xs[eid == e]) for e in range(8)])
+    assert _rel(got, want) < 2e-2
+
+
+@cuda_only
+def test_grouped_fp8_experts_use_the_fp8_kernel():
+    """Informative: where this fails, the grouped MoE path widens the experts of every chunk
+    (correct, slower); the GPU measurement should say which ran."""
+    from specoffload.models import fp8_weights
+
+    w = _experts()
+    counts = torch.full((8,), 32, device="cuda")
+    w.grouped(torch.randn(256, 256, device="cuda", dtype=torch.bfloat16), torch.cumsum(counts, 0).to(torch.int32),
+              None)
+    assert ("grouped", "cuda", torch.bfloat16) not in fp8_weights._SCALED_MM_FAILED
+
+
+@cuda_only
+@pytest.mark.parametrize("family,fmt", [("mixtral", "fp8-dynamic"), ("qwen3_moe", "block")])
+def test_fp8_target_on_the_gpu_speculates_losslessly(ray_session, fp8_dir, family, fmt):
+    """An fp8 checkpoint streamed from host memory into fp8 weight slots on the GPU: greedy
+    speculative output equals plain decoding of the same target on the same GPU, and the
+    loader's files hold the fp8 bytes (about half of what bf16 takes)."""
+    d = fp8_dir(family, fmt)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    sp = SamplingParams(max_tokens=16, ignore_eos=True)
+    outs = []
+    for draft in (None, "self:1"):
+        with LLM(str(d), draft=draft, device="cuda", dtype="bfloat16", k=3, batch_size=2, progress=False) as llm:
+            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
+    assert outs[0] == outs[1]
