@@ -184,6 +184,33 @@ def test_speculative_greedy_equals_plain_decoding_of_the_fp8_target(fp8_dir, fam
     assert spec == plain
 
 
+def test_speculative_sampling_follows_the_fp8_targets_distribution(tiny_dir, fp8_dir):
+    """Many seeds, one prompt, an fp8 target (compressed-tensors FP8-dynamic) and a bf16 draft
+    that often disagrees: the first two emitted tokens follow the fp8 target's own distribution
+    (its plain forward pass's softmax), chi-square p > 1e-3 as in test_sampling_distribution."""
+    import numpy as np
+
+    from test_sampling_distribution import _chi2
+
+    tgt = ResidentModel.from_source(Checkpoint(fp8_dir("llama", "fp8-dynamic")))
+    draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=1, intermediate_size=48)))
+    prompt, N = [1, 5, 7, 9], 3000
+    reqs = [Request(i, prompt, SamplingParams(max_tokens=2, temperature=1.0, seed=1000 + i, ignore_eos=True))
+            for i in range(N)]
+    stats = Generator(ReferenceBackend(tgt, draft), RunConfig(schedule="single", k=3, batch_size=N)).run(reqs)
+    assert 0 < stats.accepted < stats.proposed
+    first, second = np.array([r.out[0] for r in reqs]), np.array([r.out[1] for r in reqs])
+
+    def probs(tokens):
+        logits = tgt.forward(tgt.new_cache(1, 16), torch.tensor(tokens), torch.tensor([len(tokens)]))
+        return torch.softmax(logits[0].double(), -1).numpy()
+
+    assert _chi2(first, probs(prompt)) > 1e-3
+    t1 = int(np.bincount(first).argmax())
+    sel = first == t1
+    assert sel.sum() > 300 and _chi2(second[sel], probs(prompt + [t1])) > 1e-3
+
+
 def _edit(folder, drop=None, config=None, scale_of=None):
     """Break an fp8 checkpoint in place: drop a tensor, change the quantization config, or
     give a block scale a 64x64 grid."""
@@ -294,3 +321,10 @@ def test_fp8_target_on_the_gpu_speculates_losslessly(ray_session, fp8_dir, famil
         with LLM(str(d), draft=draft, device="cuda", dtype="bfloat16", k=3, batch_size=2, progress=False) as llm:
             outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
     assert outs[0] == outs[1]
+
+
+def test_unknown_quantize_is_one_line(tiny_dir):
+    from specoffload.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quantize must be one of fp8 or None, got 'int4'"):
+        LLM(str(tiny_dir("llama")), engine="reference", quantize="int4", progress=False)
