@@ -34,6 +34,9 @@ WORKLOADS = {
     "w3": (48, 28, 192, 512, 128),
     "w3-small": (12, 28, 192, 512, 32),
     "w3-tiny": (2, 1, 4, 16, 6),
+    # W4: a Llama-3.1-70B-shaped target, always fp8 (quantized at load), and a Llama-3.2-1B-shaped draft.
+    "w4": (80, 16, 192, 512, 128),
+    "w4-small": (16, 16, 192, 512, 32),
 }
 
 
@@ -43,6 +46,10 @@ def workload_shapes(workload: str, target_layers: int, draft_layers: int):
         from specoffload.sources.w3_shapes import qwen3_0_6b, qwen3_30b_a3b
 
         return qwen3_30b_a3b(target_layers), qwen3_0_6b(draft_layers)
+    if workload.startswith("w4"):
+        from specoffload.sources.w4_shapes import llama_3_1_70b, llama_3_2_1b
+
+        return llama_3_1_70b(target_layers), llama_3_2_1b(draft_layers)
     from specoffload.sources.constructed import mistral_7b, mixtral_8x7b
 
     return mixtral_8x7b(target_layers), mistral_7b(draft_layers)
@@ -86,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="w1: 32+32 layers, batch 192, prompt 512, 128 tokens; w1-small: 8+8 layers, "
                          "32 tokens; tiny: 2+1 layers, 4 sequences of 16 tokens (a CPU smoke test); w3, "
                          "w3-small, w3-tiny: the same with Qwen3-30B-A3B / Qwen3-0.6B shapes (48+28, 12+28 "
-                         "layers, 2+1). The options below override its numbers.")
+                         "layers, 2+1); w4, w4-small: a Llama-3.1-70B-shaped target in fp8 (80 or 16 "
+                         "layers) with a Llama-3.2-1B-shaped draft (16 layers). The options below override "
+                         "its numbers.")
     ap.add_argument("--target-layers", type=int, help="The number of layers of the (Mixtral- or Qwen3-MoE-shaped) target "
                                                       "(default: the workload's).")
     ap.add_argument("--draft-layers", type=int, help="The number of layers of the (Mistral- or Qwen3-shaped) draft "
@@ -387,7 +396,7 @@ def _main(argv):
     a = _options(argv)
     tspec, dspec = workload_shapes(a.workload, a.target_layers, a.draft_layers)
     tsrc, dsrc = constructed_pair(tspec, dspec, a.agreement)
-    if a.target_fp8:
+    if a.target_fp8 or a.workload.startswith("w4"):  # W4 is fp8: 141 GB of bf16 fits no host here
         from specoffload.sources.fp8_quantize import Fp8Quantized
 
         tsrc = Fp8Quantized(tsrc)

@@ -21,9 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specoffload plan", description=__doc__.split("\n\n")[0])
     m = ap.add_mutually_exclusive_group()
     m.add_argument("--model", help="The target checkpoint folder or Hub id (default: the embedded model).")
-    m.add_argument("--shapes", choices=["w1", "w3"], help="Plan for model shapes without a checkpoint: "
+    m.add_argument("--shapes", choices=["w1", "w3", "w4"], help="Plan for model shapes without a checkpoint: "
                                                           "w1 is a Mixtral-8x7B target with a Mistral-7B draft, "
-                                                          "w3 a Qwen3-30B-A3B target with a Qwen3-0.6B draft (bf16).")
+                                                          "w3 a Qwen3-30B-A3B target with a Qwen3-0.6B draft (bf16), "
+                                                          "w4 a Llama-3.1-70B target in fp8 with a Llama-3.2-1B "
+                                                          "draft.")
     ap.add_argument("--draft", help="'self:N' or a draft checkpoint folder; leave it out to plan without "
                                     "speculation.")
     ap.add_argument("--hardware", help="Read the machine's figures from this hardware JSON file (see "
@@ -92,6 +94,14 @@ def _specs(args):
         if args.draft not in (None, "w3"):
             raise ConfigError("--shapes w3 brings its own draft shape; leave out --draft")
         return qwen3_30b_a3b(), qwen3_0_6b(), 0, "--shapes w3"
+    if args.shapes == "w4":  # the target in fp8, as W4 runs it
+        from dataclasses import replace
+
+        from .sources.w4_shapes import llama_3_1_70b, llama_3_2_1b
+
+        if args.draft not in (None, "w4"):
+            raise ConfigError("--shapes w4 brings its own draft shape; leave out --draft")
+        return replace(llama_3_1_70b(), weights="fp8"), llama_3_2_1b(), 0, "--shapes w4"
     if args.model is None:
         from .sources.default_model import default_model_dir
 
