@@ -156,22 +156,18 @@ class Fp8Weight:
         y = torch._scaled_mm(xq, self.data.t(), scale_a=sx, scale_b=self.scale_row, out_dtype=out_dtype)
         return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
 
-    def grouped(self, xs: torch.Tensor, offs: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+    def grouped(self, xs: torch.Tensor, offs: torch.Tensor, expert_of_row: torch.Tensor | None) -> torch.Tensor:
         """Stacked experts: rows of xs [pairs, in] sorted by expert, group ends `offs` ->
-        [pairs, out]. CUDA: one fp8 grouped matmul; elsewhere (or refused) experts widened."""
-        key = ("grouped", xs.device.type, xs.dtype)
+        [pairs, out]. CUDA: one fp8 grouped matmul (a refusal raises: the MoE layer then runs
+        its loop over experts, one fp8 matmul each, rather than widening every expert per
+        chunk); elsewhere the experts widened, the reference."""
         sx = self.input_scales(xs, expert_of_row)
-        if xs.device.type == "cuda" and not self.block and key not in _SCALED_MM_FAILED:
-            try:
-                return torch._scaled_grouped_mm(self.quantize_input(xs, sx), self.data.transpose(-2, -1),
-                                                scale_a=sx.reshape(-1), scale_b=self.scale, offs=offs,
-                                                out_dtype=torch.bfloat16).to(xs.dtype)
-            except torch.OutOfMemoryError:
-                raise
-            except (RuntimeError, NotImplementedError, TypeError, AttributeError):
-                _SCALED_MM_FAILED.add(key)
-        xf = xs if sx is None else (self.quantize_input(xs, sx).float() * sx).to(xs.dtype)
-        return torch._grouped_mm(xf, self.dequantize(xs.dtype).transpose(-2, -1), offs=offs)
+        if xs.device.type == "cuda" and not self.block:
+            return torch._scaled_grouped_mm(self.quantize_input(xs, sx), self.data.transpose(-2, -1),
+                                            scale_a=sx.reshape(-1), scale_b=self.scale, offs=offs,
+                                            out_dtype=torch.bfloat16).to(xs.dtype)
+        xf = xs.float() if sx is None else self.quantize_input(xs, sx).float() * sx
+        return torch._grouped_mm(xf, self.dequantize(torch.float32).transpose(-2, -1), offs=offs).to(xs.dtype)
 
     def to(self, device, non_blocking: bool = False) -> "Fp8Weight":
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731

@@ -146,7 +146,7 @@ def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, grouped: bool | None = No
             out = _experts_grouped(spec, w, x, tok, weight, counts)
         except torch.OutOfMemoryError:
             raise  # not a refusal: the loop would need the memory too
-        except (RuntimeError, NotImplementedError):  # shapes or dtypes this build's kernel refuses
+        except (RuntimeError, NotImplementedError, AttributeError):  # shapes, dtypes or kernels this build refuses
             _GROUPED_MM_FAILED.add((x.device.type, x.dtype))
     if out is None:
         out = _experts_loop(spec, w, x, tok, weight, counts)
