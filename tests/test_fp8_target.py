@@ -333,3 +333,14 @@ def test_unknown_quantize_is_one_line(tiny_dir):
 
     with pytest.raises(ConfigError, match="quantize must be one of fp8 or None, got 'int4'"):
         LLM(str(tiny_dir("llama")), engine="reference", quantize="int4", progress=False)
+
+
+def test_vllm_quantization_argument(tiny_dir):
+    """vLLM's `quantization="fp8"` is --quantize fp8; another method is one line."""
+    from specoffload.errors import ConfigError
+    from specoffload.vllm import LLM as VLLM
+
+    llm = VLLM(model=str(tiny_dir("llama")), quantization="fp8", engine="reference", start=False, progress=False)
+    assert llm.args.quantize == "fp8" and llm.spec.weights == "fp8"
+    with pytest.raises(ConfigError, match="quantization='awq' is not supported"):
+        VLLM(model=str(tiny_dir("llama")), quantization="awq", engine="reference", start=False)
