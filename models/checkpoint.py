@@ -59,7 +59,9 @@ class Checkpoint:
         # an fp8 checkpoint's format (models/fp8_checkpoint.py); load_spec checked the config
         cfg = json.loads((self.dir / "config.json").read_text())
         self.fp8 = Fp8Format.of(self.dir / "config.json", cfg.get("quantization_config"))
+        self._header_dtypes: dict[str, str] = {}
         self._where = self._index()
+        self._check_fp8_scales()
         self._layers: dict[int, dict[str, str]] = {}
         for name in self._where:
             m = _LAYER.match(name)
@@ -84,7 +86,7 @@ class Checkpoint:
             for f in sorted(set(where.values())):
                 if not f.is_file():
                     raise CheckpointError(f"missing shard {f} (listed in {idx.name})")
-                self._check_header(f)
+                self._header_dtypes.update(self._check_header(f))
             return where
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
@@ -93,12 +95,14 @@ class Checkpoint:
             check_weights_format(self.dir)  # .bin or .gguf only: says how to convert
             raise CheckpointError(f"no *.safetensors files in {self.dir}")
         for f in files:
-            for name in self._check_header(f):
+            header = self._check_header(f)
+            self._header_dtypes.update(header)
+            for name in header:
                 where[name] = f
         return where
 
     @staticmethod
-    def _check_header(f: Path) -> list[str]:
+    def _check_header(f: Path) -> dict[str, str]:
         """Open the header and check every tensor's bytes are inside the file (truncation)."""
         try:
             size = f.stat().st_size
@@ -110,7 +114,7 @@ class Checkpoint:
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + n + end > size:
                 raise ValueError(f"truncated: {size} bytes, tensors need {8 + n + end}")
-            return [k for k in header if k != "__metadata__"]
+            return {k: v.get("dtype", "") for k, v in header.items() if k != "__metadata__"}
         except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
 
@@ -176,6 +180,19 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: layer {j} lacks {sorted(need - set(w))}")
         check_layer_shapes(self.dir, self.spec, j, w)
         return w
+
+    def _check_fp8_scales(self):
+        """From the headers alone, before any actor starts: every fp8 weight has its scale."""
+        for name, dt in self._header_dtypes.items():
+            if dt != "F8_E4M3":
+                continue
+            if self.fp8 is None:
+                raise CheckpointError(f"{self._where[name]}: tensor {name} is fp8 but config.json has no "
+                                      f"quantization_config saying how it is scaled")
+            base = name[: -len(".weight")] if name.endswith(".weight") else name
+            if not any(base + sfx in self._where for sfx in (".weight_scale", ".weight_scale_inv")):
+                raise CheckpointError(f"{self._where[name]}: tensor {name} is fp8 but has no scale "
+                                      f"(weight_scale / weight_scale_inv)")
 
     def _fp8_scales(self, j: int, w: dict) -> dict:
         """Each fp8 matrix has its scale, in our layout (models/fp8_checkpoint.py)."""

@@ -229,27 +229,37 @@ def _edit(folder, drop=None, config=None, scale_of=None):
 
 
 @pytest.mark.parametrize("case", ["missing scale", "block size in config", "block scale grid", "gptq"])
-def test_bad_fp8_checkpoint_is_one_line(fp8_dir, tmp_path, case):
+def test_bad_fp8_checkpoint_is_one_line(fp8_dir, tmp_path, capsys, case):
+    """`specoffload generate` on a broken fp8 checkpoint: exit 2, one error line, no traceback.
+    All but the scale grid are found from config.json and the shards' headers, before Ray starts."""
     import shutil
+
+    from specoffload.cli import main
 
     fmt = "fp8-dynamic" if case == "missing scale" else "block"
     d = shutil.copytree(fp8_dir("llama", fmt), tmp_path / "bad")
     if case == "missing scale":
         _edit(d, drop="model.layers.1.self_attn.k_proj.weight_scale")
-        match = "layer 1 tensor k is fp8 but has no scale"
+        want = "tensor model.layers.1.self_attn.k_proj.weight is fp8 but has no scale"
     elif case == "block size in config":
         _edit(d, config={"weight_block_size": [64, 64]})
-        match = r"weight_block_size \[64, 64\] is not supported"
+        want = "weight_block_size [64, 64] is not supported"
     elif case == "block scale grid":
         _edit(d, scale_of="model.layers.0.mlp.up_proj")
-        match = "128x128 blocks"
+        want = "128x128 blocks"
     else:
         _edit(d, config={"quant_method": "gptq"})
-        match = "quantization 'gptq' is not supported"
-    with pytest.raises(CheckpointError, match=match) as e:
-        LLM(str(d), engine="reference", progress=False)  # read whole at start: every layer checked
-    assert "\n" not in str(e.value)
-
+        want = "quantization 'gptq' is not supported"
+    if case != "block scale grid":
+        with pytest.raises(CheckpointError, match=want.replace("[", r"\[").replace("]", r"\]")):
+            Checkpoint(d)
+    rc = main(["generate", "--model", str(d), "--engine", "reference", "--quiet", "--prompt", "w3 w4",
+               "--max-tokens", "2"])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and "Traceback" not in err, err
+    assert lines[-1].startswith("specoffload: error: ") and want in lines[-1], err
+    assert [x for x in lines if "error" in x] == [lines[-1]]
 
 # -- on the GPU (scripts/gpu_check.py runs these: pytest -m cuda) -------------------------------
 import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
