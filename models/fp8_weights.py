@@ -14,10 +14,11 @@ DeepSeek's releases). Experts are stacked [E, out, in] with scales [E, ...], as 
 
 The input of a row-scaled matmul is quantized to fp8 as well (per token, or by a checkpoint's
 static `input_scale`) and on CUDA runs `torch._scaled_mm` (fp8 tensor cores), scales applied in
-the kernel, bf16 out. Everywhere else (the CPU; block scales; a shape or dtype the kernel
-refuses) the dequantize path runs: the input quantized and dequantized the same way (so it sees
-what the kernel sees), the weight widened and scaled, one fp32 matmul. That path is the
-reference the tests compare against transformers.
+the kernel, bf16 out. Block-scaled weights, or a shape or dtype the kernel refuses, are widened
+to bf16 on the GPU (a blocked view, no fp32 copy). On the CPU the dequantize path runs: the
+input quantized and dequantized the same way (so it sees what the kernel sees), the weight
+widened and scaled, one fp32 matmul. That path is the reference the tests compare against
+transformers.
 """
 
 from __future__ import annotations
@@ -105,7 +106,15 @@ class Fp8Weight:
         return self.scale.repeat_interleave(BLOCK, -2)[..., :out, :].repeat_interleave(BLOCK, -1)[..., :inp]
 
     def dequantize(self, dtype) -> torch.Tensor:
-        return (self.data.float() * self.full_scale()).to(dtype)
+        """The widened matrix. In fp32: exact products (the reference). In a 16-bit dtype (a
+        GPU's widening): no fp32 copy of the matrix, whole blocks scaled through a blocked view."""
+        *lead, out, inp = self.data.shape
+        if dtype == torch.float32 or (self.block and (out % BLOCK or inp % BLOCK)):
+            return (self.data.float() * self.full_scale()).to(dtype)
+        if not self.block:
+            return self.data.to(dtype) * self.scale.to(dtype)[..., None]
+        blocks = self.data.view(*lead, out // BLOCK, BLOCK, inp // BLOCK, BLOCK).to(dtype)
+        return (blocks * self.scale.to(dtype)[..., :, None, :, None]).view(*lead, out, inp)
 
     def input_scales(self, x2: torch.Tensor, expert_of_row: torch.Tensor | None = None) -> torch.Tensor | None:
         """[M, 1] fp32 scales that quantize the rows of x2 [M, in] (None: inputs stay as they are).
@@ -128,7 +137,9 @@ class Fp8Weight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in] -> [..., out] in x's dtype."""
         key = (x.device.type, x.dtype)
-        if x.device.type == "cuda" and not self.block and key not in _SCALED_MM_FAILED:
+        if x.device.type != "cuda":
+            return self.reference_linear(x, bias)
+        if not self.block and key not in _SCALED_MM_FAILED:
             try:
                 y = self._scaled(x)
                 return y if bias is None else y + bias
@@ -136,7 +147,12 @@ class Fp8Weight:
                 raise  # not a refusal: widening would need more memory still
             except (RuntimeError, NotImplementedError, TypeError):
                 _SCALED_MM_FAILED.add(key)
-        return self.reference_linear(x, bias)
+        # Block scales (no fp8 kernel for them here), or a refusal: widened in x's dtype.
+        sx = self.input_scales(x.reshape(-1, x.shape[-1]))
+        if sx is not None:
+            x2 = x.reshape(-1, x.shape[-1])
+            x = (self.quantize_input(x2, sx).to(x.dtype) * sx.to(x.dtype)).reshape(x.shape)
+        return F.linear(x, self.dequantize(x.dtype), bias)
 
     def reference_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The dequantize path: what the fp8 kernel computes, in fp32 (see the module's docstring)."""
@@ -162,7 +178,9 @@ class Fp8Weight:
         its loop over experts, one fp8 matmul each, rather than widening every expert per
         chunk); elsewhere the experts widened, the reference."""
         sx = self.input_scales(xs, expert_of_row)
-        if xs.device.type == "cuda" and not self.block:
+        if xs.device.type == "cuda" and self.block:  # widened in bf16, every expert of the chunk
+            return torch._grouped_mm(xs, self.dequantize(xs.dtype).transpose(-2, -1), offs=offs)
+        if xs.device.type == "cuda":
             return torch._scaled_grouped_mm(self.quantize_input(xs, sx), self.data.transpose(-2, -1),
                                             scale_a=sx.reshape(-1), scale_b=self.scale, offs=offs,
                                             out_dtype=torch.bfloat16).to(xs.dtype)

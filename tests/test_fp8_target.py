@@ -127,6 +127,10 @@ def test_block_scales_cover_partial_blocks():
     assert _rel(f.linear(torch.ones(3, 160)), torch.ones(3, 160) @ dequantize(q, s, "block").T) < 1e-6
     stacked = Fp8Weight(torch.stack([q, q]), torch.stack([s, 2 * s]))  # experts: each its own grid
     assert torch.equal(stacked[1].dequantize(torch.float32), 2 * dequantize(q, s, "block"))
+    # the GPU's widening to bf16 through a blocked view (whole blocks): bf16's rounding, 2^-8
+    q, s = quantize_tensor(torch.randn(2, 384, 256, generator=torch.Generator().manual_seed(1)).view(-1, 256), "block")
+    whole = Fp8Weight(q.view(2, 384, 256), s.view(2, 3, 2))
+    assert _rel(whole.dequantize(torch.bfloat16), whole.dequantize(torch.float32)) < 4e-3
 
 
 def test_quantize_at_load_is_the_fp8_dynamic_checkpoint(tiny_dir, fp8_dir):
