@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError
 from .fp8_checkpoint import SCALE_SUFFIXES, SKIPPED_SUFFIXES, Fp8Format, check_finite_fp8
-from .fp8_weights import FP8, SCALE, gathered
+from .fp8_weights import FP8, INPUT_SCALE, SCALE, gathered
 from .layers import layer_shapes
 from .spec import ModelSpec, load_spec
 from .weight_checks import check_global_shapes, check_layer_shapes, check_tensor
@@ -128,10 +128,7 @@ class Checkpoint:
                 with safe_open(str(f), framework="pt") as fh:
                     for n in ns:
                         raw = fh.get_tensor(n)
-                        if raw.dtype == FP8:  # stays fp8: host memory and the copy get half the bytes
-                            if self.fp8 is None:
-                                raise CheckpointError(f"{f}: tensor {n} is fp8 but config.json has no "
-                                                      f"quantization_config saying how it is scaled")
+                        if raw.dtype == FP8:  # stays fp8 (its scale checked at init): half the bytes
                             out[n] = raw
                             check_finite_fp8(f, n, raw)
                             continue
@@ -204,7 +201,7 @@ class Checkpoint:
                 w[k + SCALE] = self.fp8.scale(self.dir, f"layer {j} {k}", t, w[k + SCALE])
             elif k.endswith(SCALE) and k[: -len(SCALE)] in w and w[k[: -len(SCALE)]].dtype != FP8:
                 del w[k]  # a scale beside a weight stored unquantized: nothing to scale
-        for k in [k for k in w if k.endswith(".input_scale")]:
+        for k in [k for k in w if k.endswith(INPUT_SCALE)]:
             w[k] = w[k].reshape(-1).contiguous()  # [1], experts [E]
         return w
 
