@@ -165,6 +165,14 @@ def test_quantize_at_load_through_the_actors_writes_fp8_to_host_memory(ray_sessi
     with LLM(str(d), draft="self:1", quantize="fp8", schedule="single", k=3, batch_size=2, progress=False) as llm:
         assert llm.spec.weights == "fp8"
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+        from dataclasses import replace
+
+        from specoffload.actors.io_loader import run_dir
+
+        files = sum(f.stat().st_size for f in run_dir(llm.run_id).glob("layer_*.bin"))
+        layers = range(llm.spec.num_layers)
+        assert sum(llm.spec.layer_bytes(j) for j in layers) <= files  # what the planner counts, plus alignment
+        assert files < 0.6 * sum(replace(llm.spec, weights="").layer_bytes(j) for j in layers)  # fp32 tiny model
         assert llm.last_stats["acceptance"] is not None
     assert got == want
 
