@@ -192,10 +192,6 @@ class Fp8Weight:
         return Fp8Weight(mv(self.data), mv(self.scale), mv(self.input_scale))
 
 
-def is_fp8(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype == FP8
-
-
 def gathered(w: dict) -> dict:
     """A flat layer dict with each fp8 matrix and its scales (see SCALE) as one Fp8Weight;
     a dict without fp8 matrices is returned as it is."""
