@@ -134,10 +134,11 @@ def test_block_scales_cover_partial_blocks():
 
 
 def test_quantize_at_load_is_the_fp8_dynamic_checkpoint(tiny_dir, fp8_dir):
-    """A bf16 checkpoint quantized as it loads gives exactly the fp8 bytes, scales and logits of
-    the same weights saved as a compressed-tensors FP8-dynamic checkpoint (both: per output
-    channel, max |w| / 448), each within e4m3's rounding (1/16 relative) of the bf16 value."""
-    for family in ("llama", "mixtral"):
+    """A bf16 checkpoint quantized as it loads gives exactly the fp8 bytes and scales of the same
+    weights saved as a compressed-tensors FP8-dynamic checkpoint (both: per output channel,
+    max |w| / 448), so the same logits, each value within e4m3's rounding (1/16 relative) of
+    the bf16 one."""
+    for family in ("llama", "mixtral", "qwen2_moe"):  # qwen2_moe: a shared expert, its gate left as it is
         q = Fp8Quantized(Checkpoint(tiny_dir(family)))
         ck = Checkpoint(fp8_dir(family, "fp8-dynamic"))
         assert q.spec.weights == "fp8"
@@ -146,11 +147,13 @@ def test_quantize_at_load_is_the_fp8_dynamic_checkpoint(tiny_dir, fp8_dir):
         for k, v in want.items():
             assert torch.equal(got[k].view(torch.uint8) if v.dtype == FP8 else got[k],
                                v.view(torch.uint8) if v.dtype == FP8 else v), k
+        assert "shared_gate.scale" not in got and "router.scale" not in got
         for k in ("q", "down" if "down" in orig else "w_down"):
             deq = Fp8Weight(got[k], got[k + ".scale"]).dequantize(torch.float32)
             err = (deq - orig[k]).abs() / orig[k].abs().amax(dim=-1, keepdim=True)
             assert float(err.max()) <= 1 / 16
-        assert torch.equal(_our_logits(q), _our_logits(ck))
+        # same bytes in; fp32 GEMMs may still sum in another order (buffer alignment picks the kernel)
+        assert _rel(_our_logits(q), _our_logits(ck)) < 1e-6
 
 
 def test_quantize_at_load_through_the_actors_writes_fp8_to_host_memory(ray_session, tiny_dir):
