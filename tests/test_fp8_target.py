@@ -1,7 +1,8 @@
 """An fp8 target (issue 19): fp8 checkpoints in both formats users download, and a bf16 one
 quantized at load, computed from their fp8 bytes; speculation stays lossless against it.
 
-The checkpoints are tiny and written here (tests/fp8_checkpoints.py). transformers reads them
+The checkpoints are tiny, written by tests/fp8_checkpoints.py (the `fp8_dir` fixture). Bad fp8
+input: test_fp8_target_errors.py; the fp8 kernels on a GPU: test_fp8_target_gpu.py. transformers reads them
 on the CPU: compressed-tensors checkpoints through the `compressed-tensors` package, which
 runs each quantized Linear with its input quantized and dequantized the way an fp8 kernel sees
 it; block-wise fp8 ones dequantized to full precision at load (transformers' CPU fallback for
@@ -10,17 +11,12 @@ that format), inputs unquantized, as ours on that format.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from fp8_checkpoints import write_fp8
 from hf_reference import PROMPTS
 from specoffload.configs.run_config import RunConfig
 from specoffload.configs.sampling_params import SamplingParams
-from specoffload.errors import CheckpointError
 from specoffload.llm import LLM
 from specoffload.models.checkpoint import Checkpoint
 from specoffload.models.fp8_weights import FP8, Fp8Weight
@@ -31,24 +27,6 @@ from specoffload.scheduler.request import Request
 from specoffload.sources.fp8_quantize import Fp8Quantized
 
 FORMATS = ("fp8-dynamic", "fp8-static", "block")
-# Block checkpoints get several 128x128 blocks per matrix. Multiples of 128: transformers'
-# CPU dequantize takes the block size as rows // scale rows, wrong for a partial last block
-# (real checkpoints have none); ours is checked against partial blocks on its own below.
-BLOCK_SHAPES = dict(hidden_size=256, intermediate_size=384)
-
-
-@pytest.fixture(scope="session")
-def fp8_dir(tiny_dir, tmp_path_factory):
-    """(family, format) -> an fp8 checkpoint folder made from a tiny bf16 one (made once)."""
-    root, made = tmp_path_factory.mktemp("fp8"), {}
-
-    def get(family: str, fmt: str):
-        if (family, fmt) not in made:
-            over = BLOCK_SHAPES if fmt == "block" else {}
-            made[family, fmt] = write_fp8(tiny_dir(family, **over), root / f"{family}-{fmt}", fmt)
-        return made[family, fmt]
-
-    return get
 
 
 def _rel(a, b) -> float:
@@ -224,148 +202,3 @@ def test_speculative_sampling_follows_the_fp8_targets_distribution(tiny_dir, fp8
     t1 = int(np.bincount(first).argmax())
     sel = first == t1
     assert sel.sum() > 300 and _chi2(second[sel], probs(prompt + [t1])) > 1e-3
-
-
-def _edit(folder, drop=None, config=None, scale_of=None):
-    """Break an fp8 checkpoint in place: drop a tensor, change the quantization config, or
-    give a block scale a 64x64 grid."""
-    f = next(folder.glob("*.safetensors"))
-    t = load_file(str(f))
-    if drop:
-        del t[drop]
-    if scale_of:
-        w = t[scale_of + ".weight"]
-        t[scale_of + ".weight_scale_inv"] = torch.ones(-(-w.shape[0] // 64), -(-w.shape[1] // 64))
-    save_file(t, str(f), metadata={"format": "pt"})
-    if config:
-        cfg = json.loads((folder / "config.json").read_text())
-        cfg["quantization_config"].update(config)
-        (folder / "config.json").write_text(json.dumps(cfg))
-
-
-@pytest.mark.parametrize("case", ["missing scale", "block size in config", "block scale grid", "gptq"])
-def test_bad_fp8_checkpoint_is_one_line(fp8_dir, tmp_path, capsys, case):
-    """`specoffload generate` on a broken fp8 checkpoint: exit 2, one error line, no traceback.
-    All but the scale grid are found from config.json and the shards' headers, before Ray starts."""
-    import shutil
-
-    from specoffload.cli import main
-
-    fmt = "fp8-dynamic" if case == "missing scale" else "block"
-    d = shutil.copytree(fp8_dir("llama", fmt), tmp_path / "bad")
-    if case == "missing scale":
-        _edit(d, drop="model.layers.1.self_attn.k_proj.weight_scale")
-        want = "tensor model.layers.1.self_attn.k_proj.weight is fp8 but has no scale"
-    elif case == "block size in config":
-        _edit(d, config={"weight_block_size": [64, 64]})
-        want = "weight_block_size [64, 64] is not supported"
-    elif case == "block scale grid":
-        _edit(d, scale_of="model.layers.0.mlp.up_proj")
-        want = "128x128 blocks"
-    else:
-        _edit(d, config={"quant_method": "gptq"})
-        want = "quantization 'gptq' is not supported"
-    if case != "block scale grid":
-        with pytest.raises(CheckpointError, match=want.replace("[", r"\[").replace("]", r"\]")):
-            Checkpoint(d)
-    rc = main(["generate", "--model", str(d), "--engine", "reference", "--quiet", "--prompt", "w3 w4",
-               "--max-tokens", "2"])
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert rc == 2 and "Traceback" not in err, err
-    assert lines[-1].startswith("specoffload: error: ") and want in lines[-1], err
-    assert [x for x in lines if "error" in x] == [lines[-1]]
-
-# -- on the GPU (scripts/gpu_check.py runs these: pytest -m cuda) -------------------------------
-import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
-
-cuda_only = gpu.cuda_only("fp8 kernels need a GPU")
-
-
-def _experts(E=8, out=512, inp=256, static=False):
-    g = torch.Generator().manual_seed(0)
-    w = Fp8Weight.quantize(torch.randn(E, out, inp, generator=g) * 0.05)
-    if static:
-        w = Fp8Weight(w.data, w.scale, torch.rand(E, generator=g) * 0.01 + 0.01)
-    return w.to("cuda")
-
-
-@cuda_only
-@pytest.mark.parametrize("static", [False, True])
-def test_fp8_kernel_matches_the_dequantize_path(static):
-    """_scaled_mm with per-row weight scales and per-token or static input scales computes what
-    the CPU's reference path does, up to bf16 output rounding."""
-    from specoffload.models import fp8_weights
-
-    w = _experts(1, 4096, 4096, static)[0]
-    x = torch.randn(192, 4096, device="cuda", dtype=torch.bfloat16)
-    y = w._scaled(x)  # the kernel itself: a refusal here is a failure, not a fallback
-    assert _rel(y, w.reference_linear(x)) < 1e-2
-    assert ("cuda", torch.bfloat16) not in fp8_weights._SCALED_MM_FAILED
-
-
-@cuda_only
-@pytest.mark.parametrize("static", [False, True])
-def test_fp8_moe_layer_on_the_gpu_matches_the_cpu_reference(static):
-    """An MoE FFN over fp8 experts on the GPU (the fp8 grouped matmul, or the loop over
-    experts where the build refuses it) gives what the CPU's dequantize path gives, up to the
-    kernels' bf16 rounding."""
-    from specoffload.models.layers import moe_ffn
-    from specoffload.sources.constructed import mixtral_8x7b
-    from dataclasses import replace
-
-    spec = replace(mixtral_8x7b(1), hidden_size=256, intermediate_size=512)
-    g = torch.Generator().manual_seed(1)
-    w = {"router": torch.randn(8, 256, generator=g).to(torch.bfloat16)}
-    for k, shape in (("w_gate", (8, 512, 256)), ("w_up", (8, 512, 256)), ("w_down", (8, 256, 512))):
-        f = Fp8Weight.quantize(torch.randn(*shape, generator=g) * 0.05)
-        w[k] = Fp8Weight(f.data, f.scale, torch.rand(8, generator=g) * 0.01 + 0.01) if static else f
-    x = torch.randn(300, 256, generator=g).to(torch.bfloat16)
-    want = moe_ffn(spec, w, x)
-    got = moe_ffn(spec, {k: v.to("cuda") for k, v in w.items()}, x.cuda())
-    assert _rel(got.cpu(), want) < 2e-2
-
-
-@cuda_only
-def test_grouped_fp8_experts_use_the_fp8_kernel():
-    """Informative: where this build refuses the fp8 grouped matmul, fp8 MoE layers run their
-    loop over experts (one fp8 matmul each, a device sync per layer); the error says why."""
-    w = _experts()
-    counts = torch.full((8,), 32, device="cuda")
-    y = w.grouped(torch.randn(256, 256, device="cuda", dtype=torch.bfloat16), torch.cumsum(counts, 0).to(torch.int32),
-                  None)
-    assert y.shape == (256, 512)
-
-
-@cuda_only
-@pytest.mark.parametrize("family,fmt", [("mixtral", "fp8-dynamic"), ("qwen3_moe", "block")])
-def test_fp8_target_on_the_gpu_speculates_losslessly(ray_session, fp8_dir, family, fmt):
-    """An fp8 checkpoint streamed from host memory into fp8 weight slots on the GPU: greedy
-    speculative output equals plain decoding of the same target on the same GPU, and the
-    loader's files hold the fp8 bytes (about half of what bf16 takes)."""
-    d = fp8_dir(family, fmt)
-    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-    sp = SamplingParams(max_tokens=16, ignore_eos=True)
-    outs = []
-    for draft in (None, "self:1"):
-        with LLM(str(d), draft=draft, device="cuda", dtype="bfloat16", k=3, batch_size=2, progress=False) as llm:
-            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
-    assert outs[0] == outs[1]
-
-
-def test_unknown_quantize_is_one_line(tiny_dir):
-    from specoffload.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="quantize must be one of fp8 or None, got 'int4'"):
-        LLM(str(tiny_dir("llama")), engine="reference", quantize="int4", progress=False)
-
-
-def test_vllm_quantization_argument(tiny_dir):
-    """vLLM's `quantization="fp8"` is --quantize fp8; another method is one line."""
-    from specoffload.errors import ConfigError
-    from specoffload.vllm import LLM as VLLM
-
-    llm = VLLM(model=str(tiny_dir("llama")), quantization="fp8", engine="reference", start=False, progress=False)
-    assert llm.args.quantize == "fp8" and llm.spec.weights == "fp8"
-    with pytest.raises(ConfigError, match="quantization='awq' is not supported"):
-        VLLM(model=str(tiny_dir("llama")), quantization="awq", engine="reference", start=False)
