@@ -37,6 +37,9 @@ WORKLOADS = {
     "w3": (48, 28, 192, 512, 128),
     "w3-small": (12, 28, 192, 512, 32),
     "w3-tiny": (2, 1, 4, 16, 6),
+    # W4: a Llama-3.1-70B-shaped target, always fp8 (quantized at load), and a Llama-3.2-1B-shaped draft.
+    "w4": (80, 16, 192, 512, 128),
+    "w4-small": (16, 16, 192, 512, 32),
 }
 
 
@@ -57,6 +60,10 @@ def workload_shapes(workload: str, target_layers: int, draft_layers: int):
         from specoffload.sources.w3_shapes import qwen3_0_6b, qwen3_30b_a3b
 
         return qwen3_30b_a3b(target_layers), qwen3_0_6b(draft_layers)
+    if workload.startswith("w4"):
+        from specoffload.sources.w4_shapes import llama_3_1_70b, llama_3_2_1b
+
+        return llama_3_1_70b(target_layers), llama_3_2_1b(draft_layers)
     from specoffload.sources.constructed import mistral_7b, mixtral_8x7b
 
     return mixtral_8x7b(target_layers), mistral_7b(draft_layers)
@@ -101,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "32 tokens; w1-long: 8+8 layers, a job of 768 requests, prompts 128-1024 tokens, "
                          "outputs 32-256 ended by EOS (w1-long-tiny: its CPU smoke test); tiny: 2+1 layers, 4 sequences of 16 tokens (a CPU smoke test); w3, "
                          "w3-small, w3-tiny: the same with Qwen3-30B-A3B / Qwen3-0.6B shapes (48+28, 12+28 "
-                         "layers, 2+1). The options below override its numbers.")
+                         "layers, 2+1); w4, w4-small: a Llama-3.1-70B-shaped target in fp8 (80 or 16 "
+                         "layers) with a Llama-3.2-1B-shaped draft (16 layers). The options below override "
+                         "its numbers.")
     ap.add_argument("--target-layers", type=int, help="The number of layers of the (Mixtral- or Qwen3-MoE-shaped) target "
                                                       "(default: the workload's).")
     ap.add_argument("--draft-layers", type=int, help="The number of layers of the (Mistral- or Qwen3-shaped) draft "
@@ -140,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-kv-fp8", action="store_true", help="Store the windowed draft's KV cache in fp8.")
     ap.add_argument("--draft-fp8", action="store_true", help="Keep the draft's layer matrices in fp8 (half its "
                                                              "GPU memory; see --resident).")
+    ap.add_argument("--target-fp8", action="store_true", help="Quantize the target to fp8 per output channel as "
+                                                              "the loader writes host memory (--quantize fp8): "
+                                                              "half the bytes per pass.")
     ap.add_argument("--resident", type=int, default=0, help="Target layers kept on the GPU by the actors every "
                                                             "mode runs on (the memory an fp8 draft frees).")
     ap.add_argument("--draft-sinks", type=int, default=0, help="The windowed draft also keeps each sequence's "
@@ -226,7 +238,7 @@ class Bench:
         self.many_micro = False
         self.results: list[dict] = []
         self.gen = torch.Generator().manual_seed(0)
-        self.layer_bytes = tspec.layer_param_count() * 2
+        self.layer_bytes = tspec.layer_bytes()
         shape = job_shape(a)
         if shape is not None:  # the same requests, seeded, for every mode
             from specoffload.bench_job import job_payload
@@ -377,7 +389,8 @@ class Bench:
 
 def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int | None):
     base = next((r for r in results if r["mode"].split("/")[0] == "none"), None)
-    print(f"\n{a.workload.split('-')[0].upper()} (target {tspec.model_type} {a.target_layers} layers, "
+    print(f"\n{a.workload.split('-')[0].upper()} (target {tspec.model_type} {a.target_layers} layers"
+          f"{' fp8' if tspec.weights == 'fp8' else ''}, "
           f"{layer_bytes / 1e9:.2f} GB/layer, {a.resident} resident, draft "
           f"{a.draft_layers} layers{' fp8' if a.draft_fp8 else ''}, cap {a.gpu_memory}, prompt {a.prompt_len}, "
           f"gen {a.gen}, agreement {a.agreement})")
@@ -417,6 +430,11 @@ def _main(argv):
     a = _options(argv)
     tspec, dspec = workload_shapes(a.workload, a.target_layers, a.draft_layers)
     tsrc, dsrc = constructed_pair(tspec, dspec, a.agreement)
+    if a.target_fp8 or a.workload.startswith("w4"):  # W4 is fp8: 141 GB of bf16 fits no host here
+        from specoffload.sources.fp8_quantize import Fp8Quantized
+
+        tsrc = Fp8Quantized(tsrc)
+        tspec = tsrc.spec
     cuda = torch.cuda.is_available()
     plan = _plan(a, cuda)
     try:

@@ -49,6 +49,9 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--draft-kv-fp8", action="store_true", help="Store the windowed draft's KV cache in fp8.")
     p.add_argument("--draft-fp8", action="store_true", help="Keep the draft checkpoint's layer matrices in fp8: "
                    "half its GPU memory; the output stays the target's, the acceptance may change.")
+    p.add_argument("--quantize", choices=["fp8"], help="Quantize a bf16 target to fp8 (per output channel) as "
+                   "it loads: half the bytes in host memory and per pass. fp8 checkpoints (compressed-tensors "
+                   "FP8 / FP8-dynamic, block-wise fp8) load as fp8 without it.")
     p.add_argument("--draft-kv", choices=tuple(PLACEMENTS),
                    help="Where the draft's KV cache lives. " + "; ".join(f"{k}: {v}" for k, v in PLACEMENTS.items())
                    + ".")

@@ -103,6 +103,8 @@ class LLM:
 
         self.model_dir = resolve_model(model)  # a folder, or a Hub id's cached snapshot (sources/hub.py)
         self.spec = load_spec(self.model_dir, dtype=self.args.dtype)
+        if self.args.quantize:  # stored fp8 from the load on: the planner and host fit count fp8 bytes
+            self.spec = replace(self.spec, weights="fp8")
         self.tokenizer = load_tokenizer(self.model_dir)
         self.draft_desc = parse_draft(draft, self.spec.num_layers)
         self.draft_spec = None  # a separate draft checkpoint's (the planner sizes it)
@@ -193,13 +195,18 @@ class LLM:
             raise ConfigError(SELF_DRAFT_REFUSAL)
         return p, self.args.run_config(p.batch_size, self.draft_desc is not None, chosen)
 
+    def _target_desc(self) -> tuple:
+        """The target as actors open it (sources/open.py), quantized at load if asked."""
+        return ("checkpoint", str(self.model_dir), self.spec.dtype, self.args.quantize)
+
     def _start_reference(self):
         from .models.checkpoint import Checkpoint
         from .models.resident import ResidentModel
         from .scheduler.reference_backend import ReferenceBackend
+        from .sources.open import open_source
 
         dev = "cuda" if self.plan.device == "cuda" else "cpu"
-        target = ResidentModel.from_source(Checkpoint(self.model_dir, dtype=self.spec.dtype), dev)
+        target = ResidentModel.from_source(open_source(self._target_desc()), dev)
         draft = None
         if self.draft_desc and self.draft_desc[0] == "self":
             n = self.draft_desc[1]
@@ -232,7 +239,7 @@ class LLM:
             shm_owners.claim(run_dir(self.run_id), "driver")
         self.coordinator = ray.remote(guarded(Coordinator, "coordinator", self.run_id)).options(
             name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
-        ).remote(("checkpoint", str(self.model_dir), self.spec.dtype), self.spec, self.plan,
+        ).remote(self._target_desc(), self.spec, self.plan,
                  self.draft_desc, self.run_cfg, self.run_id, self.progress,
                  tuple((p, cfg) for p, cfg, _ in self._fallbacks))
         self.info = wait_ready(self.coordinator, self.run_id)

@@ -21,9 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specoffload plan", description=__doc__.split("\n\n")[0])
     m = ap.add_mutually_exclusive_group()
     m.add_argument("--model", help="The target checkpoint folder or Hub id (default: the embedded model).")
-    m.add_argument("--shapes", choices=["w1", "w3"], help="Plan for model shapes without a checkpoint: "
+    m.add_argument("--shapes", choices=["w1", "w3", "w4"], help="Plan for model shapes without a checkpoint: "
                                                           "w1 is a Mixtral-8x7B target with a Mistral-7B draft, "
-                                                          "w3 a Qwen3-30B-A3B target with a Qwen3-0.6B draft (bf16).")
+                                                          "w3 a Qwen3-30B-A3B target with a Qwen3-0.6B draft (bf16), "
+                                                          "w4 a Llama-3.1-70B target in fp8 with a Llama-3.2-1B "
+                                                          "draft.")
     ap.add_argument("--draft", help="'self:N' or a draft checkpoint folder; leave it out to plan without "
                                     "speculation.")
     ap.add_argument("--hardware", help="Read the machine's figures from this hardware JSON file (see "
@@ -45,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-fp8", choices=["auto", "on", "off"], default="auto",
                     help="Whether a separate draft's matrices are in fp8: where faster (auto, the default; its "
                          "acceptance is taken to be the bf16 draft's), always (on), or never (off).")
+    ap.add_argument("--quantize", choices=["fp8"], help="Plan for the target's matrices in fp8 (an fp8 "
+                                                        "checkpoint is without it): half the bytes per layer.")
     ap.add_argument("--top", type=int, default=10, help="The number of candidates to list (default 10).")
     ap.add_argument("--out", help="Write the chosen plan here (a Plan JSON file).")
     ap.add_argument("--json", help="Write the choice, its prediction and the candidates here.")
@@ -90,6 +94,14 @@ def _specs(args):
         if args.draft not in (None, "w3"):
             raise ConfigError("--shapes w3 brings its own draft shape; leave out --draft")
         return qwen3_30b_a3b(), qwen3_0_6b(), 0, "--shapes w3"
+    if args.shapes == "w4":  # the target in fp8, as W4 runs it
+        from dataclasses import replace
+
+        from .sources.w4_shapes import llama_3_1_70b, llama_3_2_1b
+
+        if args.draft not in (None, "w4"):
+            raise ConfigError("--shapes w4 brings its own draft shape; leave out --draft")
+        return replace(llama_3_1_70b(), weights="fp8"), llama_3_2_1b(), 0, "--shapes w4"
     if args.model is None:
         from .sources.default_model import default_model_dir
 
@@ -117,13 +129,15 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from .errors import ConfigError
     from .placement.hardware import Hardware, measure
     from .placement.planner import Workload, plan
 
     target, draft, self_layers, where = _specs(args)
+    if args.quantize:
+        target = replace(target, weights="fp8")
     wl = Workload(args.prompt_len, args.gen, args.requests, args.acceptance,
                   tuple(_window_acceptance(args.window_acceptance).items()))
     if args.hardware:

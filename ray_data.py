@@ -320,7 +320,12 @@ class Processor:
             from .sources.default_model import default_model_dir
 
             model = default_model_dir()
-        need = model_bytes(load_spec(model, dtype=c.engine_kwargs.get("dtype")))
+        spec = load_spec(model, dtype=c.engine_kwargs.get("dtype"))
+        if c.engine_kwargs.get("quantize"):  # each replica's /dev/shm holds the fp8 bytes
+            from dataclasses import replace
+
+            spec = replace(spec, weights="fp8")
+        need = model_bytes(spec)
         if c.engine_kwargs.get("engine", "ray") != "ray":
             return need
         ensure_ray(c.engine_kwargs.get("ray_address"))

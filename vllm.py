@@ -43,7 +43,7 @@ def _vllm_llm():
         batch size, `dtype="auto"` is the checkpoint's, parallel sizes other than 1 are refused."""
 
         def __init__(self, model=None, draft=None, *, tokenizer=None, dtype="auto", tensor_parallel_size: int = 1,
-                     pipeline_parallel_size: int = 1, max_num_seqs: int | None = None, **kw):
+                     pipeline_parallel_size: int = 1, max_num_seqs: int | None = None, quantization=None, **kw):
             for name, v in (("tensor_parallel_size", tensor_parallel_size),
                             ("pipeline_parallel_size", pipeline_parallel_size)):
                 if v != 1:
@@ -54,6 +54,13 @@ def _vllm_llm():
                 kw.pop(name)
             if max_num_seqs is not None:
                 kw.setdefault("batch_size", max_num_seqs)
+            # vLLM's quantization="fp8" quantizes a bf16 checkpoint at load (an fp8 one stays as
+            # it is); naming the checkpoint's own fp8 format changes nothing.
+            if quantization == "fp8":
+                kw.setdefault("quantize", "fp8")
+            elif quantization not in (None, "compressed-tensors"):
+                raise ConfigError(f"LLM: quantization={quantization!r} is not supported (fp8, or an fp8 checkpoint's "
+                                  f"own format)")
             try:
                 super().__init__(model, draft, dtype=None if dtype == "auto" else dtype, **kw)
             except TypeError as e:  # an engine argument of vLLM's we do not have

@@ -118,7 +118,7 @@ def host_weight_bytes(spec, plan) -> int:
     item = torch.empty((), dtype=spec.torch_dtype).element_size()
     layers = spec.num_layers - len(plan.disk_layers)
     glob = spec.vocab_size * spec.hidden_size * (1 if spec.tie_embeddings else 2) + spec.hidden_size
-    return (layers * spec.layer_param_count() + glob) * item
+    return layers * spec.layer_bytes() + glob * item
 
 
 def _size(b: int) -> str:

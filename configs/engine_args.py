@@ -11,6 +11,7 @@ from ..errors import ConfigError
 from ..placement.draft_kv import PLACEMENTS
 from ..placement.plan import Plan
 from ..scheduler.schedule import SCHEDULES
+from ..sources.fp8_quantize import QUANTIZE_CHOICES
 from .run_config import RunConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -31,6 +32,9 @@ class EngineArgs:
     draft_sinks: int | None = None
     draft_kv: str | None = None  # placement/draft_kv.py's PLACEMENTS
     draft_fp8: bool = False  # a separate draft's matrices in fp8
+    # "fp8": a bf16 target quantized per channel as it loads (sources/fp8_quantize.py): half
+    # the bytes in host memory and per pass. An fp8 checkpoint is fp8 without it.
+    quantize: str | None = None
     micro_batches: int | None = None
     # Waiting requests take finished rows of the running batch (None: the planner's choice,
     # else placement/refill.py's default: on when requests outnumber rows)
@@ -55,6 +59,8 @@ class EngineArgs:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.draft_kv is not None and self.draft_kv not in PLACEMENTS:
             raise ConfigError(f"draft_kv must be one of {', '.join(PLACEMENTS)}, got {self.draft_kv!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} or None, got {self.quantize!r}")
         if self.trace and self.engine != "ray":
             raise ConfigError("a timeline trace needs engine='ray' (the spans are the actors')")
 

@@ -14,6 +14,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from .fp8_checkpoint import SCALE_SUFFIXES, SKIPPED_SUFFIXES, Fp8Format, check_finite_fp8
+from .fp8_weights import FP8, INPUT_SCALE, SCALE, gathered
 from .layers import layer_shapes
 from .spec import ModelSpec, load_spec
 from .weight_checks import check_global_shapes, check_layer_shapes, check_tensor
@@ -54,7 +56,12 @@ class Checkpoint:
         self.dir = Path(model_dir)
         self.spec: ModelSpec = load_spec(self.dir, dtype=dtype)
         self.dtype = self.spec.torch_dtype
+        # an fp8 checkpoint's format (models/fp8_checkpoint.py); load_spec checked the config
+        cfg = json.loads((self.dir / "config.json").read_text())
+        self.fp8 = Fp8Format.of(self.dir / "config.json", cfg.get("quantization_config"))
+        self._header_dtypes: dict[str, str] = {}
         self._where = self._index()
+        self._check_fp8_scales()
         self._layers: dict[int, dict[str, str]] = {}
         for name in self._where:
             m = _LAYER.match(name)
@@ -79,7 +86,7 @@ class Checkpoint:
             for f in sorted(set(where.values())):
                 if not f.is_file():
                     raise CheckpointError(f"missing shard {f} (listed in {idx.name})")
-                self._check_header(f)
+                self._header_dtypes.update(self._check_header(f))
             return where
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
@@ -88,12 +95,14 @@ class Checkpoint:
             check_weights_format(self.dir)  # .bin or .gguf only: says how to convert
             raise CheckpointError(f"no *.safetensors files in {self.dir}")
         for f in files:
-            for name in self._check_header(f):
+            header = self._check_header(f)
+            self._header_dtypes.update(header)
+            for name in header:
                 where[name] = f
         return where
 
     @staticmethod
-    def _check_header(f: Path) -> list[str]:
+    def _check_header(f: Path) -> dict[str, str]:
         """Open the header and check every tensor's bytes are inside the file (truncation)."""
         try:
             size = f.stat().st_size
@@ -105,7 +114,7 @@ class Checkpoint:
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + n + end > size:
                 raise ValueError(f"truncated: {size} bytes, tensors need {8 + n + end}")
-            return [k for k in header if k != "__metadata__"]
+            return {k: v.get("dtype", "") for k, v in header.items() if k != "__metadata__"}
         except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
 
@@ -119,7 +128,12 @@ class Checkpoint:
                 with safe_open(str(f), framework="pt") as fh:
                     for n in ns:
                         raw = fh.get_tensor(n)
-                        out[n] = raw.to(self.dtype)
+                        if raw.dtype == FP8:  # stays fp8 (its scale checked at init): half the bytes
+                            out[n] = raw
+                            check_finite_fp8(f, n, raw)
+                            continue
+                        # fp8 scales stay fp32 (a bf16 scale widens exactly)
+                        out[n] = raw.float() if n.endswith(tuple(SCALE_SUFFIXES)) else raw.to(self.dtype)
                         check_tensor(f, n, raw, out[n])  # float, finite (models/weight_checks.py)
             except CheckpointError:
                 raise
@@ -129,16 +143,21 @@ class Checkpoint:
 
     def read_layer(self, j: int) -> dict[str, torch.Tensor]:
         """Layer j in our flat layout (see layers.LAYER_KEYS), experts stacked."""
-        names = self._layers[j]
+        names = {s: f for s, f in self._layers[j].items() if not s.endswith(SKIPPED_SUFFIXES)}
         raw = self._read(list(names.values()))
         w: dict[str, torch.Tensor] = {}
         experts: dict[str, dict[int, torch.Tensor]] = {}
         for short, full in names.items():
-            t = raw[full]
+            t, suffix = raw[full], ""
+            for ck, ours in SCALE_SUFFIXES.items():  # an fp8 scale: filed under its weight's name
+                if short.endswith(ck):
+                    short, suffix = short[: -len(ck)] + ".weight", ours
             if short in _DIRECT:
-                w[_DIRECT[short]] = t
+                w[_DIRECT[short] + suffix] = t
             elif (m := _EXPERT.match(short)) :
-                experts.setdefault(_EXPERT_KEY[m.group(2)], {})[int(m.group(1))] = t
+                experts.setdefault(_EXPERT_KEY[m.group(2)] + suffix, {})[int(m.group(1))] = t
+            elif suffix:
+                raise CheckpointError(f"{self._where[full]}: unexpected tensor {full}")
             elif short == "mlp.experts.gate_up_proj":  # transformers 5 fused layout
                 w["w_gate"], w["w_up"] = (x.contiguous() for x in t.chunk(2, dim=1))
             elif short == "mlp.experts.down_proj":
@@ -151,10 +170,39 @@ class Checkpoint:
             if sorted(parts) != list(range(self.spec.num_experts)):
                 raise CheckpointError(f"{self.dir}: layer {j} is missing experts for {key}")
             w[key] = torch.stack([parts[e] for e in range(self.spec.num_experts)])
+        if self.fp8 is not None:
+            w = self._fp8_scales(j, w)
         need = set(layer_shapes(self.spec, j))
         if need - set(w):
             raise CheckpointError(f"{self.dir}: layer {j} lacks {sorted(need - set(w))}")
         check_layer_shapes(self.dir, self.spec, j, w)
+        return w
+
+    def _check_fp8_scales(self):
+        """From the headers alone, before any actor starts: every fp8 weight has its scale."""
+        for name, dt in self._header_dtypes.items():
+            if dt != "F8_E4M3":
+                continue
+            if self.fp8 is None:
+                raise CheckpointError(f"{self._where[name]}: tensor {name} is fp8 but config.json has no "
+                                      f"quantization_config saying how it is scaled")
+            base = name[: -len(".weight")] if name.endswith(".weight") else name
+            if not any(base + sfx in self._where for sfx in (".weight_scale", ".weight_scale_inv")):
+                raise CheckpointError(f"{self._where[name]}: tensor {name} is fp8 but has no scale "
+                                      f"(weight_scale / weight_scale_inv)")
+
+    def _fp8_scales(self, j: int, w: dict) -> dict:
+        """Each fp8 matrix has its scale, in our layout (models/fp8_checkpoint.py)."""
+        for k, t in list(w.items()):
+            if t.dtype == FP8:
+                if k + SCALE not in w:
+                    raise CheckpointError(f"{self.dir}: layer {j} tensor {k} is fp8 but has no scale "
+                                          f"(weight_scale / weight_scale_inv)")
+                w[k + SCALE] = self.fp8.scale(self.dir, f"layer {j} {k}", t, w[k + SCALE])
+            elif k.endswith(SCALE) and k[: -len(SCALE)] in w and w[k[: -len(SCALE)]].dtype != FP8:
+                del w[k]  # a scale beside a weight stored unquantized: nothing to scale
+        for k in [k for k in w if k.endswith(INPUT_SCALE)]:
+            w[k] = w[k].reshape(-1).contiguous()  # [1], experts [E]
         return w
 
     def read_globals(self) -> dict[str, torch.Tensor]:
@@ -166,7 +214,16 @@ class Checkpoint:
         missing = [n for n in names if n not in self._where]
         if missing:
             raise CheckpointError(f"{self.dir}: missing {missing}")
+        # a format that quantized the head too: widened here (the head runs resident, in dtype)
+        names += [n[: -len(".weight")] + sfx for n in names for sfx in (".weight_scale", ".weight_scale_inv")
+                  if n[: -len(".weight")] + sfx in self._where]
         raw = self._read(names)
+        for n in [n for n in raw if raw[n].dtype == FP8]:
+            sfx = next((s for s in (".weight_scale", ".weight_scale_inv") if n[: -len(".weight")] + s in raw), None)
+            if sfx is None:
+                raise CheckpointError(f"{self.dir}: tensor {n} is fp8 but has no scale (weight_scale / weight_scale_inv)")
+            s = self.fp8.scale(self.dir, n, raw[n], raw[n[: -len(".weight")] + sfx])
+            raw[n] = gathered({"w": raw[n], "w" + SCALE: s})["w"].dequantize(self.dtype)
         embed = raw["model.embed_tokens.weight"]
         g = {
             "embed": embed,

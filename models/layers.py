@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fp8_weights import Fp8Weight
+from .fp8_weights import Fp8Weight, gathered
 from .host_io import to_host
 from .rope import rope_table
 from .spec import ModelSpec
@@ -80,13 +80,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _linear(x, w, b=None):
-    if isinstance(w, Fp8Weight):  # a draft's fp8 matrix (models/fp8_weights.py)
+    if isinstance(w, Fp8Weight):  # an fp8 matrix, the draft's or the target's (models/fp8_weights.py)
         return w.linear(x, b)
     return F.linear(x, w, b)
 
 
 def pre_attention(spec: ModelSpec, w: dict, h: torch.Tensor, cos, sin):
     """h [T, H] -> q [T, Hq, d], k [T, Hkv, d], v [T, Hkv, d] (RoPE applied)."""
+    w = gathered(w)  # fp8 matrices as they sit in a weight slot: values and scales apart
     x = rms_norm(h, w["ln1"], spec.rms_eps)
     T, d = h.shape[0], spec.head_dim
     if "qkv" in w:  # an fp8 draft's stacked q/k/v (models/fp8_weights.py)
@@ -145,7 +146,7 @@ def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, grouped: bool | None = No
             out = _experts_grouped(spec, w, x, tok, weight, counts)
         except torch.OutOfMemoryError:
             raise  # not a refusal: the loop would need the memory too
-        except (RuntimeError, NotImplementedError):  # shapes or dtypes this build's kernel refuses
+        except (RuntimeError, NotImplementedError, AttributeError):  # shapes, dtypes or kernels this build refuses
             _GROUPED_MM_FAILED.add((x.device.type, x.dtype))
     if out is None:
         out = _experts_loop(spec, w, x, tok, weight, counts)
@@ -177,7 +178,13 @@ def _experts_grouped(spec, w, x, tok, weight, counts):
     pairs = tok.shape[0]
     step = max(1, MOE_CHUNK_BYTES // (w["w_gate"].shape[1] * x.element_size()))
 
-    def mm(m, name, offs):  # weights are stacked [E, out, in]: each group multiplies by W^T
+    # fp8 experts with static input scales need each row's expert to scale it
+    static = any(isinstance(w[n], Fp8Weight) and w[n].input_scale is not None for n in ("w_gate", "w_up", "w_down"))
+    expert_of_pair = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts) if static else None
+
+    def mm(m, name, offs, a, b):  # weights are stacked [E, out, in]: each group multiplies by W^T
+        if isinstance(w[name], Fp8Weight):
+            return w[name].grouped(m, offs, None if expert_of_pair is None else expert_of_pair[a:b])
         return torch._grouped_mm(m, w[name].transpose(-2, -1), offs=offs)
 
     for a in range(0, pairs, step):
@@ -185,7 +192,7 @@ def _experts_grouped(spec, w, x, tok, weight, counts):
         offs = (ends.clamp(a, b) - a).to(torch.int32)
         t = tok[a:b]
         xs = x[t]
-        y = mm(_act(spec, mm(xs, "w_gate", offs)) * mm(xs, "w_up", offs), "w_down", offs)
+        y = mm(_act(spec, mm(xs, "w_gate", offs, a, b)) * mm(xs, "w_up", offs, a, b), "w_down", offs, a, b)
         out.index_add_(0, t, y * weight[a:b])
     return out
 
@@ -206,6 +213,7 @@ def _experts_loop(spec, w, x, tok, weight, counts):
 
 def post_attention(spec: ModelSpec, w: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """h [T, H] residual stream, attn [T, Hq*d] attention output -> next layer's h."""
+    w = gathered(w)
     h = h + _linear(attn, w["o"])
     x = rms_norm(h, w["ln2"], spec.rms_eps)
     # Per layer, from its weights: Qwen MoE models mix dense layers in (mlp_only_layers).

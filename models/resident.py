@@ -8,7 +8,7 @@ import torch
 
 from .attention import KVCache, pack_index
 from .forward import Forward
-from .fp8_weights import layer_nbytes, quantize_layer
+from .fp8_weights import gathered, layer_nbytes, quantize_layer
 from .rope import prefill_aware_seq_lens, rope_table
 from .spec import ModelSpec
 
@@ -48,7 +48,8 @@ class ResidentModel:
         self.layers = [self._prepared({k: mv(v) for k, v in w.items()}) for w in layers]
 
     def _prepared(self, w: dict) -> dict:
-        return quantize_layer(w) if self.fp8_weights else w
+        # fp8 matrices (an fp8 target's) become Fp8Weights once here, not on every call
+        return quantize_layer(w) if self.fp8_weights else gathered(w)
 
     def weight_bytes(self) -> int:
         """Device bytes of the layers and globals (what the draft costs the GPU)."""

@@ -61,8 +61,13 @@ class ModelSpec:
     # Scaled RoPE: the config facts transformers' rope initialisation reads, as JSON
     # (models/rope.py); "" is plain RoPE from rope_theta.
     rope: str = ""
+    # "fp8": the layers' matrices are stored in fp8 e4m3 with fp32 scales (an fp8 checkpoint or
+    # --quantize fp8; models/fp8_weights.py); norms, router, embeddings and head stay in `dtype`.
+    weights: str = ""
 
     def __post_init__(self):
+        if self.weights not in ("", "fp8"):
+            raise CheckpointError(f"unsupported weight storage {self.weights!r}; supported: fp8")
         if self.model_type not in _FAMILIES:
             raise CheckpointError(
                 f"unsupported architecture {self.model_type!r}; supported: {', '.join(SUPPORTED)}"
@@ -117,6 +122,22 @@ class ModelSpec:
         shared = 3 * h * self.shared_expert_size + h if self.shared_expert_size else 0
         router = h * self.num_experts
         return attn + ffn + shared + router + 2 * h
+
+    def layer_bytes(self, j: int | None = None) -> int:
+        """Bytes of layer j (without j, of the largest) as stored: in fp8, a byte per matrix
+        element, an fp32 scale per output row (an upper bound for block scales), the rest in dtype."""
+        n, item = self.layer_param_count(j), self.torch_dtype.itemsize
+        if self.weights != "fp8":
+            return n * item
+        h, d = self.hidden_size, self.head_dim
+        moe = self.layer_is_moe(j) if j is not None else self.is_moe
+        small = 2 * h + (h * self.num_experts + (h if self.shared_expert_size else 0) if moe else 0)
+        rows = (self.num_heads + 2 * self.num_kv_heads) * d + h
+        if moe:
+            rows += self.num_experts * (2 * self.expert_size + h) + (2 * self.shared_expert_size + h if self.shared_expert_size else 0)
+        else:
+            rows += 2 * self.intermediate_size + h
+        return (n - small) + small * item + 4 * rows
 
     def with_layers(self, n: int) -> "ModelSpec":
         """The same architecture truncated to its first n layers (self-speculative drafts)."""
@@ -233,4 +254,11 @@ def load_spec(model_dir: str | Path, dtype: str | None = None) -> ModelSpec:
         cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # transformers raises many kinds; the message is what matters
         raise CheckpointError(f"{cfg_path}: {str(e).splitlines()[0]}") from None
-    return ModelSpec.from_hf_config(cfg, dtype=dtype)
+    spec = ModelSpec.from_hf_config(cfg, dtype=dtype)
+    from .fp8_checkpoint import Fp8Format
+
+    if Fp8Format.of(cfg_path, raw.get("quantization_config")) is not None:
+        from dataclasses import replace
+
+        spec = replace(spec, weights="fp8")
+    return spec

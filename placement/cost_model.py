@@ -62,7 +62,8 @@ def dtype_bytes(spec: ModelSpec) -> int:
 
 
 def layer_bytes(spec: ModelSpec) -> int:
-    return spec.layer_param_count() * dtype_bytes(spec)
+    """The largest layer as stored (fp8 targets: half the bytes; ModelSpec.layer_bytes)."""
+    return spec.layer_bytes()
 
 
 def active_layer_params(spec: ModelSpec) -> int:
@@ -86,7 +87,7 @@ def model_bytes(spec: ModelSpec, fp8_layers: bool = False) -> int:
 
 
 def draft_layer_bytes(spec: ModelSpec, fp8: bool) -> int:
-    return spec.layer_param_count() * (1 if fp8 else dtype_bytes(spec))
+    return spec.layer_param_count() * 1 if fp8 else spec.layer_bytes()
 
 
 def kv_bytes_per_token_layer(spec: ModelSpec, fp8: bool = False) -> int:

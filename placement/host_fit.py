@@ -52,8 +52,7 @@ def fit_before_load(spec, plan: Plan, sequences: int, context: int, keep: int = 
     stay in host memory (a self-speculative draft's)."""
     from .cost_model import glob_bytes
 
-    itemsize = spec.torch_dtype.itemsize
-    layer = [spec.layer_param_count(j) * itemsize for j in range(spec.num_layers)]
+    layer = [spec.layer_bytes(j) for j in range(spec.num_layers)]
     glob = glob_bytes(spec)
     kv = kv_bytes(spec, plan, sequences, context)
     shm_free, avail = host_memory()

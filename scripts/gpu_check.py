@@ -7,7 +7,9 @@ It writes random Hugging Face checkpoints to disk (a Mixtral-8x7B-shaped target 
 layers, a Mistral-7B-shaped draft with the same tokenizer), then runs, each as a user would:
 `specoffload generate` without and with the draft (flags by hand, `--plan auto` with bf16 and
 fp8 drafts) under a 24 GiB cap with `--out` JSONL, the Python `LLM` API, a Ray job submitted to
-a `ray start` head, `specoffload plan`, `specoffload bench --workload w1-small` (shortened), a
+a `ray start` head, `specoffload plan`, `specoffload bench --workload w1-small` (shortened), the
+target quantized to fp8 at load (`generate --quantize fp8` plain and speculative, `bench
+--target-fp8`), a
 tiny checkpoint of every family through the actors on the GPU against transformers, and every
 CUDA-only test. Each row asserts exit 0, every output present and, for speculative runs, greedy
 output equal to plain decoding of the same target. Exit status 1 if any row fails.
@@ -30,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 CAP = "24GiB"
 # The `ray` command, or its module where Ray was unpacked without scripts (the GPU machine).
 RAY = ["ray"] if shutil.which("ray") else [sys.executable, "-m", "ray.scripts.scripts"]
-STEPS = ("tests", "generate", "api", "job", "plan", "families", "bench")
+STEPS = ("tests", "generate", "api", "job", "plan", "families", "bench", "fp8")
 
 
 class Check:
@@ -115,14 +117,16 @@ class Check:
                 if re.search(r"tok/s\)|specoffload: error|^plan auto", ln)]
         return "; ".join(keep)[-400:]
 
-    def generate(self, name: str, out_name: str, *flags, env=None, ref: bool = True):
+    def generate(self, name: str, out_name: str, *flags, env=None, ref: bool | dict = True):
+        """ref: compare with plain decoding (True), with these outputs (a dict), or not (False)."""
         out = self.work / f"{out_name}.jsonl"
         out.unlink(missing_ok=True)
         rc, text, dt = self.run(name, self.cli("generate", "--model", self.target, "--prompts", self.prompts,
                                                "--max-tokens", self.max_tokens, "--ignore-eos", "--out", out,
                                                "--gpu-memory", CAP, "--quiet", *flags), env=env)
         got = self.outputs(out)
-        ok, note = (len(got) == self.n, f"{len(got)}/{self.n} outputs") if not ref else self.same(got, self.plain)
+        ok, note = (len(got) == self.n, f"{len(got)}/{self.n} outputs") if ref is False else self.same(
+            got, ref if isinstance(ref, dict) else self.plain)
         self.row(name, rc == 0 and ok, dt, f"rc {rc}, {note}; {self.figures(text)}")
         return got
 
@@ -194,6 +198,21 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
         self.row("bench --workload w1-small (2+4 layers)", rc == 0 and len(modes) >= 2, dt,
                  f"rc {rc}; " + " | ".join(" ".join(m.split()[:4]) for m in modes))
 
+    def fp8(self, env):
+        """The target quantized to fp8 as it loads: plain, then speculative against that plain
+        (the fp8 target's own output), then a short W1-small bench with an fp8 target."""
+        plain = self.generate("generate --quantize fp8 (no draft)", "plain_fp8", "--quantize", "fp8", env=env,
+                              ref=False)
+        self.generate("generate --quantize fp8 --draft --plan auto", "auto_q8", "--quantize", "fp8", "--draft",
+                      self.draft, "--plan", "auto", env=env, ref=plain)
+        rc, text, dt = self.run("bench w1-small --target-fp8", self.cli(
+            "bench", "--workload", "w1-small", "--target-layers", 2, "--draft-layers", 4, "--batch", 64,
+            "--gen", 12, "--prompt-len", 256, "--modes", "none,single", "--no-warmup", "--target-fp8", "--json",
+            self.logs / "bench_fp8.json"), timeout=420, env=env)
+        modes = [ln for ln in text.splitlines() if re.match(r"^(none|single)\S*\s+\d", ln)]
+        self.row("bench --workload w1-small --target-fp8", rc == 0 and len(modes) >= 2, dt,
+                 f"rc {rc}; " + " | ".join(" ".join(m.split()[:4]) for m in modes))
+
     def families(self, env):
         rc, text, dt = self.run("tiny families", [sys.executable, str(REPO / "scripts" / "gpu_check_families.py")],
                                 env=env)
@@ -227,7 +246,7 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
             self.generate("generate --draft --plan auto", "auto", *d, "--plan", "auto", env=env)
             self.generate("generate --draft --draft-fp8 --plan auto", "auto_fp8", *d, "--draft-fp8", "--plan",
                           "auto", env=env)
-        for step in ("api", "job", "plan", "families", "bench"):
+        for step in ("api", "job", "plan", "families", "bench", "fp8"):
             if step in steps:
                 getattr(self, {"api": "llm_api", "job": "ray_job"}.get(step, step))(env)
         self.run("ray stop", [*RAY, "stop", "--force"], 60)

@@ -1,7 +1,8 @@
 """Where weights come from: a checkpoint folder or constructed in memory.
 
 A source is described by a small picklable tuple so actors can open it themselves:
-  ("checkpoint", folder, dtype or None)
+  ("checkpoint", folder, dtype or None[, quantize]): quantize "fp8" quantizes it at load
+    (sources/fp8_quantize.py)
   ("random", ModelSpec, seed)
 """
 
@@ -14,7 +15,9 @@ from .random_weights import RandomWeights
 def open_source(desc):
     kind = desc[0]
     if kind == "checkpoint":
-        return Checkpoint(desc[1], dtype=desc[2])
+        from .fp8_quantize import quantized
+
+        return quantized(Checkpoint(desc[1], dtype=desc[2]), desc[3] if len(desc) > 3 else None)
     if kind == "random":
         return RandomWeights(desc[1], seed=desc[2])
     if kind == "object":  # an already-open source (tests, benchmarks building pairs)

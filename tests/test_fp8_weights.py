@@ -55,20 +55,16 @@ def test_fp8_matmul_tracks_full_precision_row_by_row(dtype):
     assert _rel(q.dequantize(torch.float32), w) < 0.05
 
 
-def test_widened_fallback_computes_the_same_product(monkeypatch):
+def test_dequantize_path_computes_what_the_kernel_does():
+    """The CPU's path (input quantized and dequantized, weight widened: the reference) and the
+    fp8 kernel (torch's CPU build emulates _scaled_mm) give the same product up to summation order."""
     w, x = _weight(), torch.randn(9, 64, generator=torch.Generator().manual_seed(2))
     q = Fp8Weight.quantize(w)
-    kernel = q.linear(x)
-
-    def refuse(self, x):
-        raise RuntimeError("shapes refused")
-
-    monkeypatch.setattr(Fp8Weight, "_scaled", refuse)
-    monkeypatch.setattr(fp8_weights, "_SCALED_MM_FAILED", set())
+    kernel = q._scaled(x)
     widened = q.linear(x, torch.ones(96))
-    assert ("cpu", torch.float32) in fp8_weights._SCALED_MM_FAILED
+    assert ("cpu", torch.float32) not in fp8_weights._SCALED_MM_FAILED  # the CPU never tries the kernel
     ref = torch.nn.functional.linear(x, w, torch.ones(96))
-    assert _rel(widened, ref) < 0.05 and _rel(kernel + 1, ref) < 0.08
+    assert _rel(widened, ref) < 0.08 and _rel(kernel + 1, widened) < 5e-3  # the kernel writes bf16
 
 
 def test_only_dense_matrices_are_quantized():

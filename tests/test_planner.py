@@ -253,3 +253,19 @@ def test_refill_priced(h200):
     assert on.refill and 1 <= on.refill_rows <= on.batch // 4
     assert on.tokens_per_s > off.tokens_per_s and not off.refill
     assert plan(mixtral_8x7b(), mistral_7b(), h200, W1).run_options()["refill"] is False  # one wave
+
+
+def test_fp8_target_halves_the_stream_and_frees_host_memory(h200):
+    """An fp8 target (issue 19): half the bytes per layer for the slots and the copy, a
+    shorter predicted pass, no layers on disk where bf16 needed some, and room for more sequences."""
+    bf16, fp8 = mixtral_8x7b(), replace(mixtral_8x7b(), weights="fp8")
+    assert 0.49 < fp8.layer_bytes() / bf16.layer_bytes() < 0.51
+    assert cm.target_pass_s(h200, cm.CostModel(), fp8, 192, 1, 640) < 0.55 * cm.target_pass_s(
+        h200, cm.CostModel(), bf16, 192, 1, 640)
+    small = replace(h200, host_memory="80GB")
+    assert plan(bf16, None, small, W1).best.disk > 0 and plan(fp8, None, small, W1).best.disk == 0
+    big = Workload(512, 128, 4096, 0.8)
+    # the largest batch whose KV fits beside every layer in host memory (none on disk)
+    batch = lambda spec: max(c.batch for c in plan(spec, None, h200, big).candidates  # noqa: E731
+                             if c.fits and c.disk == 0)
+    assert batch(fp8) >= 2 * batch(bf16)
