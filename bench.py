@@ -243,7 +243,9 @@ class Bench:
         if shape is not None:  # the same requests, seeded, for every mode
             from specoffload.bench_job import job_payload
 
-            self.job = job_payload(shape, tsrc.next_tokens().numpy(), tspec.eos_token_ids[0], tspec.vocab_size)
+            # The constructed target's greedy chain (under --target-fp8, of the bf16 weights it quantizes)
+            chain = getattr(tsrc, "inner", tsrc).next_tokens()
+            self.job = job_payload(shape, chain.numpy(), tspec.eos_token_ids[0], tspec.vocab_size)
         else:
             self.job = None
 
