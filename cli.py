@@ -65,7 +65,7 @@ def add_engine_options(p: argparse.ArgumentParser):
                    help="With more prompts than --batch-size, waiting prompts take the rows of finished "
                    "ones in the running batch (their prefill rides the next target pass), so the batch "
                    "stays full; --no-refill runs waves, each waiting for its slowest sequence. Default: "
-                   "on when prompts outnumber rows (placement/refill.py).")
+                   "--plan auto's choice (on where prompts outnumber rows), else off (placement/refill.py).")
     p.add_argument("--plan", help="A placement plan JSON file (see configs/, or write one with `specoffload "
                                   "plan`), or 'auto' to measure this machine and let the planner choose the "
                                   "placement, batch size, schedule and draft settings for these prompts.")

@@ -37,7 +37,7 @@ class EngineArgs:
     quantize: str | None = None
     micro_batches: int | None = None
     # Waiting requests take finished rows of the running batch (None: the planner's choice,
-    # else placement/refill.py's default: on when requests outnumber rows)
+    # else placement/refill.py's default: off until measured on the GPU)
     refill: bool | None = None
     refill_prefill: str = "pass"  # joining rows' prefill rides the next pass, or "own" pass (RunConfig)
     trace: bool = False  # keep a timeline of stage spans (engine "ray")

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-# Whether refill in place is on when the user does not say (EngineArgs.refill None): on for any
-# job with more requests than rows running at once, since by the model below it never costs
-# more than waves there (with equal lengths and no speculation every row frees at once and a
-# join is a wave's prefill). Not yet measured on the GPU (issue 20); to turn it off, this line.
-REFILL_BY_DEFAULT = True
+# Whether refill in place is on when neither the user nor `--plan auto` says (EngineArgs.refill
+# None). By the model below it never costs more than waves once requests outnumber rows, and the
+# planner turns it on there; without a plan it stays off until the GPU has run it (issue 20: a
+# join's prefill riding a pass adds to that pass's GPU memory, unmeasured under a 24 GiB cap).
+REFILL_BY_DEFAULT = False
 
 # A join's cost in target passes, for runs without the planner's figures: riding the next pass
 # it is the draft's priming and capture plus the joining rows' GPU compute under the copy
@@ -32,8 +32,8 @@ ROUNDS_PER_REQUEST = 32
 
 
 def refill_default(refill: bool | None, requests: int, in_flight: int) -> bool:
-    """The one place that decides whether a run refills in place: the user's choice, else on
-    when there are more requests than rows (REFILL_BY_DEFAULT)."""
+    """The one place that decides whether a run refills in place: the user's (or the planner's)
+    choice, else REFILL_BY_DEFAULT when there are more requests than rows."""
     if refill is not None:
         return refill
     return REFILL_BY_DEFAULT and requests > in_flight

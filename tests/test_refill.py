@@ -160,13 +160,13 @@ def test_append_fills_the_rows_select_left_in_place():
 
 def test_refill_price_and_default():
     from specoffload.errors import ConfigError
-    from specoffload.placement.refill import RefillPrice, default_refill_rows, refill_default
+    from specoffload.placement.refill import REFILL_BY_DEFAULT, RefillPrice, default_refill_rows, refill_default
 
     ride, own = default_refill_rows(192, "pass"), default_refill_rows(192, "own")
     assert 1 <= ride < own < 192 // 2  # a join that streams the weights again waits for more rows
     cheap = RefillPrice(192, 1.0, 0.0, 30)
     assert cheap.best_rows() == 1 and cheap.busy(1) == 1.0  # free joins: refill every row at once
-    assert refill_default(None, 10, 4) and not refill_default(None, 4, 4)
+    assert refill_default(None, 10, 4) is REFILL_BY_DEFAULT and not refill_default(None, 4, 4)
     assert refill_default(False, 10, 4) is False and refill_default(True, 1, 4) is True
     with pytest.raises(ConfigError):
         RefillPrice(0, 1.0, 0.1, 30)
