@@ -241,8 +241,10 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
         env = self.ray_head()
         if "generate" in steps:
             d = ["--draft", self.draft]
-            self.generate("generate --draft (bf16, flags by hand)", "hand", *d, "--schedule", "single", "-k", 4,
-                          "--draft-window", 64, "--draft-sinks", 4, env=env)
+            # Batch 16 of 48 prompts with --refill: rows refilled in place, their prefill riding a pass
+            self.generate("generate --draft (bf16, flags by hand, --refill at batch 16)", "hand", *d, "--schedule",
+                          "single", "-k", 4, "--draft-window", 64, "--draft-sinks", 4, "--batch-size", 16,
+                          "--refill", env=env)
             self.generate("generate --draft --plan auto", "auto", *d, "--plan", "auto", env=env)
             self.generate("generate --draft --draft-fp8 --plan auto", "auto_fp8", *d, "--draft-fp8", "--plan",
                           "auto", env=env)
