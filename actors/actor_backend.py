@@ -212,6 +212,11 @@ class ActorBackend:
         self.ex.free.remote(bid)
         self.at.free.remote(bid)
 
+    def free_all(self):
+        """Every batch still held (a stopped run's), on the executor and the CPU worker."""
+        for bid in list(self._size):
+            self.free(bid)
+
     def stats(self) -> dict:
         ex, at = ray.get([self.ex.stats.remote(), self.at.stats.remote()])
         return ex | at

@@ -198,6 +198,7 @@ class Coordinator:
         try:
             stats = gen.run(reqs).as_dict()
         except RunStopped:
+            self.backend.free_all()  # the stopped run's KV (an interrupted notebook may run again)
             return {"stopped": True}
         stats |= self.backend.stats()
         self.metrics.run_finished(stats)

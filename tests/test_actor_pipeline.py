@@ -107,3 +107,19 @@ def test_actor_start_error_is_the_users_and_leaves_no_weights(ray_session, tiny_
     with pytest.raises(ConfigError, match="self-speculative draft's 1 layers must not be on disk"):
         LLM(str(tiny_dir("llama")), draft="self:1", plan=Plan(device="cpu", disk_layers=(0,)), progress=False)
     assert not run_dir(run.hex[:8]).exists()
+
+
+def test_generate_again_after_an_interrupted_run(ray_session, tiny_dir):
+    """Ctrl-C in a notebook mid-run: the run stops at a pass boundary and frees its batches;
+    the same LLM then runs the next generate to the same output as an undisturbed run."""
+    d = tiny_dir("llama")
+    want = hf_greedy(d, PROMPTS, 16)
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    with LLM(str(d), plan=Plan(device="cpu"), batch_size=1, progress=False) as llm:
+        with pytest.raises(KeyboardInterrupt):  # at the first finished request, of several waves
+            llm.generate(_ids(PROMPTS), SamplingParams(max_tokens=16, ignore_eos=True), on_output=interrupt)
+        outs = llm.generate(_ids(PROMPTS), SamplingParams(max_tokens=16, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == want
