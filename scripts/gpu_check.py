@@ -9,9 +9,8 @@ layers, a Mistral-7B-shaped draft with the same tokenizer), then runs, each as a
 fp8 drafts) under a 24 GiB cap with `--out` JSONL, the Python `LLM` API, a Ray job submitted to
 a `ray start` head, `specoffload plan`, `specoffload bench --workload w1-small` (shortened), the
 target quantized to fp8 at load (`generate --quantize fp8` plain and speculative, `bench
---target-fp8`), a
-tiny checkpoint of every family through the actors on the GPU against transformers, and every
-CUDA-only test. Each row asserts exit 0, every output present and, for speculative runs, greedy
+--target-fp8`), a tiny checkpoint of every family through the actors on the GPU against
+transformers, and every CUDA-only test. Each row asserts exit 0, every output present and, for speculative runs, greedy
 output equal to plain decoding of the same target. Exit status 1 if any row fails.
 """
 
