@@ -31,6 +31,22 @@ from __future__ import annotations
 import numpy as np
 
 
+def _stop_engine(owner):
+    """Shut down `owner.llm` (once) and remove its run's shared-memory folder even if the
+    shutdown fails: a map actor's engine may be half gone when Ray Data drops the UDF."""
+    llm, owner.llm = getattr(owner, "llm", None), None
+    if llm is None:
+        return
+    from .actors.io_loader import remove_local_run_dir
+
+    run_id = getattr(llm, "run_id", None)
+    try:
+        llm.shutdown()
+    finally:
+        if run_id:
+            remove_local_run_dir(run_id)
+
+
 class SpecOffloadPredictor:
     def __init__(self, model=None, draft=None, max_tokens: int = 64, temperature: float = 0.0, *,
                  prompt_column: str = "prompt", sampling: dict | None = None,
@@ -74,17 +90,7 @@ class SpecOffloadPredictor:
 
     def shutdown(self):
         """Stop this replica's engine: its actors and the loader's shared-memory files."""
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is None:
-            return
-        from .actors.io_loader import remove_local_run_dir
-
-        run_id = getattr(llm, "run_id", None)
-        try:
-            llm.shutdown()
-        finally:
-            if run_id:
-                remove_local_run_dir(run_id)
+        _stop_engine(self)
 
     def __del__(self):
         # Ray Data drops the UDF when its actor exits gracefully (in Ray 2.60 from the actor's
@@ -279,19 +285,10 @@ class _ProcessorUDF:
         return out
 
     def __del__(self):
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is None:
-            return
-        from .actors.io_loader import remove_local_run_dir
-
-        run_id = getattr(llm, "run_id", None)
-        try:
-            llm.shutdown()
+        try:  # as SpecOffloadPredictor.__del__: the engine's actors may already be going
+            _stop_engine(self)
         except Exception:
             pass
-        finally:
-            if run_id:
-                remove_local_run_dir(run_id)
 
 
 class Processor:
