@@ -23,6 +23,7 @@ from .models.spec import ModelSpec, load_spec
 from .placement.hardware import mem_available as _host_memory_available  # tests patch this name
 from .outputs import RequestOutput, completion
 from .scheduler.request import Request
+from .stop_strings import decoder
 
 
 def load_tokenizer(model_dir):
@@ -57,8 +58,6 @@ def n_samples(sp: SamplingParams) -> list[SamplingParams]:
     """SamplingParams(n=N) as N single-sample params: seed + j when seeded."""
     if sp.n == 1:
         return [sp]
-    from dataclasses import fields, replace
-
     return [replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j) for j in range(sp.n)]
 
 
@@ -131,6 +130,7 @@ class LLM:
         self._context = None  # with check(): the longest sequence, which the host memory fit sizes the KV for
         self._next_rid = 0
         self.last_stats: dict = {}
+        self._abandoned = None  # an interrupted run's generate ref, ended before the next run or shutdown
         self.started = False
         if start:
             self.start()
@@ -242,6 +242,7 @@ class LLM:
         ).remote(self._target_desc(), self.spec, self.plan,
                  self.draft_desc, self.run_cfg, self.run_id, self.progress,
                  tuple((p, cfg) for p, cfg, _ in self._fallbacks))
+        self._coordinator_has_tokenizer = False  # a new coordinator (a restart too) is sent it when needed
         self.info = wait_ready(self.coordinator, self.run_id)
         self.refused = self.info.pop("refused", [])
         if self.refused:  # a fallback started: the run follows it
@@ -302,20 +303,13 @@ class LLM:
             for j, one in enumerate(n_samples(sp)):
                 # n samples: n requests sharing the prompt, each with its own generator
                 # (seed + j when seeded, else derived from its request id).
-                reqs.append(Request(self._next_rid, ids, one, tuple(sorted(eos)), decode=self._decoder(one)))
+                reqs.append(Request(self._next_rid, ids, one, tuple(sorted(eos)), decode=decoder(self.tokenizer, one)))
                 texts.append(text)
                 group.append(self._next_rid)
                 self._next_rid += 1
             groups.append(group)
         self._check_host_memory(reqs)
         return reqs, texts, groups
-
-    def _decoder(self, sp: SamplingParams):
-        """How stop strings see the output (in-process; the coordinator builds its own)."""
-        if not sp.stop:
-            return None
-        tok, skip = self.tokenizer, sp.skip_special_tokens
-        return lambda ids: tok.decode(ids, skip_special_tokens=skip)
 
     def _check_host_memory(self, reqs):
         import torch
@@ -417,11 +411,11 @@ class LLM:
         by_rid = {r.rid: r for r in reqs}
         payload = [{"rid": r.rid, "prompt_ids": r.prompt_ids, "params": r.params.to_dict(), "eos": r.eos_ids}
                    for r in reqs]
-        if any(r.params.stop for r in reqs) and not getattr(self, "_coordinator_has_tokenizer", False):
+        if any(r.params.stop for r in reqs) and not self._coordinator_has_tokenizer:
             # Stop strings are matched where the tokens are: the coordinator detokenizes.
             ray.get(self.coordinator.set_tokenizer.remote(self.tokenizer))
             self._coordinator_has_tokenizer = True
-        if getattr(self, "_abandoned", None) is not None:  # an interrupted run (Ctrl-C) ends first
+        if self._abandoned is not None:  # an interrupted run (Ctrl-C) ends first
             try:
                 ray.get(self._abandoned, timeout=60)
             except Exception:  # noqa: BLE001 - its error is not this run's

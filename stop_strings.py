@@ -10,6 +10,14 @@ Checks start once the output is longer than min_tokens, as in vLLM.
 from __future__ import annotations
 
 
+def decoder(tokenizer, sp):
+    """How stop strings see a request's output: its tokens as text (None: `sp` has no stop strings)."""
+    if not sp.stop:
+        return None
+    skip = sp.skip_special_tokens
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip)
+
+
 class StopStrings:
     def __init__(self, stops: tuple, include: bool, decode):
         self.stops, self.include, self.decode = stops, include, decode

@@ -173,11 +173,6 @@ class ActorBackend:
         stores = self._prefill_stores.pop(handle, None)
         try:
             out = ray.get(handle)
-            if self.stopping:
-                raise RunStopped()
-            return out
-        except RunStopped:
-            raise
         except Exception:
             # The head reports the prefill's first error; the K/V stores queued behind it failed
             # with it. Collect them, so that Ray does not log each one as an unhandled error.
@@ -189,6 +184,9 @@ class ActorBackend:
                     except Exception:  # noqa: BLE001 - the head's error is the one raised
                         pass
             raise
+        if self.stopping:
+            raise RunStopped()
+        return out
 
     def timings(self):
         """(seconds per target pass, seconds per draft step), measured; the draft figure is

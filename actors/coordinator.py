@@ -20,6 +20,7 @@ from ..placement.node import pick_node
 from ..placement.plan import Plan
 from ..scheduler.generator import Generator
 from ..scheduler.request import Request
+from ..stop_strings import decoder
 from .actor_backend import ActorBackend, RunStopped
 from .cpu_attention import CPUAttention
 from .gpu_executor import GPUExecutor
@@ -99,6 +100,7 @@ class Coordinator:
             self._abandon()
             raise
         self._finished, self._lock = [], threading.Lock()
+        self.tokenizer = None  # set_tokenizer: sent by the driver when stop strings first need it
         self._progress = {}
         self.metrics = RunMetrics(run_id, spec.num_layers, self.executor, self.attention)
 
@@ -179,7 +181,8 @@ class Coordinator:
         reqs = []
         for p in payload:
             sp = SamplingParams(**p["params"])
-            reqs.append(Request(p["rid"], p["prompt_ids"], sp, tuple(p["eos"]), decode=self._decoder(sp)))
+            reqs.append(Request(p["rid"], p["prompt_ids"], sp, tuple(p["eos"]),
+                                decode=decoder(self.tokenizer, sp)))
 
         def done(r):
             with self._lock:
@@ -207,12 +210,6 @@ class Coordinator:
     def set_tokenizer(self, tokenizer):
         """The tokenizer stop strings are matched with (the driver sends it when first needed)."""
         self.tokenizer = tokenizer
-
-    def _decoder(self, sp: SamplingParams):
-        if not sp.stop:
-            return None
-        tok, skip = self.tokenizer, sp.skip_special_tokens
-        return lambda ids: tok.decode(ids, skip_special_tokens=skip)
 
     def set_run_config(self, run_cfg: RunConfig):
         """Switch schedule / draft length between runs (benchmarks compare modes in one run)."""

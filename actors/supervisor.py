@@ -133,7 +133,6 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
             who, old = _who(e), llm.run_id
             teardown(old)
             llm.coordinator = None
-            llm._coordinator_has_tokenizer = False  # the new coordinator is sent it again
             if restarts >= llm.max_restarts:
                 raise EngineFailed(
                     f"the engine's {who} actor died {restarts + 1} times in one run; stopped with "
