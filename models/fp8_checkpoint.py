@@ -107,6 +107,9 @@ def _check_compressed_tensors(where, qc: dict):
 
 def check_finite_fp8(where, name: str, t: torch.Tensor):
     """e4m3fn has no infinities; NaN is every exponent and mantissa bit set (0x7f / 0xff).
-    Checked on the bytes: a float copy of a layer would be 4x its size."""
-    if t.dtype == FP8 and bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any()):
+    Checked on the bytes, by two reductions: 0x7f is the largest int8 and 0xff the largest
+    uint8, so no temporary is made (the mask-and-compare form read 0.58 GB/s with one torch
+    thread on the dev machine, these 12 GB/s), and a float copy would be 4x the layer."""
+    if t.dtype == FP8 and t.numel() and (int(t.view(torch.int8).max()) == 0x7F
+                                         or int(t.view(torch.uint8).max()) == 0xFF):
         raise CheckpointError(f"{where}: tensor {name} holds NaN values")
