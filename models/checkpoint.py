@@ -186,10 +186,14 @@ class Checkpoint:
             if self.fp8 is None:
                 raise CheckpointError(f"{self._where[name]}: tensor {name} is fp8 but config.json has no "
                                       f"quantization_config saying how it is scaled")
-            base = name[: -len(".weight")] if name.endswith(".weight") else name
-            if not any(base + sfx in self._where for sfx in (".weight_scale", ".weight_scale_inv")):
+            if self._scale_of(name) is None:
                 raise CheckpointError(f"{self._where[name]}: tensor {name} is fp8 but has no scale "
                                       f"(weight_scale / weight_scale_inv)")
+
+    def _scale_of(self, name: str) -> str | None:
+        """The checkpoint's name of fp8 tensor `name`'s weight scale, if it has one."""
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
+        return next((base + sfx for sfx in (".weight_scale", ".weight_scale_inv") if base + sfx in self._where), None)
 
     def _fp8_scales(self, j: int, w: dict) -> dict:
         """Each fp8 matrix has its scale, in our layout (models/fp8_checkpoint.py)."""
@@ -214,15 +218,12 @@ class Checkpoint:
         missing = [n for n in names if n not in self._where]
         if missing:
             raise CheckpointError(f"{self.dir}: missing {missing}")
-        # a format that quantized the head too: widened here (the head runs resident, in dtype)
-        names += [n[: -len(".weight")] + sfx for n in names for sfx in (".weight_scale", ".weight_scale_inv")
-                  if n[: -len(".weight")] + sfx in self._where]
-        raw = self._read(names)
-        for n in [n for n in raw if raw[n].dtype == FP8]:
-            sfx = next((s for s in (".weight_scale", ".weight_scale_inv") if n[: -len(".weight")] + s in raw), None)
-            if sfx is None:
-                raise CheckpointError(f"{self.dir}: tensor {n} is fp8 but has no scale (weight_scale / weight_scale_inv)")
-            s = self.fp8.scale(self.dir, n, raw[n], raw[n[: -len(".weight")] + sfx])
+        # a format that quantized the head too: widened here (the head runs resident, in dtype);
+        # every fp8 tensor's scale was found at init (_check_fp8_scales)
+        scales = {n: sc for n in names if (sc := self._scale_of(n))}
+        raw = self._read(names + list(scales.values()))
+        for n in [n for n in names if raw[n].dtype == FP8]:
+            s = self.fp8.scale(self.dir, n, raw[n], raw[scales[n]])
             raw[n] = gathered({"w": raw[n], "w" + SCALE: s})["w"].dequantize(self.dtype)
         embed = raw["model.embed_tokens.weight"]
         g = {

@@ -202,3 +202,27 @@ def test_speculative_sampling_follows_the_fp8_targets_distribution(tiny_dir, fp8
     t1 = int(np.bincount(first).argmax())
     sel = first == t1
     assert sel.sum() > 300 and _chi2(second[sel], probs(prompt + [t1])) > 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["fp8-dynamic", "block"])
+def test_an_fp8_head_is_widened_with_its_scale(fp8_dir, tmp_path, fmt):
+    """A format that quantized the LM head too: the head is read back as its fp8 values times
+    its scale, in the model's dtype (it runs resident)."""
+    import shutil
+
+    from fp8_checkpoints import dequantize, quantize_tensor
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "head"
+    shutil.copytree(fp8_dir("llama", fmt), d)
+    f = sorted(d.glob("*.safetensors"))[0]
+    tensors = load_file(str(f))
+    assert "lm_head.weight" in tensors  # the tiny llama's head is its own tensor
+    scheme = "block" if fmt == "block" else "channel"
+    q, s = quantize_tensor(tensors["lm_head.weight"], scheme)
+    tensors["lm_head.weight"], tensors["lm_head" + (".weight_scale_inv" if fmt == "block" else ".weight_scale")] = q, s
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    ck = Checkpoint(d)
+    head = ck.read_globals()["head"]
+    assert head.dtype == ck.dtype
+    torch.testing.assert_close(head.float(), dequantize(q, s, scheme).to(ck.dtype).float())
