@@ -221,7 +221,9 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
 
     def cuda_tests(self):
         rc, text, dt = self.run("cuda tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p",
-                                               "no:cacheprovider"], timeout=600)
+                                               "no:cacheprovider", "-rfE", "--durations=10",
+                                               # a hung test prints every thread's stack before the step's timeout
+                                               "-o", "faulthandler_timeout=90"], timeout=300)
         tail = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
         self.row("CUDA-only tests (pytest -m cuda)", rc == 0, dt, (tail[-1] if tail else f"rc {rc}").strip("= "))
 
