@@ -350,6 +350,15 @@ def _announce(llm, prog: str, n_prompts: int, acceptance: float):
 
         print(f"{prog}: {n_prompts} prompts on Ray cluster {ray.get_runtime_context().gcs_address}, engine "
               f"run id {llm.run_id} (dashboard metrics tag run={llm.run_id})", file=sys.stderr, flush=True)
+        print(f"{prog}: {startup_line(llm.startup)}", file=sys.stderr, flush=True)
+
+
+def startup_line(t: dict) -> str:
+    """Where the start went, e.g. `started in 41.0 s: Ray 7.2 s, host weights 9.1 s, executor 22.0 s
+    (draft 15.2 s, ...)`; the executor's parts are those of a tenth of a second or more."""
+    parts = ", ".join(f"{k} {v} s" for k, v in t.get("executor_parts_s", {}).items() if v >= 0.1)
+    return (f"started in {t.get('total_s')} s: Ray {t.get('ray_s')} s, host weights {t.get('host_weights_s')} s, "
+            f"executor {t.get('executor_s')} s" + (f" ({parts})" if parts else ""))
 
 
 def summary_line(prog: str, requests: int, s: dict, out: str | None) -> str:

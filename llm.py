@@ -132,6 +132,7 @@ class LLM:
         self.last_stats: dict = {}
         self._abandoned = None  # an interrupted run's generate ref, ended before the next run or shutdown
         self.started = False
+        self.startup: dict = {}  # seconds: where start() went (Ray, host weights, executor and its parts)
         if start:
             self.start()
 
@@ -140,6 +141,7 @@ class LLM:
         the actors). Done by the constructor unless it was given start=False."""
         if self.started:
             return
+        t0 = time.perf_counter()
         if self.engine == "reference":
             self._start_reference()
         else:
@@ -151,6 +153,7 @@ class LLM:
             self._fallbacks = fit_fallbacks(self.spec, self._fallbacks, self.draft_desc, self.args.workload,
                                             self._context)
             self._start_ray(self.args.ray_address)
+        self.startup["total_s"] = round(time.perf_counter() - t0, 1)
         self.started = True
 
     def check(self, prompts, params=None):
@@ -216,6 +219,12 @@ class LLM:
                                               fp8_weights=self.plan.draft_fp8)
         self.backend = ReferenceBackend(target, draft, self.plan.draft_kv_policy)
 
+    def _actor_draft(self):
+        """The draft the executor loads: none where neither the plan nor a fallback speculates
+        (--plan auto may choose plain decoding; a 7B draft would only cost its load and memory)."""
+        cfgs = [self.run_cfg, *(cfg for _, cfg, _ in self._fallbacks)]
+        return self.draft_desc if any(c.speculative for c in cfgs) else None
+
     def _start_ray(self, address):
         import ray
 
@@ -226,7 +235,9 @@ class LLM:
         from .ray_env import check_cluster, ensure_ray
 
         shm_owners.prepare(self.spec, self.plan)  # dead runs' /dev/shm folders go; the weights must fit
+        t0 = time.perf_counter()
         ensure_ray(address, dashboard=self.args.dashboard)
+        t_ray = time.perf_counter() - t0
         # The coordinator pins the actors to one node; fail here, before any actor starts,
         # when no node can hold the executor, or when that node runs another specoffload.
         here = ray.get_runtime_context().get_node_id()
@@ -240,10 +251,13 @@ class LLM:
         self.coordinator = ray.remote(guarded(Coordinator, "coordinator", self.run_id)).options(
             name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
         ).remote(self._target_desc(), self.spec, self.plan,
-                 self.draft_desc, self.run_cfg, self.run_id, self.progress,
+                 self._actor_draft(), self.run_cfg, self.run_id, self.progress,
                  tuple((p, cfg) for p, cfg, _ in self._fallbacks))
         self._coordinator_has_tokenizer = False  # a new coordinator (a restart too) is sent it when needed
         self.info = wait_ready(self.coordinator, self.run_id)
+        self.startup = {"ray_s": round(t_ray, 1), "host_weights_s": self.info.get("host_load_s"),
+                        "executor_s": self.info.get("executor_start_s"),
+                        "executor_parts_s": self.info.get("init_parts_s", {})}
         self.refused = self.info.pop("refused", [])
         if self.refused:  # a fallback started: the run follows it
             started = self.info["plan"], self.info["run_config"]

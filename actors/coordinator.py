@@ -124,6 +124,7 @@ class Coordinator:
         ).remote(spec, plan.attention_threads, plan.kv_dtype, plan.trace)
         tries = [(plan, run_cfg), *[f for f in fallbacks if f[0].disk_layers == plan.disk_layers]]
         refused = []  # why the plans tried before the one that started did not
+        t0 = time.perf_counter()
         for n, (p, cfg) in enumerate(tries):
             try:
                 self.info = self._start_executor(p, manifest, draft_desc, target_desc)
@@ -137,7 +138,8 @@ class Coordinator:
                 raise err from None
             self.plan, self.run_cfg = p, cfg
             break
-        self.info |= {"refused": refused, "plan": self.plan, "run_config": self.run_cfg}
+        self.info |= {"refused": refused, "plan": self.plan, "run_config": self.run_cfg,
+                      "executor_start_s": round(time.perf_counter() - t0, 1)}
         self.info["attention_threads"] = ray.get(self.attention.ready.remote())
         self.info["host_load_s"] = round(load_s, 1)
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, self.plan.prefill_batch,

@@ -9,6 +9,7 @@ with the figures, not a CUDA traceback.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import torch
@@ -27,6 +28,7 @@ class GpuBudget:
         self.device, self.cap = device, cap
         self.cuda = device.type == "cuda"
         self.parts: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}  # each part's load time: where a slow start goes
         self.context = 0
         if not self.cuda:
             return
@@ -55,7 +57,7 @@ class GpuBudget:
     @contextmanager
     def part(self, name: str):
         """Load one part of the startup; its bytes are recorded, running out is a CapacityError."""
-        before = self.allocated()
+        before, t0 = self.allocated(), time.perf_counter()
         try:
             yield
         except torch.OutOfMemoryError:
@@ -67,6 +69,7 @@ class GpuBudget:
         except CapacityError as e:
             raise CapacityError(f"{e} ({self.summary()} GiB in use)") from None
         self.parts[name] = self.allocated() - before
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
 
     def report(self) -> dict:
         """Bytes: the context, each part, and the peak the allocator has reserved since start."""

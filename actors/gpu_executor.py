@@ -57,12 +57,15 @@ class GPUExecutor:
         self.budget = GpuBudget(self.device, plan.gpu_memory)
         self._maps = []
         self.host = {}
+        t_map = time.perf_counter()
         for j, (path, entries) in manifest["layers"].items():
             buf, _ = map_file(path, entries)
             if cuda:
                 _register(buf)
             self._maps.append(buf)
             self.host[int(j)] = (buf, entries)
+        # Pinning the host layers (cudaHostRegister) costs time in proportion to their size.
+        self.budget.seconds["map and pin host layers"] = round(time.perf_counter() - t_map, 1)
         gbuf, gv = map_file(*manifest["globals"])
         self._maps.append(gbuf)
         # The draft loads first: its load peak (a checkpoint layer staged while it is
@@ -122,6 +125,7 @@ class GPUExecutor:
         d = self.runner.draft
         return {"device": str(self.device), "init_s": round(self.init_seconds, 1), "resident_layers": len(self.resident),
                 "slots": self.streamer.nslots, "draft": d is not None, "gpu_context": self.budget.context,
+                "init_parts_s": dict(self.budget.seconds),
                 "draft_gib": round(d.weight_bytes() / 2**30, 2) if d is not None else 0.0}
 
     def memory(self) -> dict:

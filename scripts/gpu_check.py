@@ -22,8 +22,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,18 +46,33 @@ class Check:
 
     # -- running -------------------------------------------------------------------------------
     def run(self, name: str, cmd: list[str], timeout: int = 300, env: dict | None = None):
-        """Run a command, its output to logs/<name>.log; (rc, stdout+stderr, seconds)."""
+        """Run a command, its output to logs/steps.log, each line stamped with the seconds since
+        the start (where a slow step spends its time); (rc, stdout+stderr, seconds)."""
         t0 = time.perf_counter()
+        cmd = [str(c) for c in cmd]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or self.env,
+                             cwd=REPO, start_new_session=True)
+        lines: list[str] = []
+
+        def read():
+            for ln in p.stdout:
+                lines.append(f"[{time.perf_counter() - t0:6.1f}] {ln}")
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         try:
-            cmd = [str(c) for c in cmd]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or self.env, cwd=REPO)
-            rc, out = r.returncode, r.stdout + r.stderr
-        except subprocess.TimeoutExpired as e:
-            rc, out = 124, f"timed out after {timeout} s\n{e.stdout or ''}{e.stderr or ''}"
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # its Ray workers too
+            p.wait()
+            rc = 124
+            lines.append(f"timed out after {timeout} s\n")
+        reader.join(timeout=10)
         dt = time.perf_counter() - t0
+        text = "".join(lines)
         with open(self.logs / "steps.log", "a") as f:  # one file: every step's command and output
-            f.write(f"\n===== {name} (rc {rc}, {dt:.1f} s)\n$ {' '.join(map(str, cmd))}\n{out}")
-        return rc, out, dt
+            f.write(f"\n===== {name} (rc {rc}, {dt:.1f} s)\n$ {' '.join(cmd)}\n{text}")
+        return rc, re.sub(r"^\[ *[0-9.]+\] ", "", text, flags=re.M), dt
 
     def row(self, name: str, ok: bool, seconds: float, note: str):
         self.rows.append((name, bool(ok), seconds, note))
@@ -113,8 +130,8 @@ class Check:
     def figures(out: str) -> str:
         """The run's own summary: tokens/s, acceptance, GPU peak, and the plan auto line."""
         keep = [ln.split("error: ")[-1] for ln in out.splitlines()
-                if re.search(r"tok/s\)|specoffload: error|^plan auto", ln)]
-        return "; ".join(keep)[-400:]
+                if re.search(r"tok/s\)|specoffload: error|^plan auto|started in", ln)]
+        return "; ".join(keep)[-600:]
 
     def generate(self, name: str, out_name: str, *flags, env=None, ref: bool | dict = True):
         """ref: compare with plain decoding (True), with these outputs (a dict), or not (False)."""

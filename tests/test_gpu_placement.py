@@ -95,3 +95,20 @@ def test_every_layer_resident_streams_nothing(ray_session, tiny_dir):
             assert llm.info["slots"] == 0 and llm.info["resident_layers"] == 3
             outs = llm.generate([{"prompt_token_ids": q} for q in PROMPTS], params)
         assert [o.outputs[0].token_ids for o in outs] == hf_greedy(d, PROMPTS, 8)
+
+
+def test_a_draft_loads_only_where_a_plan_speculates(ray_session, tiny_dir):
+    """--plan auto may choose plain decoding with a draft given: the executor then loads no
+    draft (a 7B draft cost its whole load and 13.5 GiB of GPU memory on the GPU check), and the
+    output is the target's."""
+    from hf_reference import PROMPTS, hf_greedy
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.llm import LLM
+
+    d = tiny_dir("llama")
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    for schedule, loaded in (("none", False), ("single", True)):
+        with LLM(str(d), draft=str(d), schedule=schedule, k=2, dtype="float32", progress=False) as llm:
+            assert llm.info["draft"] is loaded
+            outs = llm.generate([{"prompt_token_ids": q} for q in PROMPTS], params)
+        assert [o.outputs[0].token_ids for o in outs] == hf_greedy(d, PROMPTS, 6)
