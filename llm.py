@@ -255,8 +255,9 @@ class LLM:
                  tuple((p, cfg) for p, cfg, _ in self._fallbacks))
         self._coordinator_has_tokenizer = False  # a new coordinator (a restart too) is sent it when needed
         self.info = wait_ready(self.coordinator, self.run_id)
+        # host weights and the executor's own work run side by side; actors_s: both done
         self.startup = {"ray_s": round(t_ray, 1), "host_weights_s": self.info.get("host_load_s"),
-                        "executor_s": self.info.get("executor_start_s"),
+                        "executor_s": self.info.get("init_s"), "actors_s": self.info.get("executor_start_s"),
                         "executor_parts_s": self.info.get("init_parts_s", {})}
         self.refused = self.info.pop("refused", [])
         if self.refused:  # a fallback started: the run follows it

@@ -117,20 +117,25 @@ class Coordinator:
             name=self._name("io_loader"), num_cpus=0, scheduling_strategy=self._here).remote(target_desc, run_id)
         host_layers = [j for j in range(spec.num_layers) if j not in plan.disk_layers]
         t0 = time.perf_counter()
-        manifest = ray.get(self.loader.load.remote(host_layers, progress))
-        load_s = time.perf_counter() - t0
+        load = self.loader.load.remote(host_layers, progress)
+        # Meanwhile the other two start: the executor's CUDA start and draft load overlap
+        # the loader's (a 7B draft's load was a fifth of a GPU-check run's start).
         self.attention = self._actor(CPUAttention, "cpu_attention").options(
             name=self._name("cpu_attention"), num_cpus=plan.attention_cpus, scheduling_strategy=self._here
         ).remote(spec, plan.attention_threads, plan.kv_dtype, plan.trace)
         tries = [(plan, run_cfg), *[f for f in fallbacks if f[0].disk_layers == plan.disk_layers]]
+        self.executor = self._new_executor(plan, draft_desc, target_desc)
+        manifest = ray.get(load)
+        load_s = time.perf_counter() - t0
         refused = []  # why the plans tried before the one that started did not
-        t0 = time.perf_counter()
         for n, (p, cfg) in enumerate(tries):
             try:
-                self.info = self._start_executor(p, manifest, draft_desc, target_desc)
+                if n:  # the first try's executor was started above
+                    self.executor = self._new_executor(p, draft_desc, target_desc)
+                self.info = self._attach_executor(manifest)
             except ray.exceptions.RayError as e:
-                # A guarded executor raises its constructor's error from ready() (RayTaskError);
-                # one that died anyway is a RayActorError.
+                # A guarded executor raises its constructor's error from its next call
+                # (RayTaskError); one that died anyway is a RayActorError.
                 err = e.cause if isinstance(e, ray.exceptions.RayTaskError) else from_actor_init(e)
                 if isinstance(err, CapacityError) and n + 1 < len(tries):
                     refused.append(str(err))
@@ -139,19 +144,24 @@ class Coordinator:
             self.plan, self.run_cfg = p, cfg
             break
         self.info |= {"refused": refused, "plan": self.plan, "run_config": self.run_cfg,
+                      # from the start of the host load: the executor's own start overlaps it
                       "executor_start_s": round(time.perf_counter() - t0, 1)}
         self.info["attention_threads"] = ray.get(self.attention.ready.remote())
         self.info["host_load_s"] = round(load_s, 1)
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, self.plan.prefill_batch,
                                     self.plan.micro_batches)
 
-    def _start_executor(self, plan: Plan, manifest, draft_desc, target_desc) -> dict:
+    def _new_executor(self, plan: Plan, draft_desc, target_desc):
+        """An executor starting CUDA and loading the draft (attach maps the target later)."""
         cuda = plan.device == "cuda"
-        self.executor = self._actor(GPUExecutor, "gpu_executor").options(
+        return self._actor(GPUExecutor, "gpu_executor").options(
             name=self._name("gpu_executor"), num_cpus=0 if cuda else 1, num_gpus=1 if cuda else 0,
-            scheduling_strategy=self._here).remote(spec=self.spec, plan=plan, manifest=manifest,
-                                                   draft_desc=draft_desc, target_desc=target_desc)
+            scheduling_strategy=self._here).remote(spec=self.spec, plan=plan, draft_desc=draft_desc,
+                                                   target_desc=target_desc)
+
+    def _attach_executor(self, manifest) -> dict:
         try:
+            ray.get(self.executor.attach.remote(manifest))
             return ray.get(self.executor.ready.remote())
         except ray.exceptions.RayError:
             # Its GPU memory and its name must be free before the next try: a process still

@@ -43,8 +43,11 @@ def _register(buf: torch.Tensor):
 
 
 class GPUExecutor:
-    def __init__(self, spec, plan: Plan, manifest: dict, draft_desc=None, target_desc=None):
-        self.spec, self.plan = spec, plan
+    def __init__(self, spec, plan: Plan, manifest: dict | None = None, draft_desc=None, target_desc=None):
+        """Starts CUDA and loads the draft; `attach(manifest)` then maps the target's host
+        layers. The coordinator starts an executor while the loader still writes the host
+        copy, so the draft's load overlaps the target's; given a manifest, both happen here."""
+        self.spec, self.plan, self.target_desc = spec, plan, target_desc
         plan.check_layers(spec.num_layers)
         t0 = time.perf_counter()
         if plan.device == "cuda":
@@ -53,11 +56,23 @@ class GPUExecutor:
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
-        cuda = self.device.type == "cuda"
         self.budget = GpuBudget(self.device, plan.gpu_memory)
         self._maps = []
         self.host = {}
-        t_map = time.perf_counter()
+        # The draft loads first: its load peak (a checkpoint layer staged while it is
+        # quantized) then falls in memory that the slots and resident layers take later.
+        with self.budget.part("draft"):
+            self._draft = self._load_draft(draft_desc) if draft_desc and draft_desc[0] != "self" else None
+        self._self_draft_layers = int(draft_desc[1]) if draft_desc and draft_desc[0] == "self" else None
+        self.init_seconds = time.perf_counter() - t0
+        if manifest is not None:
+            self.attach(manifest)
+
+    def attach(self, manifest: dict):
+        """Map the loader's host copy of the target (pinned where CUDA is), copy the globals
+        and resident layers to the device, and set up the weight slots and the runner."""
+        spec, plan, t0 = self.spec, self.plan, time.perf_counter()
+        cuda = self.device.type == "cuda"
         for j, (path, entries) in manifest["layers"].items():
             buf, _ = map_file(path, entries)
             if cuda:
@@ -65,28 +80,23 @@ class GPUExecutor:
             self._maps.append(buf)
             self.host[int(j)] = (buf, entries)
         # Pinning the host layers (cudaHostRegister) costs time in proportion to their size.
-        self.budget.seconds["map and pin host layers"] = round(time.perf_counter() - t_map, 1)
+        self.budget.seconds["map and pin host layers"] = round(time.perf_counter() - t0, 1)
         gbuf, gv = map_file(*manifest["globals"])
         self._maps.append(gbuf)
-        # The draft loads first: its load peak (a checkpoint layer staged while it is
-        # quantized) then falls in memory that the slots and resident layers take later.
-        with self.budget.part("draft"):
-            draft = self._load_draft(draft_desc) if draft_desc and draft_desc[0] != "self" else None
         with self.budget.part("globals"):
             self.glob = self._globals(gv, manifest["tied"])
         with self.budget.part("resident layers"):
             self.resident = {}
             for j in plan.gpu_layers:  # one at a time, so a failure names the layer
                 self.resident[j] = {k: v.to(self.device) for k, v in views(*self.host[j]).items()}
-        if draft_desc and draft_desc[0] == "self":  # the target's own first layers and globals
-            draft = self._self_draft(int(draft_desc[1]))
+        draft = self._draft if self._self_draft_layers is None else self._self_draft(self._self_draft_layers)
         streamed = plan.streamed_layers(spec.num_layers)
         self.timer = StageTimer(self.device, role="gpu_executor", trace=plan.trace)
         disk = None
         if plan.disk_layers:
-            if target_desc is None:
+            if self.target_desc is None:
                 raise ConfigError("disk layers need the target's checkpoint to read them from")
-            disk = DiskTier(target_desc, list(plan.disk_layers), cuda)
+            disk = DiskTier(self.target_desc, list(plan.disk_layers), cuda)
             disk.prefetch(plan.disk_layers[0])
         with self.budget.part("weight slots"):
             self.streamer = WeightStreamer({j: self.host[j] for j in streamed if j in self.host}, streamed,
@@ -99,7 +109,7 @@ class GPUExecutor:
         self.mail = ExecutorMailboxes(spec, manifest.get("dir") if plan.shm_activations else None, self.device)
         self._drafting: dict[int, object] = {}
         self.streamer.prefetch()
-        self.init_seconds = time.perf_counter() - t0
+        self.init_seconds += time.perf_counter() - t0
 
     # -- setup -----------------------------------------------------------------------------
     def _globals(self, gv: dict, tied: bool) -> dict:
