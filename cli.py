@@ -99,6 +99,8 @@ def add_generate_options(p: argparse.ArgumentParser):
                    "-1, no limit).")
     p.add_argument("--seed", type=int, help="The sampling seed; request i uses seed + i.")
     p.add_argument("--ignore-eos", action="store_true", help="Do not stop at end-of-sequence tokens.")
+    p.add_argument("--logprobs", type=int, help="Write the target's N most likely tokens and their log "
+                   "probabilities for every generated token (and the chosen one's) into --out's lines.")
     p.add_argument("--no-chat-template", action="store_true",
                    help="Send the prompts as raw text even if the tokenizer has a chat template.")
     p.add_argument("--quiet", action="store_true", help="Show no progress bar.")
@@ -198,8 +200,11 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[dict]:
 def result_record(index: int, prompt: str, o) -> dict:
     """One JSONL line of results for a finished request."""
     c = o.outputs[0]
-    return {"index": index, "prompt": prompt, "text": c.text, "token_ids": c.token_ids,
-            "finish_reason": c.finish_reason, "metrics": o.metrics}
+    rec = {"index": index, "prompt": prompt, "text": c.text, "token_ids": c.token_ids,
+           "finish_reason": c.finish_reason, "metrics": o.metrics}
+    if c.logprobs is not None:  # per token: {token id: log probability}, the chosen one first
+        rec["logprobs"] = [{str(t): lp.logprob for t, lp in d.items()} for d in c.logprobs]
+    return rec
 
 
 def open_results(path: str | None, prompts: list[str], params: list, model, chat: bool, prog: str = "specoffload"):
@@ -287,7 +292,7 @@ def run_generate(args, prog: str = "specoffload") -> int:
 
     prompts = collect_prompts(args.prompt, args.prompts)
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, ignore_eos=args.ignore_eos,
+                             top_k=args.top_k, ignore_eos=args.ignore_eos, logprobs=args.logprobs,
                              seed=None if args.seed is None else args.seed + i)
               for i in range(len(prompts))]
     chat = not args.no_chat_template

@@ -31,6 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CAP = "24GiB"
+# Log-probability gap under which plain decoding's top two tokens are a tie for bf16 rounding
+# (see Check.same).
+NEAR_TIE = 0.05
 # The `ray` command, or its module where Ray was unpacked without scripts (the GPU machine).
 RAY = ["ray"] if shutil.which("ray") else [sys.executable, "-m", "ray.scripts.scripts"]
 STEPS = ("tests", "generate", "api", "job", "plan", "families", "bench", "fp8")
@@ -113,18 +116,43 @@ class Check:
         self.row("write checkpoints", True, time.perf_counter() - self.t_write,
                  f"{self.target_layers}-layer Mixtral-8x7B + Mistral-7B shapes, {size:.1f} GiB on disk")
 
-    def outputs(self, path: Path) -> dict[int, list[int]]:
+    def outputs(self, path: Path) -> dict[int, dict]:
+        """index -> the JSONL record (token_ids; logprobs where the run was asked for them)."""
         if not path.is_file():
             return {}
-        return {r["index"]: r["token_ids"] for r in map(json.loads, path.read_text().splitlines())}
+        return {r["index"]: r for r in map(json.loads, path.read_text().splitlines())}
 
     def same(self, got: dict, ref: dict) -> tuple[bool, str]:
+        """Greedy output equal to the reference run's (plain decoding), token by token, up to
+        where the reference's own choice was a near-tie. In bf16 no engine is batch-invariant:
+        a verification pass's k+1 tokens per row and another batch's padding round the
+        attention differently from plain decoding's (on the CPU plain decoding at batch 16
+        differs from batch 48 on 2 of 48 random-weight prompts), and the random checkpoints'
+        flat logits turn that into another token where the top two are within a rounding.
+        So a sequence passes when it equals the reference, or first differs where the
+        reference's top-2 log probabilities were within NEAR_TIE and it took the second."""
         if len(ref) != self.n:  # no plain run to compare with: nothing is shown equal
             return False, f"{len(got)}/{self.n} outputs, no plain decoding to compare with"
         if len(got) != self.n:
             return False, f"{len(got)}/{self.n} outputs"
-        bad = [i for i in ref if got.get(i) != ref[i]]
-        return not bad, f"{self.n - len(bad)}/{self.n} equal to plain" + (f" (first differs: {bad[0]})" if bad else "")
+        equal, ties, bad = 0, [], []
+        for i, r in ref.items():
+            a, b = got[i]["token_ids"], r["token_ids"]
+            d = next((p for p, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            if d is None and len(a) == len(b):
+                equal += 1
+                continue
+            top = sorted((r.get("logprobs") or [{}] * len(b))[d].items(), key=lambda kv: -kv[1]) if d is not None else []
+            if len(top) >= 2 and top[0][1] - top[1][1] < NEAR_TIE and str(a[d]) == top[1][0]:
+                ties.append(top[0][1] - top[1][1])
+            else:
+                bad.append(i)
+        note = f"{equal}/{self.n} equal to plain"
+        if ties:
+            note += f", {len(ties)} first differ at a near-tie of plain's (top-2 gap <= {max(ties):.3f})"
+        if bad:
+            note += f"; {len(bad)} differ elsewhere (first: {bad[0]})"
+        return not bad, note
 
     @staticmethod
     def figures(out: str) -> str:
@@ -217,8 +245,8 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
     def fp8(self, env):
         """The target quantized to fp8 as it loads: plain, then speculative against that plain
         (the fp8 target's own output), then a short W1-small bench with an fp8 target."""
-        plain = self.generate("generate --quantize fp8 (no draft)", "plain_fp8", "--quantize", "fp8", env=env,
-                              ref=False)
+        plain = self.generate("generate --quantize fp8 (no draft)", "plain_fp8", "--quantize", "fp8", "--logprobs",
+                              2, env=env, ref=False)
         self.generate("generate --quantize fp8 --draft --plan auto", "auto_q8", "--quantize", "fp8", "--draft",
                       self.draft, "--plan", "auto", env=env, ref=plain)
         rc, text, dt = self.run("bench w1-small --target-fp8", self.cli(
@@ -253,7 +281,7 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
             return self.table()
         self.write_checkpoints(procs)
         if "generate" in steps:
-            self.plain = self.generate("generate (no draft, local Ray)", "plain", ref=False)
+            self.plain = self.generate("generate (no draft, local Ray)", "plain", "--logprobs", 2, ref=False)
         else:  # a later call on the same machine compares with the plain run an earlier one wrote
             self.plain = self.outputs(self.work / "plain.jsonl")
         env = self.ray_head()
