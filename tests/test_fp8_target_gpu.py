@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
-from hf_reference import PROMPTS
+from hf_reference import PROMPTS, differ_beyond_near_ties
 from specoffload.configs.sampling_params import SamplingParams
 from specoffload.llm import LLM
 from specoffload.models.fp8_weights import Fp8Weight
@@ -79,13 +79,16 @@ def test_grouped_fp8_experts_use_the_fp8_kernel():
 @pytest.mark.parametrize("family,fmt", [("mixtral", "fp8-dynamic"), ("qwen3_moe", "block")])
 def test_fp8_target_on_the_gpu_speculates_losslessly(ray_session, fp8_dir, family, fmt):
     """An fp8 checkpoint streamed from host memory into fp8 weight slots on the GPU: greedy
-    speculative output equals plain decoding of the same target on the same GPU, and the
-    loader's files hold the fp8 bytes (about half of what bf16 takes)."""
+    speculative output equals plain decoding of the same target on the same GPU, up to bf16's
+    near-ties (on the H200 the qwen3_moe case once took the other token at one of 4 prompts)."""
     d = fp8_dir(family, fmt)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-    sp = SamplingParams(max_tokens=16, ignore_eos=True)
+    sp = SamplingParams(max_tokens=16, ignore_eos=True, logprobs=2)
     outs = []
     for draft in (None, "self:1"):
         with LLM(str(d), draft=draft, device="cuda", dtype="bfloat16", k=3, batch_size=2, progress=False) as llm:
-            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
-    assert outs[0] == outs[1]
+            outs.append(llm.generate(prompts, sp))
+    # bf16: equal up to a near-tie of plain decoding's (hf_reference.NEAR_TIE), and mostly equal
+    spec = [o.outputs[0].token_ids for o in outs[1]]
+    assert differ_beyond_near_ties(spec, outs[0]) == []
+    assert sum(s == o.outputs[0].token_ids for s, o in zip(spec, outs[0])) >= len(PROMPTS) // 2

@@ -75,12 +75,21 @@ def test_slots_that_do_not_fit_are_a_capacity_error():
     (the bench's baseline once asked for its resident layers plus the speculative modes' slots)."""
     from specoffload.errors import CapacityError
 
-    layers = _host_layers(3)
-    free, total = torch.cuda.mem_get_info()
-    size = layers[0][0].numel()
-    # The fraction caps what the allocator reserves: blocks earlier tests left cached would
-    # hold the slots without reserving more, so drop them and count from what stays reserved.
     torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info()[1]
+    # The fraction caps what the allocator reserves, but a slot can also land in the free part
+    # of a segment an earlier test's tensor still holds (this test once did not raise): make a
+    # slot larger than twice all such slack, so 1.5 slots of new room plus the slack hold fewer
+    # than two.
+    slack = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    size = max(32 << 20, 2 * slack + (2 << 20))
+    layers = {}
+    for j in range(3):
+        ts = {"a": torch.full((size // 2,), float(j), dtype=torch.bfloat16)}
+        entries, nbytes = layout(ts)
+        buf = torch.zeros(nbytes, dtype=torch.uint8)
+        views(buf, entries)["a"].copy_(ts["a"])
+        layers[j] = (buf.pin_memory(), entries, ts)
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 1.5 * size) / total)
     try:
         with pytest.raises(CapacityError, match="weight slots of .* do not fit.*lower num_slots"):
