@@ -460,8 +460,11 @@ class LLM:
         except BaseException:
             # Interrupted (Ctrl-C, SIGTERM): the run stops at its next pass boundary, and the
             # next run or shutdown collects its end (else Ray prints it as an unhandled error).
-            self._abandoned = ref
-            self.coordinator.stop.remote()
+            # A run that already ended (its error raised here) is not asked to stop: that call
+            # would race the next run's start on the coordinator's other thread.
+            if not ray.wait([ref], timeout=0)[0]:
+                self._abandoned = ref
+                self.coordinator.stop.remote()
             raise
 
     def trace(self) -> dict:

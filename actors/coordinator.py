@@ -215,6 +215,14 @@ class Coordinator:
         except RunStopped:
             self.backend.free_all()  # the stopped run's KV (an interrupted notebook may run again)
             return {"stopped": True}
+        except Exception as e:
+            # A run that failed (a prefill out of GPU memory, say) leaves its batches on the
+            # executor and the CPU worker: their device memory, and state under the batch ids the
+            # next run starts again from 0. Free them before the next run's calls (an actor runs
+            # its calls in order); a dead actor is the supervisor's to rebuild.
+            if not isinstance(e, ray.exceptions.RayActorError):
+                self.backend.free_all()
+            raise
         stats |= self.backend.stats()
         self.metrics.run_finished(stats)
         return stats

@@ -152,6 +152,10 @@ class GPUExecutor:
     # -- batches ---------------------------------------------------------------------------
     def start(self, bid, prompts, samp, capacity, with_draft, joins=None):
         """joins: the running batch these sequences will take rows of (`merge`)."""
+        # Whatever an earlier run left under this id goes first: a start that fails must be
+        # the error its prefill calls report, not a stale batch they would run on, and a draft
+        # cache left behind must not be held while the new one is allocated.
+        self.free(bid)
         try:
             with self.timer.span("prefill"):
                 self.runner.start(bid, samp, prompts if (with_draft and self.runner.draft) else None, capacity, joins)

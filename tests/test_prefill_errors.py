@@ -8,6 +8,10 @@ GPU; the bookkeeping around it does not)."""
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import signal
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -142,6 +146,99 @@ def test_out_of_memory_in_a_verification_layer_is_a_capacity_error():
     assert fake.resets == 1
 
 
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail, not hang: past `seconds` every thread's stack is printed and the test raises."""
+    def expired(signum, frame):
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        raise TimeoutError(f"still running after {seconds} s (stacks above)")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_generate_again_after_prefill_runs_out_of_memory_on_the_actors(ray_session, tiny_dir):
+    """The real actors on the CPU, an out-of-memory injected in the executor's prefill: the first
+    generate is the one-line CapacityError, the failed batch is freed on the executor and the
+    CPU worker (before, it stayed there: a draft's KV cache on the GPU, and state under the id
+    the next run starts again from), and the same LLM then generates exactly."""
+    import ray
+    from hf_reference import PROMPTS, hf_greedy
+    from specoffload.actors.supervisor import actors
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.llm import LLM
+
+    # defined here so that Ray pickles them by value (the workers cannot import test modules)
+    def inject_out_of_memory(self, layer: int):
+        """In the executor's process: its next prefill raises a CUDA out-of-memory at `layer`,
+        as a capped GPU does, once."""
+        import torch
+
+        run, left = self._prefill_layer, [1]
+
+        def failing(st, bid, s, j, in_pass=False):
+            if j == layer and left:
+                left.pop()
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.\nmore")
+            return run(st, bid, s, j, in_pass)
+
+        self._prefill_layer = failing
+
+    def held(self, *attrs):
+        """The batch ids an actor holds in each of `attrs` (dotted attribute paths)."""
+        out = {}
+        for a in attrs:
+            obj = self
+            for part in a.split("."):
+                obj = getattr(obj, part)
+            out[a] = sorted(obj)
+        return out
+
+    d = tiny_dir("llama")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    want = hf_greedy(d, PROMPTS, 8)
+    with _deadline(240), LLM(str(d), device="cpu", batch_size=64, progress=False) as llm:
+        h = actors(llm.run_id)
+        ex, at = h["gpu_executor"], h["cpu_attention"]
+        ray.get(ex.__ray_call__.remote(inject_out_of_memory, 1), timeout=60)
+        with pytest.raises(CapacityError, match="prefill ran out of GPU memory at layer 1 .sub-batch of 16"):
+            llm.generate([{"prompt_token_ids": [1] + [5 + i % 80 for i in range(239)]}] * 64, params)
+        assert ray.get(ex.__ray_call__.remote(held, "tb", "_failed", "runner.batches"), timeout=60) == {
+            "tb": [], "_failed": [], "runner.batches": []}
+        assert ray.get(at.__ray_call__.remote(held, "caches", "prompt_lens"), timeout=60) == {
+            "caches": [], "prompt_lens": []}
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        assert [o.outputs[0].token_ids for o in outs] == want
+        assert llm.last_stats["restarts"] == 0
+
+
+def test_a_start_that_fails_is_reported_not_an_earlier_runs_batch():
+    """A batch id an earlier run left on the executor: a start under that id that fails is what
+    its prefill calls raise; they never run on the stale batch."""
+    boom = RuntimeError("draft cache refused")
+    freed = []
+
+    def start(*a):
+        raise boom
+
+    fake = SimpleNamespace(tb={0: {"prompts": [[1] * 240] * 64}}, _failed={}, _drafting={},
+                           runner=SimpleNamespace(start=start, free=freed.append),
+                           mail=SimpleNamespace(free=lambda bid: None),
+                           timer=SimpleNamespace(span=lambda *a: contextlib.nullcontext()))
+    fake.free = lambda bid: GPUExecutor.free(fake, bid)
+    fake._batch = lambda bid: GPUExecutor._batch(fake, bid)
+    with pytest.raises(RuntimeError, match="draft cache refused"):
+        GPUExecutor.start(fake, 0, [[1, 2]], None, 16, False)
+    assert freed == [0] and fake.tb == {}
+    with pytest.raises(RuntimeError, match="batch 0 did not start on the executor: draft cache refused"):
+        GPUExecutor.prefill_layer(fake, 0, 0, 0)
+
+
 @gpu.cuda_only("an out-of-memory needs a GPU cap")
 def test_generate_again_after_prefill_runs_out_of_memory(ray_session, tiny_dir):
     """Under a cap that holds the model but not the attention of 16 long prompts at once, the
@@ -157,7 +254,9 @@ def test_generate_again_after_prefill_runs_out_of_memory(ray_session, tiny_dir):
         context = llm.info["gpu_context"]
     # cuBLAS takes a 32 MiB workspace from the allocator at the first matmul: 48 MiB leaves
     # room for short prompts, not for the attention of 16 prompts of 240 tokens.
-    with LLM(str(d), device="cuda", gpu_memory=context + (48 << 20), batch_size=64, progress=False) as llm:
+    # 29 s on the H200 in the whole `pytest -m cuda` (2026-12-02): a hang fails with every stack.
+    with _deadline(180), LLM(str(d), device="cuda", gpu_memory=context + (48 << 20), batch_size=64,
+                             progress=False) as llm:
         with pytest.raises(CapacityError, match="prefill ran out of GPU memory"):
             llm.generate([{"prompt_token_ids": [1] + [5 + i % 80 for i in range(239)]}] * 64, params)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
