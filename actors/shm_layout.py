@@ -43,11 +43,13 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor]) -> list[TensorEntry
     """Write tensors flat into `path` (a /dev/shm file); returns the entries to map them."""
     entries, total = layout(tensors)
     tmp = Path(str(path) + ".tmp")
-    buf = torch.from_file(str(tmp), shared=True, size=max(total, 1), dtype=torch.uint8)
-    for e in entries:
-        t = tensors[e.name].contiguous()
-        buf[e.offset : e.offset + e.nbytes].copy_(t.view(-1).view(torch.uint8))
-    del buf
+    # write(), not a copy into a mapping of the file: on tmpfs the mapping faults in one page
+    # at a time (1.4 GB/s with one thread on the dev machine, write() 2.4 GB/s).
+    with open(tmp, "wb", buffering=0) as f:
+        for e in entries:
+            f.seek(e.offset)  # the alignment gap before it stays a hole (reads as zeros)
+            f.write(memoryview(tensors[e.name].contiguous().view(-1).view(torch.uint8).numpy()))
+        f.truncate(max(total, 1))
     os.replace(tmp, path)
     return entries
 
