@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -273,6 +274,10 @@ def test_a_normal_run_prints_no_warnings(tiny_dir, tmp_path):
              env={"SPECOFFLOAD_DASHBOARD": "1"})
     assert r.returncode == 0, r.stderr
     assert "18 tokens in" in r.stderr
+    # where the start went, every figure a number (a missing one would print None)
+    started = re.search(r"started in ([0-9.]+) s: Ray ([0-9.]+) s, then side by side host weights ([0-9.]+) s "
+                        r"and the executor ([0-9.]+) s.*both done at ([0-9.]+) s", r.stderr)
+    assert started, r.stderr
     noisy = [ln for ln in r.stderr.splitlines() if "warn" in ln.lower() or "not writable" in ln
              or "Traceback" in ln or "Fatal" in ln or " W " in ln]
     assert noisy == [], r.stderr
