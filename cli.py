@@ -87,7 +87,7 @@ def add_generate_options(p: argparse.ArgumentParser):
     """`specoffload generate`'s options (shared with the Ray job, scripts/generate_job.py)."""
     p.add_argument("--prompt", action="append", default=[], help="A prompt; repeat the option for more.")
     p.add_argument("--prompts", help="A file of prompts: plain text, one per line, or JSONL with a 'prompt' "
-                                     "field.")
+                                     "field (and, if wanted, its own 'max_tokens').")
     p.add_argument("--out", help="Write the results here as JSONL, one line per request as it finishes.")
     p.add_argument("--max-tokens", type=int, default=64, help="The most tokens to generate per prompt "
                                                               "(default 64).")
@@ -139,7 +139,9 @@ def llm_from_args(args, progress: bool, trace: bool = False, workload=None, star
                engine_args=EngineArgs.from_cli(args, trace=trace, progress=progress, workload=workload))
 
 
-def read_prompts(path: str) -> list[str]:
+def read_prompts(path: str) -> list[tuple[str, dict]]:
+    """(prompt, its own options) per prompt of the file; a JSONL line may set `max_tokens`
+    for its prompt (over --max-tokens)."""
     from .errors import ConfigError
 
     p = Path(path)
@@ -173,20 +175,27 @@ def read_prompts(path: str) -> list[str]:
                 raise ConfigError(f"{p}:{n}: JSON line has no 'prompt' field")
             if not isinstance(rec["prompt"], str):
                 raise ConfigError(f"{p}:{n}: 'prompt' must be a string, got {type(rec['prompt']).__name__}")
-            out.append(rec["prompt"])
+            opts = {}
+            if "max_tokens" in rec:
+                m = rec["max_tokens"]
+                if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+                    raise ConfigError(f"{p}:{n}: 'max_tokens' must be a positive integer, got {m!r}")
+                opts["max_tokens"] = m
+            out.append((rec["prompt"], opts))
         else:
-            out.append(line)
+            out.append((line, {}))
     if not out:
         raise ConfigError(f"{p}: no prompts")
     return out
 
 
-def collect_prompts(prompt: list, prompts_file: str | None) -> list[str]:
-    """--prompt values, then the --prompts file's; the built-in prompts if neither is given."""
-    prompts = list(prompt)
+def collect_prompts(prompt: list, prompts_file: str | None) -> list[tuple[str, dict]]:
+    """--prompt values, then the --prompts file's; the built-in prompts if neither is given;
+    each with its own options (read_prompts)."""
+    lines = [(p, {}) for p in prompt]
     if prompts_file:
-        prompts += read_prompts(prompts_file)
-    return prompts or list(BUILTIN_PROMPTS)
+        lines += read_prompts(prompts_file)
+    return lines or [(p, {}) for p in BUILTIN_PROMPTS]
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[dict]:
@@ -290,11 +299,12 @@ def run_generate(args, prog: str = "specoffload") -> int:
     prompts, written to --out as JSONL as requests finish (else printed), a summary on stderr."""
     from .configs.sampling_params import SamplingParams
 
-    prompts = collect_prompts(args.prompt, args.prompts)
-    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+    lines = collect_prompts(args.prompt, args.prompts)
+    prompts = [p for p, _ in lines]
+    params = [SamplingParams(max_tokens=opts.get("max_tokens", args.max_tokens), temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k, ignore_eos=args.ignore_eos, logprobs=args.logprobs,
                              seed=None if args.seed is None else args.seed + i)
-              for i in range(len(prompts))]
+              for i, (_, opts) in enumerate(lines)]
     chat = not args.no_chat_template
     # Everything checkable is checked before Ray starts and the weights load: where the
     # results go, then the model, plan and prompts (context length, host memory for the KV).
@@ -373,6 +383,8 @@ def summary_line(prog: str, requests: int, s: dict, out: str | None) -> str:
             f"({s.get('tokens_per_s', 0)} tok/s)")
     if s.get("acceptance") is not None:
         line += f", acceptance {s['acceptance']:.2f}, {s['tokens_per_seq_pass']:.2f} tokens/sequence/pass"
+    if s.get("joins"):
+        line += f", rows refilled {s['joins']} times"
     g = s.get("gpu_memory")
     if g:
         line += f", GPU peak {g['peak_in_use'] / 2**30:.2f} GiB" + (f" of {g['cap'] / 2**30:.2f}" if g["cap"] else "")

@@ -112,10 +112,14 @@ class Check:
                 raise SystemExit(self.table())
         size = sum(f.stat().st_size for d in (self.target, self.draft) for f in d.iterdir()) / 2**30
         rng = random.Random(0)
-        lines = [" ".join(f"w{rng.randrange(3, 32000)}" for _ in range(rng.randrange(32, 480)))
+        # Each prompt its own length to generate, so rows end at different passes and the
+        # refill row's joins happen (with the random draft every proposal is rejected: rows of
+        # one length would all end together).
+        lines = [{"prompt": " ".join(f"w{rng.randrange(3, 32000)}" for _ in range(rng.randrange(32, 480))),
+                  "max_tokens": rng.randrange(max(self.max_tokens // 4, 1), self.max_tokens + 1)}
                  for _ in range(self.n)]
-        self.prompts = self.work / "prompts.txt"
-        self.prompts.write_text("\n".join(lines) + "\n")
+        self.prompts = self.work / "prompts.jsonl"
+        self.prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
         self.row("write checkpoints", True, time.perf_counter() - self.t_write,
                  f"{self.target_layers}-layer Mixtral-8x7B + Mistral-7B shapes, {size:.1f} GiB on disk")
 
@@ -165,7 +169,8 @@ class Check:
         return "; ".join(keep)[-600:]
 
     def generate(self, name: str, out_name: str, *flags, env=None, ref: bool | dict = True):
-        """ref: compare with plain decoding (True), with these outputs (a dict), or not (False)."""
+        """ref: compare with plain decoding (True), with these outputs (a dict), or not (False).
+        A run with --refill must say it refilled rows."""
         out = self.work / f"{out_name}.jsonl"
         out.unlink(missing_ok=True)
         rc, text, dt = self.run(name, self.cli("generate", "--model", self.target, "--prompts", self.prompts,
@@ -174,7 +179,9 @@ class Check:
         got = self.outputs(out)
         ok, note = (len(got) == self.n, f"{len(got)}/{self.n} outputs") if ref is False else self.same(
             got, ref if isinstance(ref, dict) else self.plain)
-        self.row(name, rc == 0 and ok, dt, f"rc {rc}, {note}; {self.figures(text)}")
+        refilled = "--refill" not in flags or "rows refilled" in text
+        self.row(name, rc == 0 and ok and refilled, dt,
+                 f"rc {rc}, {note}{'' if refilled else ', no request refilled'}; {self.figures(text)}")
         return got
 
     def ray_head(self) -> dict:
@@ -202,11 +209,11 @@ class Check:
         code = f"""
 import json
 from specoffload import LLM, SamplingParams
-prompts = open({str(self.prompts)!r}).read().splitlines()
+lines = [json.loads(x) for x in open({str(self.prompts)!r})]
 with LLM({str(self.target)!r}, draft={str(self.draft)!r}, draft_fp8=True, k=4, draft_window=64, draft_sinks=4,
          gpu_memory={CAP!r}, progress=False) as llm:
-    ids = [{{"prompt_token_ids": llm.tokenizer(p, add_special_tokens=False)["input_ids"]}} for p in prompts]  # as the CLI
-    outs = llm.generate(ids, SamplingParams(max_tokens={self.max_tokens}, ignore_eos=True))
+    ids = [{{"prompt_token_ids": llm.tokenizer(x["prompt"], add_special_tokens=False)["input_ids"]}} for x in lines]  # as the CLI
+    outs = llm.generate(ids, [SamplingParams(max_tokens=x["max_tokens"], ignore_eos=True) for x in lines])
     print("stats:", json.dumps({{k: llm.last_stats.get(k) for k in ("tokens_per_s", "acceptance")}}))
 with open({str(self.work / "api.jsonl")!r}, "w") as f:
     for i, o in enumerate(outs):

@@ -29,6 +29,30 @@ def test_generate_writes_jsonl_per_request(tiny_dir, tmp_path):
     assert "15 tokens in" in r.stderr
 
 
+def test_a_prompt_line_sets_its_own_max_tokens_and_logprobs_are_written(tiny_dir, tmp_path):
+    """A JSONL line's max_tokens over --max-tokens (rows then end at different passes, as a
+    batch job's requests do); --logprobs N puts each token's top N, the chosen one first."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w5 w6 w7", "max_tokens": 2}\nw9 w10\n{"prompt": "w4", "max_tokens": 7}\n')
+    out = tmp_path / "out.jsonl"
+    r = _cli("generate", "--model", str(tiny_dir("llama")), "--engine", "reference", "--prompts", str(prompts),
+             "--max-tokens", "4", "--ignore-eos", "--logprobs", "2", "--out", str(out), "--quiet", "--batch-size", "2",
+             "--refill")
+    assert r.returncode == 0, r.stderr
+    assert "rows refilled 1 times" in r.stderr  # the 2-token row's, by the third prompt
+    recs = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda x: x["index"])
+    assert [len(x["token_ids"]) for x in recs] == [2, 4, 7]
+    for x in recs:
+        assert len(x["logprobs"]) == len(x["token_ids"])
+        for tok, lp in zip(x["token_ids"], x["logprobs"]):
+            assert next(iter(lp)) == str(tok) and 2 <= len(lp) <= 3
+            assert lp[str(tok)] == max(lp.values())  # greedy: the chosen token is the most likely
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('w1\n{"prompt": "w2", "max_tokens": 0}\n')
+    r = _cli("generate", "--model", str(tiny_dir("llama")), "--engine", "reference", "--prompts", str(bad))
+    assert r.returncode == 2 and r.stderr.strip().endswith("bad.jsonl:2: 'max_tokens' must be a positive integer, got 0")
+
+
 def test_generate_bad_prompts_file_and_out_path(tiny_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt field"}\n')
