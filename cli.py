@@ -272,8 +272,9 @@ class numbered_as:
         return False
 
 
-def auto_workload(args, prompts: list[str]):
-    """What `--plan auto` plans for: these prompts' longest length in tokens, their count, --max-tokens."""
+def auto_workload(args, prompts: list[str], max_tokens: int):
+    """What `--plan auto` plans for: these prompts' longest length in tokens, their count, the
+    most tokens any of them asks for."""
     from .llm import load_tokenizer
     from .placement.planner import Workload
 
@@ -286,7 +287,7 @@ def auto_workload(args, prompts: list[str]):
 
     tok = load_tokenizer(resolve_model(model))
     lens = [len(i["prompt_token_ids"]) for i in encode_prompts(tok, prompts, chat=not args.no_chat_template)]
-    return Workload(max(lens), args.max_tokens, len(prompts), args.acceptance)
+    return Workload(max(lens), max_tokens, len(prompts), args.acceptance)
 
 
 def print_texts(prompts: list[str], outs):
@@ -317,7 +318,7 @@ def run_generate(args, prog: str = "specoffload") -> int:
     todo = journal.pending() if journal is not None else list(range(len(prompts)))
     sub, sub_params = [prompts[i] for i in todo], [params[i] for i in todo]
     try:
-        workload = auto_workload(args, sub) if args.plan == "auto" else None
+        workload = auto_workload(args, sub, max(p.max_tokens for p in sub_params)) if args.plan == "auto" else None
         llm = llm_from_args(args, progress=not args.quiet, trace=bool(args.trace), workload=workload, start=False)
         inputs = encode_prompts(llm.tokenizer, sub, chat=chat)
         with numbered_as(todo, len(prompts)):
