@@ -394,6 +394,18 @@ def summary_line(prog: str, requests: int, s: dict, out: str | None) -> str:
     return line
 
 
+def _stop_ray_output():
+    """Ray forwards the actors' output (a loader's progress bar, say) to this terminal a moment
+    late; a failed run's driver disconnects before its one line so that the line is the last
+    (the actors' tracebacks are in the log it names)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
 def one_line_errors(prog: str, command, *args) -> int:
     """Run a command; an error prints one line and returns 2 (1 for an actor's failure, which is
     not the input's)."""
@@ -403,6 +415,7 @@ def one_line_errors(prog: str, command, *args) -> int:
         return command(*args)
     except SpecOffloadError as e:
         e = getattr(e, "cause", None) or e  # unwrap errors raised inside a Ray actor
+        _stop_ray_output()
         print(f"{prog}: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 1 if isinstance(e, ActorError) else 2
     except KeyboardInterrupt:
