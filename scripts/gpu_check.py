@@ -89,7 +89,8 @@ class Check:
         """Start writing the checkpoints (CPU and disk only) in processes of their own, so the
         CUDA-only tests run meanwhile; `write_checkpoints` waits for them."""
         self.t_write = time.perf_counter()
-        self.target, self.draft = self.work / "mixtral", self.work / "mistral"
+        # named by layer count: --work is reused, and another count must not find this one
+        self.target, self.draft = self.work / f"mixtral-{self.target_layers}L", self.work / "mistral"
         procs = []
         for folder, shape, layers in ((self.target, "mixtral-8x7b", self.target_layers),
                                       (self.draft, "mistral-7b", None)):
