@@ -3,7 +3,6 @@ back to the planner's next candidate when its choice does not start."""
 
 from __future__ import annotations
 
-
 import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
 from specoffload.placement.planner import Candidate, Choice, Workload, plan
 from specoffload.placement.plan import Plan
