@@ -31,9 +31,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CAP = "24GiB"
-# Log-probability gap under which plain decoding's top two tokens are a tie for bf16 rounding
-# (see Check.same).
-NEAR_TIE = 0.05
 # The `ray` command, or its module where Ray was unpacked without scripts (the GPU machine).
 RAY = ["ray"] if shutil.which("ray") else [sys.executable, "-m", "ray.scripts.scripts"]
 STEPS = ("tests", "generate", "api", "job", "plan", "families", "bench", "fp8")
@@ -131,30 +128,24 @@ class Check:
         return {r["index"]: r for r in map(json.loads, path.read_text().splitlines())}
 
     def same(self, got: dict, ref: dict) -> tuple[bool, str]:
-        """Greedy output equal to the reference run's (plain decoding), token by token, up to
-        where the reference's own choice was a near-tie. In bf16 no engine is batch-invariant:
-        a verification pass's k+1 tokens per row and another batch's padding round the
-        attention differently from plain decoding's (on the CPU plain decoding at batch 16
-        differs from batch 48 on 2 of 48 random-weight prompts), and the random checkpoints'
-        flat logits turn that into another token where the top two are within a rounding.
-        So a sequence passes when it equals the reference, or first differs where the
-        reference's top-2 log probabilities were within NEAR_TIE and it took the second."""
+        """Greedy output equal to the reference run's (plain decoding) up to its near-ties, the
+        rule for bf16 (specoffload/near_ties.py)."""
+        from specoffload.near_ties import compare
+
         if len(ref) != self.n:  # no plain run to compare with: nothing is shown equal
             return False, f"{len(got)}/{self.n} outputs, no plain decoding to compare with"
         if len(got) != self.n:
             return False, f"{len(got)}/{self.n} outputs"
         equal, ties, bad = 0, [], []
         for i, r in ref.items():
-            a, b = got[i]["token_ids"], r["token_ids"]
-            d = next((p for p, (x, y) in enumerate(zip(a, b)) if x != y), None)
-            if d is None and len(a) == len(b):
-                equal += 1
-                continue
-            top = sorted((r.get("logprobs") or [{}] * len(b))[d].items(), key=lambda kv: -kv[1]) if d is not None else []
-            if len(top) >= 2 and top[0][1] - top[1][1] < NEAR_TIE and str(a[d]) == top[1][0]:
-                ties.append(top[0][1] - top[1][1])
-            else:
+            lps = [{int(t): v for t, v in x.items()} for x in r["logprobs"]] if r.get("logprobs") else None
+            agrees, d, gap = compare(got[i]["token_ids"], r["token_ids"], lps)
+            if not agrees:
                 bad.append(i)
+            elif d is None:
+                equal += 1
+            else:
+                ties.append(gap)
         note = f"{equal}/{self.n} equal to plain"
         if ties:
             note += f", {len(ties)} first differ at a near-tie of plain's (top-2 gap <= {max(ties):.3f})"

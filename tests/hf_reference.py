@@ -38,26 +38,22 @@ def first_new_token(seq, start: int) -> tuple[int, int]:
     raise AssertionError("no fresh token to use as a stop token")
 
 
-# bf16 is not batch-invariant: a verification pass's k+1 tokens per row round differently from
-# plain decoding's one, so greedy output on a GPU in bf16 may take the other token where plain
-# decoding's top two log probabilities are this close (tiny random models have flat logits).
-NEAR_TIE = 0.05
-
-
 def differ_beyond_near_ties(got: list[list[int]], plain) -> list[str]:
     """Sequences of `got` that leave plain decoding's output anywhere but at a near-tie of its
-    own (`plain`: RequestOutputs generated with SamplingParams(logprobs>=2)), taking there the
-    other of the two: each as a line saying where and by how much; empty when none do."""
+    own, taking there the other of the two (specoffload/near_ties.py; `plain`: RequestOutputs
+    generated with SamplingParams(logprobs>=2)): each as a line saying where and by how much;
+    empty when none do."""
+    from specoffload.near_ties import compare
+
     bad = []
     for i, (g, o) in enumerate(zip(got, plain)):
         c = o.outputs[0]
-        d = next((p for p, (x, y) in enumerate(zip(g, c.token_ids)) if x != y), None)
-        if d is None:
-            if len(g) != len(c.token_ids):
-                bad.append(f"sequence {i}: {len(g)} tokens, plain {len(c.token_ids)}")
+        lps = [{t: lp.logprob for t, lp in x.items()} for x in c.logprobs] if c.logprobs else None
+        agrees, d, gap = compare(g, c.token_ids, lps)
+        if agrees:
             continue
-        top = sorted(c.logprobs[d].items(), key=lambda kv: -kv[1].logprob)[:2]
-        gap = top[0][1].logprob - top[1][1].logprob if len(top) == 2 else float("inf")
-        if not (gap < NEAR_TIE and g[d] == top[1][0]):
+        if gap is None:
+            bad.append(f"sequence {i}: {len(g)} tokens, plain {len(c.token_ids)}")
+        else:
             bad.append(f"sequence {i} differs at token {d}: {g[d]} for {c.token_ids[d]}, plain's top-2 gap {gap:.3f}")
     return bad

@@ -88,7 +88,7 @@ def test_fp8_target_on_the_gpu_speculates_losslessly(ray_session, fp8_dir, famil
     for draft in (None, "self:1"):
         with LLM(str(d), draft=draft, device="cuda", dtype="bfloat16", k=3, batch_size=2, progress=False) as llm:
             outs.append(llm.generate(prompts, sp))
-    # bf16: equal up to a near-tie of plain decoding's (hf_reference.NEAR_TIE), and mostly equal
+    # bf16: equal up to a near-tie of plain decoding's (near_ties.py), and mostly equal
     spec = [o.outputs[0].token_ids for o in outs[1]]
     assert differ_beyond_near_ties(spec, outs[0]) == []
     assert sum(s == o.outputs[0].token_ids for s, o in zip(spec, outs[0])) >= len(PROMPTS) // 2
