@@ -210,18 +210,19 @@ class LLM:
 
         dev = "cuda" if self.plan.device == "cuda" else "cpu"
         target = ResidentModel.from_source(open_source(self._target_desc()), dev)
-        draft = None
-        if self.draft_desc and self.draft_desc[0] == "self":
-            n = self.draft_desc[1]
+        draft, desc = None, self._draft_to_load()
+        if desc and desc[0] == "self":
+            n = desc[1]
             draft = ResidentModel(self.spec.with_layers(n), target.glob, target.layers[:n], dev)
-        elif self.draft_desc:
-            draft = ResidentModel.from_source(Checkpoint(self.draft_desc[1], dtype=self.spec.dtype), dev,
+        elif desc:
+            draft = ResidentModel.from_source(Checkpoint(desc[1], dtype=self.spec.dtype), dev,
                                               fp8_weights=self.plan.draft_fp8)
         self.backend = ReferenceBackend(target, draft, self.plan.draft_kv_policy)
 
-    def _actor_draft(self):
-        """The draft the executor loads: none where neither the plan nor a fallback speculates
-        (--plan auto may choose plain decoding; a 7B draft would only cost its load and memory)."""
+    def _draft_to_load(self):
+        """The draft to load (the executor's, or the reference engine's): none where neither
+        the plan nor a fallback speculates (--plan auto may choose plain decoding; a 7B draft
+        would only cost its load and memory)."""
         cfgs = [self.run_cfg, *(cfg for _, cfg, _ in self._fallbacks)]
         return self.draft_desc if any(c.speculative for c in cfgs) else None
 
@@ -251,7 +252,7 @@ class LLM:
         self.coordinator = ray.remote(guarded(Coordinator, "coordinator", self.run_id)).options(
             name=f"specoffload-coordinator-{self.run_id}", num_cpus=0, max_concurrency=2
         ).remote(self._target_desc(), self.spec, self.plan,
-                 self._actor_draft(), self.run_cfg, self.run_id, self.progress,
+                 self._draft_to_load(), self.run_cfg, self.run_id, self.progress,
                  tuple((p, cfg) for p, cfg, _ in self._fallbacks))
         self._coordinator_has_tokenizer = False  # a new coordinator (a restart too) is sent it when needed
         self.info = wait_ready(self.coordinator, self.run_id)

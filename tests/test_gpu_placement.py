@@ -110,3 +110,5 @@ def test_a_draft_loads_only_where_a_plan_speculates(ray_session, tiny_dir):
             assert llm.info["draft"] is loaded
             outs = llm.generate([{"prompt_token_ids": q} for q in PROMPTS], params)
         assert [o.outputs[0].token_ids for o in outs] == hf_greedy(d, PROMPTS, 6)
+        ref = LLM(str(d), draft=str(d), schedule=schedule, k=2, dtype="float32", engine="reference", progress=False)
+        assert (ref.backend.spec.draft is not None) is loaded  # the in-process engine alike
