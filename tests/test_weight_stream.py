@@ -14,19 +14,20 @@ import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
 DEVICES = ["cpu", gpu.CUDA]
 
 
+def _host_layer(ts: dict) -> tuple:
+    """(flat host buffer, entries, the tensors): one layer as the loader lays it out, pinned
+    where CUDA is."""
+    entries, size = layout(ts)
+    buf = torch.zeros(size, dtype=torch.uint8)
+    for e, t in zip(entries, ts.values()):
+        views(buf, [e])[e.name].copy_(t)
+    return (buf.pin_memory() if torch.cuda.is_available() else buf), entries, ts
+
+
 def _host_layers(n: int):
     g = torch.Generator().manual_seed(0)
-    out = {}
-    for j in range(n):
-        ts = {"a": torch.randn(700, 1100, generator=g), "b": torch.randn(3, 513, generator=g).to(torch.bfloat16)}
-        entries, size = layout(ts)
-        buf = torch.zeros(size, dtype=torch.uint8)
-        for e, t in zip(entries, ts.values()):
-            views(buf, [e])[e.name].copy_(t)
-        if torch.cuda.is_available():
-            buf = buf.pin_memory()
-        out[j] = (buf, entries, ts)
-    return out
+    return {j: _host_layer({"a": torch.randn(700, 1100, generator=g),
+                            "b": torch.randn(3, 513, generator=g).to(torch.bfloat16)}) for j in range(n)}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -83,13 +84,7 @@ def test_slots_that_do_not_fit_are_a_capacity_error():
     # than two.
     slack = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     size = max(32 << 20, 2 * slack + (2 << 20))
-    layers = {}
-    for j in range(3):
-        ts = {"a": torch.full((size // 2,), float(j), dtype=torch.bfloat16)}
-        entries, nbytes = layout(ts)
-        buf = torch.zeros(nbytes, dtype=torch.uint8)
-        views(buf, entries)["a"].copy_(ts["a"])
-        layers[j] = (buf.pin_memory(), entries, ts)
+    layers = {j: _host_layer({"a": torch.full((size // 2,), float(j), dtype=torch.bfloat16)}) for j in range(3)}
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 1.5 * size) / total)
     try:
         with pytest.raises(CapacityError, match="weight slots of .* do not fit.*lower num_slots"):
