@@ -38,22 +38,22 @@ def first_new_token(seq, start: int) -> tuple[int, int]:
     raise AssertionError("no fresh token to use as a stop token")
 
 
-def differ_beyond_near_ties(got: list[list[int]], plain) -> list[str]:
-    """Sequences of `got` that leave plain decoding's output anywhere but at a near-tie of its
-    own, taking there the other of the two (specoffload/near_ties.py; `plain`: RequestOutputs
-    generated with SamplingParams(logprobs>=2)): each as a line saying where and by how much;
-    empty when none do."""
-    from specoffload.near_ties import compare
+def differ_beyond_near_ties(got, plain) -> list[str]:
+    """Sequences of `got` that leave plain decoding's output anywhere but at a swap of its
+    near-tied top two tokens (specoffload/near_ties.py). `plain`, and `got` where it is
+    RequestOutputs too, generated with SamplingParams(logprobs>=2); `got` may be bare token ids
+    (then only plain's gap is known). Each as a line saying where and by how much; empty when
+    none do."""
+    from specoffload.near_ties import Sequence, judge
 
-    bad = []
-    for i, (g, o) in enumerate(zip(got, plain)):
+    def ids_lps(o):
+        if isinstance(o, list):
+            return o, None
         c = o.outputs[0]
-        lps = [{t: lp.logprob for t, lp in x.items()} for x in c.logprobs] if c.logprobs else None
-        agrees, d, gap = compare(g, c.token_ids, lps)
-        if agrees:
-            continue
-        if gap is None:
-            bad.append(f"sequence {i}: {len(g)} tokens, plain {len(c.token_ids)}")
-        else:
-            bad.append(f"sequence {i} differs at token {d}: {g[d]} for {c.token_ids[d]}, plain's top-2 gap {gap:.3f}")
-    return bad
+        return c.token_ids, [{t: lp.logprob for t, lp in x.items()} for x in c.logprobs] if c.logprobs else None
+
+    seqs = []
+    for g, p in zip(got, plain):
+        (gi, gl), (pi, pl) = ids_lps(g), ids_lps(p)
+        seqs.append(Sequence(gi, pi, gl, pl))
+    return judge(seqs).bad
