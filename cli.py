@@ -371,12 +371,16 @@ def _announce(llm, prog: str, n_prompts: int, acceptance: float):
 
 def startup_line(t: dict) -> str:
     """Where the start went, e.g. `started in 41.0 s: Ray 7.2 s, then side by side host weights
-    9.1 s and the executor 15.0 s (draft 12.2 s, ...), both done at 16.3 s`; the executor's
-    parts are those of a tenth of a second or more."""
+    9.1 s (loader up 3.0 s, read 14.2 s, write 8.3 s on 4 threads) and the executor 15.0 s
+    (draft 12.2 s, ...), both done at 16.3 s`; the executor's parts are those of a tenth of a
+    second or more, the loader's read and write are summed over its threads."""
     parts = ", ".join(f"{k} {v} s" for k, v in t.get("executor_parts_s", {}).items() if v >= 0.1)
+    h = t.get("host_parts_s") or {}
+    host = (f" (loader up {h['loader up']} s, read {h['read']} s, write {h['write']} s on {h['threads']} threads)"
+            if h else "")
     return (f"started in {t.get('total_s')} s: Ray {t.get('ray_s')} s, then side by side host weights "
-            f"{t.get('host_weights_s')} s and the executor {t.get('executor_s')} s" + (f" ({parts})" if parts else "")
-            + f", both done at {t.get('actors_s')} s")
+            f"{t.get('host_weights_s')} s{host} and the executor {t.get('executor_s')} s"
+            + (f" ({parts})" if parts else "") + f", both done at {t.get('actors_s')} s")
 
 
 def summary_line(prog: str, requests: int, s: dict, out: str | None) -> str:

@@ -259,7 +259,8 @@ class LLM:
         # host weights and the executor's own work run side by side; actors_s: both done
         self.startup = {"ray_s": round(t_ray, 1), "host_weights_s": self.info.get("host_load_s"),
                         "executor_s": self.info.get("init_s"), "actors_s": self.info.get("executor_start_s"),
-                        "executor_parts_s": self.info.get("init_parts_s", {})}
+                        "executor_parts_s": self.info.get("init_parts_s", {}),
+                        "host_parts_s": self.info.get("host_parts_s", {})}
         self.refused = self.info.pop("refused", [])
         if self.refused:  # a fallback started: the run follows it
             started = self.info["plan"], self.info["run_config"]

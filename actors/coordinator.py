@@ -116,7 +116,7 @@ class Coordinator:
         self.loader = self._actor(IOLoader, "io_loader").options(
             name=self._name("io_loader"), num_cpus=0, scheduling_strategy=self._here).remote(target_desc, run_id)
         host_layers = [j for j in range(spec.num_layers) if j not in plan.disk_layers]
-        t0 = time.perf_counter()
+        t0, t_wall = time.perf_counter(), time.time()  # the loader's "up" is a wall-clock time (same node)
         load = self.loader.load.remote(host_layers, progress)
         # Meanwhile the other two start: the executor's CUDA start and draft load overlap
         # the loader's (a 7B draft's load was a fifth of a GPU-check run's start).
@@ -148,6 +148,9 @@ class Coordinator:
                       "executor_start_s": round(time.perf_counter() - t0, 1)}
         self.info["attention_threads"] = ray.get(self.attention.ready.remote())
         self.info["host_load_s"] = round(load_s, 1)
+        lt = manifest.get("times_s", {})  # where the host load went (the start line prints it)
+        self.info["host_parts_s"] = {"loader up": round(lt["up"] - t_wall, 1), "read": lt["read"], "write": lt["write"],
+                                     "threads": lt["threads"]} if lt else {}
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, self.plan.prefill_batch,
                                     self.plan.micro_batches)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +41,7 @@ def remove_local_run_dir(run_id: str):
 
 class IOLoader:
     def __init__(self, source_desc, run_id: str | None = None, shm_root: str | None = None):
+        self.t_up = time.time()  # the process started and imported: the start line's "loader up"
         self.source = open_source(source_desc)
         self.spec = self.source.spec
         self.dir = run_dir(run_id or uuid.uuid4().hex[:8], shm_root)
@@ -59,6 +61,7 @@ class IOLoader:
         layer in memory meanwhile): the copies and page faults of one thread ran at about
         0.6 GB/s, 152 s for W1's 93 GB (Ray gives an actor one torch thread)."""
         out = {"layers": {}, "globals": None, "tied": False, "dir": str(self.dir)}
+        t0, spent = time.perf_counter(), {"read": 0.0, "write": 0.0}  # read and write: summed over the threads
         bar = tqdm(total=len(layers) + 1, desc="host weights", unit="layer", disable=not progress)
         g = self.source.read_globals()
         out["tied"] = g["head"] is g["embed"]
@@ -69,7 +72,13 @@ class IOLoader:
 
         def one(j: int):
             path = self.dir / f"layer_{j:03d}.bin"
-            return j, (str(path), write_file(path, self.source.read_layer(j)))
+            t = time.perf_counter()
+            w = self.source.read_layer(j)  # read, checked, experts stacked (quantized where asked)
+            t1 = time.perf_counter()
+            entry = (str(path), write_file(path, w))
+            spent["read"] += t1 - t  # += of floats between threads: the GIL makes each one whole
+            spent["write"] += time.perf_counter() - t1
+            return j, entry
 
         threads = threads or max(1, min(4, os.cpu_count() or 1, len(layers)))
         with ThreadPoolExecutor(threads, thread_name_prefix="layer-writer") as pool:
@@ -77,6 +86,8 @@ class IOLoader:
                 out["layers"][j] = entry
                 bar.update(1)
         bar.close()
+        out["times_s"] = {"up": self.t_up, "wall": round(time.perf_counter() - t0, 1), "threads": threads,
+                          **{k: round(v, 1) for k, v in spent.items()}}
         self.manifest = out
         return out
 

@@ -276,6 +276,7 @@ def test_a_normal_run_prints_no_warnings(tiny_dir, tmp_path):
     assert "18 tokens in" in r.stderr
     # where the start went, every figure a number (a missing one would print None)
     started = re.search(r"started in ([0-9.]+) s: Ray ([0-9.]+) s, then side by side host weights ([0-9.]+) s "
+                        r"\(loader up -?[0-9.]+ s, read ([0-9.]+) s, write ([0-9.]+) s on [0-9]+ threads\) "
                         r"and the executor ([0-9.]+) s.*both done at ([0-9.]+) s", r.stderr)
     assert started, r.stderr
     noisy = [ln for ln in r.stderr.splitlines() if "warn" in ln.lower() or "not writable" in ln
