@@ -1,6 +1,8 @@
 """Part of the GPU check (scripts/gpu_check.py): a tiny checkpoint of every family through the
-Ray actors on the GPU, greedy, plain and self-speculative, against transformers' own generate.
-Prints one line per family; exit 1 if any differs."""
+Ray actors on the GPU, greedy and self-speculative (k=3, so verification passes accept and
+reject), in float32 against transformers' own generate. Plain decoding on the actors is left to
+the check's Mixtral rows: each engine start costs tens of seconds on the GPU machine, and the
+check must fit in minutes. Prints one line per family; exit 1 if any differs."""
 
 from __future__ import annotations
 
@@ -26,9 +28,8 @@ def main() -> int:
         folder = make_tiny_with_tokenizer(fam, root / fam)
         ref = hf_greedy(folder, PROMPTS, 12)
         got = {}
-        for name, draft in (("plain", None), ("self:1", "self:1")):
-            with LLM(str(folder), draft=draft, device="cuda", dtype="float32", k=3, progress=False) as llm:
-                got[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        with LLM(str(folder), draft="self:1", device="cuda", dtype="float32", k=3, progress=False) as llm:
+            got["self:1"] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         eq = {n: sum(a == b for a, b in zip(g, ref)) for n, g in got.items()}
         bad += sum(v != len(PROMPTS) for v in eq.values())
         print(f"family {fam}: " + ", ".join(f"{n} {v}/{len(PROMPTS)}" for n, v in eq.items()) + " equal to HF",
