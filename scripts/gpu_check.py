@@ -40,19 +40,34 @@ STEPS = ("tests", "generate", "lossless", "api", "job", "plan", "families", "ben
 
 
 class Check:
-    def __init__(self, work: Path, logs: Path, n_prompts: int, max_tokens: int, target_layers: int):
+    def __init__(self, work: Path, logs: Path, n_prompts: int, max_tokens: int, target_layers: int,
+                 time_limit: float | None = None):
         self.work, self.logs = work, logs
+        # past it no command starts, and a running one is stopped, so a call with a hard limit
+        # still ends with its table
+        self.deadline = time.perf_counter() + time_limit if time_limit else None
+        self.skipped = False  # the last command was not run: past the deadline
         self.n, self.max_tokens, self.target_layers = n_prompts, max_tokens, target_layers
         self.rows: list[tuple[str, bool, float, str]] = []
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
                         TOKENIZERS_PARALLELISM="false")
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, name: str, cmd: list[str], timeout: int = 300, env: dict | None = None):
+    def run(self, name: str, cmd: list[str], timeout: int = 300, env: dict | None = None, always: bool = False):
         """Run a command, its output to logs/steps.log, each line stamped with the seconds since
-        the start (where a slow step spends its time); (rc, stdout+stderr, seconds)."""
+        the start (where a slow step spends its time); (rc, stdout+stderr, seconds). Past the
+        --time-limit it runs nothing: rc 125."""
         t0 = time.perf_counter()
         cmd = [str(c) for c in cmd]
+        self.skipped = False
+        if self.deadline is not None and not always:
+            left = self.deadline - t0
+            if left < 15:
+                self.skipped = True
+                with open(self.logs / "steps.log", "a") as f:
+                    f.write(f"\n===== {name}: skipped, past --time-limit\n")
+                return 125, "", 0.0
+            timeout = min(timeout, int(left))
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or self.env,
                              cwd=REPO, start_new_session=True)
         lines: list[str] = []
@@ -78,6 +93,8 @@ class Check:
         return rc, re.sub(r"^\[ *[0-9.]+\] ", "", text, flags=re.M), dt
 
     def row(self, name: str, ok: bool, seconds: float, note: str):
+        if self.skipped:
+            ok, note = False, "skipped: past --time-limit"
         self.rows.append((name, bool(ok), seconds, note))
         print(f"[{'PASS' if ok else 'FAIL'}] {name} ({seconds:.0f} s): {note}", flush=True)
 
@@ -322,7 +339,7 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
         for step in ("lossless", "api", "job", "plan", "families", "bench", "fp8"):
             if step in steps:
                 getattr(self, {"api": "llm_api", "job": "ray_job"}.get(step, step))(env)
-        self.run("ray stop", [*RAY, "stop", "--force"], 60)
+        self.run("ray stop", [*RAY, "stop", "--force"], 60, always=True)
         return self.table()
 
     def table(self) -> int:
@@ -355,6 +372,9 @@ def main(argv=None) -> int:
                     help=f"comma list of steps to run (default all: {','.join(STEPS)}). The check can be split over "
                          "several calls on one machine: the checkpoints and the plain run's outputs in --work are "
                          "reused by later calls.")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="seconds after which no further step starts and a running one is stopped, so a call "
+                         "with a hard limit still ends with its table (rows not run say skipped); default none.")
     a = ap.parse_args(argv)
     steps = set(filter(None, a.steps.split(",")))
     if steps - set(STEPS):
@@ -367,7 +387,7 @@ def main(argv=None) -> int:
     work, logs = Path(a.work), Path(a.logs)
     work.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
-    return Check(work, logs, a.prompts, a.max_tokens, a.target_layers).main(steps)
+    return Check(work, logs, a.prompts, a.max_tokens, a.target_layers, a.time_limit).main(steps)
 
 
 if __name__ == "__main__":

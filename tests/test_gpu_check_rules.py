@@ -6,6 +6,7 @@ different where the two runs swapped plain decoding's top two within their measu
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from specoffload.near_ties import Sequence, judge
@@ -111,3 +112,21 @@ def test_drift_beyond_rounding_fails_even_where_tokens_agree():
     got = _got([5, 6], [{5: -1.0, 1005: -2.0}, {6: -2.5, 1006: -3.5}])
     v = judge([_seq(got, _ref([5, 6], [1, 1]))])
     assert v.equal == 1 and not v.ok and "drift 1.500" in v.bad[0]
+
+
+# -- --time-limit ------------------------------------------------------------------------------
+
+def test_past_the_time_limit_a_step_is_skipped_and_its_row_says_so(tmp_path):
+    c = gpu_check.Check(tmp_path, tmp_path, 1, 4, 1, time_limit=1e-3)
+    time.sleep(0.01)
+    rc, _, _ = c.run("a step", [sys.executable, "-c", "open('ran', 'w')"])
+    c.row("a step", True, 0, "would pass")
+    assert rc == 125 and not (gpu_check.REPO / "ran").exists()
+    assert c.rows == [("a step", False, 0, "skipped: past --time-limit")]
+    assert c.run("ray stop", [sys.executable, "-c", "pass"], always=True)[0] == 0  # the cleanup still runs
+
+
+def test_within_the_time_limit_a_step_runs(tmp_path):
+    c = gpu_check.Check(tmp_path, tmp_path, 1, 4, 1, time_limit=600)
+    rc, text, _ = c.run("a step", [sys.executable, "-c", "print('hello')"])
+    assert rc == 0 and text == "hello\n" and not c.skipped
