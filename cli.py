@@ -376,7 +376,7 @@ def startup_line(t: dict) -> str:
     second or more, the loader's read and write are summed over its threads."""
     parts = ", ".join(f"{k} {v} s" for k, v in t.get("executor_parts_s", {}).items() if v >= 0.1)
     h = t.get("host_parts_s") or {}
-    host = (f" (loader up {h['loader up']} s, read {h['read']} s, write {h['write']} s on {h['threads']} threads)"
+    host = (f" (loader up {h['up']} s, read {h['read']} s, write {h['write']} s on {h['threads']} threads)"
             if h else "")
     return (f"started in {t.get('total_s')} s: Ray {t.get('ray_s')} s, then side by side host weights "
             f"{t.get('host_weights_s')} s{host} and the executor {t.get('executor_s')} s"

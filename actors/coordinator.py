@@ -149,7 +149,7 @@ class Coordinator:
         self.info["attention_threads"] = ray.get(self.attention.ready.remote())
         self.info["host_load_s"] = round(load_s, 1)
         lt = manifest.get("times_s", {})  # where the host load went (the start line prints it)
-        self.info["host_parts_s"] = {"loader up": round(lt["up"] - t_wall, 1), "read": lt["read"], "write": lt["write"],
+        self.info["host_parts_s"] = {"up": round(lt["up"] - t_wall, 1), "read": lt["read"], "write": lt["write"],
                                      "threads": lt["threads"]} if lt else {}
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, self.plan.prefill_batch,
                                     self.plan.micro_batches)

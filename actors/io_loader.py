@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +62,7 @@ class IOLoader:
         layer in memory meanwhile): the copies and page faults of one thread ran at about
         0.6 GB/s, 152 s for W1's 93 GB (Ray gives an actor one torch thread)."""
         out = {"layers": {}, "globals": None, "tied": False, "dir": str(self.dir)}
-        t0, spent = time.perf_counter(), {"read": 0.0, "write": 0.0}  # read and write: summed over the threads
+        t0, spent, lock = time.perf_counter(), {"read": 0.0, "write": 0.0}, threading.Lock()  # summed over threads
         bar = tqdm(total=len(layers) + 1, desc="host weights", unit="layer", disable=not progress)
         g = self.source.read_globals()
         out["tied"] = g["head"] is g["embed"]
@@ -76,8 +77,9 @@ class IOLoader:
             w = self.source.read_layer(j)  # read, checked, experts stacked (quantized where asked)
             t1 = time.perf_counter()
             entry = (str(path), write_file(path, w))
-            spent["read"] += t1 - t  # += of floats between threads: the GIL makes each one whole
-            spent["write"] += time.perf_counter() - t1
+            with lock:
+                spent["read"] += t1 - t
+                spent["write"] += time.perf_counter() - t1
             return j, entry
 
         threads = threads or max(1, min(4, os.cpu_count() or 1, len(layers)))
