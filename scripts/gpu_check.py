@@ -132,7 +132,8 @@ class Check:
                 self.row("write checkpoints", False, time.perf_counter() - self.t_write,
                          f"random_checkpoint.py --shape {shape} exit {p.returncode} (logs/write_{name}.log)")
                 raise SystemExit(self.table())
-        size = sum(f.stat().st_size for d in (self.target, self.draft) if d.is_dir() for f in d.iterdir()) / 2**30
+        have = [d for d in (self.target, self.draft, self.small) if d.is_dir()]
+        size = sum(f.stat().st_size for d in have for f in d.iterdir()) / 2**30
         rng = random.Random(0)
         # Each prompt its own length to generate, so rows end at different passes and the
         # refill row's joins happen (with the random draft every proposal is rejected: rows of
@@ -143,7 +144,8 @@ class Check:
         self.prompts = self.work / "prompts.jsonl"
         self.prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
         self.row("write checkpoints", True, time.perf_counter() - self.t_write,
-                 f"{self.target_layers}-layer Mixtral-8x7B + Mistral-7B shapes, {size:.1f} GiB on disk")
+                 f"{', '.join(d.name for d in have) or 'none needed'} (Mixtral-8x7B and Mistral-7B shapes), "
+                 f"{size:.1f} GiB on disk")
 
     def outputs(self, path: Path) -> dict[int, dict]:
         """index -> the JSONL record (token_ids; logprobs where the run was asked for them)."""
@@ -155,7 +157,7 @@ class Check:
         """Greedy output against the reference run's (plain decoding). exact (fp32): every token
         equal. bf16: on these random weights the next-token distribution is nearly flat (the
         top three within ~0.1 nats, logits in steps of 0.03), so any change of batch shape moves
-        some outputs (the `lossless` step's plain-vs-plain row measures how many); the row then
+        some outputs (docs/results/bf16_router_s11: where a router flips an expert pair); the row then
         asserts that log probabilities where the outputs agree move no more than rounding does
         (near_ties.DRIFT_CAP), and its note counts equal outputs and swaps of plain's top two."""
         from specoffload.near_ties import DRIFT_CAP, Sequence, judge, logprob_lists
