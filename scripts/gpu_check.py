@@ -41,8 +41,8 @@ STEPS = ("tests", "generate", "lossless", "api", "job", "plan", "families", "ben
 
 class Check:
     def __init__(self, work: Path, logs: Path, n_prompts: int, max_tokens: int, target_layers: int,
-                 time_limit: float | None = None):
-        self.work, self.logs = work, logs
+                 time_limit: float | None = None, plain_file: Path | None = None):
+        self.work, self.logs, self.plain_file = work, logs, plain_file
         # past it no command starts, and a running one is stopped, so a call with a hard limit
         # still ends with its table
         self.deadline = time.perf_counter() + time_limit if time_limit else None
@@ -324,8 +324,8 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
         self.write_checkpoints(self.start_checkpoints(steps))
         if "generate" in steps:
             self.plain = self.generate("generate (no draft, local Ray)", "plain", ref=False)
-        else:  # a later call on the same machine compares with the plain run an earlier one wrote
-            self.plain = self.outputs(self.work / "plain.jsonl")
+        else:  # a later call compares with the plain run an earlier one wrote (see --plain)
+            self.plain = self.outputs(self.plain_file or self.work / "plain.jsonl")
         env = self.ray_head()
         if "generate" in steps:
             d = ["--draft", self.draft]
@@ -376,6 +376,10 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds after which no further step starts and a running one is stopped, so a call "
                          "with a hard limit still ends with its table (rows not run say skipped); default none.")
+    ap.add_argument("--plain", type=Path, default=None,
+                    help="plain decoding's JSONL (plain.jsonl in an earlier call's --logs) for the steps that compare "
+                         "with it when this call does not run the generate step. The checkpoints and prompts are "
+                         "seeded, so a fresh machine with the same torch writes the same ones.")
     a = ap.parse_args(argv)
     steps = set(filter(None, a.steps.split(",")))
     if steps - set(STEPS):
@@ -388,7 +392,7 @@ def main(argv=None) -> int:
     work, logs = Path(a.work), Path(a.logs)
     work.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
-    return Check(work, logs, a.prompts, a.max_tokens, a.target_layers, a.time_limit).main(steps)
+    return Check(work, logs, a.prompts, a.max_tokens, a.target_layers, a.time_limit, a.plain).main(steps)
 
 
 if __name__ == "__main__":
