@@ -16,7 +16,13 @@ two log probabilities moves at most about the drift, so the rule allows twice th
 never less than 2 * NEAR_TIE. Without the output's own log probabilities only the reference's
 gap is known: it must be under NEAR_TIE. A bookkeeping or KV bug takes a token that is not the
 reference's runner-up (a random model's next token is one of thousands), or moves log
-probabilities further than rounding does (drift over DRIFT_CAP fails the run)."""
+probabilities further than rounding does (drift over DRIFT_CAP fails the run).
+
+That is `judge`, the CUDA-only tests' rule (tiny models, a few prompts). On larger random MoE
+models a router that flips a token's expert pair under rounding moves its log probabilities by
+tenths of a nat and the greedy token with them (docs/results/bf16_router_s11), so the GPU
+check's bf16 rows assert only that such spikes stay rare: the 90th percentile of the
+per-position drift (`Verdict.typical`) within TYPICAL_CAP. Exactness is asserted in float32."""
 
 from __future__ import annotations
 
