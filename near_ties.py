@@ -3,8 +3,8 @@
 No batched engine's bf16 arithmetic is batch-invariant: a verification pass's k+1 tokens per
 row, or another batch's padding, round attention and matmuls differently from plain decoding's
 one token (on the CPU, plain decoding of a random 2-layer Mixtral at batch 16 and 48 differs on
-2 of 48 prompts; on the H200 an 8-layer one, whose router may pick another expert for a token
-the rounding moved, differed on 6-9 of 16). Where the reference's top two tokens are that close,
+2 of 48 prompts; on the H200 speculative decoding of an 8-layer one, whose router may pick another expert for
+a token the rounding moved, matched plain decoding on 2-9 of 16). Where the reference's top two tokens are that close,
 greedy output may take the other; after it, the sequences part for good.
 
 So an output agrees with the reference when it equals it, or first differs where the two runs
@@ -62,9 +62,6 @@ class Sequence:
         end = min(len(self.got_lps), len(self.ref_lps), len(self.got) if d is None else d)
         return [max(abs(g[t] - r[t]) for t in g.keys() & r.keys())
                 for g, r in zip(self.got_lps[:end], self.ref_lps[:end]) if g.keys() & r.keys()]
-
-    def drift(self) -> float:
-        return max(self.drifts(), default=0.0)
 
 
 def _top2(lps: dict) -> list[tuple[int, float]]:

@@ -240,17 +240,16 @@ class Check:
         code = f"""
 import json
 from specoffload import LLM, SamplingParams
+from specoffload.cli import encode_prompts, result_record
 lines = [json.loads(x) for x in open({str(self.prompts)!r})]
 with LLM({str(self.target)!r}, draft={str(self.draft)!r}, draft_fp8=True, k=4, draft_window=64, draft_sinks=4,
          gpu_memory={CAP!r}, progress=False) as llm:
-    ids = [{{"prompt_token_ids": llm.tokenizer(x["prompt"], add_special_tokens=False)["input_ids"]}} for x in lines]  # as the CLI
+    ids = encode_prompts(llm.tokenizer, [x["prompt"] for x in lines], chat=True)  # as the CLI
     outs = llm.generate(ids, [SamplingParams(max_tokens=x["max_tokens"], ignore_eos=True, logprobs=2) for x in lines])
     print("stats:", json.dumps({{k: llm.last_stats.get(k) for k in ("tokens_per_s", "acceptance")}}))
 with open({str(self.work / "api.jsonl")!r}, "w") as f:
-    for i, o in enumerate(outs):
-        c = o.outputs[0]
-        f.write(json.dumps({{"index": i, "token_ids": c.token_ids,
-                            "logprobs": [{{str(t): lp.logprob for t, lp in x.items()}} for x in c.logprobs]}}) + "\\n")
+    for i, (x, o) in enumerate(zip(lines, outs)):
+        f.write(json.dumps(result_record(i, x["prompt"], o)) + "\\n")
 """
         rc, text, dt = self.run("python LLM API", [sys.executable, "-c", code], env=env)
         ok, note = self.same(self.outputs(self.work / "api.jsonl"), self.plain)

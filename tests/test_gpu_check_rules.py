@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from specoffload.near_ties import Sequence, judge
+from specoffload.near_ties import Sequence, judge, logprob_lists
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
@@ -27,8 +27,8 @@ def _got(ids, lps):
 
 
 def _seq(got, ref):
-    lp = lambda r: [{int(t): v for t, v in x.items()} for x in r["logprobs"]] if "logprobs" in r else None  # noqa: E731
-    return Sequence(got["token_ids"], ref["token_ids"], lp(got), lp(ref))
+    return Sequence(got["token_ids"], ref["token_ids"], logprob_lists(got.get("logprobs")),
+                    logprob_lists(ref.get("logprobs")))
 
 
 def _check(n):
