@@ -6,6 +6,7 @@ check must fit in minutes. Prints one line per family; exit 1 if any differs."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -19,12 +20,15 @@ from tiny_models import FAMILIES, make_tiny_with_tokenizer  # noqa: E402
 from specoffload import LLM, SamplingParams  # noqa: E402
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", default="1/1", help="I/N: every Nth family from the Ith (the check runs parts side by side).")
+    i, n = map(int, ap.parse_args(argv).part.split("/"))
     bad = 0
     root = Path(tempfile.mkdtemp(prefix="gpucheck-tiny-"))
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-    for fam in FAMILIES:
+    for fam in FAMILIES[i - 1::n]:
         folder = make_tiny_with_tokenizer(fam, root / fam)
         ref = hf_greedy(folder, PROMPTS, 12)
         got = {}

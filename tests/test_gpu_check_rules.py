@@ -141,8 +141,31 @@ def test_past_the_time_limit_a_step_is_skipped_and_its_row_says_so(tmp_path):
     rc, _, _ = c.run("a step", [sys.executable, "-c", "open('ran', 'w')"])
     c.row("a step", True, 0, "would pass")
     assert rc == 125 and not (gpu_check.REPO / "ran").exists()
-    assert c.rows == [("a step", False, 0, "skipped: past --time-limit")]
+    assert [r[:4] for r in c.rows] == [("a step", False, 0, "skipped: past --time-limit")]
     assert c.run("ray stop", [sys.executable, "-c", "pass"], always=True)[0] == 0  # the cleanup still runs
+
+
+def test_a_skipped_step_marks_only_its_own_threads_row(tmp_path):
+    """Steps run side by side in threads: a step skipped in one thread leaves another's row be."""
+    import threading
+
+    c = gpu_check.Check(tmp_path, tmp_path, 1, 4, 1, time_limit=600)
+    ran, late = threading.Event(), threading.Event()
+
+    def other():
+        c.run("runs", [sys.executable, "-c", "pass"])
+        ran.set()
+        late.wait(10)  # the row comes after the other thread's step was skipped
+        c.row("runs", True, 0, "passed")
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert ran.wait(30)
+    c.deadline = time.perf_counter()  # from now on nothing starts
+    assert c.run("late", [sys.executable, "-c", "pass"])[0] == 125 and c.skipped
+    late.set()
+    t.join()
+    assert [r[:2] for r in c.rows] == [("runs", True)]
 
 
 def test_within_the_time_limit_a_step_runs(tmp_path):
