@@ -97,14 +97,16 @@ def process_used(index: int, pid: int) -> int | None:
 
 class GpuBudget:
     def __init__(self, device: torch.device, cap: int | None):
-        self.device, self.cap = device, cap
         self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:  # torch's fraction and NVML calls need the index
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.cap = device, cap
         self.parts: dict[str, int] = {}
         self.seconds: dict[str, float] = {}  # each part's load time: where a slow start goes
         self.context, self.others, self.context_source = 0, 0, "none"
         if not self.cuda:
             return
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = device.index
         before = card_used(index)  # other processes' memory, read before this one has a context
         torch.empty(1, device=device)  # creates the context
         after = card_used(index)

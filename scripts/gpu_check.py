@@ -8,7 +8,8 @@ layers, a 2-layer one, a Mistral-7B-shaped draft with the same tokenizer), then 
 user would: `specoffload generate` without and with the draft (flags by hand, `--plan auto` with
 bf16 and fp8 drafts) under a 24 GiB cap with `--out` JSONL, the 2-layer target in float32 plain
 and speculative with rows refilled (every token equal: the lossless check), the Python `LLM`
-API, a Ray job submitted to a `ray start` head, `specoffload plan`, `specoffload bench
+API, the GPU executor killed mid-run (restarted, output as plain decoding), a Ray job
+submitted to a `ray start` head, `specoffload plan`, `specoffload bench
 --workload w1-small` (shortened), the target quantized to fp8 at load (`generate --quantize fp8`
 plain and speculative, `bench --target-fp8`), a tiny checkpoint of every family through the
 actors on the GPU against transformers, and every CUDA-only test. Each row asserts exit 0 and
@@ -41,7 +42,7 @@ SMALL_STEPS = {"tests", "lossless", "families"}  # steps that need no Mixtral ta
 # (on the H200 five tests took 44-53 s each, 235 of the suite's 283 s).
 TEST_GROUPS = (("placement", ["tests/test_gpu_placement.py"]), ("fp8 target", ["tests/test_fp8_target_gpu.py"]),
                ("the rest", ["--ignore=tests/test_gpu_placement.py", "--ignore=tests/test_fp8_target_gpu.py"]))
-STEPS = ("tests", "generate", "lossless", "api", "job", "plan", "families", "bench", "fp8")
+STEPS = ("tests", "generate", "lossless", "api", "restart", "job", "plan", "families", "bench", "fp8")
 
 
 class Check:
@@ -280,6 +281,42 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
         chosen = " ".join(ln for ln in text.splitlines() if ln.startswith("stats"))
         self.row("python LLM API (fp8 draft, W64)", rc == 0 and ok, dt, f"rc {rc}, {note}; {chosen[-300:]}")
 
+    def restart(self):
+        """The GPU executor's process SIGKILLed once the first request has finished (issue 22): the
+        driver starts a fresh actor set and re-runs what had not finished (actors/supervisor.py);
+        every request comes back once, as plain decoding (the bf16 rule of `same`: the re-run
+        requests sit in a smaller batch)."""
+        code = f"""
+import json, os, signal
+from specoffload import LLM, SamplingParams
+from specoffload.actors.supervisor import actor_pids
+from specoffload.cli import encode_prompts, result_record
+lines = [json.loads(x) for x in open({str(self.prompts)!r})]
+with LLM({str(self.target)!r}, gpu_memory={CAP!r}, progress=False) as llm:
+    first = llm.run_id
+    pid = actor_pids(first)["gpu_executor"]
+    seen = []
+    def on_output(o):
+        seen.append(o.request_id)
+        if len(seen) == 1:
+            os.kill(pid, signal.SIGKILL)
+    ids = encode_prompts(llm.tokenizer, [x["prompt"] for x in lines], chat=True)
+    outs = llm.generate(ids, [SamplingParams(max_tokens=x["max_tokens"], ignore_eos=True, logprobs=2) for x in lines],
+                        on_output=on_output)
+    print("restart:", json.dumps({{"restarts": llm.last_stats["restarts"], "new_run": llm.run_id != first,
+                                   "each_once": sorted(seen) == sorted(o.request_id for o in outs)}}))
+with open({str(self.work / "restart.jsonl")!r}, "w") as f:
+    for i, (x, o) in enumerate(zip(lines, outs)):
+        f.write(json.dumps(result_record(i, x["prompt"], o)) + "\\n")
+"""
+        rc, text, dt = self.run("restart", [sys.executable, "-c", code], env=self.env_local)
+        ok, note = self.same(self.outputs(self.work / "restart.jsonl"), self.reference())
+        said = [ln for ln in text.splitlines() if ln.startswith("restart:")]
+        stats = json.loads(said[0][8:]) if said else {}
+        held = stats == {"restarts": 1, "new_run": True, "each_once": True}
+        self.row("executor SIGKILLed mid-run (python LLM API)", rc == 0 and ok and held, dt,
+                 f"rc {rc}, {json.dumps(stats) if said else 'no restart line'}, {note}")
+
     def ray_job(self):
         out = self.work / "job.jsonl"
         out.unlink(missing_ok=True)
@@ -415,7 +452,7 @@ with open({str(self.work / "api.jsonl")!r}, "w") as f:
                                                 "--draft-sinks", 4, "--batch-size", half, "--refill")]
             else:
                 self.plain_done.set()
-            tasks += [getattr(self, f) for f in ("llm_api", "ray_job", "lossless", "bench", "fp8", "bench_fp8")
+            tasks += [getattr(self, f) for f in ("llm_api", "ray_job", "lossless", "restart", "bench", "fp8", "bench_fp8")
                       if {"llm_api": "api", "ray_job": "job", "bench_fp8": "fp8"}.get(f, f) in steps]
             if "families" in steps:
                 tasks += [lambda i=i: self.families(i, 2) for i in range(2)]
