@@ -418,8 +418,10 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
 
 
 def main(argv=None):
-    try:
-        return _main(argv)
+    from specoffload.cli import one_line_errors
+
+    try:  # an engine error (a mode out of GPU memory, say) is one line too, not Ray's tracebacks
+        return one_line_errors("specoffload bench", _main, argv)
     except BenchError as e:
         print(f"specoffload bench: error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def _connect(ray, address, dashboard, object_store):
                               f"--ray-address elsewhere, or use --ray-address local") from None
         return
     _token_auth_by_default()
-    dash = dashboard_wanted(dashboard)
+    dash = dashboard_wanted(dashboard) and _dashboard_installed(ray)
     # Logical CPUs cover every actor even on a 2-core machine (the actors' num_cpus are for
     # placement; torch threads are set per actor). address="local": a new cluster even if
     # one appeared since cluster_address looked.
@@ -122,6 +123,19 @@ def _connect(ray, address, dashboard, object_store):
              dashboard_host="127.0.0.1",
              object_store_memory=object_store or int(os.environ.get("SPECOFFLOAD_OBJECT_STORE", 2 * 2**30)),
              **env)
+
+
+def _dashboard_installed(ray) -> bool:
+    """A minimal Ray (`pip install ray`, not ray[default]) has no dashboard, and asking for one
+    makes ray.init raise; run without it and say so in one line."""
+    try:
+        why = ray._private.utils.get_dashboard_dependency_error()
+    except AttributeError:  # a Ray without the check: let ray.init decide
+        return True
+    if why:
+        print(f"specoffload: Ray's dashboard needs ray[default] ({why}); starting Ray without it",
+              file=sys.stderr)
+    return not why
 
 
 def _token_auth_by_default():

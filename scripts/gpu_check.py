@@ -6,7 +6,8 @@ stand-in. Run it on a GPU machine whenever a change touches what the GPU runs:
 It writes random Hugging Face checkpoints to disk (a Mixtral-8x7B-shaped target with a few
 layers, a 2-layer one, a Mistral-7B-shaped draft with the same tokenizer), then runs, each as a
 user would: `specoffload generate` without and with the draft (flags by hand, `--plan auto` with
-bf16 and fp8 drafts) under a 24 GiB cap with `--out` JSONL, the 2-layer target in float32 plain
+bf16 and fp8 drafts, half the target's layers read from disk each pass) under a 24 GiB cap
+with `--out` JSONL, the 2-layer target in float32 plain
 and speculative with rows refilled (every token equal: the lossless check), the Python `LLM`
 API, the GPU executor killed mid-run (restarted, output as plain decoding), a Ray job
 submitted to a `ray start` head, `specoffload plan`, `specoffload bench
@@ -227,6 +228,19 @@ class Check:
         self.row(name, rc == 0 and ok and refilled, dt,
                  f"rc {rc}, {note}{'' if refilled else ', no request refilled'}; {self.figures(text)}")
         return got
+
+    def disk_tier(self):
+        """The disk tier's CUDA path (issue 18): the target's last half of layers read from the
+        checkpoint every pass (a plan file; `placement/host_fit.py` picks this when host memory is
+        short) against plain decoding with every layer in host memory. The same bytes reach the
+        same kernels at the same batch, so every token must be equal. The files were just written,
+        so the reads come from the page cache: this shows the path, not a disk's speed."""
+        n = self.target_layers
+        disk = list(range(n - n // 2, n))
+        plan = self.work / "plan_disk.json"
+        plan.write_text(json.dumps({"device": "cuda", "gpu_memory": 24 * 2**30, "disk_layers": disk}))
+        self.generate(f"generate, target layers {disk[0]}-{disk[-1]} read from disk each pass (every token equal)",
+                      "disk", "--plan", plan, exact=True)
 
     def lossless(self):
         """Lossless where the arithmetic allows the claim: a 2-layer Mixtral-8x7B-shaped target in
@@ -449,7 +463,8 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
                           # half the prompts per batch, with --refill: rows refilled in place
                           lambda: self.generate(f"generate --draft (bf16, flags by hand, --refill at batch {half})",
                                                 "hand", *d, "--schedule", "single", "-k", 4, "--draft-window", 64,
-                                                "--draft-sinks", 4, "--batch-size", half, "--refill")]
+                                                "--draft-sinks", 4, "--batch-size", half, "--refill"),
+                          self.disk_tier]
             else:
                 self.plain_done.set()
             tasks += [getattr(self, f) for f in ("llm_api", "ray_job", "lossless", "restart", "bench", "fp8", "bench_fp8")

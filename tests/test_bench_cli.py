@@ -129,3 +129,18 @@ def test_bench_w1_long_tiny_job(tmp_path):
     want = int(shape.gen_lengths(rng).sum())  # every output ends by EOS at its drawn length
     assert [x["tokens"] for x in res] == [want, want] and [x["requests"] for x in res] == [12, 12]
     assert all(x["joins"] > 0 and 0 < x["rows_busy"] <= 1 and x["time_to_last_s"] > 0 for x in res)
+
+
+def test_an_engine_error_in_a_mode_is_one_line(monkeypatch, capsys):
+    """A mode that fails inside the actors (on the H200: W3's prefill out of GPU memory at a
+    hand-set --resident) ends the bench with one line and exit 2, not Ray's tracebacks."""
+    from specoffload import bench
+    from specoffload.errors import CapacityError
+
+    def fail(argv):
+        raise CapacityError("prefill ran out of GPU memory at layer 0 (sub-batch of 32 sequences)")
+
+    monkeypatch.setattr(bench, "_main", fail)
+    assert bench.main(["--workload", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["specoffload bench: error: prefill ran out of GPU memory at layer 0 (sub-batch of 32 sequences)"]

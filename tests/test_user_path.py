@@ -73,6 +73,28 @@ def test_a_local_cluster_of_our_own_has_the_dashboard_on_localhost(monkeypatch):
     assert calls[3]["address"] is None and "include_dashboard" not in calls[3]
 
 
+def test_a_minimal_ray_starts_without_the_dashboard_in_one_line(monkeypatch, capsys):
+    """`pip install ray` (not ray[default]) has no dashboard: ray.init(include_dashboard=True)
+    raises there (seen on the GPU machine's trimmed Ray), so the run starts without it."""
+    import ray
+    import ray._private.services as services
+    import ray._private.utils as ray_utils
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("SPECOFFLOAD_DASHBOARD", raising=False)
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    monkeypatch.setattr(ray_utils, "get_dashboard_dependency_error", lambda: "No module named 'aiohttp_cors'")
+    ray_env.ensure_ray()
+    assert calls[0]["include_dashboard"] is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["specoffload: Ray's dashboard needs ray[default] (No module named 'aiohttp_cors'); "
+                   "starting Ray without it"]
+
+
 def test_a_cluster_that_does_not_answer_is_one_line_at_once(monkeypatch):
     import socket
 
