@@ -60,6 +60,7 @@ class Checkpoint:
         cfg = json.loads((self.dir / "config.json").read_text())
         self.fp8 = Fp8Format.of(self.dir / "config.json", cfg.get("quantization_config"))
         self._header_dtypes: dict[str, str] = {}
+        self._extents: dict[str, tuple[int, int]] = {}  # name -> (byte offset in its file, nbytes)
         self._where = self._index()
         self._check_fp8_scales()
         self._layers: dict[int, dict[str, str]] = {}
@@ -86,7 +87,7 @@ class Checkpoint:
             for f in sorted(set(where.values())):
                 if not f.is_file():
                     raise CheckpointError(f"missing shard {f} (listed in {idx.name})")
-                self._header_dtypes.update(self._check_header(f))
+                self._header_dtypes.update(self._check_header(f, self._extents))
             return where
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
@@ -95,15 +96,16 @@ class Checkpoint:
             check_weights_format(self.dir)  # .bin or .gguf only: says how to convert
             raise CheckpointError(f"no *.safetensors files in {self.dir}")
         for f in files:
-            header = self._check_header(f)
+            header = self._check_header(f, self._extents)
             self._header_dtypes.update(header)
             for name in header:
                 where[name] = f
         return where
 
     @staticmethod
-    def _check_header(f: Path) -> dict[str, str]:
-        """Open the header and check every tensor's bytes are inside the file (truncation)."""
+    def _check_header(f: Path, extents: dict | None = None) -> dict[str, str]:
+        """Open the header and check every tensor's bytes are inside the file (truncation);
+        `extents` gets each tensor's (byte offset in the file, nbytes)."""
         try:
             size = f.stat().st_size
             with open(f, "rb") as fh:
@@ -114,6 +116,11 @@ class Checkpoint:
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + n + end > size:
                 raise ValueError(f"truncated: {size} bytes, tensors need {8 + n + end}")
+            if extents is not None:
+                for k, v in header.items():
+                    if k != "__metadata__":
+                        a, b = v["data_offsets"]
+                        extents[k] = (8 + n + a, b - a)
             return {k: v.get("dtype", "") for k, v in header.items() if k != "__metadata__"}
         except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
@@ -177,6 +184,35 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: layer {j} lacks {sorted(need - set(w))}")
         check_layer_shapes(self.dir, self.spec, j, w)
         return w
+
+    def layer_extents(self, j: int) -> dict[str, list[tuple[Path, int, int]]] | None:
+        """Layer j as byte ranges of its files, in read_layer's layout (an expert matrix: its
+        experts' ranges in order, as stacked), for a reader that copies them straight into a
+        buffer (the disk tier, after read_layer has checked the layer once). None where the
+        bytes on disk are not the layout's: stored in another dtype than the run's, fp8 with
+        scales, or transformers 5's fused expert tensors."""
+        if self.fp8 is not None:
+            return None
+        stored = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}.get(self.dtype)
+        out: dict[str, list] = {}
+        experts: dict[str, dict[int, tuple]] = {}
+        for short, full in self._layers[j].items():
+            if short.endswith(SKIPPED_SUFFIXES) or short.endswith("rotary_emb.inv_freq"):
+                continue
+            if self._header_dtypes.get(full) != stored or full not in self._extents:
+                return None
+            ext = (self._where[full], *self._extents[full])
+            if short in _DIRECT:
+                out[_DIRECT[short]] = [ext]
+            elif (m := _EXPERT.match(short)):
+                experts.setdefault(_EXPERT_KEY[m.group(2)], {})[int(m.group(1))] = ext
+            else:
+                return None
+        for key, parts in experts.items():
+            if sorted(parts) != list(range(self.spec.num_experts)):
+                return None
+            out[key] = [parts[e] for e in range(self.spec.num_experts)]
+        return out
 
     def _check_fp8_scales(self):
         """From the headers alone, before any actor starts: every fp8 weight has its scale."""
