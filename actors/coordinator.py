@@ -210,6 +210,7 @@ class Coordinator:
             self._progress = stats.as_dict()
             self.metrics.progress(self._progress)
 
+        self._running = reqs  # what `partial` reads if an actor dies under this run
         self.backend.reset()
         gen = Generator(self.backend, self.run_cfg, on_finish=done, on_progress=progress)
         self.metrics.run_started(len(reqs))
@@ -260,6 +261,21 @@ class Coordinator:
         with self._lock:
             out, self._finished = self._finished, []
         return out, dict(self._progress)
+
+    def partial(self) -> list[dict]:
+        """The last run's unfinished requests that had generated tokens: each a prefix of its
+        output (every token verified by the target), for the supervisor to continue from when
+        another actor died under the run (actors/supervisor.py)."""
+        out = []
+        for r in getattr(self, "_running", []):
+            if r.done or not r.out:
+                continue
+            toks = list(r.out)
+            lp = None if r.logprobs is None else list(r.logprobs)[: len(toks)]
+            if lp is not None:
+                toks = toks[: len(lp)]  # a round being appended when the run ended: its whole tokens only
+            out.append({"rid": r.rid, "token_ids": toks, "logprobs": lp, "passes": r.rounds})
+        return out
 
     def host_files(self) -> list[str]:
         """Names of the weight files the loader holds in shared memory."""

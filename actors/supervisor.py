@@ -1,14 +1,17 @@
-"""Surviving an actor that dies mid-run: rebuild the actor set, re-run what had not finished.
+"""Surviving an actor that dies mid-run: rebuild the actor set, carry on with what had not finished.
 
-The design is the simplest that keeps output exact: when any of the four actors dies (killed,
-out of memory, its node lost), the driver collects what the coordinator had finished, tears the
-actor set down (its /dev/shm folder with it), starts a fresh one, and submits the requests that
-had not finished, from their prompts. A request's output depends only on its prompt, its
-parameters and its rid (the sampling seed), never on its batch, so re-running one from scratch
-gives what the undisturbed run would have; finished ones were handed out once and are not run
-again. Rebuilding KV from prompt + generated tokens would save recomputation, but a run that
-loses an actor loses minutes at most against hours of batch, and a from-scratch re-run has no
-state to get wrong.
+When any of the four actors dies (killed, out of memory, its node lost), the driver collects
+what the coordinator had finished and, if the coordinator still answers, the tokens each
+unfinished request had generated; it tears the actor set down (its /dev/shm folder with it),
+starts a fresh one (weights from the checkpoint) and submits the requests that had not finished.
+A greedy request that had generated tokens continues from them: its prompt plus those tokens is
+prefilled (the KV rebuilt by recomputation) and it generates the rest, which is what the
+undisturbed run would have generated, since greedy output depends only on the sequence so far.
+The others re-run from their prompts: a sampled request's tokens depend on its generator's
+draws and, under speculation, on the draft's proposals, which a rebuilt draft need not repeat;
+from scratch its output depends only on its prompt, parameters and rid (the seed), never on its
+batch. Stop strings and presence/frequency penalties (which look at the output alone) re-run
+too. Finished requests were handed out once and are not run again.
 
 When the actors cannot be restarted, or die more than `LLM.max_restarts` times in one generate,
 the run ends with `EngineFailed`: one line; what finished was already handed to `on_output`
@@ -94,20 +97,74 @@ def _collect_finished(llm, deliver):
         deliver(o)
 
 
+def _collect_partial(llm) -> dict:
+    """rid -> the tokens (and log probabilities, passes) an unfinished request had generated,
+    if the coordinator still answers."""
+    import ray
+
+    try:
+        return {p["rid"]: p for p in ray.get(llm.coordinator.partial.remote(), timeout=10)}
+    except Exception:  # noqa: BLE001 - the coordinator is the one that died: they re-run
+        return {}
+
+
+def can_continue(r) -> bool:
+    """Whether request r's output so far can be kept and its KV rebuilt from prompt + output:
+    greedy, and nothing that reads the output apart from the prompt (stop strings, presence and
+    frequency penalties). Repetition penalty counts prompt and output alike, so it may."""
+    p = r.params
+    return p.greedy and not p.stop and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+
+
+class _Prefix:
+    """What a continued request had generated before its restarts."""
+
+    def __init__(self):
+        self.tokens, self.logprobs, self.passes = [], [], 0
+
+    def add(self, part: dict):
+        self.tokens += part["token_ids"]
+        self.logprobs += part["logprobs"] or []
+        self.passes += part["passes"]
+
+
+def _continuation(r, prefix: _Prefix):
+    """Request r from where it stopped: its prompt plus the tokens kept, for what is left."""
+    from dataclasses import replace
+
+    n = len(prefix.tokens)
+    params = replace(r.params, max_tokens=r.params.max_tokens - n, min_tokens=max(r.params.min_tokens - n, 0))
+    return replace(r, prompt_ids=list(r.prompt_ids) + prefix.tokens, params=params, out=[], logprobs=None,
+                   finish_reason=None, rounds=0, stop_reason=None, text=None)
+
+
 def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
     """LLM._generate_ray with restarts: run `reqs` on the actors; when one dies, rebuild and
-    re-run the requests not finished. Each request reaches `finished` exactly once."""
+    carry on with the requests not finished (greedy ones from their tokens so far). Each
+    request reaches `finished` exactly once, as itself."""
     log = log or sys.stderr
     pending = {r.rid: r for r in reqs}
     order = [r.rid for r in reqs]
+    prefixes: dict = {}  # rid -> _Prefix of a request continued after a restart
+    running: dict = {}  # rid -> the Request object the current actor set runs (a continuation or r)
 
-    def fin(r):
-        if pending.pop(r.rid, None) is not None:  # at most once, whatever the restarts
-            finished(r)
+    def fin(done):
+        r = pending.pop(done.rid, None)
+        if r is None:  # at most once, whatever the restarts
+            return
+        pre = prefixes.get(done.rid)
+        if pre is not None:  # a continuation: the request is the prefix and what followed
+            r.out = pre.tokens + list(done.out)
+            if r.logprobs is not None:
+                r.logprobs = pre.logprobs + list(done.logprobs or [])
+            r.finish_reason, r.rounds = done.finish_reason, pre.passes + done.rounds
+            r.stop_reason, r.text = done.stop_reason, done.text
+            done = r
+        finished(done)
 
     def deliver(o):
-        r = pending.get(o["rid"])
-        if r is not None:  # as LLM._run_ray's drain does
+        r = running.get(o["rid"]) if o["rid"] in pending else None
+        if r is not None:  # as LLM._run_ray's drain does, on the object the actors ran
             r.out, r.finish_reason, r.rounds = o["token_ids"], o["finish_reason"], o["passes"]
             for k in ("stop_reason", "text", "logprobs"):
                 if k in o:
@@ -118,11 +175,13 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
 
     from .guard import user_error
 
-    restarts = 0
+    restarts, continued = 0, 0
     while True:
+        running = {rid: (_continuation(pending[rid], prefixes[rid]) if rid in prefixes else pending[rid])
+                   for rid in order if rid in pending}
         try:
-            stats = llm._run_ray([pending[rid] for rid in order if rid in pending], fin, progress)
-            stats["restarts"] = restarts
+            stats = llm._run_ray(list(running.values()), fin, progress)
+            stats["restarts"], stats["continued"] = restarts, continued
             return stats
         except Exception as e:
             if not _actor_died(e):
@@ -130,6 +189,12 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
                     raise user_error(e, llm.run_id) from None
                 raise
             _collect_finished(llm, deliver)
+            kept = 0
+            for rid, part in _collect_partial(llm).items():
+                if rid in pending and can_continue(pending[rid]) and part["token_ids"]:
+                    prefixes.setdefault(rid, _Prefix()).add(part)
+                    kept += 1
+            continued += kept
             who, old = _who(e), llm.run_id
             teardown(old)
             llm.coordinator = None
@@ -139,8 +204,8 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
                     f"{len(reqs) - len(pending)} of {len(reqs)} requests finished (those are kept)") from None
             restarts += 1
             print(f"specoffload: the engine's {who} actor died; restarting the actors and re-running "
-                  f"{len(pending)} unfinished requests (restart {restarts} of at most {llm.max_restarts})",
-                  file=log, flush=True)
+                  f"{len(pending)} unfinished requests, {kept} of them from the tokens they had "
+                  f"(restart {restarts} of at most {llm.max_restarts})", file=log, flush=True)
             try:
                 llm._start_ray(getattr(llm, "_ray_address", None))
             except Exception as e2:  # noqa: BLE001 - any failure to come back ends the run

@@ -76,3 +76,50 @@ def test_actors_that_keep_dying_end_the_run_in_one_line(ray_session, tiny_dir, w
         with pytest.raises(EngineFailed, match=r"gpu_executor actor died 1 times in one run; stopped with \d+ of 10"):
             llm.generate(_inputs(), PARAMS, on_output=on_output)
     assert got and all(want[int(rid)] == toks for rid, toks in got.items())  # request ids are strings, as vLLM's
+
+
+@pytest.mark.parametrize("role", ["gpu_executor", "cpu_attention"])
+def test_greedy_requests_continue_from_the_tokens_they_had(ray_session, tiny_dir, role, capsys):
+    """Killed once every running request has a few tokens: the greedy ones resume from prompt +
+    those tokens (KV rebuilt by prefill) instead of from scratch; outputs, log probabilities
+    included, are the undisturbed run's; the sampled one re-runs from its prompt."""
+    import threading
+    import time
+
+    import ray
+
+    prompts = [[1] + [3 + (5 * i + 3 * j) % 90 for j in range(3 + 2 * i)] for i in range(4)]
+    params = [SamplingParams(max_tokens=40, ignore_eos=True, logprobs=1,
+                             temperature=0.8 if i == 3 else 0.0, seed=7 + i) for i in range(4)]
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    ref = LLM(str(tiny_dir("llama")), engine="reference", progress=False, batch_size=4)
+    want = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in ref.generate(inputs, params)]
+    with LLM(str(tiny_dir("llama")), plan=Plan(device="cpu", batch_size=4), progress=False) as llm:
+        pid, coord = actor_pids(llm.run_id)[role], llm.coordinator
+        had = {}
+
+        def kill_when_under_way():
+            for _ in range(3000):
+                try:
+                    parts = ray.get(coord.partial.remote(), timeout=5)
+                except Exception:  # noqa: BLE001 - not started yet
+                    parts = []
+                if len(parts) == 4 and all(len(p["token_ids"]) >= 3 for p in parts):
+                    had.update({p["rid"]: len(p["token_ids"]) for p in parts})
+                    os.kill(pid, signal.SIGKILL)
+                    return
+                time.sleep(0.01)
+
+        t = threading.Thread(target=kill_when_under_way, daemon=True)
+        t.start()
+        outs = llm.generate(inputs, params)
+        t.join()
+        assert had and llm.last_stats["restarts"] == 1
+        assert llm.last_stats["continued"] == 3  # the three greedy ones; the sampled one re-ran
+    for o, (toks, lps) in zip(outs, want):
+        assert o.outputs[0].token_ids == toks
+        assert len(o.outputs[0].logprobs) == len(toks)
+        for got, exp in zip(o.outputs[0].logprobs, lps):  # the same tokens listed, values to rounding
+            assert got.keys() == exp.keys()
+            assert all(abs(got[k].logprob - exp[k].logprob) < 1e-3 for k in got)
+    assert "3 of them from the tokens they had" in capsys.readouterr().err
