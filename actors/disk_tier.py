@@ -22,9 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..errors import CheckpointError
-
-from ..sources.open import open_source
 from ..models.layers import layer_shapes
+from ..sources.open import open_source
 from .shm_layout import layout
 
 
@@ -76,6 +75,12 @@ class DiskTier:
             self.direct_reads += 1
         else:
             tensors = self.source.read_layer(j)  # checked: dtype, shape, finite (models/weight_checks.py)
+            own, total = layout(tensors)
+            if own != entries:  # alike in shape, not in storage (an fp8 checkpoint's ignored modules)
+                if total > buf.numel():  # the GPU slots were sized for the buffers: cannot grow
+                    raise CheckpointError(f"disk layer {j} needs {total} bytes staged, more than the "
+                                          f"{buf.numel()} its layer kind was given; keep it in host memory")
+                self.layouts[j] = (entries := own, total)
             for e in entries:
                 buf[e.offset: e.offset + e.nbytes].copy_(tensors[e.name].contiguous().view(-1).view(torch.uint8))
             self.extents[j] = self._direct(j)
