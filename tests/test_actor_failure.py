@@ -78,11 +78,11 @@ def test_actors_that_keep_dying_end_the_run_in_one_line(ray_session, tiny_dir, w
     assert got and all(want[int(rid)] == toks for rid, toks in got.items())  # request ids are strings, as vLLM's
 
 
-@pytest.mark.parametrize("role", ["gpu_executor", "cpu_attention"])
-def test_greedy_requests_continue_from_the_tokens_they_had(ray_session, tiny_dir, role, capsys):
+@pytest.mark.parametrize("role,draft", [("gpu_executor", None), ("cpu_attention", None), ("gpu_executor", "self:1")])
+def test_greedy_requests_continue_from_the_tokens_they_had(ray_session, tiny_dir, role, draft, capsys):
     """Killed once every running request has a few tokens: the greedy ones resume from prompt +
-    those tokens (KV rebuilt by prefill) instead of from scratch; outputs, log probabilities
-    included, are the undisturbed run's; the sampled one re-runs from its prompt."""
+    those tokens (KV rebuilt by prefill, the draft's too) instead of from scratch; outputs, log
+    probabilities included, are the undisturbed run's; the sampled one re-runs from its prompt."""
     import threading
     import time
 
@@ -92,9 +92,10 @@ def test_greedy_requests_continue_from_the_tokens_they_had(ray_session, tiny_dir
     params = [SamplingParams(max_tokens=40, ignore_eos=True, logprobs=1,
                              temperature=0.8 if i == 3 else 0.0, seed=7 + i) for i in range(4)]
     inputs = [{"prompt_token_ids": p} for p in prompts]
-    ref = LLM(str(tiny_dir("llama")), engine="reference", progress=False, batch_size=4)
+    # the sampled request's tokens depend on the draft's proposals: its reference drafts alike
+    ref = LLM(str(tiny_dir("llama")), draft=draft, engine="reference", progress=False, batch_size=4)
     want = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in ref.generate(inputs, params)]
-    with LLM(str(tiny_dir("llama")), plan=Plan(device="cpu", batch_size=4), progress=False) as llm:
+    with LLM(str(tiny_dir("llama")), draft=draft, plan=Plan(device="cpu", batch_size=4), progress=False) as llm:
         pid, coord = actor_pids(llm.run_id)[role], llm.coordinator
         had = {}
 
