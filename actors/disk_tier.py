@@ -37,16 +37,15 @@ class DiskTier:
         self.layers = list(layers)
         # Each layer's layout: one for all where they are alike, read apart where a model mixes
         # layer kinds (Qwen MoE's dense layers among sparse ones), and the buffers fit the largest.
-        shapes = {j: layer_shapes(self.source.spec, j) for j in self.layers}
+        by_kind: dict[tuple, tuple[list, int]] = {}
         self.layouts: dict[int, tuple[list, int]] = {}
         checked = []
         for j in self.layers:
-            alike = next((i for i in self.layouts if shapes[i] == shapes[j]), None)
-            if alike is not None:
-                self.layouts[j] = self.layouts[alike]
-            else:
-                self.layouts[j] = layout(self.source.read_layer(j))
+            kind = tuple(layer_shapes(self.source.spec, j).items())
+            if kind not in by_kind:
+                by_kind[kind] = layout(self.source.read_layer(j))
                 checked.append(j)
+            self.layouts[j] = by_kind[kind]
         total = max(t for _, t in self.layouts.values())
         self.bufs = [torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=cuda) for _ in range(num_buffers)]
         self.views = [memoryview(b.numpy()) for b in self.bufs]

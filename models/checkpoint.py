@@ -49,6 +49,15 @@ _EXPERT_KEY = {"w1": "w_gate", "w3": "w_up", "w2": "w_down",
                "gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_down"}
 
 
+def _our_key(short: str) -> tuple[str, int | None] | None:
+    """A layer tensor's HF name (past `model.layers.N.`) -> (our key, expert index or None), or
+    None for a name outside the plain and per-expert layouts."""
+    if short in _DIRECT:
+        return _DIRECT[short], None
+    m = _EXPERT.match(short)
+    return (_EXPERT_KEY[m.group(2)], int(m.group(1))) if m else None
+
+
 class Checkpoint:
     """Index of a checkpoint folder: which file holds which tensor, read lazily."""
 
@@ -159,10 +168,11 @@ class Checkpoint:
             for ck, ours in SCALE_SUFFIXES.items():  # an fp8 scale: filed under its weight's name
                 if short.endswith(ck):
                     short, suffix = short[: -len(ck)] + ".weight", ours
-            if short in _DIRECT:
-                w[_DIRECT[short] + suffix] = t
-            elif (m := _EXPERT.match(short)) :
-                experts.setdefault(_EXPERT_KEY[m.group(2)] + suffix, {})[int(m.group(1))] = t
+            key = _our_key(short)
+            if key is not None and key[1] is None:
+                w[key[0] + suffix] = t
+            elif key is not None:
+                experts.setdefault(key[0] + suffix, {})[key[1]] = t
             elif suffix:
                 raise CheckpointError(f"{self._where[full]}: unexpected tensor {full}")
             elif short == "mlp.experts.gate_up_proj":  # transformers 5 fused layout
@@ -201,13 +211,13 @@ class Checkpoint:
                 continue
             if self._header_dtypes.get(full) != stored or full not in self._extents:
                 return None
-            ext = (self._where[full], *self._extents[full])
-            if short in _DIRECT:
-                out[_DIRECT[short]] = [ext]
-            elif (m := _EXPERT.match(short)):
-                experts.setdefault(_EXPERT_KEY[m.group(2)], {})[int(m.group(1))] = ext
-            else:
+            key, ext = _our_key(short), (self._where[full], *self._extents[full])
+            if key is None:
                 return None
+            if key[1] is None:
+                out[key[0]] = [ext]
+            else:
+                experts.setdefault(key[0], {})[key[1]] = ext
         for key, parts in experts.items():
             if sorted(parts) != list(range(self.spec.num_experts)):
                 return None

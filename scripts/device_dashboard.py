@@ -44,8 +44,8 @@ def install(folder: str):
     marker = os.path.join(SITE, ".dashboard-ready")
     if os.path.exists(marker):
         return
-    want = []
-    for w in sorted(glob.glob(os.path.join(folder, "*.whl"))):
+    wheels, want = sorted(glob.glob(os.path.join(folder, "*.whl"))), []
+    for w in wheels:
         name = os.path.basename(w).split("-")[0].replace("_", "-")
         try:
             metadata.version(name)
@@ -56,8 +56,7 @@ def install(folder: str):
                         "--no-cache-dir", "--target", SITE, *want], check=True)
     os.makedirs(SITE, exist_ok=True)
     open(marker, "w").close()
-    print(f"dashboard extras: installed {len(want)} of {len(glob.glob(os.path.join(folder, '*.whl')))} wheels",
-          file=sys.stderr)
+    print(f"dashboard extras: installed {len(want)} of {len(wheels)} wheels", file=sys.stderr)
 
 
 def main(argv=None) -> int:
