@@ -152,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target-fp8", action="store_true", help="Quantize the target to fp8 per output channel as "
                                                               "the loader writes host memory (--quantize fp8): "
                                                               "half the bytes per pass.")
-    ap.add_argument("--resident", type=int, default=0, help="Target layers kept on the GPU by the actors every "
-                                                            "mode runs on (the memory an fp8 draft frees).")
+    ap.add_argument("--resident", default="0", help="Target layers kept on the GPU by the actors every mode "
+                                                    "runs on (the memory an fp8 draft frees); 'auto': as many as "
+                                                    "the planner's GPU account fits beside this run's slots, draft "
+                                                    "and draft KV.")
     ap.add_argument("--draft-sinks", type=int, default=0, help="The windowed draft also keeps each sequence's "
                                                                "first N tokens in view.")
     ap.add_argument("--no-draft-graphs", action="store_true", help="Launch the draft's steps one kernel at a "
@@ -189,6 +191,32 @@ def _baseline_resident(a, tspec, cuda: bool) -> int:
     if not 1 <= n < tspec.num_layers:
         raise ValueError(f"the planner keeps {n} layers resident on this machine: give a count")
     return n
+
+
+def _resident(a, tspec, dspec, cuda: bool) -> int:
+    """--resident: a count, or 'auto': what the GPU memory cap (--gpu-memory) holds beside this
+    run's own placement; 0 without a GPU, where host and "device" are one memory."""
+    if a.resident != "auto":
+        try:
+            return int(a.resident)
+        except ValueError:
+            raise BenchError(f"--resident needs a count or 'auto', got {a.resident!r}") from None
+    if not cuda:
+        return 0
+    from specoffload.errors import CapacityError, ConfigError
+    from specoffload.placement.draft_kv import DraftKV
+    from specoffload.placement.plan import parse_bytes
+    from specoffload.placement.planner import Candidate, Workload, spare_layers
+
+    draft = None if a.no_draft else dspec
+    kv = DraftKV("gpu", a.draft_window, a.draft_sinks if a.draft_window else 0, a.draft_kv_fp8)
+    c = Candidate("none" if draft is None else "single", max(a.batch, a.spec_batch or 0), k=a.k, kv=kv,
+                  draft_fp8=a.draft_fp8, slots=a.slots, prefill_batch=a.prefill_batch)
+    try:
+        return spare_layers(tspec, draft, c, Workload(a.prompt_len, a.gen, a.requests or a.batch, a.agreement),
+                            parse_bytes(a.gpu_memory))
+    except (CapacityError, ConfigError) as e:
+        raise BenchError(f"--resident auto: {e}") from None
 
 
 class BenchError(Exception):
@@ -440,6 +468,7 @@ def _main(argv):
         tsrc = Fp8Quantized(tsrc)
         tspec = tsrc.spec
     cuda = torch.cuda.is_available()
+    a.resident = _resident(a, tspec, dspec, cuda)
     plan = _plan(a, cuda)
     try:
         modes = parse_modes(a.modes, a.k)

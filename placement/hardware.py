@@ -134,12 +134,14 @@ def _measure(device: str, gpu_memory, threads: int | None, quick: bool) -> Hardw
     tflops = 2 * m * kk * n / _best(lambda: (x @ w, sync()), reps) / 1e12
 
     # The engine's CPU attention, Mixtral-like heads (32 query, 8 KV, d 128), bf16 cache:
-    # one query per sequence, then 8, over the same keys. Read time + arithmetic time.
+    # one query per sequence, then 8, over the same keys. Read time + arithmetic time. At the
+    # batches the engine runs (128-192): at 32 sequences the H200 host measured 677 GFLOP/s
+    # per query, a third of what W1's fp8 pass traced at 192 (docs/benchmarks.md).
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        B, keys = (4, 64) if quick else (32, 512)
+        B, keys = (4, 64) if quick else (128, 512)
         Hq, Hkv, d = 32, 8, 128
         cache = KVCache(1, B, Hkv, d, keys + 8, torch.bfloat16)
         for t in cache.k + cache.v:

@@ -170,6 +170,17 @@ def _host_bytes(target, draft, c: Candidate, wl: Workload, cm: CostModel) -> int
     return b
 
 
+def spare_layers(target: ModelSpec, draft: ModelSpec | None, c: Candidate, wl: Workload, gpu_memory: int,
+                 cm: CostModel = CostModel()) -> int:
+    """Target layers that the GPU memory left beside candidate `c`'s own placement (slots, draft,
+    its KV, prefill) holds, by the planner's account: what a hand-set placement (`bench
+    --resident auto`) can keep resident. CapacityError if `c` itself does not fit."""
+    need = _gpu_bytes(target, draft, 0, replace(c, resident=0), wl, cm)
+    if need > gpu_memory:
+        raise CapacityError(f"GPU needs {need / 2**30:.1f} GiB of {gpu_memory / 2**30:.1f} before any resident layer")
+    return int(min((gpu_memory - need) // cmod.layer_bytes(target), target.num_layers))
+
+
 def _place(target, draft, self_layers, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel) -> Candidate:
     """Resident layers from spare GPU memory, disk layers from missing host memory; or why not."""
     lb = cmod.layer_bytes(target)

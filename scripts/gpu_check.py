@@ -349,9 +349,13 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
     def plan(self):
         rc, text, dt = self.run("plan", self.cli("plan", "--model", self.target, "--draft", self.draft,
                                                  "--gpu-memory", CAP, "--prompt-len", 512, "--gen", 128,
-                                                 "--requests", 192, "--acceptance", 0.8), env=self.env_local)
+                                                 "--requests", 192, "--acceptance", 0.8,
+                                                 "--save-hardware", self.logs / "hardware.json"), env=self.env_local)
         best = [ln for ln in text.splitlines() if "best" in ln.lower() or "chose" in ln.lower()]
-        self.row("specoffload plan", rc == 0, dt, f"rc {rc}; {' '.join(best)[-300:]}")
+        # The CPU attention rates it measured: the figures the layer chain's cost is priced by.
+        cpu = re.search(r"CPU attention [\d.]+ GB/s \+ [\d.]+ GFLOP/s", text)
+        self.row("specoffload plan", rc == 0, dt, f"rc {rc}; {' '.join(best)[-300:]}"
+                                                  f"{'; ' + cpu.group(0) if cpu else ''}")
 
     def bench_row(self, name: str, *flags):
         """A short `bench --workload w1-small` (constructed weights: 2 target and 4 draft layers)."""

@@ -58,6 +58,46 @@ def test_bench_resident_beyond_the_model_exits_2():
     assert "Traceback" not in r.stderr
 
 
+def test_bench_bad_resident_exits_2():
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny", "--resident", "lots"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert r.returncode == 2 and "--resident needs a count or 'auto', got 'lots'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("workload,flags", [
+    ("w1-long", ["--draft-window", "64", "--draft-sinks", "4", "--draft-fp8", "--slots", "4", "--prefill-batch", "16"]),
+    ("w1", ["--draft-window", "64", "--draft-sinks", "4", "--draft-fp8", "--slots", "4", "--target-fp8"]),
+    ("w1", ["--no-draft", "--slots", "2"])])
+def test_bench_resident_auto_fills_what_the_gpu_account_leaves(workload, flags):
+    """--resident auto keeps as many target layers as fit the cap beside the run's own slots,
+    draft and draft KV by the planner's account: n fit, n + 1 would not. Without a GPU: none."""
+    from dataclasses import replace
+
+    from specoffload.bench import _options, _resident, workload_shapes
+    from specoffload.placement.cost_model import CostModel
+    from specoffload.placement.draft_kv import DraftKV
+    from specoffload.placement.planner import Candidate, Workload, _gpu_bytes
+    from specoffload.sources.constructed import constructed_pair
+
+    a = _options(["--workload", workload, "--resident", "auto", "--gpu-memory", "24GiB", *flags])
+    tspec, dspec = workload_shapes(a.workload, a.target_layers, a.draft_layers)
+    if a.target_fp8:
+        from specoffload.sources.fp8_quantize import Fp8Quantized
+
+        tspec = Fp8Quantized(constructed_pair(tspec, dspec, 0.8)[0]).spec
+    assert _resident(a, tspec, dspec, cuda=False) == 0
+    n = _resident(a, tspec, dspec, cuda=True)
+    draft = None if a.no_draft else dspec
+    c = Candidate("none" if draft is None else "single", a.batch, k=a.k, draft_fp8=a.draft_fp8, slots=a.slots,
+                  prefill_batch=a.prefill_batch,
+                  kv=DraftKV("gpu", a.draft_window, a.draft_sinks if a.draft_window else 0, a.draft_kv_fp8))
+    wl = Workload(a.prompt_len, a.gen, a.batch, a.agreement)
+    assert 0 < n < tspec.num_layers
+    assert _gpu_bytes(tspec, draft, 0, replace(c, resident=n), wl, CostModel()) <= 24 * 2**30
+    assert _gpu_bytes(tspec, draft, 0, replace(c, resident=n + 1), wl, CostModel()) > 24 * 2**30
+
+
 def test_bench_bad_baseline_resident_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny",
                         "--baseline-resident", "7"], capture_output=True, text=True, timeout=120,
