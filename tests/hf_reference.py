@@ -38,13 +38,19 @@ def first_new_token(seq, start: int) -> tuple[int, int]:
     raise AssertionError("no fresh token to use as a stop token")
 
 
-def differ_beyond_near_ties(got, plain) -> list[str]:
+def differ_beyond_near_ties(got, plain, moe_router: bool = False) -> list[str]:
     """Sequences of `got` that leave plain decoding's output anywhere but at a swap of its
     near-tied top two tokens (specoffload/near_ties.py). `plain`, and `got` where it is
     RequestOutputs too, generated with SamplingParams(logprobs>=2); `got` may be bare token ids
     (then only plain's gap is known). Each as a line saying where and by how much; empty when
-    none do."""
-    from specoffload.near_ties import Sequence, judge
+    none do.
+
+    moe_router: a bf16 MoE on the GPU, where a router that flips a token's experts under
+    rounding moves its log probabilities by tenths of a nat (docs/results/bf16_router_s11), more
+    than the drift measured where the runs agree: a swap of plain's top two passes whatever its
+    gaps, while the 90th percentile of the drift stays rounding-sized (the GPU check's rule). A
+    bookkeeping bug still fails: it takes a token that is not plain's runner-up."""
+    from specoffload.near_ties import TYPICAL_CAP, Sequence, judge
 
     def ids_lps(o):
         if isinstance(o, list):
@@ -56,4 +62,10 @@ def differ_beyond_near_ties(got, plain) -> list[str]:
     for g, p in zip(got, plain):
         (gi, gl), (pi, pl) = ids_lps(g), ids_lps(p)
         seqs.append(Sequence(gi, pi, gl, pl))
-    return judge(seqs).bad
+    v = judge(seqs)
+    if not moe_router:
+        return v.bad
+    bad = [b for b in v.bad if not (b.startswith("sequence") and "together, over" in b)]
+    if v.typical > TYPICAL_CAP:
+        bad.append(f"the drift's 90th percentile {v.typical:.3f} nats is over {TYPICAL_CAP} (more than rounding)")
+    return bad

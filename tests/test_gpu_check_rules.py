@@ -133,6 +133,30 @@ def test_drift_beyond_rounding_fails_even_where_tokens_agree():
     assert v.equal == 1 and not v.ok and "drift 1.500" in v.bad[0]
 
 
+def _outputs(ids, lps):
+    """A RequestOutput-like object: token ids and, per token, {token: object with .logprob}."""
+    from types import SimpleNamespace as NS
+
+    return NS(outputs=[NS(token_ids=ids, logprobs=[{t: NS(logprob=v) for t, v in x.items()} for x in lps])])
+
+
+def test_the_moe_router_rule_lets_a_wide_swap_pass_but_not_another_token():
+    """The CUDA fp8-target test's rule for a bf16 MoE (tests/hf_reference.py): a swap of plain's
+    top two passes beyond the drift's allowance, a token that is not plain's runner-up fails, and
+    so does drift that is not rounding-sized."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hf_reference import differ_beyond_near_ties
+
+    plain = _outputs([5, 6], [{5: -1.0, 1005: -2.0}, {6: -1.0, 1006: -1.1}])
+    swap = _outputs([5, 1006], [{5: -1.0, 1005: -2.0}, {1006: -1.0, 6: -1.08}])  # gaps 0.18 together
+    other = _outputs([5, 42], [{5: -1.0, 1005: -2.0}, {42: -1.0, 6: -1.08}])
+    drift = _outputs([5, 1006], [{5: -1.3, 1005: -2.0}, {1006: -1.0, 6: -1.08}])  # moved 0.3 where equal
+    assert "gaps 0.180 together, over 0.100" in differ_beyond_near_ties([swap], [plain])[0]
+    assert differ_beyond_near_ties([swap], [plain], moe_router=True) == []
+    assert "not the reference's runner-up" in differ_beyond_near_ties([other], [plain], moe_router=True)[0]
+    assert "90th percentile 0.300" in differ_beyond_near_ties([drift], [plain], moe_router=True)[0]
+
+
 # -- --time-limit ------------------------------------------------------------------------------
 
 def test_past_the_time_limit_a_step_is_skipped_and_its_row_says_so(tmp_path):
