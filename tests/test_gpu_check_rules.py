@@ -144,8 +144,7 @@ def test_the_moe_router_rule_lets_a_wide_swap_pass_but_not_another_token():
     """The CUDA fp8-target test's rule for a bf16 MoE (tests/hf_reference.py): a swap of plain's
     top two passes beyond the drift's allowance, a token that is not plain's runner-up fails, and
     so does drift that is not rounding-sized."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from hf_reference import differ_beyond_near_ties
+    from hf_reference import differ_beyond_near_ties  # tests/ is on the path (conftest.py)
 
     plain = _outputs([5, 6], [{5: -1.0, 1005: -2.0}, {6: -1.0, 1006: -1.1}])
     swap = _outputs([5, 1006], [{5: -1.0, 1005: -2.0}, {1006: -1.0, 6: -1.08}])  # gaps 0.18 together
