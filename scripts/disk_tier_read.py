@@ -1,10 +1,13 @@
 """How fast the disk tier stages a layer: the checked read (read_layer: safetensors tensors,
 dtype, stack, finiteness) against the direct read (pread of the file's bytes into the staging
 buffer, on several threads), on one checkpoint's layers, from the page cache after a warm-up
-read (what a second pass sees when the files fit RAM; a cold disk is slower for both).
+read (what a second pass sees when the files fit RAM). `--drop-cache` asks the kernel to drop
+the checkpoint's pages before every round (posix_fadvise DONTNEED after a sync, no root
+needed), so the reads come from the disk itself: what the disk tier gets when the model does
+not fit RAM, which is when the planner uses it.
 
     python scripts/random_checkpoint.py --shape mixtral-8x7b --layers 2 --out /tmp/mixtral2
-    python scripts/disk_tier_read.py /tmp/mixtral2 --layers 0,1 --repeat 3
+    python scripts/disk_tier_read.py /tmp/mixtral2 --layers 0,1 --repeat 3 [--drop-cache]
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
+def drop_cache(folder: Path):
+    """Evict the checkpoint's pages from the page cache (clean pages only: sync first)."""
+    for f in folder.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Time the disk tier's checked and direct layer reads.")
     ap.add_argument("model", help="a checkpoint folder")
@@ -25,7 +38,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="reads of each layer per path (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="reader threads of the direct path "
                                                                "(default: the disk tier's own)")
+    ap.add_argument("--drop-cache", action="store_true", help="drop the checkpoint's pages from the page cache "
+                                                              "before every round: read from the disk itself")
     a = ap.parse_args(argv)
+    if a.drop_cache:
+        os.sync()
     from specoffload.actors.disk_tier import DiskTier
 
     layers = [int(x) for x in a.layers.split(",")]
@@ -46,16 +63,21 @@ def main(argv=None) -> int:
             for j in layers:  # warm the page cache / first use
                 tier.get(j)
                 tier.done_with(j)
-            n0, t0 = tier.bytes_read, time.perf_counter()
+            n0, t0, dropping = tier.bytes_read, time.perf_counter(), 0.0
             for _ in range(a.repeat):
+                if a.drop_cache:  # not timed: the kernel's eviction is not the disk tier's cost
+                    t = time.perf_counter()
+                    drop_cache(Path(a.model))
+                    dropping += time.perf_counter() - t
                 for j in layers:
                     tier.get(j)
                     tier.done_with(j)
-            dt, nb = time.perf_counter() - t0, tier.bytes_read - n0
+            dt, nb = time.perf_counter() - t0 - dropping, tier.bytes_read - n0
             rows.append((path, nb / 2**30, dt, nb / dt / 1e9, dt / (a.repeat * len(layers))))
     finally:
         tier.close()
-    print(f"{os.cpu_count()} cores, reader threads {tier.readers._max_workers}")
+    print(f"{os.cpu_count()} cores, reader threads {tier.readers._max_workers}, "
+          f"{'from the disk (page cache dropped each round)' if a.drop_cache else 'from the page cache'}")
     print(f"{'path':<8} {'GiB':>7} {'s':>7} {'GB/s':>6} {'s/layer':>8}")
     for r in rows:
         print(f"{r[0]:<8} {r[1]:7.2f} {r[2]:7.2f} {r[3]:6.2f} {r[4]:8.3f}")

@@ -2,6 +2,7 @@
 stand-in. Run it on a GPU machine whenever a change touches what the GPU runs:
 
     python scripts/gpu_check.py --work /tmp/gpucheck --logs gpu_check_logs   # --steps tests,generate,... picks parts
+    python scripts/gpu_check.py --steps disk --target-layers 16 --jobs 1      # the disk tier on a W1-half target
 
 It writes random Hugging Face checkpoints to disk (a Mixtral-8x7B-shaped target with a few
 layers, a 2-layer one, a Mistral-7B-shaped draft with the same tokenizer), then runs, each as a
@@ -39,11 +40,12 @@ CAP = "24GiB"
 # The `ray` command, or its module where Ray was unpacked without scripts (the GPU machine).
 RAY = ["ray"] if shutil.which("ray") else [sys.executable, "-m", "ray.scripts.scripts"]
 SMALL_STEPS = {"tests", "lossless", "families"}  # steps that need no Mixtral target or 7B draft
+DRAFT_STEPS = {"generate", "api", "plan", "fp8"}  # steps that run the Mistral-shaped draft
 # The CUDA-only tests in processes side by side: the two slow files alone, the rest together
 # (on the H200 five tests took 44-53 s each, 235 of the suite's 283 s).
 TEST_GROUPS = (("placement", ["tests/test_gpu_placement.py"]), ("fp8 target", ["tests/test_fp8_target_gpu.py"]),
                ("the rest", ["--ignore=tests/test_gpu_placement.py", "--ignore=tests/test_fp8_target_gpu.py"]))
-STEPS = ("tests", "generate", "lossless", "api", "restart", "job", "plan", "families", "bench", "fp8")
+STEPS = ("tests", "generate", "disk", "lossless", "api", "restart", "job", "plan", "families", "bench", "fp8")
 
 
 class Check:
@@ -137,6 +139,8 @@ class Check:
                                       (self.draft, "mistral-7b", None), (self.small, "mixtral-8x7b", 2)):
             # the lossless and families steps alone need only the small target (or none)
             if (folder == self.small and "lossless" not in steps) or (folder != self.small and not steps - SMALL_STEPS):
+                continue
+            if folder == self.draft and not steps & DRAFT_STEPS:  # --steps disk on a deeper target: no draft
                 continue
             if not (folder / "model.safetensors.index.json").is_file():
                 log = open(self.logs / f"write_{folder.name}.log", "w")
@@ -449,31 +453,33 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
                         self.head_ready.set()
                 spawn(head)
             self.write_checkpoints(procs)
-            if "generate" not in steps:  # a later call compares with the plain run an earlier one wrote (--plain)
+            # The disk step alone runs its own plain decoding unless given one (--plain): its
+            # target may be deeper than an earlier call's (--target-layers).
+            own_plain = "generate" in steps or ("disk" in steps and self.plain_file is None)
+            if not own_plain:  # a later call compares with the plain run an earlier one wrote (--plain)
                 self.plain = self.outputs(self.plain_file or self.work / "plain.jsonl")
                 self.plain_done.set()
             if "plan" in steps:  # no engine: beside the pool
                 spawn(self.plan)
             tasks = []  # in the order they start: plain first, the slowest early
-            if "generate" in steps:
-                d, half = ["--draft", self.draft], max(self.n // 2, 1)
-
+            if own_plain:
                 def plain():
                     try:
                         self.plain = self.generate("generate (no draft)", "plain", ref=False)
                     finally:
                         self.plain_done.set()
-                tasks += [plain,
-                          lambda: self.generate("generate --draft --plan auto", "auto", *d, "--plan", "auto"),
+                tasks.append(plain)
+            if "generate" in steps:
+                d, half = ["--draft", self.draft], max(self.n // 2, 1)
+                tasks += [lambda: self.generate("generate --draft --plan auto", "auto", *d, "--plan", "auto"),
                           lambda: self.generate("generate --draft --draft-fp8 --plan auto", "auto_fp8", *d,
                                                 "--draft-fp8", "--plan", "auto"),
                           # half the prompts per batch, with --refill: rows refilled in place
                           lambda: self.generate(f"generate --draft (bf16, flags by hand, --refill at batch {half})",
                                                 "hand", *d, "--schedule", "single", "-k", 4, "--draft-window", 64,
-                                                "--draft-sinks", 4, "--batch-size", half, "--refill"),
-                          self.disk_tier]
-            else:
-                self.plain_done.set()
+                                                "--draft-sinks", 4, "--batch-size", half, "--refill")]
+            if "disk" in steps:
+                tasks.append(self.disk_tier)
             tasks += [getattr(self, f) for f in ("llm_api", "ray_job", "lossless", "restart", "bench", "fp8", "bench_fp8")
                       if {"llm_api": "api", "ray_job": "job", "bench_fp8": "fp8"}.get(f, f) in steps]
             if "families" in steps:
