@@ -253,7 +253,8 @@ def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel
             (cm.draft_round_fixed_s if c.schedule != "none" else 0.0)
         price = refill.RefillPrice(c.in_flight, per_round, fixed, max(wl.gen_len - 1, 1) / tau)
         refill_rows = price.best_rows()
-        refilled = pre / waves + price.seconds(wl.requests, refill_rows) + wl.requests * per_row
+        refilled = pre / waves + price.seconds(wl.requests, refill_rows) + wl.requests * per_row + \
+            price.drain_s(rounds)
         if refilled < seconds:
             seconds = refilled
         else:

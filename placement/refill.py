@@ -72,9 +72,18 @@ class RefillPrice:
         return min(range(lo, hi + 1), key=self.seconds_per_request)
 
     def seconds(self, requests: int, rows: int | None = None) -> float:
-        """The job's decode and join seconds, refilled in place (first prefill not included)."""
+        """The job's decode and join seconds, refilled in place (first prefill not included),
+        at the steady state's rate: every row busy but for those a join waits on."""
         rows = rows or self.best_rows()
         return requests * self.seconds_per_request(rows)
+
+    def drain_s(self, slowest_rounds: float) -> float:
+        """What the end of the job adds to `seconds`: once no request waits, the batch runs on
+        until its slowest row ends (`slowest_rounds` after the last join, as a wave's slowest
+        row), with rows falling idle, where the steady state counted the rows in flight as
+        half a request each. W3's 192 requests in a batch of 128 took 2 batches' rounds, not
+        1.5; w1-long's 768 spent about a third of its passes so (docs/benchmarks.md)."""
+        return max(slowest_rounds - self.rounds_per_request / 2, 0.0) * self.pass_s
 
 
 def default_refill_rows(batch: int, prefill: str) -> int:

@@ -174,6 +174,40 @@ def test_refill_price_and_default():
         RunConfig(refill_prefill="later")
 
 
+def _refilled_passes(lengths: list[int], batch: int) -> int:
+    """Passes until every request is done when each finished row takes the next waiting request
+    at once (free joins): request i needs lengths[i] passes."""
+    waiting, rows, passes = list(lengths), [], 0
+    while waiting or rows:
+        while waiting and len(rows) < batch:
+            rows.append(waiting.pop(0))
+        rows = [r - 1 for r in rows if r > 1]
+        passes += 1
+    return passes
+
+
+@pytest.mark.parametrize("lengths,batch", [([40] * 192, 128),  # W3's bench: 1.5 waves of equal requests
+                                           (None, 192)])  # w1-long's shape: 768 of 8-59 passes
+def test_refill_price_counts_the_drain(lengths, batch):
+    """A refilled job does not end at the steady state's rate: once nothing waits, the batch
+    runs on until its slowest row ends. The price with the drain is within 10% of simulated
+    passes (W3's 192 equal requests at batch 128 take 2 batches' passes, not 1.5)."""
+    import random
+
+    from specoffload.placement.refill import RefillPrice
+
+    if lengths is None:
+        rng = random.Random(0)
+        lengths = [rng.randint(8, 59) for _ in range(768)]
+    mean = sum(lengths) / len(lengths)
+    price = RefillPrice(batch, 1.0, 0.0, mean)  # a pass of 1 s, free joins
+    steady = price.seconds(len(lengths), rows=1)
+    priced = steady + price.drain_s(max(lengths))
+    simulated = _refilled_passes(lengths, batch)
+    assert abs(priced - simulated) <= 0.1 * simulated, (steady, priced, simulated)
+    assert simulated - steady > 0.15 * simulated  # the drain is no rounding error
+
+
 # The GPU check's hand-flags row, small: a separate draft that disagrees with the target (it
 # rejects almost every proposal), a draft window shorter than most prompts (with sinks), prompts
 # of very different lengths, more requests than rows, and rows that end at different passes.
