@@ -2,7 +2,7 @@
 stand-in. Run it on a GPU machine whenever a change touches what the GPU runs:
 
     python scripts/gpu_check.py --work /tmp/gpucheck --logs gpu_check_logs   # --steps tests,generate,... picks parts
-    python scripts/gpu_check.py --steps disk --target-layers 16 --jobs 1      # the disk tier on a W1-half target
+    python scripts/gpu_check.py --work /tmp/gc16 --steps disk --target-layers 16 --jobs 1   # the disk tier, W1-half target
 
 It writes random Hugging Face checkpoints to disk (a Mixtral-8x7B-shaped target with a few
 layers, a 2-layer one, a Mistral-7B-shaped draft with the same tokenizer), then runs, each as a
