@@ -22,8 +22,10 @@ rounding (see `Check.same`). Exit status 1 if any row fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
 import random
 import re
 import shutil
@@ -32,7 +34,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +46,33 @@ DRAFT_STEPS = {"generate", "api", "plan", "fp8"}  # steps that run the Mistral-s
 # (on the H200 five tests took 44-53 s each, 235 of the suite's 283 s).
 TEST_GROUPS = (("placement", ["tests/test_gpu_placement.py"]), ("fp8 target", ["tests/test_fp8_target_gpu.py"]),
                ("the rest", ["--ignore=tests/test_gpu_placement.py", "--ignore=tests/test_fp8_target_gpu.py"]))
+# Engine rows in the order they start, plain decoding first (the others compare with it), then
+# the longest first so that the pool ends evenly (seconds on the H200, session 15: families part 1
+# 190, part 2 130, restart 122, bf16 draft rows 110-120, fp8 113, the job 97, the rest 60-95).
+# A row that compares with another's outputs comes after it.
+ORDER = ("plain", "families1", "families2", "restart", "auto", "hand", "disk", "autofp8", "plain_fp8", "auto_q8",
+         "job", "plain32", "spec32", "api", "bench_fp8", "bench")
 STEPS = ("tests", "generate", "disk", "lossless", "api", "restart", "job", "plan", "families", "bench", "fp8")
+
+
+class Outputs:
+    """A row's outputs that other rows compare with once that row has finished (rows run side by
+    side): get() waits; setting() marks them final however the row ends."""
+
+    def __init__(self):
+        self.value: dict[int, dict] = {}
+        self.ready = threading.Event()
+
+    def get(self) -> dict[int, dict]:
+        self.ready.wait()
+        return self.value
+
+    @contextlib.contextmanager
+    def setting(self):
+        try:
+            yield self
+        finally:
+            self.ready.set()
 
 
 class Check:
@@ -60,7 +87,7 @@ class Check:
         self.rows: list[tuple[str, bool, float, str, float]] = []  # name, passed, seconds, note, started at
         self.lock = threading.Lock()  # steps.log and the rows: steps run side by side
         self.local = threading.local()  # this thread's last command: started when, skipped or not
-        self.plain, self.plain_done = {}, threading.Event()  # plain decoding's outputs, the rows' reference
+        self.plain = Outputs()  # plain decoding's, the rows' reference
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
                         TOKENIZERS_PARALLELISM="false")
         # Each run side by side starts a Ray cluster of its own (Ray gives a run the node's one
@@ -203,8 +230,7 @@ class Check:
 
     def reference(self) -> dict:
         """Plain decoding's outputs, once its row (running beside this one) has finished."""
-        self.plain_done.wait()
-        return self.plain
+        return self.plain.get()
 
     @staticmethod
     def figures(out: str) -> str:
@@ -213,9 +239,9 @@ class Check:
                 if re.search(r"tok/s\)|specoffload: error|^plan auto|started in", ln)]
         return "; ".join(keep)[-600:]
 
-    def generate(self, name: str, out_name: str, *flags, env=None, ref: bool | dict = True, model=None,
+    def generate(self, name: str, out_name: str, *flags, env=None, ref: "bool | Outputs" = True, model=None,
                  exact: bool = False):
-        """ref: compare with plain decoding (True), with these outputs (a dict), or not (False);
+        """ref: compare with plain decoding (True), with another row's outputs, or not (False);
         exact: every token equal (see `same`). A run with --refill must say it refilled rows."""
         out = self.work / f"{out_name}.jsonl"
         out.unlink(missing_ok=True)
@@ -227,7 +253,7 @@ class Check:
         if out.is_file():  # beside the log, for a look at where runs part
             shutil.copy(out, self.logs / out.name)
         ok, note = (len(got) == self.n, f"{len(got)}/{self.n} outputs") if ref is False else self.same(
-            got, ref if isinstance(ref, dict) else self.reference(), exact)
+            got, ref.get() if isinstance(ref, Outputs) else self.reference(), exact)
         refilled = "--refill" not in flags or "rows refilled" in text
         self.row(name, rc == 0 and ok and refilled, dt,
                  f"rc {rc}, {note}{'' if refilled else ', no request refilled'}; {self.figures(text)}")
@@ -246,18 +272,25 @@ class Check:
         self.generate(f"generate, target layers {disk[0]}-{disk[-1]} read from disk each pass (every token equal)",
                       "disk", "--plan", plan, exact=True)
 
-    def lossless(self):
+    def lossless(self) -> list:
         """Lossless where the arithmetic allows the claim: a 2-layer Mixtral-8x7B-shaped target in
         fp32 (rounding near 1e-6, far under its top-2 gaps) decoded plainly, then speculatively
         (self:1 draft, so proposals are accepted too) with rows refilled at half the batch: every
         token equal. (Session 11 also ran bf16 plain decoding of it at batch 8 against 16: 16/16
-        equal, drift 0.031 nats; docs/results/gpu_check_s11.)"""
-        m, half = self.small, max(self.n // 2, 1)
-        ref = self.generate("lossless: generate --dtype float32 (no draft)", "plain32", "--dtype", "float32",
-                            model=m, ref=False)
-        self.generate(f"lossless: --dtype float32 --draft self:1 -k 3 --refill at batch {half} (every token equal)",
-                      "spec32", "--dtype", "float32", "--draft", "self:1", "-k", 3, "--schedule", "single",
-                      "--batch-size", half, "--refill", model=m, ref=ref, exact=True)
+        equal, drift 0.031 nats; docs/results/gpu_check_s11.) Two rows side by side, the second
+        compared once the first has finished."""
+        m, half, ref = self.small, max(self.n // 2, 1), Outputs()
+
+        def plain32():
+            with ref.setting():
+                ref.value = self.generate("lossless: generate --dtype float32 (no draft)", "plain32", "--dtype",
+                                          "float32", model=m, ref=False)
+
+        def spec32():
+            self.generate(f"lossless: --dtype float32 --draft self:1 -k 3 --refill at batch {half} (every token equal)",
+                          "spec32", "--dtype", "float32", "--draft", "self:1", "-k", 3, "--schedule", "single",
+                          "--batch-size", half, "--refill", model=m, ref=ref, exact=True)
+        return [("plain32", plain32), ("spec32", spec32)]
 
     def ray_head(self):
         """`ray start --head` with its dashboard, for the Ray job row."""
@@ -373,12 +406,19 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
     def bench(self):
         self.bench_row("bench --workload w1-small (2+4 layers)", "--json", self.logs / "bench.json")
 
-    def fp8(self):
+    def fp8(self) -> list:
         """The target quantized to fp8 as it loads: plain, then speculative against that plain
-        (the fp8 target's own output)."""
-        plain = self.generate("generate --quantize fp8 (no draft)", "plain_fp8", "--quantize", "fp8", ref=False)
-        self.generate("generate --quantize fp8 --draft --plan auto", "auto_q8", "--quantize", "fp8", "--draft",
-                      self.draft, "--plan", "auto", ref=plain)
+        (the fp8 target's own output); side by side, compared once plain has finished."""
+        ref = Outputs()
+
+        def plain():
+            with ref.setting():
+                ref.value = self.generate("generate --quantize fp8 (no draft)", "plain_fp8", "--quantize", "fp8",
+                                          ref=False)
+        return [("plain_fp8", plain),
+                ("auto_q8", lambda: self.generate("generate --quantize fp8 --draft --plan auto", "auto_q8",
+                                                  "--quantize", "fp8", "--draft", self.draft, "--plan", "auto",
+                                                  ref=ref))]
 
     def bench_fp8(self):
         self.bench_row("bench --workload w1-small --target-fp8", "--target-fp8", "--json", self.logs / "bench_fp8.json")
@@ -418,9 +458,9 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
     # -- all -----------------------------------------------------------------------------------
     def main(self, steps: set) -> int:
         """Everything side by side that can be: the CUDA tests (three processes) and the
-        checkpoint writers from the start, `ray start` meanwhile; then the engine runs, --jobs at
-        a time, each with a Ray cluster of its own and the 24 GiB cap (so that four fit the card
-        beside the tests), plain decoding first since the others compare with it."""
+        checkpoint writers from the start, `ray start` meanwhile; then the engine runs in ORDER,
+        --jobs at a time while the tests run and one more after, each with a Ray cluster of its
+        own and the 24 GiB cap (so that four fit the card beside the tests)."""
         background = []
         engine = steps - {"tests"}
         if engine:  # a Ray left from an earlier check; never later: it stops every Ray on the machine
@@ -442,6 +482,7 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
         if "tests" in steps:  # they start Ray of their own and need no checkpoint
             for group, args in TEST_GROUPS:
                 spawn(self.cuda_tests, group, args)
+        tests = list(background)
         self.head_ready = threading.Event()
         if engine:
             procs = self.start_checkpoints(steps)
@@ -457,41 +498,75 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
             # target may be deeper than an earlier call's (--target-layers).
             own_plain = "generate" in steps or ("disk" in steps and self.plain_file is None)
             if not own_plain:  # a later call compares with the plain run an earlier one wrote (--plain)
-                self.plain = self.outputs(self.plain_file or self.work / "plain.jsonl")
-                self.plain_done.set()
+                with self.plain.setting():
+                    self.plain.value = self.outputs(self.plain_file or self.work / "plain.jsonl")
             if "plan" in steps:  # no engine: beside the pool
                 spawn(self.plan)
-            tasks = []  # in the order they start: plain first, the slowest early
+            rows = {}
             if own_plain:
                 def plain():
-                    try:
-                        self.plain = self.generate("generate (no draft)", "plain", ref=False)
-                    finally:
-                        self.plain_done.set()
-                tasks.append(plain)
+                    with self.plain.setting():
+                        self.plain.value = self.generate("generate (no draft)", "plain", ref=False)
+                rows["plain"] = plain
             if "generate" in steps:
                 d, half = ["--draft", self.draft], max(self.n // 2, 1)
-                tasks += [lambda: self.generate("generate --draft --plan auto", "auto", *d, "--plan", "auto"),
-                          lambda: self.generate("generate --draft --draft-fp8 --plan auto", "auto_fp8", *d,
-                                                "--draft-fp8", "--plan", "auto"),
-                          # half the prompts per batch, with --refill: rows refilled in place
-                          lambda: self.generate(f"generate --draft (bf16, flags by hand, --refill at batch {half})",
-                                                "hand", *d, "--schedule", "single", "-k", 4, "--draft-window", 64,
-                                                "--draft-sinks", 4, "--batch-size", half, "--refill")]
+                rows["auto"] = lambda: self.generate("generate --draft --plan auto", "auto", *d, "--plan", "auto")
+                rows["autofp8"] = lambda: self.generate("generate --draft --draft-fp8 --plan auto", "auto_fp8", *d,
+                                                        "--draft-fp8", "--plan", "auto")
+                # half the prompts per batch, with --refill: rows refilled in place
+                rows["hand"] = lambda: self.generate(f"generate --draft (bf16, flags by hand, --refill at batch {half})",
+                                                     "hand", *d, "--schedule", "single", "-k", 4, "--draft-window", 64,
+                                                     "--draft-sinks", 4, "--batch-size", half, "--refill")
             if "disk" in steps:
-                tasks.append(self.disk_tier)
-            tasks += [getattr(self, f) for f in ("llm_api", "ray_job", "lossless", "restart", "bench", "fp8", "bench_fp8")
-                      if {"llm_api": "api", "ray_job": "job", "bench_fp8": "fp8"}.get(f, f) in steps]
+                rows["disk"] = self.disk_tier
+            for step, row, f in (("api", "api", self.llm_api), ("job", "job", self.ray_job),
+                                 ("restart", "restart", self.restart), ("bench", "bench", self.bench),
+                                 ("fp8", "bench_fp8", self.bench_fp8)):
+                if step in steps:
+                    rows[row] = f
+            for step, f in (("lossless", self.lossless), ("fp8", self.fp8)):
+                if step in steps:
+                    rows.update(f())
             if "families" in steps:
-                tasks += [lambda i=i: self.families(i, 2) for i in range(2)]
-            with ThreadPoolExecutor(self.jobs) as pool:
-                for f in [pool.submit(guarded, t) for t in tasks]:
-                    f.result()
+                rows.update({f"families{i + 1}": (lambda i=i: self.families(i, 2)) for i in range(2)})
+            # One more engine run at a time once the CUDA tests' processes have left the card
+            # and the cores (without them the pool stays at --jobs: the disk step's deep target
+            # fills host memory).
+            more = threading.Event()
+            if tests:
+                spawn(lambda: ([t.join() for t in tests], more.set()))
+            self.pool([rows[k] for k in ORDER if k in rows], more, guarded)
         for t in background:
             t.join()
         if engine:
             self.run("ray stop", [*RAY, "stop", "--force"], 60, always=True)
         return self.table()
+
+    def pool(self, tasks: list, more: threading.Event, guarded):
+        """The rows, --jobs at a time in the order given, and one more at a time once `more` is
+        set; a worker takes the next row as it frees."""
+        todo = queue.SimpleQueue()
+        for t in tasks:
+            todo.put(t)
+
+        def worker(gate: threading.Event | None):
+            if gate is not None:
+                gate.wait()
+            while True:
+                try:
+                    task = todo.get_nowait()
+                except queue.Empty:
+                    return
+                guarded(task)
+
+        workers = [threading.Thread(target=worker, args=(None,), daemon=True) for _ in range(self.jobs)]
+        workers.append(threading.Thread(target=worker, args=(more,), daemon=True))
+        for w in workers:
+            w.start()
+        for w in workers[:-1]:
+            w.join()
+        more.set()  # the queue is empty: the last worker, if it never started, finds it so
+        workers[-1].join()
 
     def table(self) -> int:
         """One line per row, in the order they started (side by side: `from` is when, in seconds)."""
@@ -501,7 +576,7 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
         lines += [f"{n:<{w}}  {'PASS' if ok else 'FAIL':<6}  {t:5.0f}  {s:7.0f}  {note}" for n, ok, s, note, t in rows]
         failed = sum(not r[1] for r in rows)
         lines.append(f"{len(rows) - failed}/{len(rows)} passed in {time.perf_counter() - self.t_begin:.0f} s "
-                     f"({self.jobs} engine runs at a time)")
+                     f"({self.jobs} engine runs at a time, {self.jobs + 1} once the CUDA tests were done)")
         text = "\n".join(lines)
         (self.logs / "table.txt").write_text(text + "\n")
         print("\n" + text)
@@ -523,8 +598,9 @@ def main(argv=None) -> int:
                          "all of it (default 32).")
     ap.add_argument("--target-layers", type=int, default=4, help="layers of the Mixtral-shaped target (default 4).")
     ap.add_argument("--jobs", type=int, default=4,
-                    help="engine runs side by side (default 4: four 24 GiB caps and the CUDA tests fit an 80 GiB "
-                         "card's worth of the H200, four copies of the target its host memory).")
+                    help="engine runs side by side while the CUDA tests run, one more once they are done (default 4: "
+                         "four 24 GiB caps and the CUDA tests fit an 80 GiB card's worth of the H200, five copies "
+                         "of the 4-layer target its host memory).")
     ap.add_argument("--steps", default=",".join(STEPS),
                     help=f"comma list of steps to run (default all: {','.join(STEPS)}). The check can be split over "
                          "several calls on one machine: the checkpoints and the plain run's outputs in --work are "

@@ -195,3 +195,55 @@ def test_within_the_time_limit_a_step_runs(tmp_path):
     c = gpu_check.Check(tmp_path, tmp_path, 1, 4, 1, time_limit=600)
     rc, text, _ = c.run("a step", [sys.executable, "-c", "print('hello')"])
     assert rc == 0 and text == "hello\n" and not c.skipped
+
+
+# -- the pool of engine rows ---------------------------------------------------------------------
+
+def _pool_run(jobs, more_after=None, n=6, hold=0.2):
+    """n rows that each hold a worker for `hold` s; `more` set by row `more_after` as it starts.
+    (start order, most rows running at once)."""
+    import threading
+
+    c = gpu_check.Check(Path("/nonexistent"), Path("/nonexistent"), 1, 4, 1, jobs=jobs)
+    more, lock, started, running, peak = threading.Event(), threading.Lock(), [], [0], [0]
+
+    def row(i):
+        with lock:
+            started.append(i)
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        if i == more_after:
+            more.set()
+        time.sleep(hold)
+        with lock:
+            running[0] -= 1
+
+    c.pool([lambda i=i: row(i) for i in range(n)], more, lambda f: f())
+    return started, peak[0]
+
+
+def test_the_pool_starts_rows_in_order_jobs_at_a_time():
+    started, peak = _pool_run(2)
+    assert sorted(started[:2]) == [0, 1] and sorted(started) == list(range(6)) and peak == 2
+
+
+def test_the_pool_takes_one_more_row_at_a_time_once_told():
+    assert _pool_run(2, more_after=0)[1] == 3
+
+
+def test_a_row_compared_with_another_waits_for_its_outputs():
+    import threading
+
+    ref, seen = gpu_check.Outputs(), []
+    t = threading.Thread(target=lambda: seen.append(ref.get()))
+    t.start()
+    time.sleep(0.05)
+    assert not seen  # still running: nothing to compare with yet
+    try:
+        with ref.setting():
+            ref.value = {0: {"token_ids": [1]}}
+            raise RuntimeError("the row failed after writing its outputs")
+    except RuntimeError:
+        pass
+    t.join(5)
+    assert seen == [{0: {"token_ids": [1]}}]  # however the row ended, the waiter goes on
