@@ -48,7 +48,6 @@ class CostModel:
     # Device memory beside weights, caches and the CUDA context: allocator slack, CUDA graph
     # pools, the MoE chunks, plus per prefill token its activations.
     workspace_bytes: int = int(1.0 * GiB)
-    prefill_bytes_per_token_hidden: int = 12  # x hidden x dtype bytes, per prefill token
     # Host memory kept free for Ray's object store, the processes and the OS.
     host_reserve_bytes: int = 8 * GiB
     # The CUDA context and cuBLAS handles of the executor's process, which a card's memory also
@@ -88,6 +87,21 @@ def model_bytes(spec: ModelSpec, fp8_layers: bool = False) -> int:
 
 def draft_layer_bytes(spec: ModelSpec, fp8: bool) -> int:
     return spec.layer_param_count() * 1 if fp8 else spec.layer_bytes()
+
+
+def prefill_gpu_bytes(spec: ModelSpec, prompts: int, sub_batch: int, prompt_len: int) -> int:
+    """Device memory of a prefill beside the workspace: every prompt's hidden state and RoPE
+    tables, kept from the first layer to the last (each layer serves all sub-batches before the
+    next comes), plus, for a dense FFN, one sub-batch's gate/up output and their product (3 x
+    its width a token). A MoE FFN runs in chunks the workspace holds. The hidden states alone
+    are the 12 x hidden a sub-batch token that W1 runs 11 to 16 fitted (192 prompts in 16s);
+    W4's prefill (Llama-3.1-70B, FFN 3.5 x hidden) ran out of memory when the FFN was left out
+    (docs/benchmarks.md, session 16)."""
+    d = dtype_bytes(spec)
+    kept = prompts * prompt_len * (spec.hidden_size + 2 * spec.head_dim) * d
+    dense = (not spec.is_moe) or bool(spec.dense_layers)
+    ffn = min(sub_batch, prompts) * prompt_len * 3 * spec.intermediate_size * d if dense else 0
+    return kept + ffn
 
 
 def kv_bytes_per_token_layer(spec: ModelSpec, fp8: bool = False) -> int:

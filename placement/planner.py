@@ -145,8 +145,7 @@ def _gpu_bytes(target, draft, self_layers, c: Candidate, wl: Workload, cm: CostM
     streamed = target.num_layers - c.resident
     slots = c.slots if streamed else 0
     b = cm.cuda_context_bytes + cmod.glob_bytes(target) + (c.resident + slots) * lb + cm.workspace_bytes
-    b += c.prefill_batch * wl.prompt_len * target.hidden_size * cmod.dtype_bytes(target) * \
-        cm.prefill_bytes_per_token_hidden
+    b += cmod.prefill_gpu_bytes(target, min(c.batch, wl.requests), c.prefill_batch, wl.prompt_len)
     if draft is not None and c.schedule != "none":
         if not self_layers:  # a self-draft's layers are the resident target layers
             draft_bytes = cmod.model_bytes(draft, c.draft_fp8)

@@ -269,3 +269,24 @@ def test_fp8_target_halves_the_stream_and_frees_host_memory(h200):
     batch = lambda spec: max(c.batch for c in plan(spec, None, h200, big).candidates  # noqa: E731
                              if c.fits and c.disk == 0)
     assert batch(fp8) >= 2 * batch(bf16)
+
+
+def test_w4_prefill_memory_counts_the_dense_ffn():
+    """W4 (Llama-3.1-70B in fp8, Llama-3.2-1B draft, W64 ring, 4 slots, prefill sub-batches of
+    16 prompts of 512) ran out of GPU memory at its first prefill layer on the H200 with 13
+    layers resident under 24 GiB, the count the account gave when it left out the dense FFN's
+    gate/up activations (session 16). The account must now keep fewer resident; the MoE W1
+    account, which runs 11 to 16 fitted, is unchanged in what it places."""
+    from specoffload.placement.draft_kv import DraftKV
+    from specoffload.placement.planner import Candidate, spare_layers
+    from specoffload.sources.w4_shapes import llama_3_1_70b, llama_3_2_1b
+
+    target = replace(llama_3_1_70b(), weights="fp8")
+    c = Candidate("single", 192, k=4, kv=DraftKV("gpu", 64, 4, False), draft_fp8=False, slots=4, prefill_batch=16)
+    wl = Workload(512, 64, 192, 0.8)
+    assert spare_layers(target, llama_3_2_1b(), c, wl, 24 * 2**30) < 13
+    # the dense FFN's share is one sub-batch's: 16 x 512 tokens x 3 x 28672 in bf16
+    ffn = cm.prefill_gpu_bytes(target, 192, 16, 512) - cm.prefill_gpu_bytes(replace(target, intermediate_size=0), 192, 16, 512)
+    assert ffn == 16 * 512 * 3 * 28672 * 2
+    # a MoE target's prefill is its kept hidden states: W1's 192 prompts of 512, ~0.8 GiB
+    assert cm.prefill_gpu_bytes(mixtral_8x7b(), 192, 16, 512) == 192 * 512 * (4096 + 2 * 128) * 2
