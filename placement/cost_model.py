@@ -46,7 +46,7 @@ class CostModel:
     # Per draft layer and step with fp8 matrices: quantizing each matmul's input.
     fp8_matmul_layer_fixed_s: float = 0.00012
     # Device memory beside weights, caches and the CUDA context: allocator slack, CUDA graph
-    # pools, the MoE chunks, plus per prefill token its activations.
+    # pools, the MoE chunks (a prefill's own activations: prefill_gpu_bytes).
     workspace_bytes: int = int(1.0 * GiB)
     # Host memory kept free for Ray's object store, the processes and the OS.
     host_reserve_bytes: int = 8 * GiB
@@ -93,10 +93,10 @@ def prefill_gpu_bytes(spec: ModelSpec, prompts: int, sub_batch: int, prompt_len:
     """Device memory of a prefill beside the workspace: every prompt's hidden state and RoPE
     tables, kept from the first layer to the last (each layer serves all sub-batches before the
     next comes), plus, for a dense FFN, one sub-batch's gate/up output and their product (3 x
-    its width a token). A MoE FFN runs in chunks the workspace holds. The hidden states alone
-    are the 12 x hidden a sub-batch token that W1 runs 11 to 16 fitted (192 prompts in 16s);
-    W4's prefill (Llama-3.1-70B, FFN 3.5 x hidden) ran out of memory when the FFN was left out
-    (docs/benchmarks.md, session 16)."""
+    its width a token). A MoE FFN runs in chunks the workspace holds. For W1 (192 prompts in
+    sub-batches of 16) the kept states come to the 12 x hidden a sub-batch token that runs 11
+    to 16 had fitted; W4's prefill (Llama-3.1-70B, FFN 3.5 x hidden) ran out of memory when
+    the FFN was left out (docs/results/s16/README.md)."""
     d = dtype_bytes(spec)
     kept = prompts * prompt_len * (spec.hidden_size + 2 * spec.head_dim) * d
     dense = (not spec.is_moe) or bool(spec.dense_layers)
