@@ -55,6 +55,33 @@ def append_kv(cache_k, cache_v, k, v, lens_before, q_lens, b_idx=None, i_idx=Non
     cache_v[b_idx, :, pos] = v.to(cache_v.dtype)
 
 
+# The fixed cost of one SDPA call on the CPU (dispatch, the mask's and output's slices), in
+# attention positions (one row x one key): `ragged_chunks` pads a row to a neighbour's length
+# only while that wastes fewer positions than a call of its own costs. Fitted on the GPU
+# machine's CPU: scripts/profile_cpu_attention.py --ragged, docs/benchmarks.md.
+RAGGED_CALL_KEYS = 512
+
+
+def ragged_chunks(n_k: list[int], call_keys: int | None = None) -> list[tuple[int, int, int]]:
+    """Contiguous row ranges [a, b) with the keys n each needs, so that rows of very different
+    lengths are not all padded to the longest (a batch of 128- to 1,280-token rows read 2-3x
+    the K/V it uses). Greedy, left to right: a row joins the current range when the padding
+    that adds costs no more than a call of its own (`call_keys`, default RAGGED_CALL_KEYS)."""
+    if call_keys is None:
+        call_keys = RAGGED_CALL_KEYS
+    out: list[tuple[int, int, int]] = []
+    a, top = 0, 0
+    for i, n in enumerate(n_k):
+        if i > a and (i + 1 - a) * max(top, n) > (i - a) * top + n + call_keys:
+            out.append((a, i, top))
+            a, top = i, n
+        else:
+            top = max(top, n)
+    if n_k:
+        out.append((a, len(n_k), top))
+    return out
+
+
 def grouped_mask(mask: torch.Tensor, G: int) -> torch.Tensor:
     """[B, 1, n_q, n_k] -> [B, 1, G * n_q, n_k]: each query's mask repeated for the G query
     heads that share a K/V head, in the row order `attend` uses."""
@@ -64,13 +91,15 @@ def grouped_mask(mask: torch.Tensor, G: int) -> torch.Tensor:
     return mask[:, :, None].expand(B, 1, G, n_q, n_k).reshape(B, 1, G * n_q, n_k)
 
 
-def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale=None, out_scale=None, out=None):
+def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale=None, out_scale=None, out=None,
+                      chunks=None):
     """Packed queries q [T, Hq, d] of B = cache_k.shape[0] sequences (at most n_q each; row
     b_idx[t], position i_idx[t]) against K/V [B, Hkv, n_k, d] under a `grouped_mask` mask.
     Returns [T, Hq * d] in q's dtype, written into `out` if given (a contiguous [T, Hq * d]:
     the heads' transpose lands there in one copy instead of a fresh tensor copied again).
     q_scale / out_scale: per-K/V-head factors on the queries and the output (an fp8 ring's K
-    and V scales, see ring_cache.py).
+    and V scales, see ring_cache.py). chunks: `ragged_chunks`' row ranges, each attending over
+    only the keys its rows hold (one SDPA call per range); None: one call over all n_k.
 
     Grouped-query attention as Hkv heads of G * n_q query rows (the G query heads that share a
     K/V head become extra rows), so K/V are never expanded G-fold: faster on the CPU than SDPA's
@@ -89,7 +118,13 @@ def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale
     qg = qp.permute(0, 2, 1, 3).reshape(B, Hkv, G * n_q, d).to(cache_k.dtype)  # head h = kv * G + g
     if q_scale is not None:
         qg = qg * q_scale.to(qg.dtype)[None, :, None, None]
-    res = F.scaled_dot_product_attention(qg, cache_k, cache_v, attn_mask=mask)  # [B, Hkv, G*n_q, d]
+    if chunks is None or len(chunks) < 2:
+        res = F.scaled_dot_product_attention(qg, cache_k, cache_v, attn_mask=mask)  # [B, Hkv, G*n_q, d]
+    else:
+        res = torch.empty_like(qg)
+        for a, b, n in chunks:
+            res[a:b] = F.scaled_dot_product_attention(qg[a:b], cache_k[a:b, :, :n], cache_v[a:b, :, :n],
+                                                      attn_mask=mask[a:b, ..., :n])
     if out_scale is not None:
         res = res * out_scale.to(res.dtype)[None, :, None, None]
     res = res.reshape(B, Hq, n_q, d).transpose(1, 2)  # [B, n_q, Hq, d] (SDPA may return it strided)
@@ -103,12 +138,13 @@ def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale
 
 
 def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_idx=None, i_idx=None,
-           n_q=None, n_k=None, grouped: bool = False, out=None):
+           n_q=None, n_k=None, grouped: bool = False, out=None, chunks=None):
     """Packed queries q [T, Hq, d] against caches that already hold the new tokens, causally.
 
     Returns [T, Hq * d] in q's dtype. `mask`/`b_idx`/`i_idx` may be passed in to reuse them
     across layers of one pass (they depend only on the lengths); `grouped`: the mask is
-    already `grouped_mask`'s; `out`: where to write the result. See `grouped_attention`.
+    already `grouped_mask`'s; `out`: where to write the result; `chunks`: row ranges attended
+    one call each (`ragged_chunks`). See `grouped_attention`.
     """
     if b_idx is None:
         b_idx, i_idx = pack_index(q_lens)
@@ -120,7 +156,8 @@ def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_i
         mask = causal_mask(lens_before, q_lens, n_q, n_k, window)
     if not grouped:
         mask = grouped_mask(mask, q.shape[1] // cache_k.shape[1])
-    return grouped_attention(q, cache_k[:, :, :n_k], cache_v[:, :, :n_k], mask, n_q, b_idx, i_idx, out=out)
+    return grouped_attention(q, cache_k[:, :, :n_k], cache_v[:, :, :n_k], mask, n_q, b_idx, i_idx, out=out,
+                             chunks=chunks)
 
 
 class KVCache:
@@ -131,7 +168,7 @@ class KVCache:
     """
 
     def __init__(self, num_layers, batch, num_kv_heads, head_dim, capacity, dtype, device="cpu",
-                 windows=None):
+                 windows=None, ragged: bool = True):
         shape = (batch, num_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -140,6 +177,11 @@ class KVCache:
         self.windows = windows or (None,) * num_layers
         self._pass = None
         self._base = (self.k, self.v)  # the full-height storage that `select` in place leaves behind
+        # Rows of different lengths attend in ranges of similar ones (`ragged_chunks`), on the
+        # CPU only: there a call costs microseconds and K/V reads bound the layer; on a GPU one
+        # padded call is faster than many small ones.
+        self.ragged = ragged and torch.device(device).type == "cpu"
+        self._chunks = None
 
     @property
     def batch(self) -> int:
@@ -155,6 +197,7 @@ class KVCache:
             n_q = int(q_lens.max())
         masks = {w: causal_mask(self.lens, q_lens, n_q, n_k, w) for w in set(self.windows)}
         self._pass = (q_lens, b_idx, i_idx, masks, n_q, n_k)
+        self._chunks = ragged_chunks((self.lens + q_lens).tolist()) if self.ragged else None
         self._grouped = {}  # (window, G) -> the pass's mask grouped for attention, built once
 
     def _grouped_mask(self, masks: dict, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -168,7 +211,8 @@ class KVCache:
         q_lens, b_idx, i_idx, masks, n_q, n_k = self._pass
         append_kv(self.k[layer], self.v[layer], k, v, self.lens, q_lens, b_idx, i_idx)
         return attend(q, self.k[layer], self.v[layer], self.lens, q_lens, self.windows[layer],
-                      self._grouped_mask(masks, layer, q), b_idx, i_idx, n_q, n_k, grouped=True, out=out)
+                      self._grouped_mask(masks, layer, q), b_idx, i_idx, n_q, n_k, grouped=True, out=out,
+                      chunks=self._chunks)
 
     def advance(self):
         self.lens += self._pass[0]
@@ -241,7 +285,7 @@ class KVCache:
         """A cache of the same kind and settings (a ring's fp8 scale lists shared) over k/v/lens."""
         c = type(self).__new__(type(self))
         c.__dict__.update(self.__dict__)
-        c.k, c.v, c.lens, c._pass, c._grouped = k, v, lens, None, {}
+        c.k, c.v, c.lens, c._pass, c._grouped, c._chunks = k, v, lens, None, {}, None
         c._base = (k, v)
         return c
 
@@ -252,7 +296,9 @@ class KVCache:
         """A copy on `device` (a draft cache kept in host memory visits the GPU per round)."""
         # copy=True: a real copy even on the same device, so the write-back path is the same
         move = lambda t: t.to(device, non_blocking=True, copy=True)  # noqa: E731
-        return self._like([move(t) for t in self.k], [move(t) for t in self.v], self.lens.to(device, copy=True))
+        c = self._like([move(t) for t in self.k], [move(t) for t in self.v], self.lens.to(device, copy=True))
+        c.ragged = self.ragged and torch.device(device).type == "cpu"
+        return c
 
     def load(self, other: "KVCache"):
         """Take over the contents of a same-shaped cache (its copy back from the device)."""

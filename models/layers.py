@@ -109,7 +109,26 @@ def _act(spec: ModelSpec, x):
     return F.gelu(x, approximate="tanh" if spec.hidden_act == "gelu_pytorch_tanh" else "none")
 
 
+# Bytes of one dense FFN intermediate ([tokens, I]) made at once. A prefill sub-batch of
+# Llama-3.1-70B (16 x 512 tokens, I = 28672) in one go makes 896 MiB of gate/up output, then
+# 448 MiB for each of the activation, the product and its fp8 input copy: W4 ran out of GPU
+# memory there under its 24 GiB cap (docs/results/s17). Decode and verification tokens
+# (batch x (k + 1)) fit one chunk; rows are independent, so chunks change no result's rows.
+DENSE_CHUNK_BYTES = 64 << 20
+
+
 def dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
+    width = w["down"].shape[1]
+    step = max(1, DENSE_CHUNK_BYTES // (width * x.element_size()))
+    if x.shape[0] <= step:
+        return _dense_ffn(spec, w, x)
+    out = x.new_empty(x.shape[0], w["down"].shape[0])
+    for lo in range(0, x.shape[0], step):
+        out[lo: lo + step] = _dense_ffn(spec, w, x[lo: lo + step])
+    return out
+
+
+def _dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
     if "gate_up" in w:  # an fp8 draft's stacked gate/up
         g, u = _linear(x, w["gate_up"]).chunk(2, dim=-1)
         return _linear(_act(spec, g) * u, w["down"])

@@ -1,0 +1,102 @@
+"""Rows of different lengths attend in ranges of similar ones (`ragged_chunks`): the same
+result as one call padded to the longest row, and as attention computed row by row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_reference import PROMPTS, hf_greedy
+from specoffload.models import attention
+from specoffload.models.attention import KVCache, ragged_chunks
+
+
+def test_chunks_cover_every_row_with_the_keys_it_needs():
+    lens = [130, 140, 1200, 1210, 1190, 300, 128, 900]
+    for call_keys in (0, 64, 512, 10**9):
+        chunks = ragged_chunks(lens, call_keys)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(lens)
+        assert all(a < b for a, b, _ in chunks)
+        assert all(b == a2 for (_, b, _), (a2, _, _) in zip(chunks, chunks[1:]))  # contiguous
+        for a, b, n in chunks:
+            assert n == max(lens[a:b])  # no row reads keys no row of its range holds
+    assert ragged_chunks(lens, 10**9) == [(0, 8, 1210)]  # calls costlier than any padding: one call
+    assert len(ragged_chunks(lens, 0)) == len(lens)  # free calls: no two different lengths share one
+    assert ragged_chunks([5, 5, 5], 0) == [(0, 3, 5)]  # equal rows pad nothing
+    # W1-long's case: a short row between long ones pays its own call, equal rows share one
+    assert ragged_chunks([1000, 1000, 150, 1000, 1000], 512) == [(0, 2, 1000), (2, 3, 150), (3, 5, 1000)]
+    assert ragged_chunks([640] * 192, 512) == [(0, 192, 640)]
+    assert ragged_chunks([], 512) == []
+
+
+def _row_by_row(q, K, V, lens, q_lens, G, window=None):
+    """Attention of each row's queries over exactly its own keys, in float64 (the reference)."""
+    out, t = [], 0
+    for b in range(len(lens)):
+        for i in range(int(q_lens[b])):
+            pos = int(lens[b]) + i
+            lo = 0 if window is None else max(0, pos - window + 1)
+            for h in range(q.shape[1]):
+                kk, vv = K[b, h // G, lo: pos + 1].double(), V[b, h // G, lo: pos + 1].double()
+                w = torch.softmax(kk @ q[t, h].double() / q.shape[-1] ** 0.5, 0)
+                out.append(w @ vv)
+            t += 1
+    return torch.stack(out).view(t, -1)
+
+
+@pytest.mark.parametrize("ragged_q", [False, True])
+@pytest.mark.parametrize("window", [None, 40])
+def test_chunked_equals_padded_and_row_by_row(ragged_q, window, monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, d, cap = 6, 8, 2, 16, 400
+    before = torch.tensor([10, 300, 12, 290, 5, 150])
+    q_lens = torch.tensor([3, 1, 2, 3, 1, 2]) if ragged_q else torch.full((B,), 3)
+    T = int(q_lens.sum())
+    q, k, v = (torch.randn(T, h, d, generator=g) for h in (Hq, Hkv, Hkv))
+    got = {}
+    for ragged in (False, True):
+        c = KVCache(1, B, Hkv, d, cap, torch.float32, windows=(window,), ragged=ragged)
+        for t in c.k + c.v:
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(1)))
+        c.lens = before.clone()
+        monkeypatch.setattr(attention, "RAGGED_CALL_KEYS", 32)
+        c.begin_pass(q_lens, T)
+        assert (c._chunks is not None and len(c._chunks) > 2) == ragged  # the chunked path really runs
+        got[ragged] = c.attend_layer(0, q, k, v)
+        full_k, full_v = c.k[0], c.v[0]
+    torch.testing.assert_close(got[True], got[False], rtol=1e-5, atol=1e-6)
+    want = _row_by_row(q, full_k, full_v, before, q_lens, Hq // Hkv, window).float()
+    torch.testing.assert_close(got[True], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cache_moved_to_another_device_keeps_one_call():
+    c = KVCache(1, 2, 1, 4, 8, torch.float32)
+    assert c.ragged and not KVCache(1, 2, 1, 4, 8, torch.float32, device="meta").ragged
+    assert not c.to("meta").ragged and c.to("cpu").ragged
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_greedy_output_with_a_call_per_row_equals_transformers(tiny_dir, family, monkeypatch):
+    """Prompts of different lengths, each row attending on its own (a call costs nothing):
+    speculative output still equals transformers' greedy generate, token for token."""
+    from specoffload.configs.run_config import RunConfig
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.models.checkpoint import Checkpoint
+    from specoffload.models.resident import ResidentModel
+    from specoffload.scheduler.generator import Generator
+    from specoffload.scheduler.reference_backend import ReferenceBackend
+    from specoffload.scheduler.request import Request
+
+    calls = []
+    real = attention.ragged_chunks
+    monkeypatch.setattr(attention, "RAGGED_CALL_KEYS", 0)
+    monkeypatch.setattr(attention, "ragged_chunks", lambda n, c=None: calls.append(real(n, c)) or calls[-1])
+    d = tiny_dir(family)
+    assert len({len(p) for p in PROMPTS}) > 1  # the rows really differ in length
+    want = hf_greedy(d, PROMPTS, 16)
+    tgt = ResidentModel.from_source(Checkpoint(d))
+    draft = ResidentModel(tgt.spec.with_layers(1), tgt.glob, tgt.layers[:1])
+    reqs = [Request(i, p, SamplingParams(max_tokens=16, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    Generator(ReferenceBackend(tgt, draft), RunConfig(schedule="single", k=3, batch_size=len(PROMPTS))).run(reqs)
+    assert [r.out for r in reqs] == want
+    assert any(len(c) > 1 for c in calls)  # rows did attend in separate calls
