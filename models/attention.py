@@ -57,9 +57,13 @@ def append_kv(cache_k, cache_v, k, v, lens_before, q_lens, b_idx=None, i_idx=Non
 
 # The fixed cost of one SDPA call on the CPU (dispatch, the mask's and output's slices), in
 # attention positions (one row x one key): `ragged_chunks` pads a row to a neighbour's length
-# only while that wastes fewer positions than a call of its own costs. Fitted on the GPU
-# machine's CPU: scripts/profile_cpu_attention.py --ragged, docs/benchmarks.md.
+# only while that wastes fewer positions than a call of its own costs. 512 is a guess that
+# scripts/profile_ragged_attention.py put near the best on a 2-core machine (1.3-1.5x the
+# padded call over 48 rows of 128-1280 keys); not yet measured with the GPU machine's 14
+# attention threads, where a call of one row has only Hkv tasks to share among them.
 RAGGED_CALL_KEYS = 512
+# Whether a host KVCache attends in `ragged_chunks`' ranges unless told (see KVCache).
+RAGGED_ROWS = False
 
 
 def ragged_chunks(n_k: list[int], call_keys: int | None = None) -> list[tuple[int, int, int]]:
@@ -168,7 +172,7 @@ class KVCache:
     """
 
     def __init__(self, num_layers, batch, num_kv_heads, head_dim, capacity, dtype, device="cpu",
-                 windows=None, ragged: bool = True):
+                 windows=None, ragged: bool | None = None):
         shape = (batch, num_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -177,10 +181,11 @@ class KVCache:
         self.windows = windows or (None,) * num_layers
         self._pass = None
         self._base = (self.k, self.v)  # the full-height storage that `select` in place leaves behind
-        # Rows of different lengths attend in ranges of similar ones (`ragged_chunks`), on the
-        # CPU only: there a call costs microseconds and K/V reads bound the layer; on a GPU one
-        # padded call is faster than many small ones.
-        self.ragged = ragged and torch.device(device).type == "cpu"
+        # ragged: rows of different lengths attend in ranges of similar ones (`ragged_chunks`),
+        # on the CPU only (on a GPU one padded call beats many small ones). Off by default: on
+        # many threads a range of few rows leaves threads idle, and whether the keys saved pay
+        # for that is not yet measured where it matters (docs/benchmarks.md, "Ragged rows").
+        self.ragged = (RAGGED_ROWS if ragged is None else ragged) and torch.device(device).type == "cpu"
         self._chunks = None
 
     @property

@@ -96,7 +96,10 @@ def prefill_gpu_bytes(spec: ModelSpec, prompts: int, sub_batch: int, prompt_len:
     its width a token). A MoE FFN runs in chunks the workspace holds. For W1 (192 prompts in
     sub-batches of 16) the kept states come to the 12 x hidden a sub-batch token that runs 11
     to 16 had fitted; W4's prefill (Llama-3.1-70B, FFN 3.5 x hidden) ran out of memory when
-    the FFN was left out (docs/results/s16/README.md)."""
+    the FFN was left out (docs/results/s16/README.md). It ran out again with it counted
+    (docs/results/s17/README.md): the FFN's activations then took more than 3 x its width a
+    token, so it now runs in chunks of rows (layers.DENSE_CHUNK_BYTES). The account still
+    counts a whole sub-batch: W4 has run with that margin, not without it."""
     d = dtype_bytes(spec)
     kept = prompts * prompt_len * (spec.hidden_size + 2 * spec.head_dim) * d
     dense = (not spec.is_moe) or bool(spec.dense_layers)

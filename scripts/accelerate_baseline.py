@@ -11,7 +11,9 @@ not fit the GPU cap stay in host memory and are copied in for each forward. The 
 memory. With --model it calls from_pretrained on that folder. Prompts are the first
 --requests of `bench --workload w1-long` (the same seeded job), left-padded into one batch;
 greedy generation of --tokens tokens is timed per step, so a slow run still says what a token
-step costs. Prints one JSON line and one summary line.
+step costs. Where the batch runs out of GPU memory it is halved and run again (accelerate
+plans no batch; the JSON gives the batch asked for and the one that ran). Prints one JSON
+line and one summary line.
 """
 
 from __future__ import annotations
@@ -132,28 +134,37 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t0
     model.eval()
     vocab = model.config.vocab_size
-    prompts = job_prompts(a.requests, a.prompt_hi, vocab)
-    longest = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding, as generate wants for a decoder
-        ids[i, longest - len(p):] = torch.tensor(p)
-        mask[i, longest - len(p):] = 1
     first = "cuda:0" if cuda else "cpu"
-    clock = _StepClock()
-    t = time.perf_counter()
-    try:
-        with torch.no_grad():
-            model.generate(ids.to(first), attention_mask=mask.to(first), max_new_tokens=a.tokens,
-                           min_new_tokens=a.tokens, do_sample=False, pad_token_id=0,
-                           logits_processor=transformers.LogitsProcessorList([clock]))
-    except torch.OutOfMemoryError:
-        fail(f"generate ran out of GPU memory ({len(prompts)} prompts padded to {longest}): lower --requests "
-             f"or raise --reserve")
+    n = a.requests
+    while True:  # accelerate offers no batch planner: halve the batch until generate fits the cap
+        prompts = job_prompts(n, a.prompt_hi, vocab)
+        longest = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding, as generate wants for a decoder
+            ids[i, longest - len(p):] = torch.tensor(p)
+            mask[i, longest - len(p):] = 1
+        clock = _StepClock()
+        t = time.perf_counter()
+        try:
+            with torch.no_grad():
+                model.generate(ids.to(first), attention_mask=mask.to(first), max_new_tokens=a.tokens,
+                               min_new_tokens=a.tokens, do_sample=False, pad_token_id=0,
+                               logits_processor=transformers.LogitsProcessorList([clock]))
+            break
+        except torch.OutOfMemoryError as e:
+            why = str(e).splitlines()[0]
+            if n == 1:
+                fail(f"generate ran out of GPU memory even for 1 prompt ({longest} tokens): raise --reserve ({why})")
+            print(f"accelerate_baseline: {n} prompts (padded to {longest}) ran out of GPU memory ({why}); "
+                  f"trying {n // 2}", file=sys.stderr, flush=True)
+            n //= 2
+            torch.cuda.empty_cache()
     wall = time.perf_counter() - t
     steps = [b - a_ for a_, b in zip(clock.times, clock.times[1:])]
     on_gpu = sum(1 for d in device_map.values() if d not in ("cpu", "disk"))
     row = {"what": "transformers+accelerate", "layers": model.config.num_hidden_layers, "requests": len(prompts),
+           "requests_asked": a.requests,
            "longest_prompt": longest, "tokens": a.tokens, "gpu_memory": a.gpu_memory,
            "modules_on_gpu": on_gpu, "modules": len(device_map), "load_s": round(load_s, 1),
            "prefill_s": round(clock.times[0] - t, 2) if clock.times else None,

@@ -35,3 +35,33 @@ def test_times_a_tiny_checkpoint(tiny_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.splitlines()[0])
     assert row["requests"] == 3 and row["tokens"] == 3 and row["tokens_per_s"] > 0 and row["longest_prompt"] <= 40
+
+
+def test_a_batch_out_of_gpu_memory_is_halved_until_it_runs(tiny_dir, monkeypatch, capsys):
+    """accelerate plans no batch: the script halves it on an out-of-memory error and reports
+    the batch that ran beside the one asked for."""
+    pytest.importorskip("accelerate")
+    import runpy
+
+    import torch
+    import transformers
+
+    real = transformers.GenerationMixin.generate
+    seen = []
+
+    def generate(self, input_ids, **kw):
+        seen.append(input_ids.shape[0])
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, input_ids, **kw)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", generate)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--model", str(tiny_dir("mixtral")), "--requests", "8", "--tokens", "2",
+                                      "--prompt-hi", "40"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    assert e.value.code == 0 and seen == [8, 4, 2]
+    out, err = capsys.readouterr()
+    row = json.loads(out.splitlines()[0])
+    assert row["requests"] == 2 and row["requests_asked"] == 8
+    assert "8 prompts (padded to" in err and "trying 4" in err and "Tried to allocate 2.00 GiB" in err

@@ -70,8 +70,9 @@ def test_chunked_equals_padded_and_row_by_row(ragged_q, window, monkeypatch):
 
 
 def test_a_cache_moved_to_another_device_keeps_one_call():
-    c = KVCache(1, 2, 1, 4, 8, torch.float32)
-    assert c.ragged and not KVCache(1, 2, 1, 4, 8, torch.float32, device="meta").ragged
+    assert not KVCache(1, 2, 1, 4, 8, torch.float32).ragged  # off unless asked (RAGGED_ROWS)
+    c = KVCache(1, 2, 1, 4, 8, torch.float32, ragged=True)
+    assert c.ragged and not KVCache(1, 2, 1, 4, 8, torch.float32, device="meta", ragged=True).ragged
     assert not c.to("meta").ragged and c.to("cpu").ragged
 
 
@@ -89,6 +90,7 @@ def test_greedy_output_with_a_call_per_row_equals_transformers(tiny_dir, family,
 
     calls = []
     real = attention.ragged_chunks
+    monkeypatch.setattr(attention, "RAGGED_ROWS", True)
     monkeypatch.setattr(attention, "RAGGED_CALL_KEYS", 0)
     monkeypatch.setattr(attention, "ragged_chunks", lambda n, c=None: calls.append(real(n, c)) or calls[-1])
     d = tiny_dir(family)
