@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "time instead of replaying CUDA graphs.")
     ap.add_argument("--micro-batches", default="1", help="A comma list: each mode runs with each count of "
                                                            "micro-batches per target pass (e.g. 1,2).")
+    ap.add_argument("--shm-prefill", action="store_true", help="Hand the prefill's K/V to the CPU worker "
+                                                                "through a shared-memory ring instead of Ray's "
+                                                                "object store (plan.shm_prefill).")
     ap.add_argument("--no-warmup", action="store_true", help="Skip the short untimed run of each schedule "
                                                               "before the timed modes.")
     ap.add_argument("--baseline-resident", help="Also run `none` on actors of its own that keep N target "
@@ -240,7 +243,7 @@ def _plan(a, cuda: bool):
                     batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
                     attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
                     draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir),
-                    draft_fp8=a.draft_fp8, gpu_layers=tuple(range(a.resident)))
+                    draft_fp8=a.draft_fp8, gpu_layers=tuple(range(a.resident)), shm_prefill=a.shm_prefill)
         plan.check_layers(a.target_layers)
     except ConfigError as e:
         raise BenchError(e) from None

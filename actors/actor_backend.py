@@ -15,6 +15,7 @@ import time
 import ray
 
 from ..placement.plan import split_range
+from . import kv_ring
 
 
 class RunStopped(Exception):
@@ -22,9 +23,13 @@ class RunStopped(Exception):
 
 
 class ActorBackend:
-    def __init__(self, executor, attention, num_layers: int, prefill_batch: int, micro_batches: int = 1):
+    def __init__(self, executor, attention, num_layers: int, prefill_batch: int, micro_batches: int = 1,
+                 kv_ring: bool = False):
         self.ex, self.at = executor, attention
         self.L, self.P, self.M = num_layers, prefill_batch, micro_batches
+        # plan.shm_prefill: each prefill call waits for the store whose ring slot it reuses
+        self.kv_ring = kv_ring
+        self._ring_stores: dict[int, dict[int, object]] = {}  # batch -> call -> its store's ref
         self._size: dict[int, int] = {}  # sequences per batch (micro-batches never exceed it)
         self._props: list[tuple] = []  # (bid, k, u) not yet submitted
         self._t_pass, self._t_draft = 1.0, 0.01
@@ -43,6 +48,7 @@ class ActorBackend:
         """Forget calls queued but not submitted (a run that failed midway left them)."""
         self._props, self._verifies, self._joins = [], [], []
         self._join_heads.clear()
+        self._ring_stores.clear()
         self.stopping = False
 
     def start(self, bid, prompts, samp, capacity, with_draft=False, joins=None):
@@ -73,9 +79,19 @@ class ActorBackend:
     def _prefill_calls(self, bid, j: int, in_pass: bool = False) -> list:
         """Layer j of batch bid's prefill, a sub-batch at a time; returns the K/V store refs."""
         stores = []
-        for s in range(-(-self._size[bid] // self.P)):
-            kv = self.ex.prefill_layer.remote(bid, s, j, *((True,) if in_pass else ()))
+        n_sub = -(-self._size[bid] // self.P)
+        ring = self._ring_stores.setdefault(bid, {}) if self.kv_ring else None
+        for s in range(n_sub):
+            if ring is None:
+                kv = self.ex.prefill_layer.remote(bid, s, j, *((True,) if in_pass else ()))
+            else:  # call c reuses the slot of call c - SLOTS: it starts once that K/V is stored
+                call = j * n_sub + s
+                kv = self.ex.prefill_layer.remote(bid, s, j, in_pass, ring.pop(call - kv_ring.SLOTS, None))
             stores.append(self.at.store_prefill.remote(bid, s, j, kv))
+            if ring is not None:
+                ring[call] = stores[-1]
+        if ring is not None and j == self.L - 1:
+            self._ring_stores.pop(bid, None)  # the batch's calls are all submitted
         return stores
 
     def prefill(self, bid, u_sample):

@@ -152,7 +152,7 @@ class Coordinator:
         self.info["host_parts_s"] = {"up": round(lt["up"] - t_wall, 1), "read": lt["read"], "write": lt["write"],
                                      "threads": lt["threads"]} if lt else {}
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, self.plan.prefill_batch,
-                                    self.plan.micro_batches)
+                                    self.plan.micro_batches, self.plan.shm_prefill and self.plan.shm_activations)
 
     def _new_executor(self, plan: Plan, draft_desc, target_desc):
         """An executor starting CUDA and loading the draft (attach maps the target later)."""

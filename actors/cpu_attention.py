@@ -14,6 +14,7 @@ import torch
 
 from ..models.attention import KVCache
 from ..models.host_io import host_tensor
+from .kv_ring import RingReader, is_handle
 from .mailbox import WorkerMailboxes
 from .stage_timer import StageTimer
 from .wire import from_wire
@@ -30,8 +31,10 @@ class CPUAttention:
         self.prompt_lens: dict[int, torch.Tensor] = {}
         self.parts: dict[tuple, KVCache] = {}  # (batch, first sequence) -> micro-batch view
         self.mail = WorkerMailboxes(spec)
+        self.ring = RingReader(spec)
         self.seconds = 0.0
         self.kv_bytes_read = 0
+        self.ring_stores = 0  # prefill K/V that came through a shared-memory ring
 
     def ready(self) -> int:
         return torch.get_num_threads()
@@ -45,17 +48,24 @@ class CPUAttention:
 
     def store_prefill(self, bid, s: int, j: int, kv):
         """K/V of layer j for prefill sub-batch s, computed on the executor, arriving padded
-        as [P, Hkv, longest prompt, d] so storing them is one strided copy, not a scatter."""
+        as [P, Hkv, longest prompt, d] so storing them is one strided copy, not a scatter;
+        in a slot of the batch's shared-memory ring (actors/kv_ring.py) or as wire arrays."""
         cache = self.caches[bid]
         P = self.prefill_batch
         lo = s * P
-        k, v = from_wire(kv[0]), from_wire(kv[1])
+        if is_handle(kv):
+            k, v = self.ring.recv(kv)
+            self.ring_stores += 1
+        else:
+            k, v = from_wire(kv[0]), from_wire(kv[1])
         n, L = k.shape[0], k.shape[2]
         with self.timer.span("store_prefill", f"b{bid} L{j} s{s}"):
             cache.k[j][lo: lo + n, :, :L].copy_(k)
             cache.v[j][lo: lo + n, :, :L].copy_(v)
         if j == self.spec.num_layers - 1:
             cache.lens[lo: lo + n] = self.prompt_lens[bid][lo: lo + n]
+            if lo + n >= cache.batch:  # the batch's last K/V: its ring is done with
+                self.ring.free(bid)
 
     def attend(self, bid, j: int, qkv):
         """Layer j for one micro-batch [lo, hi) of the batch's sequences: append its new K/V,
@@ -96,9 +106,11 @@ class CPUAttention:
         self.parts = {key: p for key, p in self.parts.items() if key[0] != bid}
         self.prompt_lens.pop(bid, None)
         self.mail.free(bid)
+        self.ring.free(bid)
 
     def stats(self) -> dict:
-        return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read}
+        return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read,
+                "prefill_ring_stores": self.ring_stores}
 
     def trace_events(self) -> list[dict]:
         return self.timer.take_events()

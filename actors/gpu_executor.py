@@ -25,6 +25,7 @@ from ..placement.draft_kv import DraftKV
 from ..placement.plan import Plan, split_range
 from ..sources.open import open_source
 from ..speculation.runner import SpecRunner
+from . import kv_ring
 from .disk_tier import DiskTier
 from .gpu_budget import GpuBudget
 from .mailbox import ExecutorMailboxes
@@ -203,9 +204,11 @@ class GPUExecutor:
 
     # -- prefill: each layer's weights serve every sub-batch before the next layer --------
     @torch.inference_mode()
-    def prefill_layer(self, bid, s: int, j: int, in_pass: bool = False):
+    def prefill_layer(self, bid, s: int, j: int, in_pass: bool = False, after=None):
         """Layer j for prefill sub-batch s, attention on the device; returns its K/V. in_pass:
         a part of the target pass now running (rows joining a batch), which releases the layer.
+        after: with plan.shm_prefill, the K/V store whose ring slot this call reuses (Ray
+        starts this call once it is done; the value itself is unused, see kv_ring.py).
 
         The driver queues every (layer, sub-batch) call before it waits on the head, so after a
         failure the rest would fail on its consequences (a layer slot never released): they
@@ -260,7 +263,10 @@ class GPUExecutor:
             self._done(j)
         # The cache just built holds this layer's K/V padded as [P, Hkv, longest, d]: the
         # CPU worker stores that with one strided copy.
+        ring = (self.mail.ensure_ring(bid, P, max(map(len, st["prompts"]))) if self.plan.shm_prefill else None)
         with self.timer.host_span("to_host", f"b{bid} L{j} s{s} kv"):
+            if ring is not None:
+                return kv_ring.send(ring, j * n_sub + s, cache.k[0], cache.v[0], self._sync)
             k, v = to_host(cache.k[0], cache.v[0])
         return to_wire(k), to_wire(v)
 

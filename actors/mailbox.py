@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..models.host_io import to_device, to_host
+from .kv_ring import KVRing
 from .shm_layout import ALIGN
 from .wire import from_wire, to_wire
 
@@ -85,8 +86,9 @@ class ExecutorMailboxes:
     def __init__(self, spec, folder: str | None, device: torch.device):
         self.spec, self.device = spec, device
         self.folder = Path(folder) if folder else None
-        self.boxes: dict[tuple, Mailbox] = {}
+        self.boxes: dict[tuple, Mailbox | KVRing] = {}  # (batch, micro-batch) or (batch, "kv")
         self._gen = 0
+        self._ring_failed = False
 
     def ensure(self, bid, p: int, tokens: int) -> Mailbox | None:
         """The mailbox for micro-batch p of batch bid, holding at least `tokens` (None: no folder,
@@ -117,6 +119,32 @@ class ExecutorMailboxes:
                 return None
         self.boxes[(bid, p)] = box
         return box
+
+    def ensure_ring(self, bid, rows: int, tokens: int) -> KVRing | None:
+        """Batch bid's ring for its prefill K/V (actors/kv_ring.py), made at its first prefill
+        call; None without a folder or where page-locking it failed (the object store then)."""
+        if self.folder is None or self._ring_failed:
+            return None
+        ring = self.boxes.get((bid, "kv"))
+        if ring is not None:
+            return ring
+        self._gen += 1
+        ring = KVRing(self.folder / f"kv_b{bid}_{self._gen}.bin", rows, tokens, self.spec, create=True)
+        if self.device.type == "cuda":
+            try:
+                ring.register()
+            except RuntimeError as e:
+                ring.close(unlink=True)
+                self._ring_failed = True
+                warnings.warn(f"prefill K/V go through Ray's object store: {e}", RuntimeWarning, stacklevel=2)
+                return None
+        self.boxes[(bid, "kv")] = ring
+        return ring
+
+    def free_ring(self, bid):
+        ring = self.boxes.pop((bid, "kv"), None)
+        if ring is not None:
+            ring.close(unlink=True)
 
     def send_qkv(self, box: Mailbox | None, q, k, v, sync) -> tuple:
         """q/k/v for the CPU worker: into the mailbox (one DMA each, then `sync`), or as wire arrays."""

@@ -67,6 +67,10 @@ class Plan(JsonFile):
     # page-locked /dev/shm buffers set up once per micro-batch (actors/mailbox.py); False: as
     # arrays in Ray's object store (the plain path, kept to test the fast one against).
     shm_activations: bool = True
+    # The prefill's K/V cross to the CPU worker through a ring of page-locked /dev/shm slots
+    # (actors/kv_ring.py) instead of Ray's object store; needs shm_activations. Off until
+    # measured on the GPU machine (docs/benchmarks.md, "W1 with an fp8 target").
+    shm_prefill: bool = False
     copy_chunk_mib: int = 64  # weight copies are issued in pieces of this size (see weight_stream.py)
 
     def __post_init__(self):
@@ -84,6 +88,8 @@ class Plan(JsonFile):
         self.draft_kv_policy  # checks the draft KV fields
         if self.copy_chunk_mib < 1:
             raise ConfigError(f"copy_chunk_mib must be >= 1, got {self.copy_chunk_mib}")
+        if self.shm_prefill and not self.shm_activations:
+            raise ConfigError("shm_prefill needs shm_activations (the rings live where the mailboxes do)")
         if not 1 <= self.micro_batches <= 64:
             raise ConfigError(f"micro_batches must be in 1..64, got {self.micro_batches}")
         if self.gpu_memory is not None and self.gpu_memory <= 0:

@@ -1,0 +1,116 @@
+"""The prefill's K/V from the executor to the CPU worker through a ring of shared-memory slots.
+
+Each prefill call (one layer of one sub-batch) computes that sub-batch's K/V on the device, and
+the CPU worker stores them in its cache. Through Ray's object store each call's K/V (W1: 33.5 MB)
+was copied into pinned memory, then into the store, and the executor's next sub-batch started
+only after that: sub-batches 27 ms apart against 15 ms of compute in W1's fp8 trace
+(docs/benchmarks.md, "W1 with an fp8 target"). Here the executor DMAs them into a slot of a
+page-locked /dev/shm file and returns a handle; the worker copies from the slot into its cache.
+
+A batch's calls run in a fixed order, call c = layer x sub-batches + sub-batch, and call c writes
+slot c % SLOTS. The slot is free once the worker has stored call c - SLOTS: the driver passes
+that store's ref as an argument of call c (`ActorBackend._prefill_calls`), so Ray starts call c
+only after it. One ring per batch (a joining batch's too), freed with the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .shm_layout import ALIGN
+
+KIND = "kv_ring"
+SLOTS = 4  # calls in flight between the executor and the worker
+
+
+def slot_of(call: int) -> int:
+    return call % SLOTS
+
+
+class KVRing:
+    """SLOTS slots, each K then V of up to [rows, Hkv, tokens, d], contiguous, in one file."""
+
+    def __init__(self, path: str, rows: int, tokens: int, spec, create: bool = False):
+        self.path, self.rows, self.tokens = str(path), int(rows), int(tokens)
+        self.shape = (spec.num_kv_heads, spec.head_dim)
+        self.dtype = spec.torch_dtype
+        n = self.rows * spec.num_kv_heads * self.tokens * spec.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        self.region = (n + ALIGN - 1) // ALIGN * ALIGN
+        total = 2 * SLOTS * self.region
+        if not create and Path(self.path).stat().st_size < total:
+            raise RuntimeError(f"KV ring {self.path} is smaller than {rows} rows x {tokens} tokens")
+        self.buf = torch.from_file(self.path, shared=True, size=total, dtype=torch.uint8)
+        self.registered = False
+
+    def view(self, slot: int, which: int, n: int, length: int) -> torch.Tensor:
+        """K (which=0) or V (1) of `slot`, as a contiguous [n, Hkv, length, d]."""
+        if not (0 <= slot < SLOTS and n <= self.rows and length <= self.tokens):
+            raise ValueError(f"KV ring slot {slot} of {n} x {length} exceeds {SLOTS} x {self.rows} x {self.tokens}")
+        start = (2 * slot + which) * self.region
+        hkv, d = self.shape
+        count = n * hkv * length * d
+        return self.buf[start: start + self.region].view(self.dtype)[:count].view(n, hkv, length, d)
+
+    def handle(self, slot: int, n: int, length: int) -> tuple:
+        return (KIND, self.path, self.rows, self.tokens, slot, n, length)
+
+    def register(self):
+        """Page-lock the mapping so the GPU's copies into it run asynchronously at full speed."""
+        rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 0)
+        if int(rc) != 0:
+            raise RuntimeError(f"cudaHostRegister failed ({rc}) for KV ring {self.path}")
+        self.registered = True
+
+    def close(self, unlink: bool = False):
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            self.registered = False
+        self.buf = None
+        if unlink:
+            Path(self.path).unlink(missing_ok=True)
+
+
+def is_handle(kv) -> bool:
+    return isinstance(kv, tuple) and len(kv) == 7 and kv[0] == KIND
+
+
+def send(ring: KVRing, call: int, k: torch.Tensor, v: torch.Tensor, sync) -> tuple:
+    """Call `call`'s K/V [n, Hkv, L, d] into its slot (one DMA each, then `sync`): the handle."""
+    n, _, length, _ = k.shape
+    slot = slot_of(call)
+    ring.view(slot, 0, n, length).copy_(k, non_blocking=True)
+    ring.view(slot, 1, n, length).copy_(v, non_blocking=True)
+    sync()
+    return ring.handle(slot, n, length)
+
+
+class RingReader:
+    """The CPU worker's mappings of the executor's KV rings, by file."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.maps: dict[str, KVRing] = {}
+
+    def recv(self, handle) -> tuple[torch.Tensor, torch.Tensor]:
+        _, path, rows, tokens, slot, n, length = handle
+        ring = self.maps.get(path)
+        if ring is None:
+            ring = self.maps[path] = KVRing(path, rows, tokens, self.spec)
+        return ring.view(slot, 0, n, length), ring.view(slot, 1, n, length)
+
+    def free(self, bid):
+        for path in [p for p in self.maps if Path(p).name.startswith(f"kv_b{bid}_")]:
+            self.maps.pop(path).close()
+
+    def close(self):
+        for ring in self.maps.values():
+            ring.close()
+        self.maps.clear()
+
+
+def ring_bytes(rows: int, tokens: int, spec) -> int:
+    """/dev/shm a batch's ring takes while it prefills (host memory, page-locked on a GPU)."""
+    return 2 * SLOTS * math.prod((rows, spec.num_kv_heads, tokens, spec.head_dim)) * torch.empty((), dtype=spec.torch_dtype).element_size()

@@ -1,0 +1,122 @@
+"""The prefill's K/V through a ring of shared-memory slots (plan.shm_prefill): what the
+executor sends is what the worker reads, slots rotate and are freed, and output through the
+actors equals transformers' with and without it, rows joining a pass included."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hf_reference import PROMPTS, hf_greedy
+from specoffload.actors import kv_ring
+from specoffload.actors.kv_ring import RingReader, is_handle
+from specoffload.actors.mailbox import ExecutorMailboxes
+from specoffload.configs.sampling_params import SamplingParams
+from specoffload.errors import ConfigError
+from specoffload.llm import LLM
+from specoffload.models.spec import ModelSpec
+from specoffload.placement.plan import Plan
+import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
+
+
+def _spec():
+    return ModelSpec(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                     num_heads=4, num_kv_heads=2, head_dim=8, rms_eps=1e-5, rope_theta=1e4, max_positions=64,
+                     dtype="bfloat16")
+
+
+def test_round_trip_through_rotating_slots_and_free(tmp_path):
+    spec, g = _spec(), torch.Generator().manual_seed(0)
+    ex, wk = ExecutorMailboxes(spec, str(tmp_path), torch.device("cpu")), RingReader(spec)
+    ring = ex.ensure_ring(3, rows=4, tokens=10)
+    assert ex.ensure_ring(3, rows=4, tokens=10) is ring  # one ring per batch
+    slots = []
+    for call in range(2 * kv_ring.SLOTS + 1):
+        n, length = 1 + call % 4, 3 + call % 8  # sub-batches and prompts of different sizes
+        k, v = (torch.randn(n, 2, length, 8, generator=g).bfloat16() for _ in range(2))
+        h = kv_ring.send(ring, call, k, v, lambda: None)
+        assert is_handle(h) and not is_handle((None, k))
+        rk, rv = wk.recv(h)
+        assert torch.equal(rk, k) and torch.equal(rv, v)
+        slots.append(h[4])
+    assert slots == [c % kv_ring.SLOTS for c in range(len(slots))]
+    with pytest.raises(ValueError):
+        ring.view(0, 0, 5, 3)  # more rows than the ring holds
+    assert len(os.listdir(tmp_path)) == 1 and len(wk.maps) == 1
+    ex.free(3)
+    wk.free(3)
+    assert os.listdir(tmp_path) == [] and not wk.maps
+    assert ExecutorMailboxes(spec, None, torch.device("cpu")).ensure_ring(3, 4, 10) is None  # no folder: the store
+
+
+def test_the_flag_needs_mailboxes():
+    with pytest.raises(ConfigError, match="shm_prefill needs shm_activations"):
+        Plan(shm_prefill=True, shm_activations=False)
+    assert not Plan().shm_prefill  # off until measured on the GPU machine
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_greedy_identical_through_actors_with_the_ring(ray_session, tiny_dir, family):
+    """Sub-batches of 1 over 4 prompts and every layer: more calls than slots, so each slot is
+    reused once its store is done; output equal to transformers'."""
+    d = tiny_dir(family)
+    want = hf_greedy(d, PROMPTS, 12)
+    with LLM(str(d), plan=Plan(device="cpu", shm_prefill=True, prefill_batch=1), batch_size=4,
+             progress=False) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=12, ignore_eos=True))
+        stats = llm.last_stats
+    assert [o.outputs[0].token_ids for o in outs] == want
+    layers = 3  # tiny_dir's llama and mixtral
+    assert stats["prefill_ring_stores"] >= len(PROMPTS) * layers > kv_ring.SLOTS
+
+
+def test_rows_joining_a_pass_prefill_through_the_ring(ray_session, tiny_dir):
+    """Refill with the joining rows' prefill riding the batch's pass: their calls interleave
+    with the pass's layers and go through a ring of their own."""
+    from test_refill import REQS, _want
+
+    d = tiny_dir("llama")
+    with LLM(str(d), draft="self:1", batch_size=3, k=3, progress=False, refill=True, refill_prefill="pass",
+             plan=Plan(device="cpu", shm_prefill=True, prefill_batch=1)) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in REQS],
+                            [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS])
+        stats = llm.last_stats
+    assert [o.outputs[0].token_ids for o in outs] == _want(d)
+    assert stats["joins"] > 0 and stats["prefill_ring_stores"] > 0
+
+
+def test_failed_registration_falls_back_to_the_object_store(tmp_path, monkeypatch):
+    def refuse(self):
+        raise RuntimeError(f"cudaHostRegister failed (1) for KV ring {self.path}")
+
+    monkeypatch.setattr(kv_ring.KVRing, "register", refuse)
+    ex = ExecutorMailboxes(_spec(), str(tmp_path), torch.device("cuda"))  # registration is tried on CUDA only
+    with pytest.warns(RuntimeWarning, match="prefill K/V go through Ray's object store"):
+        assert ex.ensure_ring(0, 4, 8) is None
+    assert ex.ensure_ring(1, 4, 8) is None and not ex.boxes and os.listdir(tmp_path) == []
+
+
+@gpu.cuda_only("a page-locked ring and its DMAs need CUDA")
+def test_cuda_round_trip():
+    """On the GPU the ring is registered and the K/V are DMAs on the current stream, in
+    /dev/shm like the engine's."""
+    import tempfile
+
+    from specoffload.actors.io_loader import default_shm_root
+
+    spec, g = _spec(), torch.Generator().manual_seed(4)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    tmp = tempfile.mkdtemp(dir=default_shm_root())
+    ex, wk = ExecutorMailboxes(spec, tmp, dev), RingReader(spec)
+    ring = ex.ensure_ring(0, 3, 16)
+    assert ring.registered
+    for call in range(kv_ring.SLOTS + 2):
+        k, v = (torch.randn(3, 2, 5 + call, 8, generator=g).bfloat16().to(dev) for _ in range(2))
+        rk, rv = wk.recv(kv_ring.send(ring, call, k, v, torch.cuda.current_stream(dev).synchronize))
+        assert torch.equal(rk, k.cpu()) and torch.equal(rv, v.cpu())
+    ex.close()
+    wk.close()
+    assert os.listdir(tmp) == []
+    os.rmdir(tmp)
