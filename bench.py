@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shm-prefill", action="store_true", help="Hand the prefill's K/V to the CPU worker "
                                                                 "through a shared-memory ring instead of Ray's "
                                                                 "object store (plan.shm_prefill).")
+    ap.add_argument("--ragged-attention", type=int, metavar="KEYS", help="CPU attention over rows of "
+                                                                          "different lengths in ranges of similar "
+                                                                          "ones, a call costing KEYS keys, e.g. 512 "
+                                                                          "(plan.ragged_attention; default off).")
     ap.add_argument("--no-warmup", action="store_true", help="Skip the short untimed run of each schedule "
                                                               "before the timed modes.")
     ap.add_argument("--baseline-resident", help="Also run `none` on actors of its own that keep N target "
@@ -243,7 +247,8 @@ def _plan(a, cuda: bool):
                     batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
                     attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
                     draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir),
-                    draft_fp8=a.draft_fp8, gpu_layers=tuple(range(a.resident)), shm_prefill=a.shm_prefill)
+                    draft_fp8=a.draft_fp8, gpu_layers=tuple(range(a.resident)), shm_prefill=a.shm_prefill,
+                    ragged_attention=a.ragged_attention)
         plan.check_layers(a.target_layers)
     except ConfigError as e:
         raise BenchError(e) from None

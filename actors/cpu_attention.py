@@ -21,12 +21,14 @@ from .wire import from_wire
 
 
 class CPUAttention:
-    def __init__(self, spec, threads: int | None = None, kv_dtype: str | None = None, trace: bool = False):
+    def __init__(self, spec, threads: int | None = None, kv_dtype: str | None = None, trace: bool = False,
+                 ragged_keys: int | None = None):
         self.spec = spec
         self.timer = StageTimer("cpu", role="cpu_attention", trace=trace)
         if threads:
             torch.set_num_threads(threads)
         self.kv_dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
+        self.ragged_keys = ragged_keys  # plan.ragged_attention: rows attend in ranges of similar lengths
         self.caches: dict[int, KVCache] = {}
         self.prompt_lens: dict[int, torch.Tensor] = {}
         self.parts: dict[tuple, KVCache] = {}  # (batch, first sequence) -> micro-batch view
@@ -35,6 +37,7 @@ class CPUAttention:
         self.seconds = 0.0
         self.kv_bytes_read = 0
         self.ring_stores = 0  # prefill K/V that came through a shared-memory ring
+        self.layer_calls = self.sdpa_calls = 0  # attend() calls, and the SDPA calls they made
 
     def ready(self) -> int:
         return torch.get_num_threads()
@@ -42,7 +45,8 @@ class CPUAttention:
     def start(self, bid, prompt_lens, capacity: int, prefill_batch: int):
         s = self.spec
         self.caches[bid] = KVCache(s.num_layers, len(prompt_lens), s.num_kv_heads, s.head_dim, capacity,
-                                   self.kv_dtype, "cpu", s.sliding_windows)
+                                   self.kv_dtype, "cpu", s.sliding_windows, ragged=self.ragged_keys is not None,
+                                   call_keys=self.ragged_keys)
         self.prompt_lens[bid] = host_tensor(prompt_lens, torch.long)
         self.prefill_batch = prefill_batch
 
@@ -79,6 +83,8 @@ class CPUAttention:
         part = self.parts[(bid, lo)]
         with self.timer.span("cpu_attention", f"b{bid} L{j} [{lo}:{hi})"):
             out = part.attend_layer(j, q, k, v, out=self.mail.out_buffer(payload))
+        self.layer_calls += 1
+        self.sdpa_calls += part.calls
         self.kv_bytes_read += int(part.lens.sum() + q.shape[0]) * 2 * k.shape[1] * k.shape[2] * part.k[j].element_size()
         if j == self.spec.num_layers - 1:
             part.advance()
@@ -110,7 +116,8 @@ class CPUAttention:
 
     def stats(self) -> dict:
         return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read,
-                "prefill_ring_stores": self.ring_stores}
+                "prefill_ring_stores": self.ring_stores, "attention_layer_calls": self.layer_calls,
+                "attention_sdpa_calls": self.sdpa_calls}
 
     def trace_events(self) -> list[dict]:
         return self.timer.take_events()

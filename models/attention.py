@@ -172,7 +172,7 @@ class KVCache:
     """
 
     def __init__(self, num_layers, batch, num_kv_heads, head_dim, capacity, dtype, device="cpu",
-                 windows=None, ragged: bool | None = None):
+                 windows=None, ragged: bool | None = None, call_keys: int | None = None):
         shape = (batch, num_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -186,7 +186,13 @@ class KVCache:
         # many threads a range of few rows leaves threads idle, and whether the keys saved pay
         # for that is not yet measured where it matters (docs/benchmarks.md, "Ragged rows").
         self.ragged = (RAGGED_ROWS if ragged is None else ragged) and torch.device(device).type == "cpu"
+        self.call_keys = call_keys  # ragged_chunks' call cost (None: RAGGED_CALL_KEYS)
         self._chunks = None
+
+    @property
+    def calls(self) -> int:
+        """SDPA calls a layer of the current pass makes (ragged ranges, or one)."""
+        return len(self._chunks) if self._chunks else 1
 
     @property
     def batch(self) -> int:
@@ -202,7 +208,7 @@ class KVCache:
             n_q = int(q_lens.max())
         masks = {w: causal_mask(self.lens, q_lens, n_q, n_k, w) for w in set(self.windows)}
         self._pass = (q_lens, b_idx, i_idx, masks, n_q, n_k)
-        self._chunks = ragged_chunks((self.lens + q_lens).tolist()) if self.ragged else None
+        self._chunks = ragged_chunks((self.lens + q_lens).tolist(), self.call_keys) if self.ragged else None
         self._grouped = {}  # (window, G) -> the pass's mask grouped for attention, built once
 
     def _grouped_mask(self, masks: dict, layer: int, q: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,11 @@ class Plan(JsonFile):
     # (actors/kv_ring.py) instead of Ray's object store; needs shm_activations. Off until
     # measured on the GPU machine (docs/benchmarks.md, "W1 with an fp8 target").
     shm_prefill: bool = False
+    # The CPU worker's attention runs rows of different lengths in ranges of similar ones
+    # (models/attention.ragged_chunks, this many keys the fixed cost of a call) instead of one
+    # call padded to the longest row. None (off) until measured with the GPU machine's threads
+    # (docs/benchmarks.md, "Ragged rows").
+    ragged_attention: int | None = None
     copy_chunk_mib: int = 64  # weight copies are issued in pieces of this size (see weight_stream.py)
 
     def __post_init__(self):
@@ -90,6 +95,8 @@ class Plan(JsonFile):
             raise ConfigError(f"copy_chunk_mib must be >= 1, got {self.copy_chunk_mib}")
         if self.shm_prefill and not self.shm_activations:
             raise ConfigError("shm_prefill needs shm_activations (the rings live where the mailboxes do)")
+        if self.ragged_attention is not None and self.ragged_attention < 0:
+            raise ConfigError(f"ragged_attention must be >= 0 keys (or None: off), got {self.ragged_attention}")
         if not 1 <= self.micro_batches <= 64:
             raise ConfigError(f"micro_batches must be in 1..64, got {self.micro_batches}")
         if self.gpu_memory is not None and self.gpu_memory <= 0:

@@ -102,3 +102,22 @@ def test_greedy_output_with_a_call_per_row_equals_transformers(tiny_dir, family,
     Generator(ReferenceBackend(tgt, draft), RunConfig(schedule="single", k=3, batch_size=len(PROMPTS))).run(reqs)
     assert [r.out for r in reqs] == want
     assert any(len(c) > 1 for c in calls)  # rows did attend in separate calls
+
+
+def test_ragged_attention_through_the_actors(ray_session, tiny_dir):
+    """plan.ragged_attention reaches the CPU worker's caches: with a call costing nothing
+    every row of a different length attends on its own, and output equals transformers'."""
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.errors import ConfigError
+    from specoffload.llm import LLM
+    from specoffload.placement.plan import Plan
+
+    with pytest.raises(ConfigError, match="ragged_attention must be >= 0"):
+        Plan(ragged_attention=-1)
+    d = tiny_dir("llama")
+    want = hf_greedy(d, PROMPTS, 12)
+    with LLM(str(d), plan=Plan(device="cpu", ragged_attention=0), batch_size=4, progress=False) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=12, ignore_eos=True))
+        stats = llm.last_stats
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["attention_sdpa_calls"] > stats["attention_layer_calls"] > 0  # ranges really ran
