@@ -110,9 +110,9 @@ def _act(spec: ModelSpec, x):
 
 
 # Bytes of one dense FFN intermediate ([tokens, I]) made at once. A prefill sub-batch of
-# Llama-3.1-70B (16 x 512 tokens, I = 28672) in one go makes 896 MiB of gate/up output, then
-# 448 MiB for each of the activation, the product and its fp8 input copy: W4 ran out of GPU
-# memory there under its 24 GiB cap (docs/results/s17). Decode and verification tokens
+# Llama-3.1-70B (16 x 512 tokens, I = 28672) in one go makes 896 MiB of gate/up output, 448
+# MiB for each of the activation and the product, and 224 MiB for the product's fp8 copy: W4
+# ran out of GPU memory there under its 24 GiB cap (docs/results/s17). Decode and verification tokens
 # (batch x (k + 1)) fit one chunk; rows are independent, so chunks change no result's rows.
 DENSE_CHUNK_BYTES = 64 << 20
 
