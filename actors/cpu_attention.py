@@ -53,7 +53,10 @@ class CPUAttention:
     def store_prefill(self, bid, s: int, j: int, kv):
         """K/V of layer j for prefill sub-batch s, computed on the executor, arriving padded
         as [P, Hkv, longest prompt, d] so storing them is one strided copy, not a scatter;
-        in a slot of the batch's shared-memory ring (actors/kv_ring.py) or as wire arrays."""
+        in a slot of the batch's shared-memory ring (actors/kv_ring.py) or as wire arrays.
+        None: the batch's prefill failed on the executor (its head raises why)."""
+        if kv is None:
+            return
         cache = self.caches[bid]
         P = self.prefill_batch
         lo = s * P

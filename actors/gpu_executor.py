@@ -179,7 +179,7 @@ class GPUExecutor:
             return self.tb[bid]
         err = self._failed.get(bid)
         if isinstance(err, SpecOffloadError):  # the user's problem: the same one line, not a consequence
-            raise err
+            raise err.with_traceback(None)  # a fresh traceback each time (scripts/ray_failed_calls.py)
         raise RuntimeError(f"batch {bid} did not start on the executor: {err}" if err else f"no batch {bid} on the executor")
 
     def keep(self, bid, idx):
@@ -211,11 +211,18 @@ class GPUExecutor:
         starts this call once it is done; the value itself is unused, see kv_ring.py).
 
         The driver queues every (layer, sub-batch) call before it waits on the head, so after a
-        failure the rest would fail on its consequences (a layer slot never released): they
-        raise the first error instead, and `prefill_head` reports it."""
-        st = self._batch(bid)
+        failure the rest would fail on its consequences (a layer slot never released). Instead
+        the failing call and every one after it return None (the CPU worker stores nothing) and
+        `prefill_head` raises the first error. They used to raise that one stored error object
+        again, which lengthens its traceback with every raise: 960 calls took 110 s instead of
+        1 s (`scripts/ray_failed_calls.py`, development machine), and W4's prefill error
+        reached the user ~150 s late."""
+        try:
+            st = self._batch(bid)
+        except Exception:  # noqa: BLE001 - a batch whose start failed: its head raises why
+            return None
         if "prefill_error" in st:
-            raise st["prefill_error"]
+            return None
         try:
             return self._prefill_layer(st, bid, s, j, in_pass)
         except torch.OutOfMemoryError as e:
@@ -225,11 +232,10 @@ class GPUExecutor:
             st["prefill_error"] = CapacityError(
                 f"prefill ran out of GPU memory at layer {j} (sub-batch of {P} sequences, longest "
                 f"{longest} tokens): lower prefill_batch or raise gpu_memory ({str(e).splitlines()[0]})")
-            raise st["prefill_error"] from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - kept for the head to raise
             self._prefill_failed(st)
             st["prefill_error"] = e
-            raise
+        return None
 
     def _prefill_failed(self, st):
         """Leave the executor usable for the next batch: drop this one's prefill activations

@@ -62,7 +62,9 @@ def guarded(cls, role: str, run_id: str):
         @functools.wraps(fn)
         def method(self, *args, **kwargs):
             if self._init_error is not None:
-                raise self._init_error
+                # a fresh traceback each time: re-raising one object lengthens its traceback
+                # with every raise (scripts/ray_failed_calls.py)
+                raise self._init_error.with_traceback(None)
             try:
                 return fn(self, *args, **kwargs)
             except Exception as e:

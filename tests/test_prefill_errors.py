@@ -3,7 +3,10 @@
 The driver queues every (layer, sub-batch) prefill call before it waits on the head. In W1
 (session 6) one ran out of GPU memory at a layer; the calls queued behind it failed with
 "every slot holds a layer in use" and the head with KeyError 'logits', which is what the user
-saw. Exercised on the executor's methods with the layer's work replaced (an out-of-memory needs a
+saw. Then each call raised the first error object again, its traceback longer with every raise
+(W4's error came ~150 s late, scripts/ray_failed_calls.py). Now the calls return None and only
+the head raises.
+Exercised on the executor's methods with the layer's work replaced (an out-of-memory needs a
 GPU; the bookkeeping around it does not)."""
 
 from __future__ import annotations
@@ -49,25 +52,20 @@ class _Fake:
 
 
 def _run(fake):
-    errors = []
-    for j in range(3):
-        for s in range(2):
-            try:
-                assert GPUExecutor.prefill_layer(fake, 0, s, j) == "kv"
-            except Exception as e:  # noqa: BLE001 - the driver sees each call's error
-                errors.append(e)
+    """Every call of a 3-layer, 2-sub-batch prefill (none may raise), then the head's error."""
+    results = [GPUExecutor.prefill_layer(fake, 0, s, j) for j in range(3) for s in range(2)]
     with pytest.raises(Exception) as head:
         GPUExecutor.prefill_head(fake, 0, None)
-    return errors, head.value
+    return results, head.value
 
 
 def test_out_of_memory_in_prefill_is_a_capacity_error_reported_once():
     fake = _Fake((0, 1), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 448.00 MiB.\nmore"))
-    errors, head = _run(fake)
+    results, head = _run(fake)
     assert fake.calls == [(0, 0), (1, 0), (0, 1)]  # nothing ran after the failure
     assert fake.resets == 1 and "subs" not in fake.st  # slots and activations given back, once
-    assert len(errors) == 4 and all(e is errors[0] for e in errors)
-    assert isinstance(head, CapacityError) and head is errors[0]
+    assert results == ["kv", "kv", None, None, None, None]  # the failing call and the rest: nothing to store
+    assert isinstance(head, CapacityError)
     assert str(head) == ("prefill ran out of GPU memory at layer 1 (sub-batch of 2 sequences, longest 9 tokens): "
                          "lower prefill_batch or raise gpu_memory (CUDA out of memory. Tried to allocate 448.00 MiB.)")
 
@@ -75,9 +73,19 @@ def test_out_of_memory_in_prefill_is_a_capacity_error_reported_once():
 def test_other_prefill_errors_pass_through_unchanged():
     boom = RuntimeError("kernel refused")
     fake = _Fake((1, 2), boom)
-    errors, head = _run(fake)
-    assert errors == [boom] and head is boom
+    results, head = _run(fake)
+    assert results[-1] is None and head is boom
     assert fake.calls[-1] == (1, 2)
+
+
+def test_the_worker_stores_nothing_for_a_failed_prefill():
+    from specoffload.actors.cpu_attention import CPUAttention
+
+    spec = SimpleNamespace(num_layers=2, num_kv_heads=1, head_dim=4, torch_dtype=torch.float32,
+                           sliding_windows=(None, None))
+    at = CPUAttention.__new__(CPUAttention)
+    at.spec, at.caches = spec, {}
+    assert CPUAttention.store_prefill(at, 0, 0, 1, None) is None  # not even the batch is looked up
 
 
 def test_failed_prefill_leaves_no_unhandled_errors(ray_session, capfd, caplog):
@@ -235,8 +243,9 @@ def test_a_start_that_fails_is_reported_not_an_earlier_runs_batch():
     with pytest.raises(RuntimeError, match="draft cache refused"):
         GPUExecutor.start(fake, 0, [[1, 2]], None, 16, False)
     assert freed == [0] and fake.tb == {}
+    assert GPUExecutor.prefill_layer(fake, 0, 0, 0) is None  # never run on the stale batch
     with pytest.raises(RuntimeError, match="batch 0 did not start on the executor: draft cache refused"):
-        GPUExecutor.prefill_layer(fake, 0, 0, 0)
+        GPUExecutor.prefill_head(fake, 0, None)
 
 
 @gpu.cuda_only("an out-of-memory needs a GPU cap")
@@ -261,3 +270,18 @@ def test_generate_again_after_prefill_runs_out_of_memory(ray_session, tiny_dir):
             llm.generate([{"prompt_token_ids": [1] + [5 + i % 80 for i in range(239)]}] * 64, params)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(d, PROMPTS, 8)
+
+
+def test_a_stored_error_raised_again_keeps_a_short_traceback():
+    """A batch whose start failed raises its stored error on every call; raised as it was, the
+    one object's traceback grew with each raise (quadratic cost through Ray: 960 calls took
+    110 s, scripts/ray_failed_calls.py)."""
+    import traceback
+
+    fake = SimpleNamespace(tb={}, _failed={0: CapacityError("the draft does not fit")})
+    depths = []
+    for _ in range(4):
+        with pytest.raises(CapacityError) as e:
+            GPUExecutor._batch(fake, 0)
+        depths.append(len(traceback.extract_tb(e.value.__traceback__)))
+    assert depths == [depths[0]] * 4
