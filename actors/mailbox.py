@@ -141,11 +141,6 @@ class ExecutorMailboxes:
         self.boxes[(bid, "kv")] = ring
         return ring
 
-    def free_ring(self, bid):
-        ring = self.boxes.pop((bid, "kv"), None)
-        if ring is not None:
-            ring.close(unlink=True)
-
     def send_qkv(self, box: Mailbox | None, q, k, v, sync) -> tuple:
         """q/k/v for the CPU worker: into the mailbox (one DMA each, then `sync`), or as wire arrays."""
         T = q.shape[0]
