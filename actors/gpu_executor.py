@@ -30,17 +30,10 @@ from .disk_tier import DiskTier
 from .gpu_budget import GpuBudget
 from .mailbox import ExecutorMailboxes
 from .pass_layers import PassLayers
-from .shm_layout import map_file, views
+from .shm_layout import map_file, register, views
 from .stage_timer import StageTimer
 from .weight_stream import WeightStreamer
 from .wire import to_wire
-
-
-def _register(buf: torch.Tensor):
-    """Page-lock a shared-memory mapping in place so the GPU can DMA from it."""
-    rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
-    if int(rc) != 0:
-        raise RuntimeError(f"cudaHostRegister failed ({rc}) for {buf.numel()} bytes")
 
 
 class GPUExecutor:
@@ -77,7 +70,7 @@ class GPUExecutor:
         for j, (path, entries) in manifest["layers"].items():
             buf, _ = map_file(path, entries)
             if cuda:
-                _register(buf)
+                register(buf, f"{buf.numel()} bytes")
             self._maps.append(buf)
             self.host[int(j)] = (buf, entries)
         # Pinning the host layers (cudaHostRegister) costs time in proportion to their size.

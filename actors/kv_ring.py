@@ -15,12 +15,11 @@ only after it. One ring per batch (a joining batch's too), freed with the batch.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from .shm_layout import ALIGN
+from .shm_layout import ALIGN, SharedBuffer
 
 KIND = "kv_ring"
 SLOTS = 4  # calls in flight between the executor and the worker
@@ -30,20 +29,18 @@ def slot_of(call: int) -> int:
     return call % SLOTS
 
 
-class KVRing:
+class KVRing(SharedBuffer):
     """SLOTS slots, each K then V of up to [rows, Hkv, tokens, d], contiguous, in one file."""
 
+    what = "KV ring"
+
     def __init__(self, path: str, rows: int, tokens: int, spec, create: bool = False):
-        self.path, self.rows, self.tokens = str(path), int(rows), int(tokens)
+        self.rows, self.tokens = int(rows), int(tokens)
         self.shape = (spec.num_kv_heads, spec.head_dim)
         self.dtype = spec.torch_dtype
         n = self.rows * spec.num_kv_heads * self.tokens * spec.head_dim * torch.empty((), dtype=self.dtype).element_size()
         self.region = (n + ALIGN - 1) // ALIGN * ALIGN
-        total = 2 * SLOTS * self.region
-        if not create and Path(self.path).stat().st_size < total:
-            raise RuntimeError(f"KV ring {self.path} is smaller than {rows} rows x {tokens} tokens")
-        self.buf = torch.from_file(self.path, shared=True, size=total, dtype=torch.uint8)
-        self.registered = False
+        self._map(path, 2 * SLOTS * self.region, create, f"KV ring {path} is smaller than {rows} rows x {tokens} tokens")
 
     def view(self, slot: int, which: int, n: int, length: int) -> torch.Tensor:
         """K (which=0) or V (1) of `slot`, as a contiguous [n, Hkv, length, d]."""
@@ -56,21 +53,6 @@ class KVRing:
 
     def handle(self, slot: int, n: int, length: int) -> tuple:
         return (KIND, self.path, self.rows, self.tokens, slot, n, length)
-
-    def register(self):
-        """Page-lock the mapping so the GPU's copies into it run asynchronously at full speed."""
-        rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 0)
-        if int(rc) != 0:
-            raise RuntimeError(f"cudaHostRegister failed ({rc}) for KV ring {self.path}")
-        self.registered = True
-
-    def close(self, unlink: bool = False):
-        if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
-            self.registered = False
-        self.buf = None
-        if unlink:
-            Path(self.path).unlink(missing_ok=True)
 
 
 def is_handle(kv) -> bool:
@@ -110,7 +92,3 @@ class RingReader:
             ring.close()
         self.maps.clear()
 
-
-def ring_bytes(rows: int, tokens: int, spec) -> int:
-    """/dev/shm a batch's ring takes while it prefills (host memory, page-locked on a GPU)."""
-    return 2 * SLOTS * math.prod((rows, spec.num_kv_heads, tokens, spec.head_dim)) * torch.empty((), dtype=spec.torch_dtype).element_size()

@@ -23,7 +23,6 @@ larger one (a new file), so handles name their file.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from itertools import accumulate
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 from ..models.host_io import to_device, to_host
 from .kv_ring import KVRing
-from .shm_layout import ALIGN
+from .shm_layout import ALIGN, SharedBuffer
 from .wire import from_wire, to_wire
 
 KIND = "mailbox"
@@ -43,37 +42,24 @@ def _region_bytes(tokens: int, heads: int, head_dim: int, dtype: torch.dtype) ->
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-class Mailbox:
+class Mailbox(SharedBuffer):
     """q [cap, Hq, d], k and v [cap, Hkv, d], out [cap, Hq*d] in one shared file."""
 
+    what = "mailbox"
+
     def __init__(self, path: str, capacity: int, spec, create: bool = False):
-        self.path, self.capacity = str(path), int(capacity)
+        self.capacity = int(capacity)
         hq, hkv, d, dt = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.torch_dtype
         sizes = [_region_bytes(capacity, h, d, dt) for h in (hq, hkv, hkv, hq)]
-        total = sum(sizes)
-        if not create and os.path.getsize(self.path) < total:
-            raise RuntimeError(f"mailbox {self.path} is smaller than a {capacity}-token mailbox")
-        self.buf = torch.from_file(self.path, shared=True, size=total, dtype=torch.uint8)
+        self._map(path, sum(sizes), create, f"mailbox {path} is smaller than a {capacity}-token mailbox")
         offs = [0, *accumulate(sizes)]
         shapes = [(capacity, hq, d), (capacity, hkv, d), (capacity, hkv, d), (capacity, hq * d)]
         self.q, self.k, self.v, self.out = (self.buf[o:o + s].view(dt)[: math.prod(sh)].view(sh)
                                             for o, s, sh in zip(offs, sizes, shapes))
-        self.registered = False
-
-    def register(self):
-        """Page-lock the mapping so the GPU can DMA to and from it asynchronously."""
-        rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 0)
-        if int(rc) != 0:
-            raise RuntimeError(f"cudaHostRegister failed ({rc}) for mailbox {self.path}")
-        self.registered = True
 
     def close(self, unlink: bool = False):
-        if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
-            self.registered = False
-        self.q = self.k = self.v = self.out = self.buf = None
-        if unlink:
-            Path(self.path).unlink(missing_ok=True)
+        self.q = self.k = self.v = self.out = None
+        super().close(unlink)
 
     def handle(self, tokens: int) -> tuple:
         return (KIND, self.path, self.capacity, tokens)
@@ -103,22 +89,29 @@ class ExecutorMailboxes:
         if box is not None:
             box.close(unlink=True)
         self._gen += 1
-        path = self.folder / f"act_b{bid}_p{p}_{self._gen}.bin"
-        box = Mailbox(path, cap, self.spec, create=True)
-        if self.device.type == "cuda":
-            try:
-                box.register()
-            except RuntimeError as e:
-                # A DMA from unregistered memory is a slow copy staged by the driver that
-                # blocks this thread; the object store's path (pinned staging) does better.
-                # One warning, and the run goes on that way.
-                box.close(unlink=True)
-                self.boxes.pop((bid, p), None)
-                self.folder = None
-                warnings.warn(f"activations go through Ray's object store: {e}", RuntimeWarning, stacklevel=2)
-                return None
+        box = self._pinned(Mailbox(self.folder / f"act_b{bid}_p{p}_{self._gen}.bin", cap, self.spec, create=True),
+                           "activations")
+        if box is None:
+            self.boxes.pop((bid, p), None)
+            self.folder = None
+            return None
         self.boxes[(bid, p)] = box
         return box
+
+    def _pinned(self, buf: SharedBuffer, what: str) -> SharedBuffer | None:
+        """buf, page-locked on CUDA; None where that fails (the file removed, one warning):
+        a DMA from unregistered memory is a slow copy staged by the driver that blocks this
+        thread, and the object store's path (pinned staging) does better, so `what` goes that
+        way from then on."""
+        if self.device.type != "cuda":
+            return buf
+        try:
+            buf.register()
+        except RuntimeError as e:
+            buf.close(unlink=True)
+            warnings.warn(f"{what} go through Ray's object store: {e}", RuntimeWarning, stacklevel=3)
+            return None
+        return buf
 
     def ensure_ring(self, bid, rows: int, tokens: int) -> KVRing | None:
         """Batch bid's ring for its prefill K/V (actors/kv_ring.py), made at its first prefill
@@ -129,15 +122,11 @@ class ExecutorMailboxes:
         if ring is not None:
             return ring
         self._gen += 1
-        ring = KVRing(self.folder / f"kv_b{bid}_{self._gen}.bin", rows, tokens, self.spec, create=True)
-        if self.device.type == "cuda":
-            try:
-                ring.register()
-            except RuntimeError as e:
-                ring.close(unlink=True)
-                self._ring_failed = True
-                warnings.warn(f"prefill K/V go through Ray's object store: {e}", RuntimeWarning, stacklevel=2)
-                return None
+        ring = self._pinned(KVRing(self.folder / f"kv_b{bid}_{self._gen}.bin", rows, tokens, self.spec, create=True),
+                            "prefill K/V")
+        if ring is None:
+            self._ring_failed = True
+            return None
         self.boxes[(bid, "kv")] = ring
         return ring
 

@@ -3,6 +3,8 @@
 The I/O loader writes each file once at start; the GPU executor maps the same pages
 (`torch.from_file(shared=True)`), registers them with CUDA (page-locked, so copies run at
 full PCIe speed) and copies a whole layer with one memcpy into a GPU slot laid out the same.
+`register` and `SharedBuffer` serve the other /dev/shm files the GPU copies to and from (a
+pass's mailboxes, a prefill's K/V ring) the same way.
 """
 
 from __future__ import annotations
@@ -65,3 +67,37 @@ def views(buf: torch.Tensor, entries: list[TensorEntry]) -> dict[str, torch.Tens
         e.name: buf[e.offset : e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape)
         for e in entries
     }
+
+
+def register(buf: torch.Tensor, what: str):
+    """Page-lock a shared-memory mapping in place so the GPU can DMA to and from it."""
+    rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+    if int(rc) != 0:
+        raise RuntimeError(f"cudaHostRegister failed ({rc}) for {what}")
+
+
+class SharedBuffer:
+    """A /dev/shm file mapped as bytes, page-locked in place where the GPU copies to and from
+    it: what a pass's mailbox (actors/mailbox.py) and a prefill's K/V ring (actors/kv_ring.py)
+    have in common."""
+
+    what = "shared buffer"  # names it in errors, with its path
+
+    def _map(self, path, size: int, create: bool, too_small: str):
+        self.path = str(path)
+        if not create and os.path.getsize(self.path) < size:
+            raise RuntimeError(too_small)
+        self.buf = torch.from_file(self.path, shared=True, size=size, dtype=torch.uint8)
+        self.registered = False
+
+    def register(self):
+        register(self.buf, f"{self.what} {self.path}")
+        self.registered = True
+
+    def close(self, unlink: bool = False):
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            self.registered = False
+        self.buf = None
+        if unlink:
+            Path(self.path).unlink(missing_ok=True)
