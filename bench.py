@@ -162,9 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "time instead of replaying CUDA graphs.")
     ap.add_argument("--micro-batches", default="1", help="A comma list: each mode runs with each count of "
                                                            "micro-batches per target pass (e.g. 1,2).")
-    ap.add_argument("--shm-prefill", action="store_true", help="Hand the prefill's K/V to the CPU worker "
-                                                                "through a shared-memory ring instead of Ray's "
-                                                                "object store (plan.shm_prefill).")
+    ap.add_argument("--doorbell", default="0", help="A comma list of 0/1: each mode runs with a pass's layer "
+                                                     "hand-offs through Ray's submitter (0) and/or the mailboxes' "
+                                                     "doorbells (1, plan.layer_doorbell), e.g. 0,1.")
+    ap.add_argument("--shm-prefill", action=argparse.BooleanOptionalAction, default=True,
+                    help="Hand the prefill's K/V to the CPU worker through a shared-memory ring (the default) "
+                         "or, with --no-shm-prefill, through Ray's object store (plan.shm_prefill).")
     ap.add_argument("--ragged-attention", type=int, metavar="KEYS", help="CPU attention over rows of "
                                                                           "different lengths in ranges of similar "
                                                                           "ones, a call costing KEYS keys, e.g. 512 "
@@ -248,11 +251,21 @@ def _plan(a, cuda: bool):
                     attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
                     draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir),
                     draft_fp8=a.draft_fp8, gpu_layers=tuple(range(a.resident)), shm_prefill=a.shm_prefill,
-                    ragged_attention=a.ragged_attention)
+                    ragged_attention=a.ragged_attention, layer_doorbell=_doorbells(a)[0])
         plan.check_layers(a.target_layers)
     except ConfigError as e:
         raise BenchError(e) from None
     return plan
+
+
+def _doorbells(a) -> list[bool]:
+    try:
+        bells = [bool(int(x)) for x in a.doorbell.split(",")]
+        if not set(a.doorbell.replace(",", "")) <= {"0", "1"}:
+            raise ValueError
+    except ValueError:
+        raise BenchError(f"--doorbell needs a comma list of 0 and 1, got {a.doorbell!r}") from None
+    return bells
 
 
 def _micro_batches(a) -> list[int]:
@@ -331,7 +344,7 @@ class Bench:
             ray.get(self.coord.generate.remote(self.payload(wg, 2 if mode == "dual" else 1, min(self.a.gen, 4))))
         print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
 
-    def run_mode(self, label: str, mode_spec: tuple, m: int, on_gpu: int):
+    def run_mode(self, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool = False):
         """One timed mode; on_gpu: target layers the actors keep resident (not streamed)."""
         from specoffload.configs.run_config import RunConfig
 
@@ -348,6 +361,7 @@ class Bench:
         self.configure(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive,
                                  batch_size=bs, refill=not a.no_refill, refill_prefill=a.refill_prefill), draft_kv)
         ray.get(coord.set_micro_batches.remote(m))
+        bell = ray.get(coord.set_doorbell.remote(bell))
         if a.trace_dir:
             ray.get(coord.trace.remote())  # drop spans of earlier modes
         before = ray.get(coord.stats.remote())
@@ -362,9 +376,11 @@ class Bench:
         wall = time.perf_counter() - t
         ray.get(coord.poll.remote())
         row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, on_gpu)
-        row["micro_batches"] = m
+        row["micro_batches"], row["doorbell"] = m, bell
         if self.many_micro and mode_spec[4] is None:
             row["mode"] = f"{label}/m{m}"
+        if len(_doorbells(a)) > 1:
+            row["mode"] += "/bell" if bell else "/ray"
         self.results.append(row)
         print(json.dumps(row), flush=True)
         if a.trace_dir:
@@ -400,6 +416,9 @@ class Bench:
             "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
             "draft_gpu_s": round(d.get("draft_s", 0), 2), "copy_s": round(copy_s, 2),
             "draft_graph_steps": d.get("draft_graph_steps", 0),
+            # time the executor and the CPU worker waited on doorbells (plan.layer_doorbell)
+            "executor_bell_wait_s": round(d.get("executor_bell_wait_s", 0), 2),
+            "worker_bell_wait_s": round(d.get("worker_bell_wait_s", 0), 2),
             # the executor's peak device memory so far (the cap bounds it)
             "gpu_peak_gib": round(ray.get(self.coord.memory.remote()).get("max_allocated", 0) / 2**30, 2),
         }
@@ -420,7 +439,7 @@ class Bench:
             self.configure(RunConfig(schedule="none", batch_size=1, refill=not self.a.no_refill), "gpu")
             ray.get(self.coord.generate.remote(self.payload(torch.Generator().manual_seed(1), 1, min(self.a.gen, 4))))
         run = ("none", self.a.k, False, "gpu", None)  # k unused without a draft
-        self.run_mode(f"none+r{resident}", run, 1, resident)
+        self.run_mode(f"none+r{resident}", run, 1, resident, max(_doorbells(self.a)))
         self.stop()
         return None
 
@@ -483,6 +502,7 @@ def _main(argv):
     except ValueError as e:
         raise BenchError(e) from None
     micro = _micro_batches(a)
+    _doorbells(a)  # a bad --doorbell fails before the actors start
     resident, baseline_error = None, None
     if a.baseline_resident is not None:
         try:
@@ -509,7 +529,8 @@ def _main(argv):
             bench.warm_up(modes)
         for label, spec in modes.items():
             for m in [spec[4]] if spec[4] else micro:
-                bench.run_mode(label, spec, m, a.resident)
+                for bell in _doorbells(a):
+                    bench.run_mode(label, spec, m, a.resident, bell)
         bench.stop()
         if resident:
             baseline_error = bench.baseline(resident)

@@ -16,6 +16,7 @@ import ray
 
 from ..placement.plan import split_range
 from . import kv_ring
+from .doorbell import BELL, is_peer_failed
 
 
 class RunStopped(Exception):
@@ -24,9 +25,13 @@ class RunStopped(Exception):
 
 class ActorBackend:
     def __init__(self, executor, attention, num_layers: int, prefill_batch: int, micro_batches: int = 1,
-                 kv_ring: bool = False):
+                 kv_ring: bool = False, doorbell: bool = False):
         self.ex, self.at = executor, attention
         self.L, self.P, self.M = num_layers, prefill_batch, micro_batches
+        # plan.layer_doorbell: inside a pass, layers hand over through the mailboxes' counters
+        # (actors/doorbell.py), every call submitted at once with no Ray dependency between them
+        self.doorbell = doorbell
+        self._pass_refs: dict[int, list] = {}  # batch -> its doorbell pass's calls (for its first error)
         # plan.shm_prefill: each prefill call waits for the store whose ring slot it reuses
         self.kv_ring = kv_ring
         self._ring_stores: dict[int, dict[int, object]] = {}  # batch -> call -> its store's ref
@@ -149,10 +154,16 @@ class ActorBackend:
         # rows' prefill takes each layer after the pass's parts, while the layer is on the GPU.
         a = dict.fromkeys(parts)
         stores = {b: [] for b, _ in joins}
+        calls = []  # a doorbell pass's calls: none takes another's result, so none reports its error
         for j in range(self.L):
             for bid, p in parts:
+                if self.doorbell and j > 0:  # layer 0's hand-off names the mailbox: it stays Ray's
+                    calls += [self.ex.target_layer.remote(bid, j, BELL, p), self.at.attend.remote(bid, j, BELL, p)]
+                    a[(bid, p)] = calls[-1]
+                    continue
                 x = self.ex.target_layer.remote(bid, j, a[(bid, p)], p)
-                a[(bid, p)] = self.at.attend.remote(bid, j, x)
+                a[(bid, p)] = self.at.attend.remote(bid, j, x, p)
+                calls += [x, a[(bid, p)]]
             for b, _ in joins:
                 stores[b] += self._prefill_calls(b, j, in_pass=True)
             for b in step_at.get(j, []):
@@ -161,6 +172,8 @@ class ActorBackend:
             r = self.ex.verify_head.remote(bid, k, u_accept, u_sample, *[a[x] for x in parts if x[0] == bid])
             self.at.rollback.remote(bid, k, r)
             self._results[bid] = r
+            if self.doorbell:
+                self._pass_refs[bid] = calls
         for b, u in joins:
             head = self._join_heads[b] = self.ex.prefill_head.remote(b, u)
             self._prefill_stores[head] = stores[b]
@@ -172,7 +185,14 @@ class ActorBackend:
             if self._verifies:
                 self._submit_pass()
             _, bid = handle
-            out = ray.get(self._results.pop(bid))
+            calls = self._pass_refs.pop(bid, None)
+            try:
+                out = ray.get(self._results.pop(bid))
+            except Exception as e:
+                real = _first_error(e, calls) if calls else e
+                if real is not e:
+                    raise real from None
+                raise
             t = time.perf_counter() - self._submitted_at.pop(bid, time.perf_counter())
             self._t_pass = max(t - self._own_steps.pop(bid, 0) * self._t_draft, 0.5 * t)
             if self.stopping:
@@ -236,3 +256,17 @@ class ActorBackend:
         return ex | at
 
 
+def _first_error(err: BaseException, calls: list) -> BaseException:
+    """The error to report for a failed doorbell pass: its first call's that is not a
+    consequence of another's (PeerFailed). Every call is read, so Ray logs none as unhandled."""
+    if not is_peer_failed(err):
+        return err
+    ray.wait(calls, num_returns=len(calls), timeout=60)
+    first = None
+    for r in calls:
+        try:
+            ray.get(r, timeout=0)
+        except Exception as e:  # noqa: BLE001 - read to find the real one
+            if first is None and not is_peer_failed(e):
+                first = e
+    return first if first is not None else err

@@ -152,7 +152,8 @@ class Coordinator:
         self.info["host_parts_s"] = {"up": round(lt["up"] - t_wall, 1), "read": lt["read"], "write": lt["write"],
                                      "threads": lt["threads"]} if lt else {}
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, self.plan.prefill_batch,
-                                    self.plan.micro_batches, self.plan.shm_prefill and self.plan.shm_activations)
+                                    self.plan.micro_batches, self.plan.shm_prefill and self.plan.shm_activations,
+                                    self.plan.layer_doorbell and self.info["mailboxes"])
 
     def _new_executor(self, plan: Plan, draft_desc, target_desc):
         """An executor starting CUDA and loading the draft (attach maps the target later)."""
@@ -244,6 +245,12 @@ class Coordinator:
         if m < 1:
             raise ValueError("micro_batches must be >= 1")
         self.backend.M = m
+
+    def set_doorbell(self, on: bool):
+        """Layer hand-offs by doorbell (plan.layer_doorbell) from the next pass on, where the
+        executor has mailboxes (benchmarks compare both on the same actors)."""
+        self.backend.doorbell = bool(on) and self.info["mailboxes"]
+        return self.backend.doorbell
 
     def set_draft_kv(self, kv):
         """Where the draft's KV lives and what it sees (a placement.draft_kv.DraftKV), from the next run on."""

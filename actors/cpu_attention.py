@@ -14,6 +14,7 @@ import torch
 
 from ..models.attention import KVCache
 from ..models.host_io import host_tensor
+from . import doorbell
 from .kv_ring import RingReader, is_handle
 from .mailbox import WorkerMailboxes
 from .stage_timer import StageTimer
@@ -32,6 +33,7 @@ class CPUAttention:
         self.caches: dict[int, KVCache] = {}
         self.prompt_lens: dict[int, torch.Tensor] = {}
         self.parts: dict[tuple, KVCache] = {}  # (batch, first sequence) -> micro-batch view
+        self.bell_parts: dict[tuple, tuple] = {}  # (batch, micro-batch) -> its layer-0 q/k/v message
         self.mail = WorkerMailboxes(spec)
         self.ring = RingReader(spec)
         self.seconds = 0.0
@@ -74,12 +76,27 @@ class CPUAttention:
             if lo + n >= cache.batch:  # the batch's last K/V: its ring is done with
                 self.ring.free(bid)
 
-    def attend(self, bid, j: int, qkv):
-        """Layer j for one micro-batch [lo, hi) of the batch's sequences: append its new K/V,
-        attend causally over the cache; the micro-batch is a view of the batch's cache."""
-        t = time.perf_counter()
+    def attend(self, bid, j: int, qkv, p: int = 0):
+        """Layer j for micro-batch p, sequences [lo, hi) of the batch: append its new K/V,
+        attend causally over the cache; the micro-batch is a view of the batch's cache.
+        qkv BELL (j > 0, plan.layer_doorbell): the q/k/v come through the mailbox layer 0's
+        payload named, once its doorbell rings (actors/doorbell.py)."""
+        bell = qkv == doorbell.BELL
+        if bell:
+            qkv = self.bell_parts[(bid, p)]
+        elif j == 0:
+            self.bell_parts[(bid, p)] = qkv
+        payload = qkv[0]
+        try:
+            return self._attend(bid, j, qkv, bell)
+        except BaseException:
+            self.mail.fail(payload)
+            raise
+
+    def _attend(self, bid, j: int, qkv, bell: bool):
         payload, q_lens, lo, hi = qkv
-        q, k, v = self.mail.recv_qkv(payload)
+        q, k, v = self.mail.recv_qkv(payload, bell)
+        t = time.perf_counter()  # the doorbell's wait is not attention (stats: bell_wait_s)
         if j == 0:
             part = self.parts[(bid, lo)] = self.caches[bid].part(lo, hi)
             part.begin_pass(host_tensor(q_lens))
@@ -113,6 +130,7 @@ class CPUAttention:
     def free(self, bid):
         self.caches.pop(bid, None)
         self.parts = {key: p for key, p in self.parts.items() if key[0] != bid}
+        self.bell_parts = {key: m for key, m in self.bell_parts.items() if key[0] != bid}
         self.prompt_lens.pop(bid, None)
         self.mail.free(bid)
         self.ring.free(bid)
@@ -120,7 +138,7 @@ class CPUAttention:
     def stats(self) -> dict:
         return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read,
                 "prefill_ring_stores": self.ring_stores, "attention_layer_calls": self.layer_calls,
-                "attention_sdpa_calls": self.sdpa_calls}
+                "attention_sdpa_calls": self.sdpa_calls, "worker_bell_wait_s": round(self.mail.bell_wait_s, 3)}
 
     def trace_events(self) -> list[dict]:
         return self.timer.take_events()

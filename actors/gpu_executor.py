@@ -100,7 +100,8 @@ class GPUExecutor:
         self.tb: dict[int, dict] = {}
         self._failed: dict[int, Exception] = {}  # batches whose start raised: why
         self.pass_layers = PassLayers()
-        self.mail = ExecutorMailboxes(spec, manifest.get("dir") if plan.shm_activations else None, self.device)
+        self.mail = ExecutorMailboxes(spec, manifest.get("dir") if plan.shm_activations else None, self.device,
+                                      doorbells=plan.layer_doorbell)
         self._drafting: dict[int, object] = {}
         self.streamer.prefetch()
         self.init_seconds += time.perf_counter() - t0
@@ -130,7 +131,8 @@ class GPUExecutor:
         return {"device": str(self.device), "init_s": round(self.init_seconds, 1), "resident_layers": len(self.resident),
                 "slots": self.streamer.nslots, "draft": d is not None, "gpu_context": self.budget.context,
                 "init_parts_s": dict(self.budget.seconds),
-                "draft_gib": round(d.weight_bytes() / 2**30, 2) if d is not None else 0.0}
+                "draft_gib": round(d.weight_bytes() / 2**30, 2) if d is not None else 0.0,
+                "mailboxes": self.mail.folder is not None}
 
     def memory(self) -> dict:
         """Device bytes: CUDA context, each startup part, allocated now, the peaks (see GpuBudget)."""
@@ -294,7 +296,7 @@ class GPUExecutor:
         passes = Forward.start(spec, self.glob, toks, st["lens"][b] + i).split(
             [(starts[lo], starts[hi]) for lo, hi in ranges])
         st["parts"] = [{"bid": bid, "lo": lo, "hi": hi, "q_lens_np": ql[lo:hi], "pass": f,
-                        "box": self.mail.ensure(bid, p, starts[hi] - starts[lo])}
+                        "tokens": starts[hi] - starts[lo], "box": self.mail.ensure(bid, p, starts[hi] - starts[lo])}
                        for p, ((lo, hi), f) in enumerate(zip(ranges, passes))]
         return len(st["parts"])
 
@@ -315,9 +317,10 @@ class GPUExecutor:
             torch.cuda.current_stream(self.device).synchronize()
 
     def _post(self, part, j, attn):
+        attn = self.mail.recv_out(part["box"], attn, part["tokens"])  # first: a failed pass stops here
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) ffn"):
-            part["pass"].finish(w, self.mail.recv_out(part["box"], attn))
+            part["pass"].finish(w, attn)
         if self.pass_layers.finished(j):  # every part of the pass is past layer j: refill its slot
             self._done(j)
 
@@ -327,13 +330,18 @@ class GPUExecutor:
 
         The pass's later calls take this one's output (through the CPU worker), so Ray fails
         them with its error without running them; an out-of-memory becomes a one-line
-        CapacityError, and the weight slots the pass held are given back for the next one."""
+        CapacityError, and the weight slots the pass held are given back for the next one.
+        attn BELL (plan.layer_doorbell): the output comes through the mailbox (actors/doorbell.py);
+        a failure here then marks it failed, so the worker's queued calls stop waiting."""
         parts = self._batch(bid)["parts"]
         try:
             if j > 0:
                 self._post(parts[p], j - 1, attn)
             return self._pre(parts[p], j)
-        except torch.OutOfMemoryError as e:
+        except BaseException as e:
+            self.mail.fail(bid)
+            if not isinstance(e, torch.OutOfMemoryError):
+                raise
             self.streamer.reset()
             raise CapacityError(
                 f"a verification pass ran out of GPU memory at layer {j} ({int(parts[p]['hi'] - parts[p]['lo'])} "
@@ -390,6 +398,7 @@ class GPUExecutor:
         s.setdefault("weight_copy_s", 0.0)
         s["weight_bytes"] = self.streamer.bytes_copied
         s["draft_graph_steps"] = self.runner.graph_steps
+        s["executor_bell_wait_s"] = round(self.mail.bell_wait_s, 3)
         return s
 
     def trace_events(self) -> list[dict]:

@@ -23,6 +23,7 @@ larger one (a new file), so handles name their file.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from itertools import accumulate
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..models.host_io import to_device, to_host
+from . import doorbell
 from .kv_ring import KVRing
 from .shm_layout import ALIGN, SharedBuffer
 from .wire import from_wire, to_wire
@@ -43,7 +45,8 @@ def _region_bytes(tokens: int, heads: int, head_dim: int, dtype: torch.dtype) ->
 
 
 class Mailbox(SharedBuffer):
-    """q [cap, Hq, d], k and v [cap, Hkv, d], out [cap, Hq*d] in one shared file."""
+    """The doorbell's counters (actors/doorbell.py), then q [cap, Hq, d], k and v [cap, Hkv, d],
+    out [cap, Hq*d], in one shared file."""
 
     what = "mailbox"
 
@@ -51,14 +54,16 @@ class Mailbox(SharedBuffer):
         self.capacity = int(capacity)
         hq, hkv, d, dt = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.torch_dtype
         sizes = [_region_bytes(capacity, h, d, dt) for h in (hq, hkv, hkv, hq)]
-        self._map(path, sum(sizes), create, f"mailbox {path} is smaller than a {capacity}-token mailbox")
-        offs = [0, *accumulate(sizes)]
+        self._map(path, ALIGN + sum(sizes), create, f"mailbox {path} is smaller than a {capacity}-token mailbox")
+        self.bell = doorbell.header(self.buf)
+        self.seen = 0  # this side's count of hand-offs: q/k/v posted (executor) or consumed (worker)
+        offs = [ALIGN + o for o in [0, *accumulate(sizes)]]
         shapes = [(capacity, hq, d), (capacity, hkv, d), (capacity, hkv, d), (capacity, hq * d)]
         self.q, self.k, self.v, self.out = (self.buf[o:o + s].view(dt)[: math.prod(sh)].view(sh)
                                             for o, s, sh in zip(offs, sizes, shapes))
 
     def close(self, unlink: bool = False):
-        self.q = self.k = self.v = self.out = None
+        self.q = self.k = self.v = self.out = self.bell = None
         super().close(unlink)
 
     def handle(self, tokens: int) -> tuple:
@@ -69,12 +74,16 @@ class Mailbox(SharedBuffer):
 class ExecutorMailboxes:
     """The executor's mailboxes, one per (batch, micro-batch), grown as passes need."""
 
-    def __init__(self, spec, folder: str | None, device: torch.device):
+    def __init__(self, spec, folder: str | None, device: torch.device, doorbells: bool = False):
         self.spec, self.device = spec, device
         self.folder = Path(folder) if folder else None
+        # plan.layer_doorbell: the pass's calls wait on the mailboxes' counters, so a mailbox
+        # that cannot be page-locked is kept (a slower DMA) rather than given up for Ray's path.
+        self.doorbells = doorbells
         self.boxes: dict[tuple, Mailbox | KVRing] = {}  # (batch, micro-batch) or (batch, "kv")
         self._gen = 0
         self._ring_failed = False
+        self.bell_wait_s = 0.0  # time the executor spent waiting on doorbells
 
     def ensure(self, bid, p: int, tokens: int) -> Mailbox | None:
         """The mailbox for micro-batch p of batch bid, holding at least `tokens` (None: no folder,
@@ -89,8 +98,9 @@ class ExecutorMailboxes:
         if box is not None:
             box.close(unlink=True)
         self._gen += 1
-        box = self._pinned(Mailbox(self.folder / f"act_b{bid}_p{p}_{self._gen}.bin", cap, self.spec, create=True),
-                           "activations")
+        box = Mailbox(self.folder / f"act_b{bid}_p{p}_{self._gen}.bin", cap, self.spec, create=True)
+        box.bell[doorbell.EXECUTOR_PID] = os.getpid()
+        box = self._pinned(box, "activations", keep=self.doorbells)
         if box is None:
             self.boxes.pop((bid, p), None)
             self.folder = None
@@ -98,16 +108,19 @@ class ExecutorMailboxes:
         self.boxes[(bid, p)] = box
         return box
 
-    def _pinned(self, buf: SharedBuffer, what: str) -> SharedBuffer | None:
+    def _pinned(self, buf: SharedBuffer, what: str, keep: bool = False) -> SharedBuffer | None:
         """buf, page-locked on CUDA; None where that fails (the file removed, one warning):
         a DMA from unregistered memory is a slow copy staged by the driver that blocks this
         thread, and the object store's path (pinned staging) does better, so `what` goes that
-        way from then on."""
+        way from then on. keep: return buf unpinned instead (doorbells need the mailbox)."""
         if self.device.type != "cuda":
             return buf
         try:
             buf.register()
         except RuntimeError as e:
+            if keep:
+                warnings.warn(f"{what} copy from unpinned memory (slower): {e}", RuntimeWarning, stacklevel=3)
+                return buf
             buf.close(unlink=True)
             warnings.warn(f"{what} go through Ray's object store: {e}", RuntimeWarning, stacklevel=3)
             return None
@@ -139,15 +152,30 @@ class ExecutorMailboxes:
         box.k[:T].copy_(k, non_blocking=True)
         box.v[:T].copy_(v, non_blocking=True)
         sync()
+        box.seen += 1
+        box.bell[doorbell.QKV] = box.seen  # after the data: the worker may read it from now on
         return box.handle(T)
 
-    def recv_out(self, box: Mailbox | None, msg) -> torch.Tensor:
+    def recv_out(self, box: Mailbox | None, msg, tokens: int = 0) -> torch.Tensor:
         """The worker's attention output on the executor's device; `box`: the mailbox the
-        q/k/v went out through (`send_qkv`'s), None for wire arrays."""
+        q/k/v went out through (`send_qkv`'s), None for wire arrays. msg BELL: wait on the
+        mailbox's doorbell for the output of the `tokens` posted last."""
+        if msg == doorbell.BELL:
+            if box is None:
+                raise doorbell.PeerFailed("a doorbell hand-off needs a mailbox")
+            self.bell_wait_s += doorbell.wait(box.bell, doorbell.OUT, box.seen, doorbell.WORKER_PID,
+                                              "the GPU executor waiting for attention")
+            msg = box.handle(tokens)
         if box is not None:
             # On the CPU the caller consumes it before returning, before the worker writes again.
             return box.out[:msg[3]].to(self.device, non_blocking=True)
         return to_device(from_wire(msg), self.device)
+
+    def fail(self, bid):
+        """The pass of batch bid failed here: the worker's queued calls for it stop waiting."""
+        for key, box in self.boxes.items():
+            if key[0] == bid and isinstance(box, Mailbox):
+                doorbell.fail(box.bell)
 
     def free(self, bid):
         for key in [key for key in self.boxes if key[0] == bid]:
@@ -166,9 +194,11 @@ class WorkerMailboxes:
     def __init__(self, spec):
         self.spec = spec
         self.maps: dict[str, Mailbox] = {}
+        self.bell_wait_s = 0.0  # time the worker spent waiting on doorbells
 
-    def recv_qkv(self, payload):
-        """q, k, v (host tensors, read in place when they came through a mailbox)."""
+    def recv_qkv(self, payload, bell: bool = False):
+        """q, k, v (host tensors, read in place when they came through a mailbox). bell: the
+        payload is the mailbox's from layer 0 of this pass; wait on its doorbell for the next."""
         if payload[0] == KIND:
             _, path, cap, T = payload
             box = self.maps.get(path)
@@ -178,8 +208,22 @@ class WorkerMailboxes:
                 for old in [p for p in self.maps if Path(p).name.rsplit("_", 1)[0] == stem]:
                     self.maps.pop(old).close()
                 box = self.maps[path] = Mailbox(path, cap, self.spec)
+                box.bell[doorbell.WORKER_PID] = os.getpid()
+            if bell:
+                self.bell_wait_s += doorbell.wait(box.bell, doorbell.QKV, box.seen + 1, doorbell.EXECUTOR_PID,
+                                                  "the CPU worker waiting for q/k/v")
+                box.seen += 1
+            else:  # the payload came with Ray's hand-off, after the executor posted it
+                box.seen = int(box.bell[doorbell.QKV])
             return box.q[:T], box.k[:T], box.v[:T]
+        if bell:
+            raise doorbell.PeerFailed("a doorbell hand-off needs a mailbox")
         return tuple(from_wire(x) for x in payload)
+
+    def fail(self, payload):
+        """This side's attention failed: the executor's queued calls stop waiting."""
+        if payload and payload[0] == KIND and payload[1] in self.maps:
+            doorbell.fail(self.maps[payload[1]].bell)
 
     def out_buffer(self, payload) -> torch.Tensor | None:
         """Where attention may write its output directly ([T, Hq*d] in the mailbox), or None."""
@@ -192,9 +236,11 @@ class WorkerMailboxes:
         """The attention output back the way q/k/v came (no copy if it is already in `out_buffer`)."""
         if payload[0] == KIND:
             _, path, _, T = payload
-            dest = self.maps[path].out[:T]
+            box = self.maps[path]
+            dest = box.out[:T]
             if out.data_ptr() != dest.data_ptr():
                 dest.copy_(out.reshape(T, -1))
+            box.bell[doorbell.OUT] = box.seen  # after the output: the executor may read it
             return payload
         return to_wire(out)
 

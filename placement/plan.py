@@ -67,10 +67,14 @@ class Plan(JsonFile):
     # page-locked /dev/shm buffers set up once per micro-batch (actors/mailbox.py); False: as
     # arrays in Ray's object store (the plain path, kept to test the fast one against).
     shm_activations: bool = True
+    # Inside a pass the executor and the CPU worker hand each layer over by a counter in the
+    # mailbox (actors/doorbell.py) instead of through Ray's submitter, every call queued up
+    # front: takes Ray's messages out of the layer chain. Off with shm_activations.
+    layer_doorbell: bool = False
     # The prefill's K/V cross to the CPU worker through a ring of page-locked /dev/shm slots
-    # (actors/kv_ring.py) instead of Ray's object store; needs shm_activations. Off until
-    # measured on the GPU machine (docs/benchmarks.md, "W1 with an fp8 target").
-    shm_prefill: bool = False
+    # (actors/kv_ring.py) instead of Ray's object store (W1 fp8 prefill 9.16 -> 7.33 s on the
+    # GPU machine, docs/benchmarks.md "Session 18"); off with shm_activations (the plain path).
+    shm_prefill: bool = True
     # The CPU worker's attention runs rows of different lengths in ranges of similar ones
     # (models/attention.ragged_chunks, this many keys the fixed cost of a call) instead of one
     # call padded to the longest row. None (off) until measured with the GPU machine's threads
@@ -93,8 +97,9 @@ class Plan(JsonFile):
         self.draft_kv_policy  # checks the draft KV fields
         if self.copy_chunk_mib < 1:
             raise ConfigError(f"copy_chunk_mib must be >= 1, got {self.copy_chunk_mib}")
-        if self.shm_prefill and not self.shm_activations:
-            raise ConfigError("shm_prefill needs shm_activations (the rings live where the mailboxes do)")
+        if not self.shm_activations:  # the plain path: everything through Ray's object store
+            object.__setattr__(self, "shm_prefill", False)
+            object.__setattr__(self, "layer_doorbell", False)
         if self.ragged_attention is not None and self.ragged_attention < 0:
             raise ConfigError(f"ragged_attention must be >= 0 keys (or None: off), got {self.ragged_attention}")
         if not 1 <= self.micro_batches <= 64:

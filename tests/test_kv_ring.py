@@ -14,7 +14,6 @@ from specoffload.actors import kv_ring
 from specoffload.actors.kv_ring import RingReader, is_handle
 from specoffload.actors.mailbox import ExecutorMailboxes
 from specoffload.configs.sampling_params import SamplingParams
-from specoffload.errors import ConfigError
 from specoffload.llm import LLM
 from specoffload.models.spec import ModelSpec
 from specoffload.placement.plan import Plan
@@ -52,9 +51,9 @@ def test_round_trip_through_rotating_slots_and_free(tmp_path):
 
 
 def test_the_flag_needs_mailboxes():
-    with pytest.raises(ConfigError, match="shm_prefill needs shm_activations"):
-        Plan(shm_prefill=True, shm_activations=False)
-    assert not Plan().shm_prefill  # off until measured on the GPU machine
+    # the plain path (no mailboxes) hands everything over through Ray's object store
+    assert not Plan(shm_prefill=True, shm_activations=False).shm_prefill
+    assert Plan().shm_prefill  # on: measured faster on the GPU machine (docs/benchmarks.md, session 18)
 
 
 def test_greedy_identical_through_actors_with_the_ring(ray_session, tiny_dir):

@@ -134,6 +134,8 @@ def test_out_of_memory_in_a_verification_layer_is_a_capacity_error():
         def __init__(self):
             self.resets = 0
             self.streamer = SimpleNamespace(reset=lambda: setattr(self, "resets", self.resets + 1))
+            self.failed = []  # batches whose mailboxes were marked failed (the doorbells' waiters stop)
+            self.mail = SimpleNamespace(fail=self.failed.append)
             self.st = {"parts": [{"lo": 0, "hi": 48, "q_lens_np": [9] * 48}]}
 
         def _batch(self, bid):
@@ -151,7 +153,7 @@ def test_out_of_memory_in_a_verification_layer_is_a_capacity_error():
     assert str(e.value) == ("a verification pass ran out of GPU memory at layer 5 (48 sequences, 9 tokens each): "
                             "lower batch_size or the draft length, or raise gpu_memory "
                             "(CUDA out of memory. Tried to allocate 2.00 GiB.)")
-    assert fake.resets == 1
+    assert fake.resets == 1 and fake.failed == [0]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,176 @@
+"""Doorbells (plan.layer_doorbell): a pass's layers handed over by counters in the mailboxes,
+every call queued up front. The hand-off order, a failed or vanished peer ending the wait, and
+through the real actors: output token-identical to transformers', and a failure mid-pass
+reported as its own error (not as the calls that stopped waiting behind it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from specoffload.actors import doorbell
+from specoffload.actors.doorbell import BELL, PeerFailed
+from specoffload.actors.mailbox import ExecutorMailboxes, WorkerMailboxes
+from specoffload.models.spec import ModelSpec
+
+
+def _spec():
+    return ModelSpec(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                     num_heads=4, num_kv_heads=2, head_dim=8, rms_eps=1e-5, rope_theta=1e4, max_positions=64,
+                     dtype="bfloat16")
+
+
+def test_layers_hand_over_in_order_between_two_threads(tmp_path):
+    """The executor posts q/k/v of layer j only after reading layer j-1's output, the worker
+    waits for each post: every output read is the one computed from the layer's own q, over
+    three passes (the counters keep growing across them), the second outgrowing the file."""
+    spec, L = _spec(), 6
+    ex, wk = ExecutorMailboxes(spec, str(tmp_path), torch.device("cpu"), doorbells=True), WorkerMailboxes(spec)
+    errors = []
+
+    def worker(msg):
+        try:
+            for j in range(L):
+                q, k, v = wk.recv_qkv(msg, bell=j > 0)
+                time.sleep(0.002)  # the executor must wait, not read a stale output
+                wk.send_out(msg, (q.float() * 2 + k.float().sum()).bfloat16().reshape(q.shape[0], -1))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    for T in (3, 9, 9):
+        box = ex.ensure(0, 0, T)
+        want, t = [], None
+        for j in range(L):
+            if j:
+                got = ex.recv_out(box, BELL, T)
+                assert torch.equal(got, want[j - 1]), f"layer {j - 1} of a {T}-token pass"
+            q = torch.full((T, 4, 8), float(j + 1)).bfloat16()
+            k, v = torch.full((T, 2, 8), float(j)).bfloat16(), torch.zeros(T, 2, 8).bfloat16()
+            want.append((q.float() * 2 + k.float().sum()).bfloat16().reshape(T, -1))
+            msg = ex.send_qkv(box, q, k, v, lambda: None)
+            if j == 0:  # layer 0's hand-off is Ray's (its message names the mailbox)
+                t = threading.Thread(target=worker, args=(msg,))
+                t.start()
+        assert torch.equal(ex.recv_out(box, BELL, T), want[-1])
+        t.join(10)
+        assert not t.is_alive() and not errors
+    assert box.bell[doorbell.QKV] == box.bell[doorbell.OUT] == 2 * L  # this file served the last two passes
+    assert ex.bell_wait_s > 0 and wk.bell_wait_s > 0
+    ex.close()
+
+
+def test_a_failed_side_ends_the_others_wait(tmp_path):
+    spec = _spec()
+    ex, wk = ExecutorMailboxes(spec, str(tmp_path), torch.device("cpu"), doorbells=True), WorkerMailboxes(spec)
+    box = ex.ensure(3, 0, 2)
+    msg = ex.send_qkv(box, torch.zeros(2, 4, 8).bfloat16(), torch.zeros(2, 2, 8).bfloat16(),
+                      torch.zeros(2, 2, 8).bfloat16(), lambda: None)
+    wk.recv_qkv(msg)
+    threading.Timer(0.2, wk.fail, args=(msg,)).start()  # the worker's attention raised
+    t0 = time.perf_counter()
+    with pytest.raises(PeerFailed, match="the other side of the pass failed"):
+        ex.recv_out(box, BELL, 2)
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(PeerFailed):  # and the worker's own queued calls stop too
+        wk.recv_qkv(msg, bell=True)
+    ex.close()
+
+
+def test_a_vanished_peer_ends_the_wait(tmp_path, monkeypatch):
+    """A killed actor sets nothing: the waiter notices its peer's process is gone."""
+    monkeypatch.setattr(doorbell, "LIVENESS_S", 0.1)
+    spec = _spec()
+    ex, wk = ExecutorMailboxes(spec, str(tmp_path), torch.device("cpu"), doorbells=True), WorkerMailboxes(spec)
+    box = ex.ensure(0, 0, 2)
+    msg = ex.send_qkv(box, torch.zeros(2, 4, 8).bfloat16(), torch.zeros(2, 2, 8).bfloat16(),
+                      torch.zeros(2, 2, 8).bfloat16(), lambda: None)
+    wk.recv_qkv(msg)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    box.bell[doorbell.WORKER_PID] = gone.pid  # as if the worker had died
+    with pytest.raises(PeerFailed, match=f"pid {gone.pid}. is gone"):
+        ex.recv_out(box, BELL, 2)
+    ex.close()
+
+
+def test_doorbells_need_mailboxes():
+    from specoffload.placement.plan import Plan
+
+    assert Plan(device="cpu", layer_doorbell=True).layer_doorbell
+    assert not Plan(device="cpu", layer_doorbell=True, shm_activations=False).layer_doorbell  # the plain path
+
+
+# -- the real actors --------------------------------------------------------------------------
+@pytest.mark.parametrize("family,micro_batches,draft,schedule", [
+    ("llama", 1, None, None), ("mixtral", 2, None, None),
+    ("llama", 2, "self:1", "single"),  # rows refilled: joining prefills ride the doorbell pass
+    ("qwen2", 1, "self:1", "dual"),  # the other batch's draft steps run between the layer calls
+])
+def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_batches, draft, schedule):
+    from hf_reference import PROMPTS, hf_greedy
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.llm import LLM
+    from specoffload.placement.plan import Plan
+
+    d = tiny_dir(family)
+    want = hf_greedy(d, PROMPTS, 16)
+    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=True), batch_size=2, progress=False,
+             micro_batches=micro_batches, draft=draft, schedule=schedule, k=3, refill=draft is not None) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=16, ignore_eos=True))
+        stats = llm.last_stats
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["executor_bell_wait_s"] > 0  # the layers did hand over by doorbell
+
+
+@pytest.mark.parametrize("where,exc,match", [
+    ("worker", "runtime", "RuntimeError: injected attention failure"),
+    ("executor", "oom", "a verification pass ran out of GPU memory at layer 1"),
+])
+def test_a_failure_mid_pass_is_reported_as_itself(ray_session, tiny_dir, where, exc, match):
+    """The calls queued behind the failure stop waiting (PeerFailed); the user sees the failure
+    itself, at once, and the same LLM then generates exactly."""
+    import ray
+    from hf_reference import PROMPTS, hf_greedy
+    from specoffload.actors.supervisor import actors
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.errors import SpecOffloadError
+    from specoffload.llm import LLM
+    from specoffload.placement.plan import Plan
+
+    # defined here so that Ray pickles it by value (the workers cannot import test modules)
+    def _inject(self, where: str, layer: int, exc: str):
+        """In an actor's process: its next call at `layer` of a pass raises `exc` (once)."""
+        import torch
+
+        name = {"worker": "_attend", "executor": "_pre"}[where]
+        run, left = getattr(self, name), [1]
+
+        def failing(*args):
+            j = args[1]
+            if j == layer and left:
+                left.pop()
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.") if exc == "oom" \
+                    else RuntimeError("injected attention failure")
+            return run(*args)
+
+        setattr(self, name, failing)
+
+    d = tiny_dir("llama")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    want = hf_greedy(d, PROMPTS, 8)
+    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=True), batch_size=4, progress=False) as llm:
+        h = actors(llm.run_id)
+        ray.get(h["cpu_attention" if where == "worker" else "gpu_executor"].__ray_call__.remote(_inject, where, 1, exc),
+                timeout=60)
+        t0 = time.perf_counter()
+        with pytest.raises(SpecOffloadError, match=match) as e:
+            llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        assert "other side of the pass" not in str(e.value)
+        assert time.perf_counter() - t0 < 60
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        assert [o.outputs[0].token_ids for o in outs] == want
