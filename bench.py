@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "time instead of replaying CUDA graphs.")
     ap.add_argument("--micro-batches", default="1", help="A comma list: each mode runs with each count of "
                                                            "micro-batches per target pass (e.g. 1,2).")
-    ap.add_argument("--doorbell", default="0", help="A comma list of 0/1: each mode runs with a pass's layer "
+    ap.add_argument("--doorbell", default="1", help="A comma list of 0/1: each mode runs with a pass's layer "
                                                      "hand-offs through Ray's submitter (0) and/or the mailboxes' "
                                                      "doorbells (1, plan.layer_doorbell), e.g. 0,1.")
     ap.add_argument("--shm-prefill", action=argparse.BooleanOptionalAction, default=True,

@@ -69,8 +69,9 @@ class Plan(JsonFile):
     shm_activations: bool = True
     # Inside a pass the executor and the CPU worker hand each layer over by a counter in the
     # mailbox (actors/doorbell.py) instead of through Ray's submitter, every call queued up
-    # front: takes Ray's messages out of the layer chain. Off with shm_activations.
-    layer_doorbell: bool = False
+    # front: takes Ray's messages out of the layer chain (W1 fp8 speculative 360.5 -> 408.8
+    # tok/s on the GPU machine, docs/benchmarks.md "Session 18"). Off with shm_activations.
+    layer_doorbell: bool = True
     # The prefill's K/V cross to the CPU worker through a ring of page-locked /dev/shm slots
     # (actors/kv_ring.py) instead of Ray's object store (W1 fp8 prefill 9.16 -> 7.33 s on the
     # GPU machine, docs/benchmarks.md "Session 18"); off with shm_activations (the plain path).

@@ -101,17 +101,18 @@ def test_a_vanished_peer_ends_the_wait(tmp_path, monkeypatch):
 def test_doorbells_need_mailboxes():
     from specoffload.placement.plan import Plan
 
-    assert Plan(device="cpu", layer_doorbell=True).layer_doorbell
+    assert Plan(device="cpu").layer_doorbell  # on by default: measured faster on the GPU machine
     assert not Plan(device="cpu", layer_doorbell=True, shm_activations=False).layer_doorbell  # the plain path
 
 
 # -- the real actors --------------------------------------------------------------------------
-@pytest.mark.parametrize("family,micro_batches,draft,schedule", [
-    ("llama", 1, None, None), ("mixtral", 2, None, None),
-    ("llama", 2, "self:1", "single"),  # rows refilled: joining prefills ride the doorbell pass
-    ("qwen2", 1, "self:1", "dual"),  # the other batch's draft steps run between the layer calls
+@pytest.mark.parametrize("family,micro_batches,draft,schedule,bell", [
+    ("llama", 1, None, None, True), ("mixtral", 2, None, None, True),
+    ("llama", 2, "self:1", "single", True),  # rows refilled: joining prefills ride the doorbell pass
+    ("qwen2", 1, "self:1", "dual", True),  # the other batch's draft steps run between the layer calls
+    ("llama", 2, "self:1", "single", False),  # mailboxes, each hand-off through Ray (the path before)
 ])
-def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_batches, draft, schedule):
+def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_batches, draft, schedule, bell):
     from hf_reference import PROMPTS, hf_greedy
     from specoffload.configs.sampling_params import SamplingParams
     from specoffload.llm import LLM
@@ -119,12 +120,12 @@ def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_ba
 
     d = tiny_dir(family)
     want = hf_greedy(d, PROMPTS, 16)
-    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=True), batch_size=2, progress=False,
+    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=bell), batch_size=2, progress=False,
              micro_batches=micro_batches, draft=draft, schedule=schedule, k=3, refill=draft is not None) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=16, ignore_eos=True))
         stats = llm.last_stats
     assert [o.outputs[0].token_ids for o in outs] == want
-    assert stats["executor_bell_wait_s"] > 0  # the layers did hand over by doorbell
+    assert (stats["executor_bell_wait_s"] > 0) == bell  # the layers did hand over by doorbell, or not
 
 
 @pytest.mark.parametrize("where,exc,match", [
