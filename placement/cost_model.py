@@ -29,9 +29,11 @@ GiB = 1 << 30
 class CostModel:
     # Fitted to W1's traces and profiles; where each figure comes from: docs/benchmarks.md,
     # "The cost model's constants".
-    # Per target layer and pass: GPU launches, q/k/v and output transfers and Ray's messages,
-    # which do not grow with tokens.
-    layer_fixed_s: float = 0.0125
+    # Per target layer and pass: GPU launches, q/k/v and output transfers and the hand-offs
+    # between the executor and the CPU worker, which do not grow with tokens. 12.5 ms fitted to
+    # W1's traces with Ray's hand-offs; the doorbells (plan.layer_doorbell, on by default) took
+    # 5.9 ms off each layer of W4-small's verification pass (docs/benchmarks.md, session 18).
+    layer_fixed_s: float = 0.0066
     # Share of the measured matmul rate that the target's FFN and the draft reach.
     gpu_efficiency: float = 0.6
     # Per draft step and layer: launches that CUDA graphs do not remove.
