@@ -54,6 +54,7 @@ class ActorBackend:
         self._props, self._verifies, self._joins = [], [], []
         self._join_heads.clear()
         self._ring_stores.clear()
+        self._pass_refs.clear()
         self.stopping = False
 
     def start(self, bid, prompts, samp, capacity, with_draft=False, joins=None):
