@@ -5,8 +5,10 @@ reported as its own error (not as the calls that stopped waiting behind it)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -15,8 +17,10 @@ import torch
 
 from specoffload.actors import doorbell
 from specoffload.actors.doorbell import BELL, PeerFailed
+from specoffload.actors.io_loader import default_shm_root
 from specoffload.actors.mailbox import ExecutorMailboxes, WorkerMailboxes
 from specoffload.models.spec import ModelSpec
+import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
 
 def _spec():
@@ -62,6 +66,43 @@ def test_layers_hand_over_in_order_between_two_threads(tmp_path):
     assert box.bell[doorbell.QKV] == box.bell[doorbell.OUT] == 2 * L  # this file served the last two passes
     assert ex.bell_wait_s > 0 and wk.bell_wait_s > 0
     ex.close()
+
+
+@gpu.cuda_only("page-locked mailboxes and their DMAs need CUDA")
+def test_cuda_doorbell_hand_off():
+    """On the GPU the executor's q/k/v are DMAs on its stream: the doorbell rings only after
+    the stream is synchronized, so a worker that sees the counter reads the whole data, and the
+    output it rings back reaches the device intact. In /dev/shm like the engine's."""
+    spec, g = _spec(), torch.Generator().manual_seed(4)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    folder = tempfile.mkdtemp(dir=default_shm_root())
+    ex, wk = ExecutorMailboxes(spec, folder, dev, doorbells=True), WorkerMailboxes(spec)
+    T, L = 64, 4
+    box = ex.ensure(0, 0, T)
+    assert box.registered
+    sync = torch.cuda.current_stream(dev).synchronize
+    qs = [torch.randn(T, 4, 8, generator=g).bfloat16().to(dev) for _ in range(L)]
+    zeros = torch.zeros(T, 2, 8, dtype=torch.bfloat16, device=dev)
+    msg = ex.send_qkv(box, qs[0], zeros, zeros, sync)
+    seen = []
+
+    def worker():
+        for j in range(L):
+            q, _, _ = wk.recv_qkv(msg, bell=j > 0)
+            seen.append(q.clone())
+            wk.send_out(msg, (q.float() + 1).bfloat16().reshape(T, -1))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    for j in range(1, L + 1):
+        back = ex.recv_out(box, BELL, T)
+        assert back.device == dev and torch.equal(back.cpu(), (qs[j - 1].cpu().float() + 1).bfloat16().reshape(T, -1))
+        if j < L:
+            ex.send_qkv(box, qs[j], zeros, zeros, sync)
+    t.join(10)
+    assert [torch.equal(a, b.cpu()) for a, b in zip(seen, qs)] == [True] * L
+    ex.close()
+    os.rmdir(folder)
 
 
 def test_a_failed_side_ends_the_others_wait(tmp_path):
