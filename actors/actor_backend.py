@@ -3,10 +3,11 @@
 Every call is submitted ahead and returns an object ref; refs flow from one actor to the
 next without the coordinator waiting (`ray.get` happens once per pass, on the few bytes of
 accepted tokens). Inside a pass the layers hand over by doorbell (plan.layer_doorbell,
-actors/doorbell.py): only layer 0's and the last layer's hand-offs are refs. Verifications queued together (the running batches of a refilled
-workload) run as one streamed pass: each layer's weights serve every batch. Proposals for a
-batch that is not being verified are split into single draft steps and queued between the
-pass's layer calls, so the executor drafts in the gaps while the CPU worker computes attention.
+actors/doorbell.py): only layer 0's and the last layer's hand-offs are refs. Verifications
+queued together (the running batches of a refilled workload) run as one streamed pass: each
+layer's weights serve every batch. Proposals for a batch that is not being verified are split
+into single draft steps and queued between the pass's layer calls, so the executor drafts in
+the gaps while the CPU worker computes attention.
 """
 
 from __future__ import annotations

@@ -105,13 +105,19 @@ def test_cuda_doorbell_hand_off():
     os.rmdir(folder)
 
 
-def test_a_failed_side_ends_the_others_wait(tmp_path):
+def _one_hand_off(folder, bid: int):
+    """Executor and worker mailboxes with one 2-token q/k/v posted and read through Ray's way."""
     spec = _spec()
-    ex, wk = ExecutorMailboxes(spec, str(tmp_path), torch.device("cpu"), doorbells=True), WorkerMailboxes(spec)
-    box = ex.ensure(3, 0, 2)
+    ex, wk = ExecutorMailboxes(spec, str(folder), torch.device("cpu"), doorbells=True), WorkerMailboxes(spec)
+    box = ex.ensure(bid, 0, 2)
     msg = ex.send_qkv(box, torch.zeros(2, 4, 8).bfloat16(), torch.zeros(2, 2, 8).bfloat16(),
                       torch.zeros(2, 2, 8).bfloat16(), lambda: None)
     wk.recv_qkv(msg)
+    return ex, wk, box, msg
+
+
+def test_a_failed_side_ends_the_others_wait(tmp_path):
+    ex, wk, box, msg = _one_hand_off(tmp_path, 3)
     threading.Timer(0.2, wk.fail, args=(msg,)).start()  # the worker's attention raised
     t0 = time.perf_counter()
     with pytest.raises(PeerFailed, match="the other side of the pass failed"):
@@ -125,12 +131,7 @@ def test_a_failed_side_ends_the_others_wait(tmp_path):
 def test_a_vanished_peer_ends_the_wait(tmp_path, monkeypatch):
     """A killed actor sets nothing: the waiter notices its peer's process is gone."""
     monkeypatch.setattr(doorbell, "LIVENESS_S", 0.1)
-    spec = _spec()
-    ex, wk = ExecutorMailboxes(spec, str(tmp_path), torch.device("cpu"), doorbells=True), WorkerMailboxes(spec)
-    box = ex.ensure(0, 0, 2)
-    msg = ex.send_qkv(box, torch.zeros(2, 4, 8).bfloat16(), torch.zeros(2, 2, 8).bfloat16(),
-                      torch.zeros(2, 2, 8).bfloat16(), lambda: None)
-    wk.recv_qkv(msg)
+    ex, _, box, _ = _one_hand_off(tmp_path, 0)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     box.bell[doorbell.WORKER_PID] = gone.pid  # as if the worker had died
