@@ -168,7 +168,9 @@ class ActorBackend:
                 a[(bid, p)] = self.at.attend.remote(bid, j, x, p)
                 calls += [x, a[(bid, p)]]
             for b, _ in joins:
-                stores[b] += self._prefill_calls(b, j, in_pass=True)
+                joined = self._prefill_calls(b, j, in_pass=True)
+                stores[b] += joined
+                calls += joined  # a joining prefill that fails may be what failed the pass
             for b in step_at.get(j, []):
                 self.ex.draft_step.remote(b)
         for bid, k, u_accept, u_sample in batches:

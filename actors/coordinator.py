@@ -252,6 +252,11 @@ class Coordinator:
         self.backend.doorbell = bool(on) and self.info["mailboxes"]
         return self.backend.doorbell
 
+    def set_copy_chunk(self, mib: int):
+        """The size of the pieces the weight copy is issued in, from the next layer copied on
+        (plan.copy_chunk_mib; benchmarks compare sizes on the same actors)."""
+        ray.get(self.executor.set_copy_chunk.remote(mib))
+
     def set_draft_kv(self, kv):
         """Where the draft's KV lives and what it sees (a placement.draft_kv.DraftKV), from the next run on."""
         ray.get(self.executor.set_draft_kv.remote(kv))

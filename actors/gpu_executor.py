@@ -215,28 +215,37 @@ class GPUExecutor:
         try:
             st = self._batch(bid)
         except Exception:  # noqa: BLE001 - a batch whose start failed: its head raises why
-            return None
-        if "prefill_error" in st:
+            st = None
+        if st is None or "prefill_error" in st:
+            if in_pass:  # the pass's own parts still count on this call to release the layer
+                self._pass_layer_done(j)
             return None
         try:
             return self._prefill_layer(st, bid, s, j, in_pass)
         except torch.OutOfMemoryError as e:
-            self._prefill_failed(st)
+            self._prefill_failed(st, in_pass)
             P = self.plan.prefill_batch
             longest = max(map(len, st["prompts"][s * P:(s + 1) * P]))
             st["prefill_error"] = CapacityError(
                 f"prefill ran out of GPU memory at layer {j} (sub-batch of {P} sequences, longest "
                 f"{longest} tokens): lower prefill_batch or raise gpu_memory ({str(e).splitlines()[0]})")
         except Exception as e:  # noqa: BLE001 - kept for the head to raise
-            self._prefill_failed(st)
+            self._prefill_failed(st, in_pass)
             st["prefill_error"] = e
         return None
 
-    def _prefill_failed(self, st):
+    def _prefill_failed(self, st, in_pass: bool):
         """Leave the executor usable for the next batch: drop this one's prefill activations
-        and free the weight slots the failed layer and its prefetch hold."""
+        and free the weight slots the failed layer and its prefetch hold. In a pass (rows
+        joining) the pass's own parts go on with the layer: `_prefill_layer` has counted it."""
         st.pop("subs", None)
-        self.streamer.reset()
+        if not in_pass:
+            self.streamer.reset()
+
+    def _pass_layer_done(self, j: int):
+        """One part of the running pass is done with layer j: release it after the last."""
+        if self.pass_layers.finished(j):
+            self._done(j)
 
     def _prefill_layer(self, st, bid, s: int, j: int, in_pass: bool = False):
         spec, P = self.spec, self.plan.prefill_batch
@@ -249,19 +258,25 @@ class GPUExecutor:
             subs[s] = {"pass": Forward.start(spec, self.glob, toks, i, q_lens[b]), "q_lens": q_lens,
                        "longest": max(map(len, prompts))}
         sub = subs[s]
-        w = self._layer(j)
-        with self.timer.span("prefill", f"b{bid} L{j} s{s}"):
-            ql = sub["q_lens"]
-            # One layer's cache: attention runs here, the CPU worker stores the K/V.
-            cache = KVCache(1, len(ql), spec.num_kv_heads, spec.head_dim, sub["longest"],
-                            spec.torch_dtype, self.device, (spec.sliding_windows[j],))
-            cache.begin_pass(ql, sub["pass"].h.shape[0], sub["longest"])
-            sub["pass"].layer(w, partial(cache.attend_layer, 0))
-            if j == spec.num_layers - 1:
-                sub["logits"] = sub.pop("pass").logits(last_index(ql))
+        if j == 0 and s == 0 and not in_pass:  # a prefill pass of its own begins
+            self._pass_boundary()
         n_sub = -(-len(st["prompts"]) // P)
-        if self.pass_layers.finished(j) if in_pass else s == n_sub - 1:
-            self._done(j)
+        w = self._layer(j)
+        try:
+            with self.timer.span("prefill", f"b{bid} L{j} s{s}"):
+                ql = sub["q_lens"]
+                # One layer's cache: attention runs here, the CPU worker stores the K/V.
+                cache = KVCache(1, len(ql), spec.num_kv_heads, spec.head_dim, sub["longest"],
+                                spec.torch_dtype, self.device, (spec.sliding_windows[j],))
+                cache.begin_pass(ql, sub["pass"].h.shape[0], sub["longest"])
+                sub["pass"].layer(w, partial(cache.attend_layer, 0))
+                if j == spec.num_layers - 1:
+                    sub["logits"] = sub.pop("pass").logits(last_index(ql))
+        finally:  # done with the layer, even if it failed (a pass counts on every part)
+            if in_pass:
+                self._pass_layer_done(j)
+            elif s == n_sub - 1:
+                self._done(j)
         # The cache just built holds this layer's K/V padded as [P, Hkv, longest, d]: the
         # CPU worker stores that with one strided copy.
         ring = (self.mail.ensure_ring(bid, P, max(map(len, st["prompts"]))) if self.plan.shm_prefill else None)
@@ -302,7 +317,15 @@ class GPUExecutor:
 
     def pass_begin(self, parts: int):
         """The pass about to run has this many parts (micro-batches over all its batches)."""
+        self._pass_boundary()
         self.pass_layers.begin(parts)
+
+    def _pass_boundary(self):
+        """Between passes no layer is in use. One still held comes from a pass that failed
+        midway, on either side (a failed attention call never reaches this actor's later
+        calls): give its slots back, or the next pass finds none free."""
+        if self.streamer.in_use:
+            self.streamer.reset()
 
     def _pre(self, part, j):
         w = self._layer(j)
@@ -385,6 +408,10 @@ class GPUExecutor:
             with self.timer.span("draft"):
                 for _ in it:
                     pass
+
+    def set_copy_chunk(self, mib: int):
+        """Weight copies issued in pieces of `mib` MiB from the next layer queued on."""
+        self.streamer.set_chunk(mib << 20)
 
     def set_draft_kv(self, kv: DraftKV):
         """The draft KV placement for batches started from now on (benchmarks compare them)."""

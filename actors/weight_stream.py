@@ -34,10 +34,16 @@ class WeightStreamer:
             # The feeder thread selects the device by index ("cuda" alone names none).
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.slot_of: dict[int, int] = {}  # layer -> slot holding (or loading) it
+        self.in_use: set[int] = set()  # acquired and not yet released
         self.bytes_copied = 0
         self.streaming = self.cuda and bool(self.order)  # nothing to copy on a CPU or with every layer resident
+        # On a CPU nothing is copied, but the slots are still accounted for (which layer each
+        # holds, in the same cyclic order), so a pass that holds a layer too long fails there
+        # as it would on a GPU instead of only on the GPU machine.
+        self.ledger = not self.cuda and bool(self.order) and num_slots > 0
         if not self.streaming:
-            self.nslots = 0
+            self.nslots = min(num_slots, len(self.order)) if self.ledger else 0
+            self.free, self._next = list(range(self.nslots)), 0
             return
         self.nslots = min(num_slots, len(self.order))
         sizes = [host[j][0].numel() for j in self.order if j in host]
@@ -65,6 +71,10 @@ class WeightStreamer:
         self._feeder = threading.Thread(target=self._feed, name="weight-copy-feeder", daemon=True)
         self._feeder.start()
 
+    def set_chunk(self, chunk_bytes: int):
+        """The piece size for layers the feeder starts from now on (it reads it per layer)."""
+        self.chunk = max(int(chunk_bytes), 1 << 20)
+
     def _issue(self):
         """Queue copies into every free slot, following the cyclic layer order."""
         while self.free and self.order:
@@ -73,6 +83,9 @@ class WeightStreamer:
                 break  # the whole cycle is already resident or loading
             s = self.free.pop(0)
             self._next += 1
+            if not self.cuda:  # the CPU's ledger: the slot is taken, nothing copied
+                self.slot_of[j] = s
+                continue
             buf, entries = self._host(j)
             job = _Copy(j, s, buf, self.released[s])
             self.loaded[s] = job
@@ -97,10 +110,11 @@ class WeightStreamer:
                         self.copy_stream.wait_event(job.released)
                     job.start.record(self.copy_stream)
                     n, dst = job.buf.numel(), self.slots[job.slot]
-                    for o in range(0, n, self.chunk):
+                    chunk = self.chunk  # once per layer: set_chunk may change it meanwhile
+                    for o in range(0, n, chunk):
                         while len(in_flight) >= self.depth:
                             in_flight.popleft().synchronize()  # releases the GIL while it waits
-                        dst[o: min(n, o + self.chunk)].copy_(job.buf[o: o + self.chunk], non_blocking=True)
+                        dst[o: min(n, o + chunk)].copy_(job.buf[o: o + chunk], non_blocking=True)
                         ev = torch.cuda.Event()
                         ev.record(self.copy_stream)
                         in_flight.append(ev)
@@ -115,13 +129,10 @@ class WeightStreamer:
     def acquire(self, j: int) -> dict[str, torch.Tensor]:
         """Layer j's tensors on the device; compute issued after this waits for its copy."""
         if not self.cuda:
+            if self.ledger:
+                self._take(j)
             return views(*self._host(j))
-        if j not in self.slot_of:
-            # Out of cyclic order (a new pass starting elsewhere): restart the cycle at j.
-            self._next = self.order.index(j)
-            self._issue()
-        if j not in self.slot_of:
-            raise RuntimeError(f"layer {j} requested while every slot holds a layer in use")
+        self._take(j)
         job = self.loaded[self.slot_of[j]]
         while not job.issued.wait(timeout=1.0):  # every piece is queued (the last ones still copying)
             if not self._feeder.is_alive():
@@ -134,12 +145,27 @@ class WeightStreamer:
         torch.cuda.current_stream(self.device).wait_event(job.done)
         return self._views[j]
 
+    def _take(self, j: int):
+        """Layer j must be in a slot (loaded or loading); it is in use until `release`."""
+        self.in_use.add(j)
+        if j not in self.slot_of:
+            # Out of cyclic order (a new pass starting elsewhere): restart the cycle at j.
+            self._next = self.order.index(j)
+            self._issue()
+        if j not in self.slot_of:
+            raise RuntimeError(f"layer {j} requested while every slot holds a layer in use "
+                               f"(slots hold {sorted(self.slot_of)})")
+
     def release(self, j: int):
         """Layer j is done for this pass: its slot may be refilled once queued compute ends."""
+        self.in_use.discard(j)
         if not self.cuda:
             if j not in self.host:
                 self.disk.done_with(j)
                 self._prefetch_disk(j)
+            if self.ledger:
+                self.free.append(self.slot_of.pop(j))
+                self._issue()
             return
         s = self.slot_of.pop(j)
         ev = torch.cuda.Event()
@@ -150,13 +176,18 @@ class WeightStreamer:
         self._issue()
 
     def prefetch(self):
-        if self.streaming:
+        if self.streaming or self.ledger:
             self._issue()
 
     def reset(self):
         """Forget what the slots hold (a pass failed between acquire and release) and restart
         the cycle at its first layer, so the next pass finds free slots. Copies already queued
         into a slot finish before any new one into it starts (one copy stream, in order)."""
+        self.in_use.clear()
+        if self.ledger:
+            self.free, self._next = list(range(self.nslots)), 0
+            self.slot_of.clear()
+            self._issue()
         if not self.streaming:
             return
         ev = torch.cuda.Event()

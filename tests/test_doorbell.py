@@ -170,13 +170,40 @@ def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_ba
     assert (stats["executor_bell_wait_s"] > 0) == bell  # the layers did hand over by doorbell, or not
 
 
-@pytest.mark.parametrize("where,exc,match", [
-    ("worker", "runtime", "RuntimeError: injected attention failure"),
-    ("executor", "oom", "a verification pass ran out of GPU memory at layer 1"),
+def _injector():
+    """A function for `__ray_call__`, made inside this one so that Ray pickles it by value
+    (the workers cannot import test modules)."""
+
+    def _inject(self, where: str, layer: int, exc: str):
+        """In an actor's process: its next call at `layer` of a pass raises `exc` (once). where:
+        worker (attention), executor (a verification layer), join (a joining prefill in a pass)."""
+        import torch
+
+        name = {"worker": "_attend", "executor": "_pre", "join": "_prefill_layer"}[where]
+        run, left = getattr(self, name), [1]
+
+        def failing(*args):
+            j = args[3] if where == "join" else args[1]
+            if j == layer and left and (where != "join" or args[4]):
+                left.pop()
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.") if exc == "oom" \
+                    else RuntimeError(f"injected {where} failure")
+            return run(*args)
+
+        setattr(self, name, failing)
+
+    return _inject
+
+
+@pytest.mark.parametrize("where,exc,match,bell", [
+    ("worker", "runtime", "RuntimeError: injected worker failure", True),
+    ("worker", "runtime", "RuntimeError: injected worker failure", False),  # Ray's hand-offs
+    ("executor", "oom", "a verification pass ran out of GPU memory at layer 1", True),
 ])
-def test_a_failure_mid_pass_is_reported_as_itself(ray_session, tiny_dir, where, exc, match):
+def test_a_failure_mid_pass_is_reported_as_itself(ray_session, tiny_dir, where, exc, match, bell):
     """The calls queued behind the failure stop waiting (PeerFailed); the user sees the failure
-    itself, at once, and the same LLM then generates exactly."""
+    itself, at once, and the same LLM then generates exactly: the weight slots the failed pass
+    held are free again (on the CPU the streamer keeps the same slot ledger as on a GPU)."""
     import ray
     from hf_reference import PROMPTS, hf_greedy
     from specoffload.actors.supervisor import actors
@@ -185,30 +212,12 @@ def test_a_failure_mid_pass_is_reported_as_itself(ray_session, tiny_dir, where, 
     from specoffload.llm import LLM
     from specoffload.placement.plan import Plan
 
-    # defined here so that Ray pickles it by value (the workers cannot import test modules)
-    def _inject(self, where: str, layer: int, exc: str):
-        """In an actor's process: its next call at `layer` of a pass raises `exc` (once)."""
-        import torch
-
-        name = {"worker": "_attend", "executor": "_pre"}[where]
-        run, left = getattr(self, name), [1]
-
-        def failing(*args):
-            j = args[1]
-            if j == layer and left:
-                left.pop()
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.") if exc == "oom" \
-                    else RuntimeError("injected attention failure")
-            return run(*args)
-
-        setattr(self, name, failing)
-
     d = tiny_dir("llama")
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     want = hf_greedy(d, PROMPTS, 8)
-    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=True), batch_size=4, progress=False) as llm:
+    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=bell), batch_size=4, progress=False) as llm:
         h = actors(llm.run_id)
-        ray.get(h["cpu_attention" if where == "worker" else "gpu_executor"].__ray_call__.remote(_inject, where, 1, exc),
+        ray.get(h["cpu_attention" if where == "worker" else "gpu_executor"].__ray_call__.remote(_injector(), where, 1, exc),
                 timeout=60)
         t0 = time.perf_counter()
         with pytest.raises(SpecOffloadError, match=match) as e:
@@ -217,3 +226,30 @@ def test_a_failure_mid_pass_is_reported_as_itself(ray_session, tiny_dir, where, 
         assert time.perf_counter() - t0 < 60
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
         assert [o.outputs[0].token_ids for o in outs] == want
+
+
+def test_a_joining_prefill_that_fails_in_a_pass_is_reported_and_frees_its_slots(ray_session, tiny_dir):
+    """Rows joining a running batch prefill inside its pass (one more part of each layer). One
+    of those calls failing must not keep the layer's slot: the user sees that failure, and the
+    same LLM then generates exactly (3 layers streamed through 2 slots)."""
+    import ray
+    from hf_reference import PROMPTS, hf_greedy
+    from specoffload.actors.supervisor import actors
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.errors import SpecOffloadError
+    from specoffload.llm import LLM
+    from specoffload.placement.plan import Plan
+
+    d = tiny_dir("llama")
+    lengths = [3, 9, 6, 6]  # row 0 ends first: request 2 joins the running batch inside a pass
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths]
+    want = [w[:n] for w, n in zip(hf_greedy(d, PROMPTS, max(lengths)), lengths)]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=True, num_slots=2), batch_size=2, progress=False,
+             draft="self:1", schedule="single", k=2, refill=True) as llm:
+        ray.get(actors(llm.run_id)["gpu_executor"].__ray_call__.remote(_injector(), "join", 1, "runtime"), timeout=60)
+        with pytest.raises(SpecOffloadError, match="RuntimeError: injected join failure"):
+            llm.generate(prompts, params)
+        outs = llm.generate(prompts, params)
+        assert llm.last_stats["joins"] > 0
+    assert [o.outputs[0].token_ids for o in outs] == want
