@@ -121,14 +121,18 @@ def target_pass_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, quer
     lb = layer_bytes(spec)
     copy = lb / (hw.h2d_GBps * 1e9)
     copy_disk = lb / (min(hw.h2d_GBps, hw.disk_GBps) * 1e9)
-    tokens = batch * queries
-    gpu = 2 * tokens * active_layer_params(spec) / (hw.device_tflops * 1e12 * cm.gpu_efficiency)
+    chain = layer_chain_s(hw, cm, spec, batch, queries, context)
+    streamed = spec.num_layers - resident - disk
+    return resident * chain + streamed * max(copy, chain) + disk * max(copy_disk, chain)
+
+
+def layer_chain_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, queries: int, context: int) -> float:
+    """One layer's chain: its fixed cost, the GPU's work, then CPU attention over the host KV."""
+    gpu = 2 * batch * queries * active_layer_params(spec) / (hw.device_tflops * 1e12 * cm.gpu_efficiency)
     kv = batch * context * kv_bytes_per_token_layer(spec)
     attn_flops = 4 * batch * queries * context * spec.num_heads * spec.head_dim
     cpu = kv / (hw.cpu_kv_GBps * 1e9) + attn_flops / (hw.cpu_attention_gflops * 1e9)
-    chain = cm.layer_fixed_s + gpu + cpu
-    streamed = spec.num_layers - resident - disk
-    return resident * chain + streamed * max(copy, chain) + disk * max(copy_disk, chain)
+    return cm.layer_fixed_s + gpu + cpu
 
 
 def draft_step_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, kv_tokens: int, fp8: bool,

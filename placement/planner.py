@@ -324,7 +324,23 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
         raise CapacityError(f"no placement fits this machine: {worst.why} (the smallest candidate, "
                             f"batch {worst.batch})")
     best = max(ok, key=lambda c: (round(c.tokens_per_s, 6), -c.k, c.schedule == "none"))
-    return Choice(best, to_plan(best, target, hw), tuple(timed), hw)
+    return Choice(best, to_plan(best, target, hw, copy_chunk_mib(target, best, hw, wl, cm)), tuple(timed), hw)
+
+
+# Weight copies go out in pieces; the copy engine runs host-to-device copies in the order they
+# were queued, so a layer's attention output waits behind the pieces queued ahead of it. Where
+# the layer chain, not the copy, bounds a layer, small pieces shorten that wait (W4-small at
+# k 4: 8 MiB pieces took 0.488 and 0.600 s a pass on two machines against 0.509 and 0.727-0.798
+# with 64 MiB; docs/benchmarks.md, session 19) for a slower copy (50 against 55 GB/s), which
+# costs where the copy bounds the layer.
+SMALL_COPY_CHUNK_MIB = 8
+
+
+def copy_chunk_mib(target: ModelSpec, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel) -> int:
+    """The copy piece size for candidate c: small where its layers are bound by their chain."""
+    k = c.k if c.schedule != "none" else 0
+    chain = cmod.layer_chain_s(hw, cm, target, c.batch, k + 1, wl.prompt_len + wl.gen_len // 2)
+    return SMALL_COPY_CHUNK_MIB if chain > cmod.layer_copy_s(hw, target) else Plan.copy_chunk_mib
 
 
 def _draft_kvs(wl: Workload) -> list[DraftKV]:
@@ -334,10 +350,11 @@ def _draft_kvs(wl: Workload) -> list[DraftKV]:
     return [DraftKV("gpu"), *rings, *(DraftKV(p) for p in PLACEMENTS if p != "gpu")]
 
 
-def to_plan(c: Candidate, target: ModelSpec, hw: Hardware) -> Plan:
+def to_plan(c: Candidate, target: ModelSpec, hw: Hardware, chunk_mib: int | None = None) -> Plan:
     L = target.num_layers
     return Plan(device=hw.device, gpu_memory=hw.gpu_memory if hw.device == "cuda" else None,
                 gpu_layers=tuple(range(c.resident)), disk_layers=tuple(range(L - c.disk, L)), num_slots=c.slots,
                 batch_size=c.batch, prefill_batch=c.prefill_batch, draft_fp8=c.draft_fp8,
+                copy_chunk_mib=chunk_mib or Plan.copy_chunk_mib,
                 attention_threads=max(1, hw.cpu_cores - 2) if hw.device == "cuda" else None
                 ).with_draft_kv(c.kv if c.schedule != "none" else DraftKV())

@@ -290,3 +290,23 @@ def test_w4_prefill_memory_counts_the_dense_ffn():
     assert ffn == 16 * 512 * 3 * 28672 * 2
     # a MoE target's prefill is its kept hidden states: W1's 192 prompts of 512, ~0.8 GiB
     assert cm.prefill_gpu_bytes(mixtral_8x7b(), 192, 16, 512) == 192 * 512 * (4096 + 2 * 128) * 2
+
+
+def test_copy_pieces_are_small_where_the_chain_bounds_a_layer():
+    """The copy engine runs host-to-device copies in the order queued, so an attention output
+    waits behind the weight pieces ahead of it. The planner asks for small pieces where its
+    own figures put a layer's chain above its copy (W4: CPU attention over 64 query heads),
+    and keeps the large ones where the copy bounds it (W1 plain decoding in bf16)."""
+    from specoffload.placement.planner import SMALL_COPY_CHUNK_MIB, copy_chunk_mib
+    from specoffload.placement.plan import Plan
+    from specoffload.sources.w4_shapes import llama_3_1_70b, llama_3_2_1b
+
+    traced = Hardware.from_file(H200.parent / "h200_traced.json")
+    w4 = plan(replace(llama_3_1_70b(), weights="fp8"), llama_3_2_1b(), traced, Workload(512, 128, 192, 0.8))
+    assert w4.plan.copy_chunk_mib == SMALL_COPY_CHUNK_MIB < Plan.copy_chunk_mib
+    w1 = plan(mixtral_8x7b(), None, traced, W1)
+    assert w1.best.schedule == "none" and w1.plan.copy_chunk_mib == Plan.copy_chunk_mib
+    # the rule itself: chain against copy at the candidate's queries and mean context
+    chain = cm.layer_chain_s(traced, cm.CostModel(), mixtral_8x7b(), 192, 1, 512 + 64)
+    assert chain < cm.layer_copy_s(traced, mixtral_8x7b())
+    assert copy_chunk_mib(mixtral_8x7b(), w1.best, traced, W1, cm.CostModel()) == Plan.copy_chunk_mib
