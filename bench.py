@@ -429,6 +429,7 @@ class Bench:
             # the job's clock: generate returns when its last request finishes
             "time_to_last_s": round(wall, 2), "rows_busy": st.get("rows_busy"),
             "passes_rows_busy_90": st.get("passes_rows_busy_90"), "joins": st.get("joins"),
+            "join_retreats": st.get("join_retreats"),
             "rows_busy_while_waiting": st.get("rows_busy_while_waiting"),
             "gpu_busy": round((d.get("target_s", 0) + d.get("draft_s", 0)) / wall, 3),
             "gpu_busy_decode": round((d.get("target_s", 0) + d.get("draft_s", 0)) / max(decode_s, 1e-9), 3),

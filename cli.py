@@ -390,6 +390,8 @@ def summary_line(prog: str, requests: int, s: dict, out: str | None) -> str:
         line += f", acceptance {s['acceptance']:.2f}, {s['tokens_per_seq_pass']:.2f} tokens/sequence/pass"
     if s.get("joins"):
         line += f", rows refilled {s['joins']} times"
+    if s.get("join_retreats"):
+        line += f" ({s['join_retreats']} joins did not fit and were retried smaller)"
     g = s.get("gpu_memory")
     if g:
         line += f", GPU peak {g['peak_in_use'] / 2**30:.2f} GiB" + (f" of {g['cap'] / 2**30:.2f}" if g["cap"] else "")

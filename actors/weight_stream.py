@@ -147,7 +147,6 @@ class WeightStreamer:
 
     def _take(self, j: int):
         """Layer j must be in a slot (loaded or loading); it is in use until `release`."""
-        self.in_use.add(j)
         if j not in self.slot_of:
             # Out of cyclic order (a new pass starting elsewhere): restart the cycle at j.
             self._next = self.order.index(j)
@@ -155,6 +154,7 @@ class WeightStreamer:
         if j not in self.slot_of:
             raise RuntimeError(f"layer {j} requested while every slot holds a layer in use "
                                f"(slots hold {sorted(self.slot_of)})")
+        self.in_use.add(j)
 
     def release(self, j: int):
         """Layer j is done for this pass: its slot may be refilled once queued compute ends."""

@@ -8,6 +8,7 @@ that `backend.get` resolves, so an actor backend can queue a whole pass ahead.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,7 @@ class RunStats:
     batches: int = 0  # batches started (each wave's; refilled rows join these)
     joins: int = 0  # times waiting requests took rows of a running batch
     joined: int = 0  # requests that did so
+    join_retreats: int = 0  # joins that did not fit and went back to the queue (_retreat)
     busy_rows: list = field(default_factory=list)  # per pass: rows verified or joining / rows
     busy_waiting: list = field(default_factory=list)  # the same, over passes while requests waited
     k_history: list = field(default_factory=list)
@@ -55,6 +57,7 @@ class RunStats:
             "batches": self.batches,
             "joins": self.joins,
             "joined": self.joined,
+            "join_retreats": self.join_retreats,
             # rows of the batch doing work (verified, or prefilled to join) over all its rows,
             # the mean over passes and the share of passes at 90% or more
             "rows_busy": round(float(np.mean(self.busy_rows)), 4) if self.busy_rows else None,
@@ -63,6 +66,17 @@ class RunStats:
             # what refill controls: once no request waits, a finite job's batch drains
             "rows_busy_while_waiting": round(float(np.mean(self.busy_waiting)), 4) if self.busy_waiting else None,
         }
+
+
+def _is_capacity_error(err: BaseException) -> bool:
+    """err is a CapacityError, or an actor's error that carries one."""
+    from ..errors import CapacityError
+
+    while err is not None:
+        if isinstance(err, CapacityError):
+            return True
+        err = getattr(err, "cause", None) if getattr(err, "cause", None) is not err else None
+    return False
 
 
 def fill_holes(keep: list[int]) -> list[int]:
@@ -92,6 +106,7 @@ class _Batch:
         self.has_proposals = False
         self.alpha = 0.7  # running per-token acceptance estimate (prior before any measurement)
         self.joining = None  # (batch of waiting requests, its prefill handle) to merge after the next pass
+        self.rng_states = []  # a joining batch's requests' sampling streams as they were before it
 
     def uniforms(self, n: int) -> np.ndarray:
         return np.stack([r.uniforms(n) for r in self.reqs]) if self.reqs else np.zeros((0, n), np.float32)
@@ -105,6 +120,7 @@ class Generator:
         self._next_bid = 0
         self.pass_times = PassTimes()
         self._queue, self._cap = None, None  # requests waiting for rows (refill in place)
+        self._join_cap = None  # most rows a join may take, once one did not fit (_retreat)
 
     # ------------------------------------------------------------------------------------
     def run(self, requests: list[Request]) -> RunStats:
@@ -160,11 +176,14 @@ class Generator:
             self._merge(b)
         q = self._queue
         free = self.cfg.batch_size - len(b.reqs)
-        if not q or free < min(self.cfg.refill_rows, len(q)) or free == 0:
+        need = min(self.cfg.refill_rows, len(q), self._join_cap or len(q)) if q else 0
+        if not q or free < need or free == 0:
             return
-        reqs = q[:free]
-        del q[:free]
+        n = min(free, self._join_cap or free)
+        reqs = q[:n]
+        del q[:n]
         nb = _Batch(self._next_bid, reqs)
+        nb.rng_states = [r.rng.bit_generator.state for r in reqs]  # to start over exactly (_retreat)
         self._next_bid += 1
         self.stats.prefill_tokens += sum(len(r.prompt_ids) for r in reqs)
         self.stats.joins += 1
@@ -179,7 +198,13 @@ class Generator:
         nb, h = b.joining
         b.joining = None
         t0 = time.perf_counter()
-        self._first_tokens(nb, h)  # rows that end at their first token leave before joining
+        try:
+            self._first_tokens(nb, h)  # rows that end at their first token leave before joining
+        except Exception as e:
+            if not (_is_capacity_error(e) and len(nb.reqs) > 1):
+                raise
+            self._retreat(nb, e)
+            return
         if nb.reqs:
             self.backend.merge(b.bid, nb.bid)
             b.reqs += nb.reqs
@@ -187,6 +212,23 @@ class Generator:
             self.backend.free(nb.bid)
         if not self._deferred_joins():
             self.stats.prefill_seconds += time.perf_counter() - t0
+
+    def _retreat(self, nb: _Batch, err: Exception):
+        """Rows joining a running batch did not fit (their prefill, inside a pass whose own
+        activations, draft and graphs hold GPU memory too, or their draft state): they go back
+        to the front of the queue as they were, and later joins take at most half as many rows,
+        down to one, rather than the run failing and losing what it has done."""
+        self.backend.free(nb.bid)
+        for r, st in zip(nb.reqs, nb.rng_states):
+            r.rng.bit_generator.state = st
+        self._queue[:0] = nb.reqs
+        self.stats.joins -= 1
+        self.stats.joined -= len(nb.reqs)
+        self.stats.prefill_tokens -= sum(len(r.prompt_ids) for r in nb.reqs)
+        self.stats.join_retreats += 1
+        self._join_cap = max(1, len(nb.reqs) // 2)
+        warnings.warn(f"{len(nb.reqs)} rows joining a running batch did not fit ({str(err).splitlines()[0][:160]}); "
+                      f"they wait, and joins take at most {self._join_cap} rows from now on", RuntimeWarning, stacklevel=2)
 
     def _run_wave(self, wave: list[list[Request]]):
         be, cfg = self.backend, self.cfg

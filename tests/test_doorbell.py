@@ -253,3 +253,29 @@ def test_a_joining_prefill_that_fails_in_a_pass_is_reported_and_frees_its_slots(
         outs = llm.generate(prompts, params)
         assert llm.last_stats["joins"] > 0
     assert [o.outputs[0].token_ids for o in outs] == want
+
+
+def test_a_joining_prefill_out_of_gpu_memory_waits_and_joins_smaller(ray_session, tiny_dir):
+    """What w1-long met on the H200 (session 19): two rows' joining prefill inside a pass ran
+    out of GPU memory. The pass goes on, the two requests wait and join one at a time, and
+    the run ends with transformers' output for every request."""
+    import ray
+    from hf_reference import PROMPTS, hf_greedy
+    from specoffload.actors.supervisor import actors
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.llm import LLM
+    from specoffload.placement.plan import Plan
+
+    d = tiny_dir("llama")
+    prompts = PROMPTS + [PROMPTS[0][:6]]
+    lengths = [3, 3, 9, 6, 6]  # rows 0 and 1 end together while row 2 runs on: a join of two rides its pass
+    full = hf_greedy(d, prompts, max(lengths))
+    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=True, num_slots=2), batch_size=3, progress=False,
+             draft="self:1", schedule="single", k=2, refill=True) as llm:
+        ray.get(actors(llm.run_id)["gpu_executor"].__ray_call__.remote(_injector(), "join", 1, "oom"), timeout=60)
+        # (the generator runs in the coordinator actor: its warning goes to the actor's log)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
+        stats = llm.last_stats
+    assert stats["join_retreats"] == 1 and stats["joins"] == 2
+    assert [o.outputs[0].token_ids for o in outs] == [f[:n] for f, n in zip(full, lengths)]

@@ -272,3 +272,47 @@ def test_bf16_attention_of_a_row_ignores_its_batch():
     decoded = attend(q[:1], k[1:], v[1:], torch.tensor([300]), torch.tensor([1]))
     verified = attend(q, k[1:], v[1:], torch.tensor([300]), torch.tensor([5]))[:1]  # k = 4: its first query
     assert (torch.equal(alone, beside_longer), torch.equal(decoded, verified)) == (True, True)
+
+
+class _JoinsDoNotFitOnce(ReferenceBackend):
+    """The first join of more than one row fails as a join does on a full GPU: its head raises
+    the executor's CapacityError (the backend has started and prefilled it by then)."""
+
+    failed = 0
+
+    def join(self, bid, new, prompts, *args, **kw):
+        h = super().join(bid, new, prompts, *args, **kw)
+        if len(prompts) > 1 and not self.failed:
+            self.failed = len(prompts)
+            return _Raise()
+        return h
+
+    def get(self, handle):
+        if isinstance(handle, _Raise):
+            from specoffload.errors import CapacityError
+
+            raise CapacityError("prefill ran out of GPU memory at layer 1 (sub-batch of 2 sequences, longest 14 tokens)")
+        return super().get(handle)
+
+
+class _Raise:
+    pass
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_join_that_does_not_fit_waits_and_joins_smaller(tiny_dir, sampled):
+    """Rows joining a running batch that run out of GPU memory (seen on the H200: a joining
+    prefill inside a pass, session 19) go back to the queue as they were, and joins take
+    half as many rows from then on: the run finishes with every request's own output, greedy
+    or sampled (each request's random stream is rewound), instead of failing."""
+    d = tiny_dir("llama")
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, **({"temperature": 0.8, "seed": i} if sampled else {}))
+              for i, (_, n) in enumerate(REQS)]
+    _, want = _run(_backend(d, "self"), params, True, batch=4, refill_rows=2)
+    tgt = ResidentModel.from_source(Checkpoint(d))
+    backend = _JoinsDoNotFitOnce(tgt, ResidentModel(tgt.spec.with_layers(1), tgt.glob, tgt.layers[:1]))
+    with pytest.warns(RuntimeWarning, match="rows joining a running batch did not fit.*at most 1 rows"):
+        st, got = _run(backend, params, True, batch=4, refill_rows=2)
+    assert backend.failed == 2 and st.join_retreats == 1
+    assert got == want
+    assert st.joined == len(REQS) - 4 and not backend.caches  # every batch freed, the failed join's too
