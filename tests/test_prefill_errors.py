@@ -37,8 +37,8 @@ class _Fake:
     def _reset(self):
         self.resets += 1
 
-    def _prefill_failed(self, st):
-        GPUExecutor._prefill_failed(self, st)
+    def _prefill_failed(self, st, in_pass=False):
+        GPUExecutor._prefill_failed(self, st, in_pass)
 
     def _batch(self, bid):
         return self.st
