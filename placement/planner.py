@@ -330,7 +330,7 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
 # Weight copies go out in pieces; the copy engine runs host-to-device copies in the order they
 # were queued, so a layer's attention output waits behind the pieces queued ahead of it. Where
 # the layer chain, not the copy, bounds a layer, small pieces shorten that wait (W4-small at
-# k 4: 8 MiB pieces took 0.488 and 0.600 s a pass on two machines against 0.509 and 0.727-0.798
+# k 4: 8 MiB pieces took 0.488 and 0.604 s a pass on two machines against 0.509 and 0.727-0.798
 # with 64 MiB; docs/benchmarks.md, session 19) for a slower copy (50 against 55 GB/s), which
 # costs where the copy bounds the layer.
 SMALL_COPY_CHUNK_MIB = 8
