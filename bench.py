@@ -273,24 +273,23 @@ def _doorbells(a) -> list[bool]:
     return bells
 
 
-def _copy_chunks(a) -> list[int]:
+def _counts(text: str, flag: str, what: str) -> list[int]:
+    """A comma list of integers >= 1 (a flag's values), or a one-line BenchError."""
     try:
-        chunks = [int(x) for x in a.copy_chunk_mib.split(",")]
-        if min(chunks) < 1:
+        values = [int(x) for x in text.split(",")]
+        if min(values) < 1:
             raise ValueError
     except ValueError:
-        raise BenchError(f"--copy-chunk-mib needs a comma list of sizes >= 1, got {a.copy_chunk_mib!r}") from None
-    return chunks
+        raise BenchError(f"{flag} needs a comma list of {what} >= 1, got {text!r}") from None
+    return values
+
+
+def _copy_chunks(a) -> list[int]:
+    return _counts(a.copy_chunk_mib, "--copy-chunk-mib", "sizes")
 
 
 def _micro_batches(a) -> list[int]:
-    try:
-        micro = [int(x) for x in a.micro_batches.split(",")]
-        if min(micro) < 1:
-            raise ValueError
-    except ValueError:
-        raise BenchError(f"--micro-batches needs a comma list of counts >= 1, got {a.micro_batches!r}") from None
-    return micro
+    return _counts(a.micro_batches, "--micro-batches", "counts")
 
 
 class Bench:

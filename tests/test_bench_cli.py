@@ -98,6 +98,18 @@ def test_bench_resident_auto_fills_what_the_gpu_account_leaves(workload, flags):
     assert _gpu_bytes(tspec, draft, 0, replace(c, resident=n + 1), wl, CostModel()) > 24 * 2**30
 
 
+@pytest.mark.parametrize("flag,value,msg", [
+    ("--copy-chunk-mib", "64,0", "--copy-chunk-mib needs a comma list of sizes >= 1, got '64,0'"),
+    ("--micro-batches", "two", "--micro-batches needs a comma list of counts >= 1, got 'two'"),
+    ("--doorbell", "1,2", "--doorbell needs a comma list of 0 and 1, got '1,2'"),
+])
+def test_bench_bad_lists_exit_2_before_the_actors_start(flag, value, msg):
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny", flag, value],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert r.returncode == 2 and msg in r.stderr
+    assert "Traceback" not in r.stderr and "actors up" not in r.stdout
+
+
 def test_bench_bad_baseline_resident_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny",
                         "--baseline-resident", "7"], capture_output=True, text=True, timeout=120,
