@@ -409,6 +409,10 @@ class GPUExecutor:
                 for _ in it:
                     pass
 
+    def set_worker_pid(self, pid: int):
+        """The CPU worker's process, written into every mailbox from now on (actors/doorbell.py)."""
+        self.mail.worker_pid = int(pid)
+
     def set_copy_chunk(self, mib: int):
         """Weight copies issued in pieces of `mib` MiB from the next layer queued on."""
         self.streamer.set_chunk(mib << 20)

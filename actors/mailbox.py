@@ -84,6 +84,9 @@ class ExecutorMailboxes:
         self._gen = 0
         self._ring_failed = False
         self.bell_wait_s = 0.0  # time the executor spent waiting on doorbells
+        # The worker's pid, written into each new mailbox: a worker that dies before it maps the
+        # mailbox (and writes its pid there itself) would otherwise leave the executor waiting.
+        self.worker_pid = 0
 
     def ensure(self, bid, p: int, tokens: int) -> Mailbox | None:
         """The mailbox for micro-batch p of batch bid, holding at least `tokens` (None: no folder,
@@ -100,6 +103,7 @@ class ExecutorMailboxes:
         self._gen += 1
         box = Mailbox(self.folder / f"act_b{bid}_p{p}_{self._gen}.bin", cap, self.spec, create=True)
         box.bell[doorbell.EXECUTOR_PID] = os.getpid()
+        box.bell[doorbell.WORKER_PID] = self.worker_pid
         box = self._pinned(box, "activations", keep=self.doorbells)
         if box is None:
             self.boxes.pop((bid, p), None)

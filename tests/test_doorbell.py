@@ -140,6 +140,27 @@ def test_a_vanished_peer_ends_the_wait(tmp_path, monkeypatch):
     ex.close()
 
 
+def test_a_worker_that_dies_before_it_maps_a_new_mailbox_ends_the_wait(tmp_path, monkeypatch):
+    """A pass that needs a larger mailbox gets a new file, which the worker maps (and writes its
+    pid into) only at that pass's first layer. Killed before that, it wrote nothing there: the
+    executor writes the worker's pid itself, so its wait still sees the process gone (CI hung
+    for 25 minutes on the cpu_attention kill test without it)."""
+    monkeypatch.setattr(doorbell, "LIVENESS_S", 0.1)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ex = ExecutorMailboxes(_spec(), str(tmp_path), torch.device("cpu"), doorbells=True)
+    ex.worker_pid = gone.pid  # what Coordinator gives the executor (set_worker_pid)
+    box = ex.ensure(0, 0, 2)
+    assert int(box.bell[doorbell.WORKER_PID]) == gone.pid
+    ex.send_qkv(box, torch.zeros(2, 4, 8).bfloat16(), torch.zeros(2, 2, 8).bfloat16(),
+                torch.zeros(2, 2, 8).bfloat16(), lambda: None)
+    t0 = time.perf_counter()
+    with pytest.raises(PeerFailed, match=f"pid {gone.pid}. is gone"):
+        ex.recv_out(box, BELL, 2)
+    assert time.perf_counter() - t0 < 5
+    ex.close()
+
+
 def test_doorbells_need_mailboxes():
     from specoffload.placement.plan import Plan
 
