@@ -18,7 +18,7 @@ from ..placement.refill import refill_default
 from ..speculation.logits_process import logits_settings
 from ..speculation.sampler import SamplingTensors
 from .request import Request
-from .schedule import PassTimes, alpha_from_accepted, choose_k, steps
+from .schedule import PassTimes, adaptive_k, alpha_from_accepted, steps
 
 
 @dataclass
@@ -39,6 +39,7 @@ class RunStats:
     busy_rows: list = field(default_factory=list)  # per pass: rows verified or joining / rows
     busy_waiting: list = field(default_factory=list)  # the same, over passes while requests waited
     k_history: list = field(default_factory=list)
+    pass_log: list = field(default_factory=list)  # per verification: (k, seconds the backend timed)
 
     def as_dict(self) -> dict:
         return {
@@ -54,6 +55,8 @@ class RunStats:
             "tokens_per_seq_pass": round((self.tokens - self.first_tokens) / self.seq_passes, 4)
             if self.seq_passes else None,
             "k_mean": round(float(np.mean(self.k_history)), 3) if self.k_history else 0,
+            "k_counts": {int(k): int(n) for k, n in zip(*np.unique(self.k_history, return_counts=True))},
+            "pass_log": [(int(k), round(float(t), 4)) for k, t in self.pass_log],
             "batches": self.batches,
             "joins": self.joins,
             "joined": self.joined,
@@ -278,7 +281,7 @@ class Generator:
             return
         if self.cfg.adaptive_k and self.pass_times.mean:
             _, t_draft = self.backend.timings()
-            b.k = choose_k(b.alpha, self.pass_times, t_draft, 1, self.cfg.k_max)
+            b.k = adaptive_k(b.alpha, self.pass_times, t_draft, self.cfg.k_max)
         else:
             b.k = self.cfg.k
         self.backend.propose(b.bid, b.k, b.uniforms(b.k))
@@ -308,7 +311,9 @@ class Generator:
         for b, k, h in handles:
             res = be.get(h)
             if k:
-                self.pass_times.observe(k, be.timings()[0])
+                t = be.timings()[0]
+                self.pass_times.observe(k, t)
+                self.stats.pass_log.append((k, t))
             self._apply(b, res, k)
             if self._queue is not None:
                 self._refill(b)

@@ -73,26 +73,56 @@ def alpha_from_accepted(mean_accepted: float, k: int) -> float:
 
 
 class PassTimes:
-    """Seconds per target pass as a function of k, from the passes seen so far: a pass
-    verifies k+1 tokens per sequence, so its CPU attention and GPU compute grow with k while
-    the weight copy does not. A line through the per-k running means (one k seen: flat)."""
+    """Seconds per target pass as a function of k, from recent passes: a pass verifies k+1
+    tokens per sequence, so its CPU attention and GPU compute grow with k while the weight copy
+    does not. Between draft lengths seen it interpolates, beyond them it extends the nearest
+    segment; the per-k means are made non-decreasing (a longer block never costs less).
 
-    def __init__(self):
+    Local, not one line through every k: the cost bends (copy-bound at small k, chain-bound
+    above), and one slow pass at a far k tilted a global line so steeply that W4 (session 20)
+    settled at k 1 for its whole run. A k not seen for `horizon` passes is forgotten for the
+    same reason: contexts grow, and a one-off must not steer the rest of a run."""
+
+    def __init__(self, horizon: int = 24):
         self.mean: dict[int, float] = {}
+        self.last: dict[int, int] = {}  # k -> the pass that last observed it
+        self.horizon, self.passes = horizon, 0
 
     def observe(self, k: int, seconds: float):
+        self.passes += 1
         m = self.mean.get(k)
         self.mean[k] = seconds if m is None else 0.6 * m + 0.4 * seconds
+        self.last[k] = self.passes
+        for old in [j for j, n in self.last.items() if self.passes - n > self.horizon]:
+            del self.mean[old], self.last[old]
+
+    def seen(self) -> tuple[int, int] | None:
+        """(shortest, longest) draft length with a current estimate."""
+        return (min(self.mean), max(self.mean)) if self.mean else None
+
+    def _curve(self) -> tuple[list, list]:
+        ks = sorted(self.mean)
+        # pool adjacent violators: noise that makes a longer block look cheaper is averaged away
+        blocks = []  # [sum, count] per pooled run of ks
+        for k in ks:
+            blocks.append([self.mean[k], 1])
+            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+                s, n = blocks.pop()
+                blocks[-1][0] += s
+                blocks[-1][1] += n
+        ts = [s / n for s, n in blocks for _ in range(n)]
+        return ks, ts
 
     def __call__(self, k: int) -> float:
         if not self.mean:
             return 1.0
-        ks = np.array(list(self.mean), float)
-        ts = np.array(list(self.mean.values()))
+        ks, ts = self._curve()
         if len(ks) == 1:
-            return float(ts[0])
-        slope = max(float(np.polyfit(ks, ts, 1)[0]), 0.0)  # noise must not make long blocks look free
-        return float(ts.mean() + slope * (k - ks.mean()))
+            return ts[0]
+        i = min(max(int(np.searchsorted(ks, k)), 1), len(ks) - 1)  # the segment [i-1, i] nearest k
+        slope = (ts[i] - ts[i - 1]) / (ks[i] - ks[i - 1])
+        # below the shortest k seen the line may not fall under half that pass (the copy stays)
+        return max(ts[i - 1] + slope * (k - ks[i - 1]), 0.5 * ts[0])
 
 
 def choose_k(alpha: float, t_pass, t_draft_step: float, k_min: int, k_max: int) -> int:
@@ -106,3 +136,15 @@ def choose_k(alpha: float, t_pass, t_draft_step: float, k_min: int, k_max: int) 
         if rate > best_rate:
             best, best_rate = k, rate
     return best
+
+
+K_REACH = 2  # adaptive k tries at most this far beyond the draft lengths it has timed
+
+
+def adaptive_k(alpha: float, pass_times: PassTimes, t_draft_step: float, k_max: int) -> int:
+    """choose_k within reach of the draft lengths timed so far: a length far from them is a
+    guess (one timed length looks flat, so the longest block would win), and a step at a time
+    measures the bend before trusting it."""
+    lo, hi = pass_times.seen()
+    return choose_k(alpha, pass_times, t_draft_step, max(1, min(lo - K_REACH, k_max)), max(1, min(k_max, hi + K_REACH)))
+

@@ -287,3 +287,61 @@ def test_pass_time_model_follows_k():
     assert flat == 16 and choose_k(0.8, pt, 0.01, 1, 16) < flat
     pt.observe(10, 1.0)  # noise that makes longer blocks look cheaper is not believed
     assert pt(16) >= pt(4)
+    pt.observe(2, 1.5)  # between lengths seen it interpolates, beyond them the nearest segment goes on
+    assert abs(pt(3) - (1.5 + pt(4)) / 2) < 1e-9 and abs(pt(1) - (1.5 - (pt(4) - 1.5) / 2)) < 1e-9
+
+
+def test_pass_times_forget_what_they_have_not_seen_lately():
+    from specoffload.scheduler.schedule import PassTimes
+
+    pt = PassTimes(horizon=5)
+    pt.observe(9, 8.0)
+    for _ in range(5):
+        pt.observe(3, 2.0)
+    assert pt.seen() == (3, 9)
+    pt.observe(3, 2.0)
+    assert pt.seen() == (3, 3) and pt(9) == 2.0
+
+
+def _adaptive_run(pass_s, passes: int = 75, alpha: float = 0.8, k0: int = 4, t_draft: float = 0.02) -> list:
+    """The draft lengths the generator's adaptive k picks pass after pass, with acceptance
+    alpha known and a pass of length k taking pass_s(k) seconds."""
+    from specoffload.scheduler.schedule import PassTimes, adaptive_k
+
+    pt, k, ks = PassTimes(), k0, []
+    for _ in range(passes):
+        ks.append(k)
+        pt.observe(k, pass_s(k))
+        k = adaptive_k(alpha, pt, t_draft, 16)
+    return ks
+
+
+def test_adaptive_k_settles_where_tokens_per_second_peak():
+    """A chain-bound pass: 1.45 s plus 0.14 s per draft token (W4's figures, session 20). At
+    alpha 0.8 tokens per second, E(k) / (t(k) + k t_draft), peak at one k; the loop finds it."""
+    from specoffload.scheduler.schedule import choose_k
+
+    def t(k):
+        return 1.45 + 0.14 * k
+
+    best = choose_k(0.8, t, 0.02, 1, 16)
+    ks = _adaptive_run(t)
+    # a length it has not timed for `horizon` passes drops out, so it probes now and then
+    near = [abs(k - best) <= 1 for k in ks[20:]]
+    assert 4 <= best <= 8 and sum(near) >= 0.9 * len(near), (best, ks)
+
+
+def test_one_slow_pass_at_a_new_length_does_not_steer_the_run():
+    """Session 20's W4 run settled near k 1 (k_mean 1.19 over 75 passes): one slow pass at a
+    long block, read through one line over every length seen, made every k > 1 look too costly,
+    and k 1 then never timed anything else. A one-off of 5 s on the first pass at each k >= 6
+    (an allocation, a capture) must cost a few passes, not the run."""
+    first = set()
+
+    def t(k):
+        extra = 5.0 if k >= 6 and k not in first else 0.0
+        first.add(k)
+        return 1.45 + 0.14 * k + extra
+
+    ks = _adaptive_run(t)
+    assert sum(ks[-40:]) / 40 >= 4.5, ks
