@@ -39,7 +39,8 @@ class RunStats:
     busy_rows: list = field(default_factory=list)  # per pass: rows verified or joining / rows
     busy_waiting: list = field(default_factory=list)  # the same, over passes while requests waited
     k_history: list = field(default_factory=list)
-    pass_log: list = field(default_factory=list)  # per verification: (k, seconds the backend timed)
+    # per verification: (k, seconds the backend timed, whether adaptive k took it as k's cost)
+    pass_log: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {
@@ -56,7 +57,7 @@ class RunStats:
             if self.seq_passes else None,
             "k_mean": round(float(np.mean(self.k_history)), 3) if self.k_history else 0,
             "k_counts": {int(k): int(n) for k, n in zip(*np.unique(self.k_history, return_counts=True))},
-            "pass_log": [(int(k), round(float(t), 4)) for k, t in self.pass_log],
+            "pass_log": [(int(k), round(float(t), 4), bool(u)) for k, t, u in self.pass_log],
             "batches": self.batches,
             "joins": self.joins,
             "joined": self.joined,
@@ -107,6 +108,7 @@ class _Batch:
         self.bid, self.reqs = bid, list(reqs)
         self.k = 0  # draft length of the proposals made for the next verification
         self.has_proposals = False
+        self.verified = False  # a target pass has verified this batch
         self.alpha = 0.7  # running per-token acceptance estimate (prior before any measurement)
         self.joining = None  # (batch of waiting requests, its prefill handle) to merge after the next pass
         self.rng_states = []  # a joining batch's requests' sampling streams as they were before it
@@ -122,6 +124,7 @@ class Generator:
         self.stats = RunStats()
         self._next_bid = 0
         self.pass_times = PassTimes()
+        self._k_tried: set = set()  # draft lengths some pass has verified
         self._queue, self._cap = None, None  # requests waiting for rows (refill in place)
         self._join_cap = None  # most rows a join may take, once one did not fit (_retreat)
 
@@ -308,12 +311,20 @@ class Generator:
             self.stats.busy_rows.append(busy)
             if self._queue:
                 self.stats.busy_waiting.append(busy)
+        rode = {b.bid for b in verify if b.joining is not None and self._deferred_joins()}
         for b, k, h in handles:
             res = be.get(h)
             if k:
                 t = be.timings()[0]
-                self.pass_times.observe(k, t)
-                self.stats.pass_log.append((k, t))
+                # Only a pass that did nothing else measures k's cost. Not a batch's first (its
+                # prefill's last K/V stores still land), nor the first at a new k (buffers grow:
+                # W4, session 20, +0.9 s at k 5 against 1.9 s at k 3), nor one a join rode.
+                timed = b.verified and k in self._k_tried and b.bid not in rode
+                if timed:
+                    self.pass_times.observe(k, t)
+                self._k_tried.add(k)
+                self.stats.pass_log.append((k, t, timed))
+            b.verified = True
             self._apply(b, res, k)
             if self._queue is not None:
                 self._refill(b)

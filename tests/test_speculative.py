@@ -84,6 +84,13 @@ def test_adaptive_k_stays_lossless(tiny_dir):
                                                      batch_size=4)).run(reqs)
     assert [r.out for r in reqs] == want
     assert max(stats.k_history) > 2  # full acceptance pushes k up
+    # Adaptive k takes as k's cost only passes that did nothing else: not the batch's first
+    # (one batch of 4 here), nor the first at each k (a new k grows buffers).
+    first = {}
+    for i, (k, _, _) in enumerate(stats.pass_log):
+        first.setdefault(k, i)
+    timed = [t for _, _, t in stats.pass_log]
+    assert timed == [i > 0 and first[k] != i for i, (k, _, _) in enumerate(stats.pass_log)] and any(timed)
 
 
 def test_draft_vocab_mismatch_is_an_error(tiny_dir):
