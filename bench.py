@@ -487,6 +487,9 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
               "the last request: " +
               ", ".join(f"{r['mode']} {r['rows_busy']} ({r['passes_rows_busy_90']}; {r['rows_busy_while_waiting']}), "
                         f"{r['joins']} joins, {r['time_to_last_s']} s" for r in results))
+    if any(r.get("k_counts") for r in results):
+        print("draft lengths (k: passes): " + ", ".join(
+            f"{r['mode']} " + " ".join(f"{k}:{n}" for k, n in r["k_counts"].items()) for r in results if r.get("k_counts")))
     fair = max((r for r in results if r["mode"].startswith("none+r")), key=lambda r: r["tokens_per_s"], default=None)
     if fair:
         print(f"against {fair['mode']} (none keeping {resident} target layers on the GPU, own actors): " +

@@ -22,6 +22,14 @@ class ActorError(SpecOffloadError):
     taken by something else); the message names the log with its traceback. The CLI exits 1."""
 
 
+def root_cause(err: BaseException) -> BaseException:
+    """The exception an engine actor raised, inside the error Ray hands the driver (a
+    RayTaskError carries it as `cause`, once per actor hop)."""
+    while getattr(err, "cause", None) is not None and err.cause is not err:
+        err = err.cause
+    return err
+
+
 def from_actor_init(err: Exception) -> Exception:
     """The user-facing error inside a Ray actor whose constructor raised one, else `err`.
 

@@ -7,7 +7,6 @@ It is a threaded actor so the driver can poll finished requests while a run is g
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -28,6 +27,7 @@ from .gpu_executor import GPUExecutor
 from .guard import guarded
 from .io_loader import IOLoader
 from .metrics import RunMetrics
+from .supervisor import pid_of
 
 ACTOR_NAMES = ("io_loader", "gpu_executor", "cpu_attention")
 
@@ -71,10 +71,6 @@ def _kill_run(coordinator, run_id: str):
             ray.get(loader.ready.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - RayActorError: it is dead
             pass
-
-
-def _pid(actor) -> int:
-    return os.getpid()
 
 
 def _kill_and_wait(actor, timeout: float = 60.0):
@@ -154,7 +150,7 @@ class Coordinator:
         self.info["attention_threads"] = ray.get(self.attention.ready.remote())
         # Doorbell waits check their peer's process: the executor writes the worker's pid into
         # each mailbox it makes, so a worker that dies before it maps one is still seen gone.
-        ray.get(self.executor.set_worker_pid.remote(ray.get(self.attention.__ray_call__.remote(_pid))))
+        ray.get(self.executor.set_worker_pid.remote(ray.get(self.attention.__ray_call__.remote(pid_of))))
         self.info["host_load_s"] = round(load_s, 1)
         lt = manifest.get("times_s", {})  # where the host load went (the start line prints it)
         self.info["host_parts_s"] = {"up": round(lt["up"] - t_wall, 1), "read": lt["read"], "write": lt["write"],

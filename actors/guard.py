@@ -85,11 +85,9 @@ def user_error(err: BaseException, run_id: str | None) -> BaseException:
     actor's own exception, or a RayActorError when one died): a SpecOffloadError of the same
     kind with the same message, else an ActorError with the exception's last line; both name
     the log with the actors' tracebacks."""
-    from ..errors import ActorError, SpecOffloadError, from_actor_init
+    from ..errors import ActorError, SpecOffloadError, from_actor_init, root_cause
 
-    cause = err
-    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
-        cause = cause.cause
+    cause = root_cause(err)
     if not isinstance(cause, SpecOffloadError):
         cause = from_actor_init(cause)  # an actor that died in its constructor anyway
     where = f" (actor tracebacks: {log_path(run_id)})" if run_id else ""

@@ -60,14 +60,19 @@ def actors(run_id: str) -> dict:
     return out
 
 
-def actor_pids(run_id: str) -> dict:
-    """role -> pid of the run's actor processes (fault-injection tests kill them by pid)."""
+def pid_of(_actor) -> int:
+    """An actor's process id, run inside it: `handle.__ray_call__.remote(pid_of)`."""
     import os
 
+    return os.getpid()
+
+
+def actor_pids(run_id: str) -> dict:
+    """role -> pid of the run's actor processes (fault-injection tests kill them by pid)."""
     import ray
 
     handles = actors(run_id)
-    pids = ray.get([h.__ray_call__.remote(lambda self: os.getpid()) for h in handles.values()], timeout=60)
+    pids = ray.get([h.__ray_call__.remote(pid_of) for h in handles.values()], timeout=60)
     return dict(zip(handles, pids))
 
 

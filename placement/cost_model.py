@@ -118,9 +118,8 @@ def target_pass_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, quer
                   resident: int = 0, disk: int = 0) -> float:
     """Seconds of one target pass: `batch` sequences, `queries` new tokens each (k + 1), over
     `context` cached tokens, with `resident` layers on the GPU and `disk` layers read from disk."""
-    lb = layer_bytes(spec)
-    copy = lb / (hw.h2d_GBps * 1e9)
-    copy_disk = lb / (min(hw.h2d_GBps, hw.disk_GBps) * 1e9)
+    copy = layer_copy_s(hw, spec)
+    copy_disk = layer_bytes(spec) / (min(hw.h2d_GBps, hw.disk_GBps) * 1e9)
     chain = layer_chain_s(hw, cm, spec, batch, queries, context)
     streamed = spec.num_layers - resident - disk
     return resident * chain + streamed * max(copy, chain) + disk * max(copy_disk, chain)

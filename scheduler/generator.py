@@ -74,13 +74,9 @@ class RunStats:
 
 def _is_capacity_error(err: BaseException) -> bool:
     """err is a CapacityError, or an actor's error that carries one."""
-    from ..errors import CapacityError
+    from ..errors import CapacityError, root_cause
 
-    while err is not None:
-        if isinstance(err, CapacityError):
-            return True
-        err = getattr(err, "cause", None) if getattr(err, "cause", None) is not err else None
-    return False
+    return isinstance(err, CapacityError) or isinstance(root_cause(err), CapacityError)
 
 
 def fill_holes(keep: list[int]) -> list[int]:

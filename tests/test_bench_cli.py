@@ -25,6 +25,10 @@ def test_bench_tiny_workload_prints_ratios(tmp_path):
     res = json.loads((tmp_path / "b.json").read_text())["results"]
     assert res[1]["acceptance"] is not None and res[1]["tokens"] == res[0]["tokens"] == 4 * 6
     assert res[1]["k_mean"] == 2 and 1 <= res[2]["k_mean"] <= 16  # fixed k, and k chosen by the loop
+    # per mode, passes by draft length, and each verification's (k, seconds, timed for adaptive k)
+    assert res[1]["k_counts"] == {"2": len(res[1]["pass_log"])} and all(k == 2 for k, _, _ in res[1]["pass_log"])
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("draft lengths (k: passes): "))
+    assert f"single@2 2:{len(res[1]['pass_log'])}" in line and "none" not in line
     assert [r["micro_batches"] for r in res] == [1, 1, 2, 1, 1]  # /m2 applies to its mode only
     assert res[3]["tokens"] == 4 * 6 and res[3]["acceptance"] is not None  # two batches of 2, drafted
     assert res[4]["tokens"] == 4 * 6 and res[4]["acceptance"] is not None
