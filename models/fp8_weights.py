@@ -135,14 +135,16 @@ class Fp8Weight:
         q = x2 / sx
         return (q if self.input_scale is None else q.clamp(-FP8_MAX, FP8_MAX)).to(FP8)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., in] -> [..., out] in x's dtype."""
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, shared: "SharedInput | None" = None
+               ) -> torch.Tensor:
+        """x [..., in] -> [..., out] in x's dtype. shared: x as other matrices reading it have
+        quantized it (see SharedInput)."""
         key = (x.device.type, x.dtype)
         if x.device.type != "cuda":
-            return self.reference_linear(x, bias)
+            return self.reference_linear(x, bias, shared)
         if not self.block and key not in _SCALED_MM_FAILED:
             try:
-                y = self._scaled(x)
+                y = self._scaled(x, shared)
                 return y if bias is None else y + bias
             except torch.OutOfMemoryError:
                 raise  # not a refusal: widening would need more memory still
@@ -155,20 +157,27 @@ class Fp8Weight:
             x = (self.quantize_input(x2, sx).to(x.dtype) * sx.to(x.dtype)).reshape(x.shape)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
-    def reference_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def reference_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                         shared: "SharedInput | None" = None) -> torch.Tensor:
         """The dequantize path: what the fp8 kernel computes, in fp32 (see the module's docstring)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        sx = self.input_scales(x2)
-        xf = x2.float() if sx is None else self.quantize_input(x2, sx).float() * sx
+        xq, sx = self._quantized(x2, shared)
+        xf = x2.float() if sx is None else xq.float() * sx
         y = F.linear(xf, self.dequantize(torch.float32), None if bias is None else bias.float())
         return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
 
-    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+    def _quantized(self, x2: torch.Tensor, shared: "SharedInput | None"):
+        """(x2 in fp8, its [M, 1] scales), or (None, None) where inputs stay as they are."""
+        if shared is not None and self.input_scale is None and not self.block:
+            return shared.per_token(self, x2)
+        sx = self.input_scales(x2)
+        return (None, None) if sx is None else (self.quantize_input(x2, sx), sx)
+
+    def _scaled(self, x: torch.Tensor, shared: "SharedInput | None" = None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        sx = self.input_scales(x2)  # [M, 1]
-        xq = self.quantize_input(x2, sx)
+        xq, sx = self._quantized(x2, shared)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         y = torch._scaled_mm(xq, self.data.t(), scale_a=sx, scale_b=self.scale_row, out_dtype=out_dtype)
         return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
@@ -191,6 +200,28 @@ class Fp8Weight:
     def to(self, device, non_blocking: bool = False) -> "Fp8Weight":
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Fp8Weight(mv(self.data), mv(self.scale), mv(self.input_scale))
+
+
+SHARE_INPUTS = True  # False: each matrix quantizes its input itself (profile_prefill_layer --unshared)
+
+
+class SharedInput:
+    """One input read by several matrices (q, k and v; gate and up). Where they are row-scaled
+    fp8 with per-token input scales, the input is quantized once for all of them: the values
+    each would make of it alone, since neither its scales nor its fp8 copy depend on the
+    matrix. A W4 prefill layer (8,192 tokens) quantized its input three times for q/k/v and
+    twice for gate/up; kernels other than its matmuls took 9.4 of its 21.7 ms on the GPU
+    (scripts/profile_prefill_layer.py, docs/benchmarks.md, session 20)."""
+
+    def __init__(self):
+        self._q = None  # (fp8 copy, [M, 1] scales) of the input, once a matrix asked
+
+    def per_token(self, w: Fp8Weight, x2: torch.Tensor):
+        """x2 [M, in] quantized per token; one SharedInput serves one input only."""
+        if self._q is None or not SHARE_INPUTS:
+            sx = w.input_scales(x2)
+            self._q = (w.quantize_input(x2, sx), sx)
+        return self._q
 
 
 def gathered(w: dict) -> dict:

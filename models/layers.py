@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fp8_weights import Fp8Weight, gathered
+from .fp8_weights import Fp8Weight, SharedInput, gathered
 from .host_io import to_host
 from .rope import rope_table
 from .spec import ModelSpec
@@ -79,9 +79,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
 
 
-def _linear(x, w, b=None):
+def _linear(x, w, b=None, shared: SharedInput | None = None):
+    """shared: x's quantization, for fp8 matrices that read the same x (SharedInput)."""
     if isinstance(w, Fp8Weight):  # an fp8 matrix, the draft's or the target's (models/fp8_weights.py)
-        return w.linear(x, b)
+        return w.linear(x, b, shared)
     return F.linear(x, w, b)
 
 
@@ -95,7 +96,8 @@ def pre_attention(spec: ModelSpec, w: dict, h: torch.Tensor, cos, sin):
         if "q_bias" in w:
             q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     else:
-        q, k, v = (_linear(x, w[n], w.get(f"{n}_bias")) for n in ("q", "k", "v"))
+        shared = SharedInput()
+        q, k, v = (_linear(x, w[n], w.get(f"{n}_bias"), shared) for n in ("q", "k", "v"))
     q, k, v = q.view(T, spec.num_heads, d), k.view(T, spec.num_kv_heads, d), v.view(T, spec.num_kv_heads, d)
     if spec.qk_norm:
         q = rms_norm(q, w["q_norm"], spec.rms_eps)
@@ -132,7 +134,8 @@ def _dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
     if "gate_up" in w:  # an fp8 draft's stacked gate/up
         g, u = _linear(x, w["gate_up"]).chunk(2, dim=-1)
         return _linear(_act(spec, g) * u, w["down"])
-    return _linear(_act(spec, _linear(x, w["gate"])) * _linear(x, w["up"]), w["down"])
+    shared = SharedInput()
+    return _linear(_act(spec, _linear(x, w["gate"], shared=shared)) * _linear(x, w["up"], shared=shared), w["down"])
 
 
 def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
@@ -170,7 +173,8 @@ def moe_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, grouped: bool | None = No
     if out is None:
         out = _experts_loop(spec, w, x, tok, weight, counts)
     if "shared_gate" in w:  # transformers' order: routed experts + sigmoid(gate) * shared expert
-        shared = _linear(_act(spec, _linear(x, w["s_gate"])) * _linear(x, w["s_up"]), w["s_down"])
+        xs = SharedInput()
+        shared = _linear(_act(spec, _linear(x, w["s_gate"], shared=xs)) * _linear(x, w["s_up"], shared=xs), w["s_down"])
         out = out + torch.sigmoid(_linear(x, w["shared_gate"])) * shared
     return out
 

@@ -8,6 +8,8 @@ chunk sizes (`models.layers.DENSE_CHUNK_BYTES`, the intermediate made at once).
 Prints per chunk size the median milliseconds of a layer, its TFLOP/s (matmuls only), the peak
 memory it allocated above its inputs, and the largest output difference against the first
 chunk size; then, for the first and the last size, the ten costliest kernels (torch.profiler).
+`--unshared` adds each size with q/k/v and gate/up quantizing their input one by one (before
+fp8_weights.SharedInput): same outputs, the time it saves.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-mib", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--bf16", action="store_true", help="the layer in bf16 instead of fp8")
+    ap.add_argument("--unshared", action="store_true",
+                    help="also time each chunk size with every matrix quantizing its input itself "
+                         "(fp8_weights.SHARE_INPUTS off, as before session 20)")
     a = ap.parse_args(argv)
     import torch
 
@@ -67,9 +72,12 @@ def main(argv=None) -> int:
         return f.h
 
     rows, outs = [], {}
-    for mib in a.chunk_mib:
+    runs = [(mib, True) for mib in a.chunk_mib] + ([(mib, False) for mib in a.chunk_mib] if a.unshared else [])
+    for mib, share in runs:
         layers.DENSE_CHUNK_BYTES = mib << 20
-        outs[mib] = layer()  # warm-up
+        fp8_weights.SHARE_INPUTS = share
+        out = layer()  # warm-up
+        outs.setdefault(mib, out)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
@@ -82,8 +90,9 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t0)
         peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         ms = statistics.median(times) * 1e3
-        diff = (outs[mib].float() - outs[a.chunk_mib[0]].float()).abs().max().item()
-        rows.append((mib, ms, flops / (ms / 1e3) / 1e12, peak, diff))
+        diff = (out.float() - outs[a.chunk_mib[0]].float()).abs().max().item()
+        rows.append((mib if share else f"{mib} unshared", ms, flops / (ms / 1e3) / 1e12, peak, diff))
+    fp8_weights.SHARE_INPUTS = True
     if fp8_weights._SCALED_MM_FAILED:
         print(f"NOTE: torch._scaled_mm refused {sorted(fp8_weights._SCALED_MM_FAILED)}: widened bf16 weights ran")
     for mib in dict.fromkeys((a.chunk_mib[0], a.chunk_mib[-1])):

@@ -67,6 +67,65 @@ def test_dequantize_path_computes_what_the_kernel_does():
     assert _rel(widened, ref) < 0.08 and _rel(kernel + 1, widened) < 5e-3  # the kernel writes bf16
 
 
+def _counting_quantizations(monkeypatch) -> list:
+    calls = []
+    real = Fp8Weight.quantize_input
+
+    def counted(self, x2, sx):
+        calls.append(tuple(x2.shape))
+        return real(self, x2, sx)
+
+    monkeypatch.setattr(Fp8Weight, "quantize_input", counted)
+    return calls
+
+
+def test_matrices_reading_one_input_quantize_it_once(monkeypatch):
+    """q/k/v (and gate/up) read the same input: with per-token input scales it is quantized
+    once for all of them, and each product is bit for bit what quantizing it alone gives, in
+    the fp8 kernel's path (torch's CPU build runs _scaled_mm) and in the reference's."""
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    ws = [Fp8Weight.quantize(_weight(out, 64, seed)) for out, seed in ((96, 0), (32, 1), (32, 2))]
+    alone = [w._scaled(x) for w in ws] + [w.reference_linear(x) for w in ws]
+    calls = _counting_quantizations(monkeypatch)
+    shared = fp8_weights.SharedInput()
+    together = [w._scaled(x, shared) for w in ws]
+    assert len(calls) == 1
+    shared = fp8_weights.SharedInput()
+    together += [w.reference_linear(x, None, shared) for w in ws]
+    assert len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
+@pytest.mark.parametrize("static,share", [(False, True), (True, True), (False, False)])
+def test_a_layer_quantizes_each_input_once_unless_scales_are_static(monkeypatch, static, share):
+    """A dense layer's halves: one quantization for q/k/v and one each for gate/up and down.
+    A checkpoint's static input scales are each matrix's own: nothing is shared then. Nor with
+    SHARE_INPUTS off (what profile_prefill_layer --unshared times)."""
+    monkeypatch.setattr(fp8_weights, "SHARE_INPUTS", share)
+    from transformers import LlamaConfig
+
+    from specoffload.models.layers import dense_ffn
+    from specoffload.models.spec import ModelSpec
+
+    spec = ModelSpec.from_hf_config(LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                num_attention_heads=4, num_key_value_heads=2), dtype="float32")
+    g = torch.Generator().manual_seed(4)
+    shapes = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "gate": (128, 64), "up": (128, 64), "down": (64, 128)}
+    w = {"ln1": torch.ones(64)}
+    for name, shape in shapes.items():
+        q = Fp8Weight.quantize(torch.randn(*shape, generator=g) * 0.05)
+        w[name] = Fp8Weight(q.data, q.scale, torch.tensor([0.01]) if static else None)
+    h = torch.randn(5, 64, generator=g)
+    cos, sin = rope_cos_sin(spec, torch.arange(5), torch.float32)
+    calls = _counting_quantizations(monkeypatch)
+    pre_attention(spec, w, h, cos, sin)
+    shared = share and not static
+    assert len(calls) == (1 if shared else 3)
+    calls.clear()
+    dense_ffn(spec, w, h)
+    assert len(calls) == (2 if shared else 3)
+
+
 def test_only_dense_matrices_are_quantized():
     w = {"q": torch.randn(8, 4), "ln1": torch.ones(4), "q_bias": torch.zeros(8), "w_gate": torch.randn(2, 6, 4),
          "router": torch.randn(2, 4)}
