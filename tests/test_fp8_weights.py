@@ -126,6 +126,28 @@ def test_a_layer_quantizes_each_input_once_unless_scales_are_static(monkeypatch,
     assert len(calls) == (2 if shared else 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_kernel_quantization_gives_the_two_steps_values(dtype):
+    """div_into_fp8 (CUDA's input quantization) is bit for bit (x / s).to(fp8), including
+    values that round across fp8's steps, the largest ones and zeros."""
+    x = (torch.randn(64, 256, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    x[0, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e30]).to(dtype)
+    sx = Fp8Weight.quantize(_weight()).input_scales(x)
+    two = (x / sx).to(torch.float8_e4m3fn)
+    one = fp8_weights.div_into_fp8(x, sx)
+    assert one.dtype == torch.float8_e4m3fn and torch.equal(one.view(torch.uint8), two.view(torch.uint8))
+
+
+@cuda_only
+def test_input_quantization_on_cuda_is_one_kernel_and_the_same():
+    x = (torch.randn(64, 256, generator=torch.Generator().manual_seed(6)) * 3).to(torch.bfloat16).cuda()
+    w = Fp8Weight.quantize(_weight(96, 256)).to("cuda")
+    sx = w.input_scales(x)
+    got = w.quantize_input(x, sx)
+    assert "cuda" not in fp8_weights._DIV_INTO_FP8_FAILED
+    assert torch.equal(got.view(torch.uint8), (x / sx).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
 def test_only_dense_matrices_are_quantized():
     w = {"q": torch.randn(8, 4), "ln1": torch.ones(4), "q_bias": torch.zeros(8), "w_gate": torch.randn(2, 6, 4),
          "router": torch.randn(2, 4)}
