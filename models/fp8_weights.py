@@ -218,7 +218,7 @@ class Fp8Weight:
         return Fp8Weight(mv(self.data), mv(self.scale), mv(self.input_scale))
 
 
-SHARE_INPUTS = True  # False: each matrix quantizes its input itself (profile_prefill_layer --unshared)
+SHARE_INPUTS = True  # False: each matrix quantizes its input itself (profile_prefill_layer --before)
 
 
 class SharedInput:

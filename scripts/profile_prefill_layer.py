@@ -8,8 +8,8 @@ chunk sizes (`models.layers.DENSE_CHUNK_BYTES`, the intermediate made at once).
 Prints per chunk size the median milliseconds of a layer, its TFLOP/s (matmuls only), the peak
 memory it allocated above its inputs, and the largest output difference against the first
 chunk size; then, for the first and the last size, the ten costliest kernels (torch.profiler).
-`--unshared` adds each size with q/k/v and gate/up quantizing their input one by one (before
-fp8_weights.SharedInput): same outputs, the time it saves.
+`--before` adds each size with the input quantization as it was before session 20 (q/k/v and
+gate/up each quantizing their input, in two kernels): the same outputs, and the time saved.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-mib", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--bf16", action="store_true", help="the layer in bf16 instead of fp8")
-    ap.add_argument("--unshared", action="store_true",
-                    help="also time each chunk size with every matrix quantizing its input itself "
-                         "(fp8_weights.SHARE_INPUTS off, as before session 20)")
+    ap.add_argument("--before", action="store_true",
+                    help="also time each chunk size as before session 20: every matrix quantizing its "
+                         "input itself (fp8_weights.SHARE_INPUTS off), in two steps (x / s, then fp8)")
     a = ap.parse_args(argv)
     import torch
 
@@ -72,10 +72,14 @@ def main(argv=None) -> int:
         return f.h
 
     rows, outs = [], {}
-    runs = [(mib, True) for mib in a.chunk_mib] + ([(mib, False) for mib in a.chunk_mib] if a.unshared else [])
-    for mib, share in runs:
+    runs = [(mib, True) for mib in a.chunk_mib] + ([(mib, False) for mib in a.chunk_mib] if a.before else [])
+    for mib, now in runs:
         layers.DENSE_CHUNK_BYTES = mib << 20
-        fp8_weights.SHARE_INPUTS = share
+        fp8_weights.SHARE_INPUTS = now
+        if now:  # today's one-kernel quantization, or the two steps it replaced
+            fp8_weights._DIV_INTO_FP8_FAILED.discard("cuda")
+        else:
+            fp8_weights._DIV_INTO_FP8_FAILED.add("cuda")
         out = layer()  # warm-up
         outs.setdefault(mib, out)
         torch.cuda.synchronize()
@@ -91,8 +95,9 @@ def main(argv=None) -> int:
         peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         ms = statistics.median(times) * 1e3
         diff = (out.float() - outs[a.chunk_mib[0]].float()).abs().max().item()
-        rows.append((mib if share else f"{mib} unshared", ms, flops / (ms / 1e3) / 1e12, peak, diff))
+        rows.append((mib if now else f"{mib}, as before", ms, flops / (ms / 1e3) / 1e12, peak, diff))
     fp8_weights.SHARE_INPUTS = True
+    fp8_weights._DIV_INTO_FP8_FAILED.discard("cuda")
     if fp8_weights._SCALED_MM_FAILED:
         print(f"NOTE: torch._scaled_mm refused {sorted(fp8_weights._SCALED_MM_FAILED)}: widened bf16 weights ran")
     for mib in dict.fromkeys((a.chunk_mib[0], a.chunk_mib[-1])):

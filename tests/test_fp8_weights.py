@@ -100,7 +100,7 @@ def test_matrices_reading_one_input_quantize_it_once(monkeypatch):
 def test_a_layer_quantizes_each_input_once_unless_scales_are_static(monkeypatch, static, share):
     """A dense layer's halves: one quantization for q/k/v and one each for gate/up and down.
     A checkpoint's static input scales are each matrix's own: nothing is shared then. Nor with
-    SHARE_INPUTS off (what profile_prefill_layer --unshared times)."""
+    SHARE_INPUTS off (what profile_prefill_layer --before times)."""
     monkeypatch.setattr(fp8_weights, "SHARE_INPUTS", share)
     from transformers import LlamaConfig
 
