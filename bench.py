@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default: the workload's).")
     ap.add_argument("--draft-layers", type=int, help="The number of layers of the (Mistral- or Qwen3-shaped) draft "
                                                      "(default: the workload's).")
-    ap.add_argument("--batch", type=int, help="The number of sequences per batch (default: the workload's).")
+    ap.add_argument("--batch", type=_batch_arg, help="The number of sequences per batch (default: the workload's), "
+                                                     "or 'max': the most that host memory (and the GPU cap, for "
+                                                     "the draft's KV) holds by the planner's account, with every "
+                                                     "target layer in host memory.")
     ap.add_argument("--spec-batch", type=int, help="The number of sequences per batch in speculative modes "
                                                    "(default: --batch).")
     ap.add_argument("--requests", type=int, help="Requests per mode (default: one batch); more than a batch "
@@ -207,6 +210,47 @@ def _baseline_resident(a, tspec, cuda: bool) -> int:
     return n
 
 
+def _batch_arg(text: str):
+    if text == "max":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"needs a count >= 1 or 'max', got {text!r}")
+    return n
+
+
+def _candidate(a, draft, batch: int):
+    """The planner's candidate for this run's own placement (its schedule's kind, draft KV,
+    slots, prefill sub-batch) at `batch` sequences."""
+    from specoffload.placement.draft_kv import DraftKV
+    from specoffload.placement.planner import Candidate
+
+    kv = DraftKV("gpu", a.draft_window, a.draft_sinks if a.draft_window else 0, a.draft_kv_fp8)
+    return Candidate("none" if draft is None else "single", batch, k=a.k, kv=kv, draft_fp8=a.draft_fp8,
+                     slots=a.slots, prefill_batch=a.prefill_batch)
+
+
+def _largest_batch(a, tspec, dspec, cuda: bool) -> int:
+    """--batch max, by the planner's memory account on this machine (placement.planner.largest_batch)."""
+    from specoffload.errors import CapacityError, ConfigError
+    from specoffload.placement.hardware import measure
+    from specoffload.placement.planner import Workload, largest_batch
+
+    draft = None if a.no_draft else dspec
+    try:
+        hw = measure("cuda" if cuda else "cpu", a.gpu_memory if cuda else None, quick=True)
+        b, why = largest_batch(tspec, draft, _candidate(a, draft, 1),
+                               Workload(a.prompt_len, a.gen, a.requests or 1, a.agreement), hw)
+    except (CapacityError, ConfigError) as e:
+        raise BenchError(f"--batch max: {e}") from None
+    print(f"--batch max: {b} sequences of {a.prompt_len} + {a.gen} tokens "
+          f"({'one more: ' + why if why else 'the most it tries'})", flush=True)
+    return b
+
+
 def _resident(a, tspec, dspec, cuda: bool) -> int:
     """--resident: a count, or 'auto': what the GPU memory cap (--gpu-memory) holds beside this
     run's own placement; 0 without a GPU, where host and "device" are one memory."""
@@ -218,14 +262,11 @@ def _resident(a, tspec, dspec, cuda: bool) -> int:
     if not cuda:
         return 0
     from specoffload.errors import CapacityError, ConfigError
-    from specoffload.placement.draft_kv import DraftKV
     from specoffload.placement.plan import parse_bytes
-    from specoffload.placement.planner import Candidate, Workload, spare_layers
+    from specoffload.placement.planner import Workload, spare_layers
 
     draft = None if a.no_draft else dspec
-    kv = DraftKV("gpu", a.draft_window, a.draft_sinks if a.draft_window else 0, a.draft_kv_fp8)
-    c = Candidate("none" if draft is None else "single", max(a.batch, a.spec_batch or 0), k=a.k, kv=kv,
-                  draft_fp8=a.draft_fp8, slots=a.slots, prefill_batch=a.prefill_batch)
+    c = _candidate(a, draft, max(a.batch, a.spec_batch or 0))
     try:
         return spare_layers(tspec, draft, c, Workload(a.prompt_len, a.gen, a.requests or a.batch, a.agreement),
                             parse_bytes(a.gpu_memory))
@@ -521,6 +562,8 @@ def _main(argv):
         tsrc = Fp8Quantized(tsrc)
         tspec = tsrc.spec
     cuda = torch.cuda.is_available()
+    if a.batch == "max":
+        a.batch = _largest_batch(a, tspec, dspec, cuda)
     a.resident = _resident(a, tspec, dspec, cuda)
     plan = _plan(a, cuda)
     try:

@@ -180,6 +180,33 @@ def spare_layers(target: ModelSpec, draft: ModelSpec | None, c: Candidate, wl: W
     return int(min((gpu_memory - need) // cmod.layer_bytes(target), target.num_layers))
 
 
+def largest_batch(target: ModelSpec, draft: ModelSpec | None, c: Candidate, wl: Workload, hw: Hardware,
+                  cm: CostModel = CostModel(), cap: int = 8192) -> tuple[int, str]:
+    """The most sequences a batch of candidate `c`'s kind holds with every target layer in host
+    memory (none left on disk) and its own placement on the GPU, by the planner's account: the
+    host KV cache grows with the batch, and so does a draft's KV on the GPU. Returns the batch
+    and why one more does not fit ('' at `cap`). CapacityError if not even one sequence fits."""
+    def why_not(b: int) -> str:
+        p = _place(target, draft, 0, replace(c, batch=b), hw, replace(wl, requests=max(wl.requests, b)), cm)
+        if not p.fits:
+            return p.why
+        return f"{p.disk} target layers would be read from disk" if p.disk else ""
+
+    first = why_not(1)
+    if first:
+        raise CapacityError(f"not even one sequence fits: {first}")
+    if not why_not(cap):
+        return cap, ""
+    lo, hi = 1, cap  # lo fits, hi does not (both hold as the bounds close)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if why_not(mid):
+            hi = mid
+        else:
+            lo = mid
+    return lo, why_not(hi)
+
+
 def _place(target, draft, self_layers, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel) -> Candidate:
     """Resident layers from spare GPU memory, disk layers from missing host memory; or why not."""
     lb = cmod.layer_bytes(target)

@@ -106,6 +106,8 @@ def test_bench_resident_auto_fills_what_the_gpu_account_leaves(workload, flags):
     ("--copy-chunk-mib", "64,0", "--copy-chunk-mib needs a comma list of sizes >= 1, got '64,0'"),
     ("--micro-batches", "two", "--micro-batches needs a comma list of counts >= 1, got 'two'"),
     ("--doorbell", "1,2", "--doorbell needs a comma list of 0 and 1, got '1,2'"),
+    ("--batch", "0", "argument --batch: needs a count >= 1 or 'max', got '0'"),
+    ("--batch", "most", "argument --batch: needs a count >= 1 or 'max', got 'most'"),
 ])
 def test_bench_bad_lists_exit_2_before_the_actors_start(flag, value, msg):
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny", flag, value],
@@ -200,3 +202,23 @@ def test_an_engine_error_in_a_mode_is_one_line(monkeypatch, capsys):
     assert bench.main(["--workload", "tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["specoffload bench: error: prefill ran out of GPU memory at layer 0 (sub-batch of 32 sequences)"]
+
+
+def test_bench_batch_max_is_the_planners_largest_batch(monkeypatch, capsys):
+    """--batch max: what host memory holds beside every target layer (and the GPU cap, for the
+    draft's KV), by the planner's account on this machine; measured here as the planner does."""
+    from pathlib import Path
+
+    from specoffload import bench
+    from specoffload.placement import hardware
+    from specoffload.placement.hardware import Hardware
+    from specoffload.placement.planner import Workload, largest_batch
+
+    h200 = Hardware.from_file(Path(bench.__file__).parent / "configs" / "hardware" / "h200_design.json")
+    monkeypatch.setattr(hardware, "measure", lambda *a, **k: h200)
+    a = bench._options(["--workload", "w1", "--batch", "max", "--draft-window", "64", "--draft-fp8", "--slots", "2"])
+    tspec, dspec = bench.workload_shapes(a.workload, a.target_layers, a.draft_layers)
+    got = bench._largest_batch(a, tspec, dspec, cuda=True)
+    want, why = largest_batch(tspec, dspec, bench._candidate(a, dspec, 1), Workload(512, 128, 1, 0.8), h200)
+    assert got == want > 0
+    assert f"--batch max: {want} sequences of 512 + 128 tokens (one more: {why})" in capsys.readouterr().out

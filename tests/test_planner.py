@@ -310,3 +310,29 @@ def test_copy_pieces_are_small_where_the_chain_bounds_a_layer():
     chain = cm.layer_chain_s(traced, cm.CostModel(), mixtral_8x7b(), 192, 1, 512 + 64)
     assert chain < cm.layer_copy_s(traced, mixtral_8x7b())
     assert copy_chunk_mib(mixtral_8x7b(), w1.best, traced, W1, cm.CostModel()) == Plan.copy_chunk_mib
+
+
+def test_largest_batch_is_what_host_memory_holds_beside_every_layer(h200):
+    """`bench --batch max` (issue 19: the largest fp8 batch host memory allows). Without a
+    draft the host KV bounds it: the batch fits with no layer on disk and one more does not,
+    and an fp8 target (half the weights' bytes) holds more. A draft's KV ring on the GPU can
+    bound it first; a machine where nothing fits says so."""
+    from specoffload.placement.draft_kv import DraftKV
+    from specoffload.placement.planner import Candidate, _place, largest_batch
+
+    bf16, fp8 = mixtral_8x7b(), replace(mixtral_8x7b(), weights="fp8")
+    small = replace(h200, host_memory="120GB")
+    wl = Workload(512, 128, 1, 0.8)
+    got = {}
+    for spec in (bf16, fp8):
+        b, why = largest_batch(spec, None, Candidate("none", 1), wl, small)
+        at = lambda n: _place(spec, None, 0, Candidate("none", n), small, replace(wl, requests=n), cm.CostModel())  # noqa: E731
+        assert at(b).fits and at(b).disk == 0 and (not at(b + 1).fits or at(b + 1).disk > 0)
+        assert "host" in why or "disk" in why
+        got[spec.weights] = b
+    assert got["fp8"] > got[bf16.weights] > 0
+    ring = Candidate("single", 1, k=4, kv=DraftKV("gpu", None, 0, False), slots=4)
+    b_ring, why = largest_batch(fp8, mistral_7b(), ring, wl, replace(h200, gpu_memory="24GiB"))
+    assert b_ring < got["fp8"] and "GPU" in why
+    with pytest.raises(CapacityError, match="not even one sequence"):
+        largest_batch(bf16, None, Candidate("none", 1), wl, replace(h200, host_memory="20GB"))
