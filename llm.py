@@ -383,7 +383,7 @@ class LLM:
                 on_output(o)
 
         def progress(stats):
-            d = stats.as_dict() if hasattr(stats, "as_dict") else stats
+            d = stats.as_dict(log=False) if hasattr(stats, "as_dict") else stats
             post = {"tok/s": f"{d.get('tokens', 0) / max(time.perf_counter() - t0, 1e-9):.1f}"}
             if d.get("acceptance") is not None:
                 post["accept"] = f"{d['acceptance']:.2f}"

@@ -212,7 +212,7 @@ class Coordinator:
             self.metrics.request_finished()
 
         def progress(stats):
-            self._progress = stats.as_dict()
+            self._progress = stats.as_dict(log=False)
             self.metrics.progress(self._progress)
 
         self._running = reqs  # what `partial` reads if an actor dies under this run

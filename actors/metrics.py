@@ -42,6 +42,8 @@ METRICS = {
         "gauge", "Executor target-model compute seconds per layer per pass" + _STAGE),
     "specoffload_gpu_busy_fraction": (
         "gauge", "Executor busy time (target + draft + prefill) over wall time" + _STAGE),
+    "specoffload_draft_length": (
+        "gauge", "Draft tokens per sequence the last verification pass checked (adaptive k's choice)"),
     "specoffload_rows_busy_fraction": (
         "gauge", "Share of the batch's rows at work per target pass (verified, or prefilled to join), "
                  "mean over the current run"),
@@ -172,6 +174,8 @@ class RunMetrics:
             self._set("specoffload_acceptance_rate", stats["acceptance"])
         if stats.get("rows_busy") is not None:
             self._set("specoffload_rows_busy_fraction", stats["rows_busy"])
+        if stats.get("k_last"):
+            self._set("specoffload_draft_length", stats["k_last"])
         if collect:
             self._collect_stats(now)
 

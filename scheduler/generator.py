@@ -42,8 +42,9 @@ class RunStats:
     # per verification: (k, seconds the backend timed, whether adaptive k took it as k's cost)
     pass_log: list = field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return {
+    def as_dict(self, log: bool = True) -> dict:
+        """log: with `pass_log` (each verification's timing; left out of per-pass progress)."""
+        d = {
             "passes": self.passes,
             "tokens": self.tokens,
             "prefill_tokens": self.prefill_tokens,
@@ -57,7 +58,7 @@ class RunStats:
             if self.seq_passes else None,
             "k_mean": round(float(np.mean(self.k_history)), 3) if self.k_history else 0,
             "k_counts": {int(k): int(n) for k, n in zip(*np.unique(self.k_history, return_counts=True))},
-            "pass_log": [(int(k), round(float(t), 4), bool(u)) for k, t, u in self.pass_log],
+            "k_last": int(self.k_history[-1]) if self.k_history else 0,
             "batches": self.batches,
             "joins": self.joins,
             "joined": self.joined,
@@ -70,6 +71,9 @@ class RunStats:
             # what refill controls: once no request waits, a finite job's batch drains
             "rows_busy_while_waiting": round(float(np.mean(self.busy_waiting)), 4) if self.busy_waiting else None,
         }
+        if log:
+            d["pass_log"] = [(int(k), round(float(t), 4), bool(u)) for k, t, u in self.pass_log]
+        return d
 
 
 def _is_capacity_error(err: BaseException) -> bool:
