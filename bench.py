@@ -466,7 +466,7 @@ class Bench:
             "copy_GBps": round(d.get("weight_bytes", 0) / max(copy_s, 1e-9) / 1e9, 1) if copy_s else None,
             "acceptance": st.get("acceptance"), "tokens_per_seq_pass": st.get("tokens_per_seq_pass"),
             "k_mean": st.get("k_mean"), "k_counts": st.get("k_counts"),
-            # (k, seconds) per verification pass, as adaptive k timed it
+            # per verification pass: (k, seconds, whether adaptive k took it as k's cost)
             "pass_log": st.get("pass_log"),
             # the job's clock: generate returns when its last request finishes
             "time_to_last_s": round(wall, 2), "rows_busy": st.get("rows_busy"),
