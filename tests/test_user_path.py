@@ -163,12 +163,10 @@ def _main(capsys, *args) -> tuple[int, str]:
 
 def test_bad_out_fails_before_ray_starts(tiny_dir, tmp_path, capsys, nothing_starts):
     d = tiny_dir("llama")
-    t = time.perf_counter()
     rc, err = _main(capsys, "generate", "--model", str(d), "--prompt", "w3",
                     "--out", str(tmp_path / "no" / "such" / "dir.jsonl"))
     assert rc == 2 and err.strip().splitlines() == [
         f"specoffload: error: cannot write --out {tmp_path / 'no' / 'such' / 'dir.jsonl'}: No such file or directory"]
-    assert time.perf_counter() - t < 5
     rc, err = _main(capsys, "generate", "--model", str(d), "--prompt", "w3", "--trace", str(tmp_path / "no" / "t.json"))
     assert rc == 2 and err.strip().splitlines() == [
         f"specoffload: error: cannot write --trace {tmp_path / 'no' / 't.json'}: {tmp_path / 'no'} is not a writable folder"]
