@@ -167,10 +167,9 @@ class Fp8Weight:
             except (RuntimeError, NotImplementedError, TypeError):
                 _SCALED_MM_FAILED.add(key)
         # Block scales (no fp8 kernel for them here), or a refusal: widened in x's dtype.
-        sx = self.input_scales(x.reshape(-1, x.shape[-1]))
+        xq, sx = self._quantized(x.reshape(-1, x.shape[-1]), shared)
         if sx is not None:
-            x2 = x.reshape(-1, x.shape[-1])
-            x = (self.quantize_input(x2, sx).to(x.dtype) * sx.to(x.dtype)).reshape(x.shape)
+            x = (xq.to(x.dtype) * sx.to(x.dtype)).reshape(x.shape)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     def reference_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None,
@@ -235,8 +234,7 @@ class SharedInput:
     def per_token(self, w: Fp8Weight, x2: torch.Tensor):
         """x2 [M, in] quantized per token; one SharedInput serves one input only."""
         if self._q is None or not SHARE_INPUTS:
-            sx = w.input_scales(x2)
-            self._q = (w.quantize_input(x2, sx), sx)
+            self._q = w._quantized(x2, None)
         return self._q
 
 

@@ -304,14 +304,14 @@ class Generator:
             handles.append((b, b.k, be.verify(b.bid, b.k, u[:, : b.k], u[:, b.k])))
             b.has_proposals = False
         self.stats.passes += 1
+        rode = [b for b in verify if b.joining is not None and self._deferred_joins()]  # a join rides this pass
         if verify:
-            joining = sum(len(b.joining[0].reqs) for b in verify if b.joining is not None and self._deferred_joins())
+            joining = sum(len(b.joining[0].reqs) for b in rode)
             rows = self.cfg.batch_size * len(verify)
             busy = min(1.0, (sum(len(b.reqs) for b in verify) + joining) / rows)
             self.stats.busy_rows.append(busy)
             if self._queue:
                 self.stats.busy_waiting.append(busy)
-        rode = {b.bid for b in verify if b.joining is not None and self._deferred_joins()}
         for b, k, h in handles:
             res = be.get(h)
             if k:
@@ -319,7 +319,7 @@ class Generator:
                 # Only a pass that did nothing else measures k's cost. Not a batch's first (its
                 # prefill's last K/V stores still land), nor the first at a new k (buffers grow:
                 # W4, session 20, +0.9 s at k 5 against 1.9 s at k 3), nor one a join rode.
-                timed = b.verified and k in self._k_tried and b.bid not in rode
+                timed = b.verified and k in self._k_tried and b not in rode
                 if timed:
                     self.pass_times.observe(k, t)
                 self._k_tried.add(k)
