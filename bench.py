@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                           "(plan.ragged_attention; default off).")
     ap.add_argument("--no-warmup", action="store_true", help="Skip the short untimed run of each schedule "
                                                               "before the timed modes.")
+    ap.add_argument("--gpu-kv-rows", default="0",
+                    help="A comma list: each mode runs with the first N rows of each batch keeping their target "
+                         "KV on the GPU and attending there (plan.gpu_kv_rows); 'auto': as many as the planner's "
+                         "GPU account fits beside this run's placement and --resident layers (0 without a GPU).")
     ap.add_argument("--baseline-resident", help="Also run `none` on actors of its own that keep N target "
                                                 "layers on the GPU (the memory no draft uses; 'auto': as many "
                                                 "as the planner places), and print ratios against it too.")
@@ -274,6 +278,38 @@ def _resident(a, tspec, dspec, cuda: bool) -> int:
         raise BenchError(f"--resident auto: {e}") from None
 
 
+def _gpu_kv_rows(a, tspec, dspec, cuda: bool) -> list[int]:
+    """--gpu-kv-rows: counts, or 'auto' (placement.planner.gpu_kv_rows_fit)."""
+    out = []
+    for v in str(a.gpu_kv_rows).split(","):
+        if v.strip() == "auto":
+            out.append(_gpu_kv_rows_auto(a, tspec, dspec) if cuda else 0)
+            continue
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise BenchError(f"--gpu-kv-rows needs counts or 'auto', got {a.gpu_kv_rows!r}") from None
+        if out[-1] < 0:
+            raise BenchError(f"--gpu-kv-rows counts must be >= 0, got {out[-1]}")
+    return out
+
+
+def _gpu_kv_rows_auto(a, tspec, dspec) -> int:
+    from dataclasses import replace
+
+    from specoffload.errors import CapacityError, ConfigError
+    from specoffload.placement.plan import parse_bytes
+    from specoffload.placement.planner import Workload, gpu_kv_rows_fit
+
+    draft = None if a.no_draft else dspec
+    c = replace(_candidate(a, draft, max(a.batch, a.spec_batch or 0)), resident=a.resident)
+    try:
+        return gpu_kv_rows_fit(tspec, draft, c, Workload(a.prompt_len, a.gen, a.requests or a.batch, a.agreement),
+                               parse_bytes(a.gpu_memory))
+    except (CapacityError, ConfigError) as e:
+        raise BenchError(f"--gpu-kv-rows auto: {e}") from None
+
+
 class BenchError(Exception):
     """A bad option or a run that cannot start: one line, exit status 2."""
 
@@ -297,7 +333,7 @@ def _plan(a, cuda: bool):
                     draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir),
                     draft_fp8=a.draft_fp8, gpu_layers=tuple(range(a.resident)), shm_prefill=a.shm_prefill,
                     ragged_attention=a.ragged_attention, layer_doorbell=_doorbells(a)[0],
-                    copy_chunk_mib=_copy_chunks(a)[0])
+                    copy_chunk_mib=_copy_chunks(a)[0], gpu_kv_rows=a.gpu_kv_rows[0])
         plan.check_layers(a.target_layers)
     except ConfigError as e:
         raise BenchError(e) from None
@@ -399,8 +435,10 @@ class Bench:
             ray.get(self.coord.generate.remote(self.payload(wg, 2 if mode == "dual" else 1, min(self.a.gen, 4))))
         print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
 
-    def run_mode(self, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool = False, chunk: int | None = None):
-        """One timed mode; on_gpu: target layers the actors keep resident (not streamed)."""
+    def run_mode(self, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool = False, chunk: int | None = None,
+                 gpu_rows: int | None = None):
+        """One timed mode; on_gpu: target layers the actors keep resident (not streamed);
+        gpu_rows: each batch's first rows with their KV on the GPU (the plan's if None)."""
         from specoffload.configs.run_config import RunConfig
 
         a, coord = self.a, self.coord
@@ -416,6 +454,8 @@ class Bench:
         self.configure(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive,
                                  batch_size=bs, refill=not a.no_refill, refill_prefill=a.refill_prefill), draft_kv)
         ray.get(coord.set_micro_batches.remote(m))
+        gpu_rows = self.plan.gpu_kv_rows if gpu_rows is None else gpu_rows
+        ray.get(coord.set_gpu_kv_rows.remote(gpu_rows))
         bell = ray.get(coord.set_doorbell.remote(bell))
         chunk = chunk or _copy_chunks(a)[0]
         ray.get(coord.set_copy_chunk.remote(chunk))
@@ -433,13 +473,15 @@ class Bench:
         wall = time.perf_counter() - t
         ray.get(coord.poll.remote())
         row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, on_gpu)
-        row["micro_batches"], row["doorbell"], row["copy_chunk_mib"] = m, bell, chunk
+        row["micro_batches"], row["doorbell"], row["copy_chunk_mib"], row["gpu_kv_rows"] = m, bell, chunk, gpu_rows
         if self.many_micro and mode_spec[4] is None:
             row["mode"] = f"{label}/m{m}"
         if len(_doorbells(a)) > 1:
             row["mode"] += "/bell" if bell else "/ray"
         if len(_copy_chunks(a)) > 1:
             row["mode"] += f"/c{chunk}"
+        if len(a.gpu_kv_rows) > 1:
+            row["mode"] += f"/g{gpu_rows}"
         self.results.append(row)
         print(json.dumps(row), flush=True)
         if a.trace_dir:
@@ -478,6 +520,8 @@ class Bench:
             "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
             "draft_gpu_s": round(d.get("draft_s", 0), 2), "copy_s": round(copy_s, 2),
             "draft_graph_steps": d.get("draft_graph_steps", 0),
+            # (token, layer) pairs attended on the GPU (plan.gpu_kv_rows) and on the CPU worker
+            "gpu_row_tokens": d.get("gpu_row_tokens", 0), "cpu_row_tokens": d.get("cpu_row_tokens", 0),
             # time the executor and the CPU worker waited on doorbells (plan.layer_doorbell)
             "executor_bell_wait_s": round(d.get("executor_bell_wait_s", 0), 2),
             "worker_bell_wait_s": round(d.get("worker_bell_wait_s", 0), 2),
@@ -495,7 +539,8 @@ class Bench:
         from specoffload.errors import SpecOffloadError
 
         try:
-            self.start(replace(self.plan, gpu_layers=tuple(range(resident)), num_slots=2), None, "baseline actors")
+            self.start(replace(self.plan, gpu_layers=tuple(range(resident)), num_slots=2, gpu_kv_rows=0), None,
+                       "baseline actors")
         except SpecOffloadError as e:
             return f"the baseline keeping {resident} layers did not start: {e}"
         if not self.a.no_warmup:
@@ -503,7 +548,7 @@ class Bench:
             ray.get(self.coord.generate.remote(self.payload(torch.Generator().manual_seed(1), 1, min(self.a.gen, 4))))
         run = ("none", self.a.k, False, "gpu", None)  # k unused without a draft
         for m in micro:
-            self.run_mode(f"none+r{resident}", run, m, resident, max(_doorbells(self.a)))
+            self.run_mode(f"none+r{resident}", run, m, resident, max(_doorbells(self.a)), gpu_rows=0)
         self.stop()
         return None
 
@@ -512,7 +557,7 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
     base = next((r for r in results if r["mode"].split("/")[0] == "none"), None)
     print(f"\n{a.workload.split('-')[0].upper()} (target {tspec.model_type} {a.target_layers} layers"
           f"{' fp8' if tspec.weights == 'fp8' else ''}, "
-          f"{layer_bytes / 1e9:.2f} GB/layer, {a.resident} resident, draft "
+          f"{layer_bytes / 1e9:.2f} GB/layer, {a.resident} resident, {','.join(map(str, a.gpu_kv_rows))} GPU KV rows, draft "
           f"{a.draft_layers} layers{' fp8' if a.draft_fp8 else ''}, cap {a.gpu_memory}, prompt {a.prompt_len}, "
           f"gen {a.gen}, agreement {a.agreement})")
     print(f"{'mode':16} {'batch':>5} {'tok/s':>7} {'x none':>6} {'decode tok/s':>12} {'x none':>6} {'s/pass':>7} "
@@ -565,6 +610,7 @@ def _main(argv):
     if a.batch == "max":
         a.batch = _largest_batch(a, tspec, dspec, cuda)
     a.resident = _resident(a, tspec, dspec, cuda)
+    a.gpu_kv_rows = _gpu_kv_rows(a, tspec, dspec, cuda)
     plan = _plan(a, cuda)
     try:
         modes = parse_modes(a.modes, a.k)
@@ -600,7 +646,8 @@ def _main(argv):
             for m in [spec[4]] if spec[4] else micro:
                 for bell in _doorbells(a):
                     for chunk in _copy_chunks(a):
-                        bench.run_mode(label, spec, m, a.resident, bell, chunk)
+                        for rows in a.gpu_kv_rows:
+                            bench.run_mode(label, spec, m, a.resident, bell, chunk, rows)
         bench.stop()
         if resident:
             baseline_error = bench.baseline(resident, micro)

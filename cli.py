@@ -61,6 +61,8 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--gpu-memory", help="Cap the executor's GPU memory, e.g. 24GiB; allocations past it fail.")
     p.add_argument("--micro-batches", type=int, help="Split each target pass into this many micro-batches, so "
                    "CPU attention of one overlaps GPU work of another (default: the plan's, 1).")
+    p.add_argument("--gpu-kv-rows", type=int, help="The first N rows of each batch keep their target KV cache in "
+                   "GPU memory and attend there, beside the CPU's attention for the rest (default: the plan's, 0).")
     p.add_argument("--refill", action=argparse.BooleanOptionalAction, default=None,
                    help="With more prompts than --batch-size, waiting prompts take the rows of finished "
                    "ones in the running batch (their prefill rides the next target pass), so the batch "

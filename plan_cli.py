@@ -167,11 +167,11 @@ def _run(args) -> int:
     rows = sorted(best_of.values(), key=lambda c: -c.tokens_per_s)[: max(args.top, 1)]
     none = [c for c in best_of.values() if c.schedule == "none"]
     base = max(none, key=lambda c: c.tokens_per_s) if none else None
-    print(f"{'candidate':40s} {'batch':>5s} {'resident':>8s} {'disk':>4s} {'slots':>5s} {'s/pass':>7s} {'draft s':>7s} "
+    print(f"{'candidate':40s} {'batch':>5s} {'resident':>8s} {'GPU rows':>8s} {'disk':>4s} {'slots':>5s} {'s/pass':>7s} {'draft s':>7s} "
           f"{'rounds':>6s} {'seconds':>8s} {'tok/s':>7s} {'x none':>6s} {'GPU GiB':>7s}")
     for c in rows:
         ratio = f"{c.tokens_per_s / base.tokens_per_s:6.2f}" if base else "     -"
-        print(f"{c.label():40s} {c.batch:5d} {c.resident:8d} {c.disk:4d} {c.slots:5d} {c.pass_s:7.3f} {c.draft_s:7.3f} "
+        print(f"{c.label():40s} {c.batch:5d} {c.resident:8d} {c.gpu_kv_rows:8d} {c.disk:4d} {c.slots:5d} {c.pass_s:7.3f} {c.draft_s:7.3f} "
               f"{c.rounds:6.1f} {c.seconds:8.1f} {c.tokens_per_s:7.1f} {ratio} {c.gpu_bytes / 2**30:7.1f}")
     unfit = {(c.label().split(" k=")[0], c.draft_kv, c.window, c.fp8, c.draft_fp8, c.batch): c for c in choice.candidates
              if not c.fits}
@@ -182,6 +182,7 @@ def _run(args) -> int:
                   f", batch {c.batch}: {c.why}")
     opts = choice.run_options()
     print(f"chosen: {b.label()}, batch {b.batch}, {b.resident} resident and {b.disk} disk layers, {b.slots} slots, "
+          f"{f'the first {b.gpu_kv_rows} rows KV on the GPU, ' if b.gpu_kv_rows else ''}"
           f"{f'rows refilled in place {b.refill_rows} at a time' if b.refill else 'waves'}: "
           f"{b.tokens_per_s:.1f} tok/s predicted")
     if args.out:

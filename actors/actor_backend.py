@@ -16,6 +16,7 @@ import time
 
 import ray
 
+from ..placement import gpu_kv_rows
 from ..placement.plan import split_range
 from . import kv_ring
 from .doorbell import BELL, is_peer_failed
@@ -27,8 +28,10 @@ class RunStopped(Exception):
 
 class ActorBackend:
     def __init__(self, executor, attention, num_layers: int, prefill_batch: int, micro_batches: int = 1,
-                 kv_ring: bool = False, doorbell: bool = False):
+                 kv_ring: bool = False, doorbell: bool = False, gpu_kv_rows: int = 0):
         self.ex, self.at = executor, attention
+        self.G = gpu_kv_rows  # plan.gpu_kv_rows: a batch's first rows attend on the GPU
+        self._gpu: dict[int, int] = {}  # batch -> its GPU rows now (placement/gpu_kv_rows.py)
         self.L, self.P, self.M = num_layers, prefill_batch, micro_batches
         # plan.layer_doorbell: inside a pass, layers hand over through the mailboxes' counters
         # (actors/doorbell.py), every call submitted at once with no Ray dependency between them
@@ -60,14 +63,21 @@ class ActorBackend:
         self.stopping = False
 
     def start(self, bid, prompts, samp, capacity, with_draft=False, joins=None):
-        self.ex.start.remote(bid, prompts, samp, capacity, with_draft, joins)
-        self.at.start.remote(bid, [len(p) for p in prompts], capacity, self.P)
+        g = self._gpu[bid] = gpu_kv_rows.initial(self.G, len(prompts), joins is not None)
+        self.ex.start.remote(bid, prompts, samp, capacity, with_draft, joins, g)
+        self.at.start.remote(bid, [len(p) for p in prompts], capacity, self.P, g)
         self._size[bid] = len(prompts)
+
+    def gpu_rows(self, bid) -> int:
+        """Rows [0, g) of batch bid keep their target K/V on the GPU (the generator orders a
+        compaction by it: `gpu_kv_rows.keep_order`)."""
+        return self._gpu.get(bid, 0)
 
     def join(self, bid, new, prompts, samp, capacity, with_draft, u_sample, ride=False):
         """Waiting requests that will take rows of batch bid, started as batch `new`. ride:
         their prefill layers run in the next target pass, each layer's weights serving it too
         (no stream of its own); else in a prefill pass of their own, now (the plain path)."""
+        self._gpu[new] = 0  # joining rows are appended after the batch's CPU rows
         self.ex.start.remote(new, prompts, samp, capacity, with_draft, bid)
         # The worker's cache of the joining rows only holds their prompts until `merge` copies
         # them into the batch's own rows: no larger than that.
@@ -81,6 +91,7 @@ class ActorBackend:
     def merge(self, bid, new):
         """Batch `new` (its first tokens out) takes the rows after bid's live ones."""
         self._size[bid] += self._size.pop(new)
+        self._gpu.pop(new, None)
         self.ex.merge.remote(bid, new)
         self.at.merge.remote(bid, new)
 
@@ -146,7 +157,8 @@ class ActorBackend:
         parts = []  # (batch, micro-batch) in the order the executor sees them each layer
         for bid, k, _, _ in batches:
             self._submitted_at[bid] = t0
-            m = len(split_range(self._size[bid], self.M))
+            # a batch with GPU rows runs as one part: its CPU rows are one contiguous range
+            m = 1 if self._gpu.get(bid) else len(split_range(self._size[bid], self.M))
             self.ex.verify_begin.remote(bid, k, m)
             parts += [(bid, p) for p in range(m)]
         joins, self._joins = self._joins, []
@@ -243,11 +255,13 @@ class ActorBackend:
 
     def keep(self, bid, idx):
         self._size[bid] = len(idx)
+        self._gpu[bid] = gpu_kv_rows.split_keep(idx, self._gpu.get(bid, 0))[2]
         self.ex.keep.remote(bid, idx)
         self.at.keep.remote(bid, idx)
 
     def free(self, bid):
         self._size.pop(bid, None)
+        self._gpu.pop(bid, None)
         self.ex.free.remote(bid)
         self.at.free.remote(bid)
 

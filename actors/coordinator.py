@@ -157,7 +157,7 @@ class Coordinator:
                                      "threads": lt["threads"]} if lt else {}
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, self.plan.prefill_batch,
                                     self.plan.micro_batches, self.plan.shm_prefill and self.plan.shm_activations,
-                                    self.plan.layer_doorbell and self.info["mailboxes"])
+                                    self.plan.layer_doorbell and self.info["mailboxes"], self.plan.gpu_kv_rows)
 
     def _new_executor(self, plan: Plan, draft_desc, target_desc):
         """An executor starting CUDA and loading the draft (attach maps the target later)."""
@@ -249,6 +249,13 @@ class Coordinator:
         if m < 1:
             raise ValueError("micro_batches must be >= 1")
         self.backend.M = m
+
+    def set_gpu_kv_rows(self, n: int):
+        """GPU rows (plan.gpu_kv_rows) for batches started from the next run on (benchmarks
+        compare them on the same actors; the executor allocates them per batch)."""
+        if n < 0:
+            raise ValueError("gpu_kv_rows must be >= 0")
+        self.backend.G = int(n)
 
     def set_doorbell(self, on: bool):
         """Layer hand-offs by doorbell (plan.layer_doorbell) from the next pass on, where the

@@ -4,6 +4,10 @@ Per batch it holds one KVCache (per layer [B, Hkv, capacity, d], ragged lengths)
 stores prefill K/V, appends and attends for decode (1 query per sequence) and verification
 blocks (k+1 queries, causal inside the block), and rolls back rejected tokens by moving
 lengths (no copying). Torch threads are set to the cores Ray gives it.
+
+A batch whose first g rows attend on the GPU (plan.gpu_kv_rows, placement/gpu_kv_rows.py) is
+held from row g on: this worker's row i is the batch's row g + i, and the executor sends it
+q/k/v and row ranges in those coordinates.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 
 from ..models.attention import KVCache
 from ..models.host_io import host_tensor
+from ..placement.gpu_kv_rows import split_keep
 from . import doorbell
 from .kv_ring import RingReader, is_handle
 from .mailbox import WorkerMailboxes
@@ -32,6 +37,7 @@ class CPUAttention:
         self.ragged_keys = ragged_keys  # plan.ragged_attention: rows attend in ranges of similar lengths
         self.caches: dict[int, KVCache] = {}
         self.prompt_lens: dict[int, torch.Tensor] = {}
+        self.gpu_rows: dict[int, int] = {}  # batch -> its rows [0, g) held on the GPU instead
         self.parts: dict[tuple, KVCache] = {}  # (batch, first sequence) -> micro-batch view
         self.bell_parts: dict[tuple, tuple] = {}  # (batch, micro-batch) -> its layer-0 q/k/v message
         self.mail = WorkerMailboxes(spec)
@@ -40,16 +46,18 @@ class CPUAttention:
         self.kv_bytes_read = 0
         self.ring_stores = 0  # prefill K/V that came through a shared-memory ring
         self.layer_calls = self.sdpa_calls = 0  # attend() calls, and the SDPA calls they made
+        self.row_tokens = 0  # (token, layer) pairs of verification passes attended here
 
     def ready(self) -> int:
         return torch.get_num_threads()
 
-    def start(self, bid, prompt_lens, capacity: int, prefill_batch: int):
+    def start(self, bid, prompt_lens, capacity: int, prefill_batch: int, gpu_rows: int = 0):
         s = self.spec
-        self.caches[bid] = KVCache(s.num_layers, len(prompt_lens), s.num_kv_heads, s.head_dim, capacity,
+        self.caches[bid] = KVCache(s.num_layers, len(prompt_lens) - gpu_rows, s.num_kv_heads, s.head_dim, capacity,
                                    self.kv_dtype, "cpu", s.sliding_windows, ragged=self.ragged_keys is not None,
                                    call_keys=self.ragged_keys)
-        self.prompt_lens[bid] = host_tensor(prompt_lens, torch.long)
+        self.prompt_lens[bid] = host_tensor(prompt_lens[gpu_rows:], torch.long)
+        self.gpu_rows[bid] = gpu_rows
         self.prefill_batch = prefill_batch
 
     def store_prefill(self, bid, s: int, j: int, kv):
@@ -60,13 +68,16 @@ class CPUAttention:
         if kv is None:
             return
         cache = self.caches[bid]
-        P = self.prefill_batch
-        lo = s * P
+        P, g = self.prefill_batch, self.gpu_rows[bid]
         if is_handle(kv):
             k, v = self.ring.recv(kv)
             self.ring_stores += 1
         else:
             k, v = from_wire(kv[0]), from_wire(kv[1])
+        # The sub-batch's rows the GPU keeps are skipped; lo: this worker's first row of the rest.
+        skip = max(0, g - s * P)
+        k, v = k[skip:], v[skip:]
+        lo = s * P + skip - g
         n, L = k.shape[0], k.shape[2]
         with self.timer.span("store_prefill", f"b{bid} L{j} s{s}"):
             cache.k[j][lo: lo + n, :, :L].copy_(k)
@@ -97,6 +108,8 @@ class CPUAttention:
         payload, q_lens, lo, hi = qkv
         q, k, v = self.mail.recv_qkv(payload, bell)
         t = time.perf_counter()  # the doorbell's wait is not attention (stats: bell_wait_s)
+        if hi == lo:  # every row of the batch attends on the GPU now: nothing to do here
+            return self.mail.send_out(payload, q.new_empty(0, q.shape[1] * q.shape[2]))
         if j == 0:
             part = self.parts[(bid, lo)] = self.caches[bid].part(lo, hi)
             part.begin_pass(host_tensor(q_lens))
@@ -104,6 +117,7 @@ class CPUAttention:
         with self.timer.span("cpu_attention", f"b{bid} L{j} [{lo}:{hi})"):
             out = part.attend_layer(j, q, k, v, out=self.mail.out_buffer(payload))
         self.layer_calls += 1
+        self.row_tokens += q.shape[0]
         self.sdpa_calls += part.calls
         self.kv_bytes_read += int(part.lens.sum() + q.shape[0]) * 2 * k.shape[1] * k.shape[2] * part.k[j].element_size()
         if j == self.spec.num_layers - 1:
@@ -115,12 +129,13 @@ class CPUAttention:
 
     def rollback(self, bid, k: int, result):
         """After a pass over k+1 new tokens, keep only the `counts` the target accepted."""
-        counts = result[1]  # (tokens, counts[, logprobs])
+        counts = result[1][self.gpu_rows[bid]:]  # (tokens, counts[, logprobs]); this worker's rows
         cache = self.caches[bid]
         cache.truncate(cache.lens - (k + 1) + host_tensor(counts))
 
     def keep(self, bid, idx):
-        self.caches[bid].select(host_tensor(idx, torch.long))
+        _, rows, self.gpu_rows[bid] = split_keep(idx, self.gpu_rows[bid])
+        self.caches[bid].select(host_tensor(rows, torch.long))
 
     def merge(self, bid, new):
         """Batch `new`'s sequences (their prefill stored) take the rows after bid's live ones."""
@@ -132,13 +147,14 @@ class CPUAttention:
         self.parts = {key: p for key, p in self.parts.items() if key[0] != bid}
         self.bell_parts = {key: m for key, m in self.bell_parts.items() if key[0] != bid}
         self.prompt_lens.pop(bid, None)
+        self.gpu_rows.pop(bid, None)
         self.mail.free(bid)
         self.ring.free(bid)
 
     def stats(self) -> dict:
         return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read,
                 "prefill_ring_stores": self.ring_stores, "attention_layer_calls": self.layer_calls,
-                "attention_sdpa_calls": self.sdpa_calls, "worker_bell_wait_s": round(self.mail.bell_wait_s, 3)}
+                "attention_sdpa_calls": self.sdpa_calls, "cpu_row_tokens": self.row_tokens, "worker_bell_wait_s": round(self.mail.bell_wait_s, 3)}
 
     def trace_events(self) -> list[dict]:
         return self.timer.take_events()

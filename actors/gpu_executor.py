@@ -22,12 +22,14 @@ from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.host_io import packed, to_device, to_host
 from ..models.resident import ResidentModel, last_index
 from ..placement.draft_kv import DraftKV
+from ..placement.gpu_kv_rows import split_keep
 from ..placement.plan import Plan, split_range
 from ..sources.open import open_source
 from ..speculation.runner import SpecRunner
 from . import kv_ring
 from .disk_tier import DiskTier
 from .gpu_budget import GpuBudget
+from .gpu_rows import GpuRows
 from .mailbox import ExecutorMailboxes
 from .pass_layers import PassLayers
 from .shm_layout import map_file, register, views
@@ -53,6 +55,7 @@ class GPUExecutor:
         self.budget = GpuBudget(self.device, plan.gpu_memory)
         self._maps = []
         self.host = {}
+        self.gpu_row_tokens = 0
         # The draft loads first: its load peak (a checkpoint layer staged while it is
         # quantized) then falls in memory that the slots and resident layers take later.
         with self.budget.part("draft"):
@@ -146,8 +149,9 @@ class GPUExecutor:
             self.streamer.release(j)
 
     # -- batches ---------------------------------------------------------------------------
-    def start(self, bid, prompts, samp, capacity, with_draft, joins=None):
-        """joins: the running batch these sequences will take rows of (`merge`)."""
+    def start(self, bid, prompts, samp, capacity, with_draft, joins=None, gpu_rows: int = 0):
+        """joins: the running batch these sequences will take rows of (`merge`). gpu_rows: its
+        first rows keep their target K/V here and attend here (actors/gpu_rows.py)."""
         # Whatever an earlier run left under this id goes first: a start that fails must be
         # the error its prefill calls report, not a stale batch they would run on, and a draft
         # cache left behind must not be held while the new one is allocated.
@@ -168,6 +172,17 @@ class GPUExecutor:
             self._failed[bid] = e
             raise
         self.tb[bid] = {"bid": bid, "prompts": prompts, "lens": to_device([len(p) for p in prompts], self.device, torch.long)}
+        if gpu_rows:
+            try:
+                with self.budget.part("gpu_kv_rows"):
+                    self.tb[bid]["gpu"] = GpuRows(self.spec, gpu_rows, capacity, self.device, self.plan.kv_dtype)
+            except torch.OutOfMemoryError as e:
+                self.free(bid)
+                self._failed[bid] = CapacityError(
+                    f"the target KV of {gpu_rows} GPU rows ({capacity} tokens each) ran out of GPU memory "
+                    f"({self.budget.summary()} GiB held): lower gpu_kv_rows or raise gpu_memory "
+                    f"({str(e).splitlines()[0][:60]})")
+                raise self._failed[bid] from None
 
     def _batch(self, bid) -> dict:
         if bid in self.tb:
@@ -182,6 +197,9 @@ class GPUExecutor:
         st = self._batch(bid)
         st["lens"] = st["lens"][t]
         self.runner.keep(bid, idx)
+        if "gpu" in st:
+            rows, _, _ = split_keep(idx, st["gpu"].rows)
+            st["gpu"].keep(rows)
 
     def merge(self, bid, new):
         """Batch `new`'s sequences (prefilled, first tokens out) take the rows after bid's."""
@@ -278,7 +296,11 @@ class GPUExecutor:
             elif s == n_sub - 1:
                 self._done(j)
         # The cache just built holds this layer's K/V padded as [P, Hkv, longest, d]: the
-        # CPU worker stores that with one strided copy.
+        # CPU worker stores that with one strided copy (skipping the rows kept here).
+        if "gpu" in st:
+            last = j == spec.num_layers - 1
+            st["gpu"].store_prefill(j, s * P, cache.k[0], cache.v[0],
+                                    [len(p) for p in st["prompts"][s * P:(s + 1) * P]] if last else None)
         ring = (self.mail.ensure_ring(bid, P, max(map(len, st["prompts"]))) if self.plan.shm_prefill else None)
         with self.timer.host_span("to_host", f"b{bid} L{j} s{s} kv"):
             if ring is not None:
@@ -307,12 +329,22 @@ class GPUExecutor:
         st["q_lens"] = q_lens
         ql = np.full(q_lens.shape[0], k + 1)  # what target_inputs feeds, known without a device read
         starts = [0, *ql.cumsum().tolist()]
-        ranges = split_range(len(ql), micro_batches)
+        gpu = st.get("gpu")
+        if gpu is not None and gpu.rows == 0:  # its GPU rows all finished: free their memory
+            del st["gpu"]
+            gpu = None
+        # GPU rows: one part, its first g rows attended here, the CPU worker sent the rest's
+        # q/k/v with its own row numbers (the batch's row g is its row 0).
+        g = gpu.rows if gpu is not None else 0
+        ranges = [(0, len(ql))] if g else split_range(len(ql), micro_batches)
         passes = Forward.start(spec, self.glob, toks, st["lens"][b] + i).split(
             [(starts[lo], starts[hi]) for lo, hi in ranges])
-        st["parts"] = [{"bid": bid, "lo": lo, "hi": hi, "q_lens_np": ql[lo:hi], "pass": f,
-                        "tokens": starts[hi] - starts[lo], "box": self.mail.ensure(bid, p, starts[hi] - starts[lo])}
+        st["parts"] = [{"bid": bid, "lo": lo, "hi": hi, "g": g, "q_lens_np": ql[max(lo, g):hi], "pass": f,
+                        "g_tokens": starts[g] - starts[lo] if g else 0, "tokens": starts[hi] - starts[max(lo, g)],
+                        "box": self.mail.ensure(bid, p, max(1, starts[hi] - starts[max(lo, g)]))}
                        for p, ((lo, hi), f) in enumerate(zip(ranges, passes))]
+        if gpu is not None:
+            gpu.begin_pass(k + 1)
         return len(st["parts"])
 
     def pass_begin(self, parts: int):
@@ -331,9 +363,18 @@ class GPUExecutor:
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
             q, k, v = part["pass"].qkv(w)
+        t = part["g_tokens"]
         with self.timer.host_span("to_host", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
-            msg = self.mail.send_qkv(part["box"], q, k, v, self._sync)
-        return msg, part["q_lens_np"], part["lo"], part["hi"]
+            msg = self.mail.send_qkv(part["box"], q[t:], k[t:], v[t:], self._sync)
+        if not t:
+            return msg, part["q_lens_np"], part["lo"], part["hi"]
+        # The GPU rows attend while the CPU worker attends for the rest (queued after the
+        # copy out, so it does not delay the worker's q/k/v).
+        g = part["g"]
+        with self.timer.span("target", f"b{part['bid']} L{j} [0:{g}) gpu attention"):
+            part["gpu_out"] = self._batch(part["bid"])["gpu"].attend(j, q[:t], k[:t], v[:t])
+        self.gpu_row_tokens += t
+        return msg, part["q_lens_np"], 0, part["hi"] - g  # in the worker's rows: row g is its 0
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -341,6 +382,8 @@ class GPUExecutor:
 
     def _post(self, part, j, attn):
         attn = self.mail.recv_out(part["box"], attn, part["tokens"])  # first: a failed pass stops here
+        if part["g_tokens"]:  # the GPU rows' output first: they are the batch's first rows
+            attn = torch.cat([part.pop("gpu_out"), attn])
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) ffn"):
             part["pass"].finish(w, attn)
@@ -382,6 +425,8 @@ class GPUExecutor:
             logits = Forward.logits_of([x["pass"] for x in parts])
         B = st["q_lens"].shape[0]
         res = self.runner.finish(bid, logits.view(B, k + 1, -1), k, u_accept, u_sample)  # (tokens, counts[, logprobs])
+        if "gpu" in st:
+            st["gpu"].finish_pass(k + 1, res[1])
         st["lens"] = st["lens"] + to_device(res[1], self.device, torch.long)
         return res
 
@@ -429,6 +474,7 @@ class GPUExecutor:
         s.setdefault("weight_copy_s", 0.0)
         s["weight_bytes"] = self.streamer.bytes_copied
         s["draft_graph_steps"] = self.runner.graph_steps
+        s["gpu_row_tokens"] = self.gpu_row_tokens  # (token, layer) pairs attended here (plan.gpu_kv_rows)
         s["executor_bell_wait_s"] = round(self.mail.bell_wait_s, 3)
         return s
 

@@ -36,6 +36,9 @@ class EngineArgs:
     # the bytes in host memory and per pass. An fp8 checkpoint is fp8 without it.
     quantize: str | None = None
     micro_batches: int | None = None
+    # The first rows of each batch keep their target KV on the GPU and attend there (the
+    # plan's value, 0 without a plan; placement/gpu_kv_rows.py)
+    gpu_kv_rows: int | None = None
     # Waiting requests take finished rows of the running batch (None: the planner's choice,
     # else placement/refill.py's default: off until measured on the GPU)
     refill: bool | None = None
@@ -96,6 +99,8 @@ class EngineArgs:
             p = replace(p, micro_batches=self.micro_batches or p.micro_batches,
                         draft_sinks=p.draft_sinks if self.draft_sinks is None else self.draft_sinks,
                         draft_kv=self.draft_kv or p.draft_kv)
+        if self.gpu_kv_rows is not None:
+            p = replace(p, gpu_kv_rows=self.gpu_kv_rows)
         if self.trace:
             p = replace(p, trace=True)
         return p

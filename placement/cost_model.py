@@ -115,23 +115,33 @@ def kv_bytes_per_token_layer(spec: ModelSpec, fp8: bool = False) -> int:
 
 # -- time --------------------------------------------------------------------------------------
 def target_pass_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, queries: int, context: int,
-                  resident: int = 0, disk: int = 0) -> float:
+                  resident: int = 0, disk: int = 0, gpu_rows: int = 0) -> float:
     """Seconds of one target pass: `batch` sequences, `queries` new tokens each (k + 1), over
-    `context` cached tokens, with `resident` layers on the GPU and `disk` layers read from disk."""
+    `context` cached tokens, with `resident` layers on the GPU, `disk` layers read from disk,
+    and the first `gpu_rows` sequences' KV on the GPU (plan.gpu_kv_rows)."""
     copy = layer_copy_s(hw, spec)
     copy_disk = layer_bytes(spec) / (min(hw.h2d_GBps, hw.disk_GBps) * 1e9)
-    chain = layer_chain_s(hw, cm, spec, batch, queries, context)
+    chain = layer_chain_s(hw, cm, spec, batch, queries, context, gpu_rows)
     streamed = spec.num_layers - resident - disk
     return resident * chain + streamed * max(copy, chain) + disk * max(copy_disk, chain)
 
 
-def layer_chain_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, queries: int, context: int) -> float:
-    """One layer's chain: its fixed cost, the GPU's work, then CPU attention over the host KV."""
+def layer_chain_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, queries: int, context: int,
+                  gpu_rows: int = 0) -> float:
+    """One layer's chain: its fixed cost, the GPU's work, then CPU attention over the host KV
+    of all but the first `gpu_rows` sequences, whose attention the GPU runs meanwhile."""
     gpu = 2 * batch * queries * active_layer_params(spec) / (hw.device_tflops * 1e12 * cm.gpu_efficiency)
-    kv = batch * context * kv_bytes_per_token_layer(spec)
-    attn_flops = 4 * batch * queries * context * spec.num_heads * spec.head_dim
+    cpu_rows = max(batch - gpu_rows, 0)
+    kv = cpu_rows * context * kv_bytes_per_token_layer(spec)
+    attn_flops = 4 * cpu_rows * queries * context * spec.num_heads * spec.head_dim
     cpu = kv / (hw.cpu_kv_GBps * 1e9) + attn_flops / (hw.cpu_attention_gflops * 1e9)
-    return cm.layer_fixed_s + gpu + cpu
+    on_gpu = min(gpu_rows, batch) * context * kv_bytes_per_token_layer(spec) / (hw.device_GBps * 1e9)
+    return cm.layer_fixed_s + gpu + max(cpu, on_gpu)
+
+
+def gpu_row_bytes(spec: ModelSpec, capacity: int) -> int:
+    """Device memory of one sequence's target KV on the GPU (plan.gpu_kv_rows), every layer."""
+    return spec.num_layers * capacity * kv_bytes_per_token_layer(spec)
 
 
 def draft_step_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, kv_tokens: int, fp8: bool,

@@ -82,6 +82,10 @@ class Plan(JsonFile):
     # (docs/benchmarks.md, "Ragged rows").
     ragged_attention: int | None = None
     copy_chunk_mib: int = 64  # weight copies are issued in pieces of this size (see weight_stream.py)
+    # The first this many rows of each batch keep their target K/V in GPU memory and attend
+    # there, beside the CPU worker's attention for the rest (placement/gpu_kv_rows.py): the
+    # CPU's share of a layer's chain shrinks. A batch with such rows runs as one micro-batch.
+    gpu_kv_rows: int = 0
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -105,6 +109,8 @@ class Plan(JsonFile):
             raise ConfigError(f"ragged_attention must be >= 0 keys (or None: off), got {self.ragged_attention}")
         if not 1 <= self.micro_batches <= 64:
             raise ConfigError(f"micro_batches must be in 1..64, got {self.micro_batches}")
+        if self.gpu_kv_rows < 0:
+            raise ConfigError(f"gpu_kv_rows must be >= 0, got {self.gpu_kv_rows}")
         if self.gpu_memory is not None and self.gpu_memory <= 0:
             raise ConfigError("gpu_memory must be positive")
 

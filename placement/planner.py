@@ -79,6 +79,7 @@ class Candidate:
     slots: int = 2  # device buffers the streamed layers rotate through
     spare: int = 0  # layers' worth of GPU memory left over, for resident layers or more slots
     disk: int = 0  # target layers left on disk
+    gpu_kv_rows: int = 0  # each batch's first rows with their target KV on the GPU (placement/gpu_kv_rows.py)
     prefill_batch: int = 16
     gpu_bytes: int = 0
     host_bytes: int = 0
@@ -146,6 +147,7 @@ def _gpu_bytes(target, draft, self_layers, c: Candidate, wl: Workload, cm: CostM
     slots = c.slots if streamed else 0
     b = cm.cuda_context_bytes + cmod.glob_bytes(target) + (c.resident + slots) * lb + cm.workspace_bytes
     b += cmod.prefill_gpu_bytes(target, min(c.batch, wl.requests), c.prefill_batch, wl.prompt_len)
+    b += (c.in_flight // c.batch) * c.gpu_kv_rows * _row_bytes(target, wl)
     if draft is not None and c.schedule != "none":
         if not self_layers:  # a self-draft's layers are the resident target layers
             draft_bytes = cmod.model_bytes(draft, c.draft_fp8)
@@ -158,6 +160,23 @@ def _gpu_bytes(target, draft, self_layers, c: Candidate, wl: Workload, cm: CostM
         b += c.kv.gpu_sequences(c.in_flight, c.prefill_batch) * c.kv.bytes_per_sequence(draft, wl.context, K_MAX)
         b = max(b, load_peak)
     return b
+
+
+def _row_bytes(target: ModelSpec, wl: Workload) -> int:
+    """One GPU row's target KV, at the capacity the generator gives a row (prompt, output, draft)."""
+    return cmod.gpu_row_bytes(target, wl.context + K_MAX + 2)
+
+
+def gpu_kv_rows_fit(target: ModelSpec, draft: ModelSpec | None, c: Candidate, wl: Workload, gpu_memory: int,
+                    cm: CostModel = CostModel()) -> int:
+    """GPU rows (plan.gpu_kv_rows) that the GPU memory left beside candidate `c` (its resident
+    layers included) holds, by the planner's account, at most its batch: what a hand-set
+    placement (`bench --gpu-kv-rows auto`) can use. CapacityError if `c` itself does not fit."""
+    need = _gpu_bytes(target, draft, 0, replace(c, gpu_kv_rows=0), wl, cm)
+    if need > gpu_memory:
+        raise CapacityError(f"GPU needs {need / 2**30:.1f} GiB of {gpu_memory / 2**30:.1f} before any GPU row")
+    per = (c.in_flight // c.batch) * _row_bytes(target, wl)
+    return int(min((gpu_memory - need) // per, c.batch))
 
 
 def _host_bytes(target, draft, c: Candidate, wl: Workload, cm: CostModel) -> int:
@@ -237,8 +256,8 @@ def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel
     ctx = wl.prompt_len + wl.gen_len // 2  # the average context over a run
     k = c.k if c.schedule != "none" else 0
 
-    def pass_s(resident):  # dual: one batch
-        return cmod.target_pass_s(hw, cm, target, c.batch, k + 1, ctx, resident, c.disk)
+    def pass_s(resident, rows=0):  # dual: one batch
+        return cmod.target_pass_s(hw, cm, target, c.batch, k + 1, ctx, resident, c.disk, rows)
 
     t_pass = pass_s(c.resident)
     streamed = c.resident < target.num_layers
@@ -257,12 +276,20 @@ def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel
     elif c.schedule == "single" and streamed:
         # Spare memory as resident layers saves a layer's copy minus its chain per pass (little
         # when CPU attention nearly fills a copy, as on W1); as another slot, one more layer
-        # prefetched while the draft runs. Each way of splitting it is tried.
+        # prefetched while the draft runs; as GPU rows, their attention off the CPU (what
+        # pays where the chain bounds a layer). Each way of splitting it is tried.
         copy = cmod.layer_copy_s(hw, target)
-        per_round, split = min((pass_s(c.resident - x) + cmod.exposed_draft_s(cm, t_draft, 2 + x, copy), x)
-                               for x in range(min(c.spare, MAX_SLOTS - 2) + 1))
-        c = replace(c, resident=c.resident - split, slots=2 + split)
-        t_pass = pass_s(c.resident)
+        lb, row_b = cmod.layer_bytes(target), _row_bytes(target, wl)
+        options = []
+        for x in range(min(c.spare, MAX_SLOTS - 2) + 1):
+            rows = min(c.batch, (c.spare - x) * lb // row_b)
+            exposed = cmod.exposed_draft_s(cm, t_draft, 2 + x, copy)
+            options.append((pass_s(c.resident - x) + exposed, x, c.resident - x, 0))
+            if rows:
+                options.append((pass_s(c.resident - c.spare, rows) + exposed, x, c.resident - c.spare, rows))
+        per_round, split, resident, rows = min(options)
+        c = replace(c, resident=resident, slots=2 + split, gpu_kv_rows=rows)
+        t_pass = pass_s(c.resident, rows)
     else:
         per_round = t_pass + t_draft
     seconds = refill.waves_seconds(wl.requests, c.in_flight, rounds, per_round, pre)
@@ -344,7 +371,8 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
         if not p.fits:
             timed.append(replace(c, fits=False, why=p.why, gpu_bytes=p.gpu_bytes, host_bytes=p.host_bytes))
             continue
-        timed.append(_time(target, draft, replace(p, k=c.k), hw, wl, cm))
+        t = _time(target, draft, replace(p, k=c.k), hw, wl, cm)  # may trade layers for slots or GPU rows
+        timed.append(replace(t, gpu_bytes=_gpu_bytes(target, draft, self_layers, t, wl, cm)))
     ok = [c for c in timed if c.fits]
     if not ok:
         worst = min(timed, key=lambda c: (c.gpu_bytes, c.host_bytes))
@@ -366,7 +394,7 @@ SMALL_COPY_CHUNK_MIB = 8
 def copy_chunk_mib(target: ModelSpec, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel) -> int:
     """The copy piece size for candidate c: small where its layers are bound by their chain."""
     k = c.k if c.schedule != "none" else 0
-    chain = cmod.layer_chain_s(hw, cm, target, c.batch, k + 1, wl.prompt_len + wl.gen_len // 2)
+    chain = cmod.layer_chain_s(hw, cm, target, c.batch, k + 1, wl.prompt_len + wl.gen_len // 2, c.gpu_kv_rows)
     return SMALL_COPY_CHUNK_MIB if chain > cmod.layer_copy_s(hw, target) else Plan.copy_chunk_mib
 
 
@@ -381,7 +409,7 @@ def to_plan(c: Candidate, target: ModelSpec, hw: Hardware, chunk_mib: int | None
     L = target.num_layers
     return Plan(device=hw.device, gpu_memory=hw.gpu_memory if hw.device == "cuda" else None,
                 gpu_layers=tuple(range(c.resident)), disk_layers=tuple(range(L - c.disk, L)), num_slots=c.slots,
-                batch_size=c.batch, prefill_batch=c.prefill_batch, draft_fp8=c.draft_fp8,
+                batch_size=c.batch, prefill_batch=c.prefill_batch, draft_fp8=c.draft_fp8, gpu_kv_rows=c.gpu_kv_rows,
                 copy_chunk_mib=chunk_mib or Plan.copy_chunk_mib,
                 attention_threads=max(1, hw.cpu_cores - 2) if hw.device == "cuda" else None
                 ).with_draft_kv(c.kv if c.schedule != "none" else DraftKV())

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..configs.run_config import RunConfig
+from ..placement.gpu_kv_rows import keep_order
 from ..placement.refill import refill_default
 from ..speculation.logits_process import logits_settings
 from ..speculation.sampler import SamplingTensors
@@ -81,17 +82,6 @@ def _is_capacity_error(err: BaseException) -> bool:
     from ..errors import CapacityError, root_cause
 
     return isinstance(err, CapacityError) or isinstance(root_cause(err), CapacityError)
-
-
-def fill_holes(keep: list[int]) -> list[int]:
-    """An order for the n surviving sequences in which each stays in its row if that row is
-    below n, and the survivors from rows >= n move into the freed rows. Caches can then
-    compact in place by copying only the moved rows (a host KV cache of several GB would
-    otherwise be copied whole each time a sequence finishes)."""
-    n = len(keep)
-    movers = iter(i for i in keep if i >= n)
-    alive = set(keep)
-    return [i if i in alive else next(movers) for i in range(n)]
 
 
 def sampling_tensors(reqs: list[Request]) -> SamplingTensors:
@@ -360,7 +350,9 @@ class Generator:
         if self.on_progress:
             self.on_progress(self.stats)
         if len(keep) < len(b.reqs):
-            keep = fill_holes(keep)
+            # GPU rows first, each side compacting in place (placement/gpu_kv_rows.py)
+            rows = getattr(self.backend, "gpu_rows", None)
+            keep = keep_order(keep, rows(b.bid) if rows else 0)
             b.reqs = [b.reqs[i] for i in keep]
             if keep or self._queue is not None:  # refilling: an emptied batch takes new rows
                 self.backend.keep(b.bid, np.array(keep, dtype=np.int64))

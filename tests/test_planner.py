@@ -119,16 +119,41 @@ def test_speculation_only_when_it_pays(h200):
 def test_each_schedule_wins_somewhere(h200):
     """DESIGN.md: the planner models single and dual and chooses by machine. With a CPU whose
     attention is slow the pass grows with its batch, and verifying one batch while the other
-    drafts beats verifying both at once. In waves: refilled in place, a single batch of half the
-    rows has no tail to hide and wins (test_refill_priced)."""
+    drafts beats verifying both at once, where the GPU has no memory to spare for GPU rows
+    (test_gpu_rows_take_slow_attention_off_the_cpu). In waves: refilled in place, a single
+    batch of half the rows has no tail to hide and wins (test_refill_priced)."""
     slow_cpu = replace(h200, cpu_kv_GBps=3.0, cpu_attention_gflops=100.0, device_tflops=100.0, device_GBps=1000.0,
-                       host_memory="400GB").with_gpu_memory("40GiB")
+                       host_memory="400GB").with_gpu_memory("16GiB")
     wl = Workload(512, 128, 384, 0.8, refill=False)
     dual = plan(mixtral_8x7b(), mistral_7b(), slow_cpu, wl)
     assert dual.best.schedule == "dual"
     assert plan(mixtral_8x7b(), mistral_7b(), replace(slow_cpu, cpu_kv_GBps=49.0, cpu_attention_gflops=1040.0,
-                                                      device_tflops=650.0, device_GBps=4000.0), wl).best.schedule \
-        == "single"
+                                                      device_tflops=650.0, device_GBps=4000.0).with_gpu_memory("40GiB"),
+                wl).best.schedule == "single"
+
+
+def test_gpu_rows_take_slow_attention_off_the_cpu(h200):
+    """Spare GPU memory holds the first rows' target KV (plan.gpu_kv_rows) where CPU attention
+    bounds the layer chain: the CPU attends for fewer rows, the pass shortens, and the GPU
+    account counts the rows' KV at the generator's capacity."""
+    from specoffload.placement.planner import _gpu_bytes
+
+    slow_cpu = replace(h200, cpu_kv_GBps=3.0, cpu_attention_gflops=100.0, device_tflops=100.0, device_GBps=1000.0,
+                       host_memory="400GB").with_gpu_memory("24GiB")
+    wl = Workload(512, 128, 384, 0.8, refill=False)
+    ch = plan(mixtral_8x7b(), mistral_7b(), slow_cpu, wl)
+    b = ch.best
+    assert b.schedule == "single" and 0 < b.gpu_kv_rows <= b.batch and ch.plan.gpu_kv_rows == b.gpu_kv_rows
+    assert b.gpu_bytes <= slow_cpu.gpu_memory
+    without = _gpu_bytes(mixtral_8x7b(), mistral_7b(), 0, replace(b, gpu_kv_rows=0), wl, cm.CostModel())
+    assert b.gpu_bytes == _gpu_bytes(mixtral_8x7b(), mistral_7b(), 0, b, wl, cm.CostModel())
+    assert b.gpu_bytes - without == b.gpu_kv_rows * cm.gpu_row_bytes(mixtral_8x7b(), 512 + 128 + 16 + 2)
+    k1 = b.k + 1
+    assert cm.layer_chain_s(slow_cpu, cm.CostModel(), mixtral_8x7b(), b.batch, k1, 576, b.gpu_kv_rows) < \
+        0.8 * cm.layer_chain_s(slow_cpu, cm.CostModel(), mixtral_8x7b(), b.batch, k1, 576)
+    # a CPU fast enough that the copy bounds every layer: no rows, the memory goes to layers or slots
+    fast = plan(mixtral_8x7b(), mistral_7b(), replace(h200, cpu_kv_GBps=400.0, cpu_attention_gflops=20000.0), W1)
+    assert fast.best.gpu_kv_rows == 0
 
 
 def test_window_acceptance_steers_the_window(h200):

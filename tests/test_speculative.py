@@ -187,7 +187,7 @@ def test_cache_compaction_in_place_matches_a_gather():
     import torch
 
     from specoffload.models.attention import KVCache
-    from specoffload.scheduler.generator import fill_holes
+    from specoffload.placement.gpu_kv_rows import fill_holes
 
     assert fill_holes([0, 2, 3, 5]) == [0, 5, 2, 3]  # rows 0, 2, 3 stay; 5 fills the hole at 1
     for keep in ([0, 2, 3, 5], [4, 5], [1, 2, 3, 4, 5], [0, 1]):

@@ -1,0 +1,61 @@
+"""The executor's side of a batch's GPU rows (plan.gpu_kv_rows, placement/gpu_kv_rows.py).
+
+Rows [0, g) of the batch keep their target K/V here, in device memory, for every layer. In a
+verification pass the executor sends the CPU worker only the other rows' q/k/v, then attends
+for these rows while the worker attends for the rest; the two outputs are joined in row order
+before the layer's second half. The arithmetic is `models.attention`'s, as on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.attention import KVCache
+from ..models.host_io import to_device
+
+
+class GpuRows:
+    def __init__(self, spec, rows: int, capacity: int, device, kv_dtype: str | None = None):
+        """kv_dtype: plan.kv_dtype, the CPU worker's cache type (None: the model's)."""
+        dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
+        self.cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, spec.head_dim, capacity, dtype, device,
+                             spec.sliding_windows)
+
+    @property
+    def rows(self) -> int:
+        return self.cache.batch
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.cache.k + self.cache.v)
+
+    def store_prefill(self, j: int, lo: int, k: torch.Tensor, v: torch.Tensor, prompt_lens=None):
+        """Layer j's prefill K/V of a sub-batch whose first row is the batch's row lo, padded as
+        [P, Hkv, longest, d]; its rows below g are kept. prompt_lens (the last layer): the
+        sub-batch's prompt lengths, which become those rows' lengths."""
+        n = min(k.shape[0], self.rows - lo)
+        if n <= 0:
+            return
+        L = k.shape[2]
+        self.cache.k[j][lo: lo + n, :, :L].copy_(k[:n])
+        self.cache.v[j][lo: lo + n, :, :L].copy_(v[:n])
+        if prompt_lens is not None:
+            self.cache.lens[lo: lo + n] = to_device(list(prompt_lens[:n]), self.cache.lens.device, torch.long)
+
+    def begin_pass(self, n_q: int):
+        """A verification pass: every row gets n_q new tokens (k + 1)."""
+        q_lens = torch.full((self.rows,), n_q, dtype=torch.long, device=self.cache.lens.device)
+        self.cache.begin_pass(q_lens, self.rows * n_q, n_q)
+
+    def attend(self, j: int, q, k, v) -> torch.Tensor:
+        """The rows' packed q/k/v [rows * n_q, H, d] of layer j: append, attend -> [T, Hq * d]."""
+        return self.cache.attend_layer(j, q, k, v)
+
+    def finish_pass(self, n_q: int, counts):
+        """After verification: keep the `counts` tokens each row's pass accepted of its n_q."""
+        c = to_device(counts[: self.rows], self.cache.lens.device, torch.long)
+        self.cache.advance()
+        self.cache.truncate(self.cache.lens - n_q + c)
+
+    def keep(self, idx):
+        """The surviving GPU rows in `fill_holes` order: compacts in place."""
+        self.cache.select(idx)

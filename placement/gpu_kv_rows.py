@@ -1,0 +1,54 @@
+"""Rows of a batch whose target KV lives on the GPU and whose attention runs there.
+
+CPU attention bounds a verification pass's layer chain once the copy is fast (W4: 16.4 ms of
+a 23.0 ms layer, docs/benchmarks.md "Session 20"). The first g rows of a batch keep their
+target K/V in GPU memory instead (`Plan.gpu_kv_rows`): the executor attends for them while
+the CPU worker attends for the rest, so the CPU's share of the chain shrinks by g / batch.
+
+The GPU rows are always a prefix [0, g) of the batch, so the CPU worker's cache holds the
+contiguous rows [g, batch) (its row i is the batch's g + i) and attends them in one call.
+Rows never move between the two: when sequences finish, the survivors of each side compact
+within that side (`keep_order`), so g can only shrink; rows that join a running batch are
+appended after it and live on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fill_holes(keep: list[int]) -> list[int]:
+    """An order for the n surviving sequences in which each stays in its row if that row is
+    below n, and the survivors from rows >= n move into the freed rows. Caches can then
+    compact in place by copying only the moved rows (a host KV cache of several GB would
+    otherwise be copied whole each time a sequence finishes)."""
+    n = len(keep)
+    movers = iter(i for i in keep if i >= n)
+    alive = set(keep)
+    return [i if i in alive else next(movers) for i in range(n)]
+
+
+def initial(plan_rows: int, n: int, joining: bool) -> int:
+    """GPU rows of a batch of n sequences when it starts; rows joining a running batch are
+    appended after its CPU rows, so they start with none."""
+    return 0 if joining else min(plan_rows, n)
+
+
+def keep_order(keep: list[int], g: int) -> list[int]:
+    """The survivors' order (old row indices, ascending in `keep`): the GPU survivors first,
+    then the CPU survivors, each side in `fill_holes` order within itself, so that both caches
+    compact in place."""
+    gpu = [i for i in keep if i < g]
+    cpu = [i - g for i in keep if i >= g]
+    return fill_holes(gpu) + [i + g for i in fill_holes(cpu)]
+
+
+def split_keep(idx, g: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """For a cache holder: `keep_order`'s indices -> (the GPU cache's, the CPU cache's own row
+    indices, the new g). ValueError if a row would cross from one side to the other."""
+    idx = np.asarray(idx, dtype=np.int64)
+    g_new = int((idx < g).sum())
+    gpu, cpu = idx[:g_new], idx[g_new:]
+    if (gpu >= g).any() or (cpu < g).any():
+        raise ValueError(f"keep order {idx.tolist()} moves rows across the GPU/CPU boundary at {g}")
+    return gpu, cpu - g, g_new
