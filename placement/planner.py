@@ -285,7 +285,7 @@ def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel
             rows = min(c.batch, (c.spare - x) * lb // row_b)
             exposed = cmod.exposed_draft_s(cm, t_draft, 2 + x, copy)
             options.append((pass_s(c.resident - x) + exposed, x, c.resident - x, 0))
-            if rows:
+            if rows and PRICE_GPU_ROWS:
                 options.append((pass_s(c.resident - c.spare, rows) + exposed, x, c.resident - c.spare, rows))
         per_round, split, resident, rows = min(options)
         c = replace(c, resident=resident, slots=2 + split, gpu_kv_rows=rows)
@@ -381,6 +381,11 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
     best = max(ok, key=lambda c: (round(c.tokens_per_s, 6), -c.k, c.schedule == "none"))
     return Choice(best, to_plan(best, target, hw, copy_chunk_mib(target, best, hw, wl, cm)), tuple(timed), hw)
 
+
+# Whether the planner offers spare GPU memory as GPU rows (plan.gpu_kv_rows). Off: on the H200
+# at a fixed k 3, W4 with 48 GPU rows took 2.247 s a pass against 1.954 without
+# (docs/benchmarks.md, "Session 21"), where this model predicted a shorter pass.
+PRICE_GPU_ROWS = False
 
 # Weight copies go out in pieces; the copy engine runs host-to-device copies in the order they
 # were queued, so a layer's attention output waits behind the pieces queued ahead of it. Where

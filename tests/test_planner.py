@@ -132,11 +132,15 @@ def test_each_schedule_wins_somewhere(h200):
                 wl).best.schedule == "single"
 
 
-def test_gpu_rows_take_slow_attention_off_the_cpu(h200):
-    """Spare GPU memory holds the first rows' target KV (plan.gpu_kv_rows) where CPU attention
-    bounds the layer chain: the CPU attends for fewer rows, the pass shortens, and the GPU
-    account counts the rows' KV at the generator's capacity."""
+def test_gpu_rows_take_slow_attention_off_the_cpu(h200, monkeypatch):
+    """Priced (PRICE_GPU_ROWS, off until the GPU shows them faster), spare GPU memory holds the
+    first rows' target KV (plan.gpu_kv_rows) where CPU attention bounds the layer chain: the
+    CPU attends for fewer rows, the pass shortens, and the GPU account counts the rows' KV at
+    the generator's capacity."""
+    from specoffload.placement import planner
     from specoffload.placement.planner import _gpu_bytes
+
+    monkeypatch.setattr(planner, "PRICE_GPU_ROWS", True)
 
     slow_cpu = replace(h200, cpu_kv_GBps=3.0, cpu_attention_gflops=100.0, device_tflops=100.0, device_GBps=1000.0,
                        host_memory="400GB").with_gpu_memory("24GiB")
