@@ -222,3 +222,25 @@ def test_bench_batch_max_is_the_planners_largest_batch(monkeypatch, capsys):
     want, why = largest_batch(tspec, dspec, bench._candidate(a, dspec, 1), Workload(512, 128, 1, 0.8), h200)
     assert got == want > 0
     assert f"--batch max: {want} sequences of 512 + 128 tokens (one more: {why})" in capsys.readouterr().out
+
+
+def test_bench_gpu_kv_rows_list(monkeypatch):
+    """--gpu-kv-rows: a comma list of counts (each mode runs with each), 'auto' the planner's
+    fit beside this run's placement (0 without a GPU); anything else is a one-line error."""
+    from specoffload import bench
+    from specoffload.placement import planner
+
+    a = bench._options(["--workload", "w4", "--gen", "128", "--slots", "4", "--draft-window", "64",
+                        "--gpu-kv-rows", "auto,0,12"])
+    assert bench._gpu_kv_rows(a, None, None, cuda=False) == [0, 0, 12]
+    from specoffload.sources.w4_shapes import llama_3_1_70b, llama_3_2_1b
+
+    a.resident = 0
+    auto = bench._gpu_kv_rows(a, llama_3_1_70b(80), llama_3_2_1b(16), cuda=True)[0]
+    wl = planner.Workload(a.prompt_len, a.gen, a.batch, a.agreement)
+    c = bench._candidate(a, llama_3_2_1b(16), a.batch)
+    assert auto == planner.gpu_kv_rows_fit(llama_3_1_70b(80), llama_3_2_1b(16), c, wl, 24 * 2**30) > 0
+    for bad in ("x", "-1", "3,"):
+        a.gpu_kv_rows = bad
+        with pytest.raises(bench.BenchError, match="--gpu-kv-rows"):
+            bench._gpu_kv_rows(a, None, None, cuda=False)
