@@ -497,6 +497,7 @@ class Bench:
         copy_s = d.get("weight_copy_s", 0.0)
         decode_s = st["seconds"] - st["prefill_seconds"]
         streamed = self.layer_bytes * (self.a.target_layers - on_gpu) * passes
+        mem = ray.get(self.coord.memory.remote())
         return {
             "mode": label, "batch": batch, "requests": n,
             "batches": st.get("batches"), "wall_s": round(wall, 2), "tokens": st["tokens"],
@@ -526,7 +527,9 @@ class Bench:
             "executor_bell_wait_s": round(d.get("executor_bell_wait_s", 0), 2),
             "worker_bell_wait_s": round(d.get("worker_bell_wait_s", 0), 2),
             # the executor's peak device memory so far (the cap bounds it)
-            "gpu_peak_gib": round(ray.get(self.coord.memory.remote()).get("max_allocated", 0) / 2**30, 2),
+            "gpu_peak_gib": round(mem.get("max_allocated", 0) / 2**30, 2),
+            # the allocator's retries at the cap so far (GpuBudget.report); cumulative over modes
+            "gpu_alloc_retries": mem.get("alloc_retries", 0),
         }
 
     def baseline(self, resident: int, micro: list[int]) -> str | None:

@@ -173,4 +173,7 @@ class GpuBudget:
                 "parts": dict(self.parts),
                 "allocated": torch.cuda.memory_allocated(self.device),
                 "max_allocated": torch.cuda.max_memory_allocated(self.device),
-                "max_reserved": peak, "peak_in_use": self.context + peak, "cap": self.cap}
+                "max_reserved": peak, "peak_in_use": self.context + peak, "cap": self.cap,
+                # allocations that hit the cap, freed the allocator's cache and tried again: each
+                # a device-wide synchronisation and fresh cudaMallocs (a stall inside a pass)
+                "alloc_retries": torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)}

@@ -318,16 +318,17 @@ def test_a_join_that_does_not_fit_waits_and_joins_smaller(tiny_dir, sampled):
     assert st.joined == len(REQS) - 4 and not backend.caches  # every batch freed, the failed join's too
 
 
-@pytest.mark.parametrize("gpu_rows,draft,micro", [(2, "self:1", 1), (3, None, 2), (1, "self:1", 2)])
-def test_gpu_kv_rows_through_actors(ray_session, tiny_dir, gpu_rows, draft, micro):
+@pytest.mark.parametrize("gpu_rows,draft,micro,schedule", [(2, "self:1", 1, None), (3, None, 2, None),
+                                                            (1, "self:1", 2, "dual")])
+def test_gpu_kv_rows_through_actors(ray_session, tiny_dir, gpu_rows, draft, micro, schedule):
     """plan.gpu_kv_rows: the batch's first rows keep their target KV on the executor and
     attend there, the CPU worker the rest (placement/gpu_kv_rows.py). Rows finish at different
     passes, GPU ones among them; waiting requests join after the CPU rows; a batch whose
-    rows are all on the GPU (3 of 3) sends the worker nothing to attend. Greedy output is
-    transformers' own, and the worker attended for fewer rows than the batch held."""
+    rows are all on the GPU (3 of 3) sends the worker nothing to attend; under dual each of the
+    two batches has its own. Greedy output is transformers' own, and both sides attended."""
     d = tiny_dir("llama")
     with LLM(str(d), draft=draft, batch_size=3, k=3, progress=False, micro_batches=micro, refill=True,
-             gpu_kv_rows=gpu_rows) as llm:
+             gpu_kv_rows=gpu_rows, schedule=schedule) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p, _ in REQS],
                             [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS])
         stats = llm.last_stats
