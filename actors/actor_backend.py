@@ -63,7 +63,8 @@ class ActorBackend:
         self.stopping = False
 
     def start(self, bid, prompts, samp, capacity, with_draft=False, joins=None):
-        g = self._gpu[bid] = gpu_kv_rows.initial(self.G, len(prompts), joins is not None)
+        # rows joining a running batch are appended after its CPU rows: none on the GPU
+        g = self._gpu[bid] = 0 if joins is not None else min(self.G, len(prompts))
         self.ex.start.remote(bid, prompts, samp, capacity, with_draft, joins, g)
         self.at.start.remote(bid, [len(p) for p in prompts], capacity, self.P, g)
         self._size[bid] = len(prompts)

@@ -25,9 +25,6 @@ class GpuRows:
     def rows(self) -> int:
         return self.cache.batch
 
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.cache.k + self.cache.v)
-
     def store_prefill(self, j: int, lo: int, k: torch.Tensor, v: torch.Tensor, prompt_lens=None):
         """Layer j's prefill K/V of a sub-batch whose first row is the batch's row lo, padded as
         [P, Hkv, longest, d]; its rows below g are kept. prompt_lens (the last layer): the

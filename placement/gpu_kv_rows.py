@@ -28,12 +28,6 @@ def fill_holes(keep: list[int]) -> list[int]:
     return [i if i in alive else next(movers) for i in range(n)]
 
 
-def initial(plan_rows: int, n: int, joining: bool) -> int:
-    """GPU rows of a batch of n sequences when it starts; rows joining a running batch are
-    appended after its CPU rows, so they start with none."""
-    return 0 if joining else min(plan_rows, n)
-
-
 def keep_order(keep: list[int], g: int) -> list[int]:
     """The survivors' order (old row indices, ascending in `keep`): the GPU survivors first,
     then the CPU survivors, each side in `fill_holes` order within itself, so that both caches

@@ -351,8 +351,7 @@ class Generator:
             self.on_progress(self.stats)
         if len(keep) < len(b.reqs):
             # GPU rows first, each side compacting in place (placement/gpu_kv_rows.py)
-            rows = getattr(self.backend, "gpu_rows", None)
-            keep = keep_order(keep, rows(b.bid) if rows else 0)
+            keep = keep_order(keep, self.backend.gpu_rows(b.bid))
             b.reqs = [b.reqs[i] for i in keep]
             if keep or self._queue is not None:  # refilling: an emptied batch takes new rows
                 self.backend.keep(b.bid, np.array(keep, dtype=np.int64))

@@ -68,6 +68,10 @@ class ReferenceBackend:
     def timings(self):
         return self._t_pass, self._t_draft
 
+    def gpu_rows(self, bid) -> int:
+        """The plain path keeps every row's target KV in one cache (placement/gpu_kv_rows.py)."""
+        return 0
+
     def keep(self, bid, idx):
         self.caches[bid][0].select(torch.as_tensor(idx, device=self.target.device))
         self.spec.keep(bid, idx)
