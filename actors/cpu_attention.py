@@ -74,10 +74,8 @@ class CPUAttention:
             self.ring_stores += 1
         else:
             k, v = from_wire(kv[0]), from_wire(kv[1])
-        # The sub-batch's rows the GPU keeps are skipped; lo: this worker's first row of the rest.
-        skip = max(0, g - s * P)
-        k, v = k[skip:], v[skip:]
-        lo = s * P + skip - g
+        # The executor sends only the sub-batch's rows past the GPU's g; lo: the first of them here.
+        lo = s * P + max(0, g - s * P) - g
         n, L = k.shape[0], k.shape[2]
         with self.timer.span("store_prefill", f"b{bid} L{j} s{s}"):
             cache.k[j][lo: lo + n, :, :L].copy_(k)

@@ -296,16 +296,18 @@ class GPUExecutor:
             elif s == n_sub - 1:
                 self._done(j)
         # The cache just built holds this layer's K/V padded as [P, Hkv, longest, d]: the
-        # CPU worker stores that with one strided copy (skipping the rows kept here).
+        # CPU worker stores that with one strided copy. Rows kept here (GPU rows) are not sent.
+        k, v = cache.k[0], cache.v[0]
         if "gpu" in st:
             last = j == spec.num_layers - 1
-            st["gpu"].store_prefill(j, s * P, cache.k[0], cache.v[0],
-                                    [len(p) for p in st["prompts"][s * P:(s + 1) * P]] if last else None)
+            st["gpu"].store_prefill(j, s * P, k, v, [len(p) for p in st["prompts"][s * P:(s + 1) * P]] if last else None)
+            skip = max(0, st["gpu"].rows - s * P)
+            k, v = k[skip:], v[skip:]
         ring = (self.mail.ensure_ring(bid, P, max(map(len, st["prompts"]))) if self.plan.shm_prefill else None)
         with self.timer.host_span("to_host", f"b{bid} L{j} s{s} kv"):
             if ring is not None:
-                return kv_ring.send(ring, j * n_sub + s, cache.k[0], cache.v[0], self._sync)
-            k, v = to_host(cache.k[0], cache.v[0])
+                return kv_ring.send(ring, j * n_sub + s, k, v, self._sync)
+            k, v = to_host(k, v)
         return to_wire(k), to_wire(v)
 
     @torch.inference_mode()
