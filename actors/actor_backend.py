@@ -17,7 +17,6 @@ import time
 import ray
 
 from ..placement import gpu_kv_rows
-from ..placement.plan import split_range
 from . import kv_ring
 from .doorbell import BELL, is_peer_failed
 
@@ -158,8 +157,7 @@ class ActorBackend:
         parts = []  # (batch, micro-batch) in the order the executor sees them each layer
         for bid, k, _, _ in batches:
             self._submitted_at[bid] = t0
-            # a batch with GPU rows runs as one part: its CPU rows are one contiguous range
-            m = 1 if self._gpu.get(bid) else len(split_range(self._size[bid], self.M))
+            m = len(gpu_kv_rows.part_ranges(self._size[bid], self._gpu.get(bid, 0), self.M))
             self.ex.verify_begin.remote(bid, k, m)
             parts += [(bid, p) for p in range(m)]
         joins, self._joins = self._joins, []

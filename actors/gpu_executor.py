@@ -22,8 +22,8 @@ from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.host_io import packed, to_device, to_host
 from ..models.resident import ResidentModel, last_index
 from ..placement.draft_kv import DraftKV
-from ..placement.gpu_kv_rows import split_keep
-from ..placement.plan import Plan, split_range
+from ..placement.gpu_kv_rows import part_ranges, split_keep
+from ..placement.plan import Plan
 from ..sources.open import open_source
 from ..speculation.runner import SpecRunner
 from . import kv_ring
@@ -335,14 +335,16 @@ class GPUExecutor:
         if gpu is not None and gpu.rows == 0:  # its GPU rows all finished: free their memory
             del st["gpu"]
             gpu = None
-        # GPU rows: one part, its first g rows attended here, the CPU worker sent the rest's
-        # q/k/v with its own row numbers (the batch's row g is its row 0).
+        # GPU rows [0, g) attend here; the CPU worker is sent the rest's q/k/v with its own row
+        # numbers (the batch's row g is its row 0). part_ranges: one part, or the GPU rows as a
+        # part of their own (the worker gets an empty range for it) beside micro-batches of CPU rows.
         g = gpu.rows if gpu is not None else 0
-        ranges = [(0, len(ql))] if g else split_range(len(ql), micro_batches)
+        ranges = part_ranges(len(ql), g, micro_batches)
         passes = Forward.start(spec, self.glob, toks, st["lens"][b] + i).split(
             [(starts[lo], starts[hi]) for lo, hi in ranges])
         st["parts"] = [{"bid": bid, "lo": lo, "hi": hi, "g": g, "q_lens_np": ql[max(lo, g):hi], "pass": f,
-                        "g_tokens": starts[g] - starts[lo] if g else 0, "tokens": starts[hi] - starts[max(lo, g)],
+                        "g_tokens": starts[min(g, hi)] - starts[min(g, lo)],
+                        "tokens": starts[hi] - starts[max(lo, g)],
                         "box": self.mail.ensure(bid, p, max(1, starts[hi] - starts[max(lo, g)]))}
                        for p, ((lo, hi), f) in enumerate(zip(ranges, passes))]
         if gpu is not None:
@@ -365,18 +367,18 @@ class GPUExecutor:
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
             q, k, v = part["pass"].qkv(w)
-        t = part["g_tokens"]
+        t, g = part["g_tokens"], part["g"]
         with self.timer.host_span("to_host", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
             msg = self.mail.send_qkv(part["box"], q[t:], k[t:], v[t:], self._sync)
+        lo, hi = max(part["lo"], g) - g, part["hi"] - g  # in the worker's rows: row g is its 0
         if not t:
-            return msg, part["q_lens_np"], part["lo"], part["hi"]
+            return msg, part["q_lens_np"], lo, hi
         # The GPU rows attend while the CPU worker attends for the rest (queued after the
         # copy out, so it does not delay the worker's q/k/v).
-        g = part["g"]
-        with self.timer.span("target", f"b{part['bid']} L{j} [0:{g}) gpu attention"):
+        with self.timer.span("target", f"b{part['bid']} L{j} [0:{min(g, part['hi'])}) gpu attention"):
             part["gpu_out"] = self._batch(part["bid"])["gpu"].attend(j, q[:t], k[:t], v[:t])
         self.gpu_row_tokens += t
-        return msg, part["q_lens_np"], 0, part["hi"] - g  # in the worker's rows: row g is its 0
+        return msg, part["q_lens_np"], lo, max(lo, hi)
 
     def _sync(self):
         if self.device.type == "cuda":

@@ -6,7 +6,11 @@ target K/V in GPU memory instead (`Plan.gpu_kv_rows`): the executor attends for 
 the CPU worker attends for the rest, so the CPU's share of the chain shrinks by g / batch.
 
 The GPU rows are always a prefix [0, g) of the batch, so the CPU worker's cache holds the
-contiguous rows [g, batch) (its row i is the batch's g + i) and attends them in one call.
+contiguous rows [g, batch) (its row i is the batch's g + i). With one micro-batch the pass is
+one part: the GPU rows attend while the worker attends for the rest. With more (`part_ranges`)
+the GPU rows are a part of their own and the CPU rows are split into micro-batches, so the
+worker attends for one CPU part while the executor finishes another: the GPU rows take their
+share off the CPU and the split hides the hand-offs between layers.
 Rows never move between the two: when sequences finish, the survivors of each side compact
 within that side (`keep_order`), so g can only shrink; rows that join a running batch are
 appended after it and live on the CPU.
@@ -15,6 +19,17 @@ appended after it and live on the CPU.
 from __future__ import annotations
 
 import numpy as np
+
+from .plan import split_range
+
+
+def part_ranges(n: int, g: int, micro_batches: int) -> list[tuple[int, int]]:
+    """The [lo, hi) row ranges a verification pass of n rows, the first g on the GPU, runs as."""
+    if not g:
+        return split_range(n, micro_batches)
+    if micro_batches == 1 or g >= n:
+        return [(0, n)]
+    return [(0, g)] + [(g + lo, g + hi) for lo, hi in split_range(n - g, micro_batches)]
 
 
 def fill_holes(keep: list[int]) -> list[int]:

@@ -9,7 +9,12 @@ CPU attention actor holds it. Prints the median milliseconds per layer over `--p
   back (a mailbox's `out`, actors/mailbox.py);
 - "engine + copy": attention into a fresh tensor, then copied into that buffer;
 - "sdpa enable_gqa": SDPA's `enable_gqa` on packed queries, then the copy;
-all in the same run, pass by pass, and the ratios.
+all in the same run, pass by pass, and the ratios. `--variants` adds candidate kernels, timed the
+same way (`--heads 64,8` for a Llama-70B-shaped layer):
+- "float mask": the engine's SDPA call with the pass's mask made additive once, not per call;
+- "fp32", "fp16": SDPA over a cache held in that type (the output cast back to bf16);
+- "bmm": two batched matrix products per KV head and a float32 softmax, no SDPA;
+- "bmm fp32": the same over a float32 cache.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--passes", type=int, default=12)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--heads", default="32,8", help="query heads,KV heads (head dim 128)")
+    ap.add_argument("--variants", default="", help="a comma list of extra kernels to time: float-mask, fp32, "
+                                                   "fp16, bmm, bmm-fp32, or all")
     a = ap.parse_args(argv)
     if min(a.batch, a.queries, a.layers, a.passes) < 1 or a.keys < a.queries:
         print("profile_cpu_attention: error: sizes must be >= 1 and --keys >= --queries", file=sys.stderr)
@@ -41,7 +49,8 @@ def main(argv=None) -> int:
     from specoffload.models.attention import KVCache, append_kv, causal_mask
 
     torch.manual_seed(0)
-    B, Hq, Hkv, d, n = a.batch, 32, 8, 128, a.queries
+    Hq, Hkv = (int(x) for x in a.heads.split(","))
+    B, d, n = a.batch, 128, a.queries
     cache = KVCache(a.layers, B, Hkv, d, a.keys, torch.bfloat16)
     for t in cache.k + cache.v:
         t.normal_()
@@ -68,6 +77,12 @@ def main(argv=None) -> int:
         return sent.copy_(out.transpose(1, 2)[b_idx, i_idx].reshape(B * n, Hq * d))
 
     funcs = {"engine": engine, "engine + copy": engine_copy, "sdpa enable_gqa": sdpa_gqa}
+    cache.lens.copy_(lens)
+    cache.begin_pass(q_lens, B * n, n)
+    for j in range(a.layers):  # the pass's new K/V in the cache before the candidates copy it
+        engine(j)
+    cache._pass = None
+    funcs.update(_variants(a.variants, cache, q, k, v, lens, q_lens, b_idx, i_idx, mask, sent, Hq, Hkv, n))
     times = {name: [] for name in funcs}
     for p in range(a.passes + 1):  # the first pass warms up; the paths alternate pass by pass
         for name, f in funcs.items():
@@ -89,11 +104,59 @@ def main(argv=None) -> int:
     cache.begin_pass(q_lens, B * n, n)
     same = torch.equal(engine(0), want)
     cache._pass = None
+    for name in list(funcs)[3:]:  # the candidates: how far each lands from the engine, and how fast
+        err = (funcs[name](0).float() - want.float()).abs().max().item()
+        print(f"{name:16} {med['engine'] / med[name]:5.2f}x the engine; max |difference| {err:.4f}")
     e, c, s = med["engine"], med["engine + copy"], med["sdpa enable_gqa"]
     print(f"CPU attention, {B} sequences x {n} queries over {a.keys} keys, bf16, {torch.get_num_threads()} threads: "
           f"engine {e:.1f} ms, engine + copy {c:.1f} ms ({c / e:.2f}x), enable_gqa {s:.1f} ms ({s / e:.2f}x) "
           f"per layer; identical output: {same}")
     return 0
+
+
+def _variants(names, cache, q, k, v, lens, q_lens, b_idx, i_idx, mask, sent, Hq, Hkv, n) -> dict:
+    """Candidate kernels over the same queries and cache contents; each writes `sent`."""
+    import torch.nn.functional as F
+
+    from specoffload.models.attention import grouped_mask
+
+    want = {x for x in names.split(",") if x}
+    if "all" in want:
+        want = {"float-mask", "fp32", "fp16", "bmm", "bmm-fp32"}
+    B, G, d = cache.batch, Hq // Hkv, q.shape[-1]
+    gm = grouped_mask(mask, G)  # [B, 1, G * n, n_k]
+    add = torch.zeros(gm.shape, dtype=torch.float32).masked_fill_(~gm, float("-inf"))
+    copies = {}
+
+    def qg(dtype):  # [B, Hkv, G * n, d], head h = kv * G + g as the engine lays it out
+        return q.view(B, n, Hq, d).permute(0, 2, 1, 3).reshape(B, Hkv, G * n, d).to(dtype)
+
+    def put(res):  # [B, Hkv, G * n, d] -> the packed [B * n, Hq * d] output
+        sent.view(B, n, Hq, d).copy_(res.reshape(B, Hq, n, d).transpose(1, 2))
+        return sent
+
+    def cache_in(dtype):
+        if dtype not in copies:
+            copies[dtype] = ([t.to(dtype) for t in cache.k], [t.to(dtype) for t in cache.v])
+        return copies[dtype]
+
+    def sdpa(dtype, m):
+        ks, vs = cache_in(dtype) if dtype != torch.bfloat16 else (cache.k, cache.v)
+        return lambda j: put(F.scaled_dot_product_attention(qg(dtype), ks[j], vs[j], attn_mask=m))
+
+    def bmm(dtype):
+        ks, vs = cache_in(dtype) if dtype != torch.bfloat16 else (cache.k, cache.v)
+        scale = d ** -0.5
+
+        def f(j):
+            s = torch.matmul(qg(dtype), ks[j].transpose(-1, -2)).float().mul_(scale).add_(add)
+            return put(torch.matmul(torch.softmax(s, -1).to(dtype), vs[j]))
+        return f
+
+    table = {"float-mask": lambda: sdpa(torch.bfloat16, add.to(torch.bfloat16)),
+             "fp32": lambda: sdpa(torch.float32, gm), "fp16": lambda: sdpa(torch.float16, gm),
+             "bmm": lambda: bmm(torch.bfloat16), "bmm-fp32": lambda: bmm(torch.float32)}
+    return {name: table[name]() for name in sorted(want)}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+import gpu
 from hf_reference import PROMPTS, first_new_token, hf_greedy
 from specoffload.actors.pass_layers import PassLayers
 from specoffload.configs.run_config import RunConfig
@@ -319,12 +320,13 @@ def test_a_join_that_does_not_fit_waits_and_joins_smaller(tiny_dir, sampled):
 
 
 @pytest.mark.parametrize("gpu_rows,draft,micro,schedule", [(2, "self:1", 1, None), (3, None, 2, None),
-                                                            (1, "self:1", 2, "dual")])
+                                                            (1, "self:1", 2, None), (1, "self:1", 2, "dual")])
 def test_gpu_kv_rows_through_actors(ray_session, tiny_dir, gpu_rows, draft, micro, schedule):
     """plan.gpu_kv_rows: the batch's first rows keep their target KV on the executor and
     attend there, the CPU worker the rest (placement/gpu_kv_rows.py). Rows finish at different
     passes, GPU ones among them; waiting requests join after the CPU rows; a batch whose
-    rows are all on the GPU (3 of 3) sends the worker nothing to attend; under dual each of the
+    rows are all on the GPU (3 of 3) sends the worker nothing to attend; with two micro-batches
+    the GPU rows run as a part of their own beside the CPU rows' parts; under dual each of the
     two batches has its own. Greedy output is transformers' own, and both sides attended."""
     d = tiny_dir("llama")
     with LLM(str(d), draft=draft, batch_size=3, k=3, progress=False, micro_batches=micro, refill=True,
@@ -337,3 +339,19 @@ def test_gpu_kv_rows_through_actors(ray_session, tiny_dir, gpu_rows, draft, micr
     # every verified token attended on one side, once a layer; some on each
     assert stats["gpu_row_tokens"] > 0 and stats["cpu_row_tokens"] > 0
     assert (stats["gpu_row_tokens"] + stats["cpu_row_tokens"]) % 3 == 0  # the tiny llama's 3 layers
+
+
+@gpu.cuda_only("GPU rows' KV lives in GPU memory")
+@pytest.mark.parametrize("gpu_rows,micro", [(2, 1), (1, 2)])
+def test_gpu_kv_rows_on_the_gpu(ray_session, tiny_dir, gpu_rows, micro):
+    """The same on CUDA, float32: the GPU rows' attention runs in device memory, as one part
+    beside the worker's or (two micro-batches) as a part of their own; greedy output is
+    transformers' own."""
+    d = tiny_dir("llama")
+    with LLM(str(d), draft="self:1", batch_size=3, k=3, progress=False, micro_batches=micro, refill=True,
+             gpu_kv_rows=gpu_rows, device="cuda", dtype="float32") as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in REQS],
+                            [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS])
+        stats = llm.last_stats
+    assert [o.outputs[0].token_ids for o in outs] == _want(d)
+    assert stats["gpu_row_tokens"] > 0 and stats["cpu_row_tokens"] > 0

@@ -181,6 +181,24 @@ def test_windowed_draft_sees_only_its_window(tiny_dir):
     torch.testing.assert_close(m.forward(ring, step, two, which="all"), m.forward(full_w, step, two, which="all"))
 
 
+def test_gpu_rows_pass_parts():
+    """A pass with GPU rows runs as one part, or (micro-batches > 1) as the GPU rows' part and
+    the CPU rows in micro-batches; the parts tile the batch in row order either way."""
+    from specoffload.placement.gpu_kv_rows import part_ranges
+
+    assert part_ranges(8, 0, 2) == [(0, 4), (4, 8)]  # no GPU rows: plain micro-batches
+    assert part_ranges(8, 3, 1) == [(0, 8)]  # one part: the GPU rows attend beside the worker
+    assert part_ranges(8, 3, 2) == [(0, 3), (3, 5), (5, 8)]
+    assert part_ranges(4, 4, 2) == [(0, 4)]  # every row on the GPU: nothing to split for the worker
+    assert part_ranges(4, 3, 2) == [(0, 3), (3, 4)]  # one CPU row cannot be split
+    for n in range(1, 9):
+        for g in range(n + 1):
+            for m in (1, 2, 3):
+                r = part_ranges(n, g, m)
+                assert r[0][0] == 0 and r[-1][1] == n and all(a[1] == b[0] for a, b in zip(r, r[1:]))
+                assert all(hi <= g or lo >= g for lo, hi in r) or len(r) == 1  # no part straddles g
+
+
 def test_cache_compaction_in_place_matches_a_gather():
     """`fill_holes` orders survivors so a cache compacts by moving only the rows past the new
     end; the result equals gathering the kept rows, and other orders still work."""
