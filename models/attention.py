@@ -64,6 +64,26 @@ def append_kv(cache_k, cache_v, k, v, lens_before, q_lens, b_idx=None, i_idx=Non
 RAGGED_CALL_KEYS = 512
 # Whether a host KVCache attends in `ragged_chunks`' ranges unless told (see KVCache).
 RAGGED_ROWS = False
+# At most this many query rows per K/V head in one CPU SDPA call (None: no limit). torch's CPU
+# flash attention in bf16, where the CPU can pack (AMX), repacks the whole K/V of a call once a
+# head has 64 or more query rows and its heuristic expects the pack to pay, which it does for a
+# verification block of G * (k + 1) rows (64 for W4, G 8, at k 7). W4's passes at k 7 took 2.3x
+# those at k 6 on the GPU machine (docs/benchmarks.md, "Session 22"); whether this is why is not
+# yet measured there (`scripts/profile_cpu_attention.py --variants split-rows`). The split reads
+# no more: at these sizes the kernel already walks the K/V once per 32-row query block.
+CPU_QUERY_ROWS: int | None = None
+
+
+def _sdpa_rows(q, k, v, mask, max_rows: int | None):
+    """SDPA over q [B, H, R, d] in calls of at most max_rows query rows (CPU only)."""
+    R = q.shape[2]
+    if not max_rows or R <= max_rows or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    res = torch.empty_like(q)
+    for a in range(0, R, max_rows):
+        b = min(R, a + max_rows)
+        res[:, :, a:b] = F.scaled_dot_product_attention(q[:, :, a:b], k, v, attn_mask=mask[:, :, a:b])
+    return res
 
 
 def ragged_chunks(n_k: list[int], call_keys: int | None = None) -> list[tuple[int, int, int]]:
@@ -96,7 +116,7 @@ def grouped_mask(mask: torch.Tensor, G: int) -> torch.Tensor:
 
 
 def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale=None, out_scale=None, out=None,
-                      chunks=None):
+                      chunks=None, max_rows: int | None = None):
     """Packed queries q [T, Hq, d] of B = cache_k.shape[0] sequences (at most n_q each; row
     b_idx[t], position i_idx[t]) against K/V [B, Hkv, n_k, d] under a `grouped_mask` mask.
     Returns [T, Hq * d] in q's dtype, written into `out` if given (a contiguous [T, Hq * d]:
@@ -104,6 +124,7 @@ def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale
     q_scale / out_scale: per-K/V-head factors on the queries and the output (an fp8 ring's K
     and V scales, see ring_cache.py). chunks: `ragged_chunks`' row ranges, each attending over
     only the keys its rows hold (one SDPA call per range); None: one call over all n_k.
+    max_rows: query rows per K/V head in one call on the CPU (default `CPU_QUERY_ROWS`).
 
     Grouped-query attention as Hkv heads of G * n_q query rows (the G query heads that share a
     K/V head become extra rows), so K/V are never expanded G-fold: faster on the CPU than SDPA's
@@ -122,13 +143,14 @@ def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale
     qg = qp.permute(0, 2, 1, 3).reshape(B, Hkv, G * n_q, d).to(cache_k.dtype)  # head h = kv * G + g
     if q_scale is not None:
         qg = qg * q_scale.to(qg.dtype)[None, :, None, None]
+    if max_rows is None:
+        max_rows = CPU_QUERY_ROWS
     if chunks is None or len(chunks) < 2:
-        res = F.scaled_dot_product_attention(qg, cache_k, cache_v, attn_mask=mask)  # [B, Hkv, G*n_q, d]
+        res = _sdpa_rows(qg, cache_k, cache_v, mask, max_rows)  # [B, Hkv, G*n_q, d]
     else:
         res = torch.empty_like(qg)
         for a, b, n in chunks:
-            res[a:b] = F.scaled_dot_product_attention(qg[a:b], cache_k[a:b, :, :n], cache_v[a:b, :, :n],
-                                                      attn_mask=mask[a:b, ..., :n])
+            res[a:b] = _sdpa_rows(qg[a:b], cache_k[a:b, :, :n], cache_v[a:b, :, :n], mask[a:b, ..., :n], max_rows)
     if out_scale is not None:
         res = res * out_scale.to(res.dtype)[None, :, None, None]
     res = res.reshape(B, Hq, n_q, d).transpose(1, 2)  # [B, n_q, Hq, d] (SDPA may return it strided)

@@ -14,7 +14,10 @@ same way (`--heads 64,8` for a Llama-70B-shaped layer):
 - "float mask": the engine's SDPA call with the pass's mask made additive once, not per call;
 - "fp32", "fp16": SDPA over a cache held in that type (the output cast back to bf16);
 - "bmm": two batched matrix products per KV head and a float32 softmax, no SDPA;
-- "bmm fp32": the same over a float32 cache.
+- "bmm fp32": the same over a float32 cache;
+- "split-rows": the engine with `attention.CPU_QUERY_ROWS` 32, each K/V head's query rows in
+  calls of 32 (so torch's kernel does not repack K/V once a head has 64 rows: `--queries 8`
+  with `--heads 64,8`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--heads", default="32,8", help="query heads,KV heads (head dim 128)")
     ap.add_argument("--variants", default="", help="a comma list of extra kernels to time: float-mask, fp32, "
-                                                   "fp16, bmm, bmm-fp32, or all")
+                                                   "fp16, bmm, bmm-fp32, split-rows, or all")
     a = ap.parse_args(argv)
     if min(a.batch, a.queries, a.layers, a.passes) < 1 or a.keys < a.queries:
         print("profile_cpu_attention: error: sizes must be >= 1 and --keys >= --queries", file=sys.stderr)
@@ -122,7 +125,7 @@ def _variants(names, cache, q, k, v, lens, q_lens, b_idx, i_idx, mask, sent, Hq,
 
     want = {x for x in names.split(",") if x}
     if "all" in want:
-        want = {"float-mask", "fp32", "fp16", "bmm", "bmm-fp32"}
+        want = {"float-mask", "fp32", "fp16", "bmm", "bmm-fp32", "split-rows"}
     B, G, d = cache.batch, Hq // Hkv, q.shape[-1]
     gm = grouped_mask(mask, G)  # [B, 1, G * n, n_k]
     add = torch.zeros(gm.shape, dtype=torch.float32).masked_fill_(~gm, float("-inf"))
@@ -153,7 +156,17 @@ def _variants(names, cache, q, k, v, lens, q_lens, b_idx, i_idx, mask, sent, Hq,
             return put(torch.matmul(torch.softmax(s, -1).to(dtype), vs[j]))
         return f
 
-    table = {"float-mask": lambda: sdpa(torch.bfloat16, add.to(torch.bfloat16)),
+    def split_rows(j):
+        from specoffload.models import attention
+
+        attention.CPU_QUERY_ROWS = 32
+        try:
+            return attention.grouped_attention(q, cache.k[j], cache.v[j], gm, n, b_idx, i_idx, out=sent)
+        finally:
+            attention.CPU_QUERY_ROWS = None
+
+    table = {"split-rows": lambda: split_rows,
+             "float-mask": lambda: sdpa(torch.bfloat16, add.to(torch.bfloat16)),
              "fp32": lambda: sdpa(torch.float32, gm), "fp16": lambda: sdpa(torch.float16, gm),
              "bmm": lambda: bmm(torch.bfloat16), "bmm-fp32": lambda: bmm(torch.float32)}
     return {name: table[name]() for name in sorted(want)}

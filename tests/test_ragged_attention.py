@@ -69,6 +69,41 @@ def test_chunked_equals_padded_and_row_by_row(ragged_q, window, monkeypatch):
     torch.testing.assert_close(got[True], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 8])
+def test_query_rows_split_equals_one_call(ragged, rows, monkeypatch):
+    """CPU_QUERY_ROWS: each K/V head's G x (k+1) query rows attend in calls of at most `rows`
+    (so torch's CPU kernel does not repack K/V); the output is the one call's and the exact
+    row-by-row attention's, padded or in ragged ranges."""
+    import types
+
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, d, cap = 6, 8, 2, 16, 400
+    before = torch.tensor([10, 300, 12, 290, 5, 150])
+    q_lens = torch.full((B,), 3)  # G 4 x 3 queries: 12 rows per K/V head
+    T = int(q_lens.sum())
+    q, k, v = (torch.randn(T, h, d, generator=g) for h in (Hq, Hkv, Hkv))
+    seen = []
+    real = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "F", types.SimpleNamespace(
+        scaled_dot_product_attention=lambda q, *a, **kw: seen.append(q.shape[2]) or real(q, *a, **kw)))
+    monkeypatch.setattr(attention, "RAGGED_CALL_KEYS", 32)
+    got = {}
+    for limit in (None, rows):
+        monkeypatch.setattr(attention, "CPU_QUERY_ROWS", limit)
+        c = KVCache(1, B, Hkv, d, cap, torch.float32, ragged=ragged)
+        for t in c.k + c.v:
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(1)))
+        c.lens = before.clone()
+        c.begin_pass(q_lens, T)
+        seen.clear()
+        got[limit] = c.attend_layer(0, q, k, v)
+        assert max(seen) == (12 if limit is None else min(rows, 12))  # the split really ran
+    torch.testing.assert_close(got[rows], got[None], rtol=1e-5, atol=1e-6)
+    want = _row_by_row(q, c.k[0], c.v[0], before, q_lens, Hq // Hkv, None).float()
+    torch.testing.assert_close(got[rows], want, rtol=1e-4, atol=1e-5)
+
+
 def test_a_cache_moved_to_another_device_keeps_one_call():
     assert not KVCache(1, 2, 1, 4, 8, torch.float32).ragged  # off unless asked (RAGGED_ROWS)
     c = KVCache(1, 2, 1, 4, 8, torch.float32, ragged=True)
