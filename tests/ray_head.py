@@ -91,6 +91,9 @@ def start_head(root: Path, num_cpus: int = 4, dashboard: bool = True) -> RayHead
     # dashboard agent 52365, dashboard / autoscaler metrics 44227 / 44217) collide with any
     # other Ray on the machine, and a taken agent port means "No available agent to submit job".
     head.env.update(DASHBOARD_METRIC_PORT=str(free_port()), AUTOSCALER_METRIC_PORT=str(free_port()))
+    # Ray gives a raylet 30 s to register with the GCS; on CI's 2 cores, beside the test
+    # session's own cluster, that once ran out ("The current node timed out during startup").
+    head.env.setdefault("RAY_raylet_start_wait_time_s", "120")
     args = ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={head.gcs_port}",
             f"--num-cpus={num_cpus}", f"--temp-dir={head.temp_dir}",
             f"--metrics-export-port={head.metrics_port}", f"--ray-client-server-port={free_port()}",
@@ -105,7 +108,7 @@ def start_head(root: Path, num_cpus: int = 4, dashboard: bool = True) -> RayHead
                             text=True, start_new_session=True)
     head.sid = proc.pid
     try:
-        out, _ = proc.communicate(timeout=90)
+        out, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         stop_head(head)
         raise
