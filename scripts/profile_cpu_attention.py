@@ -11,13 +11,13 @@ CPU attention actor holds it. Prints the median milliseconds per layer over `--p
 - "sdpa enable_gqa": SDPA's `enable_gqa` on packed queries, then the copy;
 all in the same run, pass by pass, and the ratios. `--variants` adds candidate kernels, timed the
 same way (`--heads 64,8` for a Llama-70B-shaped layer):
-- "float mask": the engine's SDPA call with the pass's mask made additive once, not per call;
+- "float-mask": the engine's SDPA call with the pass's mask made additive once, not per call;
 - "fp32", "fp16": SDPA over a cache held in that type (the output cast back to bf16);
 - "bmm": two batched matrix products per KV head and a float32 softmax, no SDPA;
-- "bmm fp32": the same over a float32 cache;
-- "split-rows": the engine with `attention.CPU_QUERY_ROWS` 32, each K/V head's query rows in
-  calls of 32 (so torch's kernel does not repack K/V once a head has 64 rows: `--queries 8`
-  with `--heads 64,8`).
+- "bmm-fp32": the same over a float32 cache;
+- "split-rows": the engine's call with each K/V head's query rows in calls of 32
+  (`attention.CPU_QUERY_ROWS`), so torch's kernel does not repack K/V once a head has 64 rows
+  (`--queries 8 --heads 64,8`).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     for j in range(a.layers):  # the pass's new K/V in the cache before the candidates copy it
         engine(j)
     cache._pass = None
-    funcs.update(_variants(a.variants, cache, q, k, v, lens, q_lens, b_idx, i_idx, mask, sent, Hq, Hkv, n))
+    funcs.update(_variants(a.variants, cache, q, b_idx, i_idx, mask, sent, Hq, Hkv, n))
     times = {name: [] for name in funcs}
     for p in range(a.passes + 1):  # the first pass warms up; the paths alternate pass by pass
         for name, f in funcs.items():
@@ -117,11 +117,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def _variants(names, cache, q, k, v, lens, q_lens, b_idx, i_idx, mask, sent, Hq, Hkv, n) -> dict:
+def _variants(names, cache, q, b_idx, i_idx, mask, sent, Hq, Hkv, n) -> dict:
     """Candidate kernels over the same queries and cache contents; each writes `sent`."""
     import torch.nn.functional as F
 
-    from specoffload.models.attention import grouped_mask
+    from specoffload.models.attention import grouped_attention, grouped_mask
 
     want = {x for x in names.split(",") if x}
     if "all" in want:
@@ -157,13 +157,7 @@ def _variants(names, cache, q, k, v, lens, q_lens, b_idx, i_idx, mask, sent, Hq,
         return f
 
     def split_rows(j):
-        from specoffload.models import attention
-
-        attention.CPU_QUERY_ROWS = 32
-        try:
-            return attention.grouped_attention(q, cache.k[j], cache.v[j], gm, n, b_idx, i_idx, out=sent)
-        finally:
-            attention.CPU_QUERY_ROWS = None
+        return grouped_attention(q, cache.k[j], cache.v[j], gm, n, b_idx, i_idx, out=sent, max_rows=32)
 
     table = {"split-rows": lambda: split_rows,
              "float-mask": lambda: sdpa(torch.bfloat16, add.to(torch.bfloat16)),
