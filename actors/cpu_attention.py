@@ -75,7 +75,7 @@ class CPUAttention:
         else:
             k, v = from_wire(kv[0]), from_wire(kv[1])
         # The executor sends only the sub-batch's rows past the GPU's g; lo: the first of them here.
-        lo = s * P + max(0, g - s * P) - g
+        lo = max(0, s * P - g)
         n, L = k.shape[0], k.shape[2]
         with self.timer.span("store_prefill", f"b{bid} L{j} s{s}"):
             cache.k[j][lo: lo + n, :, :L].copy_(k)

@@ -370,7 +370,9 @@ class GPUExecutor:
         t, g = part["g_tokens"], part["g"]
         with self.timer.host_span("to_host", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) qkv"):
             msg = self.mail.send_qkv(part["box"], q[t:], k[t:], v[t:], self._sync)
-        lo, hi = max(part["lo"], g) - g, part["hi"] - g  # in the worker's rows: row g is its 0
+        # in the worker's rows (row g is its 0); a part of GPU rows only is the empty range there
+        lo = max(part["lo"] - g, 0)
+        hi = max(part["hi"] - g, lo)
         if not t:
             return msg, part["q_lens_np"], lo, hi
         # The GPU rows attend while the CPU worker attends for the rest (queued after the
@@ -378,7 +380,7 @@ class GPUExecutor:
         with self.timer.span("target", f"b{part['bid']} L{j} [0:{min(g, part['hi'])}) gpu attention"):
             part["gpu_out"] = self._batch(part["bid"])["gpu"].attend(j, q[:t], k[:t], v[:t])
         self.gpu_row_tokens += t
-        return msg, part["q_lens_np"], lo, max(lo, hi)
+        return msg, part["q_lens_np"], lo, hi
 
     def _sync(self):
         if self.device.type == "cuda":

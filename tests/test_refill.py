@@ -329,12 +329,8 @@ def test_gpu_kv_rows_through_actors(ray_session, tiny_dir, gpu_rows, draft, micr
     the GPU rows run as a part of their own beside the CPU rows' parts; under dual each of the
     two batches has its own. Greedy output is transformers' own, and both sides attended."""
     d = tiny_dir("llama")
-    with LLM(str(d), draft=draft, batch_size=3, k=3, progress=False, micro_batches=micro, refill=True,
-             gpu_kv_rows=gpu_rows, schedule=schedule) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p, _ in REQS],
-                            [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS])
-        stats = llm.last_stats
-    assert [o.outputs[0].token_ids for o in outs] == _want(d)
+    got, stats = _gpu_rows_run(d, draft=draft, micro_batches=micro, gpu_kv_rows=gpu_rows, schedule=schedule)
+    assert got == _want(d)
     assert stats["joins"] > 0
     # every verified token attended on one side, once a layer; some on each
     assert stats["gpu_row_tokens"] > 0 and stats["cpu_row_tokens"] > 0
@@ -348,10 +344,15 @@ def test_gpu_kv_rows_on_the_gpu(ray_session, tiny_dir, gpu_rows, micro):
     beside the worker's or (two micro-batches) as a part of their own; greedy output is
     transformers' own."""
     d = tiny_dir("llama")
-    with LLM(str(d), draft="self:1", batch_size=3, k=3, progress=False, micro_batches=micro, refill=True,
-             gpu_kv_rows=gpu_rows, device="cuda", dtype="float32") as llm:
+    got, stats = _gpu_rows_run(d, draft="self:1", micro_batches=micro, gpu_kv_rows=gpu_rows, device="cuda",
+                               dtype="float32")
+    assert got == _want(d)
+    assert stats["gpu_row_tokens"] > 0 and stats["cpu_row_tokens"] > 0
+
+
+def _gpu_rows_run(d, **kw):
+    """REQS through the actors with GPU rows (batch 3, k 3, refill): greedy tokens, run stats."""
+    with LLM(str(d), batch_size=3, k=3, progress=False, refill=True, **kw) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p, _ in REQS],
                             [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS])
-        stats = llm.last_stats
-    assert [o.outputs[0].token_ids for o in outs] == _want(d)
-    assert stats["gpu_row_tokens"] > 0 and stats["cpu_row_tokens"] > 0
+        return [o.outputs[0].token_ids for o in outs], llm.last_stats
