@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                           "different lengths in ranges of similar "
                                                                           "ones, a call costing KEYS keys, e.g. 512 "
                                                                           "(plan.ragged_attention; default off).")
+    ap.add_argument("--cpu-query-rows", type=int, metavar="ROWS",
+                    help="The CPU worker's attention calls take at most ROWS query rows per K/V head "
+                         "(plan.cpu_query_rows; 0: no limit; default: models/attention.CPU_QUERY_ROWS, 63).")
     ap.add_argument("--no-warmup", action="store_true", help="Skip the short untimed run of each schedule "
                                                               "before the timed modes.")
     ap.add_argument("--gpu-kv-rows", default="0",
@@ -332,7 +335,8 @@ def _plan(a, cuda: bool):
                     attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
                     draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir),
                     draft_fp8=a.draft_fp8, gpu_layers=tuple(range(a.resident)), shm_prefill=a.shm_prefill,
-                    ragged_attention=a.ragged_attention, layer_doorbell=_doorbells(a)[0],
+                    ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
+                    layer_doorbell=_doorbells(a)[0],
                     copy_chunk_mib=_copy_chunks(a)[0], gpu_kv_rows=a.gpu_kv_rows[0])
         plan.check_layers(a.target_layers)
     except ConfigError as e:

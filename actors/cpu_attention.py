@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..models import attention
 from ..models.attention import KVCache
 from ..models.host_io import host_tensor
 from ..placement.gpu_kv_rows import split_keep
@@ -28,13 +29,15 @@ from .wire import from_wire
 
 class CPUAttention:
     def __init__(self, spec, threads: int | None = None, kv_dtype: str | None = None, trace: bool = False,
-                 ragged_keys: int | None = None):
+                 ragged_keys: int | None = None, query_rows: int | None = None):
         self.spec = spec
         self.timer = StageTimer("cpu", role="cpu_attention", trace=trace)
         if threads:
             torch.set_num_threads(threads)
         self.kv_dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
         self.ragged_keys = ragged_keys  # plan.ragged_attention: rows attend in ranges of similar lengths
+        if query_rows is not None:  # plan.cpu_query_rows: this process is the worker's alone
+            attention.CPU_QUERY_ROWS = query_rows or None
         self.caches: dict[int, KVCache] = {}
         self.prompt_lens: dict[int, torch.Tensor] = {}
         self.gpu_rows: dict[int, int] = {}  # batch -> its rows [0, g) held on the GPU instead
@@ -152,7 +155,8 @@ class CPUAttention:
     def stats(self) -> dict:
         return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read,
                 "prefill_ring_stores": self.ring_stores, "attention_layer_calls": self.layer_calls,
-                "attention_sdpa_calls": self.sdpa_calls, "cpu_row_tokens": self.row_tokens, "worker_bell_wait_s": round(self.mail.bell_wait_s, 3)}
+                "attention_sdpa_calls": self.sdpa_calls, "cpu_row_tokens": self.row_tokens,
+                "worker_bell_wait_s": round(self.mail.bell_wait_s, 3), "cpu_query_rows": attention.CPU_QUERY_ROWS}
 
     def trace_events(self) -> list[dict]:
         return self.timer.take_events()

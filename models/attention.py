@@ -67,21 +67,25 @@ RAGGED_ROWS = False
 # At most this many query rows per K/V head in one CPU SDPA call (None: no limit). torch's CPU
 # flash attention in bf16, where the CPU can pack (AMX), repacks the whole K/V of a call once a
 # head has 64 or more query rows and its heuristic expects the pack to pay, which it does for a
-# verification block of G * (k + 1) rows (64 for W4, G 8, at k 7). W4's passes at k 7 took 2.3x
-# those at k 6 on the GPU machine (docs/benchmarks.md, "Session 22"); whether this is why is not
-# yet measured there (`scripts/profile_cpu_attention.py --variants split-rows`). The split reads
-# no more: at these sizes the kernel already walks the K/V once per 32-row query block.
-CPU_QUERY_ROWS: int | None = None
+# verification block of G * (k + 1) rows (64 for W4, G 8, at k 7) and does not pay: on the GPU
+# machine's CPU, W4's 192 x 8 queries over 580 keys took 67.7 ms a layer in one call and 38.3 ms
+# in two calls of 32 rows; 192 x 7 (56 rows, no repack) took 30.9 ms in one call and 37.4 in two
+# (`scripts/profile_cpu_attention.py --variants split-rows`, docs/benchmarks.md "Session 23").
+# So only blocks of 64 rows or more are split, into the fewest calls of near-equal size.
+CPU_QUERY_ROWS: int | None = 63
 
 
 def _sdpa_rows(q, k, v, mask, max_rows: int | None):
-    """SDPA over q [B, H, R, d] in calls of at most max_rows query rows (CPU only)."""
+    """SDPA over q [B, H, R, d] in the fewest calls of at most max_rows query rows each, of
+    near-equal size (64 rows at most 63: two of 32, not 63 and 1); CPU only."""
     R = q.shape[2]
     if not max_rows or R <= max_rows or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    calls = -(-R // max_rows)
+    step = -(-R // calls)
     res = torch.empty_like(q)
-    for a in range(0, R, max_rows):
-        b = min(R, a + max_rows)
+    for a in range(0, R, step):
+        b = min(R, a + step)
         res[:, :, a:b] = F.scaled_dot_product_attention(q[:, :, a:b], k, v, attn_mask=mask[:, :, a:b])
     return res
 

@@ -81,6 +81,10 @@ class Plan(JsonFile):
     # call padded to the longest row. None (off) until measured with the GPU machine's threads
     # (docs/benchmarks.md, "Ragged rows").
     ragged_attention: int | None = None
+    # The CPU worker's SDPA calls take at most this many query rows per K/V head (0: no limit;
+    # None: models/attention.CPU_QUERY_ROWS, 63, which keeps torch's CPU kernel from repacking
+    # K/V for a block of 64+ rows: 1.77x on W4's k 7 blocks, docs/benchmarks.md "Session 23").
+    cpu_query_rows: int | None = None
     copy_chunk_mib: int = 64  # weight copies are issued in pieces of this size (see weight_stream.py)
     # The first this many rows of each batch keep their target K/V in GPU memory and attend
     # there, beside the CPU worker's attention for the rest (placement/gpu_kv_rows.py): the
@@ -107,6 +111,8 @@ class Plan(JsonFile):
             object.__setattr__(self, "layer_doorbell", False)
         if self.ragged_attention is not None and self.ragged_attention < 0:
             raise ConfigError(f"ragged_attention must be >= 0 keys (or None: off), got {self.ragged_attention}")
+        if self.cpu_query_rows is not None and self.cpu_query_rows < 0:
+            raise ConfigError(f"cpu_query_rows must be >= 0 (0: no limit; None: the default), got {self.cpu_query_rows}")
         if not 1 <= self.micro_batches <= 64:
             raise ConfigError(f"micro_batches must be in 1..64, got {self.micro_batches}")
         if self.gpu_kv_rows < 0:

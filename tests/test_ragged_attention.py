@@ -73,7 +73,7 @@ def test_chunked_equals_padded_and_row_by_row(ragged_q, window, monkeypatch):
 @pytest.mark.parametrize("rows", [1, 5, 8])
 def test_query_rows_split_equals_one_call(ragged, rows, monkeypatch):
     """CPU_QUERY_ROWS: each K/V head's G x (k+1) query rows attend in calls of at most `rows`
-    (so torch's CPU kernel does not repack K/V); the output is the one call's and the exact
+    (so torch's CPU kernel does not repack K/V), in the fewest calls of near-equal size; the output is the one call's and the exact
     row-by-row attention's, padded or in ragged ranges."""
     import types
 
@@ -98,7 +98,9 @@ def test_query_rows_split_equals_one_call(ragged, rows, monkeypatch):
         c.begin_pass(q_lens, T)
         seen.clear()
         got[limit] = c.attend_layer(0, q, k, v)
-        assert max(seen) == (12 if limit is None else min(rows, 12))  # the split really ran
+        # the split really ran, in the fewest calls of near-equal size (5 -> 4 + 4 + 4)
+        assert max(seen) == (12 if limit is None else -(-12 // -(-12 // rows)))
+        assert len(seen) == (1 if limit is None else -(-12 // rows)) * (c.calls if ragged else 1)
     torch.testing.assert_close(got[rows], got[None], rtol=1e-5, atol=1e-6)
     want = _row_by_row(q, c.k[0], c.v[0], before, q_lens, Hq // Hkv, None).float()
     torch.testing.assert_close(got[rows], want, rtol=1e-4, atol=1e-5)
@@ -156,3 +158,22 @@ def test_ragged_attention_through_the_actors(ray_session, tiny_dir):
         stats = llm.last_stats
     assert [o.outputs[0].token_ids for o in outs] == want
     assert stats["attention_sdpa_calls"] > stats["attention_layer_calls"] > 0  # ranges really ran
+
+
+def test_query_rows_through_the_actors(ray_session, tiny_dir):
+    """plan.cpu_query_rows reaches the CPU worker's process: with one query row per call
+    (every verification block split row by row) output still equals transformers'."""
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.errors import ConfigError
+    from specoffload.llm import LLM
+    from specoffload.placement.plan import Plan
+
+    with pytest.raises(ConfigError, match="cpu_query_rows must be >= 0"):
+        Plan(cpu_query_rows=-1)
+    d = tiny_dir("llama")
+    want = hf_greedy(d, PROMPTS, 12)
+    with LLM(str(d), plan=Plan(device="cpu", cpu_query_rows=1), batch_size=4, k=3, progress=False) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=12, ignore_eos=True))
+        stats = llm.last_stats
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["cpu_query_rows"] == 1
