@@ -15,9 +15,14 @@ same way (`--heads 64,8` for a Llama-70B-shaped layer):
 - "fp32", "fp16": SDPA over a cache held in that type (the output cast back to bf16);
 - "bmm": two batched matrix products per KV head and a float32 softmax, no SDPA;
 - "bmm-fp32": the same over a float32 cache;
-- "split-rows": the engine's call with each K/V head's query rows in calls of 32
-  (`attention.CPU_QUERY_ROWS`), so torch's kernel does not repack K/V once a head has 64 rows
-  (`--queries 8 --heads 64,8`).
+- "split-rows": the engine's call with each K/V head's query rows in calls of 32, so torch's
+  kernel does not repack K/V once a head has 64 rows (`--queries 8 --heads 64,8`); the engine
+  itself splits blocks of 64+ rows (`attention.CPU_QUERY_ROWS`, 63);
+- "one-call": the engine's call with no split at all (what it did before session 23);
+- "fp8-kv", "int8-kv": a cache held in 8 bits (float8 e4m3, or int8) with a scale per row, head
+  and token, widened to bf16 a few rows at a time (so the widened copy stays in cache) before
+  the engine's SDPA call: whether a narrower host KV, half the bytes read, pays for its widening
+  (#20's larger batches).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--heads", default="32,8", help="query heads,KV heads (head dim 128)")
     ap.add_argument("--variants", default="", help="a comma list of extra kernels to time: float-mask, fp32, "
-                                                   "fp16, bmm, bmm-fp32, split-rows, or all")
+                                                   "fp16, bmm, bmm-fp32, split-rows, one-call, fp8-kv, int8-kv, or all")
     a = ap.parse_args(argv)
     if min(a.batch, a.queries, a.layers, a.passes) < 1 or a.keys < a.queries:
         print("profile_cpu_attention: error: sizes must be >= 1 and --keys >= --queries", file=sys.stderr)
@@ -125,7 +130,7 @@ def _variants(names, cache, q, b_idx, i_idx, mask, sent, Hq, Hkv, n) -> dict:
 
     want = {x for x in names.split(",") if x}
     if "all" in want:
-        want = {"float-mask", "fp32", "fp16", "bmm", "bmm-fp32", "split-rows"}
+        want = {"float-mask", "fp32", "fp16", "bmm", "bmm-fp32", "split-rows", "one-call", "fp8-kv", "int8-kv"}
     B, G, d = cache.batch, Hq // Hkv, q.shape[-1]
     gm = grouped_mask(mask, G)  # [B, 1, G * n, n_k]
     add = torch.zeros(gm.shape, dtype=torch.float32).masked_fill_(~gm, float("-inf"))
@@ -159,7 +164,34 @@ def _variants(names, cache, q, b_idx, i_idx, mask, sent, Hq, Hkv, n) -> dict:
     def split_rows(j):
         return grouped_attention(q, cache.k[j], cache.v[j], gm, n, b_idx, i_idx, out=sent, max_rows=32)
 
-    table = {"split-rows": lambda: split_rows,
+    def narrow(dtype, top):  # 8-bit K/V with a bf16 scale per (row, head, token)
+        out = []
+        for t in (*cache.k, *cache.v):
+            sc = t.float().abs().amax(-1, keepdim=True).clamp_min(1e-8) / top
+            q8 = (t.float() / sc)
+            out.append(((q8.round() if dtype == torch.int8 else q8).to(dtype), sc.to(torch.bfloat16)))
+        L = len(cache.k)
+        return out[:L], out[L:]
+
+    def eight_bit(dtype, top, rows=4):
+        ks, vs = narrow(dtype, top)
+
+        def f(j):
+            (k8, sk), (v8, sv), qq = ks[j], vs[j], qg(torch.bfloat16)
+            res = torch.empty_like(qq)
+            for a in range(0, B, rows):
+                b = min(B, a + rows)
+                kk, vv = k8[a:b].to(torch.bfloat16) * sk[a:b], v8[a:b].to(torch.bfloat16) * sv[a:b]
+                res[a:b] = F.scaled_dot_product_attention(qq[a:b], kk, vv, attn_mask=gm[a:b])
+            return put(res)
+        return f
+
+    def one_call(j):
+        return grouped_attention(q, cache.k[j], cache.v[j], gm, n, b_idx, i_idx, out=sent, max_rows=0)
+
+    table = {"split-rows": lambda: split_rows, "one-call": lambda: one_call,
+             "fp8-kv": lambda: eight_bit(torch.float8_e4m3fn, 448.0),
+             "int8-kv": lambda: eight_bit(torch.int8, 127.0),
              "float-mask": lambda: sdpa(torch.bfloat16, add.to(torch.bfloat16)),
              "fp32": lambda: sdpa(torch.float32, gm), "fp16": lambda: sdpa(torch.float16, gm),
              "bmm": lambda: bmm(torch.bfloat16), "bmm-fp32": lambda: bmm(torch.float32)}
