@@ -336,8 +336,9 @@ class GPUExecutor:
             del st["gpu"]
             gpu = None
         # GPU rows [0, g) attend here; the CPU worker is sent the rest's q/k/v with its own row
-        # numbers (the batch's row g is its row 0). part_ranges: one part, or the GPU rows as a
-        # part of their own (the worker gets an empty range for it) beside micro-batches of CPU rows.
+        # numbers (the batch's row g is its row 0). part_ranges: the CPU rows' micro-batches, the
+        # first also carrying the GPU rows (a batch of GPU rows only is one part, and the worker
+        # gets an empty range for it).
         g = gpu.rows if gpu is not None else 0
         ranges = part_ranges(len(ql), g, micro_batches)
         passes = Forward.start(spec, self.glob, toks, st["lens"][b] + i).split(

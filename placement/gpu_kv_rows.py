@@ -6,11 +6,13 @@ target K/V in GPU memory instead (`Plan.gpu_kv_rows`): the executor attends for 
 the CPU worker attends for the rest, so the CPU's share of the chain shrinks by g / batch.
 
 The GPU rows are always a prefix [0, g) of the batch, so the CPU worker's cache holds the
-contiguous rows [g, batch) (its row i is the batch's g + i). With one micro-batch the pass is
-one part: the GPU rows attend while the worker attends for the rest. With more (`part_ranges`)
-the GPU rows are a part of their own and the CPU rows are split into micro-batches, so the
-worker attends for one CPU part while the executor finishes another: the GPU rows take their
-share off the CPU and the split hides the hand-offs between layers.
+contiguous rows [g, batch) (its row i is the batch's g + i). The CPU rows are split into the
+pass's micro-batches and the GPU rows ride with the first (`part_ranges`): they attend on the
+GPU while the worker attends for that part's CPU rows, and the worker attends for one part
+while the executor finishes another. A part of their own cost more than it saved: on W4 (24
+GPU rows, two CPU parts) it added ~5 ms of executor work a layer, whose hand-offs are taken
+one part at a time, while the worker waited 6 ms a layer for its q/k/v (docs/benchmarks.md,
+"Session 23").
 Rows never move between the two: when sequences finish, the survivors of each side compact
 within that side (`keep_order`), so g can only shrink; rows that join a running batch are
 appended after it and live on the CPU.
@@ -24,12 +26,13 @@ from .plan import split_range
 
 
 def part_ranges(n: int, g: int, micro_batches: int) -> list[tuple[int, int]]:
-    """The [lo, hi) row ranges a verification pass of n rows, the first g on the GPU, runs as."""
-    if not g:
-        return split_range(n, micro_batches)
-    if micro_batches == 1 or g >= n:
+    """The [lo, hi) row ranges a verification pass of n rows, the first g on the GPU, runs as:
+    the CPU rows in `micro_batches` near-equal parts, the first part starting at row 0 so that
+    it carries the GPU rows too."""
+    if g >= n:
         return [(0, n)]
-    return [(0, g)] + [(g + lo, g + hi) for lo, hi in split_range(n - g, micro_batches)]
+    parts = [(g + lo, g + hi) for lo, hi in split_range(n - g, micro_batches)]
+    return [(0, parts[0][1])] + parts[1:]
 
 
 def fill_holes(keep: list[int]) -> list[int]:

@@ -326,8 +326,8 @@ def test_gpu_kv_rows_through_actors(ray_session, tiny_dir, gpu_rows, draft, micr
     attend there, the CPU worker the rest (placement/gpu_kv_rows.py). Rows finish at different
     passes, GPU ones among them; waiting requests join after the CPU rows; a batch whose
     rows are all on the GPU (3 of 3) sends the worker nothing to attend; with two micro-batches
-    the GPU rows run as a part of their own beside the CPU rows' parts; under dual each of the
-    two batches has its own. Greedy output is transformers' own, and both sides attended."""
+    the GPU rows ride with the first of the CPU rows' parts; under dual each of the two batches
+    has its own. Greedy output is transformers' own, and both sides attended."""
     d = tiny_dir("llama")
     got, stats = _gpu_rows_run(d, draft=draft, micro_batches=micro, gpu_kv_rows=gpu_rows, schedule=schedule)
     assert got == _want(d)
@@ -340,9 +340,8 @@ def test_gpu_kv_rows_through_actors(ray_session, tiny_dir, gpu_rows, draft, micr
 @gpu.cuda_only("GPU rows' KV lives in GPU memory")
 @pytest.mark.parametrize("gpu_rows,micro", [(2, 1), (1, 2)])
 def test_gpu_kv_rows_on_the_gpu(ray_session, tiny_dir, gpu_rows, micro):
-    """The same on CUDA, float32: the GPU rows' attention runs in device memory, as one part
-    beside the worker's or (two micro-batches) as a part of their own; greedy output is
-    transformers' own."""
+    """The same on CUDA, float32: the GPU rows' attention runs in device memory, beside the
+    worker's for the same part, with one micro-batch or two; greedy output is transformers' own."""
     d = tiny_dir("llama")
     got, stats = _gpu_rows_run(d, draft="self:1", micro_batches=micro, gpu_kv_rows=gpu_rows, device="cuda",
                                dtype="float32")

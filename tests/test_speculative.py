@@ -182,21 +182,23 @@ def test_windowed_draft_sees_only_its_window(tiny_dir):
 
 
 def test_gpu_rows_pass_parts():
-    """A pass with GPU rows runs as one part, or (micro-batches > 1) as the GPU rows' part and
-    the CPU rows in micro-batches; the parts tile the batch in row order either way."""
+    """A pass with GPU rows splits its CPU rows into the micro-batches, the first of which also
+    carries the GPU rows (no part of their own); the parts tile the batch in row order."""
     from specoffload.placement.gpu_kv_rows import part_ranges
 
     assert part_ranges(8, 0, 2) == [(0, 4), (4, 8)]  # no GPU rows: plain micro-batches
     assert part_ranges(8, 3, 1) == [(0, 8)]  # one part: the GPU rows attend beside the worker
-    assert part_ranges(8, 3, 2) == [(0, 3), (3, 5), (5, 8)]
+    assert part_ranges(8, 3, 2) == [(0, 5), (5, 8)]  # CPU rows 2+3; the first part carries rows 0-2 too
+    assert part_ranges(9, 3, 3) == [(0, 5), (5, 7), (7, 9)]
     assert part_ranges(4, 4, 2) == [(0, 4)]  # every row on the GPU: nothing to split for the worker
-    assert part_ranges(4, 3, 2) == [(0, 3), (3, 4)]  # one CPU row cannot be split
+    assert part_ranges(4, 3, 2) == [(0, 4)]  # one CPU row cannot be split
     for n in range(1, 9):
         for g in range(n + 1):
             for m in (1, 2, 3):
                 r = part_ranges(n, g, m)
                 assert r[0][0] == 0 and r[-1][1] == n and all(a[1] == b[0] for a, b in zip(r, r[1:]))
-                assert all(hi <= g or lo >= g for lo, hi in r) or len(r) == 1  # no part straddles g
+                assert all(lo >= g for lo, _ in r[1:])  # only the first part holds GPU rows
+                assert len(r) == (1 if g >= n else min(m, n - g))  # one part per CPU micro-batch
 
 
 def test_cache_compaction_in_place_matches_a_gather():
