@@ -2,7 +2,7 @@
 
     python scripts/trace_layer_chain.py trace_single_kauto.json [--rounds 3:27]
 
-For each layer of the chosen target passes: how far apart consecutive layers start, against
+For each layer of the chosen target passes (every batch verified in them): how far apart consecutive layers start, against
 the weight copy, and how busy each side is in a layer (the CPU worker's attention calls; the
 executor's GPU spans and its copies out). Then, per micro-batch ("part") that the CPU worker
 attends for, the chain around its attention: the gap until the worker starts, the attention,
@@ -24,12 +24,12 @@ from collections import defaultdict
 
 from plot_timeline import rounds
 
-_LAYER = re.compile(r" L(\d+) \[(\d+):")
+_LAYER = re.compile(r" b(\d+) L(\d+) \[(\d+):")
 
 
 def _layers(spans, a, b) -> dict:
-    """layer -> {"copy": span, "exec": {part lo: {kind: span}}, "worker": [spans in time order]}."""
-    by = defaultdict(lambda: {"exec": defaultdict(dict), "worker": []})
+    """layer -> {"copy": span, "exec": {(batch, part lo): {kind: span}}, "worker": {batch: [spans]}}."""
+    by = defaultdict(lambda: {"exec": defaultdict(dict), "worker": defaultdict(list)})
     for e in spans:
         if not a <= e["ts"] < b:
             continue
@@ -39,27 +39,29 @@ def _layers(spans, a, b) -> dict:
         m = _LAYER.search(f" {e['name']} ")
         if not m:
             continue
-        j, lo = int(m.group(1)), int(m.group(2))
+        bid, j, lo = (int(x) for x in m.groups())
         if e["cat"] == "cpu_attention":
-            by[j]["worker"].append(e)
+            by[j]["worker"][bid].append(e)
         elif e["cat"] == "target":
             kind = "gpu attention" if e["name"].endswith("gpu attention") else e["name"].split()[-1]
-            by[j]["exec"][lo].setdefault(kind, e)
+            by[j]["exec"][(bid, lo)].setdefault(kind, e)
         elif e["cat"] == "to_host":
-            by[j]["exec"][lo].setdefault("to_host", e)
+            by[j]["exec"][(bid, lo)].setdefault("to_host", e)
     return by
 
 
-def _cpu_parts(d) -> list[dict]:
-    """The executor's parts that the worker attended for, matched to its calls in order: GPU
-    rows come first in a batch, so the last len(worker) parts are the worker's."""
-    parts = [d["exec"][lo] for lo in sorted(d["exec"])]
-    calls = sorted(d["worker"], key=lambda e: e["ts"])
-    if not calls or len(calls) > len(parts):
-        return []
-    out = []
-    for part, at in zip(parts[len(parts) - len(calls):], calls):
-        out.append({**part, "attention": at})
+def _cpu_parts(d) -> dict:
+    """(batch, n) -> the batch's n-th part that the worker attended for, with its call: the
+    worker's calls for a batch match its parts in row order, and a batch's part of GPU rows
+    only (its first, when there is one) has no call, so the last len(calls) parts are matched."""
+    out = {}
+    for bid, calls in d["worker"].items():
+        parts = [d["exec"][key] for key in sorted(d["exec"]) if key[0] == bid]
+        calls = sorted(calls, key=lambda e: e["ts"])
+        if len(calls) > len(parts):
+            continue
+        for n, (part, at) in enumerate(zip(parts[len(parts) - len(calls):], calls)):
+            out[(bid, n)] = {**part, "attention": at}
     return out
 
 
@@ -79,12 +81,12 @@ def chain(events, lo: int, hi: int) -> dict:
             if "copy" in d:
                 out["weight copy"].append(d["copy"]["dur"])
             if d["worker"]:
-                out["worker busy per layer"].append(sum(e["dur"] for e in d["worker"]))
+                out["worker busy per layer"].append(sum(e["dur"] for c in d["worker"].values() for e in c))
             spans_j = [e for p in d["exec"].values() for e in p.values()]
             if spans_j:
                 out["executor spans per layer"].append(sum(e["dur"] for e in spans_j))
-            nxt_parts = _cpu_parts(nxt) if nxt else []
-            for i, p in enumerate(_cpu_parts(d)):
+            nxt_parts = _cpu_parts(nxt) if nxt else {}
+            for key, p in _cpu_parts(d).items():
                 at = p["attention"]
                 if "qkv" in p:
                     sent = p.get("to_host", p["qkv"])
@@ -96,8 +98,8 @@ def chain(events, lo: int, hi: int) -> dict:
                     continue
                 out["part: gap before FFN"].append(f["ts"] - end(at))
                 out["part: FFN"].append(f["dur"])
-                if i < len(nxt_parts):
-                    n = nxt_parts[i]
+                if key in nxt_parts:
+                    n = nxt_parts[key]
                     if "qkv" in n:
                         out["part: gap FFN to next q/k/v"].append(n["qkv"]["ts"] - end(f))
                         out["part: next q/k/v"].append(n["qkv"]["dur"])

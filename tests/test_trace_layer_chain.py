@@ -5,12 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = str(Path(__file__).resolve().parents[1] / "scripts" / "trace_layer_chain.py")
 
 
-def _trace(path, passes=4):
+def _trace(path, passes=4, batches=1):
     """Passes of two layers: a part of GPU rows only [0:2) and two parts the worker attends
-    for ([2:5) and [5:8), its rows [0:3) and [3:6)), at known times (ms)."""
+    for ([2:5) and [5:8), its rows [0:3) and [3:6)), at known times (ms); with batches=2 a
+    second batch verified in the same pass, its spans at the same times."""
     ev = []
 
     def x(cat, name, t, dur):
@@ -20,16 +23,17 @@ def _trace(path, passes=4):
         for j in range(2):
             T = p * 50 + j * 20
             x("weight_copy", f"layer {j}", T - 16, 16)
-            x("target", f"b0 L{j} [0:2) qkv", T, 1)
-            x("to_host", f"b0 L{j} [0:2) qkv", T + 1, 0.5)
-            x("target", f"b0 L{j} [0:2) gpu attention", T + 1.5, 0.5)
-            for lo, hi, at in ((2, 5, 4), (5, 8, 9)):
-                q = T + 2 * (lo > 2) + 2
-                x("target", f"b0 L{j} [{lo}:{hi}) qkv", q, 1)
-                x("to_host", f"b0 L{j} [{lo}:{hi}) qkv", q + 1, 0.5)
-                x("cpu_attention", f"b0 L{j} [{lo - 2}:{hi - 2})", T + at, 5)
-            for lo, hi, f in ((0, 2, 14), (2, 5, 15), (5, 8, 16)):
-                x("target", f"b0 L{j} [{lo}:{hi}) ffn", T + f, 1)
+            for b in range(batches):
+                x("target", f"b{b} L{j} [0:2) qkv", T, 1)
+                x("to_host", f"b{b} L{j} [0:2) qkv", T + 1, 0.5)
+                x("target", f"b{b} L{j} [0:2) gpu attention", T + 1.5, 0.5)
+                for lo, hi, at in ((2, 5, 4), (5, 8, 9)):
+                    q = T + 2 * (lo > 2) + 2
+                    x("target", f"b{b} L{j} [{lo}:{hi}) qkv", q, 1)
+                    x("to_host", f"b{b} L{j} [{lo}:{hi}) qkv", q + 1, 0.5)
+                    x("cpu_attention", f"b{b} L{j} [{lo - 2}:{hi - 2})", T + at, 5)
+                for lo, hi, f in ((0, 2, 14), (2, 5, 15), (5, 8, 16)):
+                    x("target", f"b{b} L{j} [{lo}:{hi}) ffn", T + f, 1)
     with open(path, "w") as fh:
         json.dump({"traceEvents": ev}, fh)
 
@@ -38,16 +42,19 @@ def _run(*args):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=60)
 
 
-def test_chain_per_part(tmp_path):
+@pytest.mark.parametrize("batches", [1, 2])
+def test_chain_per_part(tmp_path, batches):
+    """Each batch's parts are matched to its own worker calls (two batches in a pass: dual, or
+    a refill's joining batch), so the per-part figures are the same with one batch or two."""
     t = tmp_path / "trace.json"
-    _trace(t)
+    _trace(t, batches=batches)
     r = _run(str(t), "--rounds", "0:3")
     assert r.returncode == 0, r.stderr
     got = {line.rsplit(" ", 3)[0].strip(): float(line.split()[-3]) for line in r.stdout.splitlines()}
     assert got == {
         "layer to layer": 20.0, "weight copy": 16.0,
-        "worker busy per layer": 10.0,  # two calls of 5; the GPU part has none
-        "executor spans per layer": 8.0,  # 3 for the GPU part, 2.5 for each of the others
+        "worker busy per layer": 10.0 * batches,  # two calls of 5 a batch; the GPU part has none
+        "executor spans per layer": 8.0 * batches,  # 3 for the GPU part, 2.5 for each of the others
         "part: gap before attention": 2.0,  # 0.5 and 3.5 (the second waits for the first)
         "part: attention": 5.0,
         "part: gap before FFN": 4.0,  # 6 and 2
