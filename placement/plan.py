@@ -88,8 +88,8 @@ class Plan(JsonFile):
     copy_chunk_mib: int = 64  # weight copies are issued in pieces of this size (see weight_stream.py)
     # The first this many rows of each batch keep their target K/V in GPU memory and attend
     # there, beside the CPU worker's attention for the rest (placement/gpu_kv_rows.py): the
-    # CPU's share of a layer's chain shrinks. With micro-batches the GPU rows are a part of
-    # their own beside the CPU rows' parts (placement/gpu_kv_rows.part_ranges).
+    # CPU's share of a layer's chain shrinks. With micro-batches the GPU rows ride with the
+    # first of the CPU rows' parts (placement/gpu_kv_rows.part_ranges).
     gpu_kv_rows: int = 0
 
     def __post_init__(self):
