@@ -580,6 +580,15 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
               "the last request: " +
               ", ".join(f"{r['mode']} {r['rows_busy']} ({r['passes_rows_busy_90']}; {r['rows_busy_while_waiting']}), "
                         f"{r['joins']} joins, {r['time_to_last_s']} s" for r in results))
+    per_layer = [r for r in results if r.get("passes")]
+    if per_layer:
+        # Which side bounds a layer: the worker's attention and what each side waited for the
+        # other (doorbell waits; 0 with Ray's hand-offs), over passes x layers.
+        keys = ("cpu_attention_s", "worker_bell_wait_s", "executor_bell_wait_s", "target_gpu_s")
+        ms = lambda r, key: (r.get(key) or 0.0) / (r["passes"] * a.target_layers) * 1e3  # noqa: E731
+        print("per layer of a pass, ms (CPU attention / worker waits for q/k/v / executor waits for attention / "
+              "target GPU): " + ", ".join(f"{r['mode']} " + " / ".join(f"{ms(r, key):.1f}" for key in keys)
+                                          for r in per_layer))
     if any(r.get("k_counts") for r in results):
         print("draft lengths (k: passes): " + ", ".join(
             f"{r['mode']} " + " ".join(f"{k}:{n}" for k, n in r["k_counts"].items()) for r in results if r.get("k_counts")))

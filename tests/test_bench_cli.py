@@ -32,6 +32,12 @@ def test_bench_tiny_workload_prints_ratios(tmp_path):
     assert res[1]["k_counts"] == {"2": len(res[1]["pass_log"])} and all(k == 2 for k, _, _ in res[1]["pass_log"])
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("draft lengths (k: passes): "))
     assert f"single@2 2:{len(res[1]['pass_log'])}" in line and "none" not in line
+    # which side bounds a layer: the worker's attention and both sides' doorbell waits a layer
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("per layer of a pass, ms "))
+    for x in res:
+        ms = [f"{x[key] / (x['passes'] * 2) * 1e3:.1f}" for key in
+              ("cpu_attention_s", "worker_bell_wait_s", "executor_bell_wait_s", "target_gpu_s")]
+        assert f"{x['mode']} {' / '.join(ms)}" in line
     assert [r["micro_batches"] for r in res] == [1, 1, 2, 1, 1, 1]  # /m2 applies to its mode only
     assert res[3]["tokens"] == 4 * 6 and res[3]["acceptance"] is not None  # two batches of 2, drafted
     assert res[4]["tokens"] == 4 * 6 and res[4]["acceptance"] is not None
