@@ -161,8 +161,9 @@ def _variants(names, cache, q, b_idx, i_idx, mask, sent, Hq, Hkv, n) -> dict:
             return put(torch.matmul(torch.softmax(s, -1).to(dtype), vs[j]))
         return f
 
-    def split_rows(j):
-        return grouped_attention(q, cache.k[j], cache.v[j], gm, n, b_idx, i_idx, out=sent, max_rows=32)
+    def engine_rows(max_rows):  # the engine's call with its own query-row limit (0: none)
+        return lambda j: grouped_attention(q, cache.k[j], cache.v[j], gm, n, b_idx, i_idx, out=sent,
+                                           max_rows=max_rows)
 
     def narrow(dtype, top):  # 8-bit K/V with a bf16 scale per (row, head, token)
         out = []
@@ -186,10 +187,7 @@ def _variants(names, cache, q, b_idx, i_idx, mask, sent, Hq, Hkv, n) -> dict:
             return put(res)
         return f
 
-    def one_call(j):
-        return grouped_attention(q, cache.k[j], cache.v[j], gm, n, b_idx, i_idx, out=sent, max_rows=0)
-
-    table = {"split-rows": lambda: split_rows, "one-call": lambda: one_call,
+    table = {"split-rows": lambda: engine_rows(32), "one-call": lambda: engine_rows(0),
              "fp8-kv": lambda: eight_bit(torch.float8_e4m3fn, 448.0),
              "int8-kv": lambda: eight_bit(torch.int8, 127.0),
              "float-mask": lambda: sdpa(torch.bfloat16, add.to(torch.bfloat16)),

@@ -72,13 +72,13 @@ def chain(events, lo: int, hi: int) -> dict:
     end = lambda e: e["ts"] + e["dur"]  # noqa: E731
     for a, b in rounds(spans)[lo:hi]:
         by = _layers(spans, a, b)
+        cpu = {j: _cpu_parts(d) for j, d in by.items()}  # each layer's, read as this and as the next
         for j, d in by.items():
-            first = [d["exec"][x].get("qkv") for x in sorted(d["exec"])]
             nxt = by.get(j + 1)
-            if first and first[0] and nxt and nxt["exec"]:
-                q1 = nxt["exec"][min(nxt["exec"])].get("qkv")
-                if q1:
-                    out["layer to layer"].append(q1["ts"] - first[0]["ts"])
+            q0 = d["exec"][min(d["exec"])].get("qkv") if d["exec"] else None
+            q1 = nxt["exec"][min(nxt["exec"])].get("qkv") if nxt and nxt["exec"] else None
+            if q0 and q1:
+                out["layer to layer"].append(q1["ts"] - q0["ts"])
             if "copy" in d:
                 out["weight copy"].append(d["copy"]["dur"])
             if d["worker"]:
@@ -86,8 +86,8 @@ def chain(events, lo: int, hi: int) -> dict:
             spans_j = [e for p in d["exec"].values() for e in p.values()]
             if spans_j:
                 out["executor spans per layer"].append(sum(e["dur"] for e in spans_j))
-            nxt_parts = _cpu_parts(nxt) if nxt else {}
-            for key, p in _cpu_parts(d).items():
+            nxt_parts = cpu.get(j + 1, {})
+            for key, p in cpu[j].items():
                 at = p["attention"]
                 if "qkv" in p:
                     sent = p.get("to_host", p["qkv"])
