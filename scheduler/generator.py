@@ -40,7 +40,8 @@ class RunStats:
     busy_rows: list = field(default_factory=list)  # per pass: rows verified or joining / rows
     busy_waiting: list = field(default_factory=list)  # the same, over passes while requests waited
     k_history: list = field(default_factory=list)
-    # per verification: (k, seconds the backend timed, whether adaptive k took it as k's cost)
+    # per verification: (k, seconds the backend timed, whether adaptive k took it as its cost,
+    # the batch's busy rows verified)
     pass_log: list = field(default_factory=list)
 
     def as_dict(self, log: bool = True) -> dict:
@@ -73,7 +74,7 @@ class RunStats:
             "rows_busy_while_waiting": round(float(np.mean(self.busy_waiting)), 4) if self.busy_waiting else None,
         }
         if log:
-            d["pass_log"] = [(int(k), round(float(t), 4), bool(u)) for k, t, u in self.pass_log]
+            d["pass_log"] = [(int(k), round(float(t), 4), bool(u), int(r)) for k, t, u, r in self.pass_log]
         return d
 
 
@@ -113,7 +114,7 @@ class Generator:
         self.on_finish, self.on_progress = on_finish, on_progress
         self.stats = RunStats()
         self._next_bid = 0
-        self.pass_times = PassTimes()
+        self.pass_times = PassTimes(unit=cfg.batch_size)  # keyed by query rows: a draining batch reaches longer k
         self._k_tried: set = set()  # draft lengths some pass has verified
         self._queue, self._cap = None, None  # requests waiting for rows (refill in place)
         self._join_cap = None  # most rows a join may take, once one did not fit (_retreat)
@@ -274,7 +275,7 @@ class Generator:
             return
         if self.cfg.adaptive_k and self.pass_times.mean:
             _, t_draft = self.backend.timings()
-            b.k = adaptive_k(b.alpha, self.pass_times, t_draft, self.cfg.k_max)
+            b.k = adaptive_k(b.alpha, self.pass_times, t_draft, self.cfg.k_max, rows=len(b.reqs))
         else:
             b.k = self.cfg.k
         self.backend.propose(b.bid, b.k, b.uniforms(b.k))
@@ -291,7 +292,7 @@ class Generator:
                 self._propose(by_id[i])
         for b in verify:
             u = b.uniforms(b.k + 1)
-            handles.append((b, b.k, be.verify(b.bid, b.k, u[:, : b.k], u[:, b.k])))
+            handles.append((b, b.k, len(b.reqs), be.verify(b.bid, b.k, u[:, : b.k], u[:, b.k])))
             b.has_proposals = False
         self.stats.passes += 1
         rode = [b for b in verify if b.joining is not None and self._deferred_joins()]  # a join rides this pass
@@ -302,7 +303,7 @@ class Generator:
             self.stats.busy_rows.append(busy)
             if self._queue:
                 self.stats.busy_waiting.append(busy)
-        for b, k, h in handles:
+        for b, k, rows, h in handles:
             res = be.get(h)
             if k:
                 t = be.timings()[0]
@@ -311,9 +312,9 @@ class Generator:
                 # W4, session 20, +0.9 s at k 5 against 1.9 s at k 3), nor one a join rode.
                 timed = b.verified and k in self._k_tried and b not in rode
                 if timed:
-                    self.pass_times.observe(k, t)
+                    self.pass_times.observe(k, t, rows)
                 self._k_tried.add(k)
-                self.stats.pass_log.append((k, t, timed))
+                self.stats.pass_log.append((k, t, timed, rows))
             b.verified = True
             self._apply(b, res, k)
             if self._queue is not None:

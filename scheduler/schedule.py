@@ -11,6 +11,7 @@ a batch only in `propose` is drafted *during* the pass, in the gaps of the layer
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,37 +74,54 @@ def alpha_from_accepted(mean_accepted: float, k: int) -> float:
 
 
 class PassTimes:
-    """Seconds per target pass as a function of k, from recent passes: a pass verifies k+1
-    tokens per sequence, so its CPU attention and GPU compute grow with k while the weight copy
-    does not. Between draft lengths seen it interpolates, beyond them it extends the nearest
-    segment; the per-k means are made non-decreasing (a longer block never costs less).
+    """Seconds per target pass as a function of the query rows it verifies: rows x (k+1)
+    tokens, so its CPU attention and GPU compute grow with k and with the batch's busy rows while
+    the weight copy does not. As a finite job drains, a pass of fewer rows costs less at the
+    same k, so a longer block fits in the time a full batch's shorter one took (session 23's W4
+    passes fell from 1.7 to 1.3 s as rows finished).
+
+    Times are kept per key rows x (k+1) / unit, rounded to a quarter: with unit the full batch,
+    a full batch's key is k+1 and a drained batch's falls between (passes of a few rows more or
+    less pool into one mean). Between keys seen it interpolates, beyond them it extends the
+    nearest segment; the means are made non-decreasing (more query rows never cost less).
 
     Local, not one line through every k: the cost bends (copy-bound at small k, chain-bound
     above), and one slow pass at a far k tilted a global line so steeply that W4 (session 20)
-    settled at k 1 for its whole run. A k not seen for `horizon` passes is forgotten for the
+    settled at k 1 for its whole run. A key not seen for `horizon` passes is forgotten for the
     same reason: contexts grow, and a one-off must not steer the rest of a run."""
 
-    def __init__(self, horizon: int = 24):
-        self.mean: dict[int, float] = {}
-        self.last: dict[int, int] = {}  # k -> the pass that last observed it
-        self.horizon, self.passes = horizon, 0
+    GRID = 4  # keys rounded to 1/GRID of a full batch's k+1
 
-    def observe(self, k: int, seconds: float):
+    def __init__(self, horizon: int = 24, unit: int = 1):
+        self.mean: dict[float, float] = {}
+        self.last: dict[float, int] = {}  # key -> the pass that last observed it
+        self.horizon, self.passes, self.unit = horizon, 0, unit
+
+    def key(self, k: int, rows: int | None = None) -> float:
+        rows = self.unit if rows is None else rows
+        return round(self.GRID * rows * (k + 1) / self.unit) / self.GRID
+
+    def observe(self, k: int, seconds: float, rows: int | None = None):
+        q = self.key(k, rows)
         self.passes += 1
-        m = self.mean.get(k)
-        self.mean[k] = seconds if m is None else 0.6 * m + 0.4 * seconds
-        self.last[k] = self.passes
+        m = self.mean.get(q)
+        self.mean[q] = seconds if m is None else 0.6 * m + 0.4 * seconds
+        self.last[q] = self.passes
         for old in [j for j, n in self.last.items() if self.passes - n > self.horizon]:
             del self.mean[old], self.last[old]
 
-    def seen(self) -> tuple[int, int] | None:
-        """(shortest, longest) draft length with a current estimate."""
-        return (min(self.mean), max(self.mean)) if self.mean else None
+    def seen(self, rows: int | None = None) -> tuple[float, float] | None:
+        """(shortest, longest) draft length with a current estimate, for a batch of `rows`
+        busy rows: the k whose query rows match the smallest and largest keys seen."""
+        if not self.mean:
+            return None
+        per_k = (self.unit if rows is None else max(rows, 1)) / self.unit
+        return min(self.mean) / per_k - 1, max(self.mean) / per_k - 1
 
     def _curve(self) -> tuple[list, list]:
         ks = sorted(self.mean)
         # pool adjacent violators: noise that makes a longer block look cheaper is averaged away
-        blocks = []  # [sum, count] per pooled run of ks
+        blocks = []  # [sum, count] per pooled run of keys
         for k in ks:
             blocks.append([self.mean[k], 1])
             while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
@@ -113,16 +131,18 @@ class PassTimes:
         ts = [s / n for s, n in blocks for _ in range(n)]
         return ks, ts
 
-    def __call__(self, k: int) -> float:
+    def __call__(self, k: int, rows: int | None = None) -> float:
         if not self.mean:
             return 1.0
         ks, ts = self._curve()
         if len(ks) == 1:
             return ts[0]
-        i = min(max(int(np.searchsorted(ks, k)), 1), len(ks) - 1)  # the segment [i-1, i] nearest k
+        rows = self.unit if rows is None else rows
+        q = rows * (k + 1) / self.unit
+        i = min(max(int(np.searchsorted(ks, q)), 1), len(ks) - 1)  # the segment [i-1, i] nearest q
         slope = (ts[i] - ts[i - 1]) / (ks[i] - ks[i - 1])
-        # below the shortest k seen the line may not fall under half that pass (the copy stays)
-        return max(ts[i - 1] + slope * (k - ks[i - 1]), 0.5 * ts[0])
+        # below the fewest query rows seen the line may not fall under half that pass (the copy stays)
+        return max(ts[i - 1] + slope * (q - ks[i - 1]), 0.5 * ts[0])
 
 
 def choose_k(alpha: float, t_pass, t_draft_step: float, k_min: int, k_max: int) -> int:
@@ -141,10 +161,13 @@ def choose_k(alpha: float, t_pass, t_draft_step: float, k_min: int, k_max: int) 
 K_REACH = 2  # adaptive k tries at most this far beyond the draft lengths it has timed
 
 
-def adaptive_k(alpha: float, pass_times: PassTimes, t_draft_step: float, k_max: int) -> int:
-    """choose_k within reach of the draft lengths timed so far: a length far from them is a
-    guess (one timed length looks flat, so the longest block would win), and a step at a time
-    measures the bend before trusting it."""
-    lo, hi = pass_times.seen()
-    return choose_k(alpha, pass_times, t_draft_step, max(1, min(lo - K_REACH, k_max)), max(1, min(k_max, hi + K_REACH)))
-
+def adaptive_k(alpha: float, pass_times: PassTimes, t_draft_step: float, k_max: int,
+               rows: int | None = None) -> int:
+    """choose_k for a batch of `rows` busy rows, within reach of the query rows timed so far: a
+    length far from them is a guess (one timed length looks flat, so the longest block would
+    win), and a step at a time measures the bend before trusting it. As a batch drains, the
+    same query rows reach a longer block."""
+    lo, hi = pass_times.seen(rows)
+    lo_k = max(1, min(math.ceil(lo - 1e-9) - K_REACH, k_max))
+    hi_k = max(1, min(k_max, math.floor(hi + 1e-9) + K_REACH))
+    return choose_k(alpha, lambda k: pass_times(k, rows), t_draft_step, lo_k, hi_k)

@@ -29,7 +29,7 @@ def test_bench_tiny_workload_prints_ratios(tmp_path):
     assert res[1]["acceptance"] is not None and res[1]["tokens"] == res[0]["tokens"] == 4 * 6
     assert res[1]["k_mean"] == 2 and 1 <= res[2]["k_mean"] <= 16  # fixed k, and k chosen by the loop
     # per mode, passes by draft length, and each verification's (k, seconds, timed for adaptive k)
-    assert res[1]["k_counts"] == {"2": len(res[1]["pass_log"])} and all(k == 2 for k, _, _ in res[1]["pass_log"])
+    assert res[1]["k_counts"] == {"2": len(res[1]["pass_log"])} and all(k == 2 for k, *_ in res[1]["pass_log"])
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("draft lengths (k: passes): "))
     assert f"single@2 2:{len(res[1]['pass_log'])}" in line and "none" not in line
     # which side bounds a layer: the worker's attention and both sides' doorbell waits a layer

@@ -87,10 +87,10 @@ def test_adaptive_k_stays_lossless(tiny_dir):
     # Adaptive k takes as k's cost only passes that did nothing else: not the batch's first
     # (one batch of 4 here), nor the first at each k (a new k grows buffers).
     first = {}
-    for i, (k, _, _) in enumerate(stats.pass_log):
+    for i, (k, _, _, _) in enumerate(stats.pass_log):
         first.setdefault(k, i)
-    timed = [t for _, _, t in stats.pass_log]
-    assert timed == [i > 0 and first[k] != i for i, (k, _, _) in enumerate(stats.pass_log)] and any(timed)
+    timed = [t for _, _, t, _ in stats.pass_log]
+    assert timed == [i > 0 and first[k] != i for i, (k, _, _, _) in enumerate(stats.pass_log)] and any(timed)
 
 
 def test_draft_vocab_mismatch_is_an_error(tiny_dir):
@@ -373,3 +373,100 @@ def test_one_slow_pass_at_a_new_length_does_not_steer_the_run():
 
     ks = _adaptive_run(t)
     assert sum(ks[-40:]) / 40 >= 4.5, ks
+
+
+def test_pass_times_key_on_query_rows():
+    """A pass's cost follows the query rows it verifies, busy rows x (k+1): a full batch at k 3
+    and half the batch at k 7 verify the same rows. Keys are in full-batch units, so a full
+    batch's key is k+1, as before rows were counted."""
+    from specoffload.scheduler.schedule import PassTimes, adaptive_k
+
+    pt = PassTimes(unit=192)
+    pt.observe(3, 1.7)  # rows default to the full batch
+    pt.observe(4, 1.9, rows=192)
+    assert pt.key(3) == 4 and pt.key(7, rows=96) == 4 and pt.key(3, rows=100) == 2.0  # 2.08 -> the quarter grid
+    assert abs(pt(7, rows=96) - 1.7) < 1e-9 and abs(pt(3, rows=96) - 1.3) < 1e-9  # the bottom segment extended
+    assert pt.seen() == (3, 4) and pt.seen(rows=96) == (7, 9)
+    full, half = adaptive_k(0.8, pt, 0.02, 16), adaptive_k(0.8, pt, 0.02, 16, rows=96)
+    assert half > full
+    pt.observe(3, 2.4, rows=96)  # a half batch costing more than a full one at more rows: not believed
+    assert pt(3, rows=96) <= pt(4)
+
+
+def _drain_run(rows_per_pass: list, keyed_on_rows: bool, alpha: float = 0.8, t_draft: float = 0.02) -> list:
+    """Adaptive k's choices pass after pass while the batch's busy rows follow rows_per_pass;
+    a pass costs a 1.3 s copy floor or a chain of 0.12 s per full batch's worth of query rows
+    per draft token, whichever is longer (W4-like: chain-bound at a full batch, copy-bound once
+    it drains)."""
+    from specoffload.scheduler.schedule import PassTimes, adaptive_k
+
+    def t(k, rows):
+        return max(1.3, 1.1 + 0.12 * rows * (k + 1) / 192)
+
+    pt, k, ks = PassTimes(unit=192), 4, []
+    for rows in rows_per_pass:
+        ks.append(k)
+        if keyed_on_rows:
+            pt.observe(k, t(k, rows), rows)
+            k = adaptive_k(alpha, pt, t_draft, 12, rows=rows)
+        else:  # the model before rows were counted: one time per k whatever the rows
+            pt.observe(k, t(k, rows))
+            k = adaptive_k(alpha, pt, t_draft, 12)
+    return ks
+
+
+def test_a_draining_batch_drafts_longer():
+    """Once no request waits, a finite job's batch drains and its passes cost less at the same k
+    (W4, session 23: 1.7 s a pass full, 1.3 s near the end). Keyed on query rows, adaptive k
+    spends that on longer blocks; keyed on k alone it stays where the full batch put it (here it
+    even falls). How soon the drain ends is how fast its last rows advance: tokens per row per
+    second over the drain's second half, at the same pass costs."""
+    from specoffload.scheduler.schedule import expected_tokens
+
+    full = [192] * 30
+    drain = [int(192 * (1 - i / 30)) or 1 for i in range(30)]
+    by_rows, by_k = _drain_run(full + drain, True), _drain_run(full + drain, False)
+    assert by_rows[:30] == by_k[:30]  # a full batch's keys are k+1: nothing changes there
+    assert sum(by_rows[45:]) / 15 >= sum(by_k[45:]) / 15 + 2, (by_rows, by_k)
+
+    def row_rate(ks):  # over the drain's second half, where its last rows are
+        toks = sum(expected_tokens(0.8, k) for k in ks[45:])
+        return toks / sum(max(1.3, 1.1 + 0.12 * r * (k + 1) / 192) + 0.02 * k for k, r in zip(ks[45:], drain[15:]))
+    assert row_rate(by_rows) > 1.12 * row_rate(by_k), (row_rate(by_rows), row_rate(by_k))
+
+
+def test_generator_times_passes_at_their_busy_rows(tiny_dir):
+    """Through the generator: each timed pass is keyed on its batch's busy rows, so once three
+    of four requests end the last row's passes are costed as the smaller passes they are
+    (`test_a_draining_batch_drafts_longer` shows what adaptive k makes of that). Output stays
+    the target's own."""
+    from specoffload.scheduler.schedule import PassTimes
+
+    d = tiny_dir("llama")
+    lens = [40, 8, 8, 8]
+    want = [w[:n] for w, n in zip(hf_greedy(d, PROMPTS, max(lens)), lens)]
+    tgt = ResidentModel.from_source(Checkpoint(d))
+    reqs = [Request(i, p, SamplingParams(max_tokens=n, ignore_eos=True)) for i, (p, n) in enumerate(zip(PROMPTS, lens))]
+
+    class ChainBound(ReferenceBackend):
+        """A W4-like pass: the chain's cost follows rows x (k+1), over a copy floor."""
+
+        def verify(self, bid, k, u_accept, u_sample):
+            self._q = self.caches[bid][0].lens.shape[0] * (k + 1)
+            return super().verify(bid, k, u_accept, u_sample)
+
+        def timings(self):
+            return max(1.3, 1.1 + 0.12 * self._q / 4), 0.02
+
+    dr = ResidentModel(tgt.spec.with_layers(1), tgt.glob, tgt.layers[:1])
+    gen = Generator(ChainBound(tgt, dr), RunConfig(schedule="single", k=3, k_max=12, adaptive_k=True, batch_size=4))
+    stats = gen.run(reqs)
+    assert [r.out for r in reqs] == want
+    rows = [r for *_, r in stats.pass_log]
+    assert rows[0] == 4 and rows[-1] == 1 and set(rows) >= {4, 1}
+    assert all(t == max(1.3, 1.1 + 0.12 * r * (k + 1) / 4) for k, t, _, r in stats.pass_log)
+    replay = PassTimes(unit=4)
+    for k, t, timed, r in stats.pass_log:
+        if timed:
+            replay.observe(k, t, r)
+    assert replay.mean == gen.pass_times.mean and any(q < 1 for q in replay.mean)
