@@ -36,8 +36,7 @@ class CPUAttention:
             torch.set_num_threads(threads)
         self.kv_dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
         self.ragged_keys = ragged_keys  # plan.ragged_attention: rows attend in ranges of similar lengths
-        if query_rows is not None:  # plan.cpu_query_rows: this process is the worker's alone
-            attention.CPU_QUERY_ROWS = query_rows or None
+        self.query_rows = query_rows  # plan.cpu_query_rows, handed to each batch's cache
         self.caches: dict[int, KVCache] = {}
         self.prompt_lens: dict[int, torch.Tensor] = {}
         self.gpu_rows: dict[int, int] = {}  # batch -> its rows [0, g) held on the GPU instead
@@ -58,7 +57,7 @@ class CPUAttention:
         s = self.spec
         self.caches[bid] = KVCache(s.num_layers, len(prompt_lens) - gpu_rows, s.num_kv_heads, s.head_dim, capacity,
                                    self.kv_dtype, "cpu", s.sliding_windows, ragged=self.ragged_keys is not None,
-                                   call_keys=self.ragged_keys)
+                                   call_keys=self.ragged_keys, max_rows=self.query_rows)
         self.prompt_lens[bid] = host_tensor(prompt_lens[gpu_rows:], torch.long)
         self.gpu_rows[bid] = gpu_rows
         self.prefill_batch = prefill_batch
@@ -156,7 +155,9 @@ class CPUAttention:
         return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read,
                 "prefill_ring_stores": self.ring_stores, "attention_layer_calls": self.layer_calls,
                 "attention_sdpa_calls": self.sdpa_calls, "cpu_row_tokens": self.row_tokens,
-                "worker_bell_wait_s": round(self.mail.bell_wait_s, 3), "cpu_query_rows": attention.CPU_QUERY_ROWS}
+                "worker_bell_wait_s": round(self.mail.bell_wait_s, 3),
+                # the limit in force (None: none), as the caches apply it
+                "cpu_query_rows": attention.CPU_QUERY_ROWS if self.query_rows is None else (self.query_rows or None)}
 
     def trace_events(self) -> list[dict]:
         return self.timer.take_events()

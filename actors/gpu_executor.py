@@ -343,11 +343,12 @@ class GPUExecutor:
         ranges = part_ranges(len(ql), g, micro_batches)
         passes = Forward.start(spec, self.glob, toks, st["lens"][b] + i).split(
             [(starts[lo], starts[hi]) for lo, hi in ranges])
-        st["parts"] = [{"bid": bid, "lo": lo, "hi": hi, "g": g, "q_lens_np": ql[max(lo, g):hi], "pass": f,
-                        "g_tokens": starts[min(g, hi)] - starts[min(g, lo)],
-                        "tokens": starts[hi] - starts[max(lo, g)],
-                        "box": self.mail.ensure(bid, p, max(1, starts[hi] - starts[max(lo, g)]))}
-                       for p, ((lo, hi), f) in enumerate(zip(ranges, passes))]
+        st["parts"] = []
+        for p, ((lo, hi), f) in enumerate(zip(ranges, passes)):
+            cpu_tokens = starts[hi] - starts[max(lo, g)]  # the part's rows past the GPU's g
+            st["parts"].append({"bid": bid, "lo": lo, "hi": hi, "g": g, "q_lens_np": ql[max(lo, g):hi], "pass": f,
+                                "g_tokens": starts[min(g, hi)] - starts[min(g, lo)], "tokens": cpu_tokens,
+                                "box": self.mail.ensure(bid, p, max(1, cpu_tokens))})
         if gpu is not None:
             gpu.begin_pass(k + 1)
         return len(st["parts"])

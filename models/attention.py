@@ -72,16 +72,22 @@ RAGGED_ROWS = False
 # in two calls of 32 rows; 192 x 7 (56 rows, no repack) took 30.9 ms in one call and 37.4 in two
 # (`scripts/profile_cpu_attention.py --variants split-rows`, docs/benchmarks.md "Session 23").
 # So only blocks of 64 rows or more are split, into the fewest calls of near-equal size.
+# A KVCache's `max_rows` overrides it (plan.cpu_query_rows reaches the CPU worker's caches so).
 CPU_QUERY_ROWS: int | None = 63
+
+
+def row_calls(rows: int, max_rows: int | None) -> int:
+    """SDPA calls for `rows` query rows per K/V head at most max_rows each (None or 0: one)."""
+    return 1 if not max_rows or rows <= max_rows else -(-rows // max_rows)
 
 
 def _sdpa_rows(q, k, v, mask, max_rows: int | None):
     """SDPA over q [B, H, R, d] in the fewest calls of at most max_rows query rows each, of
     near-equal size (64 rows at most 63: two of 32, not 63 and 1); CPU only."""
     R = q.shape[2]
-    if not max_rows or R <= max_rows or q.device.type != "cpu":
+    calls = row_calls(R, max_rows)
+    if calls == 1 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    calls = -(-R // max_rows)
     step = -(-R // calls)
     res = torch.empty_like(q)
     for a in range(0, R, step):
@@ -128,7 +134,7 @@ def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale
     q_scale / out_scale: per-K/V-head factors on the queries and the output (an fp8 ring's K
     and V scales, see ring_cache.py). chunks: `ragged_chunks`' row ranges, each attending over
     only the keys its rows hold (one SDPA call per range); None: one call over all n_k.
-    max_rows: query rows per K/V head in one call on the CPU (default `CPU_QUERY_ROWS`).
+    max_rows: query rows per K/V head in one call on the CPU (None: `CPU_QUERY_ROWS`; 0: no limit).
 
     Grouped-query attention as Hkv heads of G * n_q query rows (the G query heads that share a
     K/V head become extra rows), so K/V are never expanded G-fold: faster on the CPU than SDPA's
@@ -168,13 +174,13 @@ def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale
 
 
 def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_idx=None, i_idx=None,
-           n_q=None, n_k=None, grouped: bool = False, out=None, chunks=None):
+           n_q=None, n_k=None, grouped: bool = False, out=None, chunks=None, max_rows: int | None = None):
     """Packed queries q [T, Hq, d] against caches that already hold the new tokens, causally.
 
     Returns [T, Hq * d] in q's dtype. `mask`/`b_idx`/`i_idx` may be passed in to reuse them
     across layers of one pass (they depend only on the lengths); `grouped`: the mask is
     already `grouped_mask`'s; `out`: where to write the result; `chunks`: row ranges attended
-    one call each (`ragged_chunks`). See `grouped_attention`.
+    one call each (`ragged_chunks`); `max_rows`: query rows per call. See `grouped_attention`.
     """
     if b_idx is None:
         b_idx, i_idx = pack_index(q_lens)
@@ -187,7 +193,7 @@ def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_i
     if not grouped:
         mask = grouped_mask(mask, q.shape[1] // cache_k.shape[1])
     return grouped_attention(q, cache_k[:, :, :n_k], cache_v[:, :, :n_k], mask, n_q, b_idx, i_idx, out=out,
-                             chunks=chunks)
+                             chunks=chunks, max_rows=max_rows)
 
 
 class KVCache:
@@ -198,7 +204,8 @@ class KVCache:
     """
 
     def __init__(self, num_layers, batch, num_kv_heads, head_dim, capacity, dtype, device="cpu",
-                 windows=None, ragged: bool | None = None, call_keys: int | None = None):
+                 windows=None, ragged: bool | None = None, call_keys: int | None = None,
+                 max_rows: int | None = None):
         shape = (batch, num_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -213,12 +220,14 @@ class KVCache:
         # for that is not yet measured where it matters (docs/benchmarks.md, "Ragged rows").
         self.ragged = (RAGGED_ROWS if ragged is None else ragged) and torch.device(device).type == "cpu"
         self.call_keys = call_keys  # ragged_chunks' call cost (None: RAGGED_CALL_KEYS)
+        self.max_rows = max_rows  # query rows per K/V head per CPU SDPA call (None: CPU_QUERY_ROWS; 0: no limit)
         self._chunks = None
+        self._row_calls = 1  # calls each range's query rows took in the last layer attended
 
     @property
     def calls(self) -> int:
-        """SDPA calls a layer of the current pass makes (ragged ranges, or one)."""
-        return len(self._chunks) if self._chunks else 1
+        """SDPA calls the last layer attended made: ragged ranges (or one) x row splits."""
+        return (len(self._chunks) if self._chunks else 1) * self._row_calls
 
     @property
     def batch(self) -> int:
@@ -247,9 +256,12 @@ class KVCache:
     def attend_layer(self, layer, q, k, v, out=None):
         q_lens, b_idx, i_idx, masks, n_q, n_k = self._pass
         append_kv(self.k[layer], self.v[layer], k, v, self.lens, q_lens, b_idx, i_idx)
+        if self.k[layer].device.type == "cpu":
+            limit = CPU_QUERY_ROWS if self.max_rows is None else self.max_rows
+            self._row_calls = row_calls(q.shape[1] // self.k[layer].shape[1] * n_q, limit)
         return attend(q, self.k[layer], self.v[layer], self.lens, q_lens, self.windows[layer],
                       self._grouped_mask(masks, layer, q), b_idx, i_idx, n_q, n_k, grouped=True, out=out,
-                      chunks=self._chunks)
+                      chunks=self._chunks, max_rows=self.max_rows)
 
     def advance(self):
         self.lens += self._pass[0]

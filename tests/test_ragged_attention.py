@@ -72,7 +72,7 @@ def test_chunked_equals_padded_and_row_by_row(ragged_q, window, monkeypatch):
 @pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("rows", [1, 5, 8])
 def test_query_rows_split_equals_one_call(ragged, rows, monkeypatch):
-    """CPU_QUERY_ROWS: each K/V head's G x (k+1) query rows attend in calls of at most `rows`
+    """KVCache(max_rows=) (default CPU_QUERY_ROWS): each K/V head's G x (k+1) query rows attend in calls of at most `rows`
     (so torch's CPU kernel does not repack K/V), in the fewest calls of near-equal size; the output is the one call's and the exact
     row-by-row attention's, padded or in ragged ranges."""
     import types
@@ -89,9 +89,9 @@ def test_query_rows_split_equals_one_call(ragged, rows, monkeypatch):
         scaled_dot_product_attention=lambda q, *a, **kw: seen.append(q.shape[2]) or real(q, *a, **kw)))
     monkeypatch.setattr(attention, "RAGGED_CALL_KEYS", 32)
     got = {}
-    for limit in (None, rows):
-        monkeypatch.setattr(attention, "CPU_QUERY_ROWS", limit)
-        c = KVCache(1, B, Hkv, d, cap, torch.float32, ragged=ragged)
+    monkeypatch.setattr(attention, "CPU_QUERY_ROWS", rows)  # the default where a cache sets none
+    for limit in (0, None, rows):  # 0: no limit
+        c = KVCache(1, B, Hkv, d, cap, torch.float32, ragged=ragged, max_rows=limit)
         for t in c.k + c.v:
             t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(1)))
         c.lens = before.clone()
@@ -99,9 +99,12 @@ def test_query_rows_split_equals_one_call(ragged, rows, monkeypatch):
         seen.clear()
         got[limit] = c.attend_layer(0, q, k, v)
         # the split really ran, in the fewest calls of near-equal size (5 -> 4 + 4 + 4)
-        assert max(seen) == (12 if limit is None else -(-12 // -(-12 // rows)))
-        assert len(seen) == (1 if limit is None else -(-12 // rows)) * (c.calls if ragged else 1)
-    torch.testing.assert_close(got[rows], got[None], rtol=1e-5, atol=1e-6)
+        assert max(seen) == (12 if limit == 0 else -(-12 // -(-12 // rows)))
+        assert len(seen) == (1 if limit == 0 else -(-12 // rows)) * (len(c._chunks) if ragged else 1) == c.calls
+        if ragged:  # a micro-batch's view keeps its cache's limit
+            assert c.part(0, 3).max_rows == limit
+    torch.testing.assert_close(got[rows], got[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[None], got[rows], rtol=0, atol=0)
     want = _row_by_row(q, c.k[0], c.v[0], before, q_lens, Hq // Hkv, None).float()
     torch.testing.assert_close(got[rows], want, rtol=1e-4, atol=1e-5)
 
@@ -161,8 +164,9 @@ def test_ragged_attention_through_the_actors(ray_session, tiny_dir):
 
 
 def test_query_rows_through_the_actors(ray_session, tiny_dir):
-    """plan.cpu_query_rows reaches the CPU worker's process: with one query row per call
-    (every verification block split row by row) output still equals transformers'."""
+    """plan.cpu_query_rows reaches the CPU worker's caches: with one query row per call (every
+    decoding block split row by row, as the SDPA call count shows) output still equals
+    transformers'."""
     from specoffload.configs.sampling_params import SamplingParams
     from specoffload.errors import ConfigError
     from specoffload.llm import LLM
@@ -177,3 +181,5 @@ def test_query_rows_through_the_actors(ray_session, tiny_dir):
         stats = llm.last_stats
     assert [o.outputs[0].token_ids for o in outs] == want
     assert stats["cpu_query_rows"] == 1
+    # the worker's caches split each block (no draft: G 2 x 1 query = 2 rows a head), one row a call
+    assert stats["attention_sdpa_calls"] == 2 * stats["attention_layer_calls"] > 0
