@@ -71,6 +71,21 @@ def test_greedy_identical_through_actors_with_the_ring(ray_session, tiny_dir):
     assert stats["prefill_ring_stores"] >= len(PROMPTS) * layers > kv_ring.SLOTS
 
 
+@gpu.cuda_only("launching a sub-batch ahead of the ring's copies matters on a device stream")
+def test_prefill_launched_ahead_on_the_gpu(ray_session, tiny_dir):
+    """On CUDA, float32: each prefill call launches the next sub-batch's layer before it waits
+    for its own K/V's copies into the ring (`GPUExecutor._sync_after`); with sub-batches of 1,
+    every call but a layer's last does. Greedy output is transformers' own."""
+    d = tiny_dir("llama")
+    want = hf_greedy(d, PROMPTS, 12)
+    with LLM(str(d), plan=Plan(device="cuda", shm_prefill=True, prefill_batch=1), batch_size=4, dtype="float32",
+             progress=False) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=12, ignore_eos=True))
+        stats = llm.last_stats
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["prefill_ring_stores"] >= len(PROMPTS) * 3  # tiny_dir's llama: 3 layers
+
+
 def test_rows_joining_a_pass_prefill_through_the_ring(ray_session, tiny_dir):
     """Refill with the joining rows' prefill riding the batch's pass: their calls interleave
     with the pass's layers and go through a ring of their own."""

@@ -88,6 +88,76 @@ def test_the_worker_stores_nothing_for_a_failed_prefill():
     assert CPUAttention.store_prefill(at, 0, 0, 1, None) is None  # not even the batch is looked up
 
 
+class _Ahead:
+    """An executor whose layer work is replaced: what is launched, sent and released, in order."""
+
+    def __init__(self, fail_at=None):
+        self.spec = SimpleNamespace(num_layers=2)
+        self.plan = Plan(prefill_batch=2)
+        self.device = torch.device("cpu")
+        self.st = {"prompts": [[1] * 7, [1] * 9, [1] * 4, [1] * 3, [1] * 5]}  # 3 sub-batches
+        self.log, self.fail_at = [], fail_at
+        self.streamer = SimpleNamespace(reset=lambda: self.log.append("reset"))
+        self.timer = SimpleNamespace(host_span=lambda *a: contextlib.nullcontext())
+        self.mail = SimpleNamespace(ensure_ring=lambda *a: "ring")
+
+    def _batch(self, bid):
+        return self.st
+
+    def _pass_boundary(self):
+        pass
+
+    def _done(self, j):
+        self.log.append(("release", j))
+
+    def _prefill_compute(self, st, bid, s, j):
+        self.log.append(("launch", s, j))
+        if (s, j) == self.fail_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 MiB.")
+        return SimpleNamespace(k=[torch.zeros(1)], v=[torch.zeros(1)])
+
+    def send(self, ring, call, k, v, sync):
+        self.log.append(("send", call))
+        sync()
+        return ("handle", call)
+
+    for _name in ("_prefill_layer", "_sync_after", "_prefill_failed", "prefill_layer"):
+        locals()[_name] = getattr(GPUExecutor, _name)
+
+
+def test_prefill_launches_the_next_sub_batch_before_it_waits(monkeypatch):
+    """Each call sends its K/V, then launches the next sub-batch's layer before it waits for the
+    copies, so the device is not idle while Ray returns the call and starts the next. Within a
+    layer only: the layer is released once its last sub-batch is launched, and each call still
+    returns its own K/V."""
+    from specoffload.actors import gpu_executor
+
+    ex = _Ahead()
+    monkeypatch.setattr(gpu_executor.kv_ring, "send", ex.send)
+    got = [ex.prefill_layer(0, s, j) for j in range(2) for s in range(3)]
+    assert got == [("handle", c) for c in range(6)]
+    assert ex.log == [("launch", 0, 0), ("send", 0), ("launch", 1, 0), ("send", 1), ("launch", 2, 0),
+                      ("release", 0), ("send", 2),
+                      ("launch", 0, 1), ("send", 3), ("launch", 1, 1), ("send", 4), ("launch", 2, 1),
+                      ("release", 1), ("send", 5)]
+
+
+def test_out_of_memory_in_a_launch_ahead_is_the_next_calls_error(monkeypatch):
+    """Sub-batch 1's layer runs out of memory while call 0 launches it ahead: call 0 still
+    returns its K/V; call 1 reports the error as its own (its sub-batch's longest prompt), and
+    the calls after it store nothing."""
+    from specoffload.actors import gpu_executor
+
+    ex = _Ahead(fail_at=(1, 0))
+    monkeypatch.setattr(gpu_executor.kv_ring, "send", ex.send)
+    got = [ex.prefill_layer(0, s, j) for j in range(2) for s in range(3)]
+    assert got == [("handle", 0), None, None, None, None, None]
+    assert ex.log == [("launch", 0, 0), ("send", 0), ("launch", 1, 0), "reset"]
+    err = ex.st["prefill_error"]
+    assert isinstance(err, CapacityError) and "at layer 0 (sub-batch of 2 sequences, longest 4 tokens)" in str(err)
+    assert "ahead" not in ex.st and "subs" not in ex.st
+
+
 def test_failed_prefill_leaves_no_unhandled_errors(ray_session, capfd, caplog):
     """The driver sees the head's error once; the K/V stores that failed behind it are collected,
     not each logged by Ray as an unhandled error when their refs go."""
