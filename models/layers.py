@@ -113,15 +113,27 @@ def _act(spec: ModelSpec, x):
 
 # Bytes of one dense FFN intermediate ([tokens, I]) made at once. A prefill sub-batch of
 # Llama-3.1-70B (16 x 512 tokens, I = 28672) in one go makes 896 MiB of gate/up output, 448
-# MiB for each of the activation and the product, and 224 MiB for the product's fp8 copy: W4
-# ran out of GPU memory there under its 24 GiB cap (docs/results/s17). Decode and verification tokens
-# (batch x (k + 1)) fit one chunk; rows are independent, so chunks change no result's rows.
+# MiB for each of the activation and the product, and 224 MiB for the product's fp8 copy, 4.5x
+# the intermediate: W4 ran out of GPU memory there under its 24 GiB cap (docs/results/s17).
+# So rows go in chunks: at least DENSE_CHUNK_BYTES of intermediate, and up to
+# DENSE_CHUNK_MAX_BYTES while a chunk is at most 2/3 of the whole, so that its 4.5x stays in
+# the 3x the planner's prefill account counts (cost_model.prefill_gpu_bytes). Larger chunks
+# run faster: one W4 prefill layer took 18.82 ms at 256 MiB against 20.65 at 64, 549 MiB more
+# at its peak (docs/benchmarks.md, session 21). Decode and verification tokens (batch x (k + 1))
+# fit one chunk; rows are independent, so chunks change no result's rows.
 DENSE_CHUNK_BYTES = 64 << 20
+DENSE_CHUNK_MAX_BYTES = 256 << 20
+
+
+def dense_chunk_rows(tokens: int, width: int, elsize: int) -> int:
+    """Rows of a dense FFN's input made at once (see DENSE_CHUNK_BYTES)."""
+    row = width * elsize
+    want = min(DENSE_CHUNK_MAX_BYTES, max(DENSE_CHUNK_BYTES, 2 * tokens * row // 3))
+    return max(1, want // row)
 
 
 def dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
-    width = w["down"].shape[1]
-    step = max(1, DENSE_CHUNK_BYTES // (width * x.element_size()))
+    step = dense_chunk_rows(x.shape[0], w["down"].shape[1], x.element_size())
     if x.shape[0] <= step:
         return _dense_ffn(spec, w, x)
     out = x.new_empty(x.shape[0], w["down"].shape[0])

@@ -100,8 +100,8 @@ def prefill_gpu_bytes(spec: ModelSpec, prompts: int, sub_batch: int, prompt_len:
     to 16 had fitted; W4's prefill (Llama-3.1-70B, FFN 3.5 x hidden) ran out of memory when
     the FFN was left out (docs/results/s16/README.md). It ran out again with it counted
     (docs/results/s17/README.md): the FFN's activations then took more than 3 x its width a
-    token, so it now runs in chunks of rows (layers.DENSE_CHUNK_BYTES). The account still
-    counts a whole sub-batch: W4 has run with that margin, not without it."""
+    token, so it now runs in chunks of rows (layers.DENSE_CHUNK_BYTES), sized so that a chunk's
+    peak stays within this count of a whole sub-batch (layers.dense_chunk_rows)."""
     d = dtype_bytes(spec)
     kept = prompts * prompt_len * (spec.hidden_size + 2 * spec.head_dim) * d
     dense = (not spec.is_moe) or bool(spec.dense_layers)

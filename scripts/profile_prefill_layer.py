@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     rows, outs = [], {}
     runs = [(mib, True) for mib in a.chunk_mib] + ([(mib, False) for mib in a.chunk_mib] if a.before else [])
     for mib, now in runs:
-        layers.DENSE_CHUNK_BYTES = mib << 20
+        layers.DENSE_CHUNK_BYTES = layers.DENSE_CHUNK_MAX_BYTES = mib << 20  # exactly this chunk
         fp8_weights.SHARE_INPUTS = now
         if now:  # today's one-kernel quantization, or the two steps it replaced
             fp8_weights._DIV_INTO_FP8_FAILED.discard("cuda")
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     if fp8_weights._SCALED_MM_FAILED:
         print(f"NOTE: torch._scaled_mm refused {sorted(fp8_weights._SCALED_MM_FAILED)}: widened bf16 weights ran")
     for mib in dict.fromkeys((a.chunk_mib[0], a.chunk_mib[-1])):
-        layers.DENSE_CHUNK_BYTES = mib << 20
+        layers.DENSE_CHUNK_BYTES = layers.DENSE_CHUNK_MAX_BYTES = mib << 20
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             layer()
             torch.cuda.synchronize()

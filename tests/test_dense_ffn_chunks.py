@@ -31,7 +31,8 @@ def test_chunked_rows_equal_one_call(fp8, monkeypatch):
         w = quantize_layer(w)  # gate/up stacked, every matrix fp8 with per-row scales
         assert "gate_up" in w
     want = layers._dense_ffn(_Spec, w, x)
-    monkeypatch.setattr(layers, "DENSE_CHUNK_BYTES", 7 * 40 * x.element_size())  # 7 rows a chunk
+    for name in ("DENSE_CHUNK_BYTES", "DENSE_CHUNK_MAX_BYTES"):
+        monkeypatch.setattr(layers, name, 7 * 40 * x.element_size())  # 7 rows a chunk
     calls = []
     real = layers._dense_ffn
     monkeypatch.setattr(layers, "_dense_ffn", lambda s, w, x: calls.append(x.shape[0]) or real(s, w, x))
@@ -53,8 +54,25 @@ def test_greedy_output_with_chunked_ffn_equals_transformers(tiny_dir, monkeypatc
     d = tiny_dir("llama")
     want = hf_greedy(d, PROMPTS, 16)
     tgt = ResidentModel.from_source(Checkpoint(d))
-    monkeypatch.setattr(layers, "DENSE_CHUNK_BYTES", 5 * tgt.spec.intermediate_size * 4)  # 5 tokens a chunk
+    for name in ("DENSE_CHUNK_BYTES", "DENSE_CHUNK_MAX_BYTES"):
+        monkeypatch.setattr(layers, name, 5 * tgt.spec.intermediate_size * 4)  # 5 tokens a chunk
     draft = ResidentModel(tgt.spec.with_layers(1), tgt.glob, tgt.layers[:1])
     reqs = [Request(i, p, SamplingParams(max_tokens=16, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
     Generator(ReferenceBackend(tgt, draft), RunConfig(schedule="single", k=3, batch_size=len(PROMPTS))).run(reqs)
     assert [r.out for r in reqs] == want
+
+
+def test_chunks_grow_within_the_prefill_account():
+    """Chunks are at least 64 MiB of intermediate, and larger (up to 256 MiB) while a chunk's
+    ~4.5x peak stays within the 3x of the whole intermediate that the planner's prefill account
+    counts."""
+    MiB, I, b = 1 << 20, 28672, 2  # Llama-3.1-70B's FFN width, bf16
+    row = I * b
+    assert layers.dense_chunk_rows(8192, I, b) == 256 * MiB // row  # W4's sub-batch of 16 x 512
+    assert layers.dense_chunk_rows(1000, I, b) >= 1000  # 55 MiB in all: one call
+    assert layers.dense_chunk_rows(3 * 64 * MiB // row, I, b) == 2 * 64 * MiB // row  # 2/3 of 192 MiB
+    for tokens in (1, 100, 1500, 2000, 3000, 5000, 8192, 20000):
+        step = layers.dense_chunk_rows(tokens, I, b)
+        chunk = min(step, tokens) * row
+        assert 64 * MiB // row <= step and chunk <= 256 * MiB
+        assert chunk <= 64 * MiB or 4.5 * chunk <= 3 * tokens * row
