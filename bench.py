@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -592,12 +593,29 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
     if any(r.get("k_counts") for r in results):
         print("draft lengths (k: passes): " + ", ".join(
             f"{r['mode']} " + " ".join(f"{k}:{n}" for k, n in r["k_counts"].items()) for r in results if r.get("k_counts")))
+        drains = [(r["mode"], d) for r in results if (d := drain_k(r))]
+        if drains:
+            print("mean k and s/pass by busy rows (a full batch; draining below half): " + ", ".join(
+                f"{m} {d['full'][0]:.2f} at {d['full'][1]:.3f} s; {d['drain'][0]:.2f} at {d['drain'][1]:.3f} s "
+                f"({d['drain'][2]} passes)" for m, d in drains))
     fair = max((r for r in results if r["mode"].startswith("none+r")), key=lambda r: r["tokens_per_s"], default=None)
     if fair:
         print(f"against {fair['mode']} (none keeping {resident} target layers on the GPU, own actors): " +
               ", ".join(f"{r['mode']} {r['tokens_per_s'] / fair['tokens_per_s']:.2f}x e2e "
                         f"{r['decode_tokens_per_s'] / fair['decode_tokens_per_s']:.2f}x decode"
                         for r in results if r is not fair))
+
+
+def drain_k(r: dict) -> dict | None:
+    """Mean k and seconds per pass over a mode's passes at a full batch and at under half of it
+    (adaptive k keys pass times on busy rows: a draining batch may draft longer blocks), with
+    the count of the latter; None without both kinds of passes."""
+    log = [p for p in r.get("pass_log") or [] if len(p) > 3]
+    groups = {"full": [p for p in log if p[3] >= r["batch"]], "drain": [p for p in log if 2 * p[3] < r["batch"]]}
+    if not all(groups.values()):
+        return None
+    return {g: (statistics.fmean(p[0] for p in ps), statistics.fmean(p[1] for p in ps), len(ps))
+            for g, ps in groups.items()}
 
 
 def main(argv=None):

@@ -185,6 +185,19 @@ def test_bench_w1_long_tiny_job(tmp_path):
     want = int(shape.gen_lengths(rng).sum())  # every output ends by EOS at its drawn length
     assert [x["tokens"] for x in res] == [want, want] and [x["requests"] for x in res] == [12, 12]
     assert all(x["joins"] > 0 and 0 < x["rows_busy"] <= 1 and x["time_to_last_s"] > 0 for x in res)
+    # each verification's busy rows are logged: the job drains to a row or two at its end
+    spec = res[1]["pass_log"]
+    assert spec[0][3] == 4 and min(p[3] for p in spec) < 2 and "(a full batch; draining below half)" in r.stdout
+
+
+def test_drain_summary_splits_passes_by_busy_rows():
+    from specoffload.bench import drain_k
+
+    r = {"batch": 8, "pass_log": [(3, 1.0, True, 8), (3, 1.2, True, 8), (5, 0.5, True, 6), (6, 0.4, True, 3),
+                                  (8, 0.6, True, 2)]}
+    assert drain_k(r) == {"full": (3.0, 1.1, 2), "drain": (7.0, 0.5, 2)}
+    assert drain_k({"batch": 8, "pass_log": [(3, 1.0, True, 8)]}) is None  # no pass drained
+    assert drain_k({"batch": 8, "pass_log": [(3, 1.0, True)]}) is None  # a log from before rows were kept
 
 
 def test_an_engine_error_in_a_mode_is_one_line(monkeypatch, capsys):
