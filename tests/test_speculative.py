@@ -470,3 +470,23 @@ def test_generator_times_passes_at_their_busy_rows(tiny_dir):
         if timed:
             replay.observe(k, t, r)
     assert replay.mean == gen.pass_times.mean and any(q < 1 for q in replay.mean)
+
+
+def test_drain_simulation_script(capsys):
+    """scripts/simulate_drain_k.py: a full batch keeps --k in both rows; below half the rows-keyed
+    choice drafts longer blocks and the wave takes fewer passes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "simulate_drain_k.py"
+    spec = importlib.util.spec_from_file_location("simulate_drain_k", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--batch", "32", "--gen", "40", "--seeds", "3"]) == 0
+    rows = {line.split()[0] + (" rows" if "by rows" in line else ""): line.split()
+            for line in capsys.readouterr().out.splitlines()[1:]}
+    fixed, by_rows = rows["fixed"], rows["by rows"]
+    assert float(fixed[5]) == float(by_rows[6]) == 3.0  # k at a full batch
+    assert float(by_rows[7]) > 3.0 == float(fixed[6]) and float(by_rows[2]) < float(fixed[1])
+    with pytest.raises(SystemExit):
+        mod.main(["--copy-s", "2", "--full-s", "1"])
