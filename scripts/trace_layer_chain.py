@@ -12,6 +12,8 @@ layer's attention to the start of the next layer's for the same part. A part of 
 only (a batch whose rows are all on the GPU, or session 23's traces, where GPU rows were a part
 of their own) has no worker call and counts in the executor's time only.
 This is how docs/benchmarks.md's runs 9 and 10 split a layer's ~57 ms chain.
+Then the prefill's: a sub-batch's layer on the device, the device's idle time between
+sub-batches and between layers, and the K/V copy out.
 """
 
 from __future__ import annotations
@@ -110,6 +112,32 @@ def chain(events, lo: int, hi: int) -> dict:
     return {k: statistics.median(v) / 1e3 for k, v in out.items()}
 
 
+_PREFILL = re.compile(r"^b(\d+) L(\d+) s(\d+)$")
+
+
+def prefill(events) -> dict:
+    """Medians over a trace's prefill (one layer of one sub-batch a span): the device's time a
+    span, its idle time before the next sub-batch of the same layer and before the next
+    layer's first, and the copy of the K/V out (host time, which includes waiting for the
+    device). Empty without prefill spans."""
+    spans = sorted((e for e in events if e.get("cat") == "prefill" and _PREFILL.match(e["name"])),
+                   key=lambda e: e["ts"])
+    if not spans:
+        return {}
+    out = defaultdict(list)
+    for e, n in zip(spans, spans[1:]):
+        (b, j, s), (b2, j2, s2) = (tuple(map(int, _PREFILL.match(x["name"]).groups())) for x in (e, n))
+        gap = (n["ts"] - e["ts"] - e["dur"]) / 1e3
+        if (b2, j2, s2) == (b, j, s + 1):
+            out["device idle before the next sub-batch"].append(gap)
+        elif b2 == b and j2 == j + 1 and s2 == 0:
+            out["device idle before the next layer"].append(gap)
+    out["sub-batch layer on the device"] = [e["dur"] / 1e3 for e in spans]
+    out["K/V copy out (host)"] = [e["dur"] / 1e3 for e in events if e.get("cat") == "to_host"
+                                  and e["name"].endswith(" kv")]
+    return {f"prefill: {k} (n={len(v)})": statistics.median(v) for k, v in out.items() if v}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace")
@@ -122,13 +150,13 @@ def main(argv=None) -> int:
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
         print(f"trace_layer_chain: error: {e}", file=sys.stderr)
         return 2
-    med = chain(events, lo, hi)
-    if not med:
-        print("trace_layer_chain: error: no verification layers with q/k/v and attention spans in those rounds",
-              file=sys.stderr)
+    med, pre = chain(events, lo, hi), prefill(events)
+    if not med and not pre:
+        print("trace_layer_chain: error: no verification layers with q/k/v and attention spans in those rounds,"
+              " and no prefill", file=sys.stderr)
         return 2
-    for k, v in med.items():
-        print(f"{k:42} {v:6.1f} ms (median)")
+    for k, v in {**med, **pre}.items():
+        print(f"{k:56} {v:6.1f} ms (median)")
     return 0
 
 

@@ -66,6 +66,28 @@ def test_chain_per_part(tmp_path, batches):
     }
 
 
+def test_prefill_gaps(tmp_path):
+    """The prefill's figures: 3 sub-batches a layer, 2 layers; each span 20 ms, the device idle
+    2 ms between sub-batches and 5 ms between layers; each K/V copy out 18 ms of host time."""
+    ev, t = [], 0.0
+    for j in range(2):
+        for s in range(3):
+            ev.append({"ph": "X", "cat": "prefill", "name": f"b0 L{j} s{s}", "ts": t * 1e3, "dur": 20e3})
+            ev.append({"ph": "X", "cat": "to_host", "name": f"b0 L{j} s{s} kv", "ts": (t + 3) * 1e3, "dur": 18e3})
+            t += 22
+        t += 3
+    ev.append({"ph": "X", "cat": "prefill", "name": "prefill", "ts": 0, "dur": t * 1e3})  # the whole, not a layer
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    r = _run(str(path))
+    assert r.returncode == 0, r.stderr
+    got = {line.rsplit(" ", 3)[0].strip(): float(line.split()[-3]) for line in r.stdout.splitlines()}
+    assert got == {"prefill: device idle before the next sub-batch (n=4)": 2.0,
+                   "prefill: device idle before the next layer (n=1)": 5.0,
+                   "prefill: sub-batch layer on the device (n=6)": 20.0,
+                   "prefill: K/V copy out (host) (n=6)": 18.0}
+
+
 def test_a_trace_without_layers_is_a_one_line_error(tmp_path):
     t = tmp_path / "trace.json"
     t.write_text(json.dumps({"traceEvents": []}))
