@@ -74,8 +74,9 @@ def test_greedy_identical_through_actors_with_the_ring(ray_session, tiny_dir):
 @gpu.cuda_only("launching a sub-batch ahead of the ring's copies matters on a device stream")
 def test_prefill_launched_ahead_on_the_gpu(ray_session, tiny_dir):
     """On CUDA, float32: each prefill call launches the next sub-batch's layer before it waits
-    for its own K/V's copies into the ring (`GPUExecutor._sync_after`); with sub-batches of 1,
-    every call but a layer's last does. Greedy output is transformers' own."""
+    for its own K/V's copies into the ring, which run on a stream of their own
+    (`GPUExecutor._send_ahead`); with sub-batches of 1 every call but a layer's last does.
+    Greedy output is transformers' own."""
     d = tiny_dir("llama")
     want = hf_greedy(d, PROMPTS, 12)
     with LLM(str(d), plan=Plan(device="cuda", shm_prefill=True, prefill_batch=1), batch_size=4, dtype="float32",

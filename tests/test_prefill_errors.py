@@ -121,7 +121,7 @@ class _Ahead:
         sync()
         return ("handle", call)
 
-    for _name in ("_prefill_layer", "_sync_after", "_prefill_failed", "prefill_layer"):
+    for _name in ("_prefill_layer", "_send_ahead", "_prefill_failed", "prefill_layer"):
         locals()[_name] = getattr(GPUExecutor, _name)
 
 
