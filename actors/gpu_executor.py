@@ -292,11 +292,12 @@ class GPUExecutor:
             st["gpu"].store_prefill(j, s * P, k, v, [len(p) for p in st["prompts"][s * P:(s + 1) * P]] if last else None)
             skip = max(0, st["gpu"].rows - s * P)
             k, v = k[skip:], v[skip:]
-        if not self.plan.shm_prefill:
+        # None: no ring asked for, or page-locking it failed (then Ray's object store carries them)
+        ring = self.mail.ensure_ring(bid, P, max(map(len, st["prompts"]))) if self.plan.shm_prefill else None
+        if ring is None:
             with self.timer.host_span("to_host", f"b{bid} L{j} s{s} kv"):
                 k, v = to_host(k, v)
             return to_wire(k), to_wire(v)
-        ring = self.mail.ensure_ring(bid, P, max(map(len, st["prompts"])))
         # A batch's own prefill launches the next sub-batch's layer before it waits for this
         # one's K/V to reach the ring: the device computes while Ray returns this call and
         # starts the next (W4-small's trace, session 20: the device sat idle a median 1.5 ms

@@ -142,6 +142,19 @@ def test_prefill_launches_the_next_sub_batch_before_it_waits(monkeypatch):
                       ("release", 1), ("send", 5)]
 
 
+def test_without_a_ring_each_call_launches_its_own(monkeypatch):
+    """Where the ring could not be page-locked (or none was asked for) the K/V go through Ray's
+    object store as before: each call launches its own layer and nothing runs ahead."""
+    from specoffload.actors import gpu_executor
+
+    ex = _Ahead()
+    monkeypatch.setattr(gpu_executor.kv_ring, "send", ex.send)
+    ex.mail.ensure_ring = lambda *a: None
+    got = [ex.prefill_layer(0, s, 0) for s in range(3)]
+    assert all(isinstance(g, tuple) and len(g) == 2 for g in got)  # wire arrays
+    assert ex.log == [("launch", 0, 0), ("launch", 1, 0), ("launch", 2, 0), ("release", 0)]
+
+
 def test_out_of_memory_in_a_launch_ahead_is_the_next_calls_error(monkeypatch):
     """Sub-batch 1's layer runs out of memory while call 0 launches it ahead: call 0 still
     returns its K/V; call 1 reports the error as its own (its sub-batch's longest prompt), and
