@@ -273,12 +273,15 @@ class GPUExecutor:
         n_sub = -(-len(st["prompts"]) // P)
         ahead = st.pop("ahead", None)  # (s, j, cache) a previous call launched, or what that raised
         try:
-            if ahead is not None and ahead[:2] == (s, j):
-                if isinstance(ahead[2], BaseException):
-                    raise ahead[2]
-                cache = ahead[2]
-            else:
+            if ahead is None:
                 cache = self._prefill_compute(st, bid, s, j)
+            elif ahead[:2] != (s, j):  # its sub-batch is a layer on: computing this one would be wrong
+                raise RuntimeError(f"prefill call for sub-batch {s}, layer {j} came where sub-batch "
+                                   f"{ahead[0]}, layer {ahead[1]} was launched ahead")
+            elif isinstance(ahead[2], BaseException):
+                raise ahead[2]
+            else:
+                cache = ahead[2]
         finally:  # done with the layer, even if it failed (a pass counts on every part)
             if in_pass:
                 self._pass_layer_done(j)

@@ -142,6 +142,19 @@ def test_prefill_launches_the_next_sub_batch_before_it_waits(monkeypatch):
                       ("release", 1), ("send", 5)]
 
 
+def test_a_call_out_of_order_after_a_launch_ahead_is_an_error(monkeypatch):
+    """The driver queues a batch's calls layer by layer, sub-batch by sub-batch. Were another
+    call to come where one was launched ahead, that sub-batch is already a layer on: an error,
+    not a silent recompute."""
+    from specoffload.actors import gpu_executor
+
+    ex = _Ahead()
+    monkeypatch.setattr(gpu_executor.kv_ring, "send", ex.send)
+    assert ex.prefill_layer(0, 0, 0) == ("handle", 0)
+    assert ex.prefill_layer(0, 2, 0) is None
+    assert "sub-batch 2, layer 0 came where sub-batch 1, layer 0 was launched ahead" in str(ex.st["prefill_error"])
+
+
 def test_without_a_ring_each_call_launches_its_own(monkeypatch):
     """Where the ring could not be page-locked (or none was asked for) the K/V go through Ray's
     object store as before: each call launches its own layer and nothing runs ahead."""
