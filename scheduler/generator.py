@@ -275,7 +275,8 @@ class Generator:
             return
         if self.cfg.adaptive_k and self.pass_times.mean:
             _, t_draft = self.backend.timings()
-            b.k = adaptive_k(b.alpha, self.pass_times, t_draft, self.cfg.k_max, rows=len(b.reqs))
+            b.k = adaptive_k(b.alpha, self.pass_times, t_draft, self.cfg.k_max, rows=len(b.reqs),
+                             tried=self._k_tried)
         else:
             b.k = self.cfg.k
         self.backend.propose(b.bid, b.k, b.uniforms(b.k))

@@ -145,29 +145,47 @@ class PassTimes:
         return max(ts[i - 1] + slope * (q - ks[i - 1]), 0.5 * ts[0])
 
 
-def choose_k(alpha: float, t_pass, t_draft_step: float, k_min: int, k_max: int) -> int:
+def choose_k(alpha: float, t_pass, t_draft_step: float, k_min: int, k_max: int, tried=None,
+             margin: float = 0.0) -> int:
     """Draft length maximising tokens per second for one batch, given measured acceptance,
     target pass time (seconds, or a function of k such as `PassTimes`) and time per draft
-    step (what the draft costs when it cannot hide)."""
+    step (what the draft costs when it cannot hide). With `tried` (lengths run before) and a
+    margin, a length not yet run must beat the best of those by that share to be chosen."""
+    rates = {}
     best, best_rate = k_min, -1.0
     for k in range(k_min, k_max + 1):
         tp = t_pass(k) if callable(t_pass) else t_pass
-        rate = expected_tokens(alpha, k) / (tp + k * t_draft_step)
-        if rate > best_rate:
-            best, best_rate = k, rate
+        rates[k] = expected_tokens(alpha, k) / (tp + k * t_draft_step)
+        if rates[k] > best_rate:
+            best, best_rate = k, rates[k]
+    known = [k for k in rates if tried and k in tried]
+    if margin and known and best not in tried:
+        best_known = max(known, key=lambda k: (rates[k], -k))
+        if best_rate <= (1 + margin) * rates[best_known]:
+            return best_known
     return best
 
 
 K_REACH = 2  # adaptive k tries at most this far beyond the draft lengths it has timed
+# A draining batch takes a draft length it has not run only for this much more predicted
+# throughput than the best it has: a first pass at a new length costs a one-off (0.05-0.4 s in
+# sessions 21-23's pass logs, 0.9 s in session 20's), and a drain has few passes to repay it.
+# `scripts/simulate_drain_k.py` on W4's figures: with a 0.5 s one-off, choosing freely lost 2%
+# against a fixed k 3, while this margin kept the drain's gain (2-3 lengths instead of ~7).
+NEW_K_MARGIN = 0.1
 
 
 def adaptive_k(alpha: float, pass_times: PassTimes, t_draft_step: float, k_max: int,
-               rows: int | None = None) -> int:
+               rows: int | None = None, tried=None) -> int:
     """choose_k for a batch of `rows` busy rows, within reach of the query rows timed so far: a
     length far from them is a guess (one timed length looks flat, so the longest block would
     win), and a step at a time measures the bend before trusting it. As a batch drains, the
-    same query rows reach a longer block."""
+    same query rows reach a longer block; a length not in `tried` then needs NEW_K_MARGIN."""
     lo, hi = pass_times.seen(rows)
-    lo_k = max(1, min(math.ceil(lo - 1e-9) - K_REACH, k_max))
+    draining = rows is not None and rows < pass_times.unit
+    # a draining batch may go below the lengths its query rows have timed: those passes cost
+    # less, not more, than any timed (and the margin keeps it from hopping between lengths)
+    lo_k = 1 if draining else max(1, min(math.ceil(lo - 1e-9) - K_REACH, k_max))
     hi_k = max(1, min(k_max, math.floor(hi + 1e-9) + K_REACH))
-    return choose_k(alpha, lambda k: pass_times(k, rows), t_draft_step, lo_k, hi_k)
+    return choose_k(alpha, lambda k: pass_times(k, rows), t_draft_step, lo_k, hi_k, tried,
+                    NEW_K_MARGIN if draining else 0.0)

@@ -8,10 +8,12 @@ A pass costs the longer of the weight copy (`--copy-s`, whatever the rows) and a
 grows with the query rows it verifies, busy rows x (k+1): `--full-s` at a full batch and `--k`,
 falling linearly to `--copy-s - --fixed-s` at none. Drafting adds `--draft-step-s` a draft token.
 Each row accepts each draft token with probability `--alpha` until the first rejection, plus the
-target's own token. "fixed" keeps `--k`; "by rows" picks, each pass, the k in 1..`--k-max` with
+target's own token. `--new-k-s` adds a one-off to the first pass at each k the wave has not run
+(session 20 saw up to ~0.9 s on W4; later runs' pass logs 0.05-0.4 s). "fixed" keeps `--k`; "any k" picks, each pass, the k in 1..`--k-max` with
 the most expected tokens per second for the rows still busy (what adaptive k does once its
 pass times are keyed on query rows, `scheduler/schedule.PassTimes`) once rows have finished, and
-`--k` while the batch is full, so that only the drain differs. Prints passes, decode seconds,
+`--k` while the batch is full, so that only the drain differs; "by rows" is that with the
+engine's rule for a length not yet run (`schedule.NEW_K_MARGIN`, or `--new-k-margin`). Prints passes, decode seconds,
 tokens per second with `--prefill-s` added, rows busy, and the mean k at a full batch and below
 half of it.
 """
@@ -22,12 +24,10 @@ import argparse
 
 import numpy as np
 
-
-def expected_tokens(alpha: float, k: int) -> float:
-    return (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1.0
+from specoffload.scheduler.schedule import NEW_K_MARGIN, choose_k
 
 
-def simulate(a, by_rows: bool, seed: int) -> tuple[float, ...]:
+def simulate(a, by_rows: bool, seed: int, margin: float = 0.0) -> tuple[float, ...]:
     """(passes, decode seconds, mean busy share, mean k at a full batch, mean k below half) of one wave."""
     rng = np.random.default_rng(seed)
     per_query = (a.full_s - (a.copy_s - a.fixed_s)) / (a.k + 1)  # chain seconds per full batch's query row
@@ -37,15 +37,18 @@ def simulate(a, by_rows: bool, seed: int) -> tuple[float, ...]:
 
     left = np.full(a.batch, a.gen)
     passes, seconds, busy, ks = 0, 0.0, [], []
+    seen = set()
     while (left > 0).any():
         rows = int((left > 0).sum())
         k = a.k
         if by_rows and rows < a.batch:  # a full batch keeps --k: only the drain differs
-            k = max(range(1, a.k_max + 1), key=lambda j: expected_tokens(a.alpha, j) / cost(j, rows))
+            k = choose_k(a.alpha, lambda j: cost(j, rows) - a.draft_step_s * j, a.draft_step_s, 1, a.k_max,
+                         seen, margin)
         accepted = np.minimum(rng.geometric(1 - a.alpha, a.batch) - 1, k) if a.alpha < 1 else np.full(a.batch, k)
         left = np.where(left > 0, left - accepted - 1, left)
         passes += 1
-        seconds += cost(k, rows)
+        seconds += cost(k, rows) + (a.new_k_s if k not in seen else 0.0)
+        seen.add(k)
         busy.append(rows / a.batch)
         ks.append(k)
     busy, ks = np.array(busy), np.array(ks)
@@ -65,15 +68,20 @@ def main(argv=None) -> int:
     ap.add_argument("--fixed-s", type=float, default=0.24,
                     help="What of the copy's time the chain has before its query rows cost anything.")
     ap.add_argument("--draft-step-s", type=float, default=0.017)
+    ap.add_argument("--new-k-s", type=float, default=0.0, help="One-off seconds of the first pass at each new k.")
+    ap.add_argument("--new-k-margin", type=float, default=NEW_K_MARGIN,
+                    help="A k not yet run must promise this much more throughput (the engine's rule).")
     ap.add_argument("--prefill-s", type=float, default=0.0, help="Added to the decode time for tokens per second.")
     ap.add_argument("--seeds", type=int, default=20)
     a = ap.parse_args(argv)
     if not (a.batch >= 1 and a.gen >= 1 and 0 <= a.alpha <= 1 and 1 <= a.k <= a.k_max and a.seeds >= 1
-            and 0 <= a.fixed_s <= a.copy_s <= a.full_s):
-        ap.error("need batch, gen, seeds >= 1, 0 <= alpha <= 1, 1 <= k <= k-max, 0 <= fixed-s <= copy-s <= full-s")
+            and 0 <= a.fixed_s <= a.copy_s <= a.full_s and a.new_k_s >= 0 and a.new_k_margin >= 0):
+        ap.error("need batch, gen, seeds >= 1, 0 <= alpha <= 1, 1 <= k <= k-max, 0 <= fixed-s <= copy-s <= full-s, "
+                 "new-k-s, new-k-margin >= 0")
     print("k        passes  decode s  tok/s  rows busy  k full  k below half")
-    for name, by_rows in (("fixed", False), ("by rows", True)):
-        p, s, b, kf, kd = (float(np.mean(x)) for x in zip(*(simulate(a, by_rows, seed) for seed in range(a.seeds))))
+    for name, by_rows, margin in (("fixed", False, 0.0), ("any k", True, 0.0), ("by rows", True, a.new_k_margin)):
+        p, s, b, kf, kd = (float(np.mean(x)) for x in zip(*(simulate(a, by_rows, seed, margin)
+                                                             for seed in range(a.seeds))))
         print(f"{name:8} {p:6.1f} {s:9.1f} {a.batch * a.gen / (s + a.prefill_s):6.1f} {b:10.3f} {kf:7.2f} {kd:13.2f}")
     return 0
 

@@ -393,6 +393,28 @@ def test_pass_times_key_on_query_rows():
     assert pt(3, rows=96) <= pt(4)
 
 
+def test_a_draining_batch_needs_a_margin_for_an_untried_length():
+    """Below a full batch, a draft length not yet run must promise NEW_K_MARGIN more throughput
+    than the best one run (its first pass costs a one-off); a full batch explores as before."""
+    from specoffload.scheduler.schedule import NEW_K_MARGIN, PassTimes, adaptive_k, choose_k
+
+    def t(k):  # flat but for a slight rise: every k looks nearly as good per second
+        return 1.3 + 0.001 * k
+
+    assert choose_k(0.6, t, 0.0, 1, 8) == 8
+    assert choose_k(0.6, t, 0.0, 1, 8, tried={3, 5}, margin=NEW_K_MARGIN) == 5  # 8 is 4% better than 5
+    assert choose_k(0.6, t, 0.0, 1, 8, tried={1}, margin=NEW_K_MARGIN) == 8  # 55% better than 1: run it
+    pt = PassTimes(unit=192)
+    for k, sec in ((3, 1.7), (4, 1.9)):
+        pt.observe(k, sec)
+    # at half a batch k 5 promises ~2% more than k 4: not enough to run a length not yet run
+    free, held = adaptive_k(0.8, pt, 0.02, 16, rows=96), adaptive_k(0.8, pt, 0.02, 16, rows=96, tried={3, 4})
+    assert (free, held) == (5, 4)
+    # draining, it may go below the lengths timed: with low acceptance a short block is best
+    assert adaptive_k(0.5, pt, 0.02, 16, rows=48) == 3
+    assert adaptive_k(0.8, pt, 0.02, 16, tried={3, 4}) == adaptive_k(0.8, pt, 0.02, 16)  # full: no margin
+
+
 def _drain_run(rows_per_pass: list, keyed_on_rows: bool, alpha: float = 0.8, t_draft: float = 0.02) -> list:
     """Adaptive k's choices pass after pass while the batch's busy rows follow rows_per_pass;
     a pass costs a 1.3 s copy floor or a chain of 0.12 s per full batch's worth of query rows
