@@ -168,10 +168,10 @@ def choose_k(alpha: float, t_pass, t_draft_step: float, k_min: int, k_max: int, 
 
 K_REACH = 2  # adaptive k tries at most this far beyond the draft lengths it has timed
 # A draining batch takes a draft length it has not run only for this much more predicted
-# throughput than the best it has: a first pass at a new length costs a one-off (0.05-0.4 s in
+# throughput than the best it has: a first pass at a new length costs a one-off (up to ~0.4 s in
 # sessions 21-23's pass logs, 0.9 s in session 20's), and a drain has few passes to repay it.
-# `scripts/simulate_drain_k.py` on W4's figures: with a 0.5 s one-off, choosing freely lost 2%
-# against a fixed k 3, while this margin kept the drain's gain (2-3 lengths instead of ~7).
+# `scripts/simulate_drain_k.py --new-k-s 0.5` on W4's figures: choosing freely lost 1.6% against
+# a fixed k 3, while this margin kept a 0.5% gain.
 NEW_K_MARGIN = 0.1
 
 

@@ -9,13 +9,15 @@ grows with the query rows it verifies, busy rows x (k+1): `--full-s` at a full b
 falling linearly to `--copy-s - --fixed-s` at none. Drafting adds `--draft-step-s` a draft token.
 Each row accepts each draft token with probability `--alpha` until the first rejection, plus the
 target's own token. `--new-k-s` adds a one-off to the first pass at each k the wave has not run
-(session 20 saw up to ~0.9 s on W4; later runs' pass logs 0.05-0.4 s). "fixed" keeps `--k`; "any k" picks, each pass, the k in 1..`--k-max` with
-the most expected tokens per second for the rows still busy (what adaptive k does once its
-pass times are keyed on query rows, `scheduler/schedule.PassTimes`) once rows have finished, and
-`--k` while the batch is full, so that only the drain differs; "by rows" is that with the
-engine's rule for a length not yet run (`schedule.NEW_K_MARGIN`, or `--new-k-margin`). Prints passes, decode seconds,
-tokens per second with `--prefill-s` added, rows busy, and the mean k at a full batch and below
-half of it.
+(session 20 saw up to ~0.9 s on W4; later runs' pass logs up to ~0.4 s).
+
+Three rows: "fixed" keeps `--k`. "any k" keeps `--k` while the batch is full (so only the drain
+differs) and, once rows have finished, picks each pass the k in 1..`--k-max` with the most
+expected tokens per second for the rows still busy: what adaptive k does once its pass times
+are keyed on query rows (`scheduler/schedule.PassTimes`). "by rows" is that with the engine's
+rule for a length not yet run (`schedule.NEW_K_MARGIN`, or `--new-k-margin`). Prints passes,
+decode seconds, tokens per second with `--prefill-s` added, rows busy, and the mean k at a full
+batch and below half of it.
 """
 
 from __future__ import annotations
