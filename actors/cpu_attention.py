@@ -156,8 +156,7 @@ class CPUAttention:
                 "prefill_ring_stores": self.ring_stores, "attention_layer_calls": self.layer_calls,
                 "attention_sdpa_calls": self.sdpa_calls, "cpu_row_tokens": self.row_tokens,
                 "worker_bell_wait_s": round(self.mail.bell_wait_s, 3),
-                # the limit in force (None: none), as the caches apply it
-                "cpu_query_rows": attention.CPU_QUERY_ROWS if self.query_rows is None else (self.query_rows or None)}
+                "cpu_query_rows": attention.query_row_limit(self.query_rows)}  # as the caches apply it (None: none)
 
     def trace_events(self) -> list[dict]:
         return self.timer.take_events()

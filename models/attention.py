@@ -76,6 +76,12 @@ RAGGED_ROWS = False
 CPU_QUERY_ROWS: int | None = 63
 
 
+def query_row_limit(max_rows: int | None) -> int | None:
+    """The query-row limit a call or cache given `max_rows` applies (None: none): None takes
+    CPU_QUERY_ROWS, 0 means no limit."""
+    return (CPU_QUERY_ROWS if max_rows is None else max_rows) or None
+
+
 def row_calls(rows: int, max_rows: int | None) -> int:
     """SDPA calls for `rows` query rows per K/V head at most max_rows each (None or 0: one)."""
     return 1 if not max_rows or rows <= max_rows else -(-rows // max_rows)
@@ -153,8 +159,7 @@ def grouped_attention(q, cache_k, cache_v, mask, n_q: int, b_idx, i_idx, q_scale
     qg = qp.permute(0, 2, 1, 3).reshape(B, Hkv, G * n_q, d).to(cache_k.dtype)  # head h = kv * G + g
     if q_scale is not None:
         qg = qg * q_scale.to(qg.dtype)[None, :, None, None]
-    if max_rows is None:
-        max_rows = CPU_QUERY_ROWS
+    max_rows = query_row_limit(max_rows)
     if chunks is None or len(chunks) < 2:
         res = _sdpa_rows(qg, cache_k, cache_v, mask, max_rows)  # [B, Hkv, G*n_q, d]
     else:
@@ -257,8 +262,7 @@ class KVCache:
         q_lens, b_idx, i_idx, masks, n_q, n_k = self._pass
         append_kv(self.k[layer], self.v[layer], k, v, self.lens, q_lens, b_idx, i_idx)
         if self.k[layer].device.type == "cpu":
-            limit = CPU_QUERY_ROWS if self.max_rows is None else self.max_rows
-            self._row_calls = row_calls(q.shape[1] // self.k[layer].shape[1] * n_q, limit)
+            self._row_calls = row_calls(q.shape[1] // self.k[layer].shape[1] * n_q, query_row_limit(self.max_rows))
         return attend(q, self.k[layer], self.v[layer], self.lens, q_lens, self.windows[layer],
                       self._grouped_mask(masks, layer, q), b_idx, i_idx, n_q, n_k, grouped=True, out=out,
                       chunks=self._chunks, max_rows=self.max_rows)
