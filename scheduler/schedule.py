@@ -97,9 +97,12 @@ class PassTimes:
         self.last: dict[float, int] = {}  # key -> the pass that last observed it
         self.horizon, self.passes, self.unit = horizon, 0, unit
 
+    def _query(self, k: int, rows: int | None) -> float:
+        """Query rows of a pass at k over `rows` busy rows (None: a full batch), in units."""
+        return (self.unit if rows is None else rows) * (k + 1) / self.unit
+
     def key(self, k: int, rows: int | None = None) -> float:
-        rows = self.unit if rows is None else rows
-        return round(self.GRID * rows * (k + 1) / self.unit) / self.GRID
+        return round(self.GRID * self._query(k, rows)) / self.GRID
 
     def observe(self, k: int, seconds: float, rows: int | None = None):
         q = self.key(k, rows)
@@ -137,8 +140,7 @@ class PassTimes:
         ks, ts = self._curve()
         if len(ks) == 1:
             return ts[0]
-        rows = self.unit if rows is None else rows
-        q = rows * (k + 1) / self.unit
+        q = self._query(k, rows)
         i = min(max(int(np.searchsorted(ks, q)), 1), len(ks) - 1)  # the segment [i-1, i] nearest q
         slope = (ts[i] - ts[i - 1]) / (ks[i] - ks[i - 1])
         # below the fewest query rows seen the line may not fall under half that pass (the copy stays)

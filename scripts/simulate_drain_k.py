@@ -34,8 +34,8 @@ def simulate(a, by_rows: bool, seed: int, margin: float = 0.0) -> tuple[float, .
     rng = np.random.default_rng(seed)
     per_query = (a.full_s - (a.copy_s - a.fixed_s)) / (a.k + 1)  # chain seconds per full batch's query row
 
-    def cost(k: int, rows: int) -> float:
-        return max(a.copy_s, a.copy_s - a.fixed_s + per_query * rows * (k + 1) / a.batch) + a.draft_step_s * k
+    def pass_s(k: int, rows: int) -> float:  # the target pass alone
+        return max(a.copy_s, a.copy_s - a.fixed_s + per_query * rows * (k + 1) / a.batch)
 
     left = np.full(a.batch, a.gen)
     passes, seconds, busy, ks = 0, 0.0, [], []
@@ -44,12 +44,11 @@ def simulate(a, by_rows: bool, seed: int, margin: float = 0.0) -> tuple[float, .
         rows = int((left > 0).sum())
         k = a.k
         if by_rows and rows < a.batch:  # a full batch keeps --k: only the drain differs
-            k = choose_k(a.alpha, lambda j: cost(j, rows) - a.draft_step_s * j, a.draft_step_s, 1, a.k_max,
-                         seen, margin)
+            k = choose_k(a.alpha, lambda j: pass_s(j, rows), a.draft_step_s, 1, a.k_max, seen, margin)
         accepted = np.minimum(rng.geometric(1 - a.alpha, a.batch) - 1, k) if a.alpha < 1 else np.full(a.batch, k)
         left = np.where(left > 0, left - accepted - 1, left)
         passes += 1
-        seconds += cost(k, rows) + (a.new_k_s if k not in seen else 0.0)
+        seconds += pass_s(k, rows) + a.draft_step_s * k + (a.new_k_s if k not in seen else 0.0)
         seen.add(k)
         busy.append(rows / a.batch)
         ks.append(k)
