@@ -345,11 +345,11 @@ class GPUExecutor:
                 self._kv_stream = torch.cuda.Stream(self.device)
             self._kv_stream.wait_stream(torch.cuda.current_stream(self.device))  # the K/V are computed
             with torch.cuda.stream(self._kv_stream):
-                handle = kv_ring.send(ring, call, k, v, lambda: None)
+                handle = kv_ring.send(ring, call, k, v)
             done = torch.cuda.Event()
             done.record(self._kv_stream)
         else:
-            handle = kv_ring.send(ring, call, k, v, lambda: None)
+            handle = kv_ring.send(ring, call, k, v)
         if nxt is not None:
             try:
                 st["ahead"] = (*nxt, self._prefill_compute(st, bid, *nxt))

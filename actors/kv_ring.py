@@ -59,13 +59,13 @@ def is_handle(kv) -> bool:
     return isinstance(kv, tuple) and len(kv) == 7 and kv[0] == KIND
 
 
-def send(ring: KVRing, call: int, k: torch.Tensor, v: torch.Tensor, sync) -> tuple:
-    """Call `call`'s K/V [n, Hkv, L, d] into its slot (one DMA each, then `sync`): the handle."""
+def send(ring: KVRing, call: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """Call `call`'s K/V [n, Hkv, L, d] into its slot, one DMA each on the current stream: the
+    handle. The caller waits for the copies before it hands the handle on."""
     n, _, length, _ = k.shape
     slot = slot_of(call)
     ring.view(slot, 0, n, length).copy_(k, non_blocking=True)
     ring.view(slot, 1, n, length).copy_(v, non_blocking=True)
-    sync()
     return ring.handle(slot, n, length)
 
 

@@ -35,7 +35,7 @@ def test_round_trip_through_rotating_slots_and_free(tmp_path):
     for call in range(2 * kv_ring.SLOTS + 1):
         n, length = 1 + call % 4, 3 + call % 8  # sub-batches and prompts of different sizes
         k, v = (torch.randn(n, 2, length, 8, generator=g).bfloat16() for _ in range(2))
-        h = kv_ring.send(ring, call, k, v, lambda: None)
+        h = kv_ring.send(ring, call, k, v)
         assert is_handle(h) and not is_handle((None, k))
         rk, rv = wk.recv(h)
         assert torch.equal(rk, k) and torch.equal(rv, v)
@@ -129,7 +129,9 @@ def test_cuda_round_trip():
     assert ring.registered
     for call in range(kv_ring.SLOTS + 2):
         k, v = (torch.randn(3, 2, 5 + call, 8, generator=g).bfloat16().to(dev) for _ in range(2))
-        rk, rv = wk.recv(kv_ring.send(ring, call, k, v, torch.cuda.current_stream(dev).synchronize))
+        handle = kv_ring.send(ring, call, k, v)
+        torch.cuda.current_stream(dev).synchronize()
+        rk, rv = wk.recv(handle)
         assert torch.equal(rk, k.cpu()) and torch.equal(rv, v.cpu())
     ex.close()
     wk.close()
