@@ -46,7 +46,10 @@ class ActorBackend:
         self._own_steps: dict[int, int] = {}  # draft steps of a batch run just before its pass
         self._verifies: list[tuple] = []  # verifications queued for the next pass
         self._results: dict[int, object] = {}  # batch -> ref of its verification's result
-        self._prefill_stores: dict = {}  # prefill head ref -> its layers' K/V store refs
+        self._prefill_stores: dict = {}  # prefill head ref -> (its batch, its layers' K/V store refs)
+        # batch -> K/V store refs of its prefill not yet read: read before its rows are used
+        # (`_stored`), the worker may still be storing when the executor's head is done
+        self._unread_stores: dict[int, list] = {}
         self._draft_steps, self._seen = 0, (0.0, 0)  # for measuring seconds per draft step
         self._timing_calls = 0
         self._joins: list[tuple] = []  # (batch, u_sample) whose prefill rides the next pass
@@ -59,6 +62,7 @@ class ActorBackend:
         self._join_heads.clear()
         self._ring_stores.clear()
         self._pass_refs.clear()
+        self._unread_stores.clear()
         self.stopping = False
 
     def start(self, bid, prompts, samp, capacity, with_draft=False, joins=None):
@@ -90,6 +94,7 @@ class ActorBackend:
 
     def merge(self, bid, new):
         """Batch `new` (its first tokens out) takes the rows after bid's live ones."""
+        self._stored(new)  # the executor's merge removes new's ring: the worker must be done with it
         self._size[bid] += self._size.pop(new)
         self._gpu.pop(new, None)
         self.ex.merge.remote(bid, new)
@@ -118,7 +123,7 @@ class ActorBackend:
         for j in range(self.L):
             stores += self._prefill_calls(bid, j)
         head = self.ex.prefill_head.remote(bid, u_sample)
-        self._prefill_stores[head] = stores
+        self._prefill_stores[head] = (bid, stores)
         return head
 
     def propose(self, bid, k, u_draft):
@@ -192,7 +197,7 @@ class ActorBackend:
                 self._pass_refs[bid] = calls
         for b, u in joins:
             head = self._join_heads[b] = self.ex.prefill_head.remote(b, u)
-            self._prefill_stores[head] = stores[b]
+            self._prefill_stores[head] = (b, stores[b])
         for b, _, _ in gaps:
             self.ex.draft_finish.remote(b)
 
@@ -209,6 +214,7 @@ class ActorBackend:
                 if real is not e:
                     raise real from None
                 raise
+            self._stored(bid)  # a batch's first pass: were its prefill's K/V all stored?
             t = time.perf_counter() - self._submitted_at.pop(bid, time.perf_counter())
             self._t_pass = max(t - self._own_steps.pop(bid, 0) * self._t_draft, 0.5 * t)
             if self.stopping:
@@ -222,20 +228,16 @@ class ActorBackend:
                 self._join_heads[bid] = self.prefill(bid, u)
             handle = self._join_heads.pop(bid)
         self._flush()
-        stores = self._prefill_stores.pop(handle, None)
+        bid, stores = self._prefill_stores.pop(handle, (None, None))
         try:
             out = ray.get(handle)
         except Exception:
             # The head reports the prefill's first error; the K/V stores queued behind it failed
             # with it. Collect them, so that Ray does not log each one as an unhandled error.
-            if stores:
-                ray.wait(stores, num_returns=len(stores), timeout=30)
-                for r in stores:
-                    try:
-                        ray.get(r, timeout=0)
-                    except Exception:  # noqa: BLE001 - the head's error is the one raised
-                        pass
+            _read_quietly(stores)
             raise
+        if stores:
+            self._unread_stores[bid] = stores
         if self.stopping:
             raise RunStopped()
         return out
@@ -258,7 +260,17 @@ class ActorBackend:
         self.ex.keep.remote(bid, idx)
         self.at.keep.remote(bid, idx)
 
+    def _stored(self, bid):
+        """Wait until batch bid's prefill K/V are in the worker's cache, and raise what a store
+        raised: the executor's prefill does not wait for them (the ring has slots to spare),
+        so its first tokens can come first, and a store that failed unseen would leave rows
+        attending without a layer's K/V (wrong tokens, not an error)."""
+        stores = self._unread_stores.pop(bid, None)
+        if stores:
+            ray.get(stores)
+
     def free(self, bid):
+        _read_quietly(self._unread_stores.pop(bid, None))  # before the executor removes their ring
         self._size.pop(bid, None)
         self._gpu.pop(bid, None)
         self.ex.free.remote(bid)
@@ -272,6 +284,19 @@ class ActorBackend:
     def stats(self) -> dict:
         ex, at = ray.get([self.ex.stats.remote(), self.at.stats.remote()])
         return ex | at
+
+
+def _read_quietly(refs: list | None, timeout: float = 30):
+    """Read calls whose errors are not the one to report (a failed prefill's stores, those of
+    a batch being freed), waiting at most `timeout` s, so that Ray logs none as unhandled."""
+    if not refs:
+        return
+    ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for r in refs:
+        try:
+            ray.get(r, timeout=0)
+        except Exception:  # noqa: BLE001 - not the error to report
+            pass
 
 
 def _first_error(err: BaseException, calls: list) -> BaseException:

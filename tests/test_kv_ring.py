@@ -137,3 +137,67 @@ def test_cuda_round_trip():
     wk.close()
     assert os.listdir(tmp) == []
     os.rmdir(tmp)
+
+
+def _late_stores():
+    """For `__ray_call__` (pickled by value): the CPU worker's K/V stores start late, as they
+    do when it is still attending for the pass before while the executor prefills ahead;
+    fail: the first store of batch 1 (the first rows to join) raises instead."""
+
+    def _late(self, seconds: float, fail: bool = False):
+        import time
+
+        recv, left = self.ring.recv, [fail]
+
+        def late(handle):
+            time.sleep(seconds)
+            if left[0] and "kv_b1_" in handle[1]:
+                left[0] = False
+                raise RuntimeError("injected store failure")
+            return recv(handle)
+
+        self.ring.recv = late
+
+    return _late
+
+
+@pytest.mark.parametrize("prefill", ["own", "pass"])
+def test_joining_rows_merge_after_the_worker_stored_their_kv(ray_session, tiny_dir, prefill):
+    """The executor's prefill of joining rows does not wait for the worker (its ring has more
+    slots than the tiny model has layers), so their first tokens, and the merge, can come
+    before the worker has read a slot. Merging must not remove the ring under the worker: a
+    store that found no file left those rows without a layer's K/V (wrong tokens; the CI
+    failure of session 24, where all rows had finished and the join ran a prefill of its own)."""
+    import ray
+    from specoffload.actors.supervisor import actors
+    from test_refill import REQS, _want
+
+    d = tiny_dir("llama")
+    with LLM(str(d), draft="self:1", batch_size=3, k=3, progress=False, refill=True, refill_prefill=prefill,
+             plan=Plan(device="cpu", shm_prefill=True)) as llm:
+        ray.get(actors(llm.run_id)["cpu_attention"].__ray_call__.remote(_late_stores(), 0.2), timeout=60)
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in REQS],
+                            [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS])
+        stats = llm.last_stats
+    assert stats["joins"] > 0 and stats["prefill_ring_stores"] > 0
+    assert [o.outputs[0].token_ids for o in outs] == _want(d)
+
+
+def test_a_store_that_fails_fails_the_run_instead_of_its_rows(ray_session, tiny_dir):
+    """A K/V store the worker could not do is the run's error (not rows attending without that
+    layer's K/V), and the same LLM then generates exactly."""
+    import ray
+    from specoffload.actors.supervisor import actors
+    from specoffload.errors import SpecOffloadError
+    from test_refill import REQS, _want
+
+    d = tiny_dir("llama")
+    prompts = [{"prompt_token_ids": p} for p, _ in REQS]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS]
+    with LLM(str(d), draft="self:1", batch_size=3, k=3, progress=False, refill=True, refill_prefill="own",
+             plan=Plan(device="cpu", shm_prefill=True)) as llm:
+        ray.get(actors(llm.run_id)["cpu_attention"].__ray_call__.remote(_late_stores(), 0.05, True), timeout=60)
+        with pytest.raises(SpecOffloadError, match="injected store failure"):
+            llm.generate(prompts, params)
+        outs = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == _want(d)
