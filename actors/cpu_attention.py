@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..errors import CapacityError, SpecOffloadError
 from ..models import attention
 from ..models.attention import KVCache
 from ..models.host_io import host_tensor
@@ -38,6 +39,7 @@ class CPUAttention:
         self.ragged_keys = ragged_keys  # plan.ragged_attention: rows attend in ranges of similar lengths
         self.query_rows = query_rows  # plan.cpu_query_rows, handed to each batch's cache
         self.caches: dict[int, KVCache] = {}
+        self._failed: dict[int, Exception] = {}  # batch -> why its start failed (its calls raise it)
         self.prompt_lens: dict[int, torch.Tensor] = {}
         self.gpu_rows: dict[int, int] = {}  # batch -> its rows [0, g) held on the GPU instead
         self.parts: dict[tuple, KVCache] = {}  # (batch, first sequence) -> micro-batch view
@@ -54,10 +56,20 @@ class CPUAttention:
         return torch.get_num_threads()
 
     def start(self, bid, prompt_lens, capacity: int, prefill_batch: int, gpu_rows: int = 0):
-        s = self.spec
-        self.caches[bid] = KVCache(s.num_layers, len(prompt_lens) - gpu_rows, s.num_kv_heads, s.head_dim, capacity,
-                                   self.kv_dtype, "cpu", s.sliding_windows, ragged=self.ragged_keys is not None,
-                                   call_keys=self.ragged_keys, max_rows=self.query_rows)
+        s, rows = self.spec, len(prompt_lens) - gpu_rows
+        self.free(bid)  # whatever an earlier run left under this id
+        try:
+            self.caches[bid] = KVCache(s.num_layers, rows, s.num_kv_heads, s.head_dim, capacity,
+                                       self.kv_dtype, "cpu", s.sliding_windows, ragged=self.ragged_keys is not None,
+                                       call_keys=self.ragged_keys, max_rows=self.query_rows)
+        except (RuntimeError, MemoryError) as e:
+            # The backend queues this batch's stores and attention without waiting for start:
+            # each of them raises this cause, not a missing batch (`_cache`).
+            gib = 2 * s.num_layers * rows * s.num_kv_heads * s.head_dim * capacity * self.kv_dtype.itemsize / 2**30
+            self._failed[bid] = CapacityError(
+                f"the host KV cache of {rows} sequences x {capacity} tokens ({gib:.1f} GiB) could not be allocated: "
+                f"lower batch_size or max_tokens, or free host memory ({str(e).splitlines()[0][:100]})")
+            raise self._failed[bid] from None
         self.prompt_lens[bid] = host_tensor(prompt_lens[gpu_rows:], torch.long)
         self.gpu_rows[bid] = gpu_rows
         self.prefill_batch = prefill_batch
@@ -69,7 +81,7 @@ class CPUAttention:
         None: the batch's prefill failed on the executor (its head raises why)."""
         if kv is None:
             return
-        cache = self.caches[bid]
+        cache = self._cache(bid)
         P, g = self.prefill_batch, self.gpu_rows[bid]
         if is_handle(kv):
             k, v = self.ring.recv(kv)
@@ -111,7 +123,7 @@ class CPUAttention:
         if hi == lo:  # every row of the batch attends on the GPU now: nothing to do here
             return self.mail.send_out(payload, q.new_empty(0, q.shape[1] * q.shape[2]))
         if j == 0:
-            part = self.parts[(bid, lo)] = self.caches[bid].part(lo, hi)
+            part = self.parts[(bid, lo)] = self._cache(bid).part(lo, hi)
             part.begin_pass(host_tensor(q_lens))
         part = self.parts[(bid, lo)]
         with self.timer.span("cpu_attention", f"b{bid} L{j} [{lo}:{hi})"):
@@ -130,20 +142,29 @@ class CPUAttention:
     def rollback(self, bid, k: int, result):
         """After a pass over k+1 new tokens, keep only the `counts` the target accepted."""
         counts = result[1][self.gpu_rows[bid]:]  # (tokens, counts[, logprobs]); this worker's rows
-        cache = self.caches[bid]
+        cache = self._cache(bid)
         cache.truncate(cache.lens - (k + 1) + host_tensor(counts))
 
     def keep(self, bid, idx):
         _, rows, self.gpu_rows[bid] = split_keep(idx, self.gpu_rows[bid])
-        self.caches[bid].select(host_tensor(rows, torch.long))
+        self._cache(bid).select(host_tensor(rows, torch.long))
 
     def merge(self, bid, new):
         """Batch `new`'s sequences (their prefill stored) take the rows after bid's live ones."""
-        self.caches[bid].append(self.caches.pop(new))
+        self._cache(bid).append(self._cache(new))
         self.free(new)
+
+    def _cache(self, bid) -> KVCache:
+        if bid in self.caches:
+            return self.caches[bid]
+        err = self._failed.get(bid)
+        if isinstance(err, SpecOffloadError):  # the user's problem: the same one line each time
+            raise err.with_traceback(None)
+        raise RuntimeError(f"no batch {bid} on the CPU worker")
 
     def free(self, bid):
         self.caches.pop(bid, None)
+        self._failed.pop(bid, None)
         self.parts = {key: p for key, p in self.parts.items() if key[0] != bid}
         self.bell_parts = {key: m for key, m in self.bell_parts.items() if key[0] != bid}
         self.prompt_lens.pop(bid, None)

@@ -382,3 +382,45 @@ def test_a_stored_error_raised_again_keeps_a_short_traceback():
             GPUExecutor._batch(fake, 0)
         depths.append(len(traceback.extract_tb(e.value.__traceback__)))
     assert depths == [depths[0]] * 4
+
+
+def test_a_host_kv_cache_that_cannot_be_allocated_is_the_runs_error(ray_session, tiny_dir):
+    """The CPU worker's start fails (its host KV cache refused by the allocator): the run's error
+    says so in one line, not the KeyError its first store or attention call met on a batch it
+    never made; the failed batch is freed and the same LLM then generates exactly."""
+    import ray
+    from hf_reference import PROMPTS, hf_greedy
+    from specoffload.actors.supervisor import actors
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.llm import LLM
+
+    def refuse_once(self):
+        """In the worker's process: the next KV cache it makes fails as torch's CPU allocator does."""
+        from specoffload.actors import cpu_attention
+
+        make, left = cpu_attention.KVCache, [1]
+
+        def failing(*a, **kw):
+            if left:
+                left.pop()
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                   "68719476736 bytes. Error code 12 (Cannot allocate memory)")
+            return make(*a, **kw)
+
+        cpu_attention.KVCache = failing
+
+    def held(self):
+        return sorted(self.caches), sorted(self._failed)
+
+    d = tiny_dir("llama")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    with _deadline(240), LLM(str(d), device="cpu", batch_size=4, progress=False) as llm:
+        at = actors(llm.run_id)["cpu_attention"]
+        ray.get(at.__ray_call__.remote(refuse_once), timeout=60)
+        with pytest.raises(CapacityError, match=r"the host KV cache of \d+ sequences x \d+ tokens .* could not be "
+                                                r"allocated: lower batch_size .*can't allocate memory"):
+            llm.generate(prompts, params)
+        assert ray.get(at.__ray_call__.remote(held), timeout=60) == ([], [])
+        outs = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(d, PROMPTS, 8)
