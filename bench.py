@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--baseline-resident", help="Also run `none` on actors of its own that keep N target "
                                                 "layers on the GPU (the memory no draft uses; 'auto': as many "
                                                 "as the planner places), and print ratios against it too.")
+    ap.add_argument("--accelerate", metavar="N[:T[:RESERVE]]", type=_accelerate_arg,
+                    help="After the modes, time what users run instead: transformers + accelerate offload "
+                         "(device_map=auto under --gpu-memory, RESERVE of it left for activations, default "
+                         "6GiB) of the same target shape on the first N of the requests the modes ran, T new "
+                         "tokens each (default 3), in a process of its own once the actors' memory is free, "
+                         "and print every mode's ratio to it (Mixtral-shaped workloads; needs accelerate).")
     ap.add_argument("--trace-dir", help="Write a Chrome-trace JSON timeline per mode into this folder.")
     ap.add_argument("--json", help="Write the results here as JSON.")
     ap.add_argument("--ray-address", help="The Ray cluster to join, or 'local' (default: as `specoffload "
@@ -216,6 +222,15 @@ def _baseline_resident(a, tspec, cuda: bool) -> int:
     if not 1 <= n < tspec.num_layers:
         raise ValueError(f"the planner keeps {n} layers resident on this machine: give a count")
     return n
+
+
+def _accelerate_arg(text: str):
+    from specoffload import bench_accelerate
+
+    try:
+        return bench_accelerate.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _batch_arg(text: str):
@@ -382,6 +397,7 @@ class Bench:
         self.coord = None
         self.many_micro = False
         self.results: list[dict] = []
+        self.prompts: list[list[int]] = []  # the first timed mode's (--accelerate runs them)
         self.gen = torch.Generator().manual_seed(0)
         self.layer_bytes = tspec.layer_bytes()
         shape = job_shape(a)
@@ -454,6 +470,7 @@ class Bench:
         bs = max(n // 2, 1) if mode == "dual" else n
         n = len(self.job) if self.job else a.requests or n
         work = self.job or self.payload(self.gen, n, a.gen)
+        self.prompts = self.prompts or [r["prompt_ids"] for r in work]
         # Refill unless --no-refill, unlike LLM: --requests beyond a batch measures a stream
         # that keeps the batch full.
         self.configure(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive,
@@ -633,6 +650,8 @@ def _main(argv):
     from specoffload.sources.constructed import constructed_pair
 
     a = _options(argv)
+    if a.accelerate and a.workload.startswith(("w3", "w4")):
+        raise BenchError(f"--accelerate builds W1's Mixtral-shaped target, not {a.workload}'s")
     tspec, dspec = workload_shapes(a.workload, a.target_layers, a.draft_layers)
     tsrc, dsrc = constructed_pair(tspec, dspec, a.agreement)
     if a.target_fp8 or a.workload.startswith("w4"):  # W4 is fp8: 141 GB of bf16 fits no host here
@@ -692,13 +711,26 @@ def _main(argv):
         except Exception:  # noqa: BLE001 - already shut down, or the actor is gone
             pass
         raise
+    ray.shutdown()  # its object store too: accelerate builds the whole target in host memory
+    accel, accel_error = None, None
+    if a.accelerate:
+        from specoffload import bench_accelerate
+
+        try:
+            accel = bench_accelerate.run(a.accelerate, bench.prompts, a.target_layers, a.gpu_memory)
+        except RuntimeError as e:
+            accel_error = f"transformers + accelerate did not run: {e}"
     print_table(a, tspec, bench.results, bench.layer_bytes, resident)
+    if accel:
+        from specoffload import bench_accelerate
+
+        print(bench_accelerate.against(accel, bench.results))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "results": bench.results}, f, indent=1)
-    ray.shutdown()
-    if baseline_error:
-        raise BenchError(baseline_error)
+            json.dump({"args": vars(a) | {"accelerate": vars(a.accelerate) if a.accelerate else None},
+                       "results": bench.results, "accelerate": accel}, f, indent=1)
+    if baseline_error or accel_error:
+        raise BenchError("; ".join(e for e in (baseline_error, accel_error) if e))
     return 0
 
 

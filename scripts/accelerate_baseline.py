@@ -2,6 +2,7 @@
 
     python scripts/accelerate_baseline.py --layers 32 --requests 32 --tokens 3 --gpu-memory 24GiB
     python scripts/accelerate_baseline.py --model /path/to/hf_folder --requests 4 --tokens 2
+    python scripts/accelerate_baseline.py --layers 32 --prompts prompts.json --requests 8 --tokens 3
 
 Without --model it builds a Mixtral-8x7B-shaped model (W1's target, all 32 layers by default)
 in host memory with random weights and places it exactly as `from_pretrained(device_map="auto",
@@ -9,7 +10,8 @@ max_memory=...)` does (accelerate's infer_auto_device_map, then dispatch_model):
 not fit the GPU cap stay in host memory and are copied in for each forward. The full model is
 93 GB, more than the GPU machine's disk holds as a checkpoint beside its RAM copy, hence in
 memory. With --model it calls from_pretrained on that folder. Prompts are the first
---requests of `bench --workload w1-long` (the same seeded job), left-padded into one batch;
+--requests of `bench --workload w1-long` (the same seeded job), or of --prompts (a JSON list of
+token-id lists: `bench --accelerate` passes the requests its modes ran), left-padded into one batch;
 greedy generation of --tokens tokens is timed per step, so a slow run still says what a token
 step costs. Where the batch runs out of GPU memory it is halved and run again (accelerate
 plans no batch; the JSON gives the batch asked for and the one that ran). Prints one JSON
@@ -58,6 +60,19 @@ def job_prompts(requests: int, prompt_hi: int, vocab: int) -> list[list[int]]:
     return [[t % vocab for t in r["prompt_ids"]] for r in job[:requests]]  # a smaller vocabulary: folded in
 
 
+def read_prompts(path: str) -> list[list[int]]:
+    """--prompts: a non-empty JSON list of non-empty token-id lists (one line and exit 2 otherwise)."""
+    try:
+        with open(path) as f:
+            prompts = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"--prompts {path}: {e}")
+    if not (isinstance(prompts, list) and prompts and all(
+            isinstance(p, list) and p and all(isinstance(t, int) and t >= 0 for t in p) for p in prompts)):
+        fail(f"--prompts {path}: not a non-empty JSON list of token-id lists")
+    return prompts
+
+
 def build_in_memory(acc, layers: int, max_memory: dict, std: float = 0.02):
     """W1's target shape, random bf16 weights, dispatched as device_map="auto" would."""
     import torch
@@ -100,6 +115,8 @@ def main(argv=None) -> int:
                                                              "longest, ~32k tokens, as many as the 64 x 512 that "
                                                              "ran in 22 GiB, DESIGN.md).")
     ap.add_argument("--prompt-hi", type=int, default=1024, help="The job's longest prompt (default 1024).")
+    ap.add_argument("--prompts", help="A JSON file: a list of prompts as token-id lists, the first --requests of "
+                                      "which run instead of the job's.")
     ap.add_argument("--tokens", type=int, default=3, help="New tokens generated per prompt (default 3).")
     ap.add_argument("--gpu-memory", default="24GiB", help="The GPU memory cap (default 24GiB), enforced.")
     ap.add_argument("--reserve", default="2GiB", help="Of the cap, what accelerate leaves for activations "
@@ -112,6 +129,7 @@ def main(argv=None) -> int:
 
     if min(a.requests, a.tokens, a.layers) < 1:
         fail("--requests, --tokens and --layers must be >= 1")
+    given = read_prompts(a.prompts) if a.prompts else None
     try:
         cap, reserve, host = _bytes(a.gpu_memory), _bytes(a.reserve), _bytes(a.host_memory)
     except Exception as e:  # noqa: BLE001 - a bad size is one line
@@ -137,7 +155,7 @@ def main(argv=None) -> int:
     first = "cuda:0" if cuda else "cpu"
     n = a.requests
     while True:  # accelerate offers no batch planner: halve the batch until generate fits the cap
-        prompts = job_prompts(n, a.prompt_hi, vocab)
+        prompts = [[t % vocab for t in p] for p in given[:n]] if given else job_prompts(n, a.prompt_hi, vocab)
         longest = max(map(len, prompts))
         ids = torch.zeros(len(prompts), longest, dtype=torch.long)
         mask = torch.zeros_like(ids)

@@ -37,6 +37,24 @@ def test_times_a_tiny_checkpoint(tiny_dir):
     assert row["requests"] == 3 and row["tokens"] == 3 and row["tokens_per_s"] > 0 and row["longest_prompt"] <= 40
 
 
+def test_given_prompts_run_instead_of_the_jobs(tiny_dir, tmp_path):
+    """--prompts: what `bench --accelerate` passes (the requests its modes ran); the first
+    --requests of them run, and a file that is not a list of token-id lists is one line."""
+    pytest.importorskip("accelerate")
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps([[5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9, 10, 11], [4] * 30]))
+    r = subprocess.run([sys.executable, SCRIPT, "--model", str(tiny_dir("mixtral")), "--prompts", str(f),
+                        "--requests", "2", "--tokens", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.splitlines()[0])
+    assert row["requests"] == 2 and row["longest_prompt"] == 9
+    f.write_text(json.dumps([[1, 2], []]))
+    r = subprocess.run([sys.executable, SCRIPT, "--prompts", str(f)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"accelerate_baseline: error: --prompts {f}: not a non-empty JSON "
+                                                 "list of token-id lists")
+
+
 def test_a_batch_out_of_gpu_memory_is_halved_until_it_runs(tiny_dir, monkeypatch, capsys):
     """accelerate plans no batch: the script halves it on an out-of-memory error and reports
     the batch that ran beside the one asked for."""

@@ -106,6 +106,9 @@ def test_bench_resident_auto_fills_what_the_gpu_account_leaves(workload, flags):
     ("--doorbell", "1,2", "--doorbell needs a comma list of 0 and 1, got '1,2'"),
     ("--batch", "0", "argument --batch: needs a count >= 1 or 'max', got '0'"),
     ("--batch", "most", "argument --batch: needs a count >= 1 or 'max', got 'most'"),
+    ("--accelerate", "0:3", "argument --accelerate: needs N >= 1 requests and T >= 1 tokens, got 0:3"),
+    ("--accelerate", "8:x", "argument --accelerate: needs N[:T[:RESERVE]] with whole numbers N and T, got '8:x'"),
+    ("--accelerate", "8:3:lots", "argument --accelerate: cannot read a size from 'lots'"),
 ])
 def test_bench_bad_lists_exit_2_before_the_actors_start(flag, value, msg):
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny", flag, value],
@@ -127,6 +130,13 @@ def test_bench_bad_mode_exits_2(modes, msg):
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny", "--modes",
                         modes], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and msg in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bench_accelerate_is_for_w1_shapes_only():
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "w4", "--accelerate", "8"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--accelerate builds W1's Mixtral-shaped target, not w4's" in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -165,16 +175,19 @@ def test_plan_w3_shapes(tmp_path):
 
 def test_bench_w1_long_tiny_job(tmp_path):
     """w1-long's short form: a job of mixed prompt lengths whose outputs end by EOS at drawn
-    lengths, the same requests for every mode, rows refilled in place, rows busy reported."""
+    lengths, the same requests for every mode, rows refilled in place, rows busy reported; then
+    transformers + accelerate on the first 2 of those requests in the same call, and each
+    mode's ratio to it (issue 20: what users run instead, from one run)."""
     import json
 
     import numpy as np
 
     from specoffload.bench_job import JobShape
 
+    pytest.importorskip("accelerate")  # a test extra: CI has it
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "w1-long-tiny", "--modes",
-                        "none,single@2", "--no-warmup", "--json", str(tmp_path / "b.json")],
+                        "none,single@2", "--no-warmup", "--accelerate", "2:2", "--json", str(tmp_path / "b.json")],
                        capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rows busy" in r.stdout
@@ -188,6 +201,13 @@ def test_bench_w1_long_tiny_job(tmp_path):
     # each verification's busy rows are logged: the job drains to a row or two at its end
     spec = res[1]["pass_log"]
     assert spec[0][3] == 4 and min(p[3] for p in spec) < 2 and "(a full batch; draining below half)" in r.stdout
+    acc = json.loads((tmp_path / "b.json").read_text())["accelerate"]
+    lens = shape.prompt_lengths(np.random.default_rng(shape.seed))
+    assert acc["layers"] == 1 and acc["requests"] == 2 and acc["tokens"] == 2 and acc["tokens_per_s"] > 0
+    assert acc["longest_prompt"] == max(lens[:2])  # the job's own first two requests
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("transformers + accelerate (device_map=auto"))
+    for x in res:
+        assert f"{x['mode']} {x['tokens_per_s'] / acc['tokens_per_s']:.0f}x e2e" in line
 
 
 def test_drain_summary_splits_passes_by_busy_rows():
