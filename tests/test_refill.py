@@ -335,6 +335,10 @@ def test_gpu_kv_rows_through_actors(ray_session, tiny_dir, gpu_rows, draft, micr
     # every verified token attended on one side, once a layer; some on each
     assert stats["gpu_row_tokens"] > 0 and stats["cpu_row_tokens"] > 0
     assert (stats["gpu_row_tokens"] + stats["cpu_row_tokens"]) % 3 == 0  # the tiny llama's 3 layers
+    if draft:  # each verification's busy rows x (k+1) tokens, in the tiny llama's 3 layers, exactly
+        # (session 25: session 23's W4 worker reported two thirds of this, with equal tokens)
+        assert stats["gpu_row_tokens"] + stats["cpu_row_tokens"] == 3 * sum(r * (k + 1) for k, _, _, r in
+                                                                            stats["pass_log"])
 
 
 @gpu.cuda_only("GPU rows' KV lives in GPU memory")
