@@ -286,17 +286,25 @@ class ActorBackend:
         return ex | at
 
 
-def _read_quietly(refs: list | None, timeout: float = 30):
-    """Read calls whose errors are not the one to report (a failed prefill's stores, those of
-    a batch being freed), waiting at most `timeout` s, so that Ray logs none as unhandled."""
+def _read_all(refs: list | None, timeout: float) -> list[BaseException]:
+    """Read every call, waiting at most `timeout` s for them, so that Ray logs none as
+    unhandled: their errors, in call order."""
     if not refs:
-        return
+        return []
     ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    errors = []
     for r in refs:
         try:
             ray.get(r, timeout=0)
-        except Exception:  # noqa: BLE001 - not the error to report
-            pass
+        except Exception as e:  # noqa: BLE001 - the caller decides which, if any, to report
+            errors.append(e)
+    return errors
+
+
+def _read_quietly(refs: list | None, timeout: float = 30):
+    """Read calls whose errors are not the one to report (a failed prefill's stores, those of
+    a batch being freed)."""
+    _read_all(refs, timeout)
 
 
 def _first_error(err: BaseException, calls: list) -> BaseException:
@@ -304,12 +312,4 @@ def _first_error(err: BaseException, calls: list) -> BaseException:
     consequence of another's (PeerFailed). Every call is read, so Ray logs none as unhandled."""
     if not is_peer_failed(err):
         return err
-    ray.wait(calls, num_returns=len(calls), timeout=60)
-    first = None
-    for r in calls:
-        try:
-            ray.get(r, timeout=0)
-        except Exception as e:  # noqa: BLE001 - read to find the real one
-            if first is None and not is_peer_failed(e):
-                first = e
-    return first if first is not None else err
+    return next((e for e in _read_all(calls, 60) if not is_peer_failed(e)), err)

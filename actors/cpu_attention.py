@@ -65,7 +65,7 @@ class CPUAttention:
         except (RuntimeError, MemoryError) as e:
             # The backend queues this batch's stores and attention without waiting for start:
             # each of them raises this cause, not a missing batch (`_cache`).
-            gib = 2 * s.num_layers * rows * s.num_kv_heads * s.head_dim * capacity * self.kv_dtype.itemsize / 2**30
+            gib = rows * capacity * s.kv_bytes_per_token // s.torch_dtype.itemsize * self.kv_dtype.itemsize / 2**30
             self._failed[bid] = CapacityError(
                 f"the host KV cache of {rows} sequences x {capacity} tokens ({gib:.1f} GiB) could not be allocated: "
                 f"lower batch_size or max_tokens, or free host memory ({str(e).splitlines()[0][:100]})")
