@@ -90,6 +90,21 @@ def _best(f, repeats: int) -> float:
     return best
 
 
+def attention_rates(queries: list[int], seconds: list[float], kv_bytes: float, flops_per_query: float,
+                    matmul_gflops: float) -> tuple[float, float]:
+    """(KV read GB/s, arithmetic GFLOP/s) of CPU attention from its time at several query counts
+    over the same keys: the least-squares line's intercept is the read, its slope one query's
+    arithmetic. The arithmetic is never counted faster than the CPU's matmul rate (a flat or
+    falling line is noise, not free arithmetic), nor the read shorter than a tenth of one query's
+    whole time."""
+    n = len(queries)
+    mq, mt = sum(queries) / n, sum(seconds) / n
+    slope = sum((q - mq) * (t - mt) for q, t in zip(queries, seconds)) / sum((q - mq) ** 2 for q in queries)
+    read = mt - slope * mq
+    gflops = min(flops_per_query / slope / 1e9, matmul_gflops) if slope > 0 else matmul_gflops
+    return kv_bytes / max(read, seconds[0] * 0.1) / GB, gflops
+
+
 def measure(device: str = "auto", gpu_memory=None, threads: int | None = None, quick: bool = False) -> Hardware:
     """Time this machine's figures (a few seconds; `quick`: smaller sizes, for tests).
 
@@ -133,17 +148,20 @@ def _measure(device: str, gpu_memory, threads: int | None, quick: bool) -> Hardw
     x, w = torch.randn(m, kk, dtype=dt, device=dev), torch.randn(kk, n, dtype=dt, device=dev)
     tflops = 2 * m * kk * n / _best(lambda: (x @ w, sync()), reps) / 1e12
 
-    # The engine's CPU attention, Mixtral-like heads (32 query, 8 KV, d 128), bf16 cache:
-    # one query per sequence, then 8, over the same keys. Read time + arithmetic time. At the
-    # batches the engine runs (128-192): at 32 sequences the H200 host measured 677 GFLOP/s
-    # per query, a third of what W1's fp8 pass traced at 192 (docs/benchmarks.md).
+    # The engine's CPU attention, Mixtral-like heads (32 query, 8 KV, d 128), bf16 cache: 1 to 16
+    # queries per sequence over the same keys (k reaches 15), read + arithmetic fitted through
+    # all four. 16 queries split a head's 64 rows into two SDPA calls (CPU_QUERY_ROWS), a cost
+    # the engine pays. Two points (1 and 8) were too few: in session 26's GPU check the plan ran
+    # beside four engine runs, 8 queries timed no slower than 1, the arithmetic came out free
+    # (1.08e9 GFLOP/s) and the planner chose k 15. At 32 sequences the H200 host measured 677
+    # GFLOP/s per query, a third of what W1's fp8 pass traced at 192 (docs/benchmarks.md).
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         B, keys = (4, 64) if quick else (128, 512)
         Hq, Hkv, d = 32, 8, 128
-        cache = KVCache(1, B, Hkv, d, keys + 8, torch.bfloat16)
+        cache = KVCache(1, B, Hkv, d, keys + 17, torch.bfloat16)
         for t in cache.k + cache.v:
             t.normal_()
 
@@ -157,12 +175,19 @@ def _measure(device: str, gpu_memory, threads: int | None, quick: bool) -> Hardw
                 cache.attend_layer(0, q, k, v)
             return _best(once, reps)
 
-        t1, t8 = attn(1), attn(8)
-        kv_bytes = 2 * B * (keys + 1) * Hkv * d * 2
-        flops_per_query = 4 * B * (keys + 4) * Hq * d  # q.k and p.v
-        per_query = max((t8 - t1) / 7, 1e-9)
-        cpu_gflops = flops_per_query / per_query / 1e9
-        cpu_kv = kv_bytes / max(t1 - per_query, t1 * 0.1) / GB
+        queries = (1, 4, 8, 16)
+        times = [attn(n) for n in queries]
+        # The ceiling on the arithmetic: the faster of a float32 and a bf16 matmul. bf16 is the
+        # faster on CPUs with AMX and hundreds of times slower without it (0.3 GFLOP/s against
+        # float32's 160 on this repository's 2-core CI machine), hence its small size.
+        matmul_gflops = 0.0
+        for dt, mm in ((torch.float32, (64, 256, 512) if quick else (256, 1024, 1024)),
+                       (torch.bfloat16, (64, 256, 512) if quick else (128, 512, 512))):
+            xc, wc = torch.randn(mm[:2], dtype=dt), torch.randn(mm[1:], dtype=dt)
+            matmul_gflops = max(matmul_gflops, 2 * mm[0] * mm[1] * mm[2] / _best(lambda: xc @ wc, reps) / 1e9)
+        cpu_kv, cpu_gflops = attention_rates(list(queries), times, kv_bytes=2 * B * (keys + 1) * Hkv * d * 2,
+                                             flops_per_query=4 * B * (keys + 4) * Hq * d,  # q.k and p.v
+                                             matmul_gflops=matmul_gflops)
     finally:
         torch.set_num_threads(old_threads)
 

@@ -12,7 +12,7 @@ import pytest
 from specoffload.cli import main as cli_main
 from specoffload.errors import CapacityError, ConfigError
 from specoffload.placement import cost_model as cm
-from specoffload.placement.hardware import Hardware, measure
+from specoffload.placement.hardware import Hardware, attention_rates, measure
 from specoffload.placement.plan import Plan
 from specoffload.placement.planner import Workload, plan
 from specoffload.scheduler.schedule import expected_tokens
@@ -365,3 +365,18 @@ def test_largest_batch_is_what_host_memory_holds_beside_every_layer(h200):
     assert b_ring < got["fp8"] and "GPU" in why
     with pytest.raises(CapacityError, match="not even one sequence"):
         largest_batch(bf16, None, Candidate("none", 1), wl, replace(h200, host_memory="20GB"))
+
+
+def test_attention_rates_fit_the_read_and_the_arithmetic():
+    # 2 ms of reading + 0.5 ms per query: the line gives back both rates
+    queries = [1, 4, 8, 16]
+    kv, gflops = attention_rates(queries, [0.002 + 0.0005 * q for q in queries], kv_bytes=4e9 * 0.002,
+                                 flops_per_query=300e9 * 0.0005, matmul_gflops=5000)
+    assert kv == pytest.approx(4.0) and gflops == pytest.approx(300.0)
+    # Noise that makes more queries time faster is not free arithmetic: the CPU's matmul rate
+    # bounds it (the two-point fit this replaced gave 1.08e9 GFLOP/s on a busy GPU machine).
+    times = [0.0030, 0.0031, 0.0029, 0.0028]
+    kv, gflops = attention_rates(queries, times, kv_bytes=4e9 * 0.003, flops_per_query=300e9 * 0.0005,
+                                 matmul_gflops=5000)
+    slope, read = np.polyfit(queries, times, 1)
+    assert slope < 0 and gflops == 5000 and kv == pytest.approx(4e9 * 0.003 / read / 1e9)
