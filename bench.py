@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--slots", type=int, default=2,
                     help="The number of device buffers the streamed target layers rotate through (default 2).")
     ap.add_argument("--attention-threads", type=int, default=max((os.cpu_count() or 2) - 2, 1),
-                    help="Threads of the CPU attention worker (default: this machine's cores less two).")
+                    help="Threads of the CPU attention worker (default: this machine's cores less two; every "
+                         "core made W4's passes 1.8x slower on the H200 host, the executor starved: "
+                         "docs/benchmarks.md, session 27).")
     ap.add_argument("--no-draft", action="store_true", help="Start the actors without a draft (mode none only).")
     ap.add_argument("--draft-window", type=int, help="Make the draft attend over only the last W tokens (a KV "
                                                      "ring).")
