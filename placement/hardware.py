@@ -97,12 +97,20 @@ def attention_rates(queries: list[int], seconds: list[float], kv_bytes: float, f
     arithmetic. The arithmetic is never counted faster than the CPU's matmul rate (a flat or
     falling line is noise, not free arithmetic), nor the read shorter than a tenth of one query's
     whole time."""
-    n = len(queries)
-    mq, mt = sum(queries) / n, sum(seconds) / n
-    slope = sum((q - mq) * (t - mt) for q, t in zip(queries, seconds)) / sum((q - mq) ** 2 for q in queries)
-    read = mt - slope * mq
+    import numpy as np
+
+    slope, read = (float(x) for x in np.polyfit(queries, seconds, 1))
     gflops = min(flops_per_query / slope / 1e9, matmul_gflops) if slope > 0 else matmul_gflops
     return kv_bytes / max(read, seconds[0] * 0.1) / GB, gflops
+
+
+def _matmul_flops(shape: tuple[int, int, int], dtype, device, reps: int, sync=lambda: None) -> float:
+    """FLOP/s of the best of `reps` (m, k) @ (k, n) products."""
+    import torch
+
+    m, k, n = shape
+    x, w = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    return 2 * m * k * n / _best(lambda: (x @ w, sync()), reps)
 
 
 def measure(device: str = "auto", gpu_memory=None, threads: int | None = None, quick: bool = False) -> Hardware:
@@ -144,9 +152,8 @@ def _measure(device: str, gpu_memory, threads: int | None, quick: bool) -> Hardw
     dev_bw = 2 * (mib << 20) / _best(lambda: (a.copy_(dst), sync()), reps) / GB
     # matmul at a batch-sized M, in the dtype the models run in
     dt = torch.bfloat16 if device == "cuda" else torch.float32
-    m, kk, n = (64, 256, 512) if quick else ((1024, 4096, 14336) if device == "cuda" else (256, 1024, 2048))
-    x, w = torch.randn(m, kk, dtype=dt, device=dev), torch.randn(kk, n, dtype=dt, device=dev)
-    tflops = 2 * m * kk * n / _best(lambda: (x @ w, sync()), reps) / 1e12
+    shape = (64, 256, 512) if quick else ((1024, 4096, 14336) if device == "cuda" else (256, 1024, 2048))
+    tflops = _matmul_flops(shape, dt, dev, reps, sync) / 1e12
 
     # The engine's CPU attention, Mixtral-like heads (32 query, 8 KV, d 128), bf16 cache: 1 to 16
     # queries per sequence over the same keys (k reaches 15), read + arithmetic fitted through
@@ -179,12 +186,9 @@ def _measure(device: str, gpu_memory, threads: int | None, quick: bool) -> Hardw
         times = [attn(n) for n in queries]
         # The ceiling on the arithmetic: the faster of a float32 and a bf16 matmul. bf16 is the
         # faster on CPUs with AMX and hundreds of times slower without it (0.3 GFLOP/s against
-        # float32's 160 on this repository's 2-core CI machine), hence its small size.
-        matmul_gflops = 0.0
-        for dt, mm in ((torch.float32, (64, 256, 512) if quick else (256, 1024, 1024)),
-                       (torch.bfloat16, (64, 256, 512) if quick else (128, 512, 512))):
-            xc, wc = torch.randn(mm[:2], dtype=dt), torch.randn(mm[1:], dtype=dt)
-            matmul_gflops = max(matmul_gflops, 2 * mm[0] * mm[1] * mm[2] / _best(lambda: xc @ wc, reps) / 1e9)
+        # float32's 160 on the 2-core development machine), hence its small size.
+        matmul_gflops = max(_matmul_flops((64, 256, 512) if quick else (256, 1024, 1024), torch.float32, "cpu", reps),
+                            _matmul_flops((64, 256, 512) if quick else (128, 512, 512), torch.bfloat16, "cpu", reps)) / 1e9
         cpu_kv, cpu_gflops = attention_rates(list(queries), times, kv_bytes=2 * B * (keys + 1) * Hkv * d * 2,
                                              flops_per_query=4 * B * (keys + 4) * Hq * d,  # q.k and p.v
                                              matmul_gflops=matmul_gflops)
