@@ -383,6 +383,12 @@ def _counts(text: str, flag: str, what: str) -> list[int]:
     return values
 
 
+def _gpu_joins(row: dict) -> str:
+    """' (N rows into GPU rows)' where joining rows took freed GPU rows (plan.gpu_kv_rows)."""
+    n = row.get("gpu_rows_joined") or 0
+    return f" ({n} rows into GPU rows)" if n else ""
+
+
 def _copy_chunks(a) -> list[int]:
     return _counts(a.copy_chunk_mib, "--copy-chunk-mib", "sizes")
 
@@ -547,6 +553,8 @@ class Bench:
             "draft_graph_steps": d.get("draft_graph_steps", 0),
             # (token, layer) pairs attended on the GPU (plan.gpu_kv_rows) and on the CPU worker
             "gpu_row_tokens": d.get("gpu_row_tokens", 0), "cpu_row_tokens": d.get("cpu_row_tokens", 0),
+            # rows that joined a running batch into GPU rows its finished sequences freed
+            "gpu_rows_joined": d.get("gpu_rows_joined", 0),
             # time the executor and the CPU worker waited on doorbells (plan.layer_doorbell)
             "executor_bell_wait_s": round(d.get("executor_bell_wait_s", 0), 2),
             "worker_bell_wait_s": round(d.get("worker_bell_wait_s", 0), 2),
@@ -599,7 +607,7 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
         print("rows busy (mean over passes; share of passes >= 90%; mean while requests waited), joins, time to "
               "the last request: " +
               ", ".join(f"{r['mode']} {r['rows_busy']} ({r['passes_rows_busy_90']}; {r['rows_busy_while_waiting']}), "
-                        f"{r['joins']} joins, {r['time_to_last_s']} s" for r in results))
+                        f"{r['joins']} joins{_gpu_joins(r)}, {r['time_to_last_s']} s" for r in results))
     per_layer = [r for r in results if r.get("passes")]
     if per_layer:
         # Which side bounds a layer: the worker's attention and what each side waited for the

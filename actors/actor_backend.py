@@ -31,6 +31,8 @@ class ActorBackend:
         self.ex, self.at = executor, attention
         self.G = gpu_kv_rows  # plan.gpu_kv_rows: a batch's first rows attend on the GPU
         self._gpu: dict[int, int] = {}  # batch -> its GPU rows now (placement/gpu_kv_rows.py)
+        self._gpu_cap: dict[int, int] = {}  # batch -> the GPU rows it started with (joins refill up to it)
+        self.gpu_rows_joined = 0  # waiting requests that took a running batch's freed GPU rows (cumulative)
         self.L, self.P, self.M = num_layers, prefill_batch, micro_batches
         # plan.layer_doorbell: inside a pass, layers hand over through the mailboxes' counters
         # (actors/doorbell.py), every call submitted at once with no Ray dependency between them
@@ -66,8 +68,7 @@ class ActorBackend:
         self.stopping = False
 
     def start(self, bid, prompts, samp, capacity, with_draft=False, joins=None):
-        # rows joining a running batch are appended after its CPU rows: none on the GPU
-        g = self._gpu[bid] = 0 if joins is not None else min(self.G, len(prompts))
+        g = self._gpu[bid] = self._gpu_cap[bid] = self._joining_gpu_rows(joins, len(prompts))
         self.ex.start.remote(bid, prompts, samp, capacity, with_draft, joins, g)
         self.at.start.remote(bid, [len(p) for p in prompts], capacity, self.P, g)
         self._size[bid] = len(prompts)
@@ -77,28 +78,44 @@ class ActorBackend:
         compaction by it: `gpu_kv_rows.keep_order`)."""
         return self._gpu.get(bid, 0)
 
+    def _joining_gpu_rows(self, joins, n: int) -> int:
+        """GPU rows for a batch of n: a new batch's first min(G, n); rows joining batch `joins`
+        take the GPU rows its finished sequences freed first (their attention is off the CPU's
+        chain), up to what it started with."""
+        if joins is None:
+            return min(self.G, n)
+        return max(0, min(self._gpu_cap.get(joins, 0) - self._gpu.get(joins, 0), n))
+
     def join(self, bid, new, prompts, samp, capacity, with_draft, u_sample, ride=False):
         """Waiting requests that will take rows of batch bid, started as batch `new`. ride:
         their prefill layers run in the next target pass, each layer's weights serving it too
         (no stream of its own); else in a prefill pass of their own, now (the plain path)."""
-        self._gpu[new] = 0  # joining rows are appended after the batch's CPU rows
-        self.ex.start.remote(new, prompts, samp, capacity, with_draft, bid)
-        # The worker's cache of the joining rows only holds their prompts until `merge` copies
-        # them into the batch's own rows: no larger than that.
-        self.at.start.remote(new, [len(p) for p in prompts], max(map(len, prompts)), self.P)
+        g = self._gpu[new] = self._joining_gpu_rows(bid, len(prompts))
+        self._gpu_cap[new] = 0
+        # Both caches of the joining rows only hold their prompts until `merge` copies them
+        # into the batch's own rows: no larger than that.
+        longest = max(map(len, prompts))
+        self.ex.start.remote(new, prompts, samp, capacity, with_draft, bid, g, longest)
+        self.at.start.remote(new, [len(p) for p in prompts], longest, self.P, g)
         self._size[new] = len(prompts)
         if not ride:
             return self.prefill(new, u_sample)
         self._joins.append((new, u_sample))
         return ("join", new)
 
-    def merge(self, bid, new):
-        """Batch `new` (its first tokens out) takes the rows after bid's live ones."""
+    def merge(self, bid, new) -> list[int] | None:
+        """Batch `new` (its first tokens out) takes rows of bid: its GPU rows after bid's GPU
+        rows, its CPU rows after bid's CPU rows. Returns the merged batch's rows as indices into
+        bid's live rows followed by new's (None: new's simply follow bid's)."""
         self._stored(new)  # the executor's merge removes new's ring: the worker must be done with it
+        order = gpu_kv_rows.merge_order(self._size[bid], self._gpu.get(bid, 0), self._size[new], self._gpu[new])
+        self.gpu_rows_joined += self._gpu[new]
         self._size[bid] += self._size.pop(new)
-        self._gpu.pop(new, None)
-        self.ex.merge.remote(bid, new)
+        self._gpu[bid] = self._gpu.get(bid, 0) + self._gpu.pop(new)
+        self._gpu_cap.pop(new, None)
+        self.ex.merge.remote(bid, new, order)
         self.at.merge.remote(bid, new)
+        return order
 
     def _prefill_calls(self, bid, j: int, in_pass: bool = False) -> list:
         """Layer j of batch bid's prefill, a sub-batch at a time; returns the K/V store refs."""
@@ -273,6 +290,7 @@ class ActorBackend:
         _read_quietly(self._unread_stores.pop(bid, None))  # before the executor removes their ring
         self._size.pop(bid, None)
         self._gpu.pop(bid, None)
+        self._gpu_cap.pop(bid, None)
         self.ex.free.remote(bid)
         self.at.free.remote(bid)
 
@@ -283,7 +301,7 @@ class ActorBackend:
 
     def stats(self) -> dict:
         ex, at = ray.get([self.ex.stats.remote(), self.at.stats.remote()])
-        return ex | at
+        return ex | at | {"gpu_rows_joined": self.gpu_rows_joined}
 
 
 def _read_all(refs: list | None, timeout: float) -> list[BaseException]:

@@ -150,8 +150,10 @@ class CPUAttention:
         self._cache(bid).select(host_tensor(rows, torch.long))
 
     def merge(self, bid, new):
-        """Batch `new`'s sequences (their prefill stored) take the rows after bid's live ones."""
+        """Batch `new`'s sequences (their prefill stored) take the rows after bid's live ones;
+        its GPU rows, if any, join bid's on the executor (placement/gpu_kv_rows.merge_order)."""
         self._cache(bid).append(self._cache(new))
+        self.gpu_rows[bid] += self.gpu_rows.get(new, 0)
         self.free(new)
 
     def _cache(self, bid) -> KVCache:

@@ -149,9 +149,12 @@ class GPUExecutor:
             self.streamer.release(j)
 
     # -- batches ---------------------------------------------------------------------------
-    def start(self, bid, prompts, samp, capacity, with_draft, joins=None, gpu_rows: int = 0):
+    def start(self, bid, prompts, samp, capacity, with_draft, joins=None, gpu_rows: int = 0,
+              gpu_capacity: int | None = None):
         """joins: the running batch these sequences will take rows of (`merge`). gpu_rows: its
-        first rows keep their target K/V here and attend here (actors/gpu_rows.py)."""
+        first rows keep their target K/V here and attend here (actors/gpu_rows.py), in a cache
+        of gpu_capacity tokens a row (None: capacity; joining rows only hold their prompts
+        until `merge` copies them into the running batch's GPU rows)."""
         # Whatever an earlier run left under this id goes first: a start that fails must be
         # the error its prefill calls report, not a stale batch they would run on, and a draft
         # cache left behind must not be held while the new one is allocated.
@@ -175,7 +178,8 @@ class GPUExecutor:
         if gpu_rows:
             try:
                 with self.budget.part("gpu_kv_rows"):
-                    self.tb[bid]["gpu"] = GpuRows(self.spec, gpu_rows, capacity, self.device, self.plan.kv_dtype)
+                    self.tb[bid]["gpu"] = GpuRows(self.spec, gpu_rows, gpu_capacity or capacity, self.device,
+                                                  self.plan.kv_dtype)
             except torch.OutOfMemoryError as e:
                 self.free(bid)
                 self._failed[bid] = CapacityError(
@@ -201,11 +205,20 @@ class GPUExecutor:
             rows, _, _ = split_keep(idx, st["gpu"].rows)
             st["gpu"].keep(rows)
 
-    def merge(self, bid, new):
-        """Batch `new`'s sequences (prefilled, first tokens out) take the rows after bid's."""
+    def merge(self, bid, new, order=None):
+        """Batch `new`'s sequences (prefilled, first tokens out) take rows of bid's: after its
+        rows, or, with GPU rows on both sides, in `order` (placement/gpu_kv_rows.merge_order:
+        indices into bid's rows followed by new's), new's GPU rows appended to bid's here."""
         st, nw = self._batch(bid), self.tb.pop(new)
         st["lens"] = torch.cat([st["lens"], nw["lens"]])
         self.runner.merge(bid, new)
+        if "gpu" in nw:
+            if "gpu" not in st:
+                raise RuntimeError(f"batch {new} brings GPU rows to batch {bid}, which has none")
+            st["gpu"].append(nw["gpu"])  # into the storage its finished rows left: no allocation
+        if order is not None:
+            st["lens"] = st["lens"][to_device(order, self.device, torch.long)]
+            self.runner.keep(bid, np.asarray(order))
         self.mail.free(new)
 
     def free(self, bid):
@@ -381,8 +394,7 @@ class GPUExecutor:
         ql = np.full(q_lens.shape[0], k + 1)  # what target_inputs feeds, known without a device read
         starts = [0, *ql.cumsum().tolist()]
         gpu = st.get("gpu")
-        if gpu is not None and gpu.rows == 0:  # its GPU rows all finished: free their memory
-            del st["gpu"]
+        if gpu is not None and gpu.rows == 0:  # its GPU rows all finished: kept for rows joining later
             gpu = None
         # GPU rows [0, g) attend here; the CPU worker is sent the rest's q/k/v with its own row
         # numbers (the batch's row g is its row 0). part_ranges: the CPU rows' micro-batches, the
@@ -482,7 +494,7 @@ class GPUExecutor:
             logits = Forward.logits_of([x["pass"] for x in parts])
         B = st["q_lens"].shape[0]
         res = self.runner.finish(bid, logits.view(B, k + 1, -1), k, u_accept, u_sample)  # (tokens, counts[, logprobs])
-        if "gpu" in st:
+        if "gpu" in st and st["gpu"].rows:  # (none: the pass left it out, verify_begin)
             st["gpu"].finish_pass(k + 1, res[1])
         st["lens"] = st["lens"] + to_device(res[1], self.device, torch.long)
         return res

@@ -53,6 +53,11 @@ class GpuRows:
         self.cache.advance()
         self.cache.truncate(self.cache.lens - n_q + c)
 
+    def append(self, other: "GpuRows"):
+        """Rows joining the batch (their prompts' K/V, stored by their own prefill) take the
+        storage finished rows left, after this side's survivors."""
+        self.cache.append(other.cache)
+
     def keep(self, idx):
         """The surviving GPU rows in `fill_holes` order: compacts in place."""
         self.cache.select(idx)

@@ -14,8 +14,10 @@ GPU rows, two CPU parts) it added ~5 ms of executor work a layer, whose hand-off
 one part at a time, while the worker waited 6 ms a layer for its q/k/v (docs/benchmarks.md,
 "Session 23").
 Rows never move between the two: when sequences finish, the survivors of each side compact
-within that side (`keep_order`), so g can only shrink; rows that join a running batch are
-appended after it and live on the CPU.
+within that side (`keep_order`). Waiting requests that join a running batch take the GPU rows
+its finished sequences freed first, up to the g it started with, and the CPU rows after that
+(`merge_order`): in a job of many requests the GPU keeps its share of the attention from the
+first pass to the last, not only for the first wave.
 """
 
 from __future__ import annotations
@@ -53,6 +55,16 @@ def keep_order(keep: list[int], g: int) -> list[int]:
     gpu = [i for i in keep if i < g]
     cpu = [i - g for i in keep if i >= g]
     return fill_holes(gpu) + [i + g for i in fill_holes(cpu)]
+
+
+def merge_order(n: int, g: int, m: int, g_new: int) -> list[int] | None:
+    """Rows joining a batch of n rows (the first g on the GPU): m rows whose first g_new are
+    on the GPU. Each cache appends on its own side, so the merged batch is bid's GPU rows, the
+    joining GPU rows, bid's CPU rows, the joining CPU rows; returned as indices into bid's rows
+    followed by the joining ones (None when that is the plain concatenation)."""
+    if g_new == 0 or g == n:
+        return None
+    return [*range(g), *range(n, n + g_new), *range(g, n), *range(n + g_new, n + m)]
 
 
 def split_keep(idx, g: int) -> tuple[np.ndarray, np.ndarray, int]:

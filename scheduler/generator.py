@@ -206,8 +206,11 @@ class Generator:
             self._retreat(nb, e)
             return
         if nb.reqs:
-            self.backend.merge(b.bid, nb.bid)
-            b.reqs += nb.reqs
+            # The backend says where the joining rows went (joining GPU rows follow the batch's
+            # own: placement/gpu_kv_rows.merge_order); None: after the batch's rows.
+            order = self.backend.merge(b.bid, nb.bid)
+            reqs = b.reqs + nb.reqs
+            b.reqs = reqs if order is None else [reqs[i] for i in order]
         else:
             self.backend.free(nb.bid)
         if not self._deferred_joins():

@@ -21,11 +21,14 @@ from specoffload.scheduler.request import Request
 # Seven requests of different prompt and output lengths: rows finish at different passes.
 LENGTHS = [24, 5, 9, 17, 3, 12, 20]
 REQS = [(PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate(LENGTHS)]
+# The same with the shortest of the first wave first: at batch 3 the first rows (GPU rows,
+# test_gpu_kv_rows_*) finish while requests still wait, so joining rows take them.
+GPU_REQS = REQS[1:] + REQS[:1]
 
 
-def _want(d):
+def _want(d, reqs=REQS):
     full = {tuple(p): o for p, o in zip(PROMPTS, hf_greedy(d, PROMPTS, max(LENGTHS)))}
-    return [full[tuple(p)][:n] for p, n in REQS]
+    return [full[tuple(p)][:n] for p, n in reqs]
 
 
 def _backend(d, draft, **kw):
@@ -324,16 +327,20 @@ def test_a_join_that_does_not_fit_waits_and_joins_smaller(tiny_dir, sampled):
 def test_gpu_kv_rows_through_actors(ray_session, tiny_dir, gpu_rows, draft, micro, schedule):
     """plan.gpu_kv_rows: the batch's first rows keep their target KV on the executor and
     attend there, the CPU worker the rest (placement/gpu_kv_rows.py). Rows finish at different
-    passes, GPU ones among them; waiting requests join after the CPU rows; a batch whose
-    rows are all on the GPU (3 of 3) sends the worker nothing to attend; with two micro-batches
-    the GPU rows ride with the first of the CPU rows' parts; under dual each of the two batches
-    has its own. Greedy output is transformers' own, and both sides attended."""
+    passes, GPU ones among them; waiting requests take the freed GPU rows first, then rows after
+    the CPU ones, so the merged batch's rows are reordered on every holder alike; a batch whose
+    rows are all on the GPU (3 of 3) sends the worker nothing to attend, joins included; with
+    two micro-batches the GPU rows ride with the first of the CPU rows' parts; under dual each of
+    the two batches has its own. Greedy output is transformers' own."""
     d = tiny_dir("llama")
     got, stats = _gpu_rows_run(d, draft=draft, micro_batches=micro, gpu_kv_rows=gpu_rows, schedule=schedule)
-    assert got == _want(d)
+    assert got == _want(d, GPU_REQS)
     assert stats["joins"] > 0
-    # every verified token attended on one side, once a layer; some on each
-    assert stats["gpu_row_tokens"] > 0 and stats["cpu_row_tokens"] > 0
+    # GPU rows freed by finished sequences were taken by joining ones (not left empty)
+    assert stats["gpu_rows_joined"] > 0
+    # every verified token attended on one side, once a layer; on the CPU only when some rows live there
+    assert stats["gpu_row_tokens"] > 0
+    assert (stats["cpu_row_tokens"] > 0) == (gpu_rows < 3)
     assert (stats["gpu_row_tokens"] + stats["cpu_row_tokens"]) % 3 == 0  # the tiny llama's 3 layers
     if draft:  # each verification's busy rows x (k+1) tokens, in the tiny llama's 3 layers, exactly
         # (session 25: session 23's W4 worker reported two thirds of this, with equal tokens)
@@ -349,13 +356,13 @@ def test_gpu_kv_rows_on_the_gpu(ray_session, tiny_dir, gpu_rows, micro):
     d = tiny_dir("llama")
     got, stats = _gpu_rows_run(d, draft="self:1", micro_batches=micro, gpu_kv_rows=gpu_rows, device="cuda",
                                dtype="float32")
-    assert got == _want(d)
+    assert got == _want(d, GPU_REQS)
     assert stats["gpu_row_tokens"] > 0 and stats["cpu_row_tokens"] > 0
 
 
 def _gpu_rows_run(d, **kw):
-    """REQS through the actors with GPU rows (batch 3, k 3, refill): greedy tokens, run stats."""
+    """GPU_REQS through the actors with GPU rows (batch 3, k 3, refill): greedy tokens, run stats."""
     with LLM(str(d), batch_size=3, k=3, progress=False, refill=True, **kw) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p, _ in REQS],
-                            [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS])
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in GPU_REQS],
+                            [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in GPU_REQS])
         return [o.outputs[0].token_ids for o in outs], llm.last_stats

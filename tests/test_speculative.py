@@ -203,6 +203,41 @@ def test_gpu_rows_pass_parts():
                 assert len(r) == (1 if g >= n else min(m, n - g))  # one part per CPU micro-batch
 
 
+def test_joining_rows_take_freed_gpu_rows():
+    """Rows joining a batch take the GPU rows its finished sequences freed: each side's cache
+    appends its own rows, and `merge_order` puts the batch's rows in the order that makes row
+    i of the merged batch row i of [GPU side, CPU side]. The GPU side's append lands in the
+    storage the finished rows left (no new allocation)."""
+    import torch
+
+    from specoffload.models.attention import KVCache
+    from specoffload.placement.gpu_kv_rows import merge_order
+
+    assert merge_order(5, 2, 3, 1) == [0, 1, 5, 2, 3, 4, 6, 7]
+    assert merge_order(5, 2, 3, 0) is None  # nothing joins the GPU: plain concatenation
+    assert merge_order(2, 2, 3, 1) is None  # the batch is all GPU rows: concatenation too
+    for n, g, m, g_new in [(5, 2, 3, 1), (6, 0, 2, 0), (4, 3, 4, 4), (3, 1, 2, 2)]:
+        old, new = [f"b{i}" for i in range(n)], [f"n{i}" for i in range(m)]
+        order = merge_order(n, g, m, g_new)
+        merged = old + new if order is None else [(old + new)[i] for i in order]
+        assert sorted(merged) == sorted(old + new)
+        assert merged[: g + g_new] == old[:g] + new[:g_new]  # the GPU side after both appended
+        assert merged[g + g_new:] == old[g:] + new[g_new:]  # the CPU side
+
+    # The GPU side: 4 rows allocated, 2 finished (kept 0 and 3), 2 joining rows appended in place.
+    c = KVCache(1, 4, 1, 2, 6, torch.float32)
+    c.k[0].copy_(torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 6, 2))
+    c.lens = torch.tensor([3, 3, 3, 3])
+    base = c.k[0].data_ptr()
+    c.select(torch.tensor([0, 3]))
+    j = KVCache(1, 2, 1, 2, 4, torch.float32)  # the joining rows' cache: their prompts only
+    j.k[0].fill_(7.0)
+    j.lens = torch.tensor([4, 2])
+    c.append(j)
+    assert c.k[0].data_ptr() == base and c.lens.tolist() == [3, 3, 4, 2]
+    assert c.k[0][:, 0, 0, 0].tolist() == [0.0, 3.0, 7.0, 7.0]
+
+
 def test_cache_compaction_in_place_matches_a_gather():
     """`fill_holes` orders survivors so a cache compacts by moving only the rows past the new
     end; the result equals gathering the kept rows, and other orders still work."""
