@@ -194,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--baseline-resident", help="Also run `none` on actors of its own that keep N target "
                                                 "layers on the GPU (the memory no draft uses; 'auto': as many "
                                                 "as the planner places), and print ratios against it too.")
+    ap.add_argument("--baseline-gpu-kv-rows", default="0",
+                    help="With --baseline-resident: that many of the baseline's rows keep their KV on the GPU "
+                         "and attend there (plan.gpu_kv_rows; 'auto': as many as fit beside its resident layers "
+                         "by the planner's account), so that plain decoding gets the same lever as the "
+                         "speculative modes' --gpu-kv-rows. Default 0.")
     ap.add_argument("--accelerate", metavar="N[:T[:RESERVE]]", type=_accelerate_arg,
                     help="After the modes, time what users run instead: transformers + accelerate offload "
                          "(device_map=auto under --gpu-memory, RESERVE of it left for activations, default "
@@ -224,6 +229,29 @@ def _baseline_resident(a, tspec, cuda: bool) -> int:
     if not 1 <= n < tspec.num_layers:
         raise ValueError(f"the planner keeps {n} layers resident on this machine: give a count")
     return n
+
+
+def _baseline_gpu_kv_rows(a, tspec, resident: int, cuda: bool) -> int:
+    """--baseline-gpu-kv-rows: a count, or 'auto' (placement.planner.gpu_kv_rows_fit for plain
+    decoding with `resident` layers and two slots; 0 off CUDA)."""
+    if a.baseline_gpu_kv_rows != "auto":
+        try:
+            n = int(a.baseline_gpu_kv_rows)
+        except ValueError:
+            raise ValueError(f"needs a count or 'auto', got {a.baseline_gpu_kv_rows!r}") from None
+        if n < 0:
+            raise ValueError(f"needs a count >= 0, got {n}")
+        return n
+    if not cuda:
+        return 0
+    from dataclasses import replace
+
+    from specoffload.placement.plan import parse_bytes
+    from specoffload.placement.planner import Workload, gpu_kv_rows_fit
+
+    c = replace(_candidate(a, None, a.batch), resident=resident, slots=2)
+    return gpu_kv_rows_fit(tspec, None, c, Workload(a.prompt_len, a.gen, a.requests or a.batch, a.agreement),
+                           parse_bytes(a.gpu_memory))
 
 
 def _accelerate_arg(text: str):
@@ -564,17 +592,18 @@ class Bench:
             "gpu_alloc_retries": mem.get("alloc_retries", 0),
         }
 
-    def baseline(self, resident: int, micro: list[int]) -> str | None:
+    def baseline(self, resident: int, micro: list[int], gpu_rows: int = 0) -> str | None:
         """The fair non-speculative baseline: `none` on actors of its own (an executor's
         resident layers are fixed when it starts) that keep `resident` target layers in the
-        GPU memory a draft would use, with two slots as the planner counts, at each of the
-        micro-batch counts (the fastest is the one ratios use). Returns why it did not start,
-        if it did not (the modes already run still get their table)."""
+        GPU memory a draft would use, with two slots as the planner counts, and `gpu_rows` rows
+        attending on the GPU, at each of the micro-batch counts (the fastest is the one ratios
+        use). Returns why it did not start, if it did not (the modes already run still get
+        their table)."""
         from specoffload.configs.run_config import RunConfig
         from specoffload.errors import SpecOffloadError
 
         try:
-            self.start(replace(self.plan, gpu_layers=tuple(range(resident)), num_slots=2, gpu_kv_rows=0), None,
+            self.start(replace(self.plan, gpu_layers=tuple(range(resident)), num_slots=2, gpu_kv_rows=gpu_rows), None,
                        "baseline actors")
         except SpecOffloadError as e:
             return f"the baseline keeping {resident} layers did not start: {e}"
@@ -583,7 +612,8 @@ class Bench:
             ray.get(self.coord.generate.remote(self.payload(torch.Generator().manual_seed(1), 1, min(self.a.gen, 4))))
         run = ("none", self.a.k, False, "gpu", None)  # k unused without a draft
         for m in micro:
-            self.run_mode(f"none+r{resident}", run, m, resident, max(_doorbells(self.a)), gpu_rows=0)
+            label = f"none+r{resident}" + (f"g{gpu_rows}" if gpu_rows else "")
+            self.run_mode(label, run, m, resident, max(_doorbells(self.a)), gpu_rows=gpu_rows)
         self.stop()
         return None
 
@@ -627,7 +657,8 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
                 f"({d['drain'][2]} passes)" for m, d in drains))
     fair = max((r for r in results if r["mode"].startswith("none+r")), key=lambda r: r["tokens_per_s"], default=None)
     if fair:
-        print(f"against {fair['mode']} (none keeping {resident} target layers on the GPU, own actors): " +
+        rows = f", {fair['gpu_kv_rows']} rows' KV" if fair.get("gpu_kv_rows") else ""
+        print(f"against {fair['mode']} (none keeping {resident} target layers{rows} on the GPU, own actors): " +
               ", ".join(f"{r['mode']} {r['tokens_per_s'] / fair['tokens_per_s']:.2f}x e2e "
                         f"{r['decode_tokens_per_s'] / fair['decode_tokens_per_s']:.2f}x decode"
                         for r in results if r is not fair))
@@ -656,7 +687,7 @@ def main(argv=None):
 
 
 def _main(argv):
-    from specoffload.errors import ConfigError, SpecOffloadError
+    from specoffload.errors import CapacityError, ConfigError, SpecOffloadError
     from specoffload.sources.constructed import constructed_pair
 
     a = _options(argv)
@@ -681,12 +712,18 @@ def _main(argv):
         raise BenchError(e) from None
     micro = _micro_batches(a)
     _doorbells(a), _copy_chunks(a)  # a bad list fails before the actors start
-    resident, baseline_error = None, None
+    resident, baseline_error, baseline_rows = None, None, 0
     if a.baseline_resident is not None:
         try:
             resident = _baseline_resident(a, tspec, cuda)
         except (ConfigError, ValueError) as e:
             raise BenchError(f"--baseline-resident: {e}") from None
+        try:
+            baseline_rows = _baseline_gpu_kv_rows(a, tspec, resident, cuda)
+        except (ConfigError, CapacityError, ValueError) as e:
+            raise BenchError(f"--baseline-gpu-kv-rows: {e}") from None
+    elif a.baseline_gpu_kv_rows != "0":
+        raise BenchError("--baseline-gpu-kv-rows needs --baseline-resident")
     from specoffload.ray_env import check_cluster, ensure_ray
 
     try:
@@ -713,7 +750,7 @@ def _main(argv):
                             bench.run_mode(label, spec, m, a.resident, bell, chunk, rows)
         bench.stop()
         if resident:
-            baseline_error = bench.baseline(resident, micro)
+            baseline_error = bench.baseline(resident, micro, baseline_rows)
     except BaseException:
         # A run cut short (an error, Ctrl-C) must not leave the loader's weights in /dev/shm.
         try:

@@ -187,7 +187,8 @@ def test_bench_w1_long_tiny_job(tmp_path):
     pytest.importorskip("accelerate")  # a test extra: CI has it
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "w1-long-tiny", "--modes",
-                        "none,single@2", "--no-warmup", "--accelerate", "2:2", "--json", str(tmp_path / "b.json")],
+                        "none,single@2", "--no-warmup", "--gpu-kv-rows", "2", "--accelerate", "2:2",
+                        "--json", str(tmp_path / "b.json")],
                        capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rows busy" in r.stdout
@@ -198,6 +199,10 @@ def test_bench_w1_long_tiny_job(tmp_path):
     want = int(shape.gen_lengths(rng).sum())  # every output ends by EOS at its drawn length
     assert [x["tokens"] for x in res] == [want, want] and [x["requests"] for x in res] == [12, 12]
     assert all(x["joins"] > 0 and 0 < x["rows_busy"] <= 1 and x["time_to_last_s"] > 0 for x in res)
+    # the first two rows attend on the "GPU" (here the executor's CPU): rows that join take
+    # them once they finish, so both sides attend for the whole job, not only its first wave
+    assert all(x["gpu_kv_rows"] == 2 and x["gpu_rows_joined"] > 0 and x["cpu_row_tokens"] > 0 for x in res)
+    assert "rows into GPU rows" in r.stdout
     # each verification's busy rows are logged: the job drains to a row or two at its end
     spec = res[1]["pass_log"]
     assert spec[0][3] == 4 and min(p[3] for p in spec) < 2 and "(a full batch; draining below half)" in r.stdout
@@ -208,6 +213,33 @@ def test_bench_w1_long_tiny_job(tmp_path):
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("transformers + accelerate (device_map=auto"))
     for x in res:
         assert f"{x['mode']} {x['tokens_per_s'] / acc['tokens_per_s']:.0f}x e2e" in line
+
+
+def test_bench_baseline_gpu_kv_rows(tmp_path):
+    """--baseline-gpu-kv-rows: the fair baseline may attend for some rows on the GPU too (a
+    count, or 'auto': the planner's fit beside its resident layers, 0 without a GPU); without
+    --baseline-resident, or with a bad value, it is a one-line error."""
+    from specoffload import bench
+    from specoffload.placement import planner
+    from specoffload.sources.w4_shapes import llama_3_1_70b
+
+    a = bench._options(["--workload", "w4", "--gen", "128", "--baseline-resident", "4", "--baseline-gpu-kv-rows", "auto"])
+    assert bench._baseline_gpu_kv_rows(a, llama_3_1_70b(80), 4, cuda=False) == 0
+    auto = bench._baseline_gpu_kv_rows(a, llama_3_1_70b(80), 4, cuda=True)
+    c = planner.Candidate("none", a.batch, k=a.k, slots=2, prefill_batch=a.prefill_batch, resident=4)
+    wl = planner.Workload(a.prompt_len, a.gen, a.batch, a.agreement)
+    assert auto == planner.gpu_kv_rows_fit(llama_3_1_70b(80), None, c, wl, 24 * 2**30) > 0
+    a.baseline_gpu_kv_rows = "12"
+    assert bench._baseline_gpu_kv_rows(a, llama_3_1_70b(80), 4, cuda=True) == 12
+    for bad in ("x", "-1"):
+        a.baseline_gpu_kv_rows = bad
+        with pytest.raises(ValueError, match="needs a count"):
+            bench._baseline_gpu_kv_rows(a, None, 4, cuda=False)
+    r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny",
+                        "--baseline-gpu-kv-rows", "4"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(tmp_path)))
+    assert r.returncode == 2 and "--baseline-gpu-kv-rows needs --baseline-resident" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_drain_summary_splits_passes_by_busy_rows():
