@@ -92,10 +92,11 @@ class ActorBackend:
         (no stream of its own); else in a prefill pass of their own, now (the plain path)."""
         g = self._gpu[new] = self._joining_gpu_rows(bid, len(prompts))
         self._gpu_cap[new] = 0
-        # Both caches of the joining rows only hold their prompts until `merge` copies them
-        # into the batch's own rows: no larger than that.
+        # The worker's cache of the joining rows only holds their prompts until `merge` copies
+        # them into the batch's own rows: no larger than that. (Their GPU rows are rows the
+        # batch already holds: GpuRows.spare.)
         longest = max(map(len, prompts))
-        self.ex.start.remote(new, prompts, samp, capacity, with_draft, bid, g, longest)
+        self.ex.start.remote(new, prompts, samp, capacity, with_draft, bid, g)
         self.at.start.remote(new, [len(p) for p in prompts], longest, self.P, g)
         self._size[new] = len(prompts)
         if not ride:

@@ -149,12 +149,10 @@ class GPUExecutor:
             self.streamer.release(j)
 
     # -- batches ---------------------------------------------------------------------------
-    def start(self, bid, prompts, samp, capacity, with_draft, joins=None, gpu_rows: int = 0,
-              gpu_capacity: int | None = None):
+    def start(self, bid, prompts, samp, capacity, with_draft, joins=None, gpu_rows: int = 0):
         """joins: the running batch these sequences will take rows of (`merge`). gpu_rows: its
-        first rows keep their target K/V here and attend here (actors/gpu_rows.py), in a cache
-        of gpu_capacity tokens a row (None: capacity; joining rows only hold their prompts
-        until `merge` copies them into the running batch's GPU rows)."""
+        first rows keep their target K/V here and attend here (actors/gpu_rows.py); rows
+        joining a batch keep theirs in the GPU rows its finished sequences freed."""
         # Whatever an earlier run left under this id goes first: a start that fails must be
         # the error its prefill calls report, not a stale batch they would run on, and a draft
         # cache left behind must not be held while the new one is allocated.
@@ -175,11 +173,12 @@ class GPUExecutor:
             self._failed[bid] = e
             raise
         self.tb[bid] = {"bid": bid, "prompts": prompts, "lens": to_device([len(p) for p in prompts], self.device, torch.long)}
-        if gpu_rows:
+        if gpu_rows and joins is not None:  # in the rows the running batch's finished sequences left
+            self.tb[bid]["gpu"] = self._batch(joins)["gpu"].spare(gpu_rows)
+        elif gpu_rows:
             try:
                 with self.budget.part("gpu_kv_rows"):
-                    self.tb[bid]["gpu"] = GpuRows(self.spec, gpu_rows, gpu_capacity or capacity, self.device,
-                                                  self.plan.kv_dtype)
+                    self.tb[bid]["gpu"] = GpuRows(self.spec, gpu_rows, capacity, self.device, self.plan.kv_dtype)
             except torch.OutOfMemoryError as e:
                 self.free(bid)
                 self._failed[bid] = CapacityError(

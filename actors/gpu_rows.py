@@ -15,11 +15,32 @@ from ..models.host_io import to_device
 
 
 class GpuRows:
-    def __init__(self, spec, rows: int, capacity: int, device, kv_dtype: str | None = None):
-        """kv_dtype: plan.kv_dtype, the CPU worker's cache type (None: the model's)."""
-        dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
-        self.cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, spec.head_dim, capacity, dtype, device,
-                             spec.sliding_windows)
+    def __init__(self, spec, rows: int, capacity: int, device, kv_dtype: str | None = None, cache=None):
+        """kv_dtype: plan.kv_dtype, the CPU worker's cache type (None: the model's). cache: an
+        existing one to hold the rows in (`spare`), instead of allocating."""
+        if cache is None:
+            dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
+            cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, spec.head_dim, capacity, dtype, device,
+                            spec.sliding_windows)
+        self.cache = cache
+
+    @property
+    def allocated(self) -> int:
+        """Rows the storage holds: the rows the batch started with."""
+        return self.cache._base[0][0].shape[0]
+
+    def spare(self, n: int) -> "GpuRows":
+        """The last n rows of this storage as GpuRows of their own, for rows about to join the
+        batch (their prefill stores there; `append` then moves them next to the survivors).
+        Nothing is allocated: a join's K/V never needs GPU memory beyond what the batch started
+        with. The batch's own rows stay clear of them: they are at most `allocated` - n, and
+        finished rows only move within them (`KVCache.select` in place)."""
+        if not 0 < n <= self.allocated - self.rows:
+            raise ValueError(f"{n} joining rows do not fit the {self.allocated - self.rows} free GPU rows")
+        bk, bv = self.cache._base
+        lo, hi = self.allocated - n, self.allocated
+        lens = torch.zeros(n, dtype=self.cache.lens.dtype, device=self.cache.lens.device)
+        return GpuRows(None, n, 0, None, cache=self.cache._like([t[lo:hi] for t in bk], [t[lo:hi] for t in bv], lens))
 
     @property
     def rows(self) -> int:
@@ -55,9 +76,32 @@ class GpuRows:
 
     def append(self, other: "GpuRows"):
         """Rows joining the batch (their prompts' K/V, stored by their own prefill) take the
-        storage finished rows left, after this side's survivors."""
-        self.cache.append(other.cache)
+        storage finished rows left, after this side's survivors. From `spare`: moved within
+        the storage, lowest row first (a row is read before a later one overwrites it)."""
+        c, n, m = self.cache, self.rows, other.rows
+        bk, bv = c._base
+        lo = _row_in(bk[0], other.cache.k[0])
+        if lo is None:  # rows of a storage of their own
+            c.append(other.cache)
+            return
+        if lo != n:
+            for t in bk + bv:
+                if n + m <= lo:  # apart: one copy
+                    t[n:n + m].copy_(t[lo:lo + m])
+                else:
+                    for i in range(m):
+                        t[n + i].copy_(t[lo + i])
+        c.k, c.v = [t[:n + m] for t in bk], [t[:n + m] for t in bv]
+        c.lens = torch.cat([c.lens, other.cache.lens])
 
     def keep(self, idx):
         """The surviving GPU rows in `fill_holes` order: compacts in place."""
         self.cache.select(idx)
+
+
+def _row_in(base: torch.Tensor, part: torch.Tensor) -> int | None:
+    """The row of `base` where `part` (rows of it, from `GpuRows.spare`) starts; None if part is
+    not a view of base's storage."""
+    if part.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+        return None
+    return (part.storage_offset() - base.storage_offset()) // base.stride(0)

@@ -224,18 +224,28 @@ def test_joining_rows_take_freed_gpu_rows():
         assert merged[: g + g_new] == old[:g] + new[:g_new]  # the GPU side after both appended
         assert merged[g + g_new:] == old[g:] + new[g_new:]  # the CPU side
 
-    # The GPU side: 4 rows allocated, 2 finished (kept 0 and 3), 2 joining rows appended in place.
-    c = KVCache(1, 4, 1, 2, 6, torch.float32)
-    c.k[0].copy_(torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 6, 2))
-    c.lens = torch.tensor([3, 3, 3, 3])
-    base = c.k[0].data_ptr()
-    c.select(torch.tensor([0, 3]))
-    j = KVCache(1, 2, 1, 2, 4, torch.float32)  # the joining rows' cache: their prompts only
-    j.k[0].fill_(7.0)
-    j.lens = torch.tensor([4, 2])
-    c.append(j)
-    assert c.k[0].data_ptr() == base and c.lens.tolist() == [3, 3, 4, 2]
-    assert c.k[0][:, 0, 0, 0].tolist() == [0.0, 3.0, 7.0, 7.0]
+    # The GPU side (actors/gpu_rows.py): 5 rows allocated; rows join into the spare storage
+    # (no allocation) and move down next to the survivors, whichever way the ranges lie.
+    from specoffload.actors.gpu_rows import GpuRows
+
+    for keep, joining in [([0, 3], 2), ([0, 3], 3), ([], 1), ([4, 1, 2], 2), ([0, 1, 2], 2)]:
+        c = KVCache(1, 5, 1, 2, 6, torch.float32)
+        c.k[0].copy_(torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 6, 2))
+        c.lens = torch.tensor([3, 3, 3, 3, 3])
+        rows = GpuRows(None, 0, 0, None, cache=c)
+        base = c.k[0].data_ptr()
+        c.select(torch.tensor(keep, dtype=torch.long))
+        j = rows.spare(joining)
+        assert j.cache.k[0].untyped_storage().data_ptr() == c.k[0].untyped_storage().data_ptr()
+        for i in range(joining):  # their prefill writes each row and its length
+            j.cache.k[0][i].fill_(10.0 + i)
+            j.cache.lens[i] = 4 + i
+        rows.append(j)
+        assert c.k[0].data_ptr() == base and rows.rows == len(keep) + joining
+        assert c.lens.tolist() == [3] * len(keep) + [4 + i for i in range(joining)]
+        assert c.k[0][:, 0, 0, 0].tolist() == [float(i) for i in keep] + [10.0 + i for i in range(joining)]
+    with pytest.raises(ValueError, match="do not fit"):
+        GpuRows(None, 0, 0, None, cache=KVCache(1, 2, 1, 2, 6, torch.float32)).spare(1)
 
 
 def test_cache_compaction_in_place_matches_a_gather():
