@@ -392,6 +392,8 @@ def summary_line(prog: str, requests: int, s: dict, out: str | None) -> str:
         line += f", acceptance {s['acceptance']:.2f}, {s['tokens_per_seq_pass']:.2f} tokens/sequence/pass"
     if s.get("joins"):
         line += f", rows refilled {s['joins']} times"
+        if s.get("gpu_rows_joined"):  # joining rows that took freed GPU rows (plan.gpu_kv_rows)
+            line += f" ({s['gpu_rows_joined']} rows into GPU rows)"
     if s.get("join_retreats"):
         line += f" ({s['join_retreats']} joins did not fit and were retried smaller)"
     g = s.get("gpu_memory")

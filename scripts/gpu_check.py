@@ -255,8 +255,11 @@ class Check:
         ok, note = (len(got) == self.n, f"{len(got)}/{self.n} outputs") if ref is False else self.same(
             got, ref.get() if isinstance(ref, Outputs) else self.reference(), exact)
         refilled = "--refill" not in flags or "rows refilled" in text
-        self.row(name, rc == 0 and ok and refilled, dt,
-                 f"rc {rc}, {note}{'' if refilled else ', no request refilled'}; {self.figures(text)}")
+        # with GPU rows, rows that join must take the GPU rows finished ones freed
+        gpu_joined = "--gpu-kv-rows" not in flags or "rows into GPU rows" in text
+        self.row(name, rc == 0 and ok and refilled and gpu_joined, dt,
+                 f"rc {rc}, {note}{'' if refilled else ', no request refilled'}"
+                 f"{'' if gpu_joined else ', no joining row took a GPU row'}; {self.figures(text)}")
         return got
 
     def disk_tier(self):
@@ -275,8 +278,8 @@ class Check:
     def lossless(self) -> list:
         """Lossless where the arithmetic allows the claim: a 2-layer Mixtral-8x7B-shaped target in
         fp32 (rounding near 1e-6, far under its top-2 gaps) decoded plainly, then speculatively
-        (self:1 draft, so proposals are accepted too) with rows refilled at half the batch: every
-        token equal. (Session 11 also ran bf16 plain decoding of it at batch 8 against 16: 16/16
+        (self:1 draft, so proposals are accepted too) with rows refilled at half the batch, a
+        quarter of it attending on the GPU (rows that join take those freed): every token equal. (Session 11 also ran bf16 plain decoding of it at batch 8 against 16: 16/16
         equal, drift 0.031 nats; docs/results/gpu_check_s11.) Two rows side by side, the second
         compared once the first has finished."""
         m, half, ref = self.small, max(self.n // 2, 1), Outputs()
@@ -287,9 +290,11 @@ class Check:
                                           "float32", model=m, ref=False)
 
         def spec32():
-            self.generate(f"lossless: --dtype float32 --draft self:1 -k 3 --refill at batch {half} (every token equal)",
-                          "spec32", "--dtype", "float32", "--draft", "self:1", "-k", 3, "--schedule", "single",
-                          "--batch-size", half, "--refill", model=m, ref=ref, exact=True)
+            rows = max(half // 2, 1)  # GPU rows, which joining rows take once their sequences finish
+            self.generate(f"lossless: --dtype float32 --draft self:1 -k 3 --refill at batch {half}, {rows} GPU KV rows "
+                          "(every token equal)", "spec32", "--dtype", "float32", "--draft", "self:1", "-k", 3,
+                          "--schedule", "single", "--batch-size", half, "--refill", "--gpu-kv-rows", rows,
+                          model=m, ref=ref, exact=True)
         return [("plain32", plain32), ("spec32", spec32)]
 
     def ray_head(self):

@@ -29,6 +29,25 @@ def test_generate_writes_jsonl_per_request(tiny_dir, tmp_path):
     assert "15 tokens in" in r.stderr
 
 
+def test_generate_with_gpu_rows_refills_them(tiny_dir, tmp_path):
+    """The user's path with --gpu-kv-rows and --refill on the actors: the first row (on the
+    "GPU", here the executor's CPU) ends after 2 tokens, the third prompt takes it, the summary
+    says so, and the outputs equal the reference engine's (greedy)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w5 w6 w7", "max_tokens": 2}\nw9 w10\n{"prompt": "w4", "max_tokens": 7}\n')
+    outs = {}
+    for engine, extra in (("reference", ()), ("ray", ("--gpu-kv-rows", "1", "--draft", "self:1", "-k", "2"))):
+        out = tmp_path / f"{engine}.jsonl"
+        r = _cli("generate", "--model", str(tiny_dir("llama")), "--engine", engine, "--prompts", str(prompts),
+                 "--max-tokens", "4", "--ignore-eos", "--out", str(out), "--quiet", "--batch-size", "2", "--refill",
+                 "--dtype", "float32", *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[engine] = sorted((json.loads(line)["index"], json.loads(line)["token_ids"])
+                              for line in out.read_text().splitlines())
+    assert "rows refilled 1 times (1 rows into GPU rows)" in r.stderr
+    assert outs["ray"] == outs["reference"] and [len(t) for _, t in outs["ray"]] == [2, 4, 7]
+
+
 def test_a_prompt_line_sets_its_own_max_tokens_and_logprobs_are_written(tiny_dir, tmp_path):
     """A JSONL line's max_tokens over --max-tokens (rows then end at different passes, as a
     batch job's requests do); --logprobs N puts each token's top N, the chosen one first."""
