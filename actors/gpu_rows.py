@@ -15,14 +15,18 @@ from ..models.host_io import to_device
 
 
 class GpuRows:
-    def __init__(self, spec, rows: int, capacity: int, device, kv_dtype: str | None = None, cache=None):
-        """kv_dtype: plan.kv_dtype, the CPU worker's cache type (None: the model's). cache: an
-        existing one to hold the rows in (`spare`), instead of allocating."""
-        if cache is None:
-            dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
-            cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, spec.head_dim, capacity, dtype, device,
-                            spec.sliding_windows)
-        self.cache = cache
+    def __init__(self, spec, rows: int, capacity: int, device, kv_dtype: str | None = None):
+        """kv_dtype: plan.kv_dtype, the CPU worker's cache type (None: the model's)."""
+        dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
+        self.cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, spec.head_dim, capacity, dtype, device,
+                             spec.sliding_windows)
+
+    @classmethod
+    def over(cls, cache: KVCache) -> "GpuRows":
+        """GpuRows holding their rows in an existing cache (`spare`'s view), allocating nothing."""
+        rows = cls.__new__(cls)
+        rows.cache = cache
+        return rows
 
     @property
     def allocated(self) -> int:
@@ -40,7 +44,7 @@ class GpuRows:
         bk, bv = self.cache._base
         lo, hi = self.allocated - n, self.allocated
         lens = torch.zeros(n, dtype=self.cache.lens.dtype, device=self.cache.lens.device)
-        return GpuRows(None, n, 0, None, cache=self.cache._like([t[lo:hi] for t in bk], [t[lo:hi] for t in bv], lens))
+        return GpuRows.over(self.cache._like([t[lo:hi] for t in bk], [t[lo:hi] for t in bv], lens))
 
     @property
     def rows(self) -> int:

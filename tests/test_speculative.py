@@ -232,7 +232,7 @@ def test_joining_rows_take_freed_gpu_rows():
         c = KVCache(1, 5, 1, 2, 6, torch.float32)
         c.k[0].copy_(torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 6, 2))
         c.lens = torch.tensor([3, 3, 3, 3, 3])
-        rows = GpuRows(None, 0, 0, None, cache=c)
+        rows = GpuRows.over(c)
         base = c.k[0].data_ptr()
         c.select(torch.tensor(keep, dtype=torch.long))
         j = rows.spare(joining)
@@ -245,7 +245,7 @@ def test_joining_rows_take_freed_gpu_rows():
         assert c.lens.tolist() == [3] * len(keep) + [4 + i for i in range(joining)]
         assert c.k[0][:, 0, 0, 0].tolist() == [float(i) for i in keep] + [10.0 + i for i in range(joining)]
     with pytest.raises(ValueError, match="do not fit"):
-        GpuRows(None, 0, 0, None, cache=KVCache(1, 2, 1, 2, 6, torch.float32)).spare(1)
+        GpuRows.over(KVCache(1, 2, 1, 2, 6, torch.float32)).spare(1)
 
 
 def test_cache_compaction_in_place_matches_a_gather():
