@@ -20,12 +20,13 @@ class GpuRows:
         dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
         self.cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, spec.head_dim, capacity, dtype, device,
                              spec.sliding_windows)
+        self.within = None  # (storage, first row): where `spare` rows lie in another batch's storage
 
     @classmethod
-    def over(cls, cache: KVCache) -> "GpuRows":
+    def over(cls, cache: KVCache, within=None) -> "GpuRows":
         """GpuRows holding their rows in an existing cache (`spare`'s view), allocating nothing."""
         rows = cls.__new__(cls)
-        rows.cache = cache
+        rows.cache, rows.within = cache, within
         return rows
 
     @property
@@ -44,7 +45,8 @@ class GpuRows:
         bk, bv = self.cache._base
         lo, hi = self.allocated - n, self.allocated
         lens = torch.zeros(n, dtype=self.cache.lens.dtype, device=self.cache.lens.device)
-        return GpuRows.over(self.cache._like([t[lo:hi] for t in bk], [t[lo:hi] for t in bv], lens))
+        return GpuRows.over(self.cache._like([t[lo:hi] for t in bk], [t[lo:hi] for t in bv], lens),
+                             within=(self.cache._base, lo))
 
     @property
     def rows(self) -> int:
@@ -84,10 +86,10 @@ class GpuRows:
         the storage, lowest row first (a row is read before a later one overwrites it)."""
         c, n, m = self.cache, self.rows, other.rows
         bk, bv = c._base
-        lo = _row_in(bk[0], other.cache.k[0])
-        if lo is None:  # rows of a storage of their own
+        if other.within is None or other.within[0] is not c._base:  # rows of a storage of their own
             c.append(other.cache)
             return
+        lo = other.within[1]
         if lo != n:
             for t in bk + bv:
                 if n + m <= lo:  # apart: one copy
@@ -102,10 +104,3 @@ class GpuRows:
         """The surviving GPU rows in `fill_holes` order: compacts in place."""
         self.cache.select(idx)
 
-
-def _row_in(base: torch.Tensor, part: torch.Tensor) -> int | None:
-    """The row of `base` where `part` (rows of it, from `GpuRows.spare`) starts; None if part is
-    not a view of base's storage."""
-    if part.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
-        return None
-    return (part.storage_offset() - base.storage_offset()) // base.stride(0)

@@ -279,7 +279,8 @@ class Check:
         """Lossless where the arithmetic allows the claim: a 2-layer Mixtral-8x7B-shaped target in
         fp32 (rounding near 1e-6, far under its top-2 gaps) decoded plainly, then speculatively
         (self:1 draft, so proposals are accepted too) with rows refilled at half the batch, a
-        quarter of it attending on the GPU (rows that join take those freed): every token equal. (Session 11 also ran bf16 plain decoding of it at batch 8 against 16: 16/16
+        quarter of it attending on the GPU (rows that join take those freed): every token
+        equal. (Session 11 also ran bf16 plain decoding of it at batch 8 against 16: 16/16
         equal, drift 0.031 nats; docs/results/gpu_check_s11.) Two rows side by side, the second
         compared once the first has finished."""
         m, half, ref = self.small, max(self.n // 2, 1), Outputs()
