@@ -106,7 +106,9 @@ class CPUAttention:
         payload named, once its doorbell rings (actors/doorbell.py)."""
         bell = qkv == doorbell.BELL
         if bell:
-            qkv = self.bell_parts[(bid, p)]
+            qkv = self.bell_parts.get((bid, p))
+            if qkv is None:  # Ray never ran layer 0's call: the executor's side failed first
+                raise doorbell.PeerFailed(f"batch {bid}: this pass's first layer never reached the CPU worker")
         elif j == 0:
             self.bell_parts[(bid, p)] = qkv
         payload = qkv[0]
@@ -115,6 +117,9 @@ class CPUAttention:
         except BaseException:
             self.mail.fail(payload)
             raise
+        finally:
+            if j == self.spec.num_layers - 1:  # the next pass's layers wait for its own layer 0
+                self.bell_parts.pop((bid, p), None)
 
     def _attend(self, bid, j: int, qkv, bell: bool):
         payload, q_lens, lo, hi = qkv

@@ -104,6 +104,7 @@ class GpuBudget:
         self.parts: dict[str, int] = {}
         self.seconds: dict[str, float] = {}  # each part's load time: where a slow start goes
         self.context, self.others, self.context_source = 0, 0, "none"
+        self.total = 0  # the card's memory (none off CUDA: `summary` says so)
         if not self.cuda:
             return
         index = device.index
@@ -143,7 +144,7 @@ class GpuBudget:
 
     def summary(self) -> str:
         done = ", ".join(f"{k} {_gib(v)}" for k, v in self.parts.items())
-        cap = f"cap {_gib(self.cap)} GiB" if self.cap else f"card {_gib(self.total)} GiB"
+        cap = f"cap {_gib(self.cap)} GiB" if self.cap else f"card {_gib(self.total)} GiB" if self.cuda else "no GPU"
         others = f" (other processes {_gib(self.others)} GiB)" if self.others else ""
         return f"{cap}{others}: CUDA context {_gib(self.context)}" + (f", {done}" if done else "")
 

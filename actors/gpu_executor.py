@@ -209,16 +209,30 @@ class GPUExecutor:
         rows, or, with GPU rows on both sides, in `order` (placement/gpu_kv_rows.merge_order:
         indices into bid's rows followed by new's), new's GPU rows appended to bid's here."""
         st, nw = self._batch(bid), self.tb.pop(new)
-        st["lens"] = torch.cat([st["lens"], nw["lens"]])
-        self.runner.merge(bid, new)
-        if "gpu" in nw:
-            if "gpu" not in st:
+        try:
+            if "gpu" in nw and "gpu" not in st:
                 raise RuntimeError(f"batch {new} brings GPU rows to batch {bid}, which has none")
-            st["gpu"].append(nw["gpu"])  # into the storage its finished rows left: no allocation
-        if order is not None:
-            st["lens"] = st["lens"][to_device(order, self.device, torch.long)]
-            self.runner.keep(bid, np.asarray(order))
-        self.mail.free(new)
+            self.runner.merge(bid, new)
+            st["lens"] = torch.cat([st["lens"], nw["lens"]])
+            if "gpu" in nw:
+                st["gpu"].append(nw["gpu"])  # into the storage its finished rows left: no allocation
+            if order is not None:
+                st["lens"] = st["lens"][to_device(order, self.device, torch.long)]
+                self.runner.keep(bid, np.asarray(order))
+        except BaseException as e:
+            # The coordinator does not wait for a merge: a batch left half merged would run on
+            # (rows and state of different heights, a device-side assert, a pass that never
+            # ends). It fails instead, and its next pass reports this, in one line.
+            self.tb.pop(bid, None)  # its mailboxes stay: the next pass marks them failed (verify_begin)
+            self.runner.free(bid)
+            self.runner.free(new)
+            self._failed[bid] = CapacityError(
+                f"rows joining batch {bid} ran out of GPU memory ({self.budget.summary()} GiB held): lower "
+                f"batch_size or gpu_kv_rows, or raise gpu_memory ({str(e).splitlines()[0][:60]})"
+            ) if isinstance(e, torch.OutOfMemoryError) else e
+            raise self._failed[bid] from None
+        finally:
+            self.mail.free(new)
 
     def free(self, bid):
         self.tb.pop(bid, None)
@@ -386,6 +400,19 @@ class GPUExecutor:
     # attends for one micro-batch the GPU computes another.
     @torch.inference_mode()
     def verify_begin(self, bid, k: int, micro_batches: int = 1):
+        try:
+            return self._verify_begin(bid, k, micro_batches)
+        except BaseException as e:
+            # The CPU worker's calls for this pass are queued already, waiting on the doorbell
+            # of a pass that will not come: they stop, and the pass's first layer call (the
+            # first the coordinator reads) raises this.
+            self.mail.fail(bid)
+            if bid in self.tb:
+                self.tb[bid].pop("parts", None)  # one begun partway is no pass to run
+                self.tb[bid]["pass_error"] = e
+            raise
+
+    def _verify_begin(self, bid, k: int, micro_batches: int):
         st, spec = self._batch(bid), self.spec
         toks, q_lens = self.runner.target_inputs(bid, k)
         b, i = pack_index(q_lens, toks.shape[0])
@@ -467,8 +494,12 @@ class GPUExecutor:
         CapacityError, and the weight slots the pass held are given back for the next one.
         attn BELL (plan.layer_doorbell): the output comes through the mailbox (actors/doorbell.py);
         a failure here then marks it failed, so the worker's queued calls stop waiting."""
-        parts = self._batch(bid)["parts"]
         try:
+            st = self._batch(bid)
+            parts = st.get("parts")
+            if parts is None:
+                err = st.pop("pass_error", None)
+                raise err.with_traceback(None) if err else RuntimeError(f"batch {bid}'s pass did not begin")
             if j > 0:
                 self._post(parts[p], j - 1, attn)
             return self._pre(parts[p], j)

@@ -282,9 +282,14 @@ class KVCache:
 
     def select(self, keep: torch.Tensor) -> torch.Tensor:
         """Keep only the sequences at indices `keep` (finished ones leave the batch), in that
-        order. When every kept row stays put or comes from a row past the new end (the
-        generator's `fill_holes` order), only the moved rows are copied, in place. Returns
-        `keep` on the cache's device (for subclasses that index more per-row state)."""
+        order, in the same storage: a later `append` then lands there without allocating. When
+        every kept row stays put or comes from a row past the new end (the generator's
+        `fill_holes` order), only the moved rows are copied; any other order (rows that joined
+        in GPU-rows order, placement/gpu_kv_rows.merge_order) gathers one layer's K or V at a
+        time. New storage here used to double the cache for a moment and leave it too small for
+        the next join's rows: on a full GPU that ran out of memory mid-merge (session 29, W1-long
+        with GPU rows). Returns `keep` on the cache's device (for subclasses that index more
+        per-row state)."""
         kh = torch.as_tensor(keep, dtype=torch.long).cpu()  # callers pass host indices: no device read
         keep = to_device(kh, self.lens.device, torch.long)
         n = keep.shape[0]
@@ -295,12 +300,11 @@ class KVCache:
             for t in self.k + self.v:
                 if len(dst):
                     t[dst] = t[src]  # sources lie past the new end: never overwritten first
-            self.k = [t[:n] for t in self.k]
-            self.v = [t[:n] for t in self.v]
         else:
-            self.k = [t[keep] for t in self.k]
-            self.v = [t[keep] for t in self.v]
-            self._base = (self.k, self.v)
+            for t in self.k + self.v:
+                t[:n] = t[keep]  # the gather is a copy of its own: no row is read after it is written
+        self.k = [t[:n] for t in self.k]
+        self.v = [t[:n] for t in self.v]
         self.lens = self.lens[keep]
         return keep
 

@@ -94,10 +94,21 @@ class SpecRunner:
     def merge(self, bid: int, new: int):
         """Batch `new` (started with joins=bid, its first tokens out) takes the rows after
         batch bid's live ones, in order: waiting requests refilling a running batch in place."""
-        st, nw = self.batches[bid], self.batches.pop(new)
-        self._graphs.pop(new, None)
+        st, nw = self.batches[bid], self.batches[new]
         if st.proposals is not None or nw.proposals is not None:
             raise RuntimeError("rows join a batch between its verification and its next proposals")
+        # The draft cache first: it is the part that may allocate (a gather's copy, or taller
+        # storage for a batch that started smaller than it now is), so that running out of
+        # memory there leaves the rest of the batch's state as it was (GPUExecutor.merge then
+        # fails the batch with one line).
+        if st.draft_cache is not None:
+            self._stale(bid)  # the captured step serves a batch of the old height
+            if st.rows is not None:  # finished rows still in the cache leave it first
+                st.draft_cache.select(host_tensor(st.rows))
+                st.rows = st.rows_t = None
+            st.draft_cache.append(nw.draft_cache)
+        del self.batches[new]
+        self._graphs.pop(new, None)
         n, m = st.last.shape[0], nw.last.shape[0]
         st.last = torch.cat([st.last, nw.last])
         st.samp = st.samp.concat(nw.samp)
@@ -107,12 +118,6 @@ class SpecRunner:
         st.pending = list(st.pending) + list(nw.pending)
         if st.history is not None:
             st.history = st.history + nw.history
-        if st.draft_cache is not None:
-            self._stale(bid)  # the captured step serves a batch of the old height
-            if st.rows is not None:  # finished rows still in the cache leave it first
-                st.draft_cache.select(host_tensor(st.rows))
-                st.rows = st.rows_t = None
-            st.draft_cache.append(nw.draft_cache)
 
     def _draft_prefill(self, prompts, capacity, like=None):
         """The draft sees each prompt (when windowed: its first `sinks` and last `window`

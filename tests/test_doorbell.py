@@ -197,14 +197,19 @@ def _injector():
 
     def _inject(self, where: str, layer: int, exc: str):
         """In an actor's process: its next call at `layer` of a pass raises `exc` (once). where:
-        worker (attention), executor (a verification layer), join (a joining prefill in a pass)."""
+        worker (attention), executor (a verification layer), join (a joining prefill in a pass),
+        begin (a pass's start on the executor, any layer), merge (rows joining a batch, inside
+        the draft's part of the merge, after the executor has begun it)."""
         import torch
 
-        name = {"worker": "_attend", "executor": "_pre", "join": "_prefill_layer"}[where]
+        name = {"worker": "_attend", "executor": "_pre", "join": "_prefill_layer", "begin": "_verify_begin",
+                "merge": "merge"}[where]
+        if where == "merge":
+            self = self.runner
         run, left = getattr(self, name), [1]
 
         def failing(*args):
-            j = args[3] if where == "join" else args[1]
+            j = args[3] if where == "join" else args[1] if where in ("worker", "executor") else layer
             if j == layer and left and (where != "join" or args[4]):
                 left.pop()
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.") if exc == "oom" \
@@ -220,6 +225,8 @@ def _injector():
     ("worker", "runtime", "RuntimeError: injected worker failure", True),
     ("worker", "runtime", "RuntimeError: injected worker failure", False),  # Ray's hand-offs
     ("executor", "oom", "a verification pass ran out of GPU memory at layer 1", True),
+    # a pass that never began used to leave the worker waiting on its doorbell for ever
+    ("begin", "runtime", "RuntimeError: injected begin failure", True),
 ])
 def test_a_failure_mid_pass_is_reported_as_itself(ray_session, tiny_dir, where, exc, match, bell):
     """The calls queued behind the failure stop waiting (PeerFailed); the user sees the failure
@@ -300,3 +307,34 @@ def test_a_joining_prefill_out_of_gpu_memory_waits_and_joins_smaller(ray_session
         stats = llm.last_stats
     assert stats["join_retreats"] == 1 and stats["joins"] == 2
     assert [o.outputs[0].token_ids for o in outs] == [f[:n] for f, n in zip(full, lengths)]
+
+
+def test_rows_joining_out_of_gpu_memory_end_the_run_in_one_line(ray_session, tiny_dir):
+    """What w1-long with GPU rows met on the H100 (session 29): the draft's part of a merge ran
+    out of GPU memory. The coordinator does not wait for a merge, so the executor used to keep
+    the batch half merged (rows of different heights), the next draft step and pass failed on
+    that, a device-side assert followed and the run hung. Now the batch fails: its next pass
+    raises that out-of-memory in one line, at once, and the same LLM then generates exactly."""
+    import ray
+    from hf_reference import PROMPTS, hf_greedy
+    from specoffload.actors.supervisor import actors
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.errors import SpecOffloadError
+    from specoffload.llm import LLM
+    from specoffload.placement.plan import Plan
+
+    d = tiny_dir("llama")
+    lengths = [3, 9, 6, 6]  # row 0 ends first: request 2 joins the running batch
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths]
+    want = [w[:n] for w, n in zip(hf_greedy(d, PROMPTS, max(lengths)), lengths)]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=True), batch_size=2, progress=False,
+             draft="self:1", schedule="single", k=2, refill=True) as llm:
+        ray.get(actors(llm.run_id)["gpu_executor"].__ray_call__.remote(_injector(), "merge", 0, "oom"), timeout=60)
+        t0 = time.perf_counter()
+        with pytest.raises(SpecOffloadError, match="rows joining batch 0 ran out of GPU memory") as e:
+            llm.generate(prompts, params)
+        assert "\n" not in str(e.value).strip() and time.perf_counter() - t0 < 60
+        outs = llm.generate(prompts, params)
+        assert llm.last_stats["joins"] > 0
+    assert [o.outputs[0].token_ids for o in outs] == want

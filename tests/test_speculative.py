@@ -250,7 +250,8 @@ def test_joining_rows_take_freed_gpu_rows():
 
 def test_cache_compaction_in_place_matches_a_gather():
     """`fill_holes` orders survivors so a cache compacts by moving only the rows past the new
-    end; the result equals gathering the kept rows, and other orders still work."""
+    end; the result equals gathering the kept rows, and other orders still work. Either way
+    the rows stay in the cache's storage, so rows joining next fill it without allocating."""
     import torch
 
     from specoffload.models.attention import KVCache
@@ -267,10 +268,17 @@ def test_cache_compaction_in_place_matches_a_gather():
             c.lens = torch.arange(6) + 1
             want_k = [t[idx].clone() for t in c.k]
             want_v = [t[idx].clone() for t in c.v]
+            ptrs = [t.data_ptr() for t in c.k + c.v]
             c.select(torch.tensor(idx))
             for a, b in zip(c.k + c.v, want_k + want_v):
                 torch.testing.assert_close(a, b)
             assert c.lens.tolist() == [i + 1 for i in idx]
+            joining = KVCache(2, 6 - len(idx), 2, 4, 8, torch.float32)
+            joining.lens[:] = 3
+            c.append(joining)  # the freed rows take new sequences in the same storage
+            assert [t.data_ptr() for t in c.k + c.v] == ptrs and c.batch == 6
+            for a, b in zip(c.k + c.v, want_k + want_v):
+                torch.testing.assert_close(a[: len(idx)], b)
 
 
 @pytest.mark.parametrize("sinks,fp8", [(0, False), (2, False), (2, True)])
