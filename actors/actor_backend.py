@@ -18,6 +18,7 @@ import ray
 
 from ..placement import gpu_kv_rows
 from . import kv_ring
+from ..errors import SpecOffloadError
 from .doorbell import BELL, is_peer_failed
 
 
@@ -25,10 +26,17 @@ class RunStopped(Exception):
     """The driver asked the run to stop (Ctrl-C, SIGTERM): raised at the next pass boundary."""
 
 
+class PassStalled(SpecOffloadError):
+    """A target pass or prefill gave no result for plan.stall_s: the supervisor rebuilds the
+    actors and the run goes on (actors/supervisor.py), as when one dies."""
+
+
 class ActorBackend:
     def __init__(self, executor, attention, num_layers: int, prefill_batch: int, micro_batches: int = 1,
-                 kv_ring: bool = False, doorbell: bool = False, gpu_kv_rows: int = 0):
+                 kv_ring: bool = False, doorbell: bool = False, gpu_kv_rows: int = 0, stall_s: float = 0.0):
         self.ex, self.at = executor, attention
+        self.stall_s = stall_s  # plan.stall_s: how long a result may take before the pass counts as stalled
+        self._passes_timed = 0
         self.G = gpu_kv_rows  # plan.gpu_kv_rows: a batch's first rows attend on the GPU
         self._gpu: dict[int, int] = {}  # batch -> its GPU rows now (placement/gpu_kv_rows.py)
         self._gpu_cap: dict[int, int] = {}  # batch -> the GPU rows it started with (joins refill up to it)
@@ -226,7 +234,9 @@ class ActorBackend:
             _, bid = handle
             calls = self._pass_refs.pop(bid, None)
             try:
-                out = ray.get(self._results.pop(bid))
+                out = self._wait(self._results.pop(bid), f"batch {bid}'s target pass")
+            except PassStalled:
+                raise
             except Exception as e:
                 real = _first_error(e, calls) if calls else e
                 if real is not e:
@@ -235,6 +245,7 @@ class ActorBackend:
             self._stored(bid)  # a batch's first pass: were its prefill's K/V all stored?
             t = time.perf_counter() - self._submitted_at.pop(bid, time.perf_counter())
             self._t_pass = max(t - self._own_steps.pop(bid, 0) * self._t_draft, 0.5 * t)
+            self._passes_timed += 1
             if self.stopping:
                 raise RunStopped()
             return out
@@ -248,7 +259,9 @@ class ActorBackend:
         self._flush()
         bid, stores = self._prefill_stores.pop(handle, (None, None))
         try:
-            out = ray.get(handle)
+            out = self._wait(handle, f"batch {bid}'s prefill" if bid is not None else "a prefill")
+        except PassStalled:
+            raise
         except Exception:
             # The head reports the prefill's first error; the K/V stores queued behind it failed
             # with it. Collect them, so that Ray does not log each one as an unhandled error.
@@ -285,7 +298,21 @@ class ActorBackend:
         attending without a layer's K/V (wrong tokens, not an error)."""
         stores = self._unread_stores.pop(bid, None)
         if stores:
-            ray.get(stores)
+            self._wait(stores, f"batch {bid}'s prefill K/V into the CPU worker's cache")
+
+    def _wait(self, refs, what: str):
+        """ray.get, but a result that takes longer than plan.stall_s (or 30 of this run's
+        passes, once one was timed) raises PassStalled instead of waiting for ever: a side of
+        the pass waits on something that will not come (session 29 met one on the GPU)."""
+        if not self.stall_s:
+            return ray.get(refs)
+        limit = max(self.stall_s, 30 * self._t_pass if self._passes_timed else 0.0)
+        many = isinstance(refs, list)
+        _, left = ray.wait(refs if many else [refs], num_returns=len(refs) if many else 1, timeout=limit)
+        if left:
+            raise PassStalled(f"{what} gave no result for {limit:.0f} s (plan.stall_s {self.stall_s:g}): "
+                              f"an engine actor is stuck")
+        return ray.get(refs)
 
     def free(self, bid):
         _read_quietly(self._unread_stores.pop(bid, None))  # before the executor removes their ring

@@ -21,7 +21,7 @@ from ..placement.plan import Plan
 from ..scheduler.generator import Generator
 from ..scheduler.request import Request
 from ..stop_strings import decoder
-from .actor_backend import ActorBackend, RunStopped
+from .actor_backend import ActorBackend, PassStalled, RunStopped
 from .cpu_attention import CPUAttention
 from .gpu_executor import GPUExecutor
 from .guard import guarded
@@ -158,7 +158,8 @@ class Coordinator:
                                      "threads": lt["threads"]} if lt else {}
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, self.plan.prefill_batch,
                                     self.plan.micro_batches, self.plan.shm_prefill and self.plan.shm_activations,
-                                    self.plan.layer_doorbell and self.info["mailboxes"], self.plan.gpu_kv_rows)
+                                    self.plan.layer_doorbell and self.info["mailboxes"], self.plan.gpu_kv_rows,
+                                    self.plan.stall_s)
 
     def _new_executor(self, plan: Plan, draft_desc, target_desc):
         """An executor starting CUDA and loading the draft (attach maps the target later)."""
@@ -230,7 +231,8 @@ class Coordinator:
             # executor and the CPU worker: their device memory, and state under the batch ids the
             # next run starts again from 0. Free them before the next run's calls (an actor runs
             # its calls in order); a dead actor is the supervisor's to rebuild.
-            if not isinstance(e, ray.exceptions.RayActorError):
+            # A stalled pass's actors are stuck: the supervisor rebuilds them (nothing to free).
+            if not isinstance(e, (ray.exceptions.RayActorError, PassStalled)):
                 self.backend.free_all()
             raise
         stats |= self.backend.stats()

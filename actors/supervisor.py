@@ -39,6 +39,14 @@ def _actor_died(e: BaseException) -> bool:
                                                                        ray.exceptions.RayActorError)
 
 
+def _stalled(e: BaseException) -> bool:
+    """e is a pass that stalled (actor_backend.PassStalled, raised in the coordinator)."""
+    from ..errors import root_cause
+    from .actor_backend import PassStalled
+
+    return isinstance(root_cause(e), PassStalled)
+
+
 def _who(e: BaseException) -> str:
     m = re.search(r"specoffload-(coordinator|io_loader|gpu_executor|cpu_attention)-", str(e))
     if m:
@@ -178,6 +186,7 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
 
     import ray
 
+    from ..errors import root_cause
     from .guard import user_error
 
     restarts, continued = 0, 0
@@ -189,7 +198,8 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
             stats["restarts"], stats["continued"] = restarts, continued
             return stats
         except Exception as e:
-            if not _actor_died(e):
+            stalled = _stalled(e)
+            if not (_actor_died(e) or stalled):
                 if isinstance(e, ray.exceptions.RayError):  # an actor's error: one line, traceback in its log
                     raise user_error(e, llm.run_id) from None
                 raise
@@ -201,14 +211,17 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
                     kept += 1
             continued += kept
             who, old = _who(e), llm.run_id
-            teardown(old)
+            # a stall: "<what> gave no result for N s (...)", the coordinator's own words
+            what = str(root_cause(e)).split(" (plan.stall_s")[0] if stalled else f"the engine's {who} actor died"
+            teardown(old)  # a stalled run's actors too: one of them is stuck
             llm.coordinator = None
             if restarts >= llm.max_restarts:
+                again = f"; {restarts + 1} times in one run" if stalled else f" {restarts + 1} times in one run"
                 raise EngineFailed(
-                    f"the engine's {who} actor died {restarts + 1} times in one run; stopped with "
+                    f"{what}{again}; stopped with "
                     f"{len(reqs) - len(pending)} of {len(reqs)} requests finished (those are kept)") from None
             restarts += 1
-            print(f"specoffload: the engine's {who} actor died; restarting the actors and re-running "
+            print(f"specoffload: {what}; restarting the actors and re-running "
                   f"{len(pending)} unfinished requests, {kept} of them from the tokens they had "
                   f"(restart {restarts} of at most {llm.max_restarts})", file=log, flush=True)
             try:
@@ -216,6 +229,6 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
             except Exception as e2:  # noqa: BLE001 - any failure to come back ends the run
                 msg = str(getattr(e2, "cause", None) or e2).strip().splitlines()
                 raise EngineFailed(
-                    f"the engine's {who} actor died and the actors could not restart "
+                    f"{what} and the actors could not restart "
                     f"({msg[-1] if msg else type(e2).__name__}); {len(reqs) - len(pending)} of {len(reqs)} "
                     f"requests finished (those are kept)") from None

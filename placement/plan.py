@@ -91,6 +91,11 @@ class Plan(JsonFile):
     # CPU's share of a layer's chain shrinks. With micro-batches the GPU rows ride with the
     # first of the CPU rows' parts (placement/gpu_kv_rows.part_ranges).
     gpu_kv_rows: int = 0
+    # A target pass or prefill whose result has not come for this many seconds (or 30 of the
+    # run's measured passes, if longer) has stalled: a side waits on something that will not
+    # come. The actors are then rebuilt and the run goes on, as when one dies
+    # (actors/supervisor.py). 0: wait for ever.
+    stall_s: float = 600.0
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -118,6 +123,8 @@ class Plan(JsonFile):
             raise ConfigError(f"micro_batches must be in 1..64, got {self.micro_batches}")
         if self.gpu_kv_rows < 0:
             raise ConfigError(f"gpu_kv_rows must be >= 0, got {self.gpu_kv_rows}")
+        if self.stall_s < 0:
+            raise ConfigError(f"stall_s must be >= 0 seconds (0: no limit), got {self.stall_s}")
         if self.gpu_memory is not None and self.gpu_memory <= 0:
             raise ConfigError("gpu_memory must be positive")
 

@@ -5,6 +5,7 @@ every request comes back once (actors/supervisor.py)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
@@ -124,3 +125,53 @@ def test_greedy_requests_continue_from_the_tokens_they_had(ray_session, tiny_dir
             assert got.keys() == exp.keys()
             assert all(abs(got[k].logprob - exp[k].logprob) < 1e-3 for k in got)
     assert "3 of them from the tokens they had" in capsys.readouterr().err
+
+
+def _hang_once():
+    """A function for `__ray_call__` (made here so that Ray pickles it by value): the CPU
+    worker's `calls`-th attention call from now on never returns, as a side of a pass that
+    waits on something that will not come."""
+
+    def _inject(self, calls: int):
+        import time
+
+        run, left = self._attend, [calls]
+
+        def hanging(*args):
+            left[0] -= 1
+            if left[0] == 0:
+                time.sleep(3600)
+            return run(*args)
+
+        self._attend = hanging
+
+    return _inject
+
+
+@pytest.mark.parametrize("bell", [True, False])
+def test_a_stalled_pass_is_restarted_and_output_is_exact(ray_session, tiny_dir, want, bell, capsys):
+    """A pass whose result does not come within plan.stall_s (session 29 met one on the GPU: a
+    worker waiting on a doorbell for ever) ends in PassStalled; the driver rebuilds the actors
+    as for a death and the output is exactly the undisturbed run's, each request once."""
+    import ray
+
+    from specoffload.actors.supervisor import actors
+
+    with LLM(str(tiny_dir("llama")), plan=Plan(device="cpu", batch_size=4, stall_s=3, layer_doorbell=bell),
+             progress=False) as llm:
+        first_run = llm.run_id
+        ray.get(actors(first_run)["cpu_attention"].__ray_call__.remote(_hang_once(), 40), timeout=60)
+        seen = []
+        outs = llm.generate(_inputs(), PARAMS, on_output=lambda o: seen.append(o.request_id))
+        assert llm.run_id != first_run and llm.last_stats["restarts"] == 1
+    assert sorted(seen) == sorted(o.request_id for o in outs)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    err = capsys.readouterr().err
+    assert re.search(r"batch \d+'s target pass gave no result for 3 s; restarting the actors", err), err
+
+
+def test_plan_stall_s_is_checked():
+    from specoffload.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stall_s must be >= 0"):
+        Plan(device="cpu", stall_s=-1)
