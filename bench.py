@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "6GiB) of the same target shape on the first N of the requests the modes ran, T new "
                          "tokens each (default 3), in a process of its own once the actors' memory is free, "
                          "and print every mode's ratio to it (Mixtral-shaped workloads; needs accelerate).")
+    ap.add_argument("--stall-s", type=float, default=600.0,
+                    help="A pass or prefill that gives no result for this many seconds (or 30 of the run's "
+                         "passes, if longer) ends the mode with PassStalled instead of waiting for ever "
+                         "(plan.stall_s; 0: no limit). Default 600.")
     ap.add_argument("--trace-dir", help="Write a Chrome-trace JSON timeline per mode into this folder.")
     ap.add_argument("--json", help="Write the results here as JSON.")
     ap.add_argument("--ray-address", help="The Ray cluster to join, or 'local' (default: as `specoffload "
@@ -383,7 +387,7 @@ def _plan(a, cuda: bool):
                     draft_fp8=a.draft_fp8, gpu_layers=tuple(range(a.resident)), shm_prefill=a.shm_prefill,
                     ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
                     layer_doorbell=_doorbells(a)[0],
-                    copy_chunk_mib=_copy_chunks(a)[0], gpu_kv_rows=a.gpu_kv_rows[0])
+                    copy_chunk_mib=_copy_chunks(a)[0], gpu_kv_rows=a.gpu_kv_rows[0], stall_s=a.stall_s)
         plan.check_layers(a.target_layers)
     except ConfigError as e:
         raise BenchError(e) from None

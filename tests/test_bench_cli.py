@@ -307,3 +307,18 @@ def test_bench_gpu_kv_rows_list(monkeypatch):
         a.gpu_kv_rows = bad
         with pytest.raises(bench.BenchError, match="--gpu-kv-rows"):
             bench._gpu_kv_rows(a, None, None, cuda=False)
+
+
+def test_bench_stall_s_reaches_the_plan():
+    """--stall-s sets plan.stall_s (a device call ends a stalled mode before its own limit);
+    a negative one is a one-line error."""
+    from specoffload import bench
+
+    def plan(*argv):
+        a = bench._options(["--workload", "tiny", *argv])
+        a.gpu_kv_rows, a.resident = [0], 0  # what main resolves first (bench._gpu_kv_rows, _resident)
+        return bench._plan(a, cuda=False)
+
+    assert plan("--stall-s", "90").stall_s == 90 and plan().stall_s == 600
+    with pytest.raises(bench.BenchError, match="stall_s must be >= 0"):
+        plan("--stall-s", "-1")
