@@ -16,9 +16,9 @@ import time
 
 import ray
 
+from ..errors import SpecOffloadError
 from ..placement import gpu_kv_rows
 from . import kv_ring
-from ..errors import SpecOffloadError
 from .doorbell import BELL, is_peer_failed
 
 
