@@ -198,8 +198,8 @@ def _injector():
     def _inject(self, where: str, layer: int, exc: str):
         """In an actor's process: its next call at `layer` of a pass raises `exc` (once). where:
         worker (attention), executor (a verification layer), join (a joining prefill in a pass),
-        begin (a pass's start on the executor, any layer), merge (rows joining a batch, inside
-        the draft's part of the merge, after the executor has begun it)."""
+        begin (a pass's start on the executor, any layer), merge (rows joining a batch: the
+        draft engine's merge, once the executor's has begun)."""
         import torch
 
         name = {"worker": "_attend", "executor": "_pre", "join": "_prefill_layer", "begin": "_verify_begin",
