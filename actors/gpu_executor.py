@@ -223,8 +223,7 @@ class GPUExecutor:
             # The coordinator does not wait for a merge: a batch left half merged would run on
             # (rows and state of different heights, a device-side assert, a pass that never
             # ends). It fails instead, and its next pass reports this, in one line.
-            self.tb.pop(bid, None)  # its mailboxes stay: the next pass marks them failed (verify_begin)
-            self.runner.free(bid)
+            self.free(bid, mailboxes=False)  # its mailboxes stay: its next pass marks them failed
             self.runner.free(new)
             self._failed[bid] = CapacityError(
                 f"rows joining batch {bid} ran out of GPU memory ({self.budget.summary()} GiB held): lower "
@@ -234,12 +233,13 @@ class GPUExecutor:
         finally:
             self.mail.free(new)
 
-    def free(self, bid):
+    def free(self, bid, mailboxes: bool = True):
         self.tb.pop(bid, None)
         self._failed.pop(bid, None)
         self.runner.free(bid)
         self._drafting.pop(bid, None)
-        self.mail.free(bid)
+        if mailboxes:
+            self.mail.free(bid)
 
     # -- prefill: each layer's weights serve every sub-batch before the next layer --------
     @torch.inference_mode()
