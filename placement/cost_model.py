@@ -50,6 +50,13 @@ class CostModel:
     # Device memory beside weights, caches and the CUDA context: allocator slack, CUDA graph
     # pools, the MoE chunks (a prefill's own activations: prefill_gpu_bytes).
     workspace_bytes: int = int(1.0 * GiB)
+    # GPU memory a speculative run's GPU rows leave free when they fill the rest of the cap
+    # (planner.gpu_kv_rows_fit): draft graph pools and passes whose shape changes with k leave
+    # the allocator fragments the account does not see. On W1-long (H200 capped at 24 GiB, 3
+    # resident layers) 107 rows, which the account filled to 23.99 GiB, ran out of memory in a
+    # verification pass with 23.27 GiB allocated (session 30, call 2); 64 rows peaked at
+    # 20.98 GiB (call 3). Plain decoding's rows peaked 1.7 GiB under the cap: no slack added.
+    draft_rows_slack_bytes: int = int(0.75 * GiB)
     # Host memory kept free for Ray's object store, the processes and the OS.
     host_reserve_bytes: int = 8 * GiB
     # The CUDA context and cuBLAS handles of the executor's process, which a card's memory also

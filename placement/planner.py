@@ -175,8 +175,10 @@ def gpu_kv_rows_fit(target: ModelSpec, draft: ModelSpec | None, c: Candidate, wl
     need = _gpu_bytes(target, draft, 0, replace(c, gpu_kv_rows=0), wl, cm)
     if need > gpu_memory:
         raise CapacityError(f"GPU needs {need / 2**30:.1f} GiB of {gpu_memory / 2**30:.1f} before any GPU row")
+    if draft is not None and c.schedule != "none":
+        need += cm.draft_rows_slack_bytes
     per = (c.in_flight // c.batch) * _row_bytes(target, wl)
-    return int(min((gpu_memory - need) // per, c.batch))
+    return int(max(min((gpu_memory - need) // per, c.batch), 0))
 
 
 def _host_bytes(target, draft, c: Candidate, wl: Workload, cm: CostModel) -> int:

@@ -160,6 +160,28 @@ def test_gpu_rows_take_slow_attention_off_the_cpu(h200, monkeypatch):
     assert fast.best.gpu_kv_rows == 0
 
 
+def test_gpu_rows_fit_leaves_slack_beside_a_draft():
+    """gpu_kv_rows_fit (`bench --gpu-kv-rows auto`) fills the GPU left beside a placement with
+    rows; beside a draft it leaves CostModel.draft_rows_slack_bytes free (W1-long's 107 rows,
+    filled to 23.99 GiB of 24, ran out of memory mid-pass: session 30), plain decoding's rows
+    none; a placement the slack leaves no room for gets 0 rows, not a negative count."""
+    from specoffload.placement.draft_kv import DraftKV
+    from specoffload.placement.planner import Candidate, _gpu_bytes, _row_bytes, gpu_kv_rows_fit
+
+    wl, ring = Workload(1024, 256, 192, 0.8), DraftKV("gpu", 64, 4, False)
+    t, d, cap = mixtral_8x7b().with_layers(8), mistral_7b().with_layers(8), 24 * 2**30
+    model = cm.CostModel()
+    for draft, sched, slack in ((d, "single", model.draft_rows_slack_bytes), (None, "none", 0)):
+        c = Candidate(sched, 192, k=4, kv=ring, slots=2, prefill_batch=16, resident=3, draft_fp8=True)
+        rows = gpu_kv_rows_fit(t, draft, c, wl, cap)
+        need = _gpu_bytes(t, draft, 0, c, wl, model) + slack
+        assert 0 < rows < 192
+        assert need + rows * _row_bytes(t, wl) <= cap < need + (rows + 1) * _row_bytes(t, wl)
+    c = Candidate("single", 192, k=4, kv=ring, slots=2, prefill_batch=16, resident=3, draft_fp8=True)
+    tight = _gpu_bytes(t, d, 0, c, wl, model) + model.draft_rows_slack_bytes // 2
+    assert gpu_kv_rows_fit(t, d, c, wl, tight) == 0
+
+
 def test_window_acceptance_steers_the_window(h200):
     free = plan(mixtral_8x7b(), mistral_7b(), h200, W1, draft_fp8=False).best
     assert free.window == 64  # the cheapest ring, when told no window costs acceptance
