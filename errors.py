@@ -17,6 +17,12 @@ class CapacityError(SpecOffloadError):
     """The work does not fit: prompt longer than the context, batch larger than host RAM."""
 
 
+class OutOfGpuMemoryMidRun(CapacityError):
+    """A verification pass, or rows joining a running batch, ran out of GPU memory after the run
+    had started: the driver restarts the actors with a smaller footprint and carries on
+    (actors/memory_retreat.py)."""
+
+
 class ActorError(SpecOffloadError):
     """An engine actor failed for a reason that is not the input's (a bug, a lost node, memory
     taken by something else); the message names the log with its traceback. The CLI exits 1."""

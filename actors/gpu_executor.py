@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from ..errors import CapacityError, ConfigError, SpecOffloadError
+from ..errors import CapacityError, ConfigError, OutOfGpuMemoryMidRun, SpecOffloadError
 from ..models.attention import KVCache, pack_index
 from ..models.forward import Forward
 from ..models.fp8_weights import SELF_DRAFT_REFUSAL
@@ -225,7 +225,7 @@ class GPUExecutor:
             # ends). It fails instead, and its next pass reports this, in one line.
             self.free(bid, mailboxes=False)  # its mailboxes stay: its next pass marks them failed
             self.runner.free(new)
-            self._failed[bid] = CapacityError(
+            self._failed[bid] = OutOfGpuMemoryMidRun(
                 f"rows joining batch {bid} ran out of GPU memory ({self.budget.summary()} GiB held): lower "
                 f"batch_size or gpu_kv_rows, or raise gpu_memory ({str(e).splitlines()[0][:60]})"
             ) if isinstance(e, torch.OutOfMemoryError) else e
@@ -508,7 +508,7 @@ class GPUExecutor:
             if not isinstance(e, torch.OutOfMemoryError):
                 raise
             self.streamer.reset()
-            raise CapacityError(
+            raise OutOfGpuMemoryMidRun(
                 f"a verification pass ran out of GPU memory at layer {j} ({int(parts[p]['hi'] - parts[p]['lo'])} "
                 f"sequences, {int(parts[p]['q_lens_np'][0])} tokens each): lower batch_size or the draft "
                 f"length, or raise gpu_memory ({str(e).splitlines()[0]})") from None

@@ -13,6 +13,9 @@ from scratch its output depends only on its prompt, parameters and rid (the seed
 batch. Stop strings and presence/frequency penalties (which look at the output alone) re-run
 too. Finished requests were handed out once and are not run again.
 
+A pass or a join that runs out of GPU memory mid-run (`OutOfGpuMemoryMidRun`) is met the same
+way, the new actor set with half the GPU rows or half the batch (actors/memory_retreat.py).
+
 When the actors cannot be restarted, or die more than `LLM.max_restarts` times in one generate,
 the run ends with `EngineFailed`: one line; what finished was already handed to `on_output`
 (the CLI's journal holds it).
@@ -45,6 +48,13 @@ def _stalled(e: BaseException) -> bool:
     from .actor_backend import PassStalled
 
     return isinstance(root_cause(e), PassStalled)
+
+
+def _out_of_gpu_memory(e: BaseException) -> bool:
+    """e is a pass or a merge that ran out of GPU memory mid-run (actors/memory_retreat.py)."""
+    from ..errors import OutOfGpuMemoryMidRun, root_cause
+
+    return isinstance(root_cause(e), OutOfGpuMemoryMidRun)
 
 
 def _who(e: BaseException) -> str:
@@ -189,17 +199,20 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
     from ..errors import root_cause
     from .guard import user_error
 
-    restarts, continued = 0, 0
+    from . import memory_retreat
+
+    restarts, continued, shrunk = 0, 0, []
     while True:
         running = {rid: (_continuation(pending[rid], prefixes[rid]) if rid in prefixes else pending[rid])
                    for rid in order if rid in pending}
         try:
             stats = llm._run_ray(list(running.values()), fin, progress)
-            stats["restarts"], stats["continued"] = restarts, continued
+            stats["restarts"], stats["continued"], stats["shrunk"] = restarts, continued, shrunk
             return stats
         except Exception as e:
             stalled = _stalled(e)
-            if not (_actor_died(e) or stalled):
+            smaller = memory_retreat.smaller(llm.plan, llm.run_cfg) if _out_of_gpu_memory(e) else None
+            if not (_actor_died(e) or stalled or smaller):
                 if isinstance(e, ray.exceptions.RayError):  # an actor's error: one line, traceback in its log
                     raise user_error(e, llm.run_id) from None
                 raise
@@ -213,15 +226,29 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
             who, old = _who(e), llm.run_id
             # a stall: "<what> gave no result for N s (...)", the coordinator's own words
             what = str(root_cause(e)).split(" (plan.stall_s")[0] if stalled else f"the engine's {who} actor died"
+            if smaller:  # "<what> ran out of GPU memory (...): lower ..., or raise gpu_memory (CUDA ...)"
+                what = str(root_cause(e)).strip().splitlines()[0].split(": lower ")[0]
             teardown(old)  # a stalled run's actors too: one of them is stuck
             llm.coordinator = None
+            if restarts >= llm.max_restarts and smaller:  # the user's to act on, as without restarts
+                from ..errors import OutOfGpuMemoryMidRun
+
+                times = f"{restarts + 1} time{'s' if restarts else ''}"
+                raise OutOfGpuMemoryMidRun(
+                    f"{what}, {times} in one run; stopped with {len(reqs) - len(pending)} of {len(reqs)} requests "
+                    f"finished (those are kept): lower batch_size or gpu_kv_rows, or raise gpu_memory") from None
             if restarts >= llm.max_restarts:
                 again = f"; {restarts + 1} times in one run" if stalled else f" {restarts + 1} times in one run"
                 raise EngineFailed(
                     f"{what}{again}; stopped with "
                     f"{len(reqs) - len(pending)} of {len(reqs)} requests finished (those are kept)") from None
             restarts += 1
-            print(f"specoffload: {what}; restarting the actors and re-running "
+            change = ""
+            if smaller:  # the next actor set runs with less GPU memory in use
+                llm.plan, llm.run_cfg, change = smaller
+                shrunk.append(change)
+                change = f" with {change}"
+            print(f"specoffload: {what}; restarting the actors{change} and re-running "
                   f"{len(pending)} unfinished requests, {kept} of them from the tokens they had "
                   f"(restart {restarts} of at most {llm.max_restarts})", file=log, flush=True)
             try:

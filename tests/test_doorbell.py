@@ -224,7 +224,6 @@ def _injector():
 @pytest.mark.parametrize("where,exc,match,bell", [
     ("worker", "runtime", "RuntimeError: injected worker failure", True),
     ("worker", "runtime", "RuntimeError: injected worker failure", False),  # Ray's hand-offs
-    ("executor", "oom", "a verification pass ran out of GPU memory at layer 1", True),
     # a pass that never began used to leave the worker waiting on its doorbell for ever
     ("begin", "runtime", "RuntimeError: injected begin failure", True),
 ])
@@ -309,17 +308,22 @@ def test_a_joining_prefill_out_of_gpu_memory_waits_and_joins_smaller(ray_session
     assert [o.outputs[0].token_ids for o in outs] == [f[:n] for f, n in zip(full, lengths)]
 
 
-def test_rows_joining_out_of_gpu_memory_end_the_run_in_one_line(ray_session, tiny_dir):
-    """What w1-long with GPU rows met on the H100 (session 29): the draft's part of a merge ran
-    out of GPU memory. The coordinator does not wait for a merge, so the executor used to keep
-    the batch half merged (rows of different heights), the next draft step and pass failed on
-    that, a device-side assert followed and the run hung. Now the batch fails: its next pass
-    raises that out-of-memory in one line, at once, and the same LLM then generates exactly."""
+@pytest.mark.parametrize("where,gpu_rows,change,what", [
+    ("executor", 0, "batch 1 (was 2)", "a verification pass ran out of GPU memory at layer 1"),
+    ("merge", 2, "1 GPU rows (was 2)", "rows joining batch 0 ran out of GPU memory"),
+])
+def test_out_of_gpu_memory_mid_run_restarts_smaller_and_output_is_exact(ray_session, tiny_dir, capfd, where,
+                                                                       gpu_rows, change, what):
+    """What w1-long met on the GPU: a verification pass (the H200, session 30) or the draft's
+    part of a merge (the H100, session 29) ran out of GPU memory mid-run. The merge used to
+    leave the batch half merged and the run hung; then either ended the run, losing a job's
+    unfinished requests. Now the driver rebuilds the actors with half the GPU rows, or with
+    none, half the batch, and runs what had not finished: each request once, transformers'
+    greedy tokens, the LLM keeping the smaller footprint."""
     import ray
     from hf_reference import PROMPTS, hf_greedy
     from specoffload.actors.supervisor import actors
     from specoffload.configs.sampling_params import SamplingParams
-    from specoffload.errors import SpecOffloadError
     from specoffload.llm import LLM
     from specoffload.placement.plan import Plan
 
@@ -329,12 +333,38 @@ def test_rows_joining_out_of_gpu_memory_end_the_run_in_one_line(ray_session, tin
     want = [w[:n] for w, n in zip(hf_greedy(d, PROMPTS, max(lengths)), lengths)]
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=True), batch_size=2, progress=False,
+             draft="self:1", schedule="single", k=2, refill=True, gpu_kv_rows=gpu_rows) as llm:
+        ray.get(actors(llm.run_id)["gpu_executor"].__ray_call__.remote(_injector(), where, 1 if where == "executor"
+                                                                         else 0, "oom"), timeout=60)
+        outs = llm.generate(prompts, params)
+        st = llm.last_stats
+        assert (st["restarts"], st["shrunk"]) == (1, [change])
+        assert (llm.plan.gpu_kv_rows, llm.run_cfg.batch_size) == ((1, 2) if gpu_rows else (0, 1))
+    assert [o.outputs[0].token_ids for o in outs] == want
+    err = capfd.readouterr().err
+    assert f"specoffload: {what}" in err and f"restarting the actors with {change}" in err
+
+
+def test_out_of_gpu_memory_past_the_restarts_ends_the_run_in_one_line(ray_session, tiny_dir):
+    """With no restart left the run ends at once (the merge's failure used to hang it) with the
+    out-of-memory in one line, a CapacityError the user can act on, saying what was kept."""
+    import ray
+    from hf_reference import PROMPTS
+    from specoffload.actors.supervisor import actors
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.errors import OutOfGpuMemoryMidRun
+    from specoffload.llm import LLM
+    from specoffload.placement.plan import Plan
+
+    d = tiny_dir("llama")
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in [3, 9, 6, 6]]
+    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=True), batch_size=2, progress=False,
              draft="self:1", schedule="single", k=2, refill=True) as llm:
+        llm.max_restarts = 0
         ray.get(actors(llm.run_id)["gpu_executor"].__ray_call__.remote(_injector(), "merge", 0, "oom"), timeout=60)
         t0 = time.perf_counter()
-        with pytest.raises(SpecOffloadError, match="rows joining batch 0 ran out of GPU memory") as e:
-            llm.generate(prompts, params)
+        with pytest.raises(OutOfGpuMemoryMidRun, match=r"^rows joining batch 0 ran out of GPU memory \(.*GiB held\), "
+                           r"1 time in one run; stopped with [1-3] of 4 requests finished \(those are kept\): lower "
+                           r"batch_size or gpu_kv_rows, or raise gpu_memory$") as e:
+            llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
         assert "\n" not in str(e.value).strip() and time.perf_counter() - t0 < 60
-        outs = llm.generate(prompts, params)
-        assert llm.last_stats["joins"] > 0
-    assert [o.outputs[0].token_ids for o in outs] == want
