@@ -14,7 +14,8 @@ batch. Stop strings and presence/frequency penalties (which look at the output a
 too. Finished requests were handed out once and are not run again.
 
 A pass or a join that runs out of GPU memory mid-run (`OutOfGpuMemoryMidRun`) is met the same
-way, the new actor set with half the GPU rows or half the batch (actors/memory_retreat.py).
+way, the new actor set with half the GPU rows or half the batch (actors/memory_retreat.py);
+past the restarts it ends the run as that CapacityError, which the user can act on.
 
 When the actors cannot be restarted, or die more than `LLM.max_restarts` times in one generate,
 the run ends with `EngineFailed`: one line; what finished was already handed to `on_output`
