@@ -434,7 +434,7 @@ class Bench:
 
     def __init__(self, a, plan, tspec, tsrc):
         self.a, self.plan, self.tspec, self.tsrc = a, plan, tspec, tsrc
-        self.coord = None
+        self.coord, self.run_id = None, None
         self.many_micro = False
         self.results: list[dict] = []
         self.prompts: list[list[int]] = []  # the first timed mode's (--accelerate runs them)
@@ -462,13 +462,39 @@ class Bench:
             ("object", self.tsrc), self.tspec, run_plan, draft_src, RunConfig(schedule="none", batch_size=self.a.batch),
             run_id, True)
         info = wait_ready(c, run_id)
-        self.coord = c
+        self.coord, self.run_id = c, run_id
         print(f"{what} up in {time.perf_counter() - t0:.1f} s: {info}", flush=True)
 
     def stop(self, timeout=None):
         if self.coord is not None:
             ray.get(self.coord.shutdown.remote(), timeout=timeout)
             self.coord = None
+
+    def abandon(self):
+        """Kill an actor set that cannot run on (one died, or a pass stalled) and remove its
+        /dev/shm folder, so that the baseline's actors start on a clean machine."""
+        from specoffload.actors.supervisor import teardown
+
+        if self.coord is not None:
+            teardown(self.run_id)
+            try:
+                ray.kill(self.coord)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+            self.coord = None
+
+    def mode_name(self, label: str, mode_spec: tuple, m: int, bell: bool, chunk: int, gpu_rows: int) -> str:
+        """A mode's row name in the table: its label and the settings the lists vary."""
+        a, name = self.a, label
+        if self.many_micro and mode_spec[4] is None:
+            name = f"{label}/m{m}"
+        if len(_doorbells(a)) > 1:
+            name += "/bell" if bell else "/ray"
+        if len(_copy_chunks(a)) > 1:
+            name += f"/c{chunk}"
+        if len(a.gpu_kv_rows) > 1:
+            name += f"/g{gpu_rows}"
+        return name
 
     def payload(self, gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
         """n requests of random prompt tokens, generating max_tokens each."""
@@ -536,14 +562,7 @@ class Bench:
         ray.get(coord.poll.remote())
         row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, on_gpu)
         row["micro_batches"], row["doorbell"], row["copy_chunk_mib"], row["gpu_kv_rows"] = m, bell, chunk, gpu_rows
-        if self.many_micro and mode_spec[4] is None:
-            row["mode"] = f"{label}/m{m}"
-        if len(_doorbells(a)) > 1:
-            row["mode"] += "/bell" if bell else "/ray"
-        if len(_copy_chunks(a)) > 1:
-            row["mode"] += f"/c{chunk}"
-        if len(a.gpu_kv_rows) > 1:
-            row["mode"] += f"/g{gpu_rows}"
+        row["mode"] = self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows)
         self.results.append(row)
         print(json.dumps(row), flush=True)
         if a.trace_dir:
@@ -601,8 +620,8 @@ class Bench:
         resident layers are fixed when it starts) that keep `resident` target layers in the
         GPU memory a draft would use, with two slots as the planner counts, and `gpu_rows` rows
         attending on the GPU, at each of the micro-batch counts (the fastest is the one ratios
-        use). Returns why it did not start, if it did not (the modes already run still get
-        their table)."""
+        use). Returns why it did not start or did not finish, if so (the modes already run
+        still get their table)."""
         from specoffload.configs.run_config import RunConfig
         from specoffload.errors import SpecOffloadError
 
@@ -615,11 +634,21 @@ class Bench:
             self.configure(RunConfig(schedule="none", batch_size=1, refill=not self.a.no_refill), "gpu")
             ray.get(self.coord.generate.remote(self.payload(torch.Generator().manual_seed(1), 1, min(self.a.gen, 4))))
         run = ("none", self.a.k, False, "gpu", None)  # k unused without a draft
+        failed = []
         for m in micro:
             label = f"none+r{resident}" + (f"g{gpu_rows}" if gpu_rows else "")
-            self.run_mode(label, run, m, resident, max(_doorbells(self.a)), gpu_rows=gpu_rows)
+            try:
+                self.run_mode(label, run, m, resident, max(_doorbells(self.a)), gpu_rows=gpu_rows)
+            except Exception as e:  # noqa: BLE001 - the table still shows the modes that ran
+                why, reusable = _mode_failure(e)
+                name = self.mode_name(label, run, m, max(_doorbells(self.a)), _copy_chunks(self.a)[0], gpu_rows)
+                failed.append(f"{name} failed: {why}")
+                print(f"  {failed[-1]}", flush=True)
+                if not reusable:
+                    self.abandon()
+                    break
         self.stop()
-        return None
+        return "; ".join(failed) or None
 
 
 def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int | None):
@@ -717,6 +746,7 @@ def _main(argv):
     micro = _micro_batches(a)
     _doorbells(a), _copy_chunks(a)  # a bad list fails before the actors start
     resident, baseline_error, baseline_rows = None, None, 0
+    failed = []  # "<mode> failed: <why>" for each mode that failed (the others still run)
     if a.baseline_resident is not None:
         try:
             resident = _baseline_resident(a, tspec, cuda)
@@ -746,12 +776,21 @@ def _main(argv):
     try:
         if not a.no_warmup:
             bench.warm_up(modes)
-        for label, spec in modes.items():
-            for m in [spec[4]] if spec[4] else micro:
-                for bell in _doorbells(a):
-                    for chunk in _copy_chunks(a):
-                        for rows in a.gpu_kv_rows:
-                            bench.run_mode(label, spec, m, a.resident, bell, chunk, rows)
+        runs = [(label, spec, m, bell, chunk, rows) for label, spec in modes.items()
+                for m in ([spec[4]] if spec[4] else micro) for bell in _doorbells(a)
+                for chunk in _copy_chunks(a) for rows in a.gpu_kv_rows]
+        for label, spec, m, bell, chunk, rows in runs:
+            try:
+                bench.run_mode(label, spec, m, a.resident, bell, chunk, rows)
+            except Exception as e:  # noqa: BLE001 - one mode's failure must not cost the others (device time)
+                why, reusable = _mode_failure(e)
+                name = bench.mode_name(label, spec, m, bell, chunk, rows)
+                failed.append(f"{name} failed: {why}")
+                print(f"  {name} failed: {why}" + ("" if reusable else "; the modes left on these actors are skipped"),
+                      flush=True)
+                if not reusable:
+                    bench.abandon()
+                    break
         bench.stop()
         if resident:
             baseline_error = bench.baseline(resident, micro, baseline_rows)
@@ -779,10 +818,27 @@ def _main(argv):
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a) | {"accelerate": vars(a.accelerate) if a.accelerate else None},
-                       "results": bench.results, "accelerate": accel}, f, indent=1)
-    if baseline_error or accel_error:
-        raise BenchError("; ".join(e for e in (baseline_error, accel_error) if e))
+                       "results": bench.results, "accelerate": accel, "failed": failed}, f, indent=1)
+    if failed or baseline_error or accel_error:
+        raise BenchError("; ".join(e for e in (*failed, baseline_error, accel_error) if e))
     return 0
+
+
+def _mode_failure(e: BaseException) -> tuple[str, bool]:
+    """A failed mode's error in one line, and whether its actors can run the next mode: after an
+    error the engine reports as its own (a pass out of GPU memory, say) the same actors run on,
+    as `LLM` does (tests/test_doorbell.py); after an actor's death or a stalled pass they cannot."""
+    from specoffload.actors.actor_backend import PassStalled
+    from specoffload.actors.guard import user_error
+    from specoffload.errors import SpecOffloadError, root_cause
+
+    cause = root_cause(e)
+    shown = user_error(e, None) if isinstance(e, ray.exceptions.RayError) else e
+    lines = str(shown).strip().splitlines()
+    why = lines[-1] if lines else type(e).__name__
+    reusable = (isinstance(cause, SpecOffloadError) and not isinstance(cause, PassStalled)
+                and not isinstance(e, ray.exceptions.RayActorError))
+    return why, reusable
 
 
 if __name__ == "__main__":

@@ -322,3 +322,89 @@ def test_bench_stall_s_reaches_the_plan():
     assert plan("--stall-s", "90").stall_s == 90 and plan().stall_s == 600
     with pytest.raises(bench.BenchError, match="stall_s must be >= 0"):
         plan("--stall-s", "-1")
+
+
+@pytest.mark.parametrize("reusable", [True, False])
+def test_a_failed_mode_does_not_cost_the_others(monkeypatch, capsys, tmp_path, reusable):
+    """A mode that fails mid-run (session 30: W1-long's speculative mode ran out of GPU memory
+    after 212 of 768 requests, which ended the device call before its baseline ran) is one line,
+    and the rest still run: the modes after it on the same actors when the engine reported the
+    error as its own (the executor recovers from it, as `LLM` does), else, its actors killed,
+    the baseline on actors of its own. The table and the JSON hold what ran; exit status 2."""
+    import json
+
+    import ray
+    from specoffload import bench, ray_env
+    from specoffload.errors import OutOfGpuMemoryMidRun
+
+    ran, events = [], []
+
+    def row(mode):
+        return {"mode": mode, "batch": 4, "tokens_per_s": 10.0 if mode.startswith("none") else 30.0,
+                "decode_tokens_per_s": 11.0, "s_per_pass": 0.5, "stream_GBps": 1.0, "copy_GBps": 1.0,
+                "acceptance": None, "tokens_per_seq_pass": 1.0, "gpu_busy_decode": 0.5}
+
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None):
+        ran.append(label)
+        if label == "single@2":
+            if reusable:
+                raise OutOfGpuMemoryMidRun("a verification pass ran out of GPU memory at layer 1 (4 sequences, "
+                                           "3 tokens each): lower batch_size")
+            raise ray.exceptions.RayActorError()
+        self.results.append(row(label))
+
+    def baseline(self, resident, micro, gpu_rows=0):
+        ran.append(f"none+r{resident}")
+        self.results.append(row(f"none+r{resident}"))
+
+    monkeypatch.setattr(ray_env, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ray_env, "check_cluster", lambda *a, **k: None)
+    monkeypatch.setattr(bench.Bench, "start", lambda self, *a: events.append("start"))
+    monkeypatch.setattr(bench.Bench, "warm_up", lambda self, modes: None)
+    monkeypatch.setattr(bench.Bench, "stop", lambda self, timeout=None: events.append("stop"))
+    monkeypatch.setattr(bench.Bench, "abandon", lambda self: events.append("abandon"))
+    monkeypatch.setattr(bench.Bench, "run_mode", run_mode)
+    monkeypatch.setattr(bench.Bench, "baseline", baseline)
+    out = tmp_path / "b.json"
+    assert bench.main(["--workload", "tiny", "--modes", "none,single@2,single@3", "--baseline-resident", "1",
+                       "--json", str(out)]) == 2
+    std = capsys.readouterr()
+    err = std.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("specoffload bench: error: single@2 failed: ")
+    if reusable:
+        assert ran == ["none", "single@2", "single@3", "none+r1"] and "abandon" not in events
+        assert err[0].endswith("a verification pass ran out of GPU memory at layer 1 (4 sequences, 3 tokens each): "
+                               "lower batch_size")
+    else:  # its actors are killed; the baseline still runs on its own
+        assert ran == ["none", "single@2", "none+r1"] and events.count("abandon") == 1
+        assert "the modes left on these actors are skipped" in std.out
+    table = [ln.split()[0] for ln in std.out.splitlines() if ln.startswith(("none", "single@"))]
+    assert table == [r for r in ran if r != "single@2"]
+    assert [r["mode"] for r in json.loads(out.read_text())["results"]] == table
+    assert json.loads(out.read_text())["failed"] == [err[0].removeprefix("specoffload bench: error: ")]
+
+
+def test_a_failed_baseline_keeps_the_table(monkeypatch, capsys):
+    """The baseline failing mid-run still leaves the table of the modes that ran (it used to
+    end the bench before the table), its one line the error, exit status 2."""
+    from specoffload import bench, ray_env
+    from specoffload.errors import OutOfGpuMemoryMidRun
+
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None):
+        if label.startswith("none+r"):
+            raise OutOfGpuMemoryMidRun("a verification pass ran out of GPU memory at layer 0 (4 sequences, 1 tokens each)")
+        self.results.append({"mode": label, "batch": 4, "tokens_per_s": 30.0, "decode_tokens_per_s": 31.0,
+                             "s_per_pass": 0.5, "stream_GBps": 1.0, "copy_GBps": 1.0, "acceptance": 0.5,
+                             "tokens_per_seq_pass": 2.0, "gpu_busy_decode": 0.5})
+
+    monkeypatch.setattr(ray_env, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ray_env, "check_cluster", lambda *a, **k: None)
+    monkeypatch.setattr(bench.Bench, "start", lambda self, *a: None)
+    monkeypatch.setattr(bench.Bench, "warm_up", lambda self, modes: None)
+    monkeypatch.setattr(bench.Bench, "stop", lambda self, timeout=None: None)
+    monkeypatch.setattr(bench.Bench, "run_mode", run_mode)
+    assert bench.main(["--workload", "tiny", "--modes", "single@2", "--baseline-resident", "1", "--no-warmup"]) == 2
+    std = capsys.readouterr()
+    assert std.err.strip() == ("specoffload bench: error: none+r1 failed: a verification pass ran out of GPU memory "
+                               "at layer 0 (4 sequences, 1 tokens each)")
+    assert [ln.split()[0] for ln in std.out.splitlines() if ln.startswith("single@")] == ["single@2"]
