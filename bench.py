@@ -483,6 +483,22 @@ class Bench:
                 pass
             self.coord = None
 
+    def run_or_record(self, failed: list, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool, chunk: int,
+                      gpu_rows: int) -> bool:
+        """`run_mode`, with its failure put in `failed` as one line instead of raised: one mode's
+        failure must not cost the others their device time. False when its actors cannot run
+        another mode (one died, or a pass stalled): they are killed."""
+        try:
+            self.run_mode(label, mode_spec, m, on_gpu, bell, chunk, gpu_rows)
+            return True
+        except Exception as e:  # noqa: BLE001 - any failure: the table still shows the modes that ran
+            why, reusable = _mode_failure(e)
+            failed.append(f"{self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows)} failed: {why}")
+            print(f"  {failed[-1]}" + ("" if reusable else "; the modes left on these actors are skipped"), flush=True)
+            if not reusable:
+                self.abandon()
+            return reusable
+
     def mode_name(self, label: str, mode_spec: tuple, m: int, bell: bool, chunk: int, gpu_rows: int) -> str:
         """A mode's row name in the table: its label and the settings the lists vary."""
         a, name = self.a, label
@@ -635,18 +651,11 @@ class Bench:
             ray.get(self.coord.generate.remote(self.payload(torch.Generator().manual_seed(1), 1, min(self.a.gen, 4))))
         run = ("none", self.a.k, False, "gpu", None)  # k unused without a draft
         failed = []
+        label = f"none+r{resident}" + (f"g{gpu_rows}" if gpu_rows else "")
         for m in micro:
-            label = f"none+r{resident}" + (f"g{gpu_rows}" if gpu_rows else "")
-            try:
-                self.run_mode(label, run, m, resident, max(_doorbells(self.a)), gpu_rows=gpu_rows)
-            except Exception as e:  # noqa: BLE001 - the table still shows the modes that ran
-                why, reusable = _mode_failure(e)
-                name = self.mode_name(label, run, m, max(_doorbells(self.a)), _copy_chunks(self.a)[0], gpu_rows)
-                failed.append(f"{name} failed: {why}")
-                print(f"  {failed[-1]}", flush=True)
-                if not reusable:
-                    self.abandon()
-                    break
+            if not self.run_or_record(failed, label, run, m, resident, max(_doorbells(self.a)), _copy_chunks(self.a)[0],
+                                      gpu_rows):
+                break
         self.stop()
         return "; ".join(failed) or None
 
@@ -780,17 +789,8 @@ def _main(argv):
                 for m in ([spec[4]] if spec[4] else micro) for bell in _doorbells(a)
                 for chunk in _copy_chunks(a) for rows in a.gpu_kv_rows]
         for label, spec, m, bell, chunk, rows in runs:
-            try:
-                bench.run_mode(label, spec, m, a.resident, bell, chunk, rows)
-            except Exception as e:  # noqa: BLE001 - one mode's failure must not cost the others (device time)
-                why, reusable = _mode_failure(e)
-                name = bench.mode_name(label, spec, m, bell, chunk, rows)
-                failed.append(f"{name} failed: {why}")
-                print(f"  {name} failed: {why}" + ("" if reusable else "; the modes left on these actors are skipped"),
-                      flush=True)
-                if not reusable:
-                    bench.abandon()
-                    break
+            if not bench.run_or_record(failed, label, spec, m, a.resident, bell, chunk, rows):
+                break
         bench.stop()
         if resident:
             baseline_error = bench.baseline(resident, micro, baseline_rows)
