@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "and attend there (plan.gpu_kv_rows; 'auto': as many as fit beside its resident layers "
                          "by the planner's account), so that plain decoding gets the same lever as the "
                          "speculative modes' --gpu-kv-rows. Default 0.")
+    ap.add_argument("--baseline-copy-chunk-mib",
+                    help="With --baseline-resident: a comma list of copy piece sizes the baseline runs with, "
+                         "each (plan.copy_chunk_mib), the fastest being the one ratios use, so that plain "
+                         "decoding gets the choice the modes' --copy-chunk-mib list gives them. Default: the "
+                         "first of --copy-chunk-mib.")
     ap.add_argument("--accelerate", metavar="N[:T[:RESERVE]]", type=_accelerate_arg,
                     help="After the modes, time what users run instead: transformers + accelerate offload "
                          "(device_map=auto under --gpu-memory, RESERVE of it left for activations, default "
@@ -425,6 +430,13 @@ def _copy_chunks(a) -> list[int]:
     return _counts(a.copy_chunk_mib, "--copy-chunk-mib", "sizes")
 
 
+def _baseline_chunks(a) -> list[int]:
+    """The baseline's copy piece sizes (--baseline-copy-chunk-mib, else the modes' first)."""
+    if a.baseline_copy_chunk_mib is None:
+        return _copy_chunks(a)[:1]
+    return _counts(a.baseline_copy_chunk_mib, "--baseline-copy-chunk-mib", "sizes")
+
+
 def _micro_batches(a) -> list[int]:
     return _counts(a.micro_batches, "--micro-batches", "counts")
 
@@ -506,7 +518,7 @@ class Bench:
             name = f"{label}/m{m}"
         if len(_doorbells(a)) > 1:
             name += "/bell" if bell else "/ray"
-        if len(_copy_chunks(a)) > 1:
+        if len(_copy_chunks(a)) > 1 or len(_baseline_chunks(a)) > 1:
             name += f"/c{chunk}"
         if len(a.gpu_kv_rows) > 1:
             name += f"/g{gpu_rows}"
@@ -635,8 +647,8 @@ class Bench:
         """The fair non-speculative baseline: `none` on actors of its own (an executor's
         resident layers are fixed when it starts) that keep `resident` target layers in the
         GPU memory a draft would use, with two slots as the planner counts, and `gpu_rows` rows
-        attending on the GPU, at each of the micro-batch counts (the fastest is the one ratios
-        use). Returns why it did not start or did not finish, if so (the modes already run
+        attending on the GPU, at each of the micro-batch counts and copy piece sizes (the fastest
+        is the one ratios use). Returns why it did not start or did not finish, if so (the modes already run
         still get their table)."""
         from specoffload.configs.run_config import RunConfig
         from specoffload.errors import SpecOffloadError
@@ -652,9 +664,8 @@ class Bench:
         run = ("none", self.a.k, False, "gpu", None)  # k unused without a draft
         failed = []
         label = f"none+r{resident}" + (f"g{gpu_rows}" if gpu_rows else "")
-        for m in micro:
-            if not self.run_or_record(failed, label, run, m, resident, max(_doorbells(self.a)), _copy_chunks(self.a)[0],
-                                      gpu_rows):
+        for m, chunk in [(m, c) for m in micro for c in _baseline_chunks(self.a)]:
+            if not self.run_or_record(failed, label, run, m, resident, max(_doorbells(self.a)), chunk, gpu_rows):
                 break
         self.stop()
         return "; ".join(failed) or None
@@ -753,7 +764,7 @@ def _main(argv):
     except ValueError as e:
         raise BenchError(e) from None
     micro = _micro_batches(a)
-    _doorbells(a), _copy_chunks(a)  # a bad list fails before the actors start
+    _doorbells(a), _copy_chunks(a), _baseline_chunks(a)  # a bad list fails before the actors start
     resident, baseline_error, baseline_rows = None, None, 0
     failed = []  # "<mode> failed: <why>" for each mode that failed (the others still run)
     if a.baseline_resident is not None:
@@ -767,6 +778,8 @@ def _main(argv):
             raise BenchError(f"--baseline-gpu-kv-rows: {e}") from None
     elif a.baseline_gpu_kv_rows != "0":
         raise BenchError("--baseline-gpu-kv-rows needs --baseline-resident")
+    elif a.baseline_copy_chunk_mib is not None:
+        raise BenchError("--baseline-copy-chunk-mib needs --baseline-resident")
     from specoffload.ray_env import check_cluster, ensure_ray
 
     try:

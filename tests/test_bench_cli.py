@@ -408,3 +408,44 @@ def test_a_failed_baseline_keeps_the_table(monkeypatch, capsys):
     assert std.err.strip() == ("specoffload bench: error: none+r1 failed: a verification pass ran out of GPU memory "
                                "at layer 0 (4 sequences, 1 tokens each)")
     assert [ln.split()[0] for ln in std.out.splitlines() if ln.startswith("single@")] == ["single@2"]
+
+
+def test_the_baseline_runs_each_of_its_copy_piece_sizes_and_ratios_use_its_fastest(monkeypatch, capsys):
+    """--baseline-copy-chunk-mib: plain decoding gets the copy piece sizes the modes' list gives
+    them (session 31's w1-long call tried 8 and 64 MiB for speculation and 8 only for the
+    baseline), each a row of its own; the ratios are against the fastest. Without
+    --baseline-resident, or with a bad list, it is a one-line error."""
+    from specoffload import bench, ray_env
+
+    ran = []
+
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None):
+        ran.append((label, chunk))
+        tps = {"single@2": 300.0, 8: 100.0, 64: 120.0}[label if label.startswith("single") else chunk]
+        self.results.append({"mode": self.mode_name(label, spec, m, bell, chunk, gpu_rows), "batch": 4,
+                             "tokens_per_s": tps, "decode_tokens_per_s": tps, "s_per_pass": 0.5, "stream_GBps": 1.0,
+                             "copy_GBps": 1.0, "acceptance": 0.5, "tokens_per_seq_pass": 2.0, "gpu_busy_decode": 0.5})
+
+    monkeypatch.setattr(ray_env, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ray_env, "check_cluster", lambda *a, **k: None)
+    monkeypatch.setattr(bench.Bench, "start", lambda self, *a: None)
+    monkeypatch.setattr(bench.Bench, "warm_up", lambda self, modes: None)
+    monkeypatch.setattr(bench.Bench, "stop", lambda self, timeout=None: None)
+    monkeypatch.setattr(bench.Bench, "run_mode", run_mode)
+    assert bench.main(["--workload", "tiny", "--modes", "single@2", "--copy-chunk-mib", "64", "--baseline-resident",
+                       "1", "--baseline-copy-chunk-mib", "8,64", "--no-warmup"]) == 0
+    assert ran == [("single@2", 64), ("none+r1", 8), ("none+r1", 64)]
+    out = capsys.readouterr().out
+    assert [ln.split()[0] for ln in out.splitlines() if ln.startswith(("single@", "none+r"))] == [
+        "single@2/c64", "none+r1/c8", "none+r1/c64"]
+    assert "against none+r1/c64 " in out and "single@2/c64 2.50x e2e" in out
+    ran.clear()  # without the list the baseline takes the modes' first size, as before
+    assert bench.main(["--workload", "tiny", "--modes", "single@2", "--copy-chunk-mib", "64,8", "--baseline-resident",
+                       "1", "--no-warmup"]) == 0
+    assert ran == [("single@2", 64), ("single@2", 8), ("none+r1", 64)]
+    capsys.readouterr()
+    for argv, msg in ((["--baseline-copy-chunk-mib", "8"], "--baseline-copy-chunk-mib needs --baseline-resident"),
+                      (["--baseline-resident", "1", "--baseline-copy-chunk-mib", "8,0"],
+                       "--baseline-copy-chunk-mib needs a comma list of sizes >= 1, got '8,0'")):
+        assert bench.main(["--workload", "tiny", *argv]) == 2
+        assert capsys.readouterr().err.strip() == f"specoffload bench: error: {msg}"
