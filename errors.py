@@ -20,7 +20,12 @@ class CapacityError(SpecOffloadError):
 class OutOfGpuMemoryMidRun(CapacityError):
     """A verification pass, or rows joining a running batch, ran out of GPU memory after the run
     had started: the driver restarts the actors with a smaller footprint and carries on
-    (actors/memory_retreat.py)."""
+    (actors/memory_retreat.py). `what`: what ran out, without the advice, for the driver's
+    restart line (an attribute survives Ray's pickling of the error, as the message does)."""
+
+    def __init__(self, message: str, what: str | None = None):
+        super().__init__(message)
+        self.what = what or message
 
 
 class ActorError(SpecOffloadError):

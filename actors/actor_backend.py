@@ -28,7 +28,12 @@ class RunStopped(Exception):
 
 class PassStalled(SpecOffloadError):
     """A target pass or prefill gave no result for plan.stall_s: the supervisor rebuilds the
-    actors and the run goes on (actors/supervisor.py), as when one dies."""
+    actors and the run goes on (actors/supervisor.py), as when one dies. `what`: what gave no
+    result for how long, for the supervisor's restart line."""
+
+    def __init__(self, message: str, what: str | None = None):
+        super().__init__(message)
+        self.what = what or message
 
 
 class ActorBackend:
@@ -310,8 +315,8 @@ class ActorBackend:
         many = isinstance(refs, list)
         _, left = ray.wait(refs if many else [refs], num_returns=len(refs) if many else 1, timeout=limit)
         if left:
-            raise PassStalled(f"{what} gave no result for {limit:.0f} s (plan.stall_s {self.stall_s:g}): "
-                              f"an engine actor is stuck")
+            event = f"{what} gave no result for {limit:.0f} s"
+            raise PassStalled(f"{event} (plan.stall_s {self.stall_s:g}): an engine actor is stuck", what=event)
         return ray.get(refs)
 
     def free(self, bid):

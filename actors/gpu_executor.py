@@ -225,10 +225,10 @@ class GPUExecutor:
             # ends). It fails instead, and its next pass reports this, in one line.
             self.free(bid, mailboxes=False)  # its mailboxes stay: its next pass marks them failed
             self.runner.free(new)
+            event = f"rows joining batch {bid} ran out of GPU memory ({self.budget.summary()} GiB held)"
             self._failed[bid] = OutOfGpuMemoryMidRun(
-                f"rows joining batch {bid} ran out of GPU memory ({self.budget.summary()} GiB held): lower "
-                f"batch_size or gpu_kv_rows, or raise gpu_memory ({str(e).splitlines()[0][:60]})"
-            ) if isinstance(e, torch.OutOfMemoryError) else e
+                f"{event}: lower batch_size or gpu_kv_rows, or raise gpu_memory ({str(e).splitlines()[0][:60]})",
+                what=event) if isinstance(e, torch.OutOfMemoryError) else e
             raise self._failed[bid] from None
         finally:
             self.mail.free(new)
@@ -508,10 +508,10 @@ class GPUExecutor:
             if not isinstance(e, torch.OutOfMemoryError):
                 raise
             self.streamer.reset()
-            raise OutOfGpuMemoryMidRun(
-                f"a verification pass ran out of GPU memory at layer {j} ({int(parts[p]['hi'] - parts[p]['lo'])} "
-                f"sequences, {int(parts[p]['q_lens_np'][0])} tokens each): lower batch_size or the draft "
-                f"length, or raise gpu_memory ({str(e).splitlines()[0]})") from None
+            event = (f"a verification pass ran out of GPU memory at layer {j} ({int(parts[p]['hi'] - parts[p]['lo'])} "
+                     f"sequences, {int(parts[p]['q_lens_np'][0])} tokens each)")
+            raise OutOfGpuMemoryMidRun(f"{event}: lower batch_size or the draft length, or raise gpu_memory "
+                                       f"({str(e).splitlines()[0]})", what=event) from None
 
     @torch.inference_mode()
     def verify_head(self, bid, k: int, u_accept, u_sample, *attns):

@@ -225,10 +225,8 @@ def supervised_generate(llm, reqs: list, finished, progress, log=None) -> dict:
                     kept += 1
             continued += kept
             who, old = _who(e), llm.run_id
-            # a stall: "<what> gave no result for N s (...)", the coordinator's own words
-            what = str(root_cause(e)).split(" (plan.stall_s")[0] if stalled else f"the engine's {who} actor died"
-            if smaller:  # "<what> ran out of GPU memory (...): lower ..., or raise gpu_memory (CUDA ...)"
-                what = str(root_cause(e)).strip().splitlines()[0].split(": lower ")[0]
+            # a stall or an out-of-memory: what happened, in the raiser's words less its advice
+            what = root_cause(e).what if stalled or smaller else f"the engine's {who} actor died"
             teardown(old)  # a stalled run's actors too: one of them is stuck
             llm.coordinator = None
             if restarts >= llm.max_restarts and smaller:  # the user's to act on, as without restarts
