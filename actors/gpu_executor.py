@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import CapacityError, ConfigError, OutOfGpuMemoryMidRun, SpecOffloadError
-from ..models.attention import KVCache, pack_index
+from ..models.attention import KVCache, gpu_attention_backends, pack_index
 from ..models.forward import Forward
 from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.host_io import packed, to_device, to_host
@@ -50,6 +50,7 @@ class GPUExecutor:
             if not torch.cuda.is_available():
                 raise ConfigError("plan.device is 'cuda' but this executor sees no CUDA device")
             self.device = torch.device("cuda", torch.cuda.current_device())
+            gpu_attention_backends()  # no cuDNN attention: a graph built per pass (models/attention.py)
         else:
             self.device = torch.device("cpu")
         self.budget = GpuBudget(self.device, plan.gpu_memory)

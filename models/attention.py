@@ -87,6 +87,22 @@ def row_calls(rows: int, max_rows: int | None) -> int:
     return 1 if not max_rows or rows <= max_rows else -(-rows // max_rows)
 
 
+# Whether GPU attention may use cuDNN's SDPA (see gpu_attention_backends). Off: recent torch
+# puts cuDNN first on sm90/sm100 for masked bf16 calls, and cuDNN builds an execution graph on
+# the host for every new (batch, key length) shape (tens of ms each; it is cached per shape
+# only). A verification pass's key length grows every pass and rows finish, so every pass built
+# one: GPU rows cost the executor ~10 ms a layer on w1-long (sessions 30-31, against an
+# arithmetic of well under 1 ms) and plain decoding with GPU rows ~9. The memory-efficient
+# kernel takes the same masks and shapes with no per-shape build.
+GPU_CUDNN_ATTENTION = False
+
+
+def gpu_attention_backends() -> None:
+    """Apply GPU_CUDNN_ATTENTION to this process (the executor calls it once, on CUDA): torch's
+    SDPA backend choice is process-wide, and every GPU attention call comes through here."""
+    torch.backends.cuda.enable_cudnn_sdp(GPU_CUDNN_ATTENTION)
+
+
 def _sdpa_rows(q, k, v, mask, max_rows: int | None):
     """SDPA over q [B, H, R, d] in the fewest calls of at most max_rows query rows each, of
     near-equal size (64 rows at most 63: two of 32, not 63 and 1); CPU only."""

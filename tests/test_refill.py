@@ -360,6 +360,24 @@ def test_gpu_kv_rows_on_the_gpu(ray_session, tiny_dir, gpu_rows, micro):
     assert stats["gpu_row_tokens"] > 0 and stats["cpu_row_tokens"] > 0
 
 
+@gpu.cuda_only("the executor's attention backends are CUDA's")
+def test_the_executor_turns_cudnn_attention_off(ray_session, tiny_dir):
+    """cuDNN's SDPA (first for masked bf16 calls on sm90 in recent torch) builds a graph on the
+    host per new (batch, key length) shape, so GPU rows paid one every pass
+    (models/attention.GPU_CUDNN_ATTENTION). The executor's process runs without it; the
+    driver's own torch is left as it was."""
+    import ray
+    import torch
+    from specoffload.actors.supervisor import actors
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with LLM(str(tiny_dir("llama")), batch_size=2, progress=False, device="cuda") as llm:
+        on = ray.get(actors(llm.run_id)["gpu_executor"].__ray_call__.remote(
+            lambda self: __import__("torch").backends.cuda.cudnn_sdp_enabled()), timeout=60)
+    assert on is False
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def _gpu_rows_run(d, **kw):
     """GPU_REQS through the actors with GPU rows (batch 3, k 3, refill): greedy tokens, run stats."""
     with LLM(str(d), batch_size=3, k=3, progress=False, refill=True, **kw) as llm:
