@@ -648,8 +648,8 @@ class Bench:
         resident layers are fixed when it starts) that keep `resident` target layers in the
         GPU memory a draft would use, with two slots as the planner counts, and `gpu_rows` rows
         attending on the GPU, at each of the micro-batch counts and copy piece sizes (the fastest
-        is the one ratios use). Returns why it did not start or did not finish, if so (the modes already run
-        still get their table)."""
+        is the one ratios use). Returns why it did not start or did not finish, if so (the modes
+        already run still get their table)."""
         from specoffload.configs.run_config import RunConfig
         from specoffload.errors import SpecOffloadError
 

@@ -89,11 +89,12 @@ def row_calls(rows: int, max_rows: int | None) -> int:
 
 # Whether GPU attention may use cuDNN's SDPA (see gpu_attention_backends). Off: recent torch
 # puts cuDNN first on sm90/sm100 for masked bf16 calls, and cuDNN builds an execution graph on
-# the host for every new (batch, key length) shape (tens of ms each; it is cached per shape
-# only). A verification pass's key length grows every pass and rows finish, so every pass built
-# one: GPU rows cost the executor ~10 ms a layer on w1-long (sessions 30-31, against an
-# arithmetic of well under 1 ms) and plain decoding with GPU rows ~9. The memory-efficient
-# kernel takes the same masks and shapes with no per-shape build.
+# the host for every new (batch, key length) shape (tens of ms each; cached per shape only).
+# The GPU rows' key length grows every pass and rows finish, so each pass would build one: the
+# suspect for the ~10 ms a layer GPU rows added to the executor on w1-long against an
+# arithmetic of well under 1 ms (docs/benchmarks.md, W1-long, sessions 30-31; to be confirmed
+# by scripts/profile_gpu_rows.py). The memory-efficient kernel takes the same masks and shapes
+# with no per-shape build.
 GPU_CUDNN_ATTENTION = False
 
 
