@@ -122,28 +122,40 @@ def kv_bytes_per_token_layer(spec: ModelSpec, fp8: bool = False) -> int:
 
 # -- time --------------------------------------------------------------------------------------
 def target_pass_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, queries: int, context: int,
-                  resident: int = 0, disk: int = 0, gpu_rows: int = 0) -> float:
+                  resident: int = 0, disk: int = 0, gpu_rows: int = 0, micro_batches: int = 1) -> float:
     """Seconds of one target pass: `batch` sequences, `queries` new tokens each (k + 1), over
     `context` cached tokens, with `resident` layers on the GPU, `disk` layers read from disk,
-    and the first `gpu_rows` sequences' KV on the GPU (plan.gpu_kv_rows)."""
+    the first `gpu_rows` sequences' KV on the GPU (plan.gpu_kv_rows), in `micro_batches` parts."""
     copy = layer_copy_s(hw, spec)
     copy_disk = layer_bytes(spec) / (min(hw.h2d_GBps, hw.disk_GBps) * 1e9)
-    chain = layer_chain_s(hw, cm, spec, batch, queries, context, gpu_rows)
+    chain = layer_chain_s(hw, cm, spec, batch, queries, context, gpu_rows, micro_batches)
     streamed = spec.num_layers - resident - disk
     return resident * chain + streamed * max(copy, chain) + disk * max(copy_disk, chain)
 
 
 def layer_chain_s(hw: Hardware, cm: CostModel, spec: ModelSpec, batch: int, queries: int, context: int,
-                  gpu_rows: int = 0) -> float:
+                  gpu_rows: int = 0, micro_batches: int = 1) -> float:
     """One layer's chain: its fixed cost, the GPU's work, then CPU attention over the host KV
-    of all but the first `gpu_rows` sequences, whose attention the GPU runs meanwhile."""
+    of all but the first `gpu_rows` sequences, whose attention the GPU runs meanwhile.
+
+    In m >= 2 micro-batches (plan.micro_batches) the worker attends for one part while the
+    executor hands the others on (their FFN, the next q/k/v, the fixed cost), so a layer is the
+    worker's whole attention or one part's attention plus the hand-off, whichever is longer.
+    The hand-off takes the whole layer's GPU work, the executor running the parts' in turn.
+    With W4's measured worker and GPU times per layer this gives 20.4 ms a layer against 20.6
+    measured (H100, two parts, k 4, 48 GPU rows: worker 17.0 ms, GPU 5.3; session 31) and 19.5
+    against 20.3 (H200, two parts, k 3: 18 and 3.9; session 22); one part then took 31.7 ms
+    (session 22, k 5), where the worker's 26.7 ms could not overlap anything."""
     gpu = 2 * batch * queries * active_layer_params(spec) / (hw.device_tflops * 1e12 * cm.gpu_efficiency)
     cpu_rows = max(batch - gpu_rows, 0)
     kv = cpu_rows * context * kv_bytes_per_token_layer(spec)
     attn_flops = 4 * cpu_rows * queries * context * spec.num_heads * spec.head_dim
     cpu = kv / (hw.cpu_kv_GBps * 1e9) + attn_flops / (hw.cpu_attention_gflops * 1e9)
     on_gpu = min(gpu_rows, batch) * context * kv_bytes_per_token_layer(spec) / (hw.device_GBps * 1e9)
-    return cm.layer_fixed_s + gpu + max(cpu, on_gpu)
+    attention = max(cpu, on_gpu)
+    if micro_batches < 2:
+        return cm.layer_fixed_s + gpu + attention
+    return max(attention, attention / micro_batches + cm.layer_fixed_s + gpu)
 
 
 def gpu_row_bytes(spec: ModelSpec, capacity: int) -> int:

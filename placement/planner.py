@@ -80,6 +80,7 @@ class Candidate:
     spare: int = 0  # layers' worth of GPU memory left over, for resident layers or more slots
     disk: int = 0  # target layers left on disk
     gpu_kv_rows: int = 0  # each batch's first rows with their target KV on the GPU (placement/gpu_kv_rows.py)
+    micro_batches: int = 1  # parts a pass runs the batch in (plan.micro_batches)
     prefill_batch: int = 16
     gpu_bytes: int = 0
     host_bytes: int = 0
@@ -111,9 +112,10 @@ class Candidate:
         return self.batch * (2 if self.schedule == "dual" else 1)
 
     def label(self) -> str:
+        parts = f", {self.micro_batches} parts" if self.micro_batches > 1 else ""
         if self.schedule == "none":
-            return "none"
-        return f"{self.schedule} k={self.k} draft KV {self.kv.label()}{', fp8 draft' if self.draft_fp8 else ''}"
+            return "none" + parts
+        return f"{self.schedule} k={self.k} draft KV {self.kv.label()}{', fp8 draft' if self.draft_fp8 else ''}{parts}"
 
 
 @dataclass(frozen=True)
@@ -254,12 +256,25 @@ def _place(target, draft, self_layers, c: Candidate, hw: Hardware, wl: Workload,
 
 
 def _time(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel) -> Candidate:
-    """The whole workload's seconds: waves of `batch` requests, each a prefill then rounds."""
+    """The whole workload's seconds: waves of `batch` requests, each a prefill then rounds; in
+    one micro-batch, or in two where that is 1% faster or more and a part is large enough that
+    its own overheads stay small (not under the dual schedule, which interleaves whole batches
+    instead): the worker attends for one part while the executor hands the other on
+    (cost_model.layer_chain_s). Where the copy bounds every layer they gain nothing."""
+    one = _time_parts(target, draft, c, hw, wl, cm)
+    if c.schedule == "dual" or c.batch < MICRO_BATCH_MIN_ROWS:
+        return one
+    two = _time_parts(target, draft, replace(c, micro_batches=2), hw, wl, cm)
+    return two if two.seconds < 0.99 * one.seconds else one
+
+
+def _time_parts(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel) -> Candidate:
+    """`_time` at c.micro_batches."""
     ctx = wl.prompt_len + wl.gen_len // 2  # the average context over a run
     k = c.k if c.schedule != "none" else 0
 
     def pass_s(resident, rows=0):  # dual: one batch
-        return cmod.target_pass_s(hw, cm, target, c.batch, k + 1, ctx, resident, c.disk, rows)
+        return cmod.target_pass_s(hw, cm, target, c.batch, k + 1, ctx, resident, c.disk, rows, c.micro_batches)
 
     t_pass = pass_s(c.resident)
     streamed = c.resident < target.num_layers
@@ -384,6 +399,11 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
     return Choice(best, to_plan(best, target, hw, copy_chunk_mib(target, best, hw, wl, cm)), tuple(timed), hw)
 
 
+# The smallest batch the planner runs in two micro-batches (plan.micro_batches): they were
+# measured at 192 rows (96 a part: W4, sessions 22, 28 and 31), where they took a W4 layer from
+# 31.7 to 20.3 ms; below 64 rows each part's launches and hand-offs weigh more, unmeasured.
+MICRO_BATCH_MIN_ROWS = 64
+
 # Whether the planner offers spare GPU memory as GPU rows (plan.gpu_kv_rows). Off: on the H200
 # at a fixed k 3, W4 with 48 GPU rows took 2.247 s a pass against 1.954 without
 # (docs/benchmarks.md, "Session 21"), where this model predicted a shorter pass.
@@ -401,7 +421,8 @@ SMALL_COPY_CHUNK_MIB = 8
 def copy_chunk_mib(target: ModelSpec, c: Candidate, hw: Hardware, wl: Workload, cm: CostModel) -> int:
     """The copy piece size for candidate c: small where its layers are bound by their chain."""
     k = c.k if c.schedule != "none" else 0
-    chain = cmod.layer_chain_s(hw, cm, target, c.batch, k + 1, wl.prompt_len + wl.gen_len // 2, c.gpu_kv_rows)
+    chain = cmod.layer_chain_s(hw, cm, target, c.batch, k + 1, wl.prompt_len + wl.gen_len // 2, c.gpu_kv_rows,
+                               c.micro_batches)
     return SMALL_COPY_CHUNK_MIB if chain > cmod.layer_copy_s(hw, target) else Plan.copy_chunk_mib
 
 
@@ -417,6 +438,6 @@ def to_plan(c: Candidate, target: ModelSpec, hw: Hardware, chunk_mib: int | None
     return Plan(device=hw.device, gpu_memory=hw.gpu_memory if hw.device == "cuda" else None,
                 gpu_layers=tuple(range(c.resident)), disk_layers=tuple(range(L - c.disk, L)), num_slots=c.slots,
                 batch_size=c.batch, prefill_batch=c.prefill_batch, draft_fp8=c.draft_fp8, gpu_kv_rows=c.gpu_kv_rows,
-                copy_chunk_mib=chunk_mib or Plan.copy_chunk_mib,
+                micro_batches=c.micro_batches, copy_chunk_mib=chunk_mib or Plan.copy_chunk_mib,
                 attention_threads=max(1, hw.cpu_cores - 2) if hw.device == "cuda" else None
                 ).with_draft_kv(c.kv if c.schedule != "none" else DraftKV())

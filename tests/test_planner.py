@@ -117,17 +117,19 @@ def test_speculation_only_when_it_pays(h200):
 
 
 def test_each_schedule_wins_somewhere(h200):
-    """DESIGN.md: the planner models single and dual and chooses by machine. With a CPU whose
-    attention is slow the pass grows with its batch, and verifying one batch while the other
-    drafts beats verifying both at once, where the GPU has no memory to spare for GPU rows
-    (test_gpu_rows_take_slow_attention_off_the_cpu). In waves: refilled in place, a single
-    batch of half the rows has no tail to hide and wins (test_refill_priced)."""
-    slow_cpu = replace(h200, cpu_kv_GBps=3.0, cpu_attention_gflops=100.0, device_tflops=100.0, device_GBps=1000.0,
-                       host_memory="400GB").with_gpu_memory("16GiB")
+    """DESIGN.md: the planner models single and dual and chooses by machine. Where drafting is
+    slow (a GPU whose memory reads at 100 GB/s), verifying one batch while the other drafts
+    hides it, and dual wins by a clear margin. (Slow CPU attention alone no longer makes dual
+    win: a single batch in two micro-batches overlaps its GPU work with the worker's attention
+    too; cost_model.layer_chain_s.) In waves: refilled in place, a single batch of half the rows
+    has no tail to hide and wins (test_refill_priced)."""
+    slow_draft = replace(h200, cpu_kv_GBps=12.0, cpu_attention_gflops=1000.0, device_tflops=300.0, device_GBps=100.0,
+                         host_memory="400GB").with_gpu_memory("16GiB")
     wl = Workload(512, 128, 384, 0.8, refill=False)
-    dual = plan(mixtral_8x7b(), mistral_7b(), slow_cpu, wl)
-    assert dual.best.schedule == "dual"
-    assert plan(mixtral_8x7b(), mistral_7b(), replace(slow_cpu, cpu_kv_GBps=49.0, cpu_attention_gflops=1040.0,
+    dual = plan(mixtral_8x7b(), mistral_7b(), slow_draft, wl)
+    assert dual.best.schedule == "dual" and dual.best.micro_batches == 1
+    assert dual.best.tokens_per_s > 1.2 * _best(dual, schedule="single").tokens_per_s
+    assert plan(mixtral_8x7b(), mistral_7b(), replace(slow_draft, cpu_kv_GBps=49.0, cpu_attention_gflops=1040.0,
                                                       device_tflops=650.0, device_GBps=4000.0).with_gpu_memory("40GiB"),
                 wl).best.schedule == "single"
 
@@ -402,3 +404,27 @@ def test_attention_rates_fit_the_read_and_the_arithmetic():
                                  matmul_gflops=5000)
     slope, read = np.polyfit(queries, times, 1)
     assert slope < 0 and gflops == 5000 and kv == pytest.approx(4e9 * 0.003 / read / 1e9)
+
+
+def test_two_micro_batches_where_the_chain_bounds_a_layer():
+    """W4 (a 70B fp8 target, 192 rows): the worker's attention outlasts the weight copy, and in
+    two micro-batches the executor's hand-off for one part runs beside the worker's attention
+    for the other, so the planner runs two (W4's best measured figure ran so: 227.9 tok/s at k 4,
+    session 31). Where the copy bounds every layer, a batch under MICRO_BATCH_MIN_ROWS, and
+    the dual schedule: one part."""
+    from specoffload.placement.planner import MICRO_BATCH_MIN_ROWS
+    from specoffload.sources.w4_shapes import llama_3_1_70b, llama_3_2_1b
+
+    traced = Hardware.from_file(H200.parent / "h200_traced.json")
+    target, draft = replace(llama_3_1_70b(), weights="fp8"), llama_3_2_1b()
+    ch = plan(target, draft, traced, Workload(512, 128, 192, 0.8))
+    b = ch.best
+    assert b.schedule == "single" and b.micro_batches == ch.plan.micro_batches == 2 and "2 parts" in b.label()
+    one, two = (cm.target_pass_s(traced, cm.CostModel(), target, 192, b.k + 1, 576, b.resident, 0, 0, m)
+                for m in (1, 2))
+    assert two < 0.9 * one and b.pass_s == pytest.approx(two)
+    assert all(c.micro_batches == 1 for c in ch.candidates if c.schedule == "dual" or c.batch < MICRO_BATCH_MIN_ROWS)
+    assert plan(target, draft, traced, Workload(512, 128, 32, 0.8)).plan.micro_batches == 1
+    # the copy bounds every layer (a CPU far faster than the copy): nothing to overlap
+    fast = replace(traced, cpu_kv_GBps=4000.0, cpu_attention_gflops=200000.0)
+    assert plan(target, draft, fast, Workload(512, 128, 192, 0.8)).plan.micro_batches == 1
