@@ -406,7 +406,9 @@ MICRO_BATCH_MIN_ROWS = 64
 
 # Whether the planner offers spare GPU memory as GPU rows (plan.gpu_kv_rows). Off: on the H200
 # at a fixed k 3, W4 with 48 GPU rows took 2.247 s a pass against 1.954 without
-# (docs/benchmarks.md, "Session 21"), where this model predicted a shorter pass.
+# (docs/benchmarks.md, "Session 21"), where this model predicted a shorter pass. Those rows
+# then ran through cuDNN's attention, which built a graph each pass (GPU_CUDNN_ATTENTION in
+# models/attention.py, off since session 31): measure them again before pricing them.
 PRICE_GPU_ROWS = False
 
 # Weight copies go out in pieces; the copy engine runs host-to-device copies in the order they
