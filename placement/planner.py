@@ -400,8 +400,8 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
 
 
 # The smallest batch the planner runs in two micro-batches (plan.micro_batches): they were
-# measured at 192 rows (96 a part: W4, sessions 22, 28 and 31), where they took a W4 layer from
-# 31.7 to 20.3 ms; below 64 rows each part's launches and hand-offs weigh more, unmeasured.
+# measured at 192 rows (96 a part: W4, sessions 22, 28 and 31); below 64 rows each part's
+# launches and hand-offs weigh more against its attention, unmeasured.
 MICRO_BATCH_MIN_ROWS = 64
 
 # Whether the planner offers spare GPU memory as GPU rows (plan.gpu_kv_rows). Off: on the H200
