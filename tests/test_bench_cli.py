@@ -324,6 +324,27 @@ def test_bench_stall_s_reaches_the_plan():
         plan("--stall-s", "-1")
 
 
+def _row(mode: str, tokens_per_s: float, **over) -> dict:
+    """A mode's row as Bench.run_mode leaves it, with the figures the table prints."""
+    return {"mode": mode, "batch": 4, "tokens_per_s": tokens_per_s, "decode_tokens_per_s": tokens_per_s,
+            "s_per_pass": 0.5, "stream_GBps": 1.0, "copy_GBps": 1.0, "acceptance": 0.5, "tokens_per_seq_pass": 2.0,
+            "gpu_busy_decode": 0.5, **over}
+
+
+def _bench_without_ray(monkeypatch, run_mode, events: list | None = None):
+    """bench.main with Ray and its actors stubbed out: `run_mode` stands in for each timed mode,
+    and `events`, if given, hears the actors start and stop."""
+    from specoffload import bench, ray_env
+
+    note = events.append if events is not None else (lambda what: None)
+    monkeypatch.setattr(ray_env, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ray_env, "check_cluster", lambda *a, **k: None)
+    monkeypatch.setattr(bench.Bench, "start", lambda self, *a: note("start"))
+    monkeypatch.setattr(bench.Bench, "warm_up", lambda self, modes: None)
+    monkeypatch.setattr(bench.Bench, "stop", lambda self, timeout=None: note("stop"))
+    monkeypatch.setattr(bench.Bench, "run_mode", run_mode)
+
+
 @pytest.mark.parametrize("reusable", [True, False])
 def test_a_failed_mode_does_not_cost_the_others(monkeypatch, capsys, tmp_path, reusable):
     """A mode that fails mid-run (session 30: W1-long's speculative mode ran out of GPU memory
@@ -334,15 +355,14 @@ def test_a_failed_mode_does_not_cost_the_others(monkeypatch, capsys, tmp_path, r
     import json
 
     import ray
-    from specoffload import bench, ray_env
+    from specoffload import bench
     from specoffload.errors import OutOfGpuMemoryMidRun
 
     ran, events = [], []
 
     def row(mode):
-        return {"mode": mode, "batch": 4, "tokens_per_s": 10.0 if mode.startswith("none") else 30.0,
-                "decode_tokens_per_s": 11.0, "s_per_pass": 0.5, "stream_GBps": 1.0, "copy_GBps": 1.0,
-                "acceptance": None, "tokens_per_seq_pass": 1.0, "gpu_busy_decode": 0.5}
+        return _row(mode, 10.0 if mode.startswith("none") else 30.0, decode_tokens_per_s=11.0, acceptance=None,
+                    tokens_per_seq_pass=1.0)
 
     def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None):
         ran.append(label)
@@ -357,13 +377,8 @@ def test_a_failed_mode_does_not_cost_the_others(monkeypatch, capsys, tmp_path, r
         ran.append(f"none+r{resident}")
         self.results.append(row(f"none+r{resident}"))
 
-    monkeypatch.setattr(ray_env, "ensure_ray", lambda *a, **k: None)
-    monkeypatch.setattr(ray_env, "check_cluster", lambda *a, **k: None)
-    monkeypatch.setattr(bench.Bench, "start", lambda self, *a: events.append("start"))
-    monkeypatch.setattr(bench.Bench, "warm_up", lambda self, modes: None)
-    monkeypatch.setattr(bench.Bench, "stop", lambda self, timeout=None: events.append("stop"))
+    _bench_without_ray(monkeypatch, run_mode, events)
     monkeypatch.setattr(bench.Bench, "abandon", lambda self: events.append("abandon"))
-    monkeypatch.setattr(bench.Bench, "run_mode", run_mode)
     monkeypatch.setattr(bench.Bench, "baseline", baseline)
     out = tmp_path / "b.json"
     assert bench.main(["--workload", "tiny", "--modes", "none,single@2,single@3", "--baseline-resident", "1",
@@ -387,22 +402,15 @@ def test_a_failed_mode_does_not_cost_the_others(monkeypatch, capsys, tmp_path, r
 def test_a_failed_baseline_keeps_the_table(monkeypatch, capsys):
     """The baseline failing mid-run still leaves the table of the modes that ran (it used to
     end the bench before the table), its one line the error, exit status 2."""
-    from specoffload import bench, ray_env
+    from specoffload import bench
     from specoffload.errors import OutOfGpuMemoryMidRun
 
     def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None):
         if label.startswith("none+r"):
             raise OutOfGpuMemoryMidRun("a verification pass ran out of GPU memory at layer 0 (4 sequences, 1 tokens each)")
-        self.results.append({"mode": label, "batch": 4, "tokens_per_s": 30.0, "decode_tokens_per_s": 31.0,
-                             "s_per_pass": 0.5, "stream_GBps": 1.0, "copy_GBps": 1.0, "acceptance": 0.5,
-                             "tokens_per_seq_pass": 2.0, "gpu_busy_decode": 0.5})
+        self.results.append(_row(label, 30.0, decode_tokens_per_s=31.0))
 
-    monkeypatch.setattr(ray_env, "ensure_ray", lambda *a, **k: None)
-    monkeypatch.setattr(ray_env, "check_cluster", lambda *a, **k: None)
-    monkeypatch.setattr(bench.Bench, "start", lambda self, *a: None)
-    monkeypatch.setattr(bench.Bench, "warm_up", lambda self, modes: None)
-    monkeypatch.setattr(bench.Bench, "stop", lambda self, timeout=None: None)
-    monkeypatch.setattr(bench.Bench, "run_mode", run_mode)
+    _bench_without_ray(monkeypatch, run_mode)
     assert bench.main(["--workload", "tiny", "--modes", "single@2", "--baseline-resident", "1", "--no-warmup"]) == 2
     std = capsys.readouterr()
     assert std.err.strip() == ("specoffload bench: error: none+r1 failed: a verification pass ran out of GPU memory "
@@ -415,23 +423,16 @@ def test_the_baseline_runs_each_of_its_copy_piece_sizes_and_ratios_use_its_faste
     them (session 31's w1-long call tried 8 and 64 MiB for speculation and 8 only for the
     baseline), each a row of its own; the ratios are against the fastest. Without
     --baseline-resident, or with a bad list, it is a one-line error."""
-    from specoffload import bench, ray_env
+    from specoffload import bench
 
     ran = []
 
     def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None):
         ran.append((label, chunk))
         tps = {"single@2": 300.0, 8: 100.0, 64: 120.0}[label if label.startswith("single") else chunk]
-        self.results.append({"mode": self.mode_name(label, spec, m, bell, chunk, gpu_rows), "batch": 4,
-                             "tokens_per_s": tps, "decode_tokens_per_s": tps, "s_per_pass": 0.5, "stream_GBps": 1.0,
-                             "copy_GBps": 1.0, "acceptance": 0.5, "tokens_per_seq_pass": 2.0, "gpu_busy_decode": 0.5})
+        self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows), tps))
 
-    monkeypatch.setattr(ray_env, "ensure_ray", lambda *a, **k: None)
-    monkeypatch.setattr(ray_env, "check_cluster", lambda *a, **k: None)
-    monkeypatch.setattr(bench.Bench, "start", lambda self, *a: None)
-    monkeypatch.setattr(bench.Bench, "warm_up", lambda self, modes: None)
-    monkeypatch.setattr(bench.Bench, "stop", lambda self, timeout=None: None)
-    monkeypatch.setattr(bench.Bench, "run_mode", run_mode)
+    _bench_without_ray(monkeypatch, run_mode)
     assert bench.main(["--workload", "tiny", "--modes", "single@2", "--copy-chunk-mib", "64", "--baseline-resident",
                        "1", "--baseline-copy-chunk-mib", "8,64", "--no-warmup"]) == 0
     assert ran == [("single@2", 64), ("none+r1", 8), ("none+r1", 64)]
