@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         print("profile_prefill_layer: error: counts must be >= 1", file=sys.stderr)
         return 2
     from specoffload.models import fp8_weights, layers
-    from specoffload.models.attention import KVCache
+    from specoffload.models.attention import KVCache, gpu_attention_backends
     from specoffload.models.forward import Forward
     from specoffload.models.fp8_weights import Fp8Weight, gathered
     from specoffload.sources.constructed import ConstructedModel
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     from specoffload.sources.w4_shapes import llama_3_1_70b
 
     dev = torch.device("cuda")
+    gpu_attention_backends()  # the SDPA backends the executor allows, so attention times match
     spec = llama_3_1_70b(1)
     w = ConstructedModel(spec, 1, 1.0, False).read_layer(0)
     if not a.bf16:
