@@ -22,6 +22,11 @@ from . import kv_ring
 from .doorbell import BELL, is_peer_failed
 
 
+# With doorbells, the CPU worker attends a pass's middle layers in one call
+# (CPUAttention.attend_layers) instead of one call per layer and part; False: a call each.
+WORKER_LAYER_RUNS = True
+
+
 class RunStopped(Exception):
     """The driver asked the run to stop (Ctrl-C, SIGTERM): raised at the next pass boundary."""
 
@@ -205,11 +210,20 @@ class ActorBackend:
         a = dict.fromkeys(parts)
         stores = {b: [] for b, _ in joins}
         calls = []  # a doorbell pass's calls: none takes another's result, so none reports its error
+        # The worker takes the layers between the first and the last in one call. Not with
+        # joins: their K/V stores queue at the worker between layers, and an executor prefill
+        # call waits for the store whose ring slot it reuses, so a run ahead of them would wait
+        # on the executor while the executor waits on it.
+        run = self.doorbell and WORKER_LAYER_RUNS and not joins and self.L > 2  # layers 1..L-2 in one call
         for j in range(self.L):
+            if run and j == 1:
+                calls.append(self.at.attend_layers.remote(parts, 1, self.L - 1))
             for bid, p in parts:
                 if self.doorbell and j > 0:  # layer 0's hand-off names the mailbox: it stays Ray's
-                    calls += [self.ex.target_layer.remote(bid, j, BELL, p), self.at.attend.remote(bid, j, BELL, p)]
-                    a[(bid, p)] = calls[-1]
+                    calls.append(self.ex.target_layer.remote(bid, j, BELL, p))
+                    if not (run and j < self.L - 1):
+                        calls.append(self.at.attend.remote(bid, j, BELL, p))
+                        a[(bid, p)] = calls[-1]
                     continue
                 x = self.ex.target_layer.remote(bid, j, a[(bid, p)], p)
                 a[(bid, p)] = self.at.attend.remote(bid, j, x, p)

@@ -50,6 +50,7 @@ class CPUAttention:
         self.kv_bytes_read = 0
         self.ring_stores = 0  # prefill K/V that came through a shared-memory ring
         self.layer_calls = self.sdpa_calls = 0  # attend() calls, and the SDPA calls they made
+        self.layer_runs = 0  # attend_layers() calls: a pass's middle layers in one Ray call
         self.row_tokens = 0  # (token, layer) pairs of verification passes attended here
 
     def ready(self) -> int:
@@ -121,6 +122,19 @@ class CPUAttention:
             if j == self.spec.num_layers - 1:  # the next pass's layers wait for its own layer 0
                 self.bell_parts.pop((bid, p), None)
 
+    def attend_layers(self, parts: list, j0: int, j1: int) -> int:
+        """Layers j0..j1-1 of a doorbell pass (j0 > 0), each layer for every part in order, in
+        one call: what a run of `attend(bid, j, BELL, p)` calls does, without Ray's ~1 ms
+        between calls (docs/benchmarks.md, session 32: W4's worker waited that long between
+        its 160 calls a pass while it bounded the layer chain). Returns the layers attended."""
+        if j0 < 1:
+            raise ValueError("layer 0's q/k/v come with Ray's hand-off: attend it on its own")
+        self.layer_runs += 1
+        for j in range(j0, j1):
+            for bid, p in parts:
+                self.attend(bid, j, doorbell.BELL, p)
+        return j1 - j0
+
     def _attend(self, bid, j: int, qkv, bell: bool):
         payload, q_lens, lo, hi = qkv
         q, k, v = self.mail.recv_qkv(payload, bell)
@@ -183,7 +197,7 @@ class CPUAttention:
         return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read,
                 "prefill_ring_stores": self.ring_stores, "attention_layer_calls": self.layer_calls,
                 "attention_sdpa_calls": self.sdpa_calls, "cpu_row_tokens": self.row_tokens,
-                "worker_bell_wait_s": round(self.mail.bell_wait_s, 3),
+                "worker_bell_wait_s": round(self.mail.bell_wait_s, 3), "worker_layer_runs": self.layer_runs,
                 "cpu_query_rows": attention.query_row_limit(self.query_rows)}  # as the caches apply it (None: none)
 
     def trace_events(self) -> list[dict]:

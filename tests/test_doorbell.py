@@ -189,6 +189,7 @@ def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_ba
         stats = llm.last_stats
     assert [o.outputs[0].token_ids for o in outs] == want
     assert (stats["executor_bell_wait_s"] > 0) == bell  # the layers did hand over by doorbell, or not
+    assert (stats["worker_layer_runs"] > 0) == bell  # the worker took the middle layer in one call
 
 
 def _injector():
