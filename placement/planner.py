@@ -404,12 +404,14 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
 # launches and hand-offs weigh more against its attention, unmeasured.
 MICRO_BATCH_MIN_ROWS = 64
 
-# Whether the planner offers spare GPU memory as GPU rows (plan.gpu_kv_rows). Off: on the H200
-# at a fixed k 3, W4 with 48 GPU rows took 2.247 s a pass against 1.954 without
-# (docs/benchmarks.md, "Session 21"), where this model predicted a shorter pass. Those rows
-# then ran through cuDNN's attention, which built a graph each pass (GPU_CUDNN_ATTENTION in
-# models/attention.py, off since session 31): measure them again before pricing them.
-PRICE_GPU_ROWS = False
+# Whether the planner offers spare GPU memory as GPU rows (plan.gpu_kv_rows). Off until
+# session 32: session 21's rows (H200, W4 at k 3: 2.247 s a pass against 1.954 without) ran
+# through cuDNN's attention, which built a graph each pass (38.7 ms a call at a new key length
+# against 0.62 without it, `scripts/profile_gpu_rows.py` on an H100; GPU_CUDNN_ATTENTION in
+# models/attention.py). Without cuDNN, 64 GPU rows took w1-long from 1,501.5 to 1,779.8 tok/s,
+# and W4's measured best (0 resident, 48 rows: 227.4 tok/s) is what this model now chooses
+# (0 resident, 59 rows, 227.9 predicted; docs/benchmarks.md, "Session 32").
+PRICE_GPU_ROWS = True
 
 # Weight copies go out in pieces; the copy engine runs host-to-device copies in the order they
 # were queued, so a layer's attention output waits behind the pieces queued ahead of it. Where

@@ -420,7 +420,7 @@ def test_two_micro_batches_where_the_chain_bounds_a_layer():
     ch = plan(target, draft, traced, Workload(512, 128, 192, 0.8))
     b = ch.best
     assert b.schedule == "single" and b.micro_batches == ch.plan.micro_batches == 2 and "2 parts" in b.label()
-    one, two = (cm.target_pass_s(traced, cm.CostModel(), target, 192, b.k + 1, 576, b.resident, 0, 0, m)
+    one, two = (cm.target_pass_s(traced, cm.CostModel(), target, 192, b.k + 1, 576, b.resident, 0, b.gpu_kv_rows, m)
                 for m in (1, 2))
     assert two < 0.9 * one and b.pass_s == pytest.approx(two)
     assert all(c.micro_batches == 1 for c in ch.candidates if c.schedule == "dual" or c.batch < MICRO_BATCH_MIN_ROWS)
@@ -428,3 +428,21 @@ def test_two_micro_batches_where_the_chain_bounds_a_layer():
     # the copy bounds every layer (a CPU far faster than the copy): nothing to overlap
     fast = replace(traced, cpu_kv_GBps=4000.0, cpu_attention_gflops=200000.0)
     assert plan(target, draft, fast, Workload(512, 128, 192, 0.8)).plan.micro_batches == 1
+
+
+def test_gpu_rows_where_cpu_attention_bounds_the_chain():
+    """W4 (a 70B fp8 target at 192 rows): CPU attention bounds its layers, so the planner gives
+    the spare GPU memory to GPU KV rows rather than resident layers (W4's measured best: 0
+    resident, 48 GPU rows, session 32), and fewer CPU rows shorten its pass. W1 (Mixtral, the
+    copy bounds each layer) gains nothing from them and plans none."""
+    from specoffload.sources.w4_shapes import llama_3_1_70b, llama_3_2_1b
+
+    traced = Hardware.from_file(H200.parent / "h200_traced.json")
+    target, draft = replace(llama_3_1_70b(), weights="fp8"), llama_3_2_1b()
+    b = plan(target, draft, traced, Workload(512, 128, 192, 0.8)).best
+    assert b.gpu_kv_rows > 0 and b.resident == 0
+    with_rows, without = (cm.target_pass_s(traced, cm.CostModel(), target, 192, b.k + 1, 576, 0, 0, g, b.micro_batches)
+                          for g in (b.gpu_kv_rows, 0))
+    assert with_rows < without
+    w1 = plan(mixtral_8x7b(), mistral_7b(), traced, Workload(512, 128, 192, 0.8)).best
+    assert w1.gpu_kv_rows == 0
