@@ -389,7 +389,8 @@ def _plan(a, cuda: bool):
                     batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
                     attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
                     draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir),
-                    draft_fp8=a.draft_fp8, gpu_layers=tuple(range(a.resident)), shm_prefill=a.shm_prefill,
+                    draft_fp8=a.draft_fp8, gpu_layers=_resident_layers(a.target_layers, a.resident),
+                    shm_prefill=a.shm_prefill,
                     ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
                     layer_doorbell=_doorbells(a)[0],
                     copy_chunk_mib=_copy_chunks(a)[0], gpu_kv_rows=a.gpu_kv_rows[0], stall_s=a.stall_s)
@@ -397,6 +398,14 @@ def _plan(a, cuda: bool):
     except ConfigError as e:
         raise BenchError(e) from None
     return plan
+
+
+def _resident_layers(num_layers: int, n: int) -> tuple:
+    """placement.resident_layers' spread; more layers than the model has stay a range, for
+    Plan.check_layers to refuse in its own words."""
+    from specoffload.placement.resident_layers import resident_layers
+
+    return resident_layers(num_layers, n) if 0 <= n <= num_layers else tuple(range(n))
 
 
 def _doorbells(a) -> list[bool]:
@@ -654,8 +663,9 @@ class Bench:
         from specoffload.errors import SpecOffloadError
 
         try:
-            self.start(replace(self.plan, gpu_layers=tuple(range(resident)), num_slots=2, gpu_kv_rows=gpu_rows), None,
-                       "baseline actors")
+            base = replace(self.plan, gpu_layers=_resident_layers(self.tspec.num_layers, resident), num_slots=2,
+                           gpu_kv_rows=gpu_rows)
+            self.start(base, None, "baseline actors")
         except SpecOffloadError as e:
             return f"the baseline keeping {resident} layers did not start: {e}"
         if not self.a.no_warmup:

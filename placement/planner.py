@@ -27,6 +27,7 @@ from .cost_model import CostModel
 from .draft_kv import PLACEMENTS, DraftKV
 from .hardware import Hardware
 from .plan import Plan
+from .resident_layers import resident_layers
 
 WINDOWS = (64, 128, 256)
 # Most weight slots a plan gets: up to 4 hid drafting as the cost model says on W1, a 5th did
@@ -76,6 +77,7 @@ class Candidate:
     kv: DraftKV = DraftKV()  # where the draft's KV lives, its window and sinks, fp8 or not
     draft_fp8: bool = False  # the draft's layer matrices in fp8
     resident: int = 0  # target layers kept on the GPU
+    self_layers: int = 0  # of them the first ones, a self-draft's (--draft self:N), the rest spread
     slots: int = 2  # device buffers the streamed layers rotate through
     spare: int = 0  # layers' worth of GPU memory left over, for resident layers or more slots
     disk: int = 0  # target layers left on disk
@@ -378,7 +380,8 @@ def plan(target: ModelSpec, draft: ModelSpec | None, hw: Hardware, wl: Workload,
             for kv in _draft_kvs(wl):
                 for wf in weight_fp8:
                     for k in range(1, K_MAX + 1):
-                        cands.append(Candidate(sched, batch, k=k, kv=kv, draft_fp8=wf, prefill_batch=pb))
+                        cands.append(Candidate(sched, batch, k=k, kv=kv, draft_fp8=wf, prefill_batch=pb,
+                                               self_layers=self_layers))
     placed, timed = {}, []
     for c in cands:
         key = (c.schedule, c.batch, c.kv, c.draft_fp8)
@@ -440,7 +443,8 @@ def _draft_kvs(wl: Workload) -> list[DraftKV]:
 def to_plan(c: Candidate, target: ModelSpec, hw: Hardware, chunk_mib: int | None = None) -> Plan:
     L = target.num_layers
     return Plan(device=hw.device, gpu_memory=hw.gpu_memory if hw.device == "cuda" else None,
-                gpu_layers=tuple(range(c.resident)), disk_layers=tuple(range(L - c.disk, L)), num_slots=c.slots,
+                gpu_layers=resident_layers(L, c.resident, c.disk, c.self_layers), disk_layers=tuple(range(L - c.disk, L)),
+                num_slots=c.slots,
                 batch_size=c.batch, prefill_batch=c.prefill_batch, draft_fp8=c.draft_fp8, gpu_kv_rows=c.gpu_kv_rows,
                 micro_batches=c.micro_batches, copy_chunk_mib=chunk_mib or Plan.copy_chunk_mib,
                 attention_threads=max(1, hw.cpu_cores - 2) if hw.device == "cuda" else None
