@@ -443,8 +443,8 @@ def _draft_kvs(wl: Workload) -> list[DraftKV]:
 def to_plan(c: Candidate, target: ModelSpec, hw: Hardware, chunk_mib: int | None = None) -> Plan:
     L = target.num_layers
     return Plan(device=hw.device, gpu_memory=hw.gpu_memory if hw.device == "cuda" else None,
-                gpu_layers=resident_layers(L, c.resident, c.disk, c.self_layers), disk_layers=tuple(range(L - c.disk, L)),
-                num_slots=c.slots,
+                gpu_layers=resident_layers(L, c.resident, c.disk, c.self_layers),
+                disk_layers=tuple(range(L - c.disk, L)), num_slots=c.slots,
                 batch_size=c.batch, prefill_batch=c.prefill_batch, draft_fp8=c.draft_fp8, gpu_kv_rows=c.gpu_kv_rows,
                 micro_batches=c.micro_batches, copy_chunk_mib=chunk_mib or Plan.copy_chunk_mib,
                 attention_threads=max(1, hw.cpu_cores - 2) if hw.device == "cuda" else None
