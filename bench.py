@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shm-prefill", action=argparse.BooleanOptionalAction, default=True,
                     help="Hand the prefill's K/V to the CPU worker through a shared-memory ring (the default) "
                          "or, with --no-shm-prefill, through Ray's object store (plan.shm_prefill).")
+    ap.add_argument("--worker-layer-runs", action=argparse.BooleanOptionalAction, default=True,
+                    help="The CPU worker attends a pass's layers between its first and last in one call (the "
+                         "default) or, with --no-worker-layer-runs, in a call per layer (plan.worker_layer_runs).")
     ap.add_argument("--ragged-attention", type=int, metavar="KEYS", help="CPU attention over rows of "
                                                                           "different lengths in ranges of similar "
                                                                           "ones, a call costing KEYS keys, e.g. 512 "
@@ -390,7 +393,7 @@ def _plan(a, cuda: bool):
                     attention_cpus=1, draft_window=a.draft_window, draft_kv_fp8=a.draft_kv_fp8,
                     draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir),
                     draft_fp8=a.draft_fp8, gpu_layers=_resident_layers(a.target_layers, a.resident),
-                    shm_prefill=a.shm_prefill,
+                    shm_prefill=a.shm_prefill, worker_layer_runs=a.worker_layer_runs,
                     ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
                     layer_doorbell=_doorbells(a)[0],
                     copy_chunk_mib=_copy_chunks(a)[0], gpu_kv_rows=a.gpu_kv_rows[0], stall_s=a.stall_s)

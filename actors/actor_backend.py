@@ -22,11 +22,6 @@ from . import kv_ring
 from .doorbell import BELL, is_peer_failed
 
 
-# With doorbells, the CPU worker attends a pass's middle layers in one call
-# (CPUAttention.attend_layers) instead of one call per layer and part; False: a call each.
-WORKER_LAYER_RUNS = True
-
-
 class RunStopped(Exception):
     """The driver asked the run to stop (Ctrl-C, SIGTERM): raised at the next pass boundary."""
 
@@ -43,7 +38,8 @@ class PassStalled(SpecOffloadError):
 
 class ActorBackend:
     def __init__(self, executor, attention, num_layers: int, prefill_batch: int, micro_batches: int = 1,
-                 kv_ring: bool = False, doorbell: bool = False, gpu_kv_rows: int = 0, stall_s: float = 0.0):
+                 kv_ring: bool = False, doorbell: bool = False, gpu_kv_rows: int = 0, stall_s: float = 0.0,
+                 worker_runs: bool = True):
         self.ex, self.at = executor, attention
         self.stall_s = stall_s  # plan.stall_s: how long a result may take before the pass counts as stalled
         self._passes_timed = 0
@@ -55,6 +51,7 @@ class ActorBackend:
         # plan.layer_doorbell: inside a pass, layers hand over through the mailboxes' counters
         # (actors/doorbell.py), every call submitted at once with no Ray dependency between them
         self.doorbell = doorbell
+        self.worker_runs = worker_runs  # plan.worker_layer_runs: the worker's middle layers in one call
         self._pass_refs: dict[int, list] = {}  # batch -> its doorbell pass's calls (for its first error)
         # plan.shm_prefill: each prefill call waits for the store whose ring slot it reuses
         self.kv_ring = kv_ring
@@ -214,7 +211,7 @@ class ActorBackend:
         # joins: their K/V stores queue at the worker between layers, and an executor prefill
         # call waits for the store whose ring slot it reuses, so a run ahead of them would wait
         # on the executor while the executor waits on it.
-        run = self.doorbell and WORKER_LAYER_RUNS and not joins and self.L > 2  # layers 1..L-2 in one call
+        run = self.doorbell and self.worker_runs and not joins and self.L > 2  # layers 1..L-2 in one call
         for j in range(self.L):
             if run and j == 1:
                 calls.append(self.at.attend_layers.remote(parts, 1, self.L - 1))

@@ -159,7 +159,7 @@ class Coordinator:
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, self.plan.prefill_batch,
                                     self.plan.micro_batches, self.plan.shm_prefill and self.plan.shm_activations,
                                     self.plan.layer_doorbell and self.info["mailboxes"], self.plan.gpu_kv_rows,
-                                    self.plan.stall_s)
+                                    self.plan.stall_s, self.plan.worker_layer_runs)
 
     def _new_executor(self, plan: Plan, draft_desc, target_desc):
         """An executor starting CUDA and loading the draft (attach maps the target later)."""

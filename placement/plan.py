@@ -72,6 +72,11 @@ class Plan(JsonFile):
     # front: takes Ray's messages out of the layer chain (W1 fp8 speculative 360.5 -> 408.8
     # tok/s on the GPU machine, docs/benchmarks.md "Session 18"). Off with shm_activations.
     layer_doorbell: bool = True
+    # With doorbells, the CPU worker attends a pass's layers between its first and last in one
+    # call (CPUAttention.attend_layers) instead of a call per layer and micro-batch: each call
+    # cost the worker ~1 ms of Ray's time on W4, where it bounds the layer (docs/benchmarks.md,
+    # W4 "Session 32"). False: a call each (the plain path it is tested against).
+    worker_layer_runs: bool = True
     # The prefill's K/V cross to the CPU worker through a ring of page-locked /dev/shm slots
     # (actors/kv_ring.py) instead of Ray's object store (W1 fp8 prefill 9.16 -> 7.33 s on the
     # GPU machine, docs/benchmarks.md "Session 18"); off with shm_activations (the plain path).

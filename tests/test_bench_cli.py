@@ -324,6 +324,22 @@ def test_bench_stall_s_reaches_the_plan():
         plan("--stall-s", "-1")
 
 
+def test_bench_worker_layer_runs_and_spread_resident_layers_reach_the_plan():
+    """--no-worker-layer-runs sets plan.worker_layer_runs off (the plain path, to compare the
+    two with two runs); --resident N keeps placement.resident_layers' spread of N layers."""
+    from specoffload import bench
+    from specoffload.placement.resident_layers import resident_layers
+
+    def plan(*argv, resident=0):
+        a = bench._options(["--workload", "tiny", *argv])
+        a.gpu_kv_rows, a.resident = [0], resident
+        return bench._plan(a, cuda=False), a.target_layers
+
+    assert plan()[0].worker_layer_runs and not plan("--no-worker-layer-runs")[0].worker_layer_runs
+    p, layers = plan(resident=1)
+    assert layers > 1 and p.gpu_layers == resident_layers(layers, 1) != (0,)
+
+
 def _row(mode: str, tokens_per_s: float, **over) -> dict:
     """A mode's row as Bench.run_mode leaves it, with the figures the table prints."""
     return {"mode": mode, "batch": 4, "tokens_per_s": tokens_per_s, "decode_tokens_per_s": tokens_per_s,

@@ -169,13 +169,14 @@ def test_doorbells_need_mailboxes():
 
 
 # -- the real actors --------------------------------------------------------------------------
-@pytest.mark.parametrize("family,micro_batches,draft,schedule,bell", [
-    ("llama", 1, None, None, True), ("mixtral", 2, None, None, True),
-    ("llama", 2, "self:1", "single", True),  # rows refilled: joining prefills ride the doorbell pass
-    ("qwen2", 1, "self:1", "dual", True),  # the other batch's draft steps run between the layer calls
-    ("llama", 2, "self:1", "single", False),  # mailboxes, each hand-off through Ray (the path before)
+@pytest.mark.parametrize("family,micro_batches,draft,schedule,bell,runs", [
+    ("llama", 1, None, None, True, True), ("mixtral", 2, None, None, True, True),
+    ("llama", 2, "self:1", "single", True, True),  # rows refilled: joining prefills ride the doorbell pass
+    ("qwen2", 1, "self:1", "dual", True, True),  # the other batch's draft steps run between the layer calls
+    ("llama", 2, "self:1", "single", True, False),  # doorbells, the worker's layers a call each
+    ("llama", 2, "self:1", "single", False, True),  # mailboxes, each hand-off through Ray (the path before)
 ])
-def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_batches, draft, schedule, bell):
+def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_batches, draft, schedule, bell, runs):
     from hf_reference import PROMPTS, hf_greedy
     from specoffload.configs.sampling_params import SamplingParams
     from specoffload.llm import LLM
@@ -183,13 +184,15 @@ def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_ba
 
     d = tiny_dir(family)
     want = hf_greedy(d, PROMPTS, 16)
-    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=bell), batch_size=2, progress=False,
-             micro_batches=micro_batches, draft=draft, schedule=schedule, k=3, refill=draft is not None) as llm:
+    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=bell, worker_layer_runs=runs), batch_size=2,
+             progress=False, micro_batches=micro_batches, draft=draft, schedule=schedule, k=3,
+             refill=draft is not None) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=16, ignore_eos=True))
         stats = llm.last_stats
     assert [o.outputs[0].token_ids for o in outs] == want
     assert (stats["executor_bell_wait_s"] > 0) == bell  # the layers did hand over by doorbell, or not
-    assert (stats["worker_layer_runs"] > 0) == bell  # the worker took the middle layer in one call
+    # the worker took each pass's middle layer in one call (plan.worker_layer_runs), or a call each
+    assert (stats["worker_layer_runs"] > 0) == (bell and runs)
 
 
 def _injector():
