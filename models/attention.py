@@ -90,11 +90,11 @@ def row_calls(rows: int, max_rows: int | None) -> int:
 # Whether GPU attention may use cuDNN's SDPA (see gpu_attention_backends). Off: recent torch
 # puts cuDNN first on sm90/sm100 for masked bf16 calls, and cuDNN builds an execution graph on
 # the host for every new (batch, key length) shape (tens of ms each; cached per shape only).
-# The GPU rows' key length grows every pass and rows finish, so each pass would build one: the
-# suspect for the ~10 ms a layer GPU rows added to the executor on w1-long against an
-# arithmetic of well under 1 ms (docs/benchmarks.md, W1-long, sessions 30-31; to be confirmed
-# by scripts/profile_gpu_rows.py). The memory-efficient kernel takes the same masks and shapes
-# with no per-shape build.
+# The GPU rows' key length grows every pass and rows finish, so each pass built one: 38.7 ms
+# a call at a new key length against 0.62 without cuDNN (scripts/profile_gpu_rows.py, H100,
+# w1-long's shapes; docs/benchmarks.md, W1-long "Session 32"), the ~10 ms a layer GPU rows had
+# added to the executor. The memory-efficient kernel takes the same masks and shapes with no
+# per-shape build.
 GPU_CUDNN_ATTENTION = False
 
 

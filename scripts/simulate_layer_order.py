@@ -19,7 +19,6 @@ import math
 import sys
 
 
-
 def round_ms(resident, layers: int, slots: int, compute_ms: float, copy_ms: float, draft_ms: float,
              rounds: int = 30, warm: int = 10) -> float:
     """Steady-state milliseconds a round (a pass plus its drafting), after `warm` rounds."""
@@ -27,14 +26,15 @@ def round_ms(resident, layers: int, slots: int, compute_ms: float, copy_ms: floa
     streamed = [j for j in range(layers) if j not in resident]
     queue = [(r, j) for r in range(rounds) for j in streamed]  # the copy order
     free = [0.0] * slots  # when each slot may take its next copy (inf: its layer has not run)
-    state = {"copy": 0.0}
+    copied = 0.0  # when the copy engine finishes what it was given
     ready = {}  # (round, layer) -> (its copy's end, its slot)
 
     def issue():
+        nonlocal copied
         while queue and min(free) < math.inf:
             s = min(range(slots), key=free.__getitem__)
-            state["copy"] = max(state["copy"], free[s]) + copy_ms
-            ready[queue.pop(0)] = (state["copy"], s)
+            copied = max(copied, free[s]) + copy_ms
+            ready[queue.pop(0)] = (copied, s)
             free[s] = math.inf
 
     t, ends = 0.0, []
