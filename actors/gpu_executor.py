@@ -17,6 +17,7 @@ import torch
 
 from ..errors import CapacityError, ConfigError, OutOfGpuMemoryMidRun, SpecOffloadError
 from ..models.attention import KVCache, gpu_attention_backends, pack_index
+from ..models.cuda_streams import KV_COPY, side_stream
 from ..models.forward import Forward
 from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.host_io import packed, to_device, to_host
@@ -369,7 +370,7 @@ class GPUExecutor:
         done = None
         if self.device.type == "cuda":
             if getattr(self, "_kv_stream", None) is None:
-                self._kv_stream = torch.cuda.Stream(self.device)
+                self._kv_stream = side_stream(KV_COPY, self.device)
             self._kv_stream.wait_stream(torch.cuda.current_stream(self.device))  # the K/V are computed
             with torch.cuda.stream(self._kv_stream):
                 handle = kv_ring.send(ring, call, k, v)

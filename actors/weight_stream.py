@@ -16,6 +16,7 @@ from collections import deque
 import torch
 
 from ..errors import CapacityError
+from ..models.cuda_streams import WEIGHT_COPY, side_stream
 from .shm_layout import views
 
 
@@ -57,7 +58,7 @@ class WeightStreamer:
                 f"{self.nslots} weight slots of {nbytes / 2**30:.2f} GiB do not fit in the GPU memory left "
                 f"(resident layers and globals take the rest): lower num_slots or the resident layers, or "
                 f"raise gpu_memory ({str(e).splitlines()[0]})") from None
-        self.copy_stream = torch.cuda.Stream(self.device)
+        self.copy_stream = side_stream(WEIGHT_COPY, self.device)
         self.loaded: list = [None] * self.nslots  # the _Copy that last filled each slot
         self.released = [None] * self.nslots
         self.free = list(range(self.nslots))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..models.attention import KVCache
+from ..models.cuda_streams import GRAPH_CAPTURE, side_stream
 from ..models.ring_cache import RingKVCache
 from ..models.rope import needs_host_lengths
 
@@ -69,7 +70,7 @@ class GraphedDraftStep:
         torch.cuda.empty_cache()
         g = torch.cuda.CUDAGraph()
         cur = torch.cuda.current_stream(self.model.device)
-        side = torch.cuda.Stream(self.model.device)  # capture must not run on the default stream
+        side = side_stream(GRAPH_CAPTURE, self.model.device)  # not the default stream, nor a copier's
         side.wait_stream(cur)
         with torch.cuda.stream(side):
             # thread_local: the weight streamer's feeder thread keeps issuing copies meanwhile.

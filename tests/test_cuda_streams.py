@@ -1,0 +1,67 @@
+"""Draft graphs captured while the weight copier streams: each role keeps a stream of its own.
+
+`torch.cuda.Stream()` hands out a fixed pool's streams in turn, so a capture that drew a new
+one each time reached the copier's stream after ~30 captures and the feeder's copies fell into
+the capture (w1-long on an H100 in session 33 failed after ~80 passes). These run on a GPU
+(`pytest -m cuda`, scripts/gpu_check.py); CUDA streams do not exist on a CPU.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from specoffload.actors.weight_stream import WeightStreamer
+from specoffload.models.cuda_streams import GRAPH_CAPTURE, KV_COPY, WEIGHT_COPY, side_stream
+from specoffload.speculation.draft_graph import GraphedDraftStep
+from test_weight_stream import _host_layers
+import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
+
+cuda_only = gpu.cuda_only("CUDA streams need a GPU")
+
+
+@cuda_only
+def test_role_streams_stay_apart_however_often_the_pool_is_drawn():
+    roles = [WEIGHT_COPY, KV_COPY, GRAPH_CAPTURE]
+    first = {r: side_stream(r, "cuda").cuda_stream for r in roles}
+    assert len(set(first.values())) == 3
+    for _ in range(100):  # other code drawing from torch's pool, round after round
+        torch.cuda.Stream()
+    assert {r: side_stream(r, torch.device("cuda", torch.cuda.current_device())).cuda_stream for r in roles} == first
+
+
+class _OneMatmul:
+    """A draft's forward reduced to what a graph can replay: one gather and one matmul."""
+
+    def __init__(self):
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.w = torch.randn(64, 64, device=self.device, generator=torch.Generator(self.device).manual_seed(0))
+
+    def forward(self, cache, tokens, q_lens, n_q):
+        return self.w[tokens] @ self.w
+
+
+@cuda_only
+def test_many_captures_while_layers_stream():
+    layers = _host_layers(4)
+    order = [0, 1, 2, 3]
+    ws = WeightStreamer({j: (b, e) for j, (b, e, _) in layers.items()}, order, 2, "cuda", chunk_bytes=1 << 20)
+    assert ws.copy_stream.cuda_stream != side_stream(GRAPH_CAPTURE, "cuda").cuda_stream
+    model = _OneMatmul()
+    d = model.device
+    cache = SimpleNamespace(batch=8, lens=torch.zeros(8, device=d), pos=torch.zeros(8, device=d),
+                            k=[torch.zeros(1, device=d)], v=[torch.zeros(1, device=d)])
+    tokens = torch.arange(8, device=d)
+    ws.prefetch()
+    for p in range(24):  # 96 captures, each while the feeder queues the next layers' pieces
+        for j in order:
+            w = ws.acquire(j)
+            step = GraphedDraftStep(model, cache)
+            step.step(tokens)  # eager, then captured
+            assert step.error is None and step.graph is not None, (p, j, step.error)
+            assert torch.equal(step.step(tokens + 1), model.w[tokens + 1] @ model.w)  # the replay
+            for name, t in layers[j][2].items():
+                assert torch.equal(w[name].cpu(), t), (p, j, name)
+            ws.release(j)
+    torch.cuda.synchronize()
