@@ -198,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "layers on the GPU (the memory no draft uses; 'auto': as many "
                                                 "as the planner places), and print ratios against it too.")
     ap.add_argument("--baseline-gpu-kv-rows", default="0",
-                    help="With --baseline-resident: that many of the baseline's rows keep their KV on the GPU "
-                         "and attend there (plan.gpu_kv_rows; 'auto': as many as fit beside its resident layers "
-                         "by the planner's account), so that plain decoding gets the same lever as the "
-                         "speculative modes' --gpu-kv-rows. Default 0.")
+                    help="With --baseline-resident: a comma list; the baseline runs with each count of its rows "
+                         "keeping their KV on the GPU and attending there (plan.gpu_kv_rows; 'auto': as many as fit "
+                         "beside its resident layers by the planner's account), the fastest being the one ratios "
+                         "use, so that plain decoding gets the same lever as the speculative modes' --gpu-kv-rows, "
+                         "e.g. 0,auto. Default 0.")
     ap.add_argument("--baseline-copy-chunk-mib",
                     help="With --baseline-resident: a comma list of copy piece sizes the baseline runs with, "
                          "each (plan.copy_chunk_mib), the fastest being the one ratios use, so that plain "
@@ -243,19 +244,26 @@ def _baseline_resident(a, tspec, cuda: bool) -> int:
     return n
 
 
-def _baseline_gpu_kv_rows(a, tspec, resident: int, cuda: bool) -> int:
-    """--baseline-gpu-kv-rows: a count, or 'auto' (placement.planner.gpu_kv_rows_fit for plain
-    decoding with `resident` layers and two slots; 0 off CUDA)."""
-    if a.baseline_gpu_kv_rows != "auto":
+def _baseline_gpu_kv_rows(a, tspec, resident: int, cuda: bool) -> list[int]:
+    """--baseline-gpu-kv-rows: a comma list of counts and 'auto' (placement.planner.gpu_kv_rows_fit
+    for plain decoding with `resident` layers and two slots; 0 off CUDA), each run in turn."""
+    out = []
+    for v in str(a.baseline_gpu_kv_rows).split(","):
+        v = v.strip()
+        if v == "auto":
+            out.append(_baseline_gpu_kv_rows_auto(a, tspec, resident) if cuda else 0)
+            continue
         try:
-            n = int(a.baseline_gpu_kv_rows)
+            n = int(v)
         except ValueError:
-            raise ValueError(f"needs a count or 'auto', got {a.baseline_gpu_kv_rows!r}") from None
+            raise ValueError(f"needs counts or 'auto', got {v!r}") from None
         if n < 0:
-            raise ValueError(f"needs a count >= 0, got {n}")
-        return n
-    if not cuda:
-        return 0
+            raise ValueError(f"needs counts >= 0, got {n}")
+        out.append(n)
+    return list(dict.fromkeys(out))  # 'auto' may come to a count also listed: run it once
+
+
+def _baseline_gpu_kv_rows_auto(a, tspec, resident: int) -> int:
     from dataclasses import replace
 
     from specoffload.placement.plan import parse_bytes
@@ -655,19 +663,19 @@ class Bench:
             "gpu_alloc_retries": mem.get("alloc_retries", 0),
         }
 
-    def baseline(self, resident: int, micro: list[int], gpu_rows: int = 0) -> str | None:
+    def baseline(self, resident: int, micro: list[int], gpu_rows: list[int] = (0,)) -> str | None:
         """The fair non-speculative baseline: `none` on actors of its own (an executor's
         resident layers are fixed when it starts) that keep `resident` target layers in the
-        GPU memory a draft would use, with two slots as the planner counts, and `gpu_rows` rows
-        attending on the GPU, at each of the micro-batch counts and copy piece sizes (the fastest
-        is the one ratios use). Returns why it did not start or did not finish, if so (the modes
+        GPU memory a draft would use, with two slots as the planner counts, at each of the
+        micro-batch counts, copy piece sizes and counts of rows attending on the GPU (the
+        fastest is the one ratios use). Returns why it did not start or did not finish, if so (the modes
         already run still get their table)."""
         from specoffload.configs.run_config import RunConfig
         from specoffload.errors import SpecOffloadError
 
         try:
             base = replace(self.plan, gpu_layers=_resident_layers(self.tspec.num_layers, resident), num_slots=2,
-                           gpu_kv_rows=gpu_rows)
+                           gpu_kv_rows=gpu_rows[0])
             self.start(base, None, "baseline actors")
         except SpecOffloadError as e:
             return f"the baseline keeping {resident} layers did not start: {e}"
@@ -676,9 +684,9 @@ class Bench:
             ray.get(self.coord.generate.remote(self.payload(torch.Generator().manual_seed(1), 1, min(self.a.gen, 4))))
         run = ("none", self.a.k, False, "gpu", None)  # k unused without a draft
         failed = []
-        label = f"none+r{resident}" + (f"g{gpu_rows}" if gpu_rows else "")
-        for m, chunk in [(m, c) for m in micro for c in _baseline_chunks(self.a)]:
-            if not self.run_or_record(failed, label, run, m, resident, max(_doorbells(self.a)), chunk, gpu_rows):
+        for m, chunk, rows in [(m, c, g) for m in micro for c in _baseline_chunks(self.a) for g in gpu_rows]:
+            label = f"none+r{resident}" + (f"g{rows}" if rows else "")
+            if not self.run_or_record(failed, label, run, m, resident, max(_doorbells(self.a)), chunk, rows):
                 break
         self.stop()
         return "; ".join(failed) or None
@@ -778,7 +786,7 @@ def _main(argv):
         raise BenchError(e) from None
     micro = _micro_batches(a)
     _doorbells(a), _copy_chunks(a), _baseline_chunks(a)  # a bad list fails before the actors start
-    resident, baseline_error, baseline_rows = None, None, 0
+    resident, baseline_error, baseline_rows = None, None, [0]
     failed = []  # "<mode> failed: <why>" for each mode that failed (the others still run)
     if a.baseline_resident is not None:
         try:

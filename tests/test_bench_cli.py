@@ -224,16 +224,19 @@ def test_bench_baseline_gpu_kv_rows(tmp_path):
     from specoffload.sources.w4_shapes import llama_3_1_70b
 
     a = bench._options(["--workload", "w4", "--gen", "128", "--baseline-resident", "4", "--baseline-gpu-kv-rows", "auto"])
-    assert bench._baseline_gpu_kv_rows(a, llama_3_1_70b(80), 4, cuda=False) == 0
-    auto = bench._baseline_gpu_kv_rows(a, llama_3_1_70b(80), 4, cuda=True)
+    assert bench._baseline_gpu_kv_rows(a, llama_3_1_70b(80), 4, cuda=False) == [0]
+    [auto] = bench._baseline_gpu_kv_rows(a, llama_3_1_70b(80), 4, cuda=True)
     c = planner.Candidate("none", a.batch, k=a.k, slots=2, prefill_batch=a.prefill_batch, resident=4)
     wl = planner.Workload(a.prompt_len, a.gen, a.batch, a.agreement)
     assert auto == planner.gpu_kv_rows_fit(llama_3_1_70b(80), None, c, wl, 24 * 2**30) > 0
     a.baseline_gpu_kv_rows = "12"
-    assert bench._baseline_gpu_kv_rows(a, llama_3_1_70b(80), 4, cuda=True) == 12
-    for bad in ("x", "-1"):
+    assert bench._baseline_gpu_kv_rows(a, llama_3_1_70b(80), 4, cuda=True) == [12]
+    a.baseline_gpu_kv_rows = "0,auto,12"  # each in turn, the fastest for the ratios
+    assert bench._baseline_gpu_kv_rows(a, llama_3_1_70b(80), 4, cuda=True) == [0, auto, 12]
+    assert bench._baseline_gpu_kv_rows(a, llama_3_1_70b(80), 4, cuda=False) == [0, 12]  # auto is 0 off CUDA
+    for bad in ("x", "-1", "0,,4"):
         a.baseline_gpu_kv_rows = bad
-        with pytest.raises(ValueError, match="needs a count"):
+        with pytest.raises(ValueError, match="needs counts"):
             bench._baseline_gpu_kv_rows(a, None, 4, cuda=False)
     r = subprocess.run([sys.executable, "-m", "specoffload.cli", "bench", "--workload", "tiny",
                         "--baseline-gpu-kv-rows", "4"], capture_output=True, text=True, timeout=120,
@@ -466,3 +469,25 @@ def test_the_baseline_runs_each_of_its_copy_piece_sizes_and_ratios_use_its_faste
                        "--baseline-copy-chunk-mib needs a comma list of sizes >= 1, got '8,0'")):
         assert bench.main(["--workload", "tiny", *argv]) == 2
         assert capsys.readouterr().err.strip() == f"specoffload bench: error: {msg}"
+
+
+def test_the_baseline_runs_each_of_its_gpu_row_counts_and_ratios_use_its_fastest(monkeypatch, capsys):
+    """--baseline-gpu-kv-rows 0,N: plain decoding tries each count of GPU rows the speculative
+    modes' list may have (since cuDNN is off GPU rows are cheap, and may speed plain decoding
+    too), each a row of its own on the baseline's actors; the ratios are against the fastest."""
+    from specoffload import bench
+
+    ran = []
+
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None):
+        ran.append((label, gpu_rows))
+        tps = {"single@2": 300.0, 0: 120.0, 2: 150.0}[label if label.startswith("single") else gpu_rows]
+        self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows), tps, gpu_kv_rows=gpu_rows))
+
+    _bench_without_ray(monkeypatch, run_mode)
+    assert bench.main(["--workload", "tiny", "--modes", "single@2", "--baseline-resident", "1",
+                       "--baseline-gpu-kv-rows", "0,2", "--no-warmup"]) == 0
+    assert ran == [("single@2", 0), ("none+r1", 0), ("none+r1g2", 2)]
+    out = capsys.readouterr().out
+    assert "against none+r1g2 (none keeping 1 target layers, 2 rows' KV on the GPU" in out
+    assert "single@2 2.00x e2e" in out and "none+r1 0.80x e2e" in out
