@@ -645,6 +645,7 @@ class Bench:
             "passes_rows_busy_90": st.get("passes_rows_busy_90"), "joins": st.get("joins"),
             "join_retreats": st.get("join_retreats"),
             "rows_busy_while_waiting": st.get("rows_busy_while_waiting"),
+            "passes_rows_busy_90_while_waiting": st.get("passes_rows_busy_90_while_waiting"),
             "gpu_busy": round((d.get("target_s", 0) + d.get("draft_s", 0)) / wall, 3),
             "gpu_busy_decode": round((d.get("target_s", 0) + d.get("draft_s", 0)) / max(decode_s, 1e-9), 3),
             "cpu_attention_s": round(d.get("cpu_attention_s", 0), 2), "target_gpu_s": round(d.get("target_s", 0), 2),
@@ -708,9 +709,10 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
               f"{r['s_per_pass']:7.3f} {str(r['stream_GBps']):>6} {str(r['copy_GBps']):>8} {str(r['acceptance']):>7} "
               f"{str(r['tokens_per_seq_pass']):>12} {r['gpu_busy_decode']:8.3f}")
     if any(r.get("rows_busy") is not None for r in results):
-        print("rows busy (mean over passes; share of passes >= 90%; mean while requests waited), joins, time to "
-              "the last request: " +
-              ", ".join(f"{r['mode']} {r['rows_busy']} ({r['passes_rows_busy_90']}; {r['rows_busy_while_waiting']}), "
+        print("rows busy (mean over passes; share of passes >= 90%; mean and share >= 90% while requests waited), "
+              "joins, time to the last request: " +
+              ", ".join(f"{r['mode']} {r['rows_busy']} ({r['passes_rows_busy_90']}; {r['rows_busy_while_waiting']}, "
+                        f"{r.get('passes_rows_busy_90_while_waiting')}), "
                         f"{r['joins']} joins{_gpu_joins(r)}, {r['time_to_last_s']} s" for r in results))
     per_layer = [r for r in results if r.get("passes")]
     if per_layer:

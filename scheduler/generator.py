@@ -72,6 +72,8 @@ class RunStats:
             if self.busy_rows else None,
             # what refill controls: once no request waits, a finite job's batch drains
             "rows_busy_while_waiting": round(float(np.mean(self.busy_waiting)), 4) if self.busy_waiting else None,
+            "passes_rows_busy_90_while_waiting": round(float(np.mean(np.array(self.busy_waiting) >= 0.9)), 4)
+            if self.busy_waiting else None,
         }
         if log:
             d["pass_log"] = [(int(k), round(float(t), 4), bool(u), int(r)) for k, t, u, r in self.pass_log]

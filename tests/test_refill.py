@@ -4,6 +4,7 @@ what its seed gives in any batch), and the batch's rows stay busier than in wave
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import gpu
@@ -61,6 +62,8 @@ def test_refilled_rows_keep_greedy_output(tiny_dir, schedule, draft):
     assert on.passes < off.passes  # no pass serves only a wave's last rows while requests wait
     assert on.as_dict()["rows_busy"] > off.as_dict()["rows_busy"]
     assert on.as_dict()["rows_busy_while_waiting"] >= on.as_dict()["rows_busy"]  # the job's end drains the batch
+    d = on.as_dict()
+    assert d["passes_rows_busy_90_while_waiting"] == pytest.approx(np.mean(np.array(on.busy_waiting) >= 0.9), abs=1e-4)
 
 
 def _decode(ids):
