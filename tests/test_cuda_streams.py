@@ -15,7 +15,7 @@ import torch
 from specoffload.actors.weight_stream import WeightStreamer
 from specoffload.models.cuda_streams import GRAPH_CAPTURE, KV_COPY, WEIGHT_COPY, side_stream
 from specoffload.speculation.draft_graph import GraphedDraftStep
-from test_weight_stream import _host_layers
+from test_weight_stream import _host_layer
 import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
 cuda_only = gpu.cuda_only("CUDA streams need a GPU")
@@ -44,7 +44,11 @@ class _OneMatmul:
 
 @cuda_only
 def test_many_captures_while_layers_stream():
-    layers = _host_layers(4)
+    """Each capture starts right after a release queued the next layer's copy (32 MiB in 1 MiB
+    pieces, ~1-2 ms of the feeder recording and waiting on events), so captures overlap the
+    feeder's work: with a fresh pool stream per capture, one in 32 was the copier's stream."""
+    g = torch.Generator().manual_seed(0)
+    layers = {j: _host_layer({"a": torch.randn(8 << 20, generator=g)}) for j in range(4)}
     order = [0, 1, 2, 3]
     ws = WeightStreamer({j: (b, e) for j, (b, e, _) in layers.items()}, order, 2, "cuda", chunk_bytes=1 << 20)
     assert ws.copy_stream.cuda_stream != side_stream(GRAPH_CAPTURE, "cuda").cuda_stream
@@ -54,14 +58,13 @@ def test_many_captures_while_layers_stream():
                             k=[torch.zeros(1, device=d)], v=[torch.zeros(1, device=d)])
     tokens = torch.arange(8, device=d)
     ws.prefetch()
-    for p in range(24):  # 96 captures, each while the feeder queues the next layers' pieces
+    for p in range(24):  # 96 captures
         for j in order:
             w = ws.acquire(j)
+            assert torch.equal(w["a"].cpu(), layers[j][2]["a"]), (p, j)
+            ws.release(j)  # queues the copy of the layer two ahead into this slot
             step = GraphedDraftStep(model, cache)
-            step.step(tokens)  # eager, then captured
+            step.step(tokens)  # eager, then captured while that copy is being issued
             assert step.error is None and step.graph is not None, (p, j, step.error)
             assert torch.equal(step.step(tokens + 1), model.w[tokens + 1] @ model.w)  # the replay
-            for name, t in layers[j][2].items():
-                assert torch.equal(w[name].cpu(), t), (p, j, name)
-            ws.release(j)
     torch.cuda.synchronize()
