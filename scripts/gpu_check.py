@@ -12,7 +12,8 @@ with `--out` JSONL, the 2-layer target in float32 plain
 and speculative with rows refilled (every token equal: the lossless check), the Python `LLM`
 API, the GPU executor killed mid-run (restarted, output as plain decoding), a Ray job
 submitted to a `ray start` head, `specoffload plan`, `specoffload bench
---workload w1-small` (shortened), the target quantized to fp8 at load (`generate --quantize fp8`
+--workload w1-small` (shortened), a refilled job (`bench --workload w1-long-tiny`, a draft
+graph captured again at each of its ~70 joins), the target quantized to fp8 at load (`generate --quantize fp8`
 plain and speculative, `bench --target-fp8`), a tiny checkpoint of every family through the
 actors on the GPU against transformers, and every CUDA-only test. Each row asserts exit 0 and
 every output present; bf16 speculative rows also that log probabilities move no more than
@@ -51,8 +52,11 @@ TEST_GROUPS = (("placement", ["tests/test_gpu_placement.py"]), ("fp8 target", ["
 # 190, part 2 130, restart 122, bf16 draft rows 110-120, fp8 113, the job 97, the rest 60-95).
 # A row that compares with another's outputs comes after it.
 ORDER = ("plain", "families1", "families2", "restart", "auto", "hand", "disk", "autofp8", "plain_fp8", "auto_q8",
-         "job", "plain32", "spec32", "api", "bench_fp8", "bench")
+         "job", "plain32", "spec32", "api", "bench_fp8", "bench", "bench_job")
 STEPS = ("tests", "generate", "disk", "lossless", "api", "restart", "job", "plan", "families", "bench", "fp8")
+# The refilled job's row: its requests, and the joins (each a draft recapture) it must make, past
+# the 32 streams of torch's pool (48 requests made 34 joins on the CPU).
+JOB_REQUESTS, JOB_JOINS = 96, 40
 
 
 class Outputs:
@@ -412,6 +416,25 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
     def bench(self):
         self.bench_row("bench --workload w1-small (2+4 layers)", "--json", self.logs / "bench.json")
 
+    def bench_job(self):
+        """A job whose rows are refilled many times (`bench --workload w1-long-tiny`, 96 requests
+        at batch 4): each join changes the draft cache's rows, so the draft's graph is captured
+        again ~70 times while the weight copier streams. Engine runs of the other rows capture a
+        few times; session 33's w1-long failed after ~30 captures (torch's stream pool came
+        round to the copier's stream, models/cuda_streams.py)."""
+        out = self.logs / "bench_job.json"
+        rc, text, dt = self.run("bench job", self.cli(
+            "bench", "--workload", "w1-long-tiny", "--requests", JOB_REQUESTS, "--modes", "single@2",
+            "--draft-window", 8, "--no-warmup", "--json", out), timeout=420, env=self.env_local)
+        try:
+            r = json.loads(out.read_text())["results"][0]
+        except (OSError, ValueError, KeyError, IndexError):
+            r = {}
+        joins, graphs = r.get("joins", 0), r.get("draft_graph_steps", 0)
+        self.row(f"bench --workload w1-long-tiny ({JOB_REQUESTS} requests at batch 4: a draft capture a join)",
+                 rc == 0 and joins >= JOB_JOINS and graphs > 0, dt,
+                 f"rc {rc}; {joins} joins, {graphs} draft steps through graphs, {r.get('tokens_per_s')} tok/s")
+
     def fp8(self) -> list:
         """The target quantized to fp8 as it loads: plain, then speculative against that plain
         (the fp8 target's own output); side by side, compared once plain has finished."""
@@ -527,6 +550,7 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
                 rows["disk"] = self.disk_tier
             for step, row, f in (("api", "api", self.llm_api), ("job", "job", self.ray_job),
                                  ("restart", "restart", self.restart), ("bench", "bench", self.bench),
+                                 ("bench", "bench_job", self.bench_job),
                                  ("fp8", "bench_fp8", self.bench_fp8)):
                 if step in steps:
                     rows[row] = f
