@@ -7,6 +7,8 @@ copier's stream again, so the feeder thread's copies and events landed inside th
 capture and the run failed ("operation not permitted on an event last recorded in a capturing
 stream", w1-long on an H100 in session 33, after ~80 passes). Every side stream the engine uses
 comes from here: drawn once per role, and redrawn if the pool hands back another role's.
+Two users of one role in a process (two weight streamers, in tests) share its stream: their
+work queues on it in order, as one engine's does.
 """
 
 from __future__ import annotations
