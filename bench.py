@@ -245,22 +245,10 @@ def _baseline_resident(a, tspec, cuda: bool) -> int:
 
 
 def _baseline_gpu_kv_rows(a, tspec, resident: int, cuda: bool) -> list[int]:
-    """--baseline-gpu-kv-rows: a comma list of counts and 'auto' (placement.planner.gpu_kv_rows_fit
-    for plain decoding with `resident` layers and two slots; 0 off CUDA), each run in turn."""
-    out = []
-    for v in str(a.baseline_gpu_kv_rows).split(","):
-        v = v.strip()
-        if v == "auto":
-            out.append(_baseline_gpu_kv_rows_auto(a, tspec, resident) if cuda else 0)
-            continue
-        try:
-            n = int(v)
-        except ValueError:
-            raise ValueError(f"needs counts or 'auto', got {v!r}") from None
-        if n < 0:
-            raise ValueError(f"needs counts >= 0, got {n}")
-        out.append(n)
-    return list(dict.fromkeys(out))  # 'auto' may come to a count also listed: run it once
+    """--baseline-gpu-kv-rows: counts and 'auto' (placement.planner.gpu_kv_rows_fit for plain
+    decoding with `resident` layers and two slots; 0 off CUDA), each run in turn."""
+    rows = _row_counts(a.baseline_gpu_kv_rows, lambda: _baseline_gpu_kv_rows_auto(a, tspec, resident) if cuda else 0)
+    return list(dict.fromkeys(rows))  # 'auto' may come to a count also listed: run it once
 
 
 def _baseline_gpu_kv_rows_auto(a, tspec, resident: int) -> int:
@@ -347,20 +335,30 @@ def _resident(a, tspec, dspec, cuda: bool) -> int:
         raise BenchError(f"--resident auto: {e}") from None
 
 
-def _gpu_kv_rows(a, tspec, dspec, cuda: bool) -> list[int]:
-    """--gpu-kv-rows: counts, or 'auto' (placement.planner.gpu_kv_rows_fit)."""
+def _row_counts(text: str, auto) -> list[int]:
+    """A comma list of GPU row counts >= 0 and 'auto' (`auto()` gives its count), or ValueError."""
     out = []
-    for v in str(a.gpu_kv_rows).split(","):
-        if v.strip() == "auto":
-            out.append(_gpu_kv_rows_auto(a, tspec, dspec) if cuda else 0)
+    for v in str(text).split(","):
+        v = v.strip()
+        if v == "auto":
+            out.append(auto())
             continue
         try:
-            out.append(int(v))
+            n = int(v)
         except ValueError:
-            raise BenchError(f"--gpu-kv-rows needs counts or 'auto', got {a.gpu_kv_rows!r}") from None
-        if out[-1] < 0:
-            raise BenchError(f"--gpu-kv-rows counts must be >= 0, got {out[-1]}")
+            raise ValueError(f"needs counts or 'auto', got {v!r}") from None
+        if n < 0:
+            raise ValueError(f"needs counts >= 0, got {n}")
+        out.append(n)
     return out
+
+
+def _gpu_kv_rows(a, tspec, dspec, cuda: bool) -> list[int]:
+    """--gpu-kv-rows: counts, or 'auto' (placement.planner.gpu_kv_rows_fit)."""
+    try:
+        return _row_counts(a.gpu_kv_rows, lambda: _gpu_kv_rows_auto(a, tspec, dspec) if cuda else 0)
+    except ValueError as e:
+        raise BenchError(f"--gpu-kv-rows {e}") from None
 
 
 def _gpu_kv_rows_auto(a, tspec, dspec) -> int:

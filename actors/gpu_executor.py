@@ -369,13 +369,12 @@ class GPUExecutor:
         launch raises (out of memory) is kept for the call that owns it, which raises it."""
         done = None
         if self.device.type == "cuda":
-            if getattr(self, "_kv_stream", None) is None:
-                self._kv_stream = side_stream(KV_COPY, self.device)
-            self._kv_stream.wait_stream(torch.cuda.current_stream(self.device))  # the K/V are computed
-            with torch.cuda.stream(self._kv_stream):
+            stream = side_stream(KV_COPY, self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # the K/V are computed
+            with torch.cuda.stream(stream):
                 handle = kv_ring.send(ring, call, k, v)
             done = torch.cuda.Event()
-            done.record(self._kv_stream)
+            done.record(stream)
         else:
             handle = kv_ring.send(ring, call, k, v)
         if nxt is not None:

@@ -67,17 +67,20 @@ class RunStats:
             "join_retreats": self.join_retreats,
             # rows of the batch doing work (verified, or prefilled to join) over all its rows,
             # the mean over passes and the share of passes at 90% or more
-            "rows_busy": round(float(np.mean(self.busy_rows)), 4) if self.busy_rows else None,
-            "passes_rows_busy_90": round(float(np.mean(np.array(self.busy_rows) >= 0.9)), 4)
-            if self.busy_rows else None,
+            "rows_busy": _mean(self.busy_rows),
+            "passes_rows_busy_90": _mean(np.array(self.busy_rows) >= 0.9),
             # what refill controls: once no request waits, a finite job's batch drains
-            "rows_busy_while_waiting": round(float(np.mean(self.busy_waiting)), 4) if self.busy_waiting else None,
-            "passes_rows_busy_90_while_waiting": round(float(np.mean(np.array(self.busy_waiting) >= 0.9)), 4)
-            if self.busy_waiting else None,
+            "rows_busy_while_waiting": _mean(self.busy_waiting),
+            "passes_rows_busy_90_while_waiting": _mean(np.array(self.busy_waiting) >= 0.9),
         }
         if log:
             d["pass_log"] = [(int(k), round(float(t), 4), bool(u), int(r)) for k, t, u, r in self.pass_log]
         return d
+
+
+def _mean(xs) -> float | None:
+    """The mean to 4 places, None over no passes."""
+    return round(float(np.mean(xs)), 4) if len(xs) else None
 
 
 SETTLE_PASSES = 2  # a batch's passes that adaptive k does not take as k's cost (see `_step`)
