@@ -801,8 +801,13 @@ def _main(argv):
         raise BenchError("--baseline-gpu-kv-rows needs --baseline-resident")
     elif a.baseline_copy_chunk_mib is not None:
         raise BenchError("--baseline-copy-chunk-mib needs --baseline-resident")
+    from specoffload import host_facts
     from specoffload.ray_env import check_cluster, ensure_ray
 
+    host = host_facts.snapshot()  # before Ray's own processes start
+    print(host_facts.describe(host), flush=True)
+    if host_facts.warning(host):
+        print(host_facts.warning(host), file=sys.stderr, flush=True)
     try:
         ensure_ray(a.ray_address, dashboard=a.dashboard,
                    object_store=int(os.environ.get("OBJ_STORE", 6 * 2**30 if cuda else 2**30)))
@@ -852,7 +857,7 @@ def _main(argv):
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a) | {"accelerate": vars(a.accelerate) if a.accelerate else None},
-                       "results": bench.results, "accelerate": accel, "failed": failed}, f, indent=1)
+                       "host": host, "results": bench.results, "accelerate": accel, "failed": failed}, f, indent=1)
     if failed or baseline_error or accel_error:
         raise BenchError("; ".join(e for e in (*failed, baseline_error, accel_error) if e))
     return 0

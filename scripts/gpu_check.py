@@ -475,9 +475,10 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
         the executor tells its own CUDA context from other processes' memory (GpuBudget)."""
         code = ("import os, shutil, torch\n"
                 "from specoffload.actors.gpu_budget import GpuBudget\n"
+                "from specoffload.host_facts import cpu_model\n"
                 "b = GpuBudget(torch.device('cuda'), 24 << 30)\n"
                 "mem = dict(ln.split(':', 1) for ln in open('/proc/meminfo'))\n"
-                "print(f'machine: {torch.cuda.get_device_name()}, {os.cpu_count()} cores, MemTotal '\n"
+                "print(f'machine: {torch.cuda.get_device_name()}, {os.cpu_count()} cores ({cpu_model()}), MemTotal '\n"
                 "      f'{int(mem[\"MemTotal\"].split()[0]) >> 20} GiB, /dev/shm {shutil.disk_usage(\"/dev/shm\").total >> 30} GiB; '\n"
                 "      f'CUDA context {b.context / 2**30:.2f} GiB from {b.context_source}, others {b.others / 2**30:.2f} GiB')\n")
         rc, text, dt = self.run("machine", [sys.executable, "-c", code], 60)

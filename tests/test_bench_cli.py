@@ -27,6 +27,10 @@ def test_bench_tiny_workload_prints_ratios(tmp_path):
     assert rows[0][3] == "1.00"  # the baseline's ratio to itself
     res = json.loads((tmp_path / "b.json").read_text())["results"]
     assert res[1]["acceptance"] is not None and res[1]["tokens"] == res[0]["tokens"] == 4 * 6
+    # what the host was doing at the start (host_facts), printed and kept beside the figures
+    host = json.loads((tmp_path / "b.json").read_text())["host"]
+    assert host["cores"] == os.cpu_count() and 0 <= host["busy"] <= 1
+    assert any(ln.startswith(f"host: {host['cpu']}, {host['cores']} cores") for ln in r.stdout.splitlines())
     assert res[1]["k_mean"] == 2 and 1 <= res[2]["k_mean"] <= 16  # fixed k, and k chosen by the loop
     # per mode, passes by draft length, and each verification's (k, seconds, timed for adaptive k)
     assert res[1]["k_counts"] == {"2": len(res[1]["pass_log"])} and all(k == 2 for k, *_ in res[1]["pass_log"])

@@ -1,0 +1,4 @@
+specoffload bench --workload w4 --gen 128 --modes single@4 --micro-batches 2 --gpu-kv-rows 48 --copy-chunk-mib 8 \
+  --draft-window 64 --draft-sinks 4 --draft-fp8 --slots 4 --prefill-batch 16 --resident 0 --stall-s 120 \
+  --trace-dir tr --no-worker-layer-runs --no-dashboard --json w4.json
+python scripts/trace_layer_chain.py tr/trace_single_k4.json --rounds 6:30

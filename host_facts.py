@@ -1,0 +1,103 @@
+"""What the host was and was doing when a benchmark started: its CPU model and how busy its
+CPUs already were, and by which processes.
+
+Calls on "the same kind" of device machine differ: in session 34 the same w1-long baseline gave
+635.9 tok/s where session 33 gave 695.2, its CPU attention taking 13% longer with the same code,
+and nothing in the JSON could say whether the host's CPU was another model or already busy.
+CPU attention bounds most layers, so a figure is only comparable beside these facts.
+Linux's /proc only; elsewhere the fields are None.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat's first line."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def _process_ticks() -> dict[int, tuple[str, int]]:
+    """pid -> (command name, user + system jiffies) of every process readable now."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                text = f.read()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        # The command name is in parentheses and may itself hold spaces or parentheses.
+        comm = text[text.index("(") + 1: text.rindex(")")]
+        rest = text[text.rindex(")") + 2:].split()
+        out[int(name)] = (comm, int(rest[11]) + int(rest[12]))  # utime, stime (fields 14, 15)
+    return out
+
+
+def snapshot(window_s: float = 0.5, min_share: float = 0.2) -> dict:
+    """The CPU model, cores, load averages, the share of all CPUs busy over `window_s`, and the
+    processes that kept at least `min_share` of one core busy meanwhile (pid, name, cores)."""
+    facts = {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": None, "busy": None, "busy_processes": []}
+    try:
+        facts["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    before, procs = _cpu_ticks(), _process_ticks() if os.path.isdir("/proc") else {}
+    t0 = time.monotonic()
+    time.sleep(window_s)
+    after, procs2 = _cpu_ticks(), _process_ticks() if procs else {}
+    wall = time.monotonic() - t0
+    if before and after and after[1] > before[1]:
+        facts["busy"] = round((after[0] - before[0]) / (after[1] - before[1]), 3)
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    me = os.getpid()
+    busy = []
+    for pid, (comm, ticks) in procs2.items():
+        if pid == me or pid not in procs:
+            continue
+        cores = (ticks - procs[pid][1]) / hz / wall
+        if cores >= min_share:
+            busy.append({"pid": pid, "name": comm, "cores": round(cores, 2)})
+    facts["busy_processes"] = sorted(busy, key=lambda p: -p["cores"])[:5]
+    return facts
+
+
+def describe(facts: dict) -> str:
+    """One line for a benchmark's header."""
+    parts = [facts.get("cpu") or "CPU model unknown", f"{facts.get('cores')} cores"]
+    if facts.get("loadavg"):
+        parts.append("load " + "/".join(f"{x:.1f}" for x in facts["loadavg"]))
+    if facts.get("busy") is not None:
+        parts.append(f"{facts['busy']:.0%} of the CPUs busy before the start")
+    line = "host: " + ", ".join(parts)
+    if facts.get("busy_processes"):
+        line += " (" + ", ".join(f"{p['name']} pid {p['pid']} {p['cores']:.1f} cores" for p in facts["busy_processes"]) + ")"
+    return line
+
+
+def warning(facts: dict, limit: float = 0.1) -> str | None:
+    """A line to print where other work already kept the CPUs busy: CPU attention will share them."""
+    if facts.get("busy") is not None and facts["busy"] >= limit:
+        return (f"warning: {facts['busy']:.0%} of the CPUs were busy before the benchmark started; "
+                f"its CPU attention shares them, so its figures may be low")
+    return None
