@@ -179,6 +179,13 @@ def gpu_kv_rows_fit(target: ModelSpec, draft: ModelSpec | None, c: Candidate, wl
     need = _gpu_bytes(target, draft, 0, replace(c, gpu_kv_rows=0), wl, cm)
     if need > gpu_memory:
         raise CapacityError(f"GPU needs {need / 2**30:.1f} GiB of {gpu_memory / 2**30:.1f} before any GPU row")
+    return _rows_left(target, draft, 0, c, wl, gpu_memory, cm)
+
+
+def _rows_left(target, draft, self_layers, c: Candidate, wl: Workload, gpu_memory: int, cm: CostModel) -> int:
+    """GPU rows that fit beside candidate c's placement (its own rows not counted), at most its
+    batch; beside a draft, CostModel.draft_rows_slack_bytes stays free."""
+    need = _gpu_bytes(target, draft, self_layers, replace(c, gpu_kv_rows=0), wl, cm)
     if draft is not None and c.schedule != "none":
         need += cm.draft_rows_slack_bytes
     per = (c.in_flight // c.batch) * _row_bytes(target, wl)
@@ -292,23 +299,32 @@ def _time_parts(target, draft, c: Candidate, hw: Hardware, wl: Workload, cm: Cos
     rounds = cmod.rounds_needed(wl.acceptance_for(c.window), k, min(c.batch, wl.requests), wl.gen_len - 1)
     if c.schedule == "dual":  # a pass verifies A while B drafts; each batch gets every other pass
         per_round = 2 * max(t_pass, t_draft)
-    elif c.schedule == "single" and streamed:
+    elif c.schedule in ("single", "none") and streamed:
         # Spare memory as resident layers saves a layer's copy minus its chain per pass (little
-        # when CPU attention nearly fills a copy, as on W1); as another slot, one more layer
-        # prefetched while the draft runs; as GPU rows, their attention off the CPU (what
-        # pays where the chain bounds a layer). Each way of splitting it is tried.
+        # when CPU attention nearly fills a copy, as on W1); as another slot (with a draft), one
+        # more layer prefetched while the draft runs; as GPU rows, their attention off the CPU
+        # (what pays where the chain bounds a layer, plain decoding's too: w1-long's baseline
+        # took 0.199 s a pass with 36 rows beside 5 resident layers against 0.232 without,
+        # docs/benchmarks.md W1-long "Session 34"). Each way of splitting it is tried, and the
+        # memory short of a whole layer holds rows in each.
         copy = cmod.layer_copy_s(hw, target)
-        lb, row_b = cmod.layer_bytes(target), _row_bytes(target, wl)
+        rows_ok = PRICE_GPU_ROWS and hw.device == "cuda"
+        spec = draft if c.schedule != "none" else None
         options = []
-        for x in range(min(c.spare, MAX_SLOTS - 2) + 1):
-            rows = min(c.batch, (c.spare - x) * lb // row_b)
-            exposed = cmod.exposed_draft_s(cm, t_draft, 2 + x, copy)
-            options.append((pass_s(c.resident - x) + exposed, x, c.resident - x, 0))
-            if rows and PRICE_GPU_ROWS:
-                options.append((pass_s(c.resident - c.spare, rows) + exposed, x, c.resident - c.spare, rows))
-        per_round, split, resident, rows = min(options)
+        for x in range(min(c.spare, MAX_SLOTS - 2) + 1 if c.schedule == "single" else 1):
+            exposed = cmod.exposed_draft_s(cm, t_draft, 2 + x, copy) if c.schedule == "single" else 0.0
+            for resident in sorted({c.resident - x, c.resident - c.spare} if rows_ok else {c.resident - x}):
+                trial = replace(c, resident=resident, slots=2 + x, gpu_kv_rows=0)
+                rows = _rows_left(target, spec, c.self_layers, trial, wl, hw.gpu_memory, cm) if rows_ok else 0
+                options += [(pass_s(resident, r) + exposed, x, resident, r) for r in {0, rows}]
+        # Rows only where they take 1% or more off the round (as micro-batches): each join moves
+        # rows' K/V between the GPU and the host. A tie keeps more layers resident.
+        per_round, split, resident, rows = min(
+            options, key=lambda o: (o[0] * (1.01 if o[3] else 1.0), o[1], -o[2], o[3]))
         c = replace(c, resident=resident, slots=2 + split, gpu_kv_rows=rows)
         t_pass = pass_s(c.resident, rows)
+        if c.schedule == "none":
+            per_round = t_pass
     else:
         per_round = t_pass + t_draft
     seconds = refill.waves_seconds(wl.requests, c.in_flight, rounds, per_round, pre)
@@ -413,7 +429,8 @@ MICRO_BATCH_MIN_ROWS = 64
 # against 0.62 without it, `scripts/profile_gpu_rows.py` on an H100; GPU_CUDNN_ATTENTION in
 # models/attention.py). Without cuDNN, 64 GPU rows took w1-long from 1,501.5 to 1,779.8 tok/s,
 # and W4's measured best (0 resident, 48 rows: 227.4 tok/s) is what this model now chooses
-# (0 resident, 59 rows, 227.9 predicted; docs/benchmarks.md, "Session 32").
+# (0 resident, 59 rows, 227.9 predicted; docs/benchmarks.md, "Session 32"; since session 34 53 rows
+# and a third slot, 227.1: the rows leave CostModel.draft_rows_slack_bytes free, as bench's do).
 PRICE_GPU_ROWS = True
 
 # Weight copies go out in pieces; the copy engine runs host-to-device copies in the order they

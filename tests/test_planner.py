@@ -122,10 +122,12 @@ def test_each_schedule_wins_somewhere(h200):
     hides it, and dual wins by a clear margin. (Slow CPU attention alone no longer makes dual
     win: a single batch in two micro-batches overlaps its GPU work with the worker's attention
     too; cost_model.layer_chain_s.) In waves: refilled in place, a single batch of half the rows
-    has no tail to hide and wins (test_refill_priced)."""
+    has no tail to hide and wins (test_refill_priced). At acceptance 0.9: at 0.8 plain decoding
+    with this machine's spare memory as GPU rows (priced for it since session 34) wins, 177 tok/s
+    predicted against dual's 159, as it should where a slow draft earns that little."""
     slow_draft = replace(h200, cpu_kv_GBps=12.0, cpu_attention_gflops=1000.0, device_tflops=300.0, device_GBps=100.0,
                          host_memory="400GB").with_gpu_memory("16GiB")
-    wl = Workload(512, 128, 384, 0.8, refill=False)
+    wl = Workload(512, 128, 384, 0.9, refill=False)
     dual = plan(mixtral_8x7b(), mistral_7b(), slow_draft, wl)
     assert dual.best.schedule == "dual" and dual.best.micro_batches == 1
     assert dual.best.tokens_per_s > 1.2 * _best(dual, schedule="single").tokens_per_s
@@ -160,6 +162,25 @@ def test_gpu_rows_take_slow_attention_off_the_cpu(h200, monkeypatch):
     # a CPU fast enough that the copy bounds every layer: no rows, the memory goes to layers or slots
     fast = plan(mixtral_8x7b(), mistral_7b(), replace(h200, cpu_kv_GBps=400.0, cpu_attention_gflops=20000.0), W1)
     assert fast.best.gpu_kv_rows == 0
+
+
+def test_plain_decoding_gets_gpu_rows_where_attention_bounds_its_chain():
+    """Plain decoding's memory short of a whole resident layer holds GPU rows where CPU attention
+    bounds its layers: w1-long's baseline with the 36 rows `bench --baseline-gpu-kv-rows auto`
+    fitted beside 5 resident layers took 0.199 s a pass against 0.232 without (docs/benchmarks.md,
+    W1-long "Session 34"). The planner must find that placement, price it faster, and fit it;
+    where the copy bounds every layer (a far faster CPU) it keeps none."""
+    from specoffload.placement.planner import gpu_kv_rows_fit
+
+    traced = Hardware.from_file(H200.parent / "h200_traced.json").with_gpu_memory("24GiB")
+    t, d, wl = mixtral_8x7b().with_layers(8), mistral_7b().with_layers(8), Workload(1024, 256, 768, 0.8)
+    none = _best(plan(t, d, traced, wl), schedule="none", batch=192)
+    assert none.resident == 5 and none.gpu_kv_rows > 0 and none.gpu_bytes <= traced.gpu_memory
+    assert none.gpu_kv_rows == gpu_kv_rows_fit(t, None, replace(none, gpu_kv_rows=0), wl, traced.gpu_memory)
+    without = cm.target_pass_s(traced, cm.CostModel(), t, 192, 1, 1024 + 128, 5, 0, 0, none.micro_batches)
+    assert none.pass_s < 0.95 * without
+    fast = replace(traced, cpu_kv_GBps=4000.0, cpu_attention_gflops=200000.0)
+    assert _best(plan(t, d, fast, wl), schedule="none", batch=192).gpu_kv_rows == 0
 
 
 def test_gpu_rows_fit_leaves_slack_beside_a_draft():
