@@ -656,6 +656,10 @@ class Bench:
             # time the executor and the CPU worker waited on doorbells (plan.layer_doorbell)
             "executor_bell_wait_s": round(d.get("executor_bell_wait_s", 0), 2),
             "worker_bell_wait_s": round(d.get("worker_bell_wait_s", 0), 2),
+            # the CPU worker's time making batches' host KV caches (rows joining: one each) and
+            # merging joined rows in, and the caches made in a freed one's storage
+            "worker_start_s": round(d.get("worker_start_s", 0), 2), "worker_merge_s": round(d.get("worker_merge_s", 0), 2),
+            "worker_spare_reused": d.get("worker_spare_reused", 0),
             # the executor's peak device memory so far (the cap bounds it)
             "gpu_peak_gib": round(mem.get("max_allocated", 0) / 2**30, 2),
             # the allocator's retries at the cap so far (GpuBudget.report); cumulative over modes
@@ -806,8 +810,8 @@ def _main(argv):
 
     host = host_facts.snapshot()  # before Ray's own processes start
     print(host_facts.describe(host), flush=True)
-    if host_facts.warning(host):
-        print(host_facts.warning(host), file=sys.stderr, flush=True)
+    if host_facts.warning(host):  # beside the figures it qualifies; stderr holds only errors, in one line
+        print(host_facts.warning(host), flush=True)
     try:
         ensure_ray(a.ray_address, dashboard=a.dashboard,
                    object_store=int(os.environ.get("OBJ_STORE", 6 * 2**30 if cuda else 2**30)))

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CapacityError, SpecOffloadError
 from ..models import attention
-from ..models.attention import KVCache
+from ..models.attention import KVCache, fits_storage
 from ..models.host_io import host_tensor
 from ..placement.gpu_kv_rows import split_keep
 from . import doorbell
@@ -26,6 +26,17 @@ from .kv_ring import RingReader, is_handle
 from .mailbox import WorkerMailboxes
 from .stage_timer import StageTimer
 from .wire import from_wire
+
+
+# Freed batches' K/V storage kept for later batches (`CPUAttention._keep_spare`): two, as a
+# joining batch starts before the one before it merges, and at most SPARE_BYTES of host memory
+# in all (joining batches' are kept, a full batch's, 16 GB at W1-long's 192 rows, is let go).
+SPARE_KEPT = 2
+SPARE_BYTES = 4 << 30
+
+
+def _nbytes(storage: tuple[list, list]) -> int:
+    return sum(t.numel() * t.element_size() for t in storage[0] + storage[1])
 
 
 class CPUAttention:
@@ -52,17 +63,28 @@ class CPUAttention:
         self.layer_calls = self.sdpa_calls = 0  # attend() calls, and the SDPA calls they made
         self.layer_runs = 0  # attend_layers() calls: a pass's middle layers in one Ray call
         self.row_tokens = 0  # (token, layer) pairs of verification passes attended here
+        # Freed batches' host K/V storage, kept for later batches (rows joining a running
+        # batch come up to 16 at a time, each a batch of its own until `merge`): 16 rows x
+        # 1,290 positions x 8 layers of w1-long is 676 MB, whose zeroing and first-touch page
+        # faults took 260-460 ms on the development machine's 2 cores, on this worker's clock,
+        # which the layer chain waits for; w1-long joins ~30 times.
+        self._spare: list[tuple] = []
+        self.start_s = self.merge_s = 0.0  # time in `start` (the cache) and `merge` (rows joining)
+        self.spare_reused = 0
 
     def ready(self) -> int:
         return torch.get_num_threads()
 
     def start(self, bid, prompt_lens, capacity: int, prefill_batch: int, gpu_rows: int = 0):
+        t0 = time.perf_counter()
         s, rows = self.spec, len(prompt_lens) - gpu_rows
         self.free(bid)  # whatever an earlier run left under this id
+        spare = self._take_spare(rows, capacity)
         try:
             self.caches[bid] = KVCache(s.num_layers, rows, s.num_kv_heads, s.head_dim, capacity,
                                        self.kv_dtype, "cpu", s.sliding_windows, ragged=self.ragged_keys is not None,
-                                       call_keys=self.ragged_keys, max_rows=self.query_rows)
+                                       call_keys=self.ragged_keys, max_rows=self.query_rows, storage=spare)
+            self.spare_reused += spare is not None
         except (RuntimeError, MemoryError) as e:
             # The backend queues this batch's stores and attention without waiting for start:
             # each of them raises this cause, not a missing batch (`_cache`).
@@ -74,6 +96,7 @@ class CPUAttention:
         self.prompt_lens[bid] = host_tensor(prompt_lens[gpu_rows:], torch.long)
         self.gpu_rows[bid] = gpu_rows
         self.prefill_batch = prefill_batch
+        self.start_s += time.perf_counter() - t0
 
     def store_prefill(self, bid, s: int, j: int, kv):
         """K/V of layer j for prefill sub-batch s, computed on the executor, arriving padded
@@ -171,9 +194,11 @@ class CPUAttention:
     def merge(self, bid, new):
         """Batch `new`'s sequences (their prefill stored) take the rows after bid's live ones;
         its GPU rows, if any, join bid's on the executor (placement/gpu_kv_rows.merge_order)."""
+        t0 = time.perf_counter()
         self._cache(bid).append(self._cache(new))
         self.gpu_rows[bid] += self.gpu_rows.get(new, 0)
         self.free(new)
+        self.merge_s += time.perf_counter() - t0
 
     def _cache(self, bid) -> KVCache:
         if bid in self.caches:
@@ -184,7 +209,7 @@ class CPUAttention:
         raise RuntimeError(f"no batch {bid} on the CPU worker")
 
     def free(self, bid):
-        self.caches.pop(bid, None)
+        self._keep_spare(self.caches.pop(bid, None))
         self._failed.pop(bid, None)
         self.parts = {key: p for key, p in self.parts.items() if key[0] != bid}
         self.bell_parts = {key: m for key, m in self.bell_parts.items() if key[0] != bid}
@@ -193,12 +218,34 @@ class CPUAttention:
         self.mail.free(bid)
         self.ring.free(bid)
 
+    def _keep_spare(self, cache: KVCache | None):
+        """Keep a freed cache's storage for a later batch: the SPARE_KEPT largest freed (a
+        joining batch starts before the one before it merges, and a storage holds any batch of
+        no more rows and positions), within SPARE_BYTES in all (a full batch's is let go)."""
+        if cache is None or cache.k[0].device.type != "cpu" or _nbytes(cache._base) > SPARE_BYTES:
+            return
+        self._spare = sorted(self._spare + [cache._base], key=_nbytes)[-SPARE_KEPT:]
+        while sum(map(_nbytes, self._spare)) > SPARE_BYTES:
+            self._spare.pop(0)
+
+    def _take_spare(self, rows: int, capacity: int):
+        """The smallest kept storage that holds `rows` rows at `capacity` in this worker's
+        dtype (taken: it is kept no longer), else None."""
+        s = self.spec
+        shape = (rows, s.num_kv_heads, capacity, s.head_dim)
+        fit = [i for i, x in enumerate(self._spare) if fits_storage(x, s.num_layers, shape, self.kv_dtype)]
+        if not fit:
+            return None
+        return self._spare.pop(min(fit, key=lambda i: _nbytes(self._spare[i])))
+
     def stats(self) -> dict:
         return {"cpu_attention_s": self.seconds, "kv_bytes_read": self.kv_bytes_read,
                 "prefill_ring_stores": self.ring_stores, "attention_layer_calls": self.layer_calls,
                 "attention_sdpa_calls": self.sdpa_calls, "cpu_row_tokens": self.row_tokens,
                 "worker_bell_wait_s": round(self.mail.bell_wait_s, 3), "worker_layer_runs": self.layer_runs,
-                "cpu_query_rows": attention.query_row_limit(self.query_rows)}  # as the caches apply it (None: none)
+                "cpu_query_rows": attention.query_row_limit(self.query_rows),  # as the caches apply it (None: none)
+                "worker_start_s": round(self.start_s, 3), "worker_merge_s": round(self.merge_s, 3),
+                "worker_spare_reused": self.spare_reused}
 
     def trace_events(self) -> list[dict]:
         return self.timer.take_events()

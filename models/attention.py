@@ -218,6 +218,16 @@ def attend(q, cache_k, cache_v, lens_before, q_lens, window=None, mask=None, b_i
                              chunks=chunks, max_rows=max_rows)
 
 
+def fits_storage(storage: tuple[list, list], num_layers: int, shape: tuple, dtype) -> bool:
+    """Whether per-layer (k, v) tensors can hold a cache of `shape` ([B, Hkv, capacity, d]) in
+    their first B rows and first `capacity` positions."""
+    k, v = storage
+    B, H, C, d = shape
+    return len(k) == len(v) == num_layers and all(
+        t.dtype == dtype and t.shape[0] >= B and t.shape[1] == H and t.shape[2] >= C and t.shape[3] == d
+        for t in k + v)
+
+
 class KVCache:
     """Per-layer K/V of one batch of sequences, with one length per sequence.
 
@@ -227,15 +237,23 @@ class KVCache:
 
     def __init__(self, num_layers, batch, num_kv_heads, head_dim, capacity, dtype, device="cpu",
                  windows=None, ragged: bool | None = None, call_keys: int | None = None,
-                 max_rows: int | None = None):
+                 max_rows: int | None = None, storage: tuple[list, list] | None = None):
+        """storage: (k, v) per-layer tensors of `batch` rows and `capacity` positions or more,
+        of a cache no longer used (CPUAttention's spare storage), taken as they are instead of
+        new zeroed ones: what they hold is K/V written before, and every position past a row's
+        length is masked."""
         shape = (batch, num_kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        if storage is not None and fits_storage(storage, num_layers, shape, dtype):
+            base = (list(storage[0]), list(storage[1]))
+        else:
+            base = ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+        self.k, self.v = [t[:batch, :, :capacity] for t in base[0]], [t[:batch, :, :capacity] for t in base[1]]
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)
         self.capacity = capacity
         self.windows = windows or (None,) * num_layers
         self._pass = None
-        self._base = (self.k, self.v)  # the full-height storage that `select` in place leaves behind
+        self._base = base  # the full-height storage that `select` in place leaves behind
         # ragged: rows of different lengths attend in ranges of similar ones (`ragged_chunks`),
         # on the CPU only (on a GPU one padded call beats many small ones). Off by default: on
         # many threads a range of few rows leaves threads idle, and whether the keys saved pay
@@ -340,7 +358,7 @@ class KVCache:
             for a, b in zip(bk + bv, self.k + self.v):
                 a[:n].copy_(b)
             self._base = (bk, bv)
-        self.k, self.v = [t[: n + m] for t in bk], [t[: n + m] for t in bv]
+        self.k, self.v = [t[: n + m, :, : self.capacity] for t in bk], [t[: n + m, :, : self.capacity] for t in bv]
         used = min(self._used(other), other.capacity)  # positions past a row's length are masked
         for a, b in zip(self.k + self.v, other.k + other.v):
             a[n:, :, :used].copy_(b[:, :, :used])
