@@ -660,6 +660,9 @@ class Bench:
             # merging joined rows in, and the caches made in a freed one's storage
             "worker_start_s": round(d.get("worker_start_s", 0), 2), "worker_merge_s": round(d.get("worker_merge_s", 0), 2),
             "worker_spare_reused": d.get("worker_spare_reused", 0),
+            # between passes: the generator's own time from a result to its next call, and the
+            # driver's time issuing passes' calls (the rest of the gap is drafting and Ray)
+            "driver_s": st.get("driver_s"), "pass_submit_s": round(d.get("pass_submit_s", 0), 4),
             # the executor's peak device memory so far (the cap bounds it)
             "gpu_peak_gib": round(mem.get("max_allocated", 0) / 2**30, 2),
             # the allocator's retries at the cap so far (GpuBudget.report); cumulative over modes
@@ -725,6 +728,14 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
         print("per layer of a pass, ms (CPU attention / worker waits for q/k/v / executor waits for attention / "
               "target GPU): " + ", ".join(f"{r['mode']} " + " / ".join(f"{ms(r, key):.1f}" for key in keys)
                                           for r in per_layer))
+    gaps = [r for r in results if r.get("passes") and r.get("driver_s") is not None]
+    if gaps:
+        # What a pass's turn-around costs beside the pass: drafting on the GPU, the generator's
+        # loop (its results applied, rows refilled, proposals asked) and issuing the next pass.
+        ms = lambda r, key: (r.get(key) or 0.0) / r["passes"] * 1e3  # noqa: E731
+        print("per pass, ms (draft GPU / generator loop / issuing the pass): " + ", ".join(
+            f"{r['mode']} " + " / ".join(f"{ms(r, key):.1f}" for key in ("draft_gpu_s", "driver_s", "pass_submit_s"))
+            for r in gaps))
     if any(r.get("k_counts") for r in results):
         print("draft lengths (k: passes): " + ", ".join(
             f"{r['mode']} " + " ".join(f"{k}:{n}" for k, n in r["k_counts"].items()) for r in results if r.get("k_counts")))

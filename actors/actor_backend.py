@@ -47,6 +47,7 @@ class ActorBackend:
         self._gpu: dict[int, int] = {}  # batch -> its GPU rows now (placement/gpu_kv_rows.py)
         self._gpu_cap: dict[int, int] = {}  # batch -> the GPU rows it started with (joins refill up to it)
         self.gpu_rows_joined = 0  # waiting requests that took a running batch's freed GPU rows (cumulative)
+        self.submit_s = 0.0  # time issuing passes' calls (cumulative)
         self.L, self.P, self.M = num_layers, prefill_batch, micro_batches
         # plan.layer_doorbell: inside a pass, layers hand over through the mailboxes' counters
         # (actors/doorbell.py), every call submitted at once with no Ray dependency between them
@@ -246,7 +247,9 @@ class ActorBackend:
     def get(self, handle):
         if isinstance(handle, tuple) and handle[0] == "pass":
             if self._verifies:
+                t0 = time.perf_counter()
                 self._submit_pass()
+                self.submit_s += time.perf_counter() - t0
             _, bid = handle
             calls = self._pass_refs.pop(bid, None)
             try:
@@ -345,7 +348,8 @@ class ActorBackend:
 
     def stats(self) -> dict:
         ex, at = ray.get([self.ex.stats.remote(), self.at.stats.remote()])
-        return ex | at | {"gpu_rows_joined": self.gpu_rows_joined}
+        # pass_submit_s: the driver's time issuing passes' calls (~2 per layer and part)
+        return ex | at | {"gpu_rows_joined": self.gpu_rows_joined, "pass_submit_s": round(self.submit_s, 4)}
 
 
 def _read_all(refs: list | None, timeout: float) -> list[BaseException]:

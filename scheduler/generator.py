@@ -43,6 +43,9 @@ class RunStats:
     # per verification: (k, seconds the backend timed, whether adaptive k took it as its cost,
     # the batch's busy rows verified)
     pass_log: list = field(default_factory=list)
+    # The loop's own time from a pass's result to its next call (applying tokens, refilling rows,
+    # asking for proposals): under the single schedule the executor has nothing queued meanwhile.
+    driver_seconds: float = 0.0
 
     def as_dict(self, log: bool = True) -> dict:
         """log: with `pass_log` (each verification's timing; left out of per-pass progress)."""
@@ -72,6 +75,7 @@ class RunStats:
             # what refill controls: once no request waits, a finite job's batch drains
             "rows_busy_while_waiting": _mean(self.busy_waiting),
             "passes_rows_busy_90_while_waiting": _mean(np.array(self.busy_waiting) >= 0.9),
+            "driver_s": round(self.driver_seconds, 3),
         }
         if log:
             d["pass_log"] = [(int(k), round(float(t), 4), bool(u), int(r)) for k, t, u, r in self.pass_log]
@@ -317,6 +321,7 @@ class Generator:
                 self.stats.busy_waiting.append(busy)
         for b, k, rows, h in handles:
             res = be.get(h)
+            got = time.perf_counter()
             if k:
                 t = be.timings()[0]
                 # Only a pass that did nothing else measures k's cost. Not a batch's first two:
@@ -337,6 +342,7 @@ class Generator:
                 self._refill(b)
             if b.bid in step.propose:
                 self._propose(b)
+            self.stats.driver_seconds += time.perf_counter() - got
 
     def _apply(self, b: _Batch, res: tuple, k: int, prefill: bool = False):
         """res: (tokens [B, k+1], counts [B]) from the backend, plus the target's

@@ -36,6 +36,12 @@ def test_bench_tiny_workload_prints_ratios(tmp_path):
     assert res[1]["k_counts"] == {"2": len(res[1]["pass_log"])} and all(k == 2 for k, *_ in res[1]["pass_log"])
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("draft lengths (k: passes): "))
     assert f"single@2 2:{len(res[1]['pass_log'])}" in line and "none" not in line
+    # a pass's turn-around beside the pass: drafting, the generator's loop, issuing the next pass
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("per pass, ms (draft GPU / generator loop / "))
+    for x in res:
+        assert x["driver_s"] > 0 and x["pass_submit_s"] > 0
+        ms = [f"{x[key] / x['passes'] * 1e3:.1f}" for key in ("draft_gpu_s", "driver_s", "pass_submit_s")]
+        assert f"{x['mode']} {' / '.join(ms)}" in line
     # which side bounds a layer: the worker's attention and both sides' doorbell waits a layer
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("per layer of a pass, ms "))
     for x in res:
