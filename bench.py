@@ -821,8 +821,9 @@ def _main(argv):
 
     host = host_facts.snapshot()  # before Ray's own processes start
     print(host_facts.describe(host), flush=True)
-    if host_facts.warning(host):  # beside the figures it qualifies; stderr holds only errors, in one line
-        print(host_facts.warning(host), flush=True)
+    busy = host_facts.warning(host)
+    if busy:  # beside the figures it qualifies; stderr holds only errors, in one line
+        print(busy, flush=True)
     try:
         ensure_ray(a.ray_address, dashboard=a.dashboard,
                    object_store=int(os.environ.get("OBJ_STORE", 6 * 2**30 if cuda else 2**30)))

@@ -222,7 +222,7 @@ class CPUAttention:
         """Keep a freed cache's storage for a later batch: the SPARE_KEPT largest freed (a
         joining batch starts before the one before it merges, and a storage holds any batch of
         no more rows and positions), within SPARE_BYTES in all (a full batch's is let go)."""
-        if cache is None or cache.k[0].device.type != "cpu" or _nbytes(cache._base) > SPARE_BYTES:
+        if cache is None or _nbytes(cache._base) > SPARE_BYTES:
             return
         self._spare = sorted(self._spare + [cache._base], key=_nbytes)[-SPARE_KEPT:]
         while sum(map(_nbytes, self._spare)) > SPARE_BYTES:
