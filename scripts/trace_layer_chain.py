@@ -14,6 +14,11 @@ of their own) has no worker call and counts in the executor's time only.
 This is how docs/benchmarks.md's runs 9 and 10 split a layer's ~57 ms chain.
 Then the prefill's: a sub-batch's layer on the device, the device's idle time between
 sub-batches and between layers, and the K/V copy out.
+
+`--passes joins` takes only the chosen passes that rows joined (waiting requests' prefill rode
+the pass: prefill spans inside it), `--passes others` only the rest, so that a job's join passes
+can be set against its plain ones; join passes also report, per layer, the joining prefill's
+time on the device and the worker's time storing its K/V.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections import defaultdict
 from plot_timeline import rounds
 
 _LAYER = re.compile(r" b(\d+) L(\d+) \[(\d+):")
+_PREFILL = re.compile(r"^b(\d+) L(\d+) s(\d+)$")
 
 
 def _layers(spans, a, b) -> dict:
@@ -68,12 +74,29 @@ def _cpu_parts(d) -> dict:
     return out
 
 
-def chain(events, lo: int, hi: int) -> dict:
+PASSES = ("all", "joins", "others")
+
+
+def _joined(spans, a, b) -> bool:
+    """Whether rows joined in the pass [a, b): a prefill layer span inside it."""
+    return any(a <= e["ts"] < b and e["cat"] == "prefill" and _PREFILL.match(e["name"]) for e in spans)
+
+
+def chain(events, lo: int, hi: int, passes: str = "all") -> dict:
     spans = sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"])
     out = defaultdict(list)
     end = lambda e: e["ts"] + e["dur"]  # noqa: E731
-    for a, b in rounds(spans)[lo:hi]:
+    chosen = [(a, b) for a, b in rounds(spans)[lo:hi] if passes == "all" or _joined(spans, a, b) == (passes == "joins")]
+    for a, b in chosen:
         by = _layers(spans, a, b)
+        per_layer = defaultdict(lambda: defaultdict(float))  # joining prefill: layer -> kind -> ms
+        for e in spans:
+            m = _PREFILL.match(e["name"]) if a <= e["ts"] < b else None
+            if m and e["cat"] in ("prefill", "store_prefill"):
+                per_layer[int(m.group(2))][e["cat"]] += e["dur"]
+        for d in per_layer.values():
+            out["joining prefill: device per layer"].append(d["prefill"])
+            out["joining prefill: worker storing its K/V per layer"].append(d["store_prefill"])
         cpu = {j: _cpu_parts(d) for j, d in by.items()}  # each layer's, read as this and as the next
         for j, d in by.items():
             nxt = by.get(j + 1)
@@ -109,10 +132,8 @@ def chain(events, lo: int, hi: int) -> dict:
                     if "to_host" in n:
                         out["part: its copy out"].append(n["to_host"]["dur"])
                     out["part: hand-off (attention to attention)"].append(n["attention"]["ts"] - end(at))
-    return {k: statistics.median(v) / 1e3 for k, v in out.items()}
-
-
-_PREFILL = re.compile(r"^b(\d+) L(\d+) s(\d+)$")
+    med = {k: statistics.median(v) / 1e3 for k, v in out.items()}
+    return {f"passes ({passes})": len(chosen), **med} if med else {}
 
 
 def prefill(events) -> dict:
@@ -142,6 +163,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace")
     ap.add_argument("--rounds", default="3:27", help="which target passes, as lo:hi (the batch's full ones)")
+    ap.add_argument("--passes", choices=PASSES, default="all",
+                    help="of those, all, only the ones rows joined (their prefill rode the pass), or the others")
     a = ap.parse_args(argv)
     try:
         lo, hi = (int(x) for x in a.rounds.split(":"))
@@ -150,13 +173,13 @@ def main(argv=None) -> int:
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
         print(f"trace_layer_chain: error: {e}", file=sys.stderr)
         return 2
-    med, pre = chain(events, lo, hi), prefill(events)
+    med, pre = chain(events, lo, hi, a.passes), prefill(events)
     if not med and not pre:
         print("trace_layer_chain: error: no verification layers with q/k/v and attention spans in those rounds,"
               " and no prefill", file=sys.stderr)
         return 2
     for k, v in {**med, **pre}.items():
-        print(f"{k:56} {v:6.1f} ms (median)")
+        print(f"{k:56} {v:6d} chosen" if k.startswith("passes (") else f"{k:56} {v:6.1f} ms (median)")
     return 0
 
 
