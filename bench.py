@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--doorbell", default="1", help="A comma list of 0/1: each mode runs with a pass's layer "
                                                      "hand-offs through Ray's submitter (0) and/or the mailboxes' "
                                                      "doorbells (1, plan.layer_doorbell), e.g. 0,1.")
+    ap.add_argument("--join-overlap", default="1", help="A comma list of 0/1: each mode runs with rows joining a "
+                                                         "pass prefilling in line with its parts (0) and/or beside "
+                                                         "them on a stream of their own (1, plan.join_overlap), e.g. "
+                                                         "1,0. Baselines keep the plan's.")
     ap.add_argument("--copy-chunk-mib", default="64", help="A comma list: each mode runs with the weight copy "
                                                             "issued in pieces of each size (plan.copy_chunk_mib; a small "
                                                             "copy such as an attention output waits behind the pieces "
@@ -401,7 +405,7 @@ def _plan(a, cuda: bool):
                     draft_fp8=a.draft_fp8, gpu_layers=_resident_layers(a.target_layers, a.resident),
                     shm_prefill=a.shm_prefill, worker_layer_runs=a.worker_layer_runs,
                     ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
-                    layer_doorbell=_doorbells(a)[0],
+                    layer_doorbell=_doorbells(a)[0], join_overlap=_join_overlaps(a)[0],
                     copy_chunk_mib=_copy_chunks(a)[0], gpu_kv_rows=a.gpu_kv_rows[0], stall_s=a.stall_s)
         plan.check_layers(a.target_layers)
     except ConfigError as e:
@@ -418,13 +422,21 @@ def _resident_layers(num_layers: int, n: int) -> tuple:
 
 
 def _doorbells(a) -> list[bool]:
+    return _switches(a.doorbell, "--doorbell")
+
+
+def _join_overlaps(a) -> list[bool]:
+    return _switches(a.join_overlap, "--join-overlap")
+
+
+def _switches(text: str, flag: str) -> list[bool]:
     try:
-        bells = [bool(int(x)) for x in a.doorbell.split(",")]
-        if not set(a.doorbell.replace(",", "")) <= {"0", "1"}:
+        out = [bool(int(x)) for x in text.split(",")]
+        if not set(text.replace(",", "")) <= {"0", "1"}:
             raise ValueError
     except ValueError:
-        raise BenchError(f"--doorbell needs a comma list of 0 and 1, got {a.doorbell!r}") from None
-    return bells
+        raise BenchError(f"{flag} needs a comma list of 0 and 1, got {text!r}") from None
+    return out
 
 
 def _counts(text: str, flag: str, what: str) -> list[int]:
@@ -514,22 +526,23 @@ class Bench:
             self.coord = None
 
     def run_or_record(self, failed: list, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool, chunk: int,
-                      gpu_rows: int) -> bool:
+                      gpu_rows: int, join: bool = True) -> bool:
         """`run_mode`, with its failure put in `failed` as one line instead of raised: one mode's
         failure must not cost the others their device time. False when its actors cannot run
         another mode (one died, or a pass stalled): they are killed."""
         try:
-            self.run_mode(label, mode_spec, m, on_gpu, bell, chunk, gpu_rows)
+            self.run_mode(label, mode_spec, m, on_gpu, bell, chunk, gpu_rows, join)
             return True
         except Exception as e:  # noqa: BLE001 - any failure: the table still shows the modes that ran
             why, reusable = _mode_failure(e)
-            failed.append(f"{self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows)} failed: {why}")
+            failed.append(f"{self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join)} failed: {why}")
             print(f"  {failed[-1]}" + ("" if reusable else "; the modes left on these actors are skipped"), flush=True)
             if not reusable:
                 self.abandon()
             return reusable
 
-    def mode_name(self, label: str, mode_spec: tuple, m: int, bell: bool, chunk: int, gpu_rows: int) -> str:
+    def mode_name(self, label: str, mode_spec: tuple, m: int, bell: bool, chunk: int, gpu_rows: int,
+                  join: bool = True) -> str:
         """A mode's row name in the table: its label and the settings the lists vary."""
         a, name = self.a, label
         if self.many_micro and mode_spec[4] is None:
@@ -540,6 +553,8 @@ class Bench:
             name += f"/c{chunk}"
         if len(a.gpu_kv_rows) > 1:
             name += f"/g{gpu_rows}"
+        if len(_join_overlaps(a)) > 1 and not label.startswith("none+"):  # baselines keep the plan's
+            name += "/jo" if join else "/jl"
         return name
 
     def payload(self, gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
@@ -569,7 +584,7 @@ class Bench:
         print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
 
     def run_mode(self, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool = False, chunk: int | None = None,
-                 gpu_rows: int | None = None):
+                 gpu_rows: int | None = None, join: bool = True):
         """One timed mode; on_gpu: target layers the actors keep resident (not streamed);
         gpu_rows: each batch's first rows with their KV on the GPU (the plan's if None)."""
         from specoffload.configs.run_config import RunConfig
@@ -591,6 +606,7 @@ class Bench:
         gpu_rows = self.plan.gpu_kv_rows if gpu_rows is None else gpu_rows
         ray.get(coord.set_gpu_kv_rows.remote(gpu_rows))
         bell = ray.get(coord.set_doorbell.remote(bell))
+        join = ray.get(coord.set_join_overlap.remote(join))
         chunk = chunk or _copy_chunks(a)[0]
         ray.get(coord.set_copy_chunk.remote(chunk))
         if a.trace_dir:
@@ -608,7 +624,8 @@ class Bench:
         ray.get(coord.poll.remote())
         row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, on_gpu)
         row["micro_batches"], row["doorbell"], row["copy_chunk_mib"], row["gpu_kv_rows"] = m, bell, chunk, gpu_rows
-        row["mode"] = self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows)
+        row["join_overlap"] = join
+        row["mode"] = self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join)
         self.results.append(row)
         print(json.dumps(row), flush=True)
         if a.trace_dir:
@@ -653,6 +670,7 @@ class Bench:
             "gpu_row_tokens": d.get("gpu_row_tokens", 0), "cpu_row_tokens": d.get("cpu_row_tokens", 0),
             # rows that joined a running batch into GPU rows its finished sequences freed
             "gpu_rows_joined": d.get("gpu_rows_joined", 0),
+            "joins_beside": d.get("joins_beside", 0),  # joins prefilled beside a pass's parts (plan.join_overlap)
             # time the executor and the CPU worker waited on doorbells (plan.layer_doorbell)
             "executor_bell_wait_s": round(d.get("executor_bell_wait_s", 0), 2),
             "worker_bell_wait_s": round(d.get("worker_bell_wait_s", 0), 2),
@@ -692,7 +710,8 @@ class Bench:
         failed = []
         for m, chunk, rows in [(m, c, g) for m in micro for c in _baseline_chunks(self.a) for g in gpu_rows]:
             label = f"none+r{resident}" + (f"g{rows}" if rows else "")
-            if not self.run_or_record(failed, label, run, m, resident, max(_doorbells(self.a)), chunk, rows):
+            if not self.run_or_record(failed, label, run, m, resident, max(_doorbells(self.a)), chunk, rows,
+                                      self.plan.join_overlap):
                 break
         self.stop()
         return "; ".join(failed) or None
@@ -800,7 +819,7 @@ def _main(argv):
     except ValueError as e:
         raise BenchError(e) from None
     micro = _micro_batches(a)
-    _doorbells(a), _copy_chunks(a), _baseline_chunks(a)  # a bad list fails before the actors start
+    _doorbells(a), _join_overlaps(a), _copy_chunks(a), _baseline_chunks(a)  # a bad list fails before the actors start
     resident, baseline_error, baseline_rows = None, None, [0]
     failed = []  # "<mode> failed: <why>" for each mode that failed (the others still run)
     if a.baseline_resident is not None:
@@ -840,11 +859,11 @@ def _main(argv):
     try:
         if not a.no_warmup:
             bench.warm_up(modes)
-        runs = [(label, spec, m, bell, chunk, rows) for label, spec in modes.items()
+        runs = [(label, spec, m, bell, chunk, rows, join) for label, spec in modes.items()
                 for m in ([spec[4]] if spec[4] else micro) for bell in _doorbells(a)
-                for chunk in _copy_chunks(a) for rows in a.gpu_kv_rows]
-        for label, spec, m, bell, chunk, rows in runs:
-            if not bench.run_or_record(failed, label, spec, m, a.resident, bell, chunk, rows):
+                for chunk in _copy_chunks(a) for rows in a.gpu_kv_rows for join in _join_overlaps(a)]
+        for label, spec, m, bell, chunk, rows, join in runs:
+            if not bench.run_or_record(failed, label, spec, m, a.resident, bell, chunk, rows, join):
                 break
         bench.stop()
         if resident:

@@ -39,7 +39,7 @@ class PassStalled(SpecOffloadError):
 class ActorBackend:
     def __init__(self, executor, attention, num_layers: int, prefill_batch: int, micro_batches: int = 1,
                  kv_ring: bool = False, doorbell: bool = False, gpu_kv_rows: int = 0, stall_s: float = 0.0,
-                 worker_runs: bool = True):
+                 worker_runs: bool = True, join_overlap: bool = True):
         self.ex, self.at = executor, attention
         self.stall_s = stall_s  # plan.stall_s: how long a result may take before the pass counts as stalled
         self._passes_timed = 0
@@ -48,11 +48,13 @@ class ActorBackend:
         self._gpu_cap: dict[int, int] = {}  # batch -> the GPU rows it started with (joins refill up to it)
         self.gpu_rows_joined = 0  # waiting requests that took a running batch's freed GPU rows (cumulative)
         self.submit_s = 0.0  # time issuing passes' calls (cumulative)
+        self.joins_beside = 0  # joins whose prefill ran beside a pass's parts (cumulative, _overlaps)
         self.L, self.P, self.M = num_layers, prefill_batch, micro_batches
         # plan.layer_doorbell: inside a pass, layers hand over through the mailboxes' counters
         # (actors/doorbell.py), every call submitted at once with no Ray dependency between them
         self.doorbell = doorbell
         self.worker_runs = worker_runs  # plan.worker_layer_runs: the worker's middle layers in one call
+        self.join_overlap = join_overlap  # plan.join_overlap: rows joining a pass prefill beside its parts
         self._pass_refs: dict[int, list] = {}  # batch -> its doorbell pass's calls (for its first error)
         # plan.shm_prefill: each prefill call waits for the store whose ring slot it reuses
         self.kv_ring = kv_ring
@@ -136,21 +138,36 @@ class ActorBackend:
 
     def _prefill_calls(self, bid, j: int, in_pass: bool = False) -> list:
         """Layer j of batch bid's prefill, a sub-batch at a time; returns the K/V store refs."""
-        stores = []
+        return [self._store(bid, s, j, kv) for s, kv in enumerate(self._prefill_kv(bid, j, in_pass))]
+
+    def _prefill_kv(self, bid, j: int, in_pass: bool = False, overlap: bool = False) -> list:
+        """The executor's calls for layer j of batch bid's prefill, one per sub-batch (their K/V refs)."""
+        out = []
         n_sub = -(-self._size[bid] // self.P)
-        ring = self._ring_stores.setdefault(bid, {}) if self.kv_ring else None
+        ring = self._ring_stores.get(bid, {}) if self.kv_ring else None
         for s in range(n_sub):
             if ring is None:
-                kv = self.ex.prefill_layer.remote(bid, s, j, *((True,) if in_pass else ()))
+                out.append(self.ex.prefill_layer.remote(bid, s, j, *((True,) if in_pass else ())))
             else:  # call c reuses the slot of call c - SLOTS: it starts once that K/V is stored
-                call = j * n_sub + s
-                kv = self.ex.prefill_layer.remote(bid, s, j, in_pass, ring.pop(call - kv_ring.SLOTS, None))
-            stores.append(self.at.store_prefill.remote(bid, s, j, kv))
-            if ring is not None:
-                ring[call] = stores[-1]
-        if ring is not None and j == self.L - 1:
-            self._ring_stores.pop(bid, None)  # the batch's calls are all submitted
-        return stores
+                after = ring.pop(j * n_sub + s - kv_ring.SLOTS, None)
+                out.append(self.ex.prefill_layer.remote(bid, s, j, in_pass, after, *((True,) if overlap else ())))
+        return out
+
+    def _store(self, bid, s: int, j: int, kv, after=None):
+        """The CPU worker's store of sub-batch s's layer-j K/V (after: a ref it waits for too)."""
+        ref = self.at.store_prefill.remote(bid, s, j, kv, *(() if after is None else (after,)))
+        if self.kv_ring:
+            ring = self._ring_stores.setdefault(bid, {})
+            ring[j * -(-self._size[bid] // self.P) + s] = ref
+            if j == self.L - 1 and s == -(-self._size[bid] // self.P) - 1:
+                self._ring_stores.pop(bid, None)  # the batch's calls are all submitted
+        return ref
+
+    def _overlaps(self, bid) -> bool:
+        """Whether batch bid's rows joining a pass prefill beside it (plan.join_overlap), their
+        K/V stored a layer late: the layer's calls must fit half the ring, since a call waits
+        for the store of the call SLOTS before it, which must already be submitted."""
+        return self.join_overlap and self.kv_ring and 2 * -(-self._size[bid] // self.P) <= kv_ring.SLOTS
 
     def prefill(self, bid, u_sample):
         stores = []
@@ -207,6 +224,7 @@ class ActorBackend:
         # rows' prefill takes each layer after the pass's parts, while the layer is on the GPU.
         a = dict.fromkeys(parts)
         stores = {b: [] for b, _ in joins}
+        late = {}  # joining batch -> its last layer's (sub-batch, K/V ref) not yet stored
         calls = []  # a doorbell pass's calls: none takes another's result, so none reports its error
         # The worker takes the layers between the first and the last in one call. Not with
         # joins: their K/V stores queue at the worker between layers, and an executor prefill
@@ -227,7 +245,17 @@ class ActorBackend:
                 a[(bid, p)] = self.at.attend.remote(bid, j, x, p)
                 calls += [x, a[(bid, p)]]
             for b, _ in joins:
-                joined = self._prefill_calls(b, j, in_pass=True)
+                if not self._overlaps(b):
+                    joined = self._prefill_calls(b, j, in_pass=True)
+                else:
+                    # Beside the pass (gpu_executor.prefill_layer): the executor does not wait for
+                    # a layer's K/V before it returns, so the worker stores them a layer late,
+                    # once the next layer's first call (which waits for them) has returned, and
+                    # a store never holds the worker's attention up meanwhile.
+                    kvs = self._prefill_kv(b, j, in_pass=True, overlap=True)
+                    self.joins_beside += j == 0
+                    joined = [self._store(b, s, j - 1, kv, kvs[0]) for s, kv in late.pop(b, [])]
+                    late[b] = list(enumerate(kvs))
                 stores[b] += joined
                 calls += joined  # a joining prefill that fails may be what failed the pass
             for b in step_at.get(j, []):
@@ -240,6 +268,8 @@ class ActorBackend:
                 self._pass_refs[bid] = calls
         for b, u in joins:
             head = self._join_heads[b] = self.ex.prefill_head.remote(b, u)
+            # the last layer's K/V, stored once the head (which waits for them) has returned
+            stores[b] += [self._store(b, s, self.L - 1, kv, head) for s, kv in late.pop(b, [])]
             self._prefill_stores[head] = (b, stores[b])
         for b, _, _ in gaps:
             self.ex.draft_finish.remote(b)
@@ -349,7 +379,8 @@ class ActorBackend:
     def stats(self) -> dict:
         ex, at = ray.get([self.ex.stats.remote(), self.at.stats.remote()])
         # pass_submit_s: the driver's time issuing passes' calls (~2 per layer and part)
-        return ex | at | {"gpu_rows_joined": self.gpu_rows_joined, "pass_submit_s": round(self.submit_s, 4)}
+        return ex | at | {"gpu_rows_joined": self.gpu_rows_joined, "pass_submit_s": round(self.submit_s, 4),
+                          "joins_beside": self.joins_beside}
 
 
 def _read_all(refs: list | None, timeout: float) -> list[BaseException]:

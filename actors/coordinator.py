@@ -159,7 +159,7 @@ class Coordinator:
         self.backend = ActorBackend(self.executor, self.attention, spec.num_layers, self.plan.prefill_batch,
                                     self.plan.micro_batches, self.plan.shm_prefill and self.plan.shm_activations,
                                     self.plan.layer_doorbell and self.info["mailboxes"], self.plan.gpu_kv_rows,
-                                    self.plan.stall_s, self.plan.worker_layer_runs)
+                                    self.plan.stall_s, self.plan.worker_layer_runs, self.plan.join_overlap)
 
     def _new_executor(self, plan: Plan, draft_desc, target_desc):
         """An executor starting CUDA and loading the draft (attach maps the target later)."""
@@ -265,6 +265,12 @@ class Coordinator:
         executor has mailboxes (benchmarks compare both on the same actors)."""
         self.backend.doorbell = bool(on) and self.info["mailboxes"]
         return self.backend.doorbell
+
+    def set_join_overlap(self, on: bool):
+        """Rows joining a pass prefill beside it (plan.join_overlap) from the next pass on
+        (benchmarks compare both on the same actors)."""
+        self.backend.join_overlap = bool(on)
+        return self.backend.join_overlap
 
     def set_copy_chunk(self, mib: int):
         """The size of the pieces the weight copy is issued in, from the next layer copied on

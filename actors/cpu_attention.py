@@ -98,11 +98,13 @@ class CPUAttention:
         self.prefill_batch = prefill_batch
         self.start_s += time.perf_counter() - t0
 
-    def store_prefill(self, bid, s: int, j: int, kv):
+    def store_prefill(self, bid, s: int, j: int, kv, after=None):
         """K/V of layer j for prefill sub-batch s, computed on the executor, arriving padded
         as [P, Hkv, longest prompt, d] so storing them is one strided copy, not a scatter;
         in a slot of the batch's shared-memory ring (actors/kv_ring.py) or as wire arrays.
-        None: the batch's prefill failed on the executor (its head raises why)."""
+        None: the batch's prefill failed on the executor (its head raises why). after: unused,
+        an executor call that returns once these K/V are in the ring (rows joining a pass,
+        whose prefill call returns before its copy ends; ActorBackend._overlaps)."""
         if kv is None:
             return
         cache = self._cache(bid)

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CapacityError, ConfigError, OutOfGpuMemoryMidRun, SpecOffloadError
 from ..models.attention import KVCache, gpu_attention_backends, pack_index
-from ..models.cuda_streams import KV_COPY, side_stream
+from ..models.cuda_streams import JOIN_PREFILL, KV_COPY, side_stream
 from ..models.forward import Forward
 from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.host_io import packed, to_device, to_host
@@ -58,6 +58,9 @@ class GPUExecutor:
         self._maps = []
         self.host = {}
         self.gpu_row_tokens = 0
+        # layer -> an event after the joining prefill that read it on its own stream: the
+        # layer's slot is refilled only after it too (`_done`)
+        self._join_read: dict[int, torch.cuda.Event] = {}
         # The draft loads first: its load peak (a checkpoint layer staged while it is
         # quantized) then falls in memory that the slots and resident layers take later.
         with self.budget.part("draft"):
@@ -147,8 +150,9 @@ class GPUExecutor:
         return self.resident[j] if j in self.resident else self.streamer.acquire(j)
 
     def _done(self, j: int):
+        also = self._join_read.pop(j, None)
         if j not in self.resident:
-            self.streamer.release(j)
+            self.streamer.release(j, also)
 
     # -- batches ---------------------------------------------------------------------------
     def start(self, bid, prompts, samp, capacity, with_draft, joins=None, gpu_rows: int = 0):
@@ -245,11 +249,13 @@ class GPUExecutor:
 
     # -- prefill: each layer's weights serve every sub-batch before the next layer --------
     @torch.inference_mode()
-    def prefill_layer(self, bid, s: int, j: int, in_pass: bool = False, after=None):
+    def prefill_layer(self, bid, s: int, j: int, in_pass: bool = False, after=None, overlap: bool = False):
         """Layer j for prefill sub-batch s, attention on the device; returns its K/V. in_pass:
         a part of the target pass now running (rows joining a batch), which releases the layer.
         after: with plan.shm_prefill, the K/V store whose ring slot this call reuses (Ray
         starts this call once it is done; the value itself is unused, see kv_ring.py).
+        overlap (in_pass, on CUDA, with the ring): computed on a stream of its own beside the
+        pass's parts, and returned before its K/V reach the ring (`_prefill_beside`).
 
         The driver queues every (layer, sub-batch) call before it waits on the head, so after a
         failure the rest would fail on its consequences (a layer slot never released). Instead
@@ -262,11 +268,15 @@ class GPUExecutor:
             st = self._batch(bid)
         except Exception:  # noqa: BLE001 - a batch whose start failed: its head raises why
             st = None
+        if st is not None and s == 0:
+            self._joined_copies(st, before=j)  # the worker stores the layer before now, once this returns
         if st is None or "prefill_error" in st:
             if in_pass:  # the pass's own parts still count on this call to release the layer
                 self._pass_layer_done(j)
             return None
         try:
+            if overlap and in_pass and self.device.type == "cuda" and self.plan.shm_prefill:
+                return self._prefill_beside(st, bid, s, j)
             return self._prefill_layer(st, bid, s, j, in_pass)
         except torch.OutOfMemoryError as e:
             self._prefill_failed(st, in_pass)
@@ -338,6 +348,58 @@ class GPUExecutor:
         with self.timer.host_span("to_host", f"b{bid} L{j} s{s} kv"):
             return self._send_ahead(ring, j * n_sub + s, k, v, st, bid, nxt)
 
+    def _prefill_beside(self, st, bid, s: int, j: int):
+        """Rows joining a pass, their layer j on a stream of their own: the pass's parts,
+        queued on the executor's stream after this call, do not wait for it there, and this
+        call returns once it is launched, not done (the parts' hand-offs to the CPU worker
+        wait on this actor's thread). Its K/V go to the ring on the K/V stream; the backend
+        has the worker store them once this batch's next layer's first call, or its head,
+        has returned: each of those first waits for the copies of the layers before it
+        (`_joined_copies`), a layer of the pass later, when they are long done."""
+        ring = self.mail.ensure_ring(bid, self.plan.prefill_batch, max(map(len, st["prompts"])))
+        if ring is None:  # page-locking the ring failed: the plain path (Ray carries the K/V)
+            return self._prefill_layer(st, bid, s, j, in_pass=True)
+        side, cur = side_stream(JOIN_PREFILL, self.device), torch.cuda.current_stream(self.device)
+        st["beside"] = True
+        read = torch.cuda.Event()
+        try:
+            side.wait_stream(cur)  # the layer's copy (acquire), this batch's earlier state
+            with torch.cuda.stream(side):
+                cache = self._prefill_compute(st, bid, s, j)
+                k, v = cache.k[0], cache.v[0]
+                if "gpu" in st:
+                    last = j == self.spec.num_layers - 1
+                    P = self.plan.prefill_batch
+                    st["gpu"].store_prefill(j, s * P, k, v, [len(p) for p in st["prompts"][s * P:(s + 1) * P]] if last else None)
+                    skip = max(0, st["gpu"].rows - s * P)
+                    k, v = k[skip:], v[skip:]
+                copies = side_stream(KV_COPY, self.device)
+                copies.wait_stream(side)
+                with torch.cuda.stream(copies):
+                    n_sub = -(-len(st["prompts"]) // self.plan.prefill_batch)
+                    handle = kv_ring.send(ring, j * n_sub + s, k, v)
+                done = torch.cuda.Event()
+                done.record(copies)
+        finally:  # the layer's slot waits for what read it here, even after a failed launch
+            read.record(side)
+            self._join_read[j] = read
+            self._pass_layer_done(j)
+        # kept (their memory too) until the copies are known done
+        st.setdefault("joined_copies", []).append((j, done, cache, k, v))
+        return handle
+
+    def _joined_copies(self, st, before: int | None = None):
+        """Wait for the ring copies of a joining batch's layers before `before` (None: all)."""
+        if not st.get("joined_copies"):
+            return
+        keep = []
+        for entry in st["joined_copies"]:
+            if before is None or entry[0] < before:
+                entry[1].synchronize()
+            else:
+                keep.append(entry)
+        st["joined_copies"] = keep
+
     def _prefill_compute(self, st, bid, s: int, j: int) -> KVCache:
         """Launch layer j of prefill sub-batch s on the device: its one-layer cache, which holds
         the K/V the CPU worker stores (attention runs here)."""
@@ -356,7 +418,8 @@ class GPUExecutor:
             ql = sub["q_lens"]
             cache = KVCache(1, len(ql), spec.num_kv_heads, spec.head_dim, sub["longest"],
                             spec.torch_dtype, self.device, (spec.sliding_windows[j],))
-            cache.begin_pass(ql, sub["pass"].h.shape[0], sub["longest"])
+            # n_k on the host: reading the lengths would wait for the stream (rows joining a pass)
+            cache.begin_pass(ql, sub["pass"].h.shape[0], sub["longest"], sub["longest"])
             sub["pass"].layer(w, partial(cache.attend_layer, 0))
             if j == spec.num_layers - 1:
                 sub["logits"] = sub.pop("pass").logits(last_index(ql))
@@ -389,6 +452,9 @@ class GPUExecutor:
     @torch.inference_mode()
     def prefill_head(self, bid, u_sample):
         st = self._batch(bid)
+        self._joined_copies(st)  # rows joining: the last layer's K/V, stored once this returns
+        if st.pop("beside", False):  # and the logits and GPU rows, computed on the joining stream
+            torch.cuda.current_stream(self.device).wait_stream(side_stream(JOIN_PREFILL, self.device))
         if "prefill_error" in st:
             raise st.pop("prefill_error")
         subs = st.pop("subs")

@@ -88,7 +88,7 @@ class WeightStreamer:
                 self.slot_of[j] = s
                 continue
             buf, entries = self._host(j)
-            job = _Copy(j, s, buf, self.released[s])
+            job = _Copy(j, s, buf, self.released[s] or ())
             self.loaded[s] = job
             self.bytes_copied += buf.numel()
             self.slot_of[j] = s
@@ -107,8 +107,8 @@ class WeightStreamer:
             job = self._jobs.get()
             try:
                 with torch.cuda.stream(self.copy_stream):
-                    if job.released is not None:
-                        self.copy_stream.wait_event(job.released)
+                    for ev in job.released:
+                        self.copy_stream.wait_event(ev)
                     job.start.record(self.copy_stream)
                     n, dst = job.buf.numel(), self.slots[job.slot]
                     chunk = self.chunk  # once per layer: set_chunk may change it meanwhile
@@ -157,8 +157,10 @@ class WeightStreamer:
                                f"(slots hold {sorted(self.slot_of)})")
         self.in_use.add(j)
 
-    def release(self, j: int):
-        """Layer j is done for this pass: its slot may be refilled once queued compute ends."""
+    def release(self, j: int, also=None):
+        """Layer j is done for this pass: its slot may be refilled once queued compute ends.
+        also: an event recorded after work on another stream that read the layer (rows joining
+        the pass prefill on a stream of their own), which the copy into the slot waits for too."""
         self.in_use.discard(j)
         if not self.cuda:
             if j not in self.host:
@@ -171,7 +173,7 @@ class WeightStreamer:
         s = self.slot_of.pop(j)
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
-        self.released[s] = ev
+        self.released[s] = (ev,) if also is None else (ev, also)
         self.free.append(s)
         del self._views[j]
         self._issue()
@@ -194,7 +196,7 @@ class WeightStreamer:
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
         for j, s in list(self.slot_of.items()):
-            self.released[s] = ev
+            self.released[s] = (ev,)
             self.free.append(s)
         self.slot_of.clear()
         self._views.clear()

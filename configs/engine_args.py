@@ -43,6 +43,9 @@ class EngineArgs:
     # else placement/refill.py's default: off until measured on the GPU)
     refill: bool | None = None
     refill_prefill: str = "pass"  # joining rows' prefill rides the next pass, or "own" pass (RunConfig)
+    # riding a pass, beside its parts on a stream of their own (None: the plan's, on; False: in
+    # line with them, the plain path; Plan.join_overlap)
+    join_overlap: bool | None = None
     trace: bool = False  # keep a timeline of stage spans (engine "ray")
     ray_address: str | None = None
     # Ray's dashboard on the local cluster this starts, if it starts one (None: on, unless
@@ -101,6 +104,8 @@ class EngineArgs:
                         draft_kv=self.draft_kv or p.draft_kv)
         if self.gpu_kv_rows is not None:
             p = replace(p, gpu_kv_rows=self.gpu_kv_rows)
+        if self.join_overlap is not None:
+            p = replace(p, join_overlap=bool(self.join_overlap))
         if self.trace:
             p = replace(p, trace=True)
         return p

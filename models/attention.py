@@ -273,9 +273,14 @@ class KVCache:
     def batch(self) -> int:
         return self.lens.shape[0]
 
-    def begin_pass(self, q_lens: torch.Tensor, total: int | None = None, n_q: int | None = None):
+    def begin_pass(self, q_lens: torch.Tensor, total: int | None = None, n_q: int | None = None,
+                   n_k: int | None = None):
+        """n_k: the longest row after the pass, where the caller knows it on the host (a fresh
+        prefill cache: the longest prompt), so that a device cache is not read here: the read
+        would wait for everything queued on the stream."""
         q_lens = q_lens.to(self.lens.device)
-        n_k = int((self.lens + q_lens).max())
+        if n_k is None:
+            n_k = int((self.lens + q_lens).max())
         if n_k > self.capacity:
             raise RuntimeError("KV cache capacity exceeded")
         b_idx, i_idx = pack_index(q_lens, total)

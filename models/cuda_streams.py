@@ -20,6 +20,7 @@ import torch
 WEIGHT_COPY = "weight copy"  # actors/weight_stream.py: host-to-device layer copies (a feeder thread)
 KV_COPY = "kv copy"  # actors/gpu_executor.py: prefill K/V out to the host ring
 GRAPH_CAPTURE = "graph capture"  # speculation/draft_graph.py: capture must not run on the default stream
+JOIN_PREFILL = "joining prefill"  # actors/gpu_executor.py: rows joining a pass prefill beside its parts
 
 _lock = threading.Lock()
 _streams: dict[tuple[int, str], torch.cuda.Stream] = {}

@@ -43,6 +43,8 @@ class _Fake:
     def _batch(self, bid):
         return self.st
 
+    _joined_copies = GPUExecutor._joined_copies
+
     def _prefill_layer(self, st, bid, s, j, in_pass=False):
         self.calls.append((s, j))
         st.setdefault("subs", {})[s] = "activations"
@@ -120,7 +122,7 @@ class _Ahead:
         self.log.append(("send", call))
         return ("handle", call)
 
-    for _name in ("_prefill_layer", "_send_ahead", "_prefill_failed", "prefill_layer"):
+    for _name in ("_prefill_layer", "_send_ahead", "_prefill_failed", "prefill_layer", "_joined_copies"):
         locals()[_name] = getattr(GPUExecutor, _name)
 
 

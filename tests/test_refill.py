@@ -108,20 +108,25 @@ def test_seeded_sampling_unchanged_by_refill(tiny_dir, schedule):
     assert out_on == out_off
 
 
-@pytest.mark.parametrize("draft,prefill,schedule", [("self:1", "pass", "single"), (None, "pass", None),
-                                                     ("self:1", "pass", "dual")])
-def test_refill_through_actors(ray_session, tiny_dir, draft, prefill, schedule):
+@pytest.mark.parametrize("draft,prefill,schedule,overlap", [("self:1", "pass", "single", True),
+                                                             ("self:1", "pass", "single", False),
+                                                             (None, "pass", None, True), ("self:1", "pass", "dual", True)])
+def test_refill_through_actors(ray_session, tiny_dir, draft, prefill, schedule, overlap):
     """On the actors: joining rows' prefill rides the batch's next pass (each layer's weights
-    serving it too, the layer released after its last part), or runs as a pass of its own (and
-    always under dual, whose batches draft during each other's passes)."""
+    serving it too, the layer released after its last part; beside the parts, their K/V stored
+    a layer late, or in line with them), or runs as a pass of its own (and always under dual,
+    whose batches draft during each other's passes)."""
     d = tiny_dir("llama")
     with LLM(str(d), draft=draft, batch_size=3, k=3, progress=False, micro_batches=2, refill=True,
-             refill_prefill=prefill, schedule=schedule) as llm:
+             refill_prefill=prefill, schedule=schedule, join_overlap=overlap) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p, _ in REQS],
                             [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS])
         stats = llm.last_stats
     assert [o.outputs[0].token_ids for o in outs] == _want(d)
     assert stats["batches"] == (2 if schedule == "dual" else 1) and stats["joins"] > 0 and stats["rows_busy"] > 0.5
+    # every join that rode a pass ran beside its parts, unless told not to (on the CPU only the
+    # stores' order differs: the executor has no streams there)
+    assert stats["joins_beside"] == (stats["joins"] if overlap and schedule != "dual" else 0)
 
 
 def test_a_layer_is_released_after_the_last_part_of_the_pass():
@@ -352,15 +357,18 @@ def test_gpu_kv_rows_through_actors(ray_session, tiny_dir, gpu_rows, draft, micr
 
 
 @gpu.cuda_only("GPU rows' KV lives in GPU memory")
-@pytest.mark.parametrize("gpu_rows,micro", [(2, 1), (1, 2)])
-def test_gpu_kv_rows_on_the_gpu(ray_session, tiny_dir, gpu_rows, micro):
+@pytest.mark.parametrize("gpu_rows,micro,overlap", [(2, 1, True), (1, 2, True), (1, 2, False)])
+def test_gpu_kv_rows_on_the_gpu(ray_session, tiny_dir, gpu_rows, micro, overlap):
     """The same on CUDA, float32: the GPU rows' attention runs in device memory, beside the
-    worker's for the same part, with one micro-batch or two; greedy output is transformers' own."""
+    worker's for the same part, with one micro-batch or two; rows joining prefill beside the
+    pass's parts on a stream of their own (their GPU rows' K/V too), or in line with them;
+    greedy output is transformers' own."""
     d = tiny_dir("llama")
     got, stats = _gpu_rows_run(d, draft="self:1", micro_batches=micro, gpu_kv_rows=gpu_rows, device="cuda",
-                               dtype="float32")
+                               dtype="float32", join_overlap=overlap)
     assert got == _want(d, GPU_REQS)
     assert stats["gpu_row_tokens"] > 0 and stats["cpu_row_tokens"] > 0
+    assert stats["joins"] > 0 and stats["joins_beside"] == (stats["joins"] if overlap else 0)
 
 
 @gpu.cuda_only("the executor's attention backends are CUDA's")
