@@ -171,10 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--doorbell", default="1", help="A comma list of 0/1: each mode runs with a pass's layer "
                                                      "hand-offs through Ray's submitter (0) and/or the mailboxes' "
                                                      "doorbells (1, plan.layer_doorbell), e.g. 0,1.")
-    ap.add_argument("--join-overlap", default="1", help="A comma list of 0/1: each mode runs with rows joining a "
-                                                         "pass prefilling in line with its parts (0) and/or beside "
-                                                         "them on a stream of their own (1, plan.join_overlap), e.g. "
-                                                         "1,0. Baselines keep the plan's.")
+    ap.add_argument("--join-overlap", default="0", help="A comma list of 0/1: each mode runs with rows joining a "
+                                                         "pass prefilling in line with its parts (0, the default) "
+                                                         "and/or beside them on a stream of their own (1, "
+                                                         "plan.join_overlap), e.g. 0,1. Baselines take the list's "
+                                                         "first.")
     ap.add_argument("--copy-chunk-mib", default="64", help="A comma list: each mode runs with the weight copy "
                                                             "issued in pieces of each size (plan.copy_chunk_mib; a small "
                                                             "copy such as an attention output waits behind the pieces "

@@ -43,8 +43,8 @@ class EngineArgs:
     # else placement/refill.py's default: off until measured on the GPU)
     refill: bool | None = None
     refill_prefill: str = "pass"  # joining rows' prefill rides the next pass, or "own" pass (RunConfig)
-    # riding a pass, beside its parts on a stream of their own (None: the plan's, on; False: in
-    # line with them, the plain path; Plan.join_overlap)
+    # riding a pass, beside its parts on a stream of their own (True) or in line with them
+    # (None: the plan's, in line; Plan.join_overlap)
     join_overlap: bool | None = None
     trace: bool = False  # keep a timeline of stage spans (engine "ray")
     ray_address: str | None = None

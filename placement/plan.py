@@ -82,12 +82,13 @@ class Plan(JsonFile):
     # GPU machine, docs/benchmarks.md "Session 18"); off with shm_activations (the plain path).
     shm_prefill: bool = True
     # Rows joining a running batch prefill each layer on a CUDA stream of their own beside the
-    # pass's parts, and the executor goes on to the parts without waiting for it; the CPU
-    # worker stores their K/V a layer late (ActorBackend._overlaps; needs shm_prefill). In
-    # line, the join's prefill sat in the pass's layer chain: w1-long's join passes took
-    # 0.42 s against 0.267 (docs/benchmarks.md, W1-long "Session 34"). False: in line, the
-    # plain path it is tested against.
-    join_overlap: bool = True
+    # pass's parts, the executor going on to the parts without waiting for it; the CPU worker
+    # stores their K/V a layer late (ActorBackend._overlaps; needs shm_prefill). Off: on the
+    # GPU machine it took a join pass's layers from 42.5 to 35.5 ms but gained nothing end to
+    # end (w1-long 1873.2 tok/s against 1901.3 in line, one call; the prefill's kernels share
+    # the device with the pass's, and the join's head then waits for its last layer;
+    # docs/benchmarks.md, W1-long "Session 35"). False: in line with the parts.
+    join_overlap: bool = False
     # The CPU worker's attention runs rows of different lengths in ranges of similar ones
     # (models/attention.ragged_chunks, this many keys the fixed cost of a call) instead of one
     # call padded to the longest row. None (off) until measured with the GPU machine's threads
