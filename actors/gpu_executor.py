@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CapacityError, ConfigError, OutOfGpuMemoryMidRun, SpecOffloadError
 from ..models.attention import KVCache, gpu_attention_backends, pack_index
-from ..models.cuda_streams import JOIN_PREFILL, KV_COPY, side_stream
+from ..models.cuda_streams import EXECUTOR, JOIN_PREFILL, KV_COPY, side_stream
 from ..models.forward import Forward
 from ..models.fp8_weights import SELF_DRAFT_REFUSAL
 from ..models.host_io import packed, to_device, to_host
@@ -52,6 +52,13 @@ class GPUExecutor:
                 raise ConfigError("plan.device is 'cuda' but this executor sees no CUDA device")
             self.device = torch.device("cuda", torch.cuda.current_device())
             gpu_attention_backends()  # no cuDNN attention: a graph built per pass (models/attention.py)
+            if plan.join_overlap:
+                # Rows joining a pass prefill on a stream of the default, lowest priority: this
+                # actor's own work (the pass's parts) goes on one of a higher priority, so that
+                # the device runs a part's next kernel before the join's queued ones. Not yet
+                # measured (session 35 ran the overlap with both at the default priority).
+                # Every call of this actor runs on this thread, where the stream is current.
+                torch.cuda.set_stream(side_stream(EXECUTOR, self.device, priority=-1))
         else:
             self.device = torch.device("cpu")
         self.budget = GpuBudget(self.device, plan.gpu_memory)

@@ -21,13 +21,16 @@ WEIGHT_COPY = "weight copy"  # actors/weight_stream.py: host-to-device layer cop
 KV_COPY = "kv copy"  # actors/gpu_executor.py: prefill K/V out to the host ring
 GRAPH_CAPTURE = "graph capture"  # speculation/draft_graph.py: capture must not run on the default stream
 JOIN_PREFILL = "joining prefill"  # actors/gpu_executor.py: rows joining a pass prefill beside its parts
+EXECUTOR = "executor"  # actors/gpu_executor.py: its own work, at a higher priority than JOIN_PREFILL's
 
 _lock = threading.Lock()
 _streams: dict[tuple[int, str], torch.cuda.Stream] = {}
 
 
-def side_stream(role: str, device) -> torch.cuda.Stream:
-    """The stream `role` uses on `device` (a CUDA device), the same one at every call."""
+def side_stream(role: str, device, priority: int = 0) -> torch.cuda.Stream:
+    """The stream `role` uses on `device` (a CUDA device), the same one at every call. priority:
+    CUDA's, for the first call (0 is the default and the lowest; lower numbers go first where
+    the device picks which stream's kernel runs next)."""
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _lock:
@@ -38,7 +41,7 @@ def side_stream(role: str, device) -> torch.cuda.Stream:
         # A pool round holds 32 streams, and other code may draw from it meanwhile: one full
         # round and then some is enough to find a stream no role holds.
         for _ in range(64):
-            s = torch.cuda.Stream(index)
+            s = torch.cuda.Stream(index, priority=priority)
             if s.cuda_stream not in taken:
                 _streams[(index, role)] = s
                 return s
