@@ -39,7 +39,7 @@ class PassStalled(SpecOffloadError):
 class ActorBackend:
     def __init__(self, executor, attention, num_layers: int, prefill_batch: int, micro_batches: int = 1,
                  kv_ring: bool = False, doorbell: bool = False, gpu_kv_rows: int = 0, stall_s: float = 0.0,
-                 worker_runs: bool = True, join_overlap: bool = True):
+                 worker_runs: bool = True, join_overlap: bool = False):
         self.ex, self.at = executor, attention
         self.stall_s = stall_s  # plan.stall_s: how long a result may take before the pass counts as stalled
         self._passes_timed = 0
@@ -157,9 +157,9 @@ class ActorBackend:
         """The CPU worker's store of sub-batch s's layer-j K/V (after: a ref it waits for too)."""
         ref = self.at.store_prefill.remote(bid, s, j, kv, *(() if after is None else (after,)))
         if self.kv_ring:
-            ring = self._ring_stores.setdefault(bid, {})
-            ring[j * -(-self._size[bid] // self.P) + s] = ref
-            if j == self.L - 1 and s == -(-self._size[bid] // self.P) - 1:
+            n_sub = -(-self._size[bid] // self.P)
+            self._ring_stores.setdefault(bid, {})[j * n_sub + s] = ref
+            if j == self.L - 1 and s == n_sub - 1:
                 self._ring_stores.pop(bid, None)  # the batch's calls are all submitted
         return ref
 
