@@ -137,21 +137,18 @@ class ActorBackend:
         return order
 
     def _prefill_calls(self, bid, j: int, in_pass: bool = False) -> list:
-        """Layer j of batch bid's prefill, a sub-batch at a time; returns the K/V store refs."""
-        return [self._store(bid, s, j, kv) for s, kv in enumerate(self._prefill_kv(bid, j, in_pass))]
-
-    def _prefill_kv(self, bid, j: int, in_pass: bool = False, overlap: bool = False) -> list:
-        """The executor's calls for layer j of batch bid's prefill, one per sub-batch (their K/V refs)."""
-        out = []
+        """Layer j of batch bid's prefill, a sub-batch at a time, each call's store right after
+        it (a later call of the same layer may reuse its ring slot); returns the store refs."""
         n_sub = -(-self._size[bid] // self.P)
-        ring = self._ring_stores.get(bid, {}) if self.kv_ring else None
-        for s in range(n_sub):
-            if ring is None:
-                out.append(self.ex.prefill_layer.remote(bid, s, j, *((True,) if in_pass else ())))
-            else:  # call c reuses the slot of call c - SLOTS: it starts once that K/V is stored
-                after = ring.pop(j * n_sub + s - kv_ring.SLOTS, None)
-                out.append(self.ex.prefill_layer.remote(bid, s, j, in_pass, after, *((True,) if overlap else ())))
-        return out
+        return [self._store(bid, s, j, self._prefill_kv(bid, j, s, in_pass)) for s in range(n_sub)]
+
+    def _prefill_kv(self, bid, j: int, s: int, in_pass: bool = False, overlap: bool = False):
+        """The executor's call for sub-batch s of layer j of batch bid's prefill (its K/V ref)."""
+        if not self.kv_ring:
+            return self.ex.prefill_layer.remote(bid, s, j, *((True,) if in_pass else ()))
+        # call c reuses the slot of call c - SLOTS: it starts once that K/V is stored
+        after = self._ring_stores.get(bid, {}).pop(j * -(-self._size[bid] // self.P) + s - kv_ring.SLOTS, None)
+        return self.ex.prefill_layer.remote(bid, s, j, in_pass, after, *((True,) if overlap else ()))
 
     def _store(self, bid, s: int, j: int, kv, after=None):
         """The CPU worker's store of sub-batch s's layer-j K/V (after: a ref it waits for too)."""
@@ -252,7 +249,7 @@ class ActorBackend:
                     # a layer's K/V before it returns, so the worker stores them a layer late,
                     # once the next layer's first call (which waits for them) has returned, and
                     # a store never holds the worker's attention up meanwhile.
-                    kvs = self._prefill_kv(b, j, in_pass=True, overlap=True)
+                    kvs = [self._prefill_kv(b, j, s, True, True) for s in range(-(-self._size[b] // self.P))]
                     self.joins_beside += j == 0
                     joined = [self._store(b, s, j - 1, kv, kvs[0]) for s, kv in late.pop(b, [])]
                     late[b] = list(enumerate(kvs))

@@ -4,6 +4,8 @@ what its seed gives in any batch), and the batch's rows stay busier than in wave
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -395,3 +397,79 @@ def _gpu_rows_run(d, **kw):
         outs = llm.generate([{"prompt_token_ids": p} for p, _ in GPU_REQS],
                             [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in GPU_REQS])
         return [o.outputs[0].token_ids for o in outs], llm.last_stats
+
+
+class _Calls:
+    """An actor handle whose calls are recorded, in order, as (actor, method, args), each
+    returning its own index as its ref."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getattr__(self, method):
+        def remote(*args):
+            self.log.append((self.name, method, args))
+            return len(self.log) - 1
+        return SimpleNamespace(remote=remote)
+
+
+@pytest.mark.parametrize("joining,overlap", [(20, True), (40, True), (20, False)])
+def test_a_join_beside_the_pass_is_stored_a_layer_late(joining, overlap):
+    """With plan.join_overlap the driver issues a joining batch's layer-j K/V stores after the
+    executor's calls for layer j+1, each also waiting for that layer's first call (which waits
+    for the copies before it), and the last layer's after the join's head; so the worker never
+    waits on a join's copy between attention calls. A call's ring slot is still freed by a store
+    submitted before it: with more sub-batches a layer than half the ring (40 rows at 16 a
+    sub-batch, 3) the join stays in line, as it does with the overlap off."""
+    from specoffload.actors import kv_ring
+    from specoffload.actors.actor_backend import ActorBackend
+
+    log = []
+    be = ActorBackend(_Calls("ex", log), _Calls("at", log), num_layers=4, prefill_batch=16, micro_batches=2,
+                      kv_ring=True, doorbell=True, join_overlap=overlap)
+    be._size[0], be._size[1] = 192, joining
+    be._verifies, be._joins = [(0, 3, None, None)], [(1, None)]
+    be._submit_pass()
+    n_sub = -(-joining // 16)
+    beside = overlap and 2 * n_sub <= kv_ring.SLOTS
+    assert be.joins_beside == int(beside)
+    pre = [i for i, (a, m, args) in enumerate(log) if m == "prefill_layer"]
+    stores = [(i, args) for i, (a, m, args) in enumerate(log) if m == "store_prefill"]
+    head = next(i for i, (a, m, args) in enumerate(log) if m == "prefill_head")
+    assert len(pre) == len(stores) == 4 * n_sub
+    layer_calls = {(args[2], args[1]): i for i, (a, m, args) in enumerate(log) if m == "prefill_layer"}
+    for i, (bid, s, j, kv, *after) in stores:
+        assert bid == 1 and kv == layer_calls[(j, s)]
+        if beside:
+            nxt = layer_calls[(j + 1, 0)] if j < 3 else head
+            assert after == [nxt] and i > nxt  # a layer late, after the call that waits for its copy
+        else:
+            assert after == [] and i == kv + 1  # right after its own call
+    for (j, s), i in layer_calls.items():  # the store that frees this call's ring slot came first
+        c = j * n_sub + s
+        if c >= kv_ring.SLOTS:
+            freeing = next(k for k, (bid, s2, j2, *_) in stores if j2 * n_sub + s2 == c - kv_ring.SLOTS)
+            assert log[i][2][4] == freeing and freeing < i
+        assert log[i][2][5:] == ((True,) if beside else ())
+
+
+def test_each_prefill_call_waits_for_the_store_that_frees_its_ring_slot():
+    """A batch's own prefill of 12 sub-batches a layer (W4, w1-long: 192 rows at 16): call c
+    reuses the ring slot of call c - SLOTS, often in the same layer, so that call's store must
+    be issued before it and be its `after` (issuing a layer's calls before its stores once
+    left the calls past the fourth without it: on the GPU a slot could be overwritten before
+    the worker had stored it)."""
+    from specoffload.actors import kv_ring
+    from specoffload.actors.actor_backend import ActorBackend
+
+    log = []
+    be = ActorBackend(_Calls("ex", log), _Calls("at", log), num_layers=3, prefill_batch=16, kv_ring=True)
+    be._size[0] = 192
+    be.prefill(0, None)
+    calls = [(i, args) for i, (a, m, args) in enumerate(log) if m == "prefill_layer"]
+    stores = {args[2] * 12 + args[1]: i for i, (a, m, args) in enumerate(log) if m == "store_prefill"}
+    assert len(calls) == len(stores) == 36
+    for c, (i, (bid, s, j, in_pass, after)) in enumerate(calls):
+        assert j * 12 + s == c and not in_pass
+        assert after == (stores[c - kv_ring.SLOTS] if c >= kv_ring.SLOTS else None)
+        assert after is None or after < i
