@@ -136,25 +136,28 @@ class ActorBackend:
         self.at.merge.remote(bid, new)
         return order
 
+    def _sub_batches(self, bid) -> int:
+        """Prefill sub-batches of batch bid (a layer's prefill calls)."""
+        return -(-self._size[bid] // self.P)
+
     def _prefill_calls(self, bid, j: int, in_pass: bool = False) -> list:
         """Layer j of batch bid's prefill, a sub-batch at a time, each call's store right after
         it (a later call of the same layer may reuse its ring slot); returns the store refs."""
-        n_sub = -(-self._size[bid] // self.P)
-        return [self._store(bid, s, j, self._prefill_kv(bid, j, s, in_pass)) for s in range(n_sub)]
+        return [self._store(bid, s, j, self._prefill_kv(bid, j, s, in_pass)) for s in range(self._sub_batches(bid))]
 
     def _prefill_kv(self, bid, j: int, s: int, in_pass: bool = False, overlap: bool = False):
         """The executor's call for sub-batch s of layer j of batch bid's prefill (its K/V ref)."""
         if not self.kv_ring:
             return self.ex.prefill_layer.remote(bid, s, j, *((True,) if in_pass else ()))
         # call c reuses the slot of call c - SLOTS: it starts once that K/V is stored
-        after = self._ring_stores.get(bid, {}).pop(j * -(-self._size[bid] // self.P) + s - kv_ring.SLOTS, None)
+        after = self._ring_stores.get(bid, {}).pop(j * self._sub_batches(bid) + s - kv_ring.SLOTS, None)
         return self.ex.prefill_layer.remote(bid, s, j, in_pass, after, *((True,) if overlap else ()))
 
     def _store(self, bid, s: int, j: int, kv, after=None):
         """The CPU worker's store of sub-batch s's layer-j K/V (after: a ref it waits for too)."""
         ref = self.at.store_prefill.remote(bid, s, j, kv, *(() if after is None else (after,)))
         if self.kv_ring:
-            n_sub = -(-self._size[bid] // self.P)
+            n_sub = self._sub_batches(bid)
             self._ring_stores.setdefault(bid, {})[j * n_sub + s] = ref
             if j == self.L - 1 and s == n_sub - 1:
                 self._ring_stores.pop(bid, None)  # the batch's calls are all submitted
@@ -164,7 +167,7 @@ class ActorBackend:
         """Whether batch bid's rows joining a pass prefill beside it (plan.join_overlap), their
         K/V stored a layer late: the layer's calls must fit half the ring, since a call waits
         for the store of the call SLOTS before it, which must already be submitted."""
-        return self.join_overlap and self.kv_ring and 2 * -(-self._size[bid] // self.P) <= kv_ring.SLOTS
+        return self.join_overlap and self.kv_ring and 2 * self._sub_batches(bid) <= kv_ring.SLOTS
 
     def prefill(self, bid, u_sample):
         stores = []
@@ -214,7 +217,7 @@ class ActorBackend:
             self.ex.verify_begin.remote(bid, k, m)
             parts += [(bid, p) for p in range(m)]
         joins, self._joins = self._joins, []
-        subs = sum(-(-self._size[b] // self.P) for b, _ in joins)
+        subs = sum(self._sub_batches(b) for b, _ in joins)
         self.ex.pass_begin.remote(len(parts) + subs)
         # Layer by layer, micro-batch by micro-batch: the executor's queue alternates between
         # micro-batches, so it computes one while the CPU worker attends for another. Joining
@@ -249,7 +252,7 @@ class ActorBackend:
                     # a layer's K/V before it returns, so the worker stores them a layer late,
                     # once the next layer's first call (which waits for them) has returned, and
                     # a store never holds the worker's attention up meanwhile.
-                    kvs = [self._prefill_kv(b, j, s, True, True) for s in range(-(-self._size[b] // self.P))]
+                    kvs = [self._prefill_kv(b, j, s, True, True) for s in range(self._sub_batches(b))]
                     self.joins_beside += j == 0
                     joined = [self._store(b, s, j - 1, kv, kvs[0]) for s, kv in late.pop(b, [])]
                     late[b] = list(enumerate(kvs))

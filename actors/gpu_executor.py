@@ -312,7 +312,7 @@ class GPUExecutor:
             self._done(j)
 
     def _prefill_layer(self, st, bid, s: int, j: int, in_pass: bool = False):
-        spec, P = self.spec, self.plan.prefill_batch
+        P = self.plan.prefill_batch
         if j == 0 and s == 0 and not in_pass:  # a prefill pass of its own begins
             self._pass_boundary()
         n_sub = -(-len(st["prompts"]) // P)
@@ -334,12 +334,7 @@ class GPUExecutor:
                 self._done(j)
         # The cache just built holds this layer's K/V padded as [P, Hkv, longest, d]: the
         # CPU worker stores that with one strided copy. Rows kept here (GPU rows) are not sent.
-        k, v = cache.k[0], cache.v[0]
-        if "gpu" in st:
-            last = j == spec.num_layers - 1
-            st["gpu"].store_prefill(j, s * P, k, v, [len(p) for p in st["prompts"][s * P:(s + 1) * P]] if last else None)
-            skip = max(0, st["gpu"].rows - s * P)
-            k, v = k[skip:], v[skip:]
+        k, v = self._keep_gpu_rows(st, s, j, cache)
         # None: no ring asked for, or page-locking it failed (then Ray's object store carries them)
         ring = self.mail.ensure_ring(bid, P, max(map(len, st["prompts"]))) if self.plan.shm_prefill else None
         if ring is None:
@@ -373,13 +368,7 @@ class GPUExecutor:
             side.wait_stream(cur)  # the layer's copy (acquire), this batch's earlier state
             with torch.cuda.stream(side):
                 cache = self._prefill_compute(st, bid, s, j)
-                k, v = cache.k[0], cache.v[0]
-                if "gpu" in st:
-                    last = j == self.spec.num_layers - 1
-                    P = self.plan.prefill_batch
-                    st["gpu"].store_prefill(j, s * P, k, v, [len(p) for p in st["prompts"][s * P:(s + 1) * P]] if last else None)
-                    skip = max(0, st["gpu"].rows - s * P)
-                    k, v = k[skip:], v[skip:]
+                k, v = self._keep_gpu_rows(st, s, j, cache)
                 copies = side_stream(KV_COPY, self.device)
                 copies.wait_stream(side)
                 with torch.cuda.stream(copies):
@@ -394,6 +383,18 @@ class GPUExecutor:
         # kept (their memory too) until the copies are known done
         st.setdefault("joined_copies", []).append((j, done, cache, k, v))
         return handle
+
+    def _keep_gpu_rows(self, st, s: int, j: int, cache: KVCache):
+        """Sub-batch s's layer-j K/V, padded [P, Hkv, longest, d]: the batch's GPU rows among
+        them are kept here (the last layer also sets their lengths); returns the rest's K/V,
+        which the CPU worker stores."""
+        k, v = cache.k[0], cache.v[0]
+        if "gpu" not in st:
+            return k, v
+        P, last = self.plan.prefill_batch, j == self.spec.num_layers - 1
+        st["gpu"].store_prefill(j, s * P, k, v, [len(p) for p in st["prompts"][s * P:(s + 1) * P]] if last else None)
+        skip = max(0, st["gpu"].rows - s * P)
+        return k[skip:], v[skip:]
 
     def _joined_copies(self, st, before: int | None = None):
         """Wait for the ring copies of a joining batch's layers before `before` (None: all)."""

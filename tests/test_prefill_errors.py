@@ -122,7 +122,8 @@ class _Ahead:
         self.log.append(("send", call))
         return ("handle", call)
 
-    for _name in ("_prefill_layer", "_send_ahead", "_prefill_failed", "prefill_layer", "_joined_copies"):
+    for _name in ("_prefill_layer", "_send_ahead", "_prefill_failed", "prefill_layer", "_joined_copies",
+                  "_keep_gpu_rows"):
         locals()[_name] = getattr(GPUExecutor, _name)
 
 
