@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "and/or beside them on a stream of their own (1, "
                                                          "plan.join_overlap), e.g. 0,1. Baselines take the list's "
                                                          "first.")
+    ap.add_argument("--draft-feed-last", default="1", help="A comma list of 0/1: each speculative mode runs with "
+                                                            "the draft feeding itself its last proposal each round "
+                                                            "(1, the default, plan.draft_feed_last: the next round's "
+                                                            "first step is a graphed one-token step) and/or not (0), "
+                                                            "e.g. 1,0.")
     ap.add_argument("--copy-chunk-mib", default="64", help="A comma list: each mode runs with the weight copy "
                                                             "issued in pieces of each size (plan.copy_chunk_mib; a small "
                                                             "copy such as an attention output waits behind the pieces "
@@ -406,7 +411,7 @@ def _plan(a, cuda: bool):
                     draft_fp8=a.draft_fp8, gpu_layers=_resident_layers(a.target_layers, a.resident),
                     shm_prefill=a.shm_prefill, worker_layer_runs=a.worker_layer_runs,
                     ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
-                    layer_doorbell=_doorbells(a)[0], join_overlap=_join_overlaps(a)[0],
+                    layer_doorbell=_doorbells(a)[0], join_overlap=_join_overlaps(a)[0], draft_feed_last=_feeds(a)[0],
                     copy_chunk_mib=_copy_chunks(a)[0], gpu_kv_rows=a.gpu_kv_rows[0], stall_s=a.stall_s)
         plan.check_layers(a.target_layers)
     except ConfigError as e:
@@ -428,6 +433,10 @@ def _doorbells(a) -> list[bool]:
 
 def _join_overlaps(a) -> list[bool]:
     return _switches(a.join_overlap, "--join-overlap")
+
+
+def _feeds(a) -> list[bool]:
+    return _switches(a.draft_feed_last, "--draft-feed-last")
 
 
 def _switches(text: str, flag: str) -> list[bool]:
@@ -527,23 +536,23 @@ class Bench:
             self.coord = None
 
     def run_or_record(self, failed: list, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool, chunk: int,
-                      gpu_rows: int, join: bool = True) -> bool:
+                      gpu_rows: int, join: bool = True, feed: bool = True) -> bool:
         """`run_mode`, with its failure put in `failed` as one line instead of raised: one mode's
         failure must not cost the others their device time. False when its actors cannot run
         another mode (one died, or a pass stalled): they are killed."""
         try:
-            self.run_mode(label, mode_spec, m, on_gpu, bell, chunk, gpu_rows, join)
+            self.run_mode(label, mode_spec, m, on_gpu, bell, chunk, gpu_rows, join, feed)
             return True
         except Exception as e:  # noqa: BLE001 - any failure: the table still shows the modes that ran
             why, reusable = _mode_failure(e)
-            failed.append(f"{self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join)} failed: {why}")
+            failed.append(f"{self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join, feed)} failed: {why}")
             print(f"  {failed[-1]}" + ("" if reusable else "; the modes left on these actors are skipped"), flush=True)
             if not reusable:
                 self.abandon()
             return reusable
 
     def mode_name(self, label: str, mode_spec: tuple, m: int, bell: bool, chunk: int, gpu_rows: int,
-                  join: bool = True) -> str:
+                  join: bool = True, feed: bool = True) -> str:
         """A mode's row name in the table: its label and the settings the lists vary."""
         a, name = self.a, label
         if self.many_micro and mode_spec[4] is None:
@@ -556,6 +565,8 @@ class Bench:
             name += f"/g{gpu_rows}"
         if len(_join_overlaps(a)) > 1 and not label.startswith("none+"):  # baselines keep the plan's
             name += "/jo" if join else "/jl"
+        if len(_feeds(a)) > 1 and not label.startswith("none+"):
+            name += "/fd" if feed else "/nf"
         return name
 
     def payload(self, gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
@@ -585,7 +596,7 @@ class Bench:
         print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
 
     def run_mode(self, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool = False, chunk: int | None = None,
-                 gpu_rows: int | None = None, join: bool = True):
+                 gpu_rows: int | None = None, join: bool = True, feed: bool = True):
         """One timed mode; on_gpu: target layers the actors keep resident (not streamed);
         gpu_rows: each batch's first rows with their KV on the GPU (the plan's if None)."""
         from specoffload.configs.run_config import RunConfig
@@ -608,6 +619,7 @@ class Bench:
         ray.get(coord.set_gpu_kv_rows.remote(gpu_rows))
         bell = ray.get(coord.set_doorbell.remote(bell))
         join = ray.get(coord.set_join_overlap.remote(join))
+        feed = ray.get(coord.set_draft_feed_last.remote(feed))
         chunk = chunk or _copy_chunks(a)[0]
         ray.get(coord.set_copy_chunk.remote(chunk))
         if a.trace_dir:
@@ -625,8 +637,8 @@ class Bench:
         ray.get(coord.poll.remote())
         row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, on_gpu)
         row["micro_batches"], row["doorbell"], row["copy_chunk_mib"], row["gpu_kv_rows"] = m, bell, chunk, gpu_rows
-        row["join_overlap"] = join
-        row["mode"] = self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join)
+        row["join_overlap"], row["draft_feed_last"] = join, feed
+        row["mode"] = self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join, feed)
         self.results.append(row)
         print(json.dumps(row), flush=True)
         if a.trace_dir:
@@ -820,7 +832,7 @@ def _main(argv):
     except ValueError as e:
         raise BenchError(e) from None
     micro = _micro_batches(a)
-    _doorbells(a), _join_overlaps(a), _copy_chunks(a), _baseline_chunks(a)  # a bad list fails before the actors start
+    _doorbells(a), _join_overlaps(a), _feeds(a), _copy_chunks(a), _baseline_chunks(a)  # bad lists fail before the actors start
     resident, baseline_error, baseline_rows = None, None, [0]
     failed = []  # "<mode> failed: <why>" for each mode that failed (the others still run)
     if a.baseline_resident is not None:
@@ -860,11 +872,12 @@ def _main(argv):
     try:
         if not a.no_warmup:
             bench.warm_up(modes)
-        runs = [(label, spec, m, bell, chunk, rows, join) for label, spec in modes.items()
+        runs = [(label, spec, m, bell, chunk, rows, join, feed) for label, spec in modes.items()
                 for m in ([spec[4]] if spec[4] else micro) for bell in _doorbells(a)
-                for chunk in _copy_chunks(a) for rows in a.gpu_kv_rows for join in _join_overlaps(a)]
-        for label, spec, m, bell, chunk, rows, join in runs:
-            if not bench.run_or_record(failed, label, spec, m, a.resident, bell, chunk, rows, join):
+                for chunk in _copy_chunks(a) for rows in a.gpu_kv_rows for join in _join_overlaps(a)
+                for feed in _feeds(a)]
+        for label, spec, m, bell, chunk, rows, join, feed in runs:
+            if not bench.run_or_record(failed, label, spec, m, a.resident, bell, chunk, rows, join, feed):
                 break
         bench.stop()
         if resident:

@@ -272,6 +272,11 @@ class Coordinator:
         self.backend.join_overlap = bool(on)
         return self.backend.join_overlap
 
+    def set_draft_feed_last(self, on: bool) -> bool:
+        """The draft feeds itself its last proposal each round (plan.draft_feed_last) from the
+        next round on, where its steps are graphed (benchmarks compare both on the same actors)."""
+        return ray.get(self.executor.set_draft_feed_last.remote(bool(on)))
+
     def set_copy_chunk(self, mib: int):
         """The size of the pieces the weight copy is issued in, from the next layer copied on
         (plan.copy_chunk_mib; benchmarks compare sizes on the same actors)."""

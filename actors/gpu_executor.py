@@ -111,7 +111,7 @@ class GPUExecutor:
             self.streamer = WeightStreamer({j: self.host[j] for j in streamed if j in self.host}, streamed,
                                            plan.num_slots, self.device, self.timer, disk, plan.copy_chunk_mib << 20)
         self.runner = SpecRunner(draft, self.device, plan.draft_kv_policy, prefill_chunk=plan.prefill_batch,
-                                 graphs=plan.draft_graphs)
+                                 graphs=plan.draft_graphs, feed_last=None if plan.draft_feed_last else False)
         self.tb: dict[int, dict] = {}
         self._failed: dict[int, Exception] = {}  # batches whose start raised: why
         self.pass_layers = PassLayers()
@@ -635,6 +635,11 @@ class GPUExecutor:
     def set_copy_chunk(self, mib: int):
         """Weight copies issued in pieces of `mib` MiB from the next layer queued on."""
         self.streamer.set_chunk(mib << 20)
+
+    def set_draft_feed_last(self, on: bool) -> bool:
+        """plan.draft_feed_last from the next round on (benchmarks compare both on the same actors)."""
+        self.runner.feed_last = None if on else False
+        return bool(on)
 
     def set_draft_kv(self, kv: DraftKV):
         """The draft KV placement for batches started from now on (benchmarks compare them)."""

@@ -57,6 +57,9 @@ class Plan(JsonFile):
     # GPU memory, for target layers or slots; a separate draft checkpoint only, not self:N
     draft_fp8: bool = False
     draft_graphs: bool = True  # replay the windowed draft's one-token steps as CUDA graphs (on CUDA)
+    # where steps are graphed, the draft feeds itself its last proposal each round, so that the
+    # next round's first step is a one-token (graphed) step too (SpecRunner.feed_last)
+    draft_feed_last: bool = True
     draft_kv: str = "gpu"  # where the draft's KV lives: placement/draft_kv.py's PLACEMENTS
     trace: bool = False  # keep a Chrome-trace timeline of stage spans in the actors
     # Each target pass runs a batch as this many micro-batches, layer by layer, so the CPU

@@ -6,6 +6,8 @@ configuration can also run one more round under torch.profiler (`--profile`, top
 printed). A table of milliseconds per draft step comes last.
 
     python scripts/profile_draft.py --configs 192:128:fp8,192:128:fp8:eager --k 6
+    python scripts/profile_draft.py --layers 8 --draft-fp8 --sinks 4 --configs 192:64:fp8,192:64:fp8:nofeed \
+        --full-accept 0.3 --k 8      # rounds where 30% of rows accept every proposal, as in w1-long
     python scripts/profile_draft.py --layers 2 --configs 4:8:bf16 --prompt-len 16   # CPU smoke test
 """
 
@@ -23,13 +25,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--configs", default="192:128:fp8,192:128:bf16,96:128:fp8",
-                    help="comma list of batch:window:kv[:eager] (kv = fp8 or bf16; window 0 = full context; "
-                         "eager = no CUDA graphs for the one-token steps)")
+                    help="comma list of batch:window:kv[:eager][:nofeed] (kv = fp8 or bf16; window 0 = full "
+                         "context; eager = no CUDA graphs for the one-token steps; nofeed = the draft does not feed "
+                         "itself its last proposal, SpecRunner.feed_last)")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--sinks", type=int, default=0, help="attention sinks kept beside a window")
     ap.add_argument("--draft-fp8", action="store_true", help="the draft's layer matrices in fp8 (models/fp8_weights.py)")
+    ap.add_argument("--full-accept", type=float, default=0.0,
+                    help="share of rows whose every proposal the target accepts each round (the rest accept none); "
+                         "those rows start the next round with two pending tokens unless the draft fed d_k")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table for every configuration's last round")
     a = ap.parse_args(argv)
 
@@ -50,9 +56,10 @@ def main(argv=None) -> int:
     for i, c in enumerate(a.configs.split(",")):
         B, W, kv, *rest = c.split(":")
         B, W = int(B), int(W) or None
-        eager = rest == ["eager"]
+        eager, nofeed = "eager" in rest, "nofeed" in rest
         runner = SpecRunner(draft, dev, window=W, fp8=kv == "fp8", prefill_chunk=32, graphs=not eager,
-                            sinks=a.sinks if W else 0)
+                            sinks=a.sinks if W else 0, feed_last=False if nofeed else None)
+        full = torch.arange(B, device=dev) < round(a.full_accept * B)  # these rows accept every proposal
         g = torch.Generator().manual_seed(i)
         prompts = torch.randint(3, spec.vocab_size, (B, a.prompt_len), generator=g).tolist()
         samp = SamplingTensors(np.zeros(B, np.float32), np.zeros(B, np.int64), np.ones(B, np.float32))
@@ -77,13 +84,16 @@ def main(argv=None) -> int:
             sync()
             if 0 < r <= a.rounds:
                 step_ms.append((time.perf_counter() - t) / a.k * 1e3)
-            # The target rejects everything (random logits): one token per sequence, as in a
-            # worst-case round; the draft's rollback runs as in a real one.
-            runner.finish(0, torch.randn(B, a.k + 1, spec.vocab_size, device=dev), a.k, None, u[:, :1])
+            # The target rejects everything (random logits) but in the --full-accept rows, which
+            # take every proposal; the draft's rollback runs as in a real round.
+            logits = torch.randn(B, a.k + 1, spec.vocab_size, device=dev)
+            props = runner.batches[0].proposals
+            logits[:, :a.k].scatter_(2, props[:, :, None], torch.where(full, 1e4, -1e4)[:, None, None].expand(B, a.k, 1))
+            runner.finish(0, logits, a.k, None, u[:, :1])
             if prof is not None:
                 prof.__exit__(None, None, None)
         mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-        rows.append((B, W or "full", kv + (" eager" if eager else ""), prefill_s, float(np.mean(step_ms)), float(np.min(step_ms)), mem))
+        rows.append((B, W or "full", kv + (" eager" if eager else "") + (" nofeed" if nofeed else ""), prefill_s, float(np.mean(step_ms)), float(np.min(step_ms)), mem))
         print(f"B={B} W={W} kv={kv}: prefill {prefill_s:.2f} s, draft step {np.mean(step_ms):.2f} ms "
               f"(min {np.min(step_ms):.2f}), peak {mem:.1f} GiB", flush=True)
         if prof is not None:
@@ -96,10 +106,11 @@ def main(argv=None) -> int:
         if dev == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    print(f"\ndraft: Mistral-7B shape, {a.layers} layers, {dev}, prompt {a.prompt_len}, k {a.k}")
-    print(f"{'batch':>5} {'window':>6} {'kv':>10} {'prefill s':>9} {'ms/step':>8} {'min ms':>7} {'peak GiB':>8}")
+    print(f"\ndraft: Mistral-7B shape, {a.layers} layers, {dev}, prompt {a.prompt_len}, k {a.k}, "
+          f"rows accepting every proposal {a.full_accept:.0%}")
+    print(f"{'batch':>5} {'window':>6} {'kv':>17} {'prefill s':>9} {'ms/step':>8} {'min ms':>7} {'peak GiB':>8}")
     for B, W, kv, p, m, mn, mem in rows:
-        print(f"{B:5d} {str(W):>6} {kv:>10} {p:9.2f} {m:8.2f} {mn:7.2f} {mem:8.1f}")
+        print(f"{B:5d} {str(W):>6} {kv:>17} {p:9.2f} {m:8.2f} {mn:7.2f} {mem:8.1f}")
     return 0
 
 

@@ -4,6 +4,8 @@ executor actor, so both speculate with exactly the same code.
 
 Bookkeeping of one round with k proposals, per sequence:
   draft input   = pending tokens (1, or 2 after a fully accepted round), then d1..d_{k-1}
+                  (and d_k too where the draft feeds its last proposal: then pending is
+                  always 1 token, so a round's first step is a graphed one-token step)
   target input  = [last, d1..dk]   (k+1 tokens; k = 0 is plain decoding)
   accepted a    -> target KV keeps last, d1..da; draft KV keeps what it saw of those;
                    the emitted tokens are d1..da plus one token t from the target,
@@ -43,6 +45,7 @@ class BatchState:
     rows: np.ndarray | None = None
     rows_t: torch.Tensor | None = None
     proc: LogitsState | None = None  # penalties / min_tokens / logprobs, when a sequence asks for them
+    seen: int = 0  # this round's proposals the draft has fed itself (k - 1, or k: SpecRunner.feed_last)
 
 
 class SpecRunner:
@@ -50,7 +53,8 @@ class SpecRunner:
 
     def __init__(self, draft: ResidentModel | None, device, kv: DraftKV | None = None, *,
                  prefill_chunk: int = 64, max_new: int = 18, graphs: bool = True, lazy_rows: bool | None = None,
-                 window: int | None = None, fp8: bool = False, sinks: int = 0, draft_kv: str = "gpu"):
+                 window: int | None = None, fp8: bool = False, sinks: int = 0, draft_kv: str = "gpu",
+                 feed_last: bool | None = None):
         """kv: where the draft's KV lives and what it sees (placement/draft_kv.py); `window`,
         `fp8`, `sinks` and `draft_kv` say the same field by field, when kv is None. A host-kept
         or recomputed draft KV visits the device `prefill_chunk` sequences at a time (pinned
@@ -59,13 +63,19 @@ class SpecRunner:
         lazy_rows: finished sequences' rows stay in a device-kept draft cache, computed and
         ignored, until half of its rows are finished, so the batch's captured draft step keeps
         serving instead of being captured again every round of the batch's tail (each capture
-        also empties the allocator cache and runs one step eagerly); None: when steps are graphed."""
+        also empties the allocator cache and runs one step eagerly); None: when steps are graphed.
+        feed_last: the draft also feeds itself its last proposal d_k (one more one-token step,
+        whose logits nobody reads), so that every sequence starts the next round with one
+        pending token: a round's first step then replays the captured graph, where a fully
+        accepted row (pending [d_k, t]) otherwise makes it an eager two-token step, which at
+        k >= 4 is nearly every round of a large batch. None: where the steps are graphed."""
         self.draft, self.device = draft, torch.device(device)
         self.prefill_chunk, self.max_new = prefill_chunk, max_new
         self.configure(kv or DraftKV(draft_kv, window, sinks, fp8))
         self.batches: dict[int, BatchState] = {}
         self.graphs_enabled = graphs
         self.lazy_rows = lazy_rows
+        self.feed_last = feed_last
         self._graphs: dict[int, GraphedDraftStep] = {}  # per batch: its captured draft step
         self.graph_steps = 0  # draft steps that ran through a graph (captures included)
         self._oom_warned = False
@@ -154,6 +164,11 @@ class SpecRunner:
             return False
         if self.lazy_rows is not None:
             return self.lazy_rows
+        return self.graphs_enabled and graphable(self.draft, st.draft_cache)
+
+    def _feeds_last(self, st: BatchState) -> bool:
+        if self.feed_last is not None:
+            return self.feed_last
         return self.graphs_enabled and graphable(self.draft, st.draft_cache)
 
     def keep(self, bid: int, idx: np.ndarray):
@@ -311,6 +326,11 @@ class SpecRunner:
             q_lens, n_q = torch.ones(m, dtype=torch.long, device=self.device), 1
             if i < k - 1:
                 yield i
+        st.seen = max(k - 1, 0)
+        if k and bid is not None and self._feeds_last(st):
+            with torch.inference_mode():
+                self._step(bid, st, toks, q_lens, n_q)  # d_k into the cache; its logits are not needed
+            st.seen = k
         p = torch.stack(props, 1) if k else torch.zeros(n, 0, dtype=torch.long, device=self.device)
         return p, (torch.stack(qs, 1) if qs else None)
 
@@ -369,15 +389,18 @@ class SpecRunner:
                 st.pending = [[t] for t in last]
             return
         a = (counts_h - 1).tolist()
-        # The draft saw pending + d1..d_{k-1}; keep pending + d1..d_min(a, k-1).
+        # The draft saw pending + d1..d_s (s = st.seen: k - 1, or k); keep pending + d1..d_min(a, s).
         if st.draft_cache.lens.device != counts.device:  # kept in host memory: use the host copy
             counts = torch.from_numpy(counts_h)
-        lens = st.draft_cache.lens
+        lens, s = st.draft_cache.lens, st.seen
         if st.rows is None:
-            keep = lens - (k - 1) + (counts - 1).clamp(max=k - 1)
-        else:  # finished rows go back to where the round found them (a dummy token, then k - 1 steps)
-            keep = lens - k
-            keep[st.rows_t] = lens[st.rows_t] - (k - 1) + (counts - 1).clamp(max=k - 1)
+            keep = lens - s + (counts - 1).clamp(max=s)
+        else:  # finished rows go back to where the round found them (a dummy token, then s steps)
+            keep = lens - (s + 1)
+            keep[st.rows_t] = lens[st.rows_t] - s + (counts - 1).clamp(max=s)
         st.draft_cache.truncate(keep)
+        if s == k:  # the draft has seen every accepted proposal: only the target's token is new
+            st.pending = [[t] for t in last]
+            return
         # Emitted tokens start with the accepted proposals, so d_k is tokens[b, k-1] when a = k.
         st.pending = [([int(tokens_h[b, k - 1])] if a[b] == k else []) + [last[b]] for b in range(len(last))]

@@ -159,6 +159,69 @@ def test_finished_rows_stay_in_the_draft_cache_until_half_are_gone(tiny_dir, gre
         assert (wq is None) == greedy and (greedy or torch.allclose(wq, gq, atol=1e-6))
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_draft_that_feeds_its_last_proposal_proposes_the_same(tiny_dir, greedy, lazy):
+    """With `feed_last` the draft runs d_k through one more step each round, so every sequence
+    starts the next round with one pending token (the step a graph replays) instead of two
+    after a fully accepted round. Proposals and draft probabilities are the same, rows
+    leaving mid-run included; what the draft has taken in (cache length plus pending tokens)
+    is the same after every round, and its pending tokens are always one."""
+    draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)))
+    prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)] * 2
+    B, V, k = len(prompts), draft.spec.vocab_size, 3
+    leave = {1: [0, 2] + list(range(3, B)), 3: [0, 1, 3, 4], 4: [0, 2, 3]}
+
+    def run(feed: bool):
+        g = torch.Generator().manual_seed(0)
+        runner = SpecRunner(draft, "cpu", window=4, sinks=2, graphs=False, lazy_rows=lazy, feed_last=feed)
+        temp = np.full(B, 0.0 if greedy else 0.9, np.float32)
+        runner.start(0, SamplingTensors(temp, np.zeros(B, np.int64), np.ones(B, np.float32)), prompts, 64)
+        runner.finish(0, torch.randn(B, 1, V, generator=g), 0, None, np.full(B, 0.5, np.float32), first=True)
+        out, taken, full = [], [], 0
+        for r in range(6):
+            n = runner.batches[0].last.shape[0]
+            u = torch.rand(n, k + 1, generator=g).numpy()
+            runner.propose(0, k, u[:, :k])
+            st = runner.batches[0]
+            out.append((st.proposals.clone(), None if st.q is None else st.q.clone()))
+            a = torch.randint(0, k + 1, (n,), generator=g)
+            full += int((a == k).sum())
+            logits = torch.randn(n, k + 1, V, generator=g)
+            for b in range(n):
+                for i in range(int(a[b])):
+                    logits[b, i, st.proposals[b, i]] = 100.0
+            runner.finish(0, logits, k, u[:, :k], u[:, k])
+            if r in leave:
+                runner.keep(0, np.array(leave[r], dtype=np.int64))
+            st = runner.batches[0]
+            rows = np.arange(n if r not in leave else len(leave[r])) if st.rows is None else st.rows
+            lens = st.draft_cache.lens[torch.as_tensor(rows)].tolist()
+            taken.append([ln + len(p) for ln, p in zip(lens, st.pending)])
+            if feed:
+                assert all(len(p) == 1 for p in st.pending)
+        return out, taken, full
+
+    (want, want_taken, full), (got, got_taken, _) = run(False), run(True)
+    assert full > 0  # some rounds accepted every proposal: the case feeding d_k changes
+    assert got_taken == want_taken
+    for (wp, wq), (gp, gq) in zip(want, got):
+        assert torch.equal(wp, gp)
+        assert (wq is None) == greedy and (greedy or torch.allclose(wq, gq, atol=1e-5))
+
+
+def test_a_draft_that_feeds_its_last_proposal_stays_lossless(tiny_dir):
+    d = tiny_dir("llama")
+    want = hf_greedy(d, PROMPTS, 24)
+    tgt = ResidentModel.from_source(Checkpoint(d))
+    reqs = [Request(i, p, SamplingParams(max_tokens=24, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    backend = ReferenceBackend(tgt, tgt, draft_window=4, draft_sinks=2)
+    backend.spec.feed_last = True
+    stats = Generator(backend, RunConfig(schedule="single", k=4, batch_size=4)).run(reqs)
+    assert [r.out for r in reqs] == want
+    assert 0 < stats.accepted < stats.proposed
+
+
 @cuda_only
 @pytest.mark.parametrize("fp8,sinks", [(False, 0), (True, 2)])
 def test_graphed_draft_proposes_what_eager_steps_do(tiny_dir, fp8, sinks):
