@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full-accept", type=float, default=0.0,
                     help="share of rows whose every proposal the target accepts each round (the rest accept none); "
                          "those rows start the next round with two pending tokens unless the draft fed d_k")
+    ap.add_argument("--join", type=int, default=0,
+                    help="then time rows joining the batch three times: N rows leave, N new prompts start "
+                         "(the draft's priming, SpecRunner.start) and merge, and the next round runs (a recapture)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table for every configuration's last round")
     a = ap.parse_args(argv)
 
@@ -92,8 +95,10 @@ def main(argv=None) -> int:
             runner.finish(0, logits, a.k, None, u[:, :1])
             if prof is not None:
                 prof.__exit__(None, None, None)
+        join = _joins(runner, a, spec, dev, sync, B, g, u, float(np.mean(step_ms)) * a.k) if a.join else None
         mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-        rows.append((B, W or "full", kv + (" eager" if eager else "") + (" nofeed" if nofeed else ""), prefill_s, float(np.mean(step_ms)), float(np.min(step_ms)), mem))
+        rows.append((B, W or "full", kv + (" eager" if eager else "") + (" nofeed" if nofeed else ""), prefill_s,
+                     float(np.mean(step_ms)), float(np.min(step_ms)), mem, join))
         print(f"B={B} W={W} kv={kv}: prefill {prefill_s:.2f} s, draft step {np.mean(step_ms):.2f} ms "
               f"(min {np.min(step_ms):.2f}), peak {mem:.1f} GiB", flush=True)
         if prof is not None:
@@ -108,10 +113,42 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
     print(f"\ndraft: Mistral-7B shape, {a.layers} layers, {dev}, prompt {a.prompt_len}, k {a.k}, "
           f"rows accepting every proposal {a.full_accept:.0%}")
-    print(f"{'batch':>5} {'window':>6} {'kv':>17} {'prefill s':>9} {'ms/step':>8} {'min ms':>7} {'peak GiB':>8}")
-    for B, W, kv, p, m, mn, mem in rows:
-        print(f"{B:5d} {str(W):>6} {kv:>17} {p:9.2f} {m:8.2f} {mn:7.2f} {mem:8.1f}")
+    print(f"{'batch':>5} {'window':>6} {'kv':>17} {'prefill s':>9} {'ms/step':>8} {'min ms':>7} {'peak GiB':>8}"
+          + (f" {'join start ms':>13} {'merge ms':>8} {'round after ms':>14}" if a.join else ""))
+    for B, W, kv, p, m, mn, mem, join in rows:
+        print(f"{B:5d} {str(W):>6} {kv:>17} {p:9.2f} {m:8.2f} {mn:7.2f} {mem:8.1f}"
+              + (" {:13.1f} {:8.1f} {:14.1f}".format(*join) if join else ""))
     return 0
+
+
+def _joins(runner, a, spec, dev, sync, B, g, u, round_ms):
+    """Median ms of three joins of a.join rows (w1-long: ~20 rows a join): the new rows' start
+    (cache and priming), their merge into the batch, and the batch's next round (which
+    captures its draft step again) less a steady round's time."""
+    from specoffload.speculation.sampler import SamplingTensors
+
+    n, out = a.join, []
+    for rep in range(3):
+        runner.keep(0, np.arange(n, B, dtype=np.int64))  # n rows finished
+        prompts = torch.randint(3, spec.vocab_size, (n, a.prompt_len), generator=g).tolist()
+        samp = SamplingTensors(np.zeros(n, np.float32), np.zeros(n, np.int64), np.ones(n, np.float32))
+        sync()
+        t = time.perf_counter()
+        runner.start(1, samp, prompts, a.prompt_len + 4 * (a.k + 1) * (a.rounds + 2), joins=0)
+        sync()
+        t1 = time.perf_counter()
+        runner.finish(1, torch.randn(n, 1, spec.vocab_size, device=dev), 0, None, np.zeros(n, np.float32), first=True)
+        sync()
+        t2 = time.perf_counter()
+        runner.merge(0, 1)
+        sync()
+        t3 = time.perf_counter()
+        runner.propose(0, a.k, u)
+        sync()
+        t4 = time.perf_counter()
+        runner.finish(0, torch.randn(B, a.k + 1, spec.vocab_size, device=dev), a.k, None, u[:, :1])
+        out.append(((t1 - t) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3 - round_ms))
+    return tuple(float(x) for x in np.median(np.array(out), axis=0))
 
 
 if __name__ == "__main__":
