@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--refill-prefill", choices=("pass", "own"), default="pass",
                     help="Joining rows' prefill rides the batch's next target pass (default), or runs as a "
                          "pass of its own.")
+    ap.add_argument("--refill-rows", default="0", help="A comma list: each speculative mode runs with joins waiting "
+                                                        "for each count of free rows (RunConfig.refill_rows; 0, the "
+                                                        "default: placement/refill.py's choice), e.g. 16,32. "
+                                                        "Baselines take the list's first.")
     ap.add_argument("--prompt-len", type=int, help="Tokens per random prompt (default: the workload's).")
     ap.add_argument("--gen", type=int, help="Tokens generated per sequence (default: the workload's).")
     ap.add_argument("--gpu-memory", default="24GiB", help="Cap the executor's GPU memory (default 24GiB).")
@@ -439,6 +443,16 @@ def _feeds(a) -> list[bool]:
     return _switches(a.draft_feed_last, "--draft-feed-last")
 
 
+def _refill_rows(a) -> list[int]:
+    try:
+        out = [int(x) for x in a.refill_rows.split(",")]
+        if min(out) < 0:
+            raise ValueError
+    except ValueError:
+        raise BenchError(f"--refill-rows needs a comma list of integers >= 0, got {a.refill_rows!r}") from None
+    return out
+
+
 def _switches(text: str, flag: str) -> list[bool]:
     try:
         out = [bool(int(x)) for x in text.split(",")]
@@ -536,23 +550,24 @@ class Bench:
             self.coord = None
 
     def run_or_record(self, failed: list, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool, chunk: int,
-                      gpu_rows: int, join: bool = True, feed: bool = True) -> bool:
+                      gpu_rows: int, join: bool = True, feed: bool = True, refill_rows: int | None = None) -> bool:
         """`run_mode`, with its failure put in `failed` as one line instead of raised: one mode's
         failure must not cost the others their device time. False when its actors cannot run
         another mode (one died, or a pass stalled): they are killed."""
         try:
-            self.run_mode(label, mode_spec, m, on_gpu, bell, chunk, gpu_rows, join, feed)
+            self.run_mode(label, mode_spec, m, on_gpu, bell, chunk, gpu_rows, join, feed, refill_rows)
             return True
         except Exception as e:  # noqa: BLE001 - any failure: the table still shows the modes that ran
             why, reusable = _mode_failure(e)
-            failed.append(f"{self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join, feed)} failed: {why}")
+            failed.append(f"{self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join, feed, refill_rows)} "
+                          f"failed: {why}")
             print(f"  {failed[-1]}" + ("" if reusable else "; the modes left on these actors are skipped"), flush=True)
             if not reusable:
                 self.abandon()
             return reusable
 
     def mode_name(self, label: str, mode_spec: tuple, m: int, bell: bool, chunk: int, gpu_rows: int,
-                  join: bool = True, feed: bool = True) -> str:
+                  join: bool = True, feed: bool = True, refill_rows: int | None = None) -> str:
         """A mode's row name in the table: its label and the settings the lists vary."""
         a, name = self.a, label
         if self.many_micro and mode_spec[4] is None:
@@ -567,6 +582,8 @@ class Bench:
             name += "/jo" if join else "/jl"
         if len(_feeds(a)) > 1 and not label.startswith("none+"):
             name += "/fd" if feed else "/nf"
+        if len(_refill_rows(a)) > 1 and not label.startswith("none+"):
+            name += f"/r{refill_rows or 'auto'}"
         return name
 
     def payload(self, gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
@@ -596,7 +613,7 @@ class Bench:
         print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
 
     def run_mode(self, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool = False, chunk: int | None = None,
-                 gpu_rows: int | None = None, join: bool = True, feed: bool = True):
+                 gpu_rows: int | None = None, join: bool = True, feed: bool = True, refill_rows: int | None = None):
         """One timed mode; on_gpu: target layers the actors keep resident (not streamed);
         gpu_rows: each batch's first rows with their KV on the GPU (the plan's if None)."""
         from specoffload.configs.run_config import RunConfig
@@ -612,8 +629,10 @@ class Bench:
         self.prompts = self.prompts or [r["prompt_ids"] for r in work]
         # Refill unless --no-refill, unlike LLM: --requests beyond a batch measures a stream
         # that keeps the batch full.
-        self.configure(RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive,
-                                 batch_size=bs, refill=not a.no_refill, refill_prefill=a.refill_prefill), draft_kv)
+        cfg = RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive, batch_size=bs,
+                        refill=not a.no_refill, refill_prefill=a.refill_prefill,
+                        refill_rows=min(refill_rows or _refill_rows(a)[0], bs))  # 0: placement/refill.py's
+        self.configure(cfg, draft_kv)
         ray.get(coord.set_micro_batches.remote(m))
         gpu_rows = self.plan.gpu_kv_rows if gpu_rows is None else gpu_rows
         ray.get(coord.set_gpu_kv_rows.remote(gpu_rows))
@@ -638,7 +657,8 @@ class Bench:
         row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, on_gpu)
         row["micro_batches"], row["doorbell"], row["copy_chunk_mib"], row["gpu_kv_rows"] = m, bell, chunk, gpu_rows
         row["join_overlap"], row["draft_feed_last"] = join, feed
-        row["mode"] = self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join, feed)
+        row["refill_rows"] = cfg.refill_rows
+        row["mode"] = self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join, feed, refill_rows)
         self.results.append(row)
         print(json.dumps(row), flush=True)
         if a.trace_dir:
@@ -832,7 +852,7 @@ def _main(argv):
     except ValueError as e:
         raise BenchError(e) from None
     micro = _micro_batches(a)
-    _doorbells(a), _join_overlaps(a), _feeds(a), _copy_chunks(a), _baseline_chunks(a)  # bad lists fail before the actors start
+    _doorbells(a), _join_overlaps(a), _feeds(a), _refill_rows(a), _copy_chunks(a), _baseline_chunks(a)  # bad lists fail first
     resident, baseline_error, baseline_rows = None, None, [0]
     failed = []  # "<mode> failed: <why>" for each mode that failed (the others still run)
     if a.baseline_resident is not None:
@@ -872,12 +892,12 @@ def _main(argv):
     try:
         if not a.no_warmup:
             bench.warm_up(modes)
-        runs = [(label, spec, m, bell, chunk, rows, join, feed) for label, spec in modes.items()
+        runs = [(label, spec, m, bell, chunk, rows, join, feed, rr) for label, spec in modes.items()
                 for m in ([spec[4]] if spec[4] else micro) for bell in _doorbells(a)
                 for chunk in _copy_chunks(a) for rows in a.gpu_kv_rows for join in _join_overlaps(a)
-                for feed in _feeds(a)]
-        for label, spec, m, bell, chunk, rows, join, feed in runs:
-            if not bench.run_or_record(failed, label, spec, m, a.resident, bell, chunk, rows, join, feed):
+                for feed in _feeds(a) for rr in _refill_rows(a)]
+        for label, spec, m, bell, chunk, rows, join, feed, rr in runs:
+            if not bench.run_or_record(failed, label, spec, m, a.resident, bell, chunk, rows, join, feed, rr):
                 break
         bench.stop()
         if resident:

@@ -393,7 +393,7 @@ def test_a_failed_mode_does_not_cost_the_others(monkeypatch, capsys, tmp_path, r
         return _row(mode, 10.0 if mode.startswith("none") else 30.0, decode_tokens_per_s=11.0, acceptance=None,
                     tokens_per_seq_pass=1.0)
 
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True):
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
         ran.append(label)
         if label == "single@2":
             if reusable:
@@ -434,7 +434,7 @@ def test_a_failed_baseline_keeps_the_table(monkeypatch, capsys):
     from specoffload import bench
     from specoffload.errors import OutOfGpuMemoryMidRun
 
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True):
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
         if label.startswith("none+r"):
             raise OutOfGpuMemoryMidRun("a verification pass ran out of GPU memory at layer 0 (4 sequences, 1 tokens each)")
         self.results.append(_row(label, 30.0, decode_tokens_per_s=31.0))
@@ -456,7 +456,7 @@ def test_the_baseline_runs_each_of_its_copy_piece_sizes_and_ratios_use_its_faste
 
     ran = []
 
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True):
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
         ran.append((label, chunk))
         tps = {"single@2": 300.0, 8: 100.0, 64: 120.0}[label if label.startswith("single") else chunk]
         self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join), tps))
@@ -489,7 +489,7 @@ def test_join_overlap_list_runs_each_mode_both_ways(monkeypatch, capsys):
 
     ran = []
 
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True):
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
         ran.append((label, join))
         self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join),
                                  100.0 if label.startswith("none") else (300.0 if join else 250.0)))
@@ -512,7 +512,7 @@ def test_draft_feed_last_list_runs_each_speculative_mode_both_ways(monkeypatch, 
 
     ran = []
 
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True):
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
         ran.append((label, feed))
         self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join, feed),
                                  100.0 if label.startswith("none") else 300.0))
@@ -529,6 +529,31 @@ def test_draft_feed_last_list_runs_each_speculative_mode_both_ways(monkeypatch, 
                                                "0 and 1, got 'yes'")
 
 
+def test_refill_rows_list_runs_each_speculative_mode_at_each_count(monkeypatch, capsys):
+    """--refill-rows 16,32: each speculative mode runs with joins waiting for 16 and for 32 free
+    rows (rows /r16 and /r32); the baseline takes the list's first. A bad list is one line."""
+    from specoffload import bench
+
+    ran = []
+
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True,
+                 refill_rows=None):
+        ran.append((label, refill_rows))
+        self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join, feed, refill_rows),
+                                 100.0 if label.startswith("none") else 300.0))
+
+    _bench_without_ray(monkeypatch, run_mode)
+    assert bench.main(["--workload", "tiny", "--modes", "single@2", "--refill-rows", "16,32",
+                       "--baseline-resident", "1", "--no-warmup"]) == 0
+    assert ran == [("single@2", 16), ("single@2", 32), ("none+r1", None)]
+    out = capsys.readouterr().out
+    assert [ln.split()[0] for ln in out.splitlines() if ln.startswith(("single@", "none+r"))] == [
+        "single@2/r16", "single@2/r32", "none+r1"]
+    assert bench.main(["--workload", "tiny", "--refill-rows", "16,-1"]) == 2
+    assert capsys.readouterr().err.strip() == ("specoffload bench: error: --refill-rows needs a comma list of "
+                                               "integers >= 0, got '16,-1'")
+
+
 def test_the_baseline_runs_each_of_its_gpu_row_counts_and_ratios_use_its_fastest(monkeypatch, capsys):
     """--baseline-gpu-kv-rows 0,N: plain decoding tries each count of GPU rows the speculative
     modes' list may have (since cuDNN is off GPU rows are cheap, and may speed plain decoding
@@ -537,7 +562,7 @@ def test_the_baseline_runs_each_of_its_gpu_row_counts_and_ratios_use_its_fastest
 
     ran = []
 
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True):
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
         ran.append((label, gpu_rows))
         tps = {"single@2": 300.0, 0: 120.0, 2: 150.0}[label if label.startswith("single") else gpu_rows]
         self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join), tps, gpu_kv_rows=gpu_rows))
