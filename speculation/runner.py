@@ -164,11 +164,13 @@ class SpecRunner:
             return False
         if self.lazy_rows is not None:
             return self.lazy_rows
-        return self.graphs_enabled and graphable(self.draft, st.draft_cache)
+        return self._graphed(st)
 
     def _feeds_last(self, st: BatchState) -> bool:
-        if self.feed_last is not None:
-            return self.feed_last
+        return self._graphed(st) if self.feed_last is None else self.feed_last
+
+    def _graphed(self, st: BatchState) -> bool:
+        """Whether the batch's one-token draft steps replay a captured graph."""
         return self.graphs_enabled and graphable(self.draft, st.draft_cache)
 
     def keep(self, bid: int, idx: np.ndarray):
@@ -206,7 +208,7 @@ class SpecRunner:
     def _step(self, bid: int, st: BatchState, toks, q_lens, n_q):
         """One draft forward pass: through the batch's captured graph when every sequence has
         one new token and the cache allows it, else eagerly."""
-        if n_q == 1 and self.graphs_enabled and graphable(self.draft, st.draft_cache):
+        if n_q == 1 and self._graphed(st):
             g = old = self._graphs.get(bid)
             fresh = g is None or not g.serves(st.draft_cache)
             if fresh:

@@ -117,6 +117,33 @@ def test_a_capture_out_of_memory_steps_eagerly_until_the_rows_change(tiny_dir, m
     assert all(torch.equal(w, o) for w, o in zip(want, got))
 
 
+def _verdict_rounds(runner, prompts, k, greedy, leave, rounds=6):
+    """`rounds` rounds of a batch started on `runner`, each verified by random target logits that
+    accept a random prefix of the proposals; after round r the rows leave[r] stay. Yields
+    (proposals, draft probabilities or None, accepted counts) after each round's verification
+    and rows leaving, the runner's state then open to the caller."""
+    B, V = len(prompts), runner.draft.spec.vocab_size
+    g = torch.Generator().manual_seed(0)
+    temp = np.full(B, 0.0 if greedy else 0.9, np.float32)
+    runner.start(0, SamplingTensors(temp, np.zeros(B, np.int64), np.ones(B, np.float32)), prompts, 64)
+    runner.finish(0, torch.randn(B, 1, V, generator=g), 0, None, np.full(B, 0.5, np.float32), first=True)
+    for r in range(rounds):
+        n = runner.batches[0].last.shape[0]
+        u = torch.rand(n, k + 1, generator=g).numpy()
+        runner.propose(0, k, u[:, :k])
+        st = runner.batches[0]
+        props, q = st.proposals.clone(), None if st.q is None else st.q.clone()
+        a = torch.randint(0, k + 1, (n,), generator=g)
+        logits = torch.randn(n, k + 1, V, generator=g)
+        for b in range(n):
+            for i in range(int(a[b])):
+                logits[b, i, props[b, i]] = 100.0
+        runner.finish(0, logits, k, u[:, :k], u[:, k])
+        if r in leave:
+            runner.keep(0, np.array(leave[r], dtype=np.int64))
+        yield props, q, a
+
+
 @pytest.mark.parametrize("greedy", [True, False])
 def test_finished_rows_stay_in_the_draft_cache_until_half_are_gone(tiny_dir, greedy):
     """With lazy rows the draft keeps computing finished sequences' rows (so a captured step
@@ -124,30 +151,14 @@ def test_finished_rows_stay_in_the_draft_cache_until_half_are_gone(tiny_dir, gre
     proposals and draft probabilities are those of a cache that drops rows at once."""
     draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)))
     prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)] * 2
-    B, V, k = len(prompts), draft.spec.vocab_size, 3
+    B, k = len(prompts), 3
     leave = {1: [0, 2] + list(range(3, B)), 3: [0, 1, 3], 4: [0, 2]}  # after round r: rows kept
 
     def run(lazy: bool):
-        g = torch.Generator().manual_seed(0)
         runner = SpecRunner(draft, "cpu", window=4, sinks=2, graphs=False, lazy_rows=lazy)
-        temp = np.full(B, 0.0 if greedy else 0.9, np.float32)
-        runner.start(0, SamplingTensors(temp, np.zeros(B, np.int64), np.ones(B, np.float32)), prompts, 64)
-        runner.finish(0, torch.randn(B, 1, V, generator=g), 0, None, np.full(B, 0.5, np.float32), first=True)
         out, sizes = [], []
-        for r in range(6):
-            n = runner.batches[0].last.shape[0]
-            u = torch.rand(n, k + 1, generator=g).numpy()
-            runner.propose(0, k, u[:, :k])
-            st = runner.batches[0]
-            out.append((st.proposals.clone(), None if st.q is None else st.q.clone()))
-            a = torch.randint(0, k + 1, (n,), generator=g)
-            logits = torch.randn(n, k + 1, V, generator=g)
-            for b in range(n):
-                for i in range(int(a[b])):
-                    logits[b, i, st.proposals[b, i]] = 100.0
-            runner.finish(0, logits, k, u[:, :k], u[:, k])
-            if r in leave:
-                runner.keep(0, np.array(leave[r], dtype=np.int64))
+        for props, q, _ in _verdict_rounds(runner, prompts, k, greedy, leave):
+            out.append((props, q))
             sizes.append(runner.batches[0].draft_cache.batch)
         return out, sizes
 
@@ -169,33 +180,17 @@ def test_a_draft_that_feeds_its_last_proposal_proposes_the_same(tiny_dir, greedy
     is the same after every round, and its pending tokens are always one."""
     draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)))
     prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)] * 2
-    B, V, k = len(prompts), draft.spec.vocab_size, 3
+    B, k = len(prompts), 3
     leave = {1: [0, 2] + list(range(3, B)), 3: [0, 1, 3, 4], 4: [0, 2, 3]}
 
     def run(feed: bool):
-        g = torch.Generator().manual_seed(0)
         runner = SpecRunner(draft, "cpu", window=4, sinks=2, graphs=False, lazy_rows=lazy, feed_last=feed)
-        temp = np.full(B, 0.0 if greedy else 0.9, np.float32)
-        runner.start(0, SamplingTensors(temp, np.zeros(B, np.int64), np.ones(B, np.float32)), prompts, 64)
-        runner.finish(0, torch.randn(B, 1, V, generator=g), 0, None, np.full(B, 0.5, np.float32), first=True)
         out, taken, full = [], [], 0
-        for r in range(6):
-            n = runner.batches[0].last.shape[0]
-            u = torch.rand(n, k + 1, generator=g).numpy()
-            runner.propose(0, k, u[:, :k])
-            st = runner.batches[0]
-            out.append((st.proposals.clone(), None if st.q is None else st.q.clone()))
-            a = torch.randint(0, k + 1, (n,), generator=g)
+        for props, q, a in _verdict_rounds(runner, prompts, k, greedy, leave):
+            out.append((props, q))
             full += int((a == k).sum())
-            logits = torch.randn(n, k + 1, V, generator=g)
-            for b in range(n):
-                for i in range(int(a[b])):
-                    logits[b, i, st.proposals[b, i]] = 100.0
-            runner.finish(0, logits, k, u[:, :k], u[:, k])
-            if r in leave:
-                runner.keep(0, np.array(leave[r], dtype=np.int64))
             st = runner.batches[0]
-            rows = np.arange(n if r not in leave else len(leave[r])) if st.rows is None else st.rows
+            rows = np.arange(len(st.pending)) if st.rows is None else st.rows
             lens = st.draft_cache.lens[torch.as_tensor(rows)].tolist()
             taken.append([ln + len(p) for ln, p in zip(lens, st.pending)])
             if feed:
