@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(1, the default, plan.draft_feed_last: the next round's "
                                                             "first step is a graphed one-token step) and/or not (0), "
                                                             "e.g. 1,0.")
+    ap.add_argument("--draft-prime-beside", default="1", help="A comma list of 0/1: each speculative mode runs "
+                                                               "with rows joining a batch having the draft read "
+                                                               "their prompts on a thread and stream of their own "
+                                                               "(1, the default, plan.draft_prime_beside) and/or "
+                                                               "before the batch's next round (0), e.g. 1,0.")
     ap.add_argument("--copy-chunk-mib", default="64", help="A comma list: each mode runs with the weight copy "
                                                             "issued in pieces of each size (plan.copy_chunk_mib; a small "
                                                             "copy such as an attention output waits behind the pieces "
@@ -416,6 +421,7 @@ def _plan(a, cuda: bool):
                     shm_prefill=a.shm_prefill, worker_layer_runs=a.worker_layer_runs,
                     ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
                     layer_doorbell=_doorbells(a)[0], join_overlap=_join_overlaps(a)[0], draft_feed_last=_feeds(a)[0],
+                    draft_prime_beside=_primes(a)[0],
                     copy_chunk_mib=_copy_chunks(a)[0], gpu_kv_rows=a.gpu_kv_rows[0], stall_s=a.stall_s)
         plan.check_layers(a.target_layers)
     except ConfigError as e:
@@ -441,6 +447,10 @@ def _join_overlaps(a) -> list[bool]:
 
 def _feeds(a) -> list[bool]:
     return _switches(a.draft_feed_last, "--draft-feed-last")
+
+
+def _primes(a) -> list[bool]:
+    return _switches(a.draft_prime_beside, "--draft-prime-beside")
 
 
 def _refill_rows(a) -> list[int]:
@@ -502,6 +512,7 @@ class Bench:
         self.a, self.plan, self.tspec, self.tsrc = a, plan, tspec, tsrc
         self.coord, self.run_id = None, None
         self.many_micro = False
+        self.prime_beside = True  # the next mode's plan.draft_prime_beside (main's loop sets it)
         self.results: list[dict] = []
         self.prompts: list[list[int]] = []  # the first timed mode's (--accelerate runs them)
         self.gen = torch.Generator().manual_seed(0)
@@ -584,6 +595,8 @@ class Bench:
             name += "/fd" if feed else "/nf"
         if len(_refill_rows(a)) > 1 and not label.startswith("none+"):
             name += f"/r{refill_rows or 'auto'}"
+        if len(_primes(a)) > 1 and not label.startswith("none+"):
+            name += "/pb" if self.prime_beside else "/pi"
         return name
 
     def payload(self, gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
@@ -639,6 +652,7 @@ class Bench:
         bell = ray.get(coord.set_doorbell.remote(bell))
         join = ray.get(coord.set_join_overlap.remote(join))
         feed = ray.get(coord.set_draft_feed_last.remote(feed))
+        prime = ray.get(coord.set_draft_prime_beside.remote(self.prime_beside))
         chunk = chunk or _copy_chunks(a)[0]
         ray.get(coord.set_copy_chunk.remote(chunk))
         if a.trace_dir:
@@ -657,7 +671,7 @@ class Bench:
         row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, on_gpu)
         row["micro_batches"], row["doorbell"], row["copy_chunk_mib"], row["gpu_kv_rows"] = m, bell, chunk, gpu_rows
         row["join_overlap"], row["draft_feed_last"] = join, feed
-        row["refill_rows"] = cfg.refill_rows
+        row["refill_rows"], row["draft_prime_beside"] = cfg.refill_rows, prime
         row["mode"] = self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join, feed, refill_rows)
         self.results.append(row)
         print(json.dumps(row), flush=True)
@@ -852,7 +866,7 @@ def _main(argv):
     except ValueError as e:
         raise BenchError(e) from None
     micro = _micro_batches(a)
-    _doorbells(a), _join_overlaps(a), _feeds(a), _refill_rows(a), _copy_chunks(a), _baseline_chunks(a)  # bad lists fail first
+    _doorbells(a), _join_overlaps(a), _feeds(a), _refill_rows(a), _primes(a), _copy_chunks(a), _baseline_chunks(a)  # bad lists fail first
     resident, baseline_error, baseline_rows = None, None, [0]
     failed = []  # "<mode> failed: <why>" for each mode that failed (the others still run)
     if a.baseline_resident is not None:
@@ -892,13 +906,15 @@ def _main(argv):
     try:
         if not a.no_warmup:
             bench.warm_up(modes)
-        runs = [(label, spec, m, bell, chunk, rows, join, feed, rr) for label, spec in modes.items()
+        runs = [(label, spec, m, bell, chunk, rows, join, feed, rr, prime) for label, spec in modes.items()
                 for m in ([spec[4]] if spec[4] else micro) for bell in _doorbells(a)
                 for chunk in _copy_chunks(a) for rows in a.gpu_kv_rows for join in _join_overlaps(a)
-                for feed in _feeds(a) for rr in _refill_rows(a)]
-        for label, spec, m, bell, chunk, rows, join, feed, rr in runs:
+                for feed in _feeds(a) for rr in _refill_rows(a) for prime in _primes(a)]
+        for label, spec, m, bell, chunk, rows, join, feed, rr, prime in runs:
+            bench.prime_beside = prime
             if not bench.run_or_record(failed, label, spec, m, a.resident, bell, chunk, rows, join, feed, rr):
                 break
+        bench.prime_beside = _primes(a)[0]
         bench.stop()
         if resident:
             baseline_error = bench.baseline(resident, micro, baseline_rows)

@@ -277,6 +277,11 @@ class Coordinator:
         next round on, where its steps are graphed (benchmarks compare both on the same actors)."""
         return ray.get(self.executor.set_draft_feed_last.remote(bool(on)))
 
+    def set_draft_prime_beside(self, on: bool) -> bool:
+        """Joining rows' draft priming beside the pass (plan.draft_prime_beside) from the next
+        join on (benchmarks compare both on the same actors)."""
+        return ray.get(self.executor.set_draft_prime_beside.remote(bool(on)))
+
     def set_copy_chunk(self, mib: int):
         """The size of the pieces the weight copy is issued in, from the next layer copied on
         (plan.copy_chunk_mib; benchmarks compare sizes on the same actors)."""

@@ -111,7 +111,8 @@ class GPUExecutor:
             self.streamer = WeightStreamer({j: self.host[j] for j in streamed if j in self.host}, streamed,
                                            plan.num_slots, self.device, self.timer, disk, plan.copy_chunk_mib << 20)
         self.runner = SpecRunner(draft, self.device, plan.draft_kv_policy, prefill_chunk=plan.prefill_batch,
-                                 graphs=plan.draft_graphs, feed_last=None if plan.draft_feed_last else False)
+                                 graphs=plan.draft_graphs, feed_last=None if plan.draft_feed_last else False,
+                                 prime_beside=plan.draft_prime_beside)
         self.tb: dict[int, dict] = {}
         self._failed: dict[int, Exception] = {}  # batches whose start raised: why
         self.pass_layers = PassLayers()
@@ -174,11 +175,7 @@ class GPUExecutor:
             with self.timer.span("prefill"):
                 self.runner.start(bid, samp, prompts if (with_draft and self.runner.draft) else None, capacity, joins)
         except torch.OutOfMemoryError as e:
-            self._failed[bid] = CapacityError(
-                f"the draft's KV cache and prefill for a batch of {len(prompts)} sequences (longest "
-                f"{max(map(len, prompts))} tokens) ran out of GPU memory ({self.budget.summary()} GiB held at "
-                f"start): lower batch_size, give the draft a window (--draft-window), an fp8 draft, or "
-                f"raise gpu_memory ({str(e).splitlines()[0][:60]})")
+            self._failed[bid] = self._draft_out_of_memory(prompts, e)
             raise self._failed[bid] from None
         except Exception as e:
             # The backend queues this batch's prefill layers without waiting for start: each
@@ -199,6 +196,13 @@ class GPUExecutor:
                     f"({self.budget.summary()} GiB held): lower gpu_kv_rows or raise gpu_memory "
                     f"({str(e).splitlines()[0][:60]})")
                 raise self._failed[bid] from None
+
+    def _draft_out_of_memory(self, prompts, e) -> CapacityError:
+        return CapacityError(
+            f"the draft's KV cache and prefill for a batch of {len(prompts)} sequences (longest "
+            f"{max(map(len, prompts))} tokens) ran out of GPU memory ({self.budget.summary()} GiB held at "
+            f"start): lower batch_size, give the draft a window (--draft-window), an fp8 draft, or "
+            f"raise gpu_memory ({str(e).splitlines()[0][:60]})")
 
     def _batch(self, bid) -> dict:
         if bid in self.tb:
@@ -467,7 +471,10 @@ class GPUExecutor:
             raise st.pop("prefill_error")
         subs = st.pop("subs")
         logits = torch.cat([subs[s]["logits"] for s in sorted(subs)])
-        return self.runner.finish(bid, logits[:, None], 0, None, u_sample, first=True)
+        try:
+            return self.runner.finish(bid, logits[:, None], 0, None, u_sample, first=True)
+        except torch.OutOfMemoryError as e:  # rows joining: their draft priming ran beside the pass
+            raise self._draft_out_of_memory(st["prompts"], e) from None
 
     # -- one target pass (decode: k = 0, verification: k draft tokens + 1) ---------------
     # A pass runs the batch as micro-batches (contiguous ranges of its sequences), each
@@ -640,6 +647,11 @@ class GPUExecutor:
         """plan.draft_feed_last from the next round on (benchmarks compare both on the same actors)."""
         self.runner.feed_last = None if on else False
         return bool(on)
+
+    def set_draft_prime_beside(self, on: bool) -> bool:
+        """plan.draft_prime_beside from the next join on (benchmarks compare both on the same actors)."""
+        self.runner.prime_beside = bool(on)
+        return self.runner.prime_beside
 
     def set_draft_kv(self, kv: DraftKV):
         """The draft KV placement for batches started from now on (benchmarks compare them)."""

@@ -10,12 +10,13 @@ page-locked /dev/shm file and returns a handle; the worker copies from the slot 
 A batch's calls run in a fixed order, call c = layer x sub-batches + sub-batch, and call c writes
 slot c % SLOTS. The slot is free once the worker has stored call c - SLOTS: the driver passes
 that store's ref as an argument of call c (`ActorBackend._prefill_calls`), so Ray starts call c
-only after it. One ring per batch (a joining batch's too), freed with the batch.
+only after it. One ring per batch (a joining batch's too); a finished batch's ring serves a later
+one (`ExecutorMailboxes.free`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import torch
 
@@ -70,25 +71,36 @@ def send(ring: KVRing, call: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
 
 
 class RingReader:
-    """The CPU worker's mappings of the executor's KV rings, by file."""
+    """The CPU worker's mappings of the executor's KV rings, by file. The executor keeps a
+    finished batch's ring for the next (`ExecutorMailboxes.free`), so a mapping stays while
+    its file does: mapping it again would fault in its pages again."""
 
     def __init__(self, spec):
         self.spec = spec
-        self.maps: dict[str, KVRing] = {}
+        self.maps: dict[str, tuple[KVRing, int]] = {}  # path -> (mapping, inode of the file mapped)
 
     def recv(self, handle) -> tuple[torch.Tensor, torch.Tensor]:
         _, path, rows, tokens, slot, n, length = handle
-        ring = self.maps.get(path)
-        if ring is None:
-            ring = self.maps[path] = KVRing(path, rows, tokens, self.spec)
-        return ring.view(slot, 0, n, length), ring.view(slot, 1, n, length)
+        ino = os.stat(path).st_ino
+        held = self.maps.get(path)
+        if held is None or held[1] != ino or held[0].rows < rows or held[0].tokens < tokens:
+            if held is not None:
+                held[0].close()
+            self.maps[path] = held = (KVRing(path, rows, tokens, self.spec), ino)
+        return held[0].view(slot, 0, n, length), held[0].view(slot, 1, n, length)
 
-    def free(self, bid):
-        for path in [p for p in self.maps if Path(p).name.startswith(f"kv_b{bid}_")]:
-            self.maps.pop(path).close()
+    def free(self, bid=None):
+        """A batch is done with its ring: drop the mappings of files the executor removed."""
+        for path in list(self.maps):
+            try:
+                gone = os.stat(path).st_ino != self.maps[path][1]
+            except FileNotFoundError:
+                gone = True
+            if gone:
+                self.maps.pop(path)[0].close()
 
     def close(self):
-        for ring in self.maps.values():
+        for ring, _ in self.maps.values():
             ring.close()
         self.maps.clear()
 

@@ -33,6 +33,13 @@ import torch
 from ..models.host_io import to_device, to_host
 from . import doorbell
 from .kv_ring import KVRing
+
+# A joining batch's prefill ring (W1-long: 16 rows x 1,024 tokens, 256 MiB) took ~60 ms to
+# create and page-lock in the pass it rode, every join (session 37's trace: its layer 0 took
+# 109 ms against 23, and the weight copy waited for that layer's slot). Rings are kept instead:
+# SPARE_RINGS of them, sized up to a multiple of RING_TOKENS so that one serves most joins.
+SPARE_RINGS = 2
+RING_TOKENS = 256
 from .shm_layout import ALIGN, SharedBuffer
 from .wire import from_wire, to_wire
 
@@ -83,6 +90,7 @@ class ExecutorMailboxes:
         self.boxes: dict[tuple, Mailbox | KVRing] = {}  # (batch, micro-batch) or (batch, "kv")
         self._gen = 0
         self._ring_failed = False
+        self._spare_rings: list[KVRing] = []  # prefill rings of finished batches, page-locked, kept for the next
         self.bell_wait_s = 0.0  # time the executor spent waiting on doorbells
         # The worker's pid, written into each new mailbox: a worker that dies before it maps the
         # mailbox (and writes its pid there itself) would otherwise leave the executor waiting.
@@ -132,18 +140,27 @@ class ExecutorMailboxes:
 
     def ensure_ring(self, bid, rows: int, tokens: int) -> KVRing | None:
         """Batch bid's ring for its prefill K/V (actors/kv_ring.py), made at its first prefill
-        call; None without a folder or where page-locking it failed (the object store then)."""
+        call, or a spare one a batch before it left (`free`); None without a folder or where
+        page-locking it failed (the object store then)."""
         if self.folder is None or self._ring_failed:
             return None
         ring = self.boxes.get((bid, "kv"))
         if ring is not None:
             return ring
-        self._gen += 1
-        ring = self._pinned(KVRing(self.folder / f"kv_b{bid}_{self._gen}.bin", rows, tokens, self.spec, create=True),
-                            "prefill K/V")
-        if ring is None:
-            self._ring_failed = True
-            return None
+        fits = [r for r in self._spare_rings if r.rows >= rows and r.tokens >= tokens]
+        if fits:
+            ring = min(fits, key=lambda r: r.rows * r.tokens)
+            self._spare_rings.remove(ring)
+        else:
+            self._gen += 1
+            # Named for this process, not the batch: a spare serves batches after the one that
+            # made it, and a restarted executor's files never take a name the worker has mapped.
+            path = self.folder / f"kv_ring_{os.getpid()}_{self._gen}.bin"
+            ring = self._pinned(KVRing(path, rows, -(-tokens // RING_TOKENS) * RING_TOKENS, self.spec, create=True),
+                                "prefill K/V")
+            if ring is None:
+                self._ring_failed = True
+                return None
         self.boxes[(bid, "kv")] = ring
         return ring
 
@@ -182,13 +199,24 @@ class ExecutorMailboxes:
                 doorbell.fail(box.bell)
 
     def free(self, bid):
+        """Batch bid's mailboxes go; its prefill ring is kept as a spare for the next batch
+        (its caller has made sure nothing reads or writes it any more)."""
         for key in [key for key in self.boxes if key[0] == bid]:
-            self.boxes.pop(key).close(unlink=True)
+            box = self.boxes.pop(key)
+            if isinstance(box, KVRing):
+                self._spare_rings.append(box)
+            else:
+                box.close(unlink=True)
+        while len(self._spare_rings) > SPARE_RINGS:  # the smallest go first
+            small = min(self._spare_rings, key=lambda r: r.rows * r.tokens)
+            self._spare_rings.remove(small)
+            small.close(unlink=True)
 
     def close(self):
-        for box in self.boxes.values():
+        for box in [*self.boxes.values(), *self._spare_rings]:
             box.close(unlink=True)
         self.boxes.clear()
+        self._spare_rings.clear()
 
 
 # -- the CPU worker's side --------------------------------------------------------------------

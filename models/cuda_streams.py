@@ -21,6 +21,7 @@ WEIGHT_COPY = "weight copy"  # actors/weight_stream.py: host-to-device layer cop
 KV_COPY = "kv copy"  # actors/gpu_executor.py: prefill K/V out to the host ring
 GRAPH_CAPTURE = "graph capture"  # speculation/draft_graph.py: capture must not run on the default stream
 JOIN_PREFILL = "joining prefill"  # actors/gpu_executor.py: rows joining a pass prefill beside its parts
+DRAFT_PRIMING = "draft priming"  # speculation/runner.py: joining rows' prompts through the draft, on a thread
 EXECUTOR = "executor"  # actors/gpu_executor.py: its own work, at a higher priority than JOIN_PREFILL's
 
 _lock = threading.Lock()

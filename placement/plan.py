@@ -60,6 +60,9 @@ class Plan(JsonFile):
     # where steps are graphed, the draft feeds itself its last proposal each round, so that the
     # next round's first step is a one-token (graphed) step too (SpecRunner.feed_last)
     draft_feed_last: bool = True
+    # rows joining a running batch have the draft read their prompts on a thread and stream of
+    # their own, beside the batch's draft round and pass (SpecRunner.prime_beside)
+    draft_prime_beside: bool = True
     draft_kv: str = "gpu"  # where the draft's KV lives: placement/draft_kv.py's PLACEMENTS
     trace: bool = False  # keep a Chrome-trace timeline of stage spans in the actors
     # Each target pass runs a batch as this many micro-batches, layer by layer, so the CPU

@@ -46,6 +46,7 @@ class BatchState:
     rows_t: torch.Tensor | None = None
     proc: LogitsState | None = None  # penalties / min_tokens / logprobs, when a sequence asks for them
     seen: int = 0  # this round's proposals the draft has fed itself (k - 1, or k: SpecRunner.feed_last)
+    priming: object = None  # the draft still reading joining rows' prompts beside the pass (SpecRunner.prime_beside)
 
 
 class SpecRunner:
@@ -54,7 +55,7 @@ class SpecRunner:
     def __init__(self, draft: ResidentModel | None, device, kv: DraftKV | None = None, *,
                  prefill_chunk: int = 64, max_new: int = 18, graphs: bool = True, lazy_rows: bool | None = None,
                  window: int | None = None, fp8: bool = False, sinks: int = 0, draft_kv: str = "gpu",
-                 feed_last: bool | None = None):
+                 feed_last: bool | None = None, prime_beside: bool = False):
         """kv: where the draft's KV lives and what it sees (placement/draft_kv.py); `window`,
         `fp8`, `sinks` and `draft_kv` say the same field by field, when kv is None. A host-kept
         or recomputed draft KV visits the device `prefill_chunk` sequences at a time (pinned
@@ -68,7 +69,12 @@ class SpecRunner:
         whose logits nobody reads), so that every sequence starts the next round with one
         pending token: a round's first step then replays the captured graph, where a fully
         accepted row (pending [d_k, t]) otherwise makes it an eager two-token step, which at
-        k >= 4 is nearly every round of a large batch. None: where the steps are graphed."""
+        k >= 4 is nearly every round of a large batch. None: where the steps are graphed.
+        prime_beside: rows that will join a running batch have the draft read their prompts on
+        a thread of their own (on CUDA, a stream of their own), so that the batch's next draft
+        round and target pass, which the start of a join used to hold up (~50 ms on the GPU
+        machine, session 37's trace), go on meanwhile; whatever uses the new rows' draft state
+        first waits for it (`_settle`)."""
         self.draft, self.device = draft, torch.device(device)
         self.prefill_chunk, self.max_new = prefill_chunk, max_new
         self.configure(kv or DraftKV(draft_kv, window, sinks, fp8))
@@ -79,6 +85,8 @@ class SpecRunner:
         self._graphs: dict[int, GraphedDraftStep] = {}  # per batch: its captured draft step
         self.graph_steps = 0  # draft steps that ran through a graph (captures included)
         self._oom_warned = False
+        self.prime_beside = prime_beside
+        self._primer = None  # the one thread priming runs on (made at the first join)
 
     def configure(self, kv: DraftKV):
         """Where the draft's KV lives and what it sees, for batches started from now on."""
@@ -98,13 +106,64 @@ class SpecRunner:
                 st.history = [list(p) for p in prompts]
             else:
                 like = self.batches[joins].draft_cache if joins is not None else None
-                st.draft_cache = self._draft_prefill(prompts, capacity, like)
+                if self.prime_beside and joins is not None and self.kv.on_gpu:
+                    st.draft_cache = self._new_cache(prompts, capacity, like)
+                    st.priming = self._prime_beside(st.draft_cache, prompts)
+                else:
+                    st.draft_cache = self._draft_prefill(prompts, capacity, like)
         self.batches[bid] = st
+
+    def _prime_beside(self, cache, prompts):
+        """Prime `cache` (made on this thread, so its memory belongs to the current stream) on
+        the primer thread; on CUDA on a stream of its own, which first waits for everything
+        queued on the current stream: the cache's memory may be a block that work queued there
+        still uses. Returns the future of the event that marks the priming done."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        # One priming at a time: the next one's stream must not start before this one's blocks,
+        # freed on the current stream after a merge, are done with (its wait_stream orders it).
+        self._settle_all()
+        if self._primer is None:
+            self._primer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-priming")
+        side = None
+        if self.device.type == "cuda":
+            from ..models.cuda_streams import DRAFT_PRIMING, side_stream
+
+            side = side_stream(DRAFT_PRIMING, self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+
+        def run():
+            with torch.inference_mode():
+                if side is None:
+                    prime(self.draft, cache, prompts, self.kv.window, self.kv.sinks, chunk=self.prefill_chunk, which=None)
+                    return None
+                with torch.cuda.device(self.device), torch.cuda.stream(side):
+                    prime(self.draft, cache, prompts, self.kv.window, self.kv.sinks, chunk=self.prefill_chunk, which=None)
+                    done = torch.cuda.Event()
+                    done.record(side)
+                return done
+
+        return self._primer.submit(run)
+
+    def _settle(self, st: BatchState):
+        """A batch's draft state from here on: wait for its priming (raising what it raised)
+        and, on CUDA, have the current stream wait for its kernels."""
+        if st.priming is None:
+            return
+        done = st.priming.result()  # a failed priming raises again at every later use of the batch
+        st.priming = None
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+
+    def _settle_all(self):
+        for st in self.batches.values():
+            self._settle(st)
 
     def merge(self, bid: int, new: int):
         """Batch `new` (started with joins=bid, its first tokens out) takes the rows after
         batch bid's live ones, in order: waiting requests refilling a running batch in place."""
         st, nw = self.batches[bid], self.batches[new]
+        self._settle(nw)
         if st.proposals is not None or nw.proposals is not None:
             raise RuntimeError("rows join a batch between its verification and its next proposals")
         # The draft cache first: it is the part that may allocate (a gather's copy, or taller
@@ -133,12 +192,8 @@ class SpecRunner:
         """The draft sees each prompt (when windowed: its first `sinks` and last `window`
         tokens, at their true positions), a chunk of sequences at a time to bound activation
         memory. like: a cache these rows will join, whose fp8 scales they take."""
-        # The ring holds W + the most tokens one decode pass adds; a W-token prefill fits too.
+        cache = self._new_cache(prompts, capacity, like)
         host = self.kv.in_host_memory and self.device.type != "cpu"
-        cache = self.draft.new_cache(len(prompts), capacity, window=self.kv.window, fp8=self.kv.fp8,
-                                     max_new=self.max_new, sinks=self.kv.sinks, device="cpu" if host else None)
-        if like is not None and getattr(like, "fp8", False):
-            cache.k_scale, cache.v_scale = list(like.k_scale), list(like.v_scale)
         if not self.kv.in_host_memory:
             prime(self.draft, cache, prompts, self.kv.window, self.kv.sinks, chunk=self.prefill_chunk, which=None)
             return cache
@@ -146,6 +201,15 @@ class SpecRunner:
             cache.pin()
         for lo, hi, dev in self._visits(cache):
             prime(self.draft, dev, prompts[lo:hi], self.kv.window, self.kv.sinks, which=None)
+        return cache
+
+    def _new_cache(self, prompts, capacity, like=None):
+        # The ring holds W + the most tokens one decode pass adds; a W-token prefill fits too.
+        host = self.kv.in_host_memory and self.device.type != "cpu"
+        cache = self.draft.new_cache(len(prompts), capacity, window=self.kv.window, fp8=self.kv.fp8,
+                                     max_new=self.max_new, sinks=self.kv.sinks, device="cpu" if host else None)
+        if like is not None and getattr(like, "fp8", False):
+            cache.k_scale, cache.v_scale = list(like.k_scale), list(like.v_scale)
         return cache
 
     def _visits(self, cache):
@@ -175,6 +239,7 @@ class SpecRunner:
 
     def keep(self, bid: int, idx: np.ndarray):
         st = self.batches[bid]
+        self._settle(st)
         t = to_device(idx, self.device, torch.long)
         st.last, st.samp = st.last[t], st.samp.select(idx)
         if st.proc is not None:
@@ -202,7 +267,12 @@ class SpecRunner:
             self._graphs[bid].stale = True
 
     def free(self, bid: int):
-        self.batches.pop(bid, None)
+        st = self.batches.pop(bid, None)
+        if st is not None and st.priming is not None:  # its memory must not be reused under it
+            try:
+                self._settle(st)
+            except Exception:  # noqa: BLE001 - the batch is going; what failed it reports elsewhere
+                pass
         self._graphs.pop(bid, None)
 
     def _step(self, bid: int, st: BatchState, toks, q_lens, n_q):
@@ -212,6 +282,7 @@ class SpecRunner:
             g = old = self._graphs.get(bid)
             fresh = g is None or not g.serves(st.draft_cache)
             if fresh:
+                self._settle_all()  # no other thread launching work while this one captures
                 # A recapture reuses the memory pool of the capture it replaces, which stays
                 # alive (`old`) until then: a pool is freed with its last graph.
                 pool = old.graph.pool() if old is not None and old.graph is not None else None
@@ -245,6 +316,7 @@ class SpecRunner:
         """The same as `propose`, one draft step per iteration, so a caller can run the steps
         in the gaps of other work (dual-batch interleaving)."""
         st = self.batches[bid]
+        self._settle(st)
         B = st.last.shape[0]
         st.proposals, st.q = None, None
         u = None if st.samp.all_greedy else to_device(u_draft, self.device, torch.float32)
@@ -353,6 +425,7 @@ class SpecRunner:
         `first`: the logits come from the prefill (k = 0), the draft has seen the prompt.
         """
         st = self.batches[bid]
+        self._settle(st)
         props = st.proposals if k else torch.zeros(logits.shape[0], 0, dtype=torch.long, device=self.device)
         raw = logits
         if st.proc is not None and st.proc.s.penalized:  # position j sees the output plus d1..dj

@@ -529,6 +529,32 @@ def test_draft_feed_last_list_runs_each_speculative_mode_both_ways(monkeypatch, 
                                                "0 and 1, got 'yes'")
 
 
+def test_draft_prime_beside_list_runs_each_speculative_mode_both_ways(monkeypatch, capsys):
+    """--draft-prime-beside 1,0: each speculative mode runs with joining rows' draft priming
+    beside the pass and in line (rows /pb and /pi), the setting each run's actors get; the
+    baseline has no draft and runs once, with the list's first."""
+    from specoffload import bench
+
+    ran = []
+
+    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True,
+                 refill_rows=None):
+        ran.append((label, self.prime_beside))
+        self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join, feed, refill_rows),
+                                 100.0 if label.startswith("none") else 300.0))
+
+    _bench_without_ray(monkeypatch, run_mode)
+    assert bench.main(["--workload", "tiny", "--modes", "single@2", "--draft-prime-beside", "1,0",
+                       "--baseline-resident", "1", "--no-warmup"]) == 0
+    assert ran == [("single@2", True), ("single@2", False), ("none+r1", True)]
+    out = capsys.readouterr().out
+    assert [ln.split()[0] for ln in out.splitlines() if ln.startswith(("single@", "none+r"))] == [
+        "single@2/pb", "single@2/pi", "none+r1"]
+    assert bench.main(["--workload", "tiny", "--draft-prime-beside", "on"]) == 2
+    assert capsys.readouterr().err.strip() == ("specoffload bench: error: --draft-prime-beside needs a comma list "
+                                               "of 0 and 1, got 'on'")
+
+
 def test_refill_rows_list_runs_each_speculative_mode_at_each_count(monkeypatch, capsys):
     """--refill-rows 16,32: each speculative mode runs with joins waiting for 16 and for 32 free
     rows (rows /r16 and /r32); the baseline takes the list's first. A bad list is one line."""

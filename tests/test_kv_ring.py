@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_reference import PROMPTS, hf_greedy
-from specoffload.actors import kv_ring
+from specoffload.actors import kv_ring, mailbox
 from specoffload.actors.kv_ring import RingReader, is_handle
 from specoffload.actors.mailbox import ExecutorMailboxes
 from specoffload.configs.sampling_params import SamplingParams
@@ -46,8 +46,51 @@ def test_round_trip_through_rotating_slots_and_free(tmp_path):
     assert len(os.listdir(tmp_path)) == 1 and len(wk.maps) == 1
     ex.free(3)
     wk.free(3)
+    assert len(os.listdir(tmp_path)) == 1 and len(wk.maps) == 1  # kept for the next batch, mapped on both sides
+    ex.close()
+    wk.free(3)
     assert os.listdir(tmp_path) == [] and not wk.maps
     assert ExecutorMailboxes(spec, None, torch.device("cpu")).ensure_ring(3, 4, 10) is None  # no folder: the store
+
+
+def test_a_finished_batchs_ring_serves_the_next_and_the_worker_keeps_its_mapping(tmp_path):
+    """A joining batch's ring used to be made and page-locked in the pass it rode (~60 ms on
+    the GPU machine, every join). A freed ring now serves the next batch whose rows and
+    prompts fit it; the worker reads the new batch's K/V through the mapping it has, and maps
+    again only a file that changed under the same name."""
+    spec, g = _spec(), torch.Generator().manual_seed(1)
+    ex, wk = ExecutorMailboxes(spec, str(tmp_path), torch.device("cpu")), RingReader(spec)
+    first = ex.ensure_ring(1, rows=4, tokens=10)
+    assert first.tokens == mailbox.RING_TOKENS  # sized up, so that longer prompts fit it later
+    k, v = (torch.randn(4, 2, 10, 8, generator=g).bfloat16() for _ in range(2))
+    wk.recv(kv_ring.send(first, 0, k, v))
+    mapped = wk.maps[first.path][0]
+    ex.free(1)
+    wk.free(1)
+    again = ex.ensure_ring(2, rows=3, tokens=mailbox.RING_TOKENS)
+    assert again is first and len(os.listdir(tmp_path)) == 1
+    k, v = (torch.randn(3, 2, 7, 8, generator=g).bfloat16() for _ in range(2))
+    rk, rv = wk.recv(kv_ring.send(again, 5, k, v))
+    assert torch.equal(rk, k) and torch.equal(rv, v) and wk.maps[first.path][0] is mapped
+    # more rows, or longer prompts, than any spare holds: a ring of their own
+    wider = ex.ensure_ring(3, rows=5, tokens=10)
+    longer = ex.ensure_ring(4, rows=4, tokens=mailbox.RING_TOKENS + 1)
+    assert len({again.path, wider.path, longer.path}) == 3 and longer.tokens == 2 * mailbox.RING_TOKENS
+    for bid in (2, 3, 4):
+        ex.free(bid)
+    assert len(ex._spare_rings) == mailbox.SPARE_RINGS and again.buf is None  # the smallest went
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(r.path) for r in (wider, longer))
+    wk.free(4)
+    assert list(wk.maps) == []  # its file is gone: unmapped
+    # a file replaced under a name the worker has mapped (not something the executor does): mapped anew
+    k, v = (torch.randn(4, 2, 9, 8, generator=g).bfloat16() for _ in range(2))
+    wk.recv(kv_ring.send(wider, 1, k, v))
+    os.unlink(wider.path)
+    swapped = kv_ring.KVRing(wider.path, 5, 16, spec, create=True)
+    rk, _ = wk.recv(kv_ring.send(swapped, 1, k, v))
+    assert torch.equal(rk, k)
+    ex.close()
+    wk.close()
 
 
 def test_the_flag_needs_mailboxes():
@@ -147,11 +190,14 @@ def _late_stores():
     def _late(self, seconds: float, fail: bool = False):
         import time
 
-        recv, left = self.ring.recv, [fail]
+        recv, left, rings = self.ring.recv, [fail], []
 
         def late(handle):
             time.sleep(seconds)
-            if left[0] and "kv_b1_" in handle[1]:
+            if handle[1] not in rings:
+                rings.append(handle[1])
+            # the first rows to join: the first ring after batch 0's, which that batch holds to its end
+            if left[0] and handle[1] == rings[-1] and len(rings) == 2:
                 left[0] = False
                 raise RuntimeError("injected store failure")
             return recv(handle)

@@ -1,0 +1,141 @@
+"""Rows joining a running batch have the draft read their prompts beside the batch's next draft
+round and pass (`SpecRunner.prime_beside`: a thread, and on CUDA a stream, of their own). The
+draft state they join with, and so every proposal after, is what priming them in line makes;
+what the priming raises is the merge's error; a batch dropped mid-priming waits for it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import PROMPTS
+from specoffload.configs.sampling_params import SamplingParams
+from specoffload.models.checkpoint import Checkpoint
+from specoffload.models.resident import ResidentModel
+from specoffload.speculation import runner as runner_module
+from specoffload.speculation.runner import SpecRunner
+from specoffload.speculation.sampler import SamplingTensors
+import gpu  # noqa: E402  (tests/ is on sys.path: conftest.py)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not gpu.HAS_CUDA, reason="the priming's own stream is a CUDA stream")])]
+
+
+def _slow_priming(monkeypatch, seconds: float, fail: bool = False):
+    """Priming that starts `seconds` late (or raises) and records the thread it ran on."""
+    real, threads = runner_module.prime, []
+
+    def slow(*args, **kw):
+        threads.append(threading.current_thread().name)
+        time.sleep(seconds)
+        if fail:
+            raise RuntimeError("injected priming failure")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner_module, "prime", slow)
+    return threads
+
+
+def _samp(n, greedy):
+    return SamplingTensors(np.full(n, 0.0 if greedy else 0.9, np.float32), np.zeros(n, np.int64), np.ones(n, np.float32))
+
+
+def _job(runner, prompts, k, greedy, rounds=5, join_after=1):
+    """Batch 0 takes the first half of `prompts`; after round `join_after` the rest join it as
+    batch 1, started beside (or not) while batch 0 drafts its next round. Random target
+    verdicts accept random prefixes. Returns each round's proposals and draft probabilities,
+    and how long batch 1's start took."""
+    dev, V, half = runner.device, runner.draft.spec.vocab_size, len(prompts) // 2
+    g = torch.Generator().manual_seed(0)
+    runner.start(0, _samp(half, greedy), prompts[:half], 64)
+    runner.finish(0, torch.randn(half, 1, V, generator=g).to(dev), 0, None, np.full(half, 0.5, np.float32), first=True)
+    out, start_s = [], None
+    for r in range(rounds):
+        n = runner.batches[0].last.shape[0]
+        u = torch.rand(n, k + 1, generator=g).numpy()
+        if r == join_after + 1:  # the joining rows' first tokens (their target prefill), then the merge
+            m = len(prompts) - half
+            runner.finish(1, torch.randn(m, 1, V, generator=g).to(dev), 0, None, np.full(m, 0.5, np.float32),
+                          first=True)
+            runner.merge(0, 1)
+            n = runner.batches[0].last.shape[0]
+            u = torch.rand(n, k + 1, generator=g).numpy()
+        if r == join_after:
+            t = time.perf_counter()
+            runner.start(1, _samp(len(prompts) - half, greedy), prompts[half:], 64, joins=0)
+            start_s = time.perf_counter() - t
+        runner.propose(0, k, u[:, :k])
+        st = runner.batches[0]
+        props, q = st.proposals.clone(), None if st.q is None else st.q.clone()
+        a = torch.randint(0, k + 1, (n,), generator=g)
+        logits = torch.randn(n, k + 1, V, generator=g).to(dev)
+        for b in range(n):
+            for i in range(int(a[b])):
+                logits[b, i, props[b, i]] = 100.0
+        runner.finish(0, logits, k, u[:, :k], u[:, k])
+        out.append((props.cpu(), None if q is None else q.cpu()))
+    return out, start_s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("greedy", [True, False])
+def test_rows_primed_beside_propose_what_rows_primed_in_line_do(tiny_dir, monkeypatch, device, greedy):
+    draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)), device)
+    prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)] * 2
+    k = 3
+
+    def run(beside: bool):
+        runner = SpecRunner(draft, device, window=4, sinks=2, graphs=device == "cuda", prime_beside=beside)
+        return _job(runner, prompts, k, greedy)
+
+    want, _ = run(False)
+    threads = _slow_priming(monkeypatch, 0.3)
+    got, start_s = run(True)
+    # batch 0 primed in line; the joining rows' start returned while their priming waited on its thread
+    assert threads == ["MainThread", "draft-priming_0"] and start_s < 0.3
+    assert len(want) == len(got) == 5 and want[-1][0].shape[0] == len(prompts)
+    for (wp, wq), (gp, gq) in zip(want, got):
+        assert torch.equal(wp, gp)
+        assert (wq is None) == greedy and (greedy or torch.allclose(wq, gq, atol=1e-5))
+
+
+def test_a_failed_priming_is_the_error_of_every_use_of_its_rows_and_a_dropped_batch_waits_for_it(
+        tiny_dir, monkeypatch):
+    draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)))
+    prompts = [p + [5] * (i % 3) for i, p in enumerate(PROMPTS)]
+    runner = SpecRunner(draft, "cpu", window=4, sinks=2, graphs=False, prime_beside=True)
+    V = draft.spec.vocab_size
+    runner.start(0, _samp(2, True), prompts[:2], 64)
+    runner.finish(0, torch.randn(2, 1, V), 0, None, np.zeros(2, np.float32), first=True)
+    _slow_priming(monkeypatch, 0.1, fail=True)
+    runner.start(1, _samp(2, True), prompts[2:], 64, joins=0)
+    with pytest.raises(RuntimeError, match="injected priming failure"):  # their first tokens
+        runner.finish(1, torch.randn(2, 1, V), 0, None, np.zeros(2, np.float32), first=True)
+    with pytest.raises(RuntimeError, match="injected priming failure"):  # not a half-primed merge
+        runner.merge(0, 1)
+    assert runner.batches[0].last.shape[0] == 2 and runner.batches[0].draft_cache.batch == 2  # batch 0 as it was
+    runner.free(1)
+    _slow_priming(monkeypatch, 0.2)
+    runner.start(2, _samp(2, True), prompts[2:], 64, joins=0)
+    priming = runner.batches[2].priming
+    assert not priming.done()
+    runner.free(2)  # waits for the priming: its cache's memory is not reused under it
+    assert priming.done() and 2 not in runner.batches
+
+
+def test_refilled_rows_primed_beside_keep_greedy_output(tiny_dir):
+    """Through the scheduler (the in-process backend, rows refilled as sequences finish): the
+    same tokens as transformers with the joining rows primed beside."""
+    from test_refill import REQS, _backend, _run, _want
+
+    d = tiny_dir("llama")
+    backend = _backend(d, "window")
+    backend.spec.prime_beside = True
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS]
+    st, out = _run(backend, params, refill=True)
+    assert st.joins > 0 and backend.spec._primer is not None
+    assert [o for o, _ in out] == _want(d)
