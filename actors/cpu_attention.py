@@ -218,7 +218,7 @@ class CPUAttention:
         self.prompt_lens.pop(bid, None)
         self.gpu_rows.pop(bid, None)
         self.mail.free(bid)
-        self.ring.free(bid)
+        self.ring.free(bid, idle=not self.caches)
 
     def _keep_spare(self, cache: KVCache | None):
         """Keep a freed cache's storage for a later batch: the SPARE_KEPT largest freed (a

@@ -257,6 +257,8 @@ class GPUExecutor:
         self._drafting.pop(bid, None)
         if mailboxes:
             self.mail.free(bid)
+        if not self.tb:  # nothing running: the rings kept for joins do not outlive the run
+            self.mail.drop_spares()
 
     # -- prefill: each layer's weights serve every sub-batch before the next layer --------
     @torch.inference_mode()

@@ -89,11 +89,12 @@ class RingReader:
             self.maps[path] = held = (KVRing(path, rows, tokens, self.spec), ino)
         return held[0].view(slot, 0, n, length), held[0].view(slot, 1, n, length)
 
-    def free(self, bid=None):
-        """A batch is done with its ring: drop the mappings of files the executor removed."""
+    def free(self, bid=None, idle: bool = False):
+        """A batch is done with its ring: drop the mappings of files the executor removed, or
+        (idle: no batch left here) every mapping, so no removed file's memory stays held."""
         for path in list(self.maps):
             try:
-                gone = os.stat(path).st_ino != self.maps[path][1]
+                gone = idle or os.stat(path).st_ino != self.maps[path][1]
             except FileNotFoundError:
                 gone = True
             if gone:

@@ -212,6 +212,12 @@ class ExecutorMailboxes:
             self._spare_rings.remove(small)
             small.close(unlink=True)
 
+    def drop_spares(self):
+        """No batch left to serve (a run's end, or a wave's): the spare rings go."""
+        for ring in self._spare_rings:
+            ring.close(unlink=True)
+        self._spare_rings.clear()
+
     def close(self):
         for box in [*self.boxes.values(), *self._spare_rings]:
             box.close(unlink=True)

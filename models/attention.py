@@ -369,6 +369,20 @@ class KVCache:
             a[n:, :, :used].copy_(b[:, :, :used])
         self.lens = torch.cat([self.lens, other.lens.to(self.lens.device)])
 
+    def put_rows(self, rows, other: "KVCache"):
+        """Take `other`'s sequences into rows `rows` (host indices) of this cache, in place:
+        rows of finished sequences that a draft step still computes (SpecRunner's lazy rows).
+        The storage stays, and with it a CUDA graph captured over it. Returns `rows` on the
+        cache's device (for subclasses that index more per-row state)."""
+        if other.capacity > self.capacity or len(other.k) != len(self.k):
+            raise ValueError("put_rows needs a cache of the same layers and no larger capacity")
+        idx = to_device(torch.as_tensor(rows, dtype=torch.long).cpu(), self.lens.device, torch.long)
+        used = min(self._used(other), other.capacity)
+        for a, b in zip(self.k + self.v, other.k + other.v):
+            a[idx, :, :used] = b[:, :, :used].to(a.device)
+        self.lens[idx] = other.lens.to(self.lens.device)  # in place: a captured step reads this storage
+        return idx
+
     def _used(self, other: "KVCache") -> int:
         """Positions of other's rows that hold tokens (a host cache of GBs is copied only so far)."""
         return int(other.lens.max()) if other.batch else 0

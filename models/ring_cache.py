@@ -113,6 +113,13 @@ class RingKVCache(KVCache):
         super().append(other)
         self.pos = torch.cat([self.pos, other.pos.to(self.pos.device)])
 
+    def put_rows(self, rows, other: "RingKVCache"):
+        if other.ring != self.ring or other.sinks != self.sinks:
+            raise ValueError("put_rows needs a ring of the same size")
+        idx = super().put_rows(rows, other)
+        self.pos[idx] = other.pos.to(self.pos.device)
+        return idx
+
     def start_at(self, lens: torch.Tensor):
         """Sequences whose first cached token is not position 0 (a window re-prefill)."""
         self.lens = lens.to(self.lens.device).clone()

@@ -47,7 +47,7 @@ def test_round_trip_through_rotating_slots_and_free(tmp_path):
     ex.free(3)
     wk.free(3)
     assert len(os.listdir(tmp_path)) == 1 and len(wk.maps) == 1  # kept for the next batch, mapped on both sides
-    ex.close()
+    ex.drop_spares()  # the executor, once no batch is left
     wk.free(3)
     assert os.listdir(tmp_path) == [] and not wk.maps
     assert ExecutorMailboxes(spec, None, torch.device("cpu")).ensure_ring(3, 4, 10) is None  # no folder: the store
@@ -89,6 +89,8 @@ def test_a_finished_batchs_ring_serves_the_next_and_the_worker_keeps_its_mapping
     swapped = kv_ring.KVRing(wider.path, 5, 16, spec, create=True)
     rk, _ = wk.recv(kv_ring.send(swapped, 1, k, v))
     assert torch.equal(rk, k)
+    wk.free(4, idle=True)  # the worker's last batch is gone: nothing stays mapped
+    assert not wk.maps
     ex.close()
     wk.close()
 

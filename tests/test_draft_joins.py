@@ -1,7 +1,14 @@
-"""Rows joining a running batch have the draft read their prompts beside the batch's next draft
-round and pass (`SpecRunner.prime_beside`: a thread, and on CUDA a stream, of their own). The
-draft state they join with, and so every proposal after, is what priming them in line makes;
-what the priming raises is the merge's error; a batch dropped mid-priming waits for it."""
+"""Rows joining a running batch, on the draft's side.
+
+They have the draft read their prompts beside the batch's next draft round and pass
+(`SpecRunner.prime_beside`: a thread, and on CUDA a stream, of their own): the draft state they
+join with, and so every proposal after, is what priming them in line makes; what the priming
+raises is the error of every later use of those rows; a batch dropped mid-priming waits for it.
+
+They take the rows that finished sequences left in a lazily kept draft cache (`put_rows`), so
+the cache keeps its storage and a captured draft step keeps serving: proposals are those of a
+cache that drops finished rows and appends joining ones.
+"""
 
 from __future__ import annotations
 
@@ -138,4 +145,72 @@ def test_refilled_rows_primed_beside_keep_greedy_output(tiny_dir):
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS]
     st, out = _run(backend, params, refill=True)
     assert st.joins > 0 and backend.spec._primer is not None
+    assert [o for o, _ in out] == _want(d)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("greedy,fp8", [(True, False), (False, False), (True, True)])
+def test_joining_rows_take_finished_rows_in_place(tiny_dir, device, greedy, fp8):
+    draft = ResidentModel.from_source(Checkpoint(tiny_dir("llama", seed=1, num_hidden_layers=2)), device)
+    # the first rows' prompts run past the ring (window 4 + 18 new tokens), so their slots hold
+    # wrapped positions: the joining rows, short, must bring their own
+    prompts = [p * 6 + [5] * (i % 3) for i, p in enumerate(PROMPTS)] * 2
+    prompts[6:8] = PROMPTS[2:4]
+    B, k, V, dev = 6, 3, draft.spec.vocab_size, torch.device(device)
+    from specoffload.speculation.draft_graph import _storage_key
+
+    def run(lazy: bool):
+        runner = SpecRunner(draft, device, window=4, sinks=2, fp8=fp8, graphs=device == "cuda", lazy_rows=lazy)
+        g = torch.Generator().manual_seed(0)
+        runner.start(0, _samp(B, greedy), prompts[:B], 64)
+        runner.finish(0, torch.randn(B, 1, V, generator=g).to(dev), 0, None, np.full(B, 0.5, np.float32), first=True)
+        out, keys, graphs = [], [], []
+        for r in range(5):
+            if r == 2:  # rows 1 and 3 finished a round ago; two waiting requests take their places
+                runner.start(1, _samp(2, greedy), prompts[B:B + 2], 64, joins=0)
+                runner.finish(1, torch.randn(2, 1, V, generator=g).to(dev), 0, None, np.full(2, 0.5, np.float32),
+                              first=True)
+                keys.append(_storage_key(runner.batches[0].draft_cache))
+                graphs.append(runner._graphs.get(0))
+                runner.merge(0, 1)
+                keys.append(_storage_key(runner.batches[0].draft_cache))
+            n = runner.batches[0].last.shape[0]
+            u = torch.rand(n, k + 1, generator=g).numpy()
+            runner.propose(0, k, u[:, :k])
+            st = runner.batches[0]
+            props, q = st.proposals.clone(), None if st.q is None else st.q.clone()
+            a = torch.randint(0, k + 1, (n,), generator=g)
+            logits = torch.randn(n, k + 1, V, generator=g).to(dev)
+            for b in range(n):
+                for i in range(int(a[b])):
+                    logits[b, i, props[b, i]] = 100.0
+            runner.finish(0, logits, k, u[:, :k], u[:, k])
+            out.append((props.cpu(), None if q is None else q.cpu()))
+            if r == 1:
+                runner.keep(0, np.array([0, 2, 4, 5], dtype=np.int64))
+            if r == 2:
+                graphs.append(runner._graphs.get(0))
+        return out, keys, graphs, runner
+
+    want, eager_keys, _, _ = run(False)
+    got, lazy_keys, graphs, runner = run(True)
+    assert eager_keys[0][0] == 4 and eager_keys[1][0] == 6  # dropped, then appended: new storage
+    assert lazy_keys[0] == lazy_keys[1] and lazy_keys[0][0] == 6  # the same storage, rows in place
+    assert runner.batches[0].rows.tolist() == [0, 2, 4, 5, 1, 3]
+    if device == "cuda":  # the step captured before the join replayed after it, not a new capture
+        assert graphs[0] is not None and graphs[1] is graphs[0] and not graphs[0].stale
+    for (wp, wq), (gp, gq) in zip(want, got):
+        assert torch.equal(wp, gp)
+        assert (wq is None) == greedy and (greedy or torch.allclose(wq, gq, atol=1e-5))
+
+
+def test_refilled_rows_taking_finished_rows_in_place_keep_greedy_output(tiny_dir):
+    from test_refill import REQS, _backend, _run, _want
+
+    d = tiny_dir("llama")
+    backend = _backend(d, "window")
+    backend.spec.lazy_rows = True
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in REQS]
+    st, out = _run(backend, params, refill=True)
+    assert st.joins > 0
     assert [o for o, _ in out] == _want(d)
