@@ -418,10 +418,12 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
 
     def bench_job(self):
         """A job whose rows are refilled many times (`bench --workload w1-long-tiny`, 96 requests
-        at batch 4): each join changes the draft cache's rows, so the draft's graph is captured
-        again ~70 times while the weight copier streams. Engine runs of the other rows capture a
-        few times; session 33's w1-long failed after ~30 captures (torch's stream pool came
-        round to the copier's stream, models/cuda_streams.py)."""
+        at batch 4) while the weight copier streams: joining rows take the draft cache's rows
+        that finished ones left (the captured step keeps serving; since 8bbbc62), and a batch
+        down to half its rows is compacted and its step captured again. Until 8bbbc62 every join
+        recaptured (~70 a run); session 33's w1-long failed after ~30 captures (torch's stream
+        pool came round to the copier's stream, models/cuda_streams.py), which
+        tests/test_cuda_streams.py now covers with 96."""
         out = self.logs / "bench_job.json"
         rc, text, dt = self.run("bench job", self.cli(
             "bench", "--workload", "w1-long-tiny", "--requests", JOB_REQUESTS, "--modes", "single@2",
@@ -431,7 +433,7 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
         except (OSError, ValueError, KeyError, IndexError):
             r = {}
         joins, graphs = r.get("joins", 0), r.get("draft_graph_steps", 0)
-        self.row(f"bench --workload w1-long-tiny ({JOB_REQUESTS} requests at batch 4: a draft capture a join)",
+        self.row(f"bench --workload w1-long-tiny ({JOB_REQUESTS} requests at batch 4, rows refilled, draft graphed)",
                  rc == 0 and joins >= JOB_JOINS and graphs > 0, dt,
                  f"rc {rc}; {joins} joins, {graphs} draft steps through graphs, {r.get('tokens_per_s')} tok/s")
 
