@@ -33,6 +33,8 @@ import torch
 from ..models.host_io import to_device, to_host
 from . import doorbell
 from .kv_ring import KVRing
+from .shm_layout import ALIGN, SharedBuffer
+from .wire import from_wire, to_wire
 
 # A joining batch's prefill ring (W1-long: 16 rows x 1,024 tokens, 256 MiB) took ~60 ms to
 # create and page-lock in the pass it rode, every join (session 37's trace: its layer 0 took
@@ -40,8 +42,6 @@ from .kv_ring import KVRing
 # SPARE_RINGS of them, sized up to a multiple of RING_TOKENS so that one serves most joins.
 SPARE_RINGS = 2
 RING_TOKENS = 256
-from .shm_layout import ALIGN, SharedBuffer
-from .wire import from_wire, to_wire
 
 KIND = "mailbox"
 

@@ -120,9 +120,7 @@ class SpecRunner:
         still uses. Returns the future of the event that marks the priming done."""
         from concurrent.futures import ThreadPoolExecutor
 
-        # One priming at a time: the next one's stream must not start before this one's blocks,
-        # freed on the current stream after a merge, are done with (its wait_stream orders it).
-        self._settle_all()
+        self._quiesce()  # one priming at a time
         if self._primer is None:
             self._primer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-priming")
         side = None
@@ -155,9 +153,14 @@ class SpecRunner:
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
 
-    def _settle_all(self):
-        for st in self.batches.values():
-            self._settle(st)
+    def _quiesce(self):
+        """Wait until the primer thread has nothing left to launch; a priming that failed raises
+        at its own batch's next use, not here."""
+        from concurrent.futures import wait
+
+        pending = [st.priming for st in self.batches.values() if st.priming is not None]
+        if pending:
+            wait(pending)
 
     def merge(self, bid: int, new: int):
         """Batch `new` (started with joins=bid, its first tokens out) takes the rows after
@@ -300,7 +303,7 @@ class SpecRunner:
             g = old = self._graphs.get(bid)
             fresh = g is None or not g.serves(st.draft_cache)
             if fresh:
-                self._settle_all()  # no other thread launching work while this one captures
+                self._quiesce()  # no other thread launching work while this one captures
                 # A recapture reuses the memory pool of the capture it replaces, which stays
                 # alive (`old`) until then: a pool is freed with its last graph.
                 pool = old.graph.pool() if old is not None and old.graph is not None else None
