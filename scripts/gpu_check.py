@@ -105,14 +105,20 @@ class Check:
         """This thread's last command was not run: past the deadline."""
         return getattr(self.local, "skipped", False)
 
+    @property
+    def cut(self) -> bool:
+        """This thread's last command was killed at the deadline (not at its own timeout)."""
+        return getattr(self.local, "cut", False)
+
     # -- running -------------------------------------------------------------------------------
     def run(self, name: str, cmd: list[str], timeout: int = 300, env: dict | None = None, always: bool = False):
         """Run a command, its output to logs/steps.log, each line stamped with the seconds since
         the start (where a slow step spends its time); (rc, stdout+stderr, seconds). Past the
-        --time-limit it runs nothing: rc 125."""
+        --time-limit it runs nothing: rc 125; one still running at the limit is killed: rc 124."""
         t0 = time.perf_counter()
         cmd = [str(c) for c in cmd]
-        self.local.skipped, self.local.started = False, t0 - self.t_begin
+        self.local.skipped, self.local.cut, self.local.started = False, False, t0 - self.t_begin
+        by_deadline = False
         if self.deadline is not None and not always:
             left = self.deadline - t0
             if left < 15:
@@ -120,6 +126,7 @@ class Check:
                 with self.lock, open(self.logs / "steps.log", "a") as f:
                     f.write(f"\n===== {name}: skipped, past --time-limit\n")
                 return 125, "", 0.0
+            by_deadline = int(left) < timeout
             timeout = min(timeout, int(left))
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or self.env,
                              cwd=REPO, start_new_session=True)
@@ -137,7 +144,8 @@ class Check:
             os.killpg(p.pid, signal.SIGKILL)  # its Ray workers too
             p.wait()
             rc = 124
-            lines.append(f"timed out after {timeout} s\n")
+            self.local.cut = by_deadline
+            lines.append(f"timed out after {timeout} s{' (--time-limit)' if by_deadline else ''}\n")
         reader.join(timeout=10)
         dt = time.perf_counter() - t0
         text = "".join(lines)
@@ -149,6 +157,8 @@ class Check:
     def row(self, name: str, ok: bool, seconds: float, note: str, started: float | None = None):
         if self.skipped:
             ok, note = False, "skipped: past --time-limit"
+        elif self.cut:  # not a failure of its own: the check ran out of time
+            ok, note = False, f"stopped at --time-limit after {seconds:.0f} s; {note}"
         started = getattr(self.local, "started", 0.0) if started is None else started
         with self.lock:
             self.rows.append((name, bool(ok), seconds, note, started))

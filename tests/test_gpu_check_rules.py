@@ -191,6 +191,21 @@ def test_a_skipped_step_marks_only_its_own_threads_row(tmp_path):
     assert [r[:2] for r in c.rows] == [("runs", True)]
 
 
+def test_a_step_still_running_at_the_time_limit_says_it_was_stopped_there(tmp_path):
+    """Killed at the limit, not at its own timeout, a step's row says so (session 37's check on a
+    slow host: rows cut at --time-limit read as failures with rc 124 and nothing more)."""
+    c = gpu_check.Check(tmp_path, tmp_path, 1, 4, 1, time_limit=17)
+    rc, text, dt = c.run("slow", [sys.executable, "-c", "import time; time.sleep(60)"], timeout=300)
+    c.row("slow", True, dt, "0/16 outputs")
+    assert rc == 124 and c.cut and "(--time-limit)" in text
+    assert c.rows[0][1] is False and c.rows[0][3].startswith("stopped at --time-limit after ")
+    assert c.rows[0][3].endswith("; 0/16 outputs")
+    c.deadline = None  # its own timeout: a failure like any other
+    rc, _, dt = c.run("own", [sys.executable, "-c", "import time; time.sleep(60)"], timeout=1)
+    c.row("own", False, dt, "rc 124")
+    assert rc == 124 and not c.cut and c.rows[1][3] == "rc 124"
+
+
 def test_within_the_time_limit_a_step_runs(tmp_path):
     c = gpu_check.Check(tmp_path, tmp_path, 1, 4, 1, time_limit=600)
     rc, text, _ = c.run("a step", [sys.executable, "-c", "print('hello')"])
