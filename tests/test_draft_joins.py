@@ -51,40 +51,46 @@ def _samp(n, greedy):
     return SamplingTensors(np.full(n, 0.0 if greedy else 0.9, np.float32), np.zeros(n, np.int64), np.ones(n, np.float32))
 
 
+def _first_tokens(runner, bid: int, n: int, g):
+    """Batch bid's first tokens, from random prefill logits (the draft has seen the prompts)."""
+    logits = torch.randn(n, 1, runner.draft.spec.vocab_size, generator=g).to(runner.device)
+    runner.finish(bid, logits, 0, None, np.full(n, 0.5, np.float32), first=True)
+
+
+def _round(runner, k: int, g):
+    """One round of batch 0: its proposals, then random target verdicts that accept a random
+    prefix of them. Returns the proposals and draft probabilities (None when greedy), on the host."""
+    n, V = runner.batches[0].last.shape[0], runner.draft.spec.vocab_size
+    u = torch.rand(n, k + 1, generator=g).numpy()
+    runner.propose(0, k, u[:, :k])
+    st = runner.batches[0]
+    props, q = st.proposals.clone(), None if st.q is None else st.q.cpu()
+    a = torch.randint(0, k + 1, (n,), generator=g)
+    logits = torch.randn(n, k + 1, V, generator=g).to(runner.device)
+    for b in range(n):
+        for i in range(int(a[b])):
+            logits[b, i, props[b, i]] = 100.0
+    runner.finish(0, logits, k, u[:, :k], u[:, k])
+    return props.cpu(), q
+
+
 def _job(runner, prompts, k, greedy, rounds=5, join_after=1):
     """Batch 0 takes the first half of `prompts`; after round `join_after` the rest join it as
-    batch 1, started beside (or not) while batch 0 drafts its next round. Random target
-    verdicts accept random prefixes. Returns each round's proposals and draft probabilities,
-    and how long batch 1's start took."""
-    dev, V, half = runner.device, runner.draft.spec.vocab_size, len(prompts) // 2
-    g = torch.Generator().manual_seed(0)
+    batch 1, started beside (or not) while batch 0 drafts its next round. Returns each round's
+    proposals and draft probabilities, and how long batch 1's start took."""
+    half, g = len(prompts) // 2, torch.Generator().manual_seed(0)
     runner.start(0, _samp(half, greedy), prompts[:half], 64)
-    runner.finish(0, torch.randn(half, 1, V, generator=g).to(dev), 0, None, np.full(half, 0.5, np.float32), first=True)
+    _first_tokens(runner, 0, half, g)
     out, start_s = [], None
     for r in range(rounds):
-        n = runner.batches[0].last.shape[0]
-        u = torch.rand(n, k + 1, generator=g).numpy()
         if r == join_after + 1:  # the joining rows' first tokens (their target prefill), then the merge
-            m = len(prompts) - half
-            runner.finish(1, torch.randn(m, 1, V, generator=g).to(dev), 0, None, np.full(m, 0.5, np.float32),
-                          first=True)
+            _first_tokens(runner, 1, len(prompts) - half, g)
             runner.merge(0, 1)
-            n = runner.batches[0].last.shape[0]
-            u = torch.rand(n, k + 1, generator=g).numpy()
         if r == join_after:
             t = time.perf_counter()
             runner.start(1, _samp(len(prompts) - half, greedy), prompts[half:], 64, joins=0)
             start_s = time.perf_counter() - t
-        runner.propose(0, k, u[:, :k])
-        st = runner.batches[0]
-        props, q = st.proposals.clone(), None if st.q is None else st.q.clone()
-        a = torch.randint(0, k + 1, (n,), generator=g)
-        logits = torch.randn(n, k + 1, V, generator=g).to(dev)
-        for b in range(n):
-            for i in range(int(a[b])):
-                logits[b, i, props[b, i]] = 100.0
-        runner.finish(0, logits, k, u[:, :k], u[:, k])
-        out.append((props.cpu(), None if q is None else q.cpu()))
+        out.append(_round(runner, k, g))
     return out, start_s
 
 
@@ -156,36 +162,24 @@ def test_joining_rows_take_finished_rows_in_place(tiny_dir, device, greedy, fp8)
     # wrapped positions: the joining rows, short, must bring their own
     prompts = [p * 6 + [5] * (i % 3) for i, p in enumerate(PROMPTS)] * 2
     prompts[6:8] = PROMPTS[2:4]
-    B, k, V, dev = 6, 3, draft.spec.vocab_size, torch.device(device)
+    B, k = 6, 3
     from specoffload.speculation.draft_graph import _storage_key
 
     def run(lazy: bool):
         runner = SpecRunner(draft, device, window=4, sinks=2, fp8=fp8, graphs=device == "cuda", lazy_rows=lazy)
         g = torch.Generator().manual_seed(0)
         runner.start(0, _samp(B, greedy), prompts[:B], 64)
-        runner.finish(0, torch.randn(B, 1, V, generator=g).to(dev), 0, None, np.full(B, 0.5, np.float32), first=True)
+        _first_tokens(runner, 0, B, g)
         out, keys, graphs = [], [], []
         for r in range(5):
             if r == 2:  # rows 1 and 3 finished a round ago; two waiting requests take their places
                 runner.start(1, _samp(2, greedy), prompts[B:B + 2], 64, joins=0)
-                runner.finish(1, torch.randn(2, 1, V, generator=g).to(dev), 0, None, np.full(2, 0.5, np.float32),
-                              first=True)
+                _first_tokens(runner, 1, 2, g)
                 keys.append(_storage_key(runner.batches[0].draft_cache))
                 graphs.append(runner._graphs.get(0))
                 runner.merge(0, 1)
                 keys.append(_storage_key(runner.batches[0].draft_cache))
-            n = runner.batches[0].last.shape[0]
-            u = torch.rand(n, k + 1, generator=g).numpy()
-            runner.propose(0, k, u[:, :k])
-            st = runner.batches[0]
-            props, q = st.proposals.clone(), None if st.q is None else st.q.clone()
-            a = torch.randint(0, k + 1, (n,), generator=g)
-            logits = torch.randn(n, k + 1, V, generator=g).to(dev)
-            for b in range(n):
-                for i in range(int(a[b])):
-                    logits[b, i, props[b, i]] = 100.0
-            runner.finish(0, logits, k, u[:, :k], u[:, k])
-            out.append((props.cpu(), None if q is None else q.cpu()))
+            out.append(_round(runner, k, g))
             if r == 1:
                 runner.keep(0, np.array([0, 2, 4, 5], dtype=np.int64))
             if r == 2:
