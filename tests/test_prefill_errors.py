@@ -336,7 +336,7 @@ def test_a_start_that_fails_is_reported_not_an_earlier_runs_batch():
 
     fake = SimpleNamespace(tb={0: {"prompts": [[1] * 240] * 64}}, _failed={}, _drafting={},
                            runner=SimpleNamespace(start=start, free=freed.append),
-                           mail=SimpleNamespace(free=lambda bid: None),
+                           mail=SimpleNamespace(free=lambda bid: None, drop_spares=lambda: None),
                            timer=SimpleNamespace(span=lambda *a: contextlib.nullcontext()))
     fake.free = lambda bid: GPUExecutor.free(fake, bid)
     fake._batch = lambda bid: GPUExecutor._batch(fake, bid)
