@@ -353,8 +353,7 @@ class KVCache:
         ones left, `select` having moved the survivors to the front). They land in the storage
         `select` left behind when it has the room, so the kept rows are not copied."""
         n, m = self.batch, other.batch
-        if other.capacity > self.capacity or len(other.k) != len(self.k):
-            raise ValueError("append needs a cache of the same layers and no larger capacity")
+        self._check_joins(other, "append")
         bk, bv = self._base
         in_place = bk[0].shape[0] >= n + m and all(a.data_ptr() == b.data_ptr() for a, b in zip(self.k + self.v, bk + bv))
         if not in_place:
@@ -374,14 +373,18 @@ class KVCache:
         rows of finished sequences that a draft step still computes (SpecRunner's lazy rows).
         The storage stays, and with it a CUDA graph captured over it. Returns `rows` on the
         cache's device (for subclasses that index more per-row state)."""
-        if other.capacity > self.capacity or len(other.k) != len(self.k):
-            raise ValueError("put_rows needs a cache of the same layers and no larger capacity")
+        self._check_joins(other, "put_rows")
         idx = to_device(torch.as_tensor(rows, dtype=torch.long).cpu(), self.lens.device, torch.long)
         used = min(self._used(other), other.capacity)
         for a, b in zip(self.k + self.v, other.k + other.v):
             a[idx, :, :used] = b[:, :, :used].to(a.device)
         self.lens[idx] = other.lens.to(self.lens.device)  # in place: a captured step reads this storage
         return idx
+
+    def _check_joins(self, other: "KVCache", what: str):
+        """other's rows can join this cache (`append`, `put_rows`)."""
+        if other.capacity > self.capacity or len(other.k) != len(self.k):
+            raise ValueError(f"{what} needs a cache of the same layers and no larger capacity")
 
     def _used(self, other: "KVCache") -> int:
         """Positions of other's rows that hold tokens (a host cache of GBs is copied only so far)."""

@@ -107,15 +107,16 @@ class RingKVCache(KVCache):
     def _used(self, other) -> int:
         return self.capacity  # slots hold positions in any order
 
-    def append(self, other: "RingKVCache"):
+    def _check_joins(self, other: "RingKVCache", what: str):
         if other.ring != self.ring or other.sinks != self.sinks:
-            raise ValueError("append needs a ring of the same size")
+            raise ValueError(f"{what} needs a ring of the same size")
+        super()._check_joins(other, what)
+
+    def append(self, other: "RingKVCache"):
         super().append(other)
         self.pos = torch.cat([self.pos, other.pos.to(self.pos.device)])
 
     def put_rows(self, rows, other: "RingKVCache"):
-        if other.ring != self.ring or other.sinks != self.sinks:
-            raise ValueError("put_rows needs a ring of the same size")
         idx = super().put_rows(rows, other)
         self.pos[idx] = other.pos.to(self.pos.device)
         return idx

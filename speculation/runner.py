@@ -131,15 +131,14 @@ class SpecRunner:
             side.wait_stream(torch.cuda.current_stream(self.device))
 
         def run():
-            with torch.inference_mode():
-                if side is None:
-                    prime(self.draft, cache, prompts, self.kv.window, self.kv.sinks, chunk=self.prefill_chunk, which=None)
-                    return None
-                with torch.cuda.device(self.device), torch.cuda.stream(side):
-                    prime(self.draft, cache, prompts, self.kv.window, self.kv.sinks, chunk=self.prefill_chunk, which=None)
-                    done = torch.cuda.Event()
-                    done.record(side)
-                return done
+            if side is None:
+                self._prime(cache, prompts)
+                return None
+            with torch.cuda.device(self.device), torch.cuda.stream(side):
+                self._prime(cache, prompts)
+                done = torch.cuda.Event()
+                done.record(side)
+            return done
 
         return self._primer.submit(run)
 
@@ -216,13 +215,17 @@ class SpecRunner:
         cache = self._new_cache(prompts, capacity, like)
         host = self.kv.in_host_memory and self.device.type != "cpu"
         if not self.kv.in_host_memory:
-            prime(self.draft, cache, prompts, self.kv.window, self.kv.sinks, chunk=self.prefill_chunk, which=None)
+            self._prime(cache, prompts)
             return cache
         if host:
             cache.pin()
         for lo, hi, dev in self._visits(cache):
             prime(self.draft, dev, prompts[lo:hi], self.kv.window, self.kv.sinks, which=None)
         return cache
+
+    def _prime(self, cache, prompts):
+        """The draft reads `prompts` into `cache`, a chunk of sequences at a time."""
+        prime(self.draft, cache, prompts, self.kv.window, self.kv.sinks, chunk=self.prefill_chunk, which=None)
 
     def _new_cache(self, prompts, capacity, like=None):
         # The ring holds W + the most tokens one decode pass adds; a W-token prefill fits too.
