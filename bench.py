@@ -25,6 +25,8 @@ from dataclasses import replace
 import ray
 import torch
 
+from specoffload.bench_settings import BenchError, RunSettings, SettingLists
+
 
 WORKLOADS = {
     # name: (target layers, draft layers, batch, prompt length, tokens generated)
@@ -396,10 +398,6 @@ def _gpu_kv_rows_auto(a, tspec, dspec) -> int:
         raise BenchError(f"--gpu-kv-rows auto: {e}") from None
 
 
-class BenchError(Exception):
-    """A bad option or a run that cannot start: one line, exit status 2."""
-
-
 def _options(argv) -> argparse.Namespace:
     a = build_parser().parse_args(argv)
     for name, v in zip(("target_layers", "draft_layers", "batch", "prompt_len", "gen"), WORKLOADS[a.workload]):
@@ -408,10 +406,11 @@ def _options(argv) -> argparse.Namespace:
     return a
 
 
-def _plan(a, cuda: bool):
+def _plan(a, lists: SettingLists, cuda: bool):
     from specoffload.errors import ConfigError
     from specoffload.placement.plan import Plan
 
+    first = lists.first()
     try:
         plan = Plan(device="cuda" if cuda else "cpu", gpu_memory=a.gpu_memory if cuda else None, num_slots=a.slots,
                     batch_size=a.batch, prefill_batch=a.prefill_batch, attention_threads=a.attention_threads,
@@ -420,9 +419,9 @@ def _plan(a, cuda: bool):
                     draft_fp8=a.draft_fp8, gpu_layers=_resident_layers(a.target_layers, a.resident),
                     shm_prefill=a.shm_prefill, worker_layer_runs=a.worker_layer_runs,
                     ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
-                    layer_doorbell=_doorbells(a)[0], join_overlap=_join_overlaps(a)[0], draft_feed_last=_feeds(a)[0],
-                    draft_prime_beside=_primes(a)[0],
-                    copy_chunk_mib=_copy_chunks(a)[0], gpu_kv_rows=a.gpu_kv_rows[0], stall_s=a.stall_s)
+                    layer_doorbell=first.doorbell, join_overlap=first.join_overlap,
+                    draft_feed_last=first.draft_feed_last, draft_prime_beside=first.draft_prime_beside,
+                    copy_chunk_mib=first.copy_chunk_mib, gpu_kv_rows=first.gpu_kv_rows, stall_s=a.stall_s)
         plan.check_layers(a.target_layers)
     except ConfigError as e:
         raise BenchError(e) from None
@@ -437,82 +436,19 @@ def _resident_layers(num_layers: int, n: int) -> tuple:
     return resident_layers(num_layers, n) if 0 <= n <= num_layers else tuple(range(n))
 
 
-def _doorbells(a) -> list[bool]:
-    return _switches(a.doorbell, "--doorbell")
-
-
-def _join_overlaps(a) -> list[bool]:
-    return _switches(a.join_overlap, "--join-overlap")
-
-
-def _feeds(a) -> list[bool]:
-    return _switches(a.draft_feed_last, "--draft-feed-last")
-
-
-def _primes(a) -> list[bool]:
-    return _switches(a.draft_prime_beside, "--draft-prime-beside")
-
-
-def _refill_rows(a) -> list[int]:
-    try:
-        out = [int(x) for x in a.refill_rows.split(",")]
-        if min(out) < 0:
-            raise ValueError
-    except ValueError:
-        raise BenchError(f"--refill-rows needs a comma list of integers >= 0, got {a.refill_rows!r}") from None
-    return out
-
-
-def _switches(text: str, flag: str) -> list[bool]:
-    try:
-        out = [bool(int(x)) for x in text.split(",")]
-        if not set(text.replace(",", "")) <= {"0", "1"}:
-            raise ValueError
-    except ValueError:
-        raise BenchError(f"{flag} needs a comma list of 0 and 1, got {text!r}") from None
-    return out
-
-
-def _counts(text: str, flag: str, what: str) -> list[int]:
-    """A comma list of integers >= 1 (a flag's values), or a one-line BenchError."""
-    try:
-        values = [int(x) for x in text.split(",")]
-        if min(values) < 1:
-            raise ValueError
-    except ValueError:
-        raise BenchError(f"{flag} needs a comma list of {what} >= 1, got {text!r}") from None
-    return values
-
-
 def _gpu_joins(row: dict) -> str:
     """' (N rows into GPU rows)' where joining rows took freed GPU rows (plan.gpu_kv_rows)."""
     n = row.get("gpu_rows_joined") or 0
     return f" ({n} rows into GPU rows)" if n else ""
 
 
-def _copy_chunks(a) -> list[int]:
-    return _counts(a.copy_chunk_mib, "--copy-chunk-mib", "sizes")
-
-
-def _baseline_chunks(a) -> list[int]:
-    """The baseline's copy piece sizes (--baseline-copy-chunk-mib, else the modes' first)."""
-    if a.baseline_copy_chunk_mib is None:
-        return _copy_chunks(a)[:1]
-    return _counts(a.baseline_copy_chunk_mib, "--baseline-copy-chunk-mib", "sizes")
-
-
-def _micro_batches(a) -> list[int]:
-    return _counts(a.micro_batches, "--micro-batches", "counts")
-
-
 class Bench:
     """The modes of one invocation, run one after another on the same actors."""
 
-    def __init__(self, a, plan, tspec, tsrc):
-        self.a, self.plan, self.tspec, self.tsrc = a, plan, tspec, tsrc
+    def __init__(self, a, plan, tspec, tsrc, lists: SettingLists):
+        self.a, self.plan, self.tspec, self.tsrc, self.lists = a, plan, tspec, tsrc, lists
         self.coord, self.run_id = None, None
         self.many_micro = False
-        self.prime_beside = True  # the next mode's plan.draft_prime_beside (main's loop sets it)
         self.results: list[dict] = []
         self.prompts: list[list[int]] = []  # the first timed mode's (--accelerate runs them)
         self.gen = torch.Generator().manual_seed(0)
@@ -560,44 +496,27 @@ class Bench:
                 pass
             self.coord = None
 
-    def run_or_record(self, failed: list, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool, chunk: int,
-                      gpu_rows: int, join: bool = True, feed: bool = True, refill_rows: int | None = None) -> bool:
+    def run_or_record(self, failed: list, label: str, mode_spec: tuple, s: RunSettings) -> bool:
         """`run_mode`, with its failure put in `failed` as one line instead of raised: one mode's
         failure must not cost the others their device time. False when its actors cannot run
         another mode (one died, or a pass stalled): they are killed."""
         try:
-            self.run_mode(label, mode_spec, m, on_gpu, bell, chunk, gpu_rows, join, feed, refill_rows)
+            self.run_mode(label, mode_spec, s)
             return True
         except Exception as e:  # noqa: BLE001 - any failure: the table still shows the modes that ran
             why, reusable = _mode_failure(e)
-            failed.append(f"{self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join, feed, refill_rows)} "
-                          f"failed: {why}")
+            failed.append(f"{self.mode_name(label, mode_spec, s)} failed: {why}")
             print(f"  {failed[-1]}" + ("" if reusable else "; the modes left on these actors are skipped"), flush=True)
             if not reusable:
                 self.abandon()
             return reusable
 
-    def mode_name(self, label: str, mode_spec: tuple, m: int, bell: bool, chunk: int, gpu_rows: int,
-                  join: bool = True, feed: bool = True, refill_rows: int | None = None) -> str:
+    def mode_name(self, label: str, mode_spec: tuple, s: RunSettings) -> str:
         """A mode's row name in the table: its label and the settings the lists vary."""
-        a, name = self.a, label
+        name = label
         if self.many_micro and mode_spec[4] is None:
-            name = f"{label}/m{m}"
-        if len(_doorbells(a)) > 1:
-            name += "/bell" if bell else "/ray"
-        if len(_copy_chunks(a)) > 1 or len(_baseline_chunks(a)) > 1:
-            name += f"/c{chunk}"
-        if len(a.gpu_kv_rows) > 1:
-            name += f"/g{gpu_rows}"
-        if len(_join_overlaps(a)) > 1 and not label.startswith("none+"):  # baselines keep the plan's
-            name += "/jo" if join else "/jl"
-        if len(_feeds(a)) > 1 and not label.startswith("none+"):
-            name += "/fd" if feed else "/nf"
-        if len(_refill_rows(a)) > 1 and not label.startswith("none+"):
-            name += f"/r{refill_rows or 'auto'}"
-        if len(_primes(a)) > 1 and not label.startswith("none+"):
-            name += "/pb" if self.prime_beside else "/pi"
-        return name
+            name = f"{label}/m{s.micro_batches}"
+        return name + self.lists.suffix(s, baseline=label.startswith("none+"))  # baselines keep the plan's
 
     def payload(self, gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
         """n requests of random prompt tokens, generating max_tokens each."""
@@ -625,10 +544,9 @@ class Bench:
             ray.get(self.coord.generate.remote(self.payload(wg, 2 if mode == "dual" else 1, min(self.a.gen, 4))))
         print(f"warm-up in {time.perf_counter() - t:.1f} s", flush=True)
 
-    def run_mode(self, label: str, mode_spec: tuple, m: int, on_gpu: int, bell: bool = False, chunk: int | None = None,
-                 gpu_rows: int | None = None, join: bool = True, feed: bool = True, refill_rows: int | None = None):
-        """One timed mode; on_gpu: target layers the actors keep resident (not streamed);
-        gpu_rows: each batch's first rows with their KV on the GPU (the plan's if None)."""
+    def run_mode(self, label: str, mode_spec: tuple, s: RunSettings):
+        """One timed mode at one run's settings (s.resident: the target layers the actors keep
+        on the GPU, not streamed; s.gpu_kv_rows: each batch's first rows with their KV there)."""
         from specoffload.configs.run_config import RunConfig
 
         a, coord = self.a, self.coord
@@ -644,17 +562,16 @@ class Bench:
         # that keeps the batch full.
         cfg = RunConfig(schedule=mode, k=k, k_max=16 if adaptive else max(k, 8), adaptive_k=adaptive, batch_size=bs,
                         refill=not a.no_refill, refill_prefill=a.refill_prefill,
-                        refill_rows=min(refill_rows or _refill_rows(a)[0], bs))  # 0: placement/refill.py's
+                        refill_rows=min(s.refill_rows, bs))  # 0: placement/refill.py's
         self.configure(cfg, draft_kv)
-        ray.get(coord.set_micro_batches.remote(m))
-        gpu_rows = self.plan.gpu_kv_rows if gpu_rows is None else gpu_rows
-        ray.get(coord.set_gpu_kv_rows.remote(gpu_rows))
-        bell = ray.get(coord.set_doorbell.remote(bell))
-        join = ray.get(coord.set_join_overlap.remote(join))
-        feed = ray.get(coord.set_draft_feed_last.remote(feed))
-        prime = ray.get(coord.set_draft_prime_beside.remote(self.prime_beside))
-        chunk = chunk or _copy_chunks(a)[0]
-        ray.get(coord.set_copy_chunk.remote(chunk))
+        ray.get(coord.set_micro_batches.remote(s.micro_batches))
+        ray.get(coord.set_gpu_kv_rows.remote(s.gpu_kv_rows))
+        # what the actors took (a doorbell needs mailboxes, join overlap a plan that allows it)
+        bell = ray.get(coord.set_doorbell.remote(s.doorbell))
+        join = ray.get(coord.set_join_overlap.remote(s.join_overlap))
+        feed = ray.get(coord.set_draft_feed_last.remote(s.draft_feed_last))
+        prime = ray.get(coord.set_draft_prime_beside.remote(s.draft_prime_beside))
+        ray.get(coord.set_copy_chunk.remote(s.copy_chunk_mib))
         if a.trace_dir:
             ray.get(coord.trace.remote())  # drop spans of earlier modes
         before = ray.get(coord.stats.remote())
@@ -668,11 +585,11 @@ class Bench:
         st = ray.get(ref)
         wall = time.perf_counter() - t
         ray.get(coord.poll.remote())
-        row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, on_gpu)
-        row["micro_batches"], row["doorbell"], row["copy_chunk_mib"], row["gpu_kv_rows"] = m, bell, chunk, gpu_rows
-        row["join_overlap"], row["draft_feed_last"] = join, feed
+        row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, s.resident)
+        row["micro_batches"], row["doorbell"], row["copy_chunk_mib"] = s.micro_batches, bell, s.copy_chunk_mib
+        row["gpu_kv_rows"], row["join_overlap"], row["draft_feed_last"] = s.gpu_kv_rows, join, feed
         row["refill_rows"], row["draft_prime_beside"] = cfg.refill_rows, prime
-        row["mode"] = self.mode_name(label, mode_spec, m, bell, chunk, gpu_rows, join, feed, refill_rows)
+        row["mode"] = self.mode_name(label, mode_spec, s)
         self.results.append(row)
         print(json.dumps(row), flush=True)
         if a.trace_dir:
@@ -734,7 +651,7 @@ class Bench:
             "gpu_alloc_retries": mem.get("alloc_retries", 0),
         }
 
-    def baseline(self, resident: int, micro: list[int], gpu_rows: list[int] = (0,)) -> str | None:
+    def baseline(self, resident: int, gpu_rows: list[int] = (0,)) -> str | None:
         """The fair non-speculative baseline: `none` on actors of its own (an executor's
         resident layers are fixed when it starts) that keep `resident` target layers in the
         GPU memory a draft would use, with two slots as the planner counts, at each of the
@@ -755,10 +672,9 @@ class Bench:
             ray.get(self.coord.generate.remote(self.payload(torch.Generator().manual_seed(1), 1, min(self.a.gen, 4))))
         run = ("none", self.a.k, False, "gpu", None)  # k unused without a draft
         failed = []
-        for m, chunk, rows in [(m, c, g) for m in micro for c in _baseline_chunks(self.a) for g in gpu_rows]:
-            label = f"none+r{resident}" + (f"g{rows}" if rows else "")
-            if not self.run_or_record(failed, label, run, m, resident, max(_doorbells(self.a)), chunk, rows,
-                                      self.plan.join_overlap):
+        for s in self.lists.baseline_runs(resident, gpu_rows):
+            label = f"none+r{resident}" + (f"g{s.gpu_kv_rows}" if s.gpu_kv_rows else "")
+            if not self.run_or_record(failed, label, run, s):
                 break
         self.stop()
         return "; ".join(failed) or None
@@ -860,13 +776,12 @@ def _main(argv):
         a.batch = _largest_batch(a, tspec, dspec, cuda)
     a.resident = _resident(a, tspec, dspec, cuda)
     a.gpu_kv_rows = _gpu_kv_rows(a, tspec, dspec, cuda)
-    plan = _plan(a, cuda)
+    lists = SettingLists.parse(a)  # bad lists fail first
+    plan = _plan(a, lists, cuda)
     try:
         modes = parse_modes(a.modes, a.k)
     except ValueError as e:
         raise BenchError(e) from None
-    micro = _micro_batches(a)
-    _doorbells(a), _join_overlaps(a), _feeds(a), _refill_rows(a), _primes(a), _copy_chunks(a), _baseline_chunks(a)  # bad lists fail first
     resident, baseline_error, baseline_rows = None, None, [0]
     failed = []  # "<mode> failed: <why>" for each mode that failed (the others still run)
     if a.baseline_resident is not None:
@@ -896,8 +811,8 @@ def _main(argv):
         check_cluster()
     except SpecOffloadError as e:
         raise BenchError(e) from None
-    bench = Bench(a, plan, tspec, tsrc)
-    bench.many_micro = len(micro) > 1  # then each mode's label names its micro-batch count
+    bench = Bench(a, plan, tspec, tsrc, lists)
+    bench.many_micro = len(lists.micro_batches) > 1  # then each mode's label names its micro-batch count
     try:
         bench.start(plan, None if a.no_draft else ("object", dsrc), "actors")
     except SpecOffloadError as e:
@@ -906,18 +821,13 @@ def _main(argv):
     try:
         if not a.no_warmup:
             bench.warm_up(modes)
-        runs = [(label, spec, m, bell, chunk, rows, join, feed, rr, prime) for label, spec in modes.items()
-                for m in ([spec[4]] if spec[4] else micro) for bell in _doorbells(a)
-                for chunk in _copy_chunks(a) for rows in a.gpu_kv_rows for join in _join_overlaps(a)
-                for feed in _feeds(a) for rr in _refill_rows(a) for prime in _primes(a)]
-        for label, spec, m, bell, chunk, rows, join, feed, rr, prime in runs:
-            bench.prime_beside = prime
-            if not bench.run_or_record(failed, label, spec, m, a.resident, bell, chunk, rows, join, feed, rr):
+        runs = [(label, spec, s) for label, spec in modes.items() for s in lists.runs(a.resident, spec[4])]
+        for label, spec, s in runs:
+            if not bench.run_or_record(failed, label, spec, s):
                 break
-        bench.prime_beside = _primes(a)[0]
         bench.stop()
         if resident:
-            baseline_error = bench.baseline(resident, micro, baseline_rows)
+            baseline_error = bench.baseline(resident, baseline_rows)
     except BaseException:
         # A run cut short (an error, Ctrl-C) must not leave the loader's weights in /dev/shm.
         try:

@@ -330,7 +330,7 @@ def test_bench_stall_s_reaches_the_plan():
     def plan(*argv):
         a = bench._options(["--workload", "tiny", *argv])
         a.gpu_kv_rows, a.resident = [0], 0  # what main resolves first (bench._gpu_kv_rows, _resident)
-        return bench._plan(a, cuda=False)
+        return bench._plan(a, bench.SettingLists.parse(a), cuda=False)
 
     assert plan("--stall-s", "90").stall_s == 90 and plan().stall_s == 600
     with pytest.raises(bench.BenchError, match="stall_s must be >= 0"):
@@ -346,7 +346,7 @@ def test_bench_worker_layer_runs_and_spread_resident_layers_reach_the_plan():
     def plan(*argv, resident=0):
         a = bench._options(["--workload", "tiny", *argv])
         a.gpu_kv_rows, a.resident = [0], resident
-        return bench._plan(a, cuda=False), a.target_layers
+        return bench._plan(a, bench.SettingLists.parse(a), cuda=False), a.target_layers
 
     assert plan()[0].worker_layer_runs and not plan("--no-worker-layer-runs")[0].worker_layer_runs
     p, layers = plan(resident=1)
@@ -393,7 +393,7 @@ def test_a_failed_mode_does_not_cost_the_others(monkeypatch, capsys, tmp_path, r
         return _row(mode, 10.0 if mode.startswith("none") else 30.0, decode_tokens_per_s=11.0, acceptance=None,
                     tokens_per_seq_pass=1.0)
 
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
+    def run_mode(self, label, spec, s):
         ran.append(label)
         if label == "single@2":
             if reusable:
@@ -402,7 +402,7 @@ def test_a_failed_mode_does_not_cost_the_others(monkeypatch, capsys, tmp_path, r
             raise ray.exceptions.RayActorError()
         self.results.append(row(label))
 
-    def baseline(self, resident, micro, gpu_rows=0):
+    def baseline(self, resident, gpu_rows=(0,)):
         ran.append(f"none+r{resident}")
         self.results.append(row(f"none+r{resident}"))
 
@@ -434,7 +434,7 @@ def test_a_failed_baseline_keeps_the_table(monkeypatch, capsys):
     from specoffload import bench
     from specoffload.errors import OutOfGpuMemoryMidRun
 
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
+    def run_mode(self, label, spec, s):
         if label.startswith("none+r"):
             raise OutOfGpuMemoryMidRun("a verification pass ran out of GPU memory at layer 0 (4 sequences, 1 tokens each)")
         self.results.append(_row(label, 30.0, decode_tokens_per_s=31.0))
@@ -456,10 +456,10 @@ def test_the_baseline_runs_each_of_its_copy_piece_sizes_and_ratios_use_its_faste
 
     ran = []
 
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
-        ran.append((label, chunk))
-        tps = {"single@2": 300.0, 8: 100.0, 64: 120.0}[label if label.startswith("single") else chunk]
-        self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join), tps))
+    def run_mode(self, label, spec, s):
+        ran.append((label, s.copy_chunk_mib))
+        tps = {"single@2": 300.0, 8: 100.0, 64: 120.0}[label if label.startswith("single") else s.copy_chunk_mib]
+        self.results.append(_row(self.mode_name(label, spec, s), tps))
 
     _bench_without_ray(monkeypatch, run_mode)
     assert bench.main(["--workload", "tiny", "--modes", "single@2", "--copy-chunk-mib", "64", "--baseline-resident",
@@ -481,103 +481,41 @@ def test_the_baseline_runs_each_of_its_copy_piece_sizes_and_ratios_use_its_faste
         assert capsys.readouterr().err.strip() == f"specoffload bench: error: {msg}"
 
 
-def test_join_overlap_list_runs_each_mode_both_ways(monkeypatch, capsys):
-    """--join-overlap 1,0: each speculative mode runs with joining rows' prefill beside the
-    pass's parts and in line with them (rows /jo and /jl); the baseline keeps the plan's (the
-    list's first). A bad list is a one-line error before anything starts."""
+@pytest.mark.parametrize("flag, field, values, parsed, tags, bad, what", [
+    # joining rows' prefill beside the pass's parts and in line with them
+    ("--join-overlap", "join_overlap", "1,0", [True, False], ["/jo", "/jl"], "1,2", "a comma list of 0 and 1"),
+    # the draft feeding itself its last proposal and not
+    ("--draft-feed-last", "draft_feed_last", "1,0", [True, False], ["/fd", "/nf"], "yes", "a comma list of 0 and 1"),
+    # joining rows' draft priming beside the pass and in line
+    ("--draft-prime-beside", "draft_prime_beside", "1,0", [True, False], ["/pb", "/pi"], "on",
+     "a comma list of 0 and 1"),
+    # joins waiting for 16 and for 32 free rows; 0 is placement/refill.py's count
+    ("--refill-rows", "refill_rows", "16,32,0", [16, 32, 0], ["/r16", "/r32", "/rauto"], "16,-1",
+     "a comma list of integers >= 0"),
+])
+def test_a_speculative_list_flag_runs_each_mode_at_each_value(monkeypatch, capsys, flag, field, values, parsed, tags,
+                                                               bad, what):
+    """A list flag for what only speculation has (session 35-37's A/B runs on one set of
+    actors): each speculative mode runs at each value, its row named by it, and the actors get
+    that value; the plain baseline has no draft and runs once at the list's first. A bad list is
+    a one-line error before anything starts."""
     from specoffload import bench
 
     ran = []
 
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
-        ran.append((label, join))
-        self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join),
-                                 100.0 if label.startswith("none") else (300.0 if join else 250.0)))
+    def run_mode(self, label, spec, s):
+        ran.append((label, getattr(s, field)))
+        self.results.append(_row(self.mode_name(label, spec, s), 100.0 if label.startswith("none") else 300.0))
 
     _bench_without_ray(monkeypatch, run_mode)
-    assert bench.main(["--workload", "tiny", "--modes", "single@2", "--join-overlap", "1,0", "--baseline-resident",
-                       "1", "--no-warmup"]) == 0
-    assert ran == [("single@2", True), ("single@2", False), ("none+r1", True)]
+    assert bench.main(["--workload", "tiny", "--modes", "single@2", flag, values, "--baseline-resident", "1",
+                       "--no-warmup"]) == 0
+    assert ran == [("single@2", v) for v in parsed] + [("none+r1", parsed[0])]
     out = capsys.readouterr().out
     assert [ln.split()[0] for ln in out.splitlines() if ln.startswith(("single@", "none+r"))] == [
-        "single@2/jo", "single@2/jl", "none+r1"]
-    assert bench.main(["--workload", "tiny", "--join-overlap", "1,2"]) == 2
-    assert capsys.readouterr().err.strip() == "specoffload bench: error: --join-overlap needs a comma list of 0 and 1, got '1,2'"
-
-
-def test_draft_feed_last_list_runs_each_speculative_mode_both_ways(monkeypatch, capsys):
-    """--draft-feed-last 1,0: each speculative mode runs with the draft feeding itself its last
-    proposal and without (rows /fd and /nf); the baseline has no draft and runs once."""
-    from specoffload import bench
-
-    ran = []
-
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
-        ran.append((label, feed))
-        self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join, feed),
-                                 100.0 if label.startswith("none") else 300.0))
-
-    _bench_without_ray(monkeypatch, run_mode)
-    assert bench.main(["--workload", "tiny", "--modes", "single@2", "--draft-feed-last", "1,0",
-                       "--baseline-resident", "1", "--no-warmup"]) == 0
-    assert ran == [("single@2", True), ("single@2", False), ("none+r1", True)]
-    out = capsys.readouterr().out
-    assert [ln.split()[0] for ln in out.splitlines() if ln.startswith(("single@", "none+r"))] == [
-        "single@2/fd", "single@2/nf", "none+r1"]
-    assert bench.main(["--workload", "tiny", "--draft-feed-last", "yes"]) == 2
-    assert capsys.readouterr().err.strip() == ("specoffload bench: error: --draft-feed-last needs a comma list of "
-                                               "0 and 1, got 'yes'")
-
-
-def test_draft_prime_beside_list_runs_each_speculative_mode_both_ways(monkeypatch, capsys):
-    """--draft-prime-beside 1,0: each speculative mode runs with joining rows' draft priming
-    beside the pass and in line (rows /pb and /pi), the setting each run's actors get; the
-    baseline has no draft and runs once, with the list's first."""
-    from specoffload import bench
-
-    ran = []
-
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True,
-                 refill_rows=None):
-        ran.append((label, self.prime_beside))
-        self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join, feed, refill_rows),
-                                 100.0 if label.startswith("none") else 300.0))
-
-    _bench_without_ray(monkeypatch, run_mode)
-    assert bench.main(["--workload", "tiny", "--modes", "single@2", "--draft-prime-beside", "1,0",
-                       "--baseline-resident", "1", "--no-warmup"]) == 0
-    assert ran == [("single@2", True), ("single@2", False), ("none+r1", True)]
-    out = capsys.readouterr().out
-    assert [ln.split()[0] for ln in out.splitlines() if ln.startswith(("single@", "none+r"))] == [
-        "single@2/pb", "single@2/pi", "none+r1"]
-    assert bench.main(["--workload", "tiny", "--draft-prime-beside", "on"]) == 2
-    assert capsys.readouterr().err.strip() == ("specoffload bench: error: --draft-prime-beside needs a comma list "
-                                               "of 0 and 1, got 'on'")
-
-
-def test_refill_rows_list_runs_each_speculative_mode_at_each_count(monkeypatch, capsys):
-    """--refill-rows 16,32: each speculative mode runs with joins waiting for 16 and for 32 free
-    rows (rows /r16 and /r32); the baseline takes the list's first. A bad list is one line."""
-    from specoffload import bench
-
-    ran = []
-
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True,
-                 refill_rows=None):
-        ran.append((label, refill_rows))
-        self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join, feed, refill_rows),
-                                 100.0 if label.startswith("none") else 300.0))
-
-    _bench_without_ray(monkeypatch, run_mode)
-    assert bench.main(["--workload", "tiny", "--modes", "single@2", "--refill-rows", "16,32",
-                       "--baseline-resident", "1", "--no-warmup"]) == 0
-    assert ran == [("single@2", 16), ("single@2", 32), ("none+r1", None)]
-    out = capsys.readouterr().out
-    assert [ln.split()[0] for ln in out.splitlines() if ln.startswith(("single@", "none+r"))] == [
-        "single@2/r16", "single@2/r32", "none+r1"]
-    assert bench.main(["--workload", "tiny", "--refill-rows", "16,-1"]) == 2
-    assert capsys.readouterr().err.strip() == ("specoffload bench: error: --refill-rows needs a comma list of "
-                                               "integers >= 0, got '16,-1'")
+        f"single@2{t}" for t in tags] + ["none+r1"]
+    assert bench.main(["--workload", "tiny", flag, bad]) == 2
+    assert capsys.readouterr().err.strip() == f"specoffload bench: error: {flag} needs {what}, got {bad!r}"
 
 
 def test_the_baseline_runs_each_of_its_gpu_row_counts_and_ratios_use_its_fastest(monkeypatch, capsys):
@@ -588,10 +526,10 @@ def test_the_baseline_runs_each_of_its_gpu_row_counts_and_ratios_use_its_fastest
 
     ran = []
 
-    def run_mode(self, label, spec, m, on_gpu, bell=False, chunk=None, gpu_rows=None, join=True, feed=True, refill_rows=None):
-        ran.append((label, gpu_rows))
-        tps = {"single@2": 300.0, 0: 120.0, 2: 150.0}[label if label.startswith("single") else gpu_rows]
-        self.results.append(_row(self.mode_name(label, spec, m, bell, chunk, gpu_rows, join), tps, gpu_kv_rows=gpu_rows))
+    def run_mode(self, label, spec, s):
+        ran.append((label, s.gpu_kv_rows))
+        tps = {"single@2": 300.0, 0: 120.0, 2: 150.0}[label if label.startswith("single") else s.gpu_kv_rows]
+        self.results.append(_row(self.mode_name(label, spec, s), tps, gpu_kv_rows=s.gpu_kv_rows))
 
     _bench_without_ray(monkeypatch, run_mode)
     assert bench.main(["--workload", "tiny", "--modes", "single@2", "--baseline-resident", "1",
@@ -600,3 +538,29 @@ def test_the_baseline_runs_each_of_its_gpu_row_counts_and_ratios_use_its_fastest
     out = capsys.readouterr().out
     assert "against none+r1g2 (none keeping 1 target layers, 2 rows' KV on the GPU" in out
     assert "single@2 2.00x e2e" in out and "none+r1 0.80x e2e" in out
+
+
+def test_run_settings_check_themselves_and_name_only_what_the_lists_vary():
+    """One run's settings refuse values no run can have; a run's name tags a setting only where
+    its list had more than one value, and the plain baseline never by the draft's settings."""
+    from types import SimpleNamespace
+
+    from specoffload.bench_settings import RunSettings, SettingLists
+
+    a = SimpleNamespace(micro_batches="1,2", doorbell="1", copy_chunk_mib="64", baseline_copy_chunk_mib=None,
+                        gpu_kv_rows=[0], join_overlap="1", draft_feed_last="1,0", refill_rows="0",
+                        draft_prime_beside="1")
+    lists = SettingLists.parse(a)
+    runs = lists.runs(resident=3)
+    assert [(s.micro_batches, s.draft_feed_last) for s in runs] == [(1, True), (1, False), (2, True), (2, False)]
+    assert all(s.resident == 3 and s.copy_chunk_mib == 64 and s.refill_rows == 0 for s in runs)
+    assert [lists.suffix(s, baseline=False) for s in runs] == ["/fd", "/nf", "/fd", "/nf"]
+    base = lists.baseline_runs(resident=2, gpu_rows=[0, 8])
+    assert [(s.micro_batches, s.gpu_kv_rows, s.draft_feed_last) for s in base] == [
+        (1, 0, True), (1, 8, True), (2, 0, True), (2, 8, True)]
+    assert {lists.suffix(s, baseline=True) for s in base} == {""}
+    assert lists.runs(resident=0, micro=4)[0].micro_batches == 4  # a mode's own /m4
+    for bad in (dict(micro_batches=0), dict(copy_chunk_mib=0), dict(gpu_kv_rows=-1), dict(refill_rows=-2),
+                dict(resident=-1)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be >= "):
+            RunSettings(**{**vars(runs[0]), **bad})

@@ -1,0 +1,126 @@
+"""What `specoffload bench` varies between the timed runs of one invocation: the comma-list
+flags, parsed and checked once (`SettingLists`), and one run's values (`RunSettings`). Each
+list of more than one value runs every mode at each of its values, and names the run by it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class BenchError(Exception):
+    """A bad option or a run that cannot start: one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One timed run's settings beside its mode (schedule, k, draft KV placement)."""
+
+    micro_batches: int
+    resident: int  # target layers the actors keep on the GPU (fixed when they start)
+    doorbell: bool
+    copy_chunk_mib: int
+    gpu_kv_rows: int
+    join_overlap: bool
+    draft_feed_last: bool
+    refill_rows: int  # 0: placement/refill.py's default for the batch
+    draft_prime_beside: bool
+
+    def __post_init__(self):
+        least = {"micro_batches": 1, "copy_chunk_mib": 1, "resident": 0, "gpu_kv_rows": 0, "refill_rows": 0}
+        for name, low in least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+
+def _switches(text: str, flag: str) -> list[bool]:
+    if not text or not set(text.replace(",", "")) <= {"0", "1"} or "" in text.split(","):
+        raise BenchError(f"{flag} needs a comma list of 0 and 1, got {text!r}")
+    return [x == "1" for x in text.split(",")]
+
+
+def _counts(text: str, flag: str, what: str, least: int = 1) -> list[int]:
+    """A comma list of integers >= least (a flag's values), or a one-line BenchError."""
+    try:
+        values = [int(x) for x in text.split(",")]
+        if min(values) < least:
+            raise ValueError
+    except ValueError:
+        raise BenchError(f"{flag} needs a comma list of {what} >= {least}, got {text!r}") from None
+    return values
+
+
+@dataclass(frozen=True)
+class SettingLists:
+    """The list flags of one invocation. Speculative modes run at every combination; the plain
+    baseline has no draft, so it keeps the first join, feed, refill and priming setting and
+    varies only its own lists (micro-batches, copy pieces, GPU rows)."""
+
+    micro_batches: list[int]
+    doorbell: list[bool]
+    copy_chunk_mib: list[int]
+    baseline_copy_chunk_mib: list[int]
+    gpu_kv_rows: list[int]
+    join_overlap: list[bool]
+    draft_feed_last: list[bool]
+    refill_rows: list[int]
+    draft_prime_beside: list[bool]
+
+    @classmethod
+    def parse(cls, a) -> SettingLists:
+        """From bench's parsed flags (gpu_kv_rows already counted: `auto` needs the model)."""
+        chunks = _counts(a.copy_chunk_mib, "--copy-chunk-mib", "sizes")
+        return cls(
+            micro_batches=_counts(a.micro_batches, "--micro-batches", "counts"),
+            doorbell=_switches(a.doorbell, "--doorbell"),
+            copy_chunk_mib=chunks,
+            baseline_copy_chunk_mib=chunks[:1] if a.baseline_copy_chunk_mib is None else _counts(
+                a.baseline_copy_chunk_mib, "--baseline-copy-chunk-mib", "sizes"),
+            gpu_kv_rows=list(a.gpu_kv_rows),
+            join_overlap=_switches(a.join_overlap, "--join-overlap"),
+            draft_feed_last=_switches(a.draft_feed_last, "--draft-feed-last"),
+            refill_rows=_counts(a.refill_rows, "--refill-rows", "integers", least=0),
+            draft_prime_beside=_switches(a.draft_prime_beside, "--draft-prime-beside"))
+
+    def first(self, resident: int = 0) -> RunSettings:
+        """The plan's settings: each list's first."""
+        return RunSettings(self.micro_batches[0], resident, self.doorbell[0], self.copy_chunk_mib[0],
+                           self.gpu_kv_rows[0], self.join_overlap[0], self.draft_feed_last[0], self.refill_rows[0],
+                           self.draft_prime_beside[0])
+
+    def runs(self, resident: int, micro: int | None = None) -> list[RunSettings]:
+        """A speculative mode's runs, in the order the table lists them (micro: the mode's own
+        micro-batch count, if its name gives one)."""
+        return [RunSettings(m, resident, bell, chunk, rows, join, feed, rr, prime)
+                for m in ([micro] if micro else self.micro_batches) for bell in self.doorbell
+                for chunk in self.copy_chunk_mib for rows in self.gpu_kv_rows for join in self.join_overlap
+                for feed in self.draft_feed_last for rr in self.refill_rows for prime in self.draft_prime_beside]
+
+    def baseline_runs(self, resident: int, gpu_rows: list[int]) -> list[RunSettings]:
+        """The plain baseline's runs: its micro-batches, copy pieces and GPU row counts; doorbells
+        if any run had them."""
+        first = self.first(resident)
+        return [RunSettings(m, resident, max(self.doorbell), chunk, rows, first.join_overlap, first.draft_feed_last,
+                            first.refill_rows, first.draft_prime_beside)
+                for m in self.micro_batches for chunk in self.baseline_copy_chunk_mib for rows in gpu_rows]
+
+    def suffix(self, s: RunSettings, baseline: bool) -> str:
+        """The part of a run's name that tells it from the invocation's other runs: a tag for
+        each list of more than one value (the baseline's draft-only settings are not varied)."""
+        out = ""
+        if len(self.doorbell) > 1:
+            out += "/bell" if s.doorbell else "/ray"
+        if len(self.copy_chunk_mib) > 1 or len(self.baseline_copy_chunk_mib) > 1:
+            out += f"/c{s.copy_chunk_mib}"
+        if len(self.gpu_kv_rows) > 1:
+            out += f"/g{s.gpu_kv_rows}"
+        if baseline:
+            return out
+        if len(self.join_overlap) > 1:
+            out += "/jo" if s.join_overlap else "/jl"
+        if len(self.draft_feed_last) > 1:
+            out += "/fd" if s.draft_feed_last else "/nf"
+        if len(self.refill_rows) > 1:
+            out += f"/r{s.refill_rows or 'auto'}"
+        if len(self.draft_prime_beside) > 1:
+            out += "/pb" if s.draft_prime_beside else "/pi"
+        return out
+
