@@ -23,6 +23,7 @@ class RunSettings:
     draft_feed_last: bool
     refill_rows: int  # 0: placement/refill.py's default for the batch
     draft_prime_beside: bool
+    mapped_out: bool
 
     def __post_init__(self):
         least = {"micro_batches": 1, "copy_chunk_mib": 1, "resident": 0, "gpu_kv_rows": 0, "refill_rows": 0}
@@ -63,6 +64,7 @@ class SettingLists:
     draft_feed_last: list[bool]
     refill_rows: list[int]
     draft_prime_beside: list[bool]
+    mapped_out: list[bool]
 
     @classmethod
     def parse(cls, a) -> SettingLists:
@@ -78,29 +80,32 @@ class SettingLists:
             join_overlap=_switches(a.join_overlap, "--join-overlap"),
             draft_feed_last=_switches(a.draft_feed_last, "--draft-feed-last"),
             refill_rows=_counts(a.refill_rows, "--refill-rows", "integers", least=0),
-            draft_prime_beside=_switches(a.draft_prime_beside, "--draft-prime-beside"))
+            draft_prime_beside=_switches(a.draft_prime_beside, "--draft-prime-beside"),
+            mapped_out=_switches(a.mapped_out, "--mapped-out"))
 
     def first(self, resident: int = 0) -> RunSettings:
         """The plan's settings: each list's first."""
         return RunSettings(self.micro_batches[0], resident, self.doorbell[0], self.copy_chunk_mib[0],
                            self.gpu_kv_rows[0], self.join_overlap[0], self.draft_feed_last[0], self.refill_rows[0],
-                           self.draft_prime_beside[0])
+                           self.draft_prime_beside[0], self.mapped_out[0])
 
     def runs(self, resident: int, micro: int | None = None) -> list[RunSettings]:
         """A speculative mode's runs, in the order the table lists them (micro: the mode's own
         micro-batch count, if its name gives one)."""
-        return [RunSettings(m, resident, bell, chunk, rows, join, feed, rr, prime)
+        return [RunSettings(m, resident, bell, chunk, rows, join, feed, rr, prime, mapped)
                 for m in ([micro] if micro else self.micro_batches) for bell in self.doorbell
-                for chunk in self.copy_chunk_mib for rows in self.gpu_kv_rows for join in self.join_overlap
-                for feed in self.draft_feed_last for rr in self.refill_rows for prime in self.draft_prime_beside]
+                for chunk in self.copy_chunk_mib for rows in self.gpu_kv_rows for mapped in self.mapped_out
+                for join in self.join_overlap for feed in self.draft_feed_last for rr in self.refill_rows
+                for prime in self.draft_prime_beside]
 
     def baseline_runs(self, resident: int, gpu_rows: list[int]) -> list[RunSettings]:
-        """The plain baseline's runs: its micro-batches, copy pieces and GPU row counts; doorbells
-        if any run had them."""
+        """The plain baseline's runs: its micro-batches, copy pieces, GPU row counts and ways
+        the attention output comes back; doorbells if any run had them."""
         first = self.first(resident)
         return [RunSettings(m, resident, max(self.doorbell), chunk, rows, first.join_overlap, first.draft_feed_last,
-                            first.refill_rows, first.draft_prime_beside)
-                for m in self.micro_batches for chunk in self.baseline_copy_chunk_mib for rows in gpu_rows]
+                            first.refill_rows, first.draft_prime_beside, mapped)
+                for m in self.micro_batches for chunk in self.baseline_copy_chunk_mib for rows in gpu_rows
+                for mapped in self.mapped_out]
 
     def suffix(self, s: RunSettings, baseline: bool) -> str:
         """The part of a run's name that tells it from the invocation's other runs: a tag for
@@ -112,6 +117,8 @@ class SettingLists:
             out += f"/c{s.copy_chunk_mib}"
         if len(self.gpu_kv_rows) > 1:
             out += f"/g{s.gpu_kv_rows}"
+        if len(self.mapped_out) > 1:
+            out += "/mo" if s.mapped_out else "/md"
         if baseline:
             return out
         if len(self.join_overlap) > 1:

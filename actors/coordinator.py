@@ -277,6 +277,11 @@ class Coordinator:
         next round on, where its steps are graphed (benchmarks compare both on the same actors)."""
         return ray.get(self.executor.set_draft_feed_last.remote(bool(on)))
 
+    def set_mapped_out(self, on: bool) -> bool:
+        """Attention outputs read by a GPU kernel from the mailbox (plan.mapped_out) from the
+        next pass on (benchmarks compare both on the same actors)."""
+        return ray.get(self.executor.set_mapped_out.remote(bool(on)))
+
     def set_draft_prime_beside(self, on: bool) -> bool:
         """Joining rows' draft priming beside the pass (plan.draft_prime_beside) from the next
         join on (benchmarks compare both on the same actors)."""

@@ -118,7 +118,7 @@ class GPUExecutor:
         self._failed: dict[int, Exception] = {}  # batches whose start raised: why
         self.pass_layers = PassLayers()
         self.mail = ExecutorMailboxes(spec, manifest.get("dir") if plan.shm_activations else None, self.device,
-                                      doorbells=plan.layer_doorbell)
+                                      doorbells=plan.layer_doorbell, mapped_out=plan.mapped_out)
         self._drafting: dict[int, object] = {}
         self.streamer.prefetch()
         self.init_seconds += time.perf_counter() - t0
@@ -650,6 +650,11 @@ class GPUExecutor:
         """plan.draft_feed_last from the next round on (benchmarks compare both on the same actors)."""
         self.runner.feed_last = None if on else False
         return bool(on)
+
+    def set_mapped_out(self, on: bool) -> bool:
+        """plan.mapped_out from the next layer on (benchmarks compare both on the same actors)."""
+        self.mail.mapped_out = bool(on) and self.device.type == "cuda"
+        return self.mail.mapped_out
 
     def set_draft_prime_beside(self, on: bool) -> bool:
         """plan.draft_prime_beside from the next join on (benchmarks compare both on the same actors)."""

@@ -33,7 +33,7 @@ import torch
 from ..models.host_io import to_device, to_host
 from . import doorbell
 from .kv_ring import KVRing
-from .shm_layout import ALIGN, SharedBuffer
+from .shm_layout import ALIGN, SharedBuffer, device_view
 from .wire import from_wire, to_wire
 
 # A joining batch's prefill ring (W1-long: 16 rows x 1,024 tokens, 256 MiB) took ~60 ms to
@@ -70,8 +70,14 @@ class Mailbox(SharedBuffer):
                                             for o, s, sh in zip(offs, sizes, shapes))
 
     def close(self, unlink: bool = False):
-        self.q = self.k = self.v = self.out = self.bell = None
+        self.q = self.k = self.v = self.out = self.bell = self._out_dev = None
         super().close(unlink)
+
+    def out_on(self, device) -> torch.Tensor:
+        """`out` as a CUDA tensor over the same page-locked memory (`shm_layout.device_view`)."""
+        if getattr(self, "_out_dev", None) is None:
+            self._out_dev = device_view(self.out, device)
+        return self._out_dev
 
     def handle(self, tokens: int) -> tuple:
         return (KIND, self.path, self.capacity, tokens)
@@ -81,8 +87,12 @@ class Mailbox(SharedBuffer):
 class ExecutorMailboxes:
     """The executor's mailboxes, one per (batch, micro-batch), grown as passes need."""
 
-    def __init__(self, spec, folder: str | None, device: torch.device, doorbells: bool = False):
+    def __init__(self, spec, folder: str | None, device: torch.device, doorbells: bool = False,
+                 mapped_out: bool = False):
         self.spec, self.device = spec, device
+        # plan.mapped_out: the attention output comes to the GPU as a kernel reads it from the
+        # page-locked mailbox, not as a DMA that queues behind the weight copy's pieces
+        self.mapped_out = mapped_out
         self.folder = Path(folder) if folder else None
         # plan.layer_doorbell: the pass's calls wait on the mailboxes' counters, so a mailbox
         # that cannot be page-locked is kept (a slower DMA) rather than given up for Ray's path.
@@ -188,6 +198,14 @@ class ExecutorMailboxes:
                                               "the GPU executor waiting for attention")
             msg = box.handle(tokens)
         if box is not None:
+            if self.mapped_out and box.registered:
+                # A copy engine runs host-to-device copies in the order they were queued, so a
+                # DMA of the output waited behind the weight copy's queued pieces (~5 ms at 4 x
+                # 64 MiB; session 37's w1-long trace: a part's FFN started 5.3 ms after its
+                # attention while weights streamed, ~0 when they did not). A kernel's reads
+                # across PCIe do not queue there. x * 1 is exact, and the stream sync before the
+                # next layer's q/k/v go out keeps the worker's next write after this read.
+                return box.out_on(self.device)[:msg[3]].mul(1)
             # On the CPU the caller consumes it before returning, before the worker writes again.
             return box.out[:msg[3]].to(self.device, non_blocking=True)
         return to_device(from_wire(msg), self.device)

@@ -76,6 +76,22 @@ def register(buf: torch.Tensor, what: str):
         raise RuntimeError(f"cudaHostRegister failed ({rc}) for {what}")
 
 
+class _CudaView:
+    """What `torch.as_tensor` reads a CUDA pointer from (__cuda_array_interface__)."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+
+def device_view(t: torch.Tensor, device) -> torch.Tensor:
+    """A CUDA tensor over the page-locked host tensor t's memory, which kernels read across
+    PCIe as they run, not through a copy engine. Needs t registered (`register`) on a device
+    that addresses registered memory by its host pointer (unified addressing on 64-bit Linux,
+    every GPU this engine targets)."""
+    raw = torch.as_tensor(_CudaView(t.data_ptr(), t.numel() * t.element_size()), device=device)
+    return raw.view(t.dtype).view(t.shape)
+
+
 class SharedBuffer:
     """A /dev/shm file mapped as bytes, page-locked in place where the GPU copies to and from
     it: what a pass's mailbox (actors/mailbox.py) and a prefill's K/V ring (actors/kv_ring.py)

@@ -73,6 +73,10 @@ class Plan(JsonFile):
     # page-locked /dev/shm buffers set up once per micro-batch (actors/mailbox.py); False: as
     # arrays in Ray's object store (the plain path, kept to test the fast one against).
     shm_activations: bool = True
+    # With them on CUDA: a GPU kernel reads each attention output from the page-locked mailbox
+    # rather than a DMA, which queues behind the weight copy's pieces (ExecutorMailboxes.recv_out).
+    # Off until measured on the GPU machine.
+    mapped_out: bool = False
     # Inside a pass the executor and the CPU worker hand each layer over by a counter in the
     # mailbox (actors/doorbell.py) instead of through Ray's submitter, every call queued up
     # front: takes Ray's messages out of the layer chain (W1 fp8 speculative 360.5 -> 408.8

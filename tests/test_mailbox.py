@@ -73,14 +73,17 @@ def test_failed_registration_falls_back_to_the_object_store(tmp_path, monkeypatc
 
 
 @gpu.cuda_only("page-locked mailboxes and their DMAs need CUDA")
-def test_cuda_round_trip():
-    """On the GPU the mailbox is registered and both directions are DMAs on the current stream.
+@pytest.mark.parametrize("mapped_out", [False, True])
+def test_cuda_round_trip(mapped_out):
+    """On the GPU the mailbox is registered and both directions are DMAs on the current stream;
+    with mapped_out (plan.mapped_out) a kernel reads the output from the mailbox instead, the
+    same values, and a second output written there after the first is read reads as itself.
     In /dev/shm like the engine's: registering a file mapping on a disk filesystem can fail."""
     spec, g = _spec(), torch.Generator().manual_seed(2)
     dev = torch.device("cuda", torch.cuda.current_device())
     tmp_path = tempfile.mkdtemp(dir=default_shm_root())
-    ex, wk = ExecutorMailboxes(spec, tmp_path, dev), WorkerMailboxes(spec)
-    for T in (6, 40):
+    ex, wk = ExecutorMailboxes(spec, tmp_path, dev, mapped_out=mapped_out), WorkerMailboxes(spec)
+    for T in (6, 40, 40):
         box = ex.ensure(0, 1, T)
         assert box.registered
         q, k, v = (t.to(dev) for t in _qkv(T, g))
