@@ -29,6 +29,7 @@ from ..sources.open import open_source
 from ..speculation.runner import SpecRunner
 from . import kv_ring
 from .disk_tier import DiskTier
+from .doorbell import BELL
 from .gpu_budget import GpuBudget
 from .gpu_rows import GpuRows
 from .mailbox import ExecutorMailboxes
@@ -66,6 +67,7 @@ class GPUExecutor:
         self._maps = []
         self.host = {}
         self.gpu_row_tokens = 0
+        self.early_posts = 0  # `_post_arrived`'s
         # layer -> an event after the joining prefill that read it on its own stream: the
         # layer's slot is refilled only after it too (`_done`)
         self._join_read: dict[int, torch.cuda.Event] = {}
@@ -567,8 +569,24 @@ class GPUExecutor:
         w = self._layer(j)
         with self.timer.span("target", f"b{part['bid']} L{j} [{part['lo']}:{part['hi']}) ffn"):
             part["pass"].finish(w, attn)
+        part["posted"] = j
         if self.pass_layers.finished(j):  # every part of the pass is past layer j: refill its slot
             self._done(j)
+
+    def _copy_pending(self, j: int) -> bool:
+        """Layer j's weights are far from in: acquiring them would block this thread a while."""
+        return j not in self.resident and self.streamer.pieces_pending(j)
+
+    def _post_arrived(self, parts: list, p: int, j: int):
+        """While layer j+1's weights still copy, finish layer j for the batch's later parts
+        whose attention output is back already (a doorbell pass; their own calls then skip it).
+        Their calls come after this one, which would wait for the copy first: the last part's
+        FFN frees layer j's slot, which the copy after the awaited one needs (w1-long's two
+        slots: the copy engine idled ~5 ms a pass for it, session 37's trace)."""
+        for part in parts[p + 1:]:
+            if part.get("posted") != j and self.mail.out_arrived(part["box"]):
+                self._post(part, j, BELL)
+                self.early_posts += 1
 
     @torch.inference_mode()
     def target_layer(self, bid, j: int, attn, p: int = 0):
@@ -585,8 +603,10 @@ class GPUExecutor:
             if parts is None:
                 err = st.pop("pass_error", None)
                 raise err.with_traceback(None) if err else RuntimeError(f"batch {bid}'s pass did not begin")
-            if j > 0:
+            if j > 0 and parts[p].get("posted") != j - 1:  # (an earlier call may have finished it)
                 self._post(parts[p], j - 1, attn)
+            if j > 0 and isinstance(attn, str) and attn == BELL and self._copy_pending(j):
+                self._post_arrived(parts, p, j - 1)
             return self._pre(parts[p], j)
         except BaseException as e:
             self.mail.fail(bid)
@@ -675,6 +695,7 @@ class GPUExecutor:
         s["draft_graph_steps"] = self.runner.graph_steps
         s["gpu_row_tokens"] = self.gpu_row_tokens  # (token, layer) pairs attended here (plan.gpu_kv_rows)
         s["executor_bell_wait_s"] = round(self.mail.bell_wait_s, 3)
+        s["early_posts"] = self.early_posts  # parts' layers finished while the next layer copied
         return s
 
     def trace_events(self) -> list[dict]:

@@ -210,6 +210,12 @@ class ExecutorMailboxes:
             return box.out[:msg[3]].to(self.device, non_blocking=True)
         return to_device(from_wire(msg), self.device)
 
+    @staticmethod
+    def out_arrived(box: Mailbox | None) -> bool:
+        """Whether the worker's output for the q/k/v posted last through `box` is there (a
+        doorbell's `recv_out` would not wait)."""
+        return isinstance(box, Mailbox) and int(box.bell[doorbell.OUT]) >= box.seen
+
     def fail(self, bid):
         """The pass of batch bid failed here: the worker's queued calls for it stop waiting."""
         for key, box in self.boxes.items():

@@ -146,6 +146,13 @@ class WeightStreamer:
         torch.cuda.current_stream(self.device).wait_event(job.done)
         return self._views[j]
 
+    def pieces_pending(self, j: int) -> bool:
+        """Whether layer j's copy has more than `depth` pieces left to queue: `acquire(j)` would
+        block this thread (~depth pieces' time or more). False off CUDA, or j not yet loading."""
+        if not self.cuda or j not in self.slot_of:
+            return False
+        return not self.loaded[self.slot_of[j]].issued.is_set()
+
     def _take(self, j: int):
         """Layer j must be in a slot (loaded or loading); it is in use until `release`."""
         if j not in self.slot_of:

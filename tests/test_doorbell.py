@@ -195,6 +195,46 @@ def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_ba
     assert (stats["worker_layer_runs"] > 0) == (bell and runs)
 
 
+def _copy_always_pending():
+    """For `__ray_call__` (pickled by value): the executor takes every layer's weights as still
+    copying, after a pause that lets the worker finish the later parts' attention."""
+
+    def _patch(self):
+        import time
+
+        def pending(j):
+            time.sleep(0.02)
+            return True
+
+        self._copy_pending = pending
+
+    return _patch
+
+
+@pytest.mark.parametrize("draft", [None, "self:1"])
+def test_parts_finished_while_weights_copy_keep_greedy_output(ray_session, tiny_dir, draft):
+    """While a layer's weights still copy, the executor finishes the previous layer for the
+    batch's later parts whose attention is back (`GPUExecutor._post_arrived`), ahead of their
+    own calls, which then skip it. On the CPU nothing copies, so every layer is made to look
+    pending: the output is transformers' own, and parts were finished early."""
+    import ray
+    from hf_reference import PROMPTS, hf_greedy
+    from specoffload.actors.supervisor import actors
+    from specoffload.configs.sampling_params import SamplingParams
+    from specoffload.llm import LLM
+    from specoffload.placement.plan import Plan
+
+    d = tiny_dir("llama")
+    want = hf_greedy(d, PROMPTS, 10)
+    with LLM(str(d), plan=Plan(device="cpu"), batch_size=4, progress=False, micro_batches=2, draft=draft,
+             k=3) as llm:
+        ray.get(actors(llm.run_id)["gpu_executor"].__ray_call__.remote(_copy_always_pending()), timeout=60)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=10, ignore_eos=True))
+        stats = llm.last_stats
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["early_posts"] > 0
+
+
 def _injector():
     """A function for `__ray_call__`, made inside this one so that Ray pickles it by value
     (the workers cannot import test modules)."""
