@@ -53,7 +53,8 @@ def _counts(text: str, flag: str, what: str, least: int = 1) -> list[int]:
 class SettingLists:
     """The list flags of one invocation. Speculative modes run at every combination; the plain
     baseline has no draft, so it keeps the first join, feed, refill and priming setting and
-    varies only its own lists (micro-batches, copy pieces, GPU rows)."""
+    varies only the lists that concern it too (micro-batches, copy pieces, GPU rows, how the
+    attention output comes back)."""
 
     micro_batches: list[int]
     doorbell: list[bool]
