@@ -53,12 +53,11 @@ class GPUExecutor:
                 raise ConfigError("plan.device is 'cuda' but this executor sees no CUDA device")
             self.device = torch.device("cuda", torch.cuda.current_device())
             gpu_attention_backends()  # no cuDNN attention: a graph built per pass (models/attention.py)
-            if plan.join_overlap or plan.draft_prime_beside:
-                # Work beside the pass (rows joining it prefill, or the draft priming them) runs
-                # on streams of the default, lowest priority: this actor's own work (the pass's
-                # parts) goes on one of a higher priority, so that the device runs a part's next
-                # kernel before the queued ones beside it. With the priming at the same priority
-                # the pass's layer 0 took 55 ms against 32 (session 37's w1-long trace).
+            if plan.join_overlap:
+                # Rows joining a pass prefill on a stream of the default, lowest priority: this
+                # actor's own work (the pass's parts) goes on one of a higher priority, so that
+                # the device runs a part's next kernel before the join's queued ones. Not yet
+                # measured (session 35 ran the overlap with both at the default priority).
                 # Every call of this actor runs on this thread, where the stream is current.
                 torch.cuda.set_stream(side_stream(EXECUTOR, self.device, priority=-1))
         else:
