@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "with the GPU reading each attention output from the "
                                                        "mailbox by a kernel (1, plan.mapped_out) and/or by a DMA "
                                                        "queued with the weight copy (0, the default), e.g. 1,0.")
+    ap.add_argument("--early-posts", default="0", help="A comma list of 0/1: each mode, the baseline too, runs "
+                                                        "with the executor finishing later parts' layers while "
+                                                        "the next layer's weights copy (1, plan.early_posts) "
+                                                        "and/or in call order (0, the default), e.g. 1,0.")
     ap.add_argument("--draft-prime-beside", default="1", help="A comma list of 0/1: each speculative mode runs "
                                                                "with rows joining a batch having the draft read "
                                                                "their prompts on a thread and stream of their own "
@@ -425,7 +429,7 @@ def _plan(a, lists: SettingLists, cuda: bool):
                     ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
                     layer_doorbell=first.doorbell, join_overlap=first.join_overlap,
                     draft_feed_last=first.draft_feed_last, draft_prime_beside=first.draft_prime_beside,
-                    mapped_out=first.mapped_out,
+                    mapped_out=first.mapped_out, early_posts=first.early_posts,
                     copy_chunk_mib=first.copy_chunk_mib, gpu_kv_rows=first.gpu_kv_rows, stall_s=a.stall_s)
         plan.check_layers(a.target_layers)
     except ConfigError as e:
@@ -577,6 +581,7 @@ class Bench:
         feed = ray.get(coord.set_draft_feed_last.remote(s.draft_feed_last))
         prime = ray.get(coord.set_draft_prime_beside.remote(s.draft_prime_beside))
         mapped = ray.get(coord.set_mapped_out.remote(s.mapped_out))
+        early = ray.get(coord.set_early_posts.remote(s.early_posts))
         ray.get(coord.set_copy_chunk.remote(s.copy_chunk_mib))
         if a.trace_dir:
             ray.get(coord.trace.remote())  # drop spans of earlier modes
@@ -595,6 +600,7 @@ class Bench:
         row["micro_batches"], row["doorbell"], row["copy_chunk_mib"] = s.micro_batches, bell, s.copy_chunk_mib
         row["gpu_kv_rows"], row["join_overlap"], row["draft_feed_last"] = s.gpu_kv_rows, join, feed
         row["refill_rows"], row["draft_prime_beside"], row["mapped_out"] = cfg.refill_rows, prime, mapped
+        row["early_posts"] = early
         row["mode"] = self.mode_name(label, mode_spec, s)
         self.results.append(row)
         print(json.dumps(row), flush=True)

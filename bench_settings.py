@@ -24,6 +24,7 @@ class RunSettings:
     refill_rows: int  # 0: placement/refill.py's default for the batch
     draft_prime_beside: bool
     mapped_out: bool
+    early_posts: bool
 
     def __post_init__(self):
         least = {"micro_batches": 1, "copy_chunk_mib": 1, "resident": 0, "gpu_kv_rows": 0, "refill_rows": 0}
@@ -54,7 +55,7 @@ class SettingLists:
     """The list flags of one invocation. Speculative modes run at every combination; the plain
     baseline has no draft, so it keeps the first join, feed, refill and priming setting and
     varies only the lists that concern it too (micro-batches, copy pieces, GPU rows, how the
-    attention output comes back)."""
+    attention output comes back, parts finished early)."""
 
     micro_batches: list[int]
     doorbell: list[bool]
@@ -66,6 +67,7 @@ class SettingLists:
     refill_rows: list[int]
     draft_prime_beside: list[bool]
     mapped_out: list[bool]
+    early_posts: list[bool]
 
     @classmethod
     def parse(cls, a) -> SettingLists:
@@ -82,21 +84,22 @@ class SettingLists:
             draft_feed_last=_switches(a.draft_feed_last, "--draft-feed-last"),
             refill_rows=_counts(a.refill_rows, "--refill-rows", "integers", least=0),
             draft_prime_beside=_switches(a.draft_prime_beside, "--draft-prime-beside"),
-            mapped_out=_switches(a.mapped_out, "--mapped-out"))
+            mapped_out=_switches(a.mapped_out, "--mapped-out"),
+            early_posts=_switches(a.early_posts, "--early-posts"))
 
     def first(self, resident: int = 0) -> RunSettings:
         """The plan's settings: each list's first."""
         return RunSettings(self.micro_batches[0], resident, self.doorbell[0], self.copy_chunk_mib[0],
                            self.gpu_kv_rows[0], self.join_overlap[0], self.draft_feed_last[0], self.refill_rows[0],
-                           self.draft_prime_beside[0], self.mapped_out[0])
+                           self.draft_prime_beside[0], self.mapped_out[0], self.early_posts[0])
 
     def runs(self, resident: int, micro: int | None = None) -> list[RunSettings]:
         """A speculative mode's runs, in the order the table lists them (micro: the mode's own
         micro-batch count, if its name gives one)."""
-        return [RunSettings(m, resident, bell, chunk, rows, join, feed, rr, prime, mapped)
+        return [RunSettings(m, resident, bell, chunk, rows, join, feed, rr, prime, mapped, early)
                 for m in ([micro] if micro else self.micro_batches) for bell in self.doorbell
                 for chunk in self.copy_chunk_mib for rows in self.gpu_kv_rows for mapped in self.mapped_out
-                for join in self.join_overlap for feed in self.draft_feed_last for rr in self.refill_rows
+                for early in self.early_posts for join in self.join_overlap for feed in self.draft_feed_last for rr in self.refill_rows
                 for prime in self.draft_prime_beside]
 
     def baseline_runs(self, resident: int, gpu_rows: list[int]) -> list[RunSettings]:
@@ -104,9 +107,9 @@ class SettingLists:
         the attention output comes back; doorbells if any run had them."""
         first = self.first(resident)
         return [RunSettings(m, resident, max(self.doorbell), chunk, rows, first.join_overlap, first.draft_feed_last,
-                            first.refill_rows, first.draft_prime_beside, mapped)
+                            first.refill_rows, first.draft_prime_beside, mapped, early)
                 for m in self.micro_batches for chunk in self.baseline_copy_chunk_mib for rows in gpu_rows
-                for mapped in self.mapped_out]
+                for mapped in self.mapped_out for early in self.early_posts]
 
     def suffix(self, s: RunSettings, baseline: bool) -> str:
         """The part of a run's name that tells it from the invocation's other runs: a tag for
@@ -120,6 +123,8 @@ class SettingLists:
             out += f"/g{s.gpu_kv_rows}"
         if len(self.mapped_out) > 1:
             out += "/mo" if s.mapped_out else "/md"
+        if len(self.early_posts) > 1:
+            out += "/ep" if s.early_posts else "/op"
         if baseline:
             return out
         if len(self.join_overlap) > 1:

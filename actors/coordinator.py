@@ -277,6 +277,11 @@ class Coordinator:
         next round on, where its steps are graphed (benchmarks compare both on the same actors)."""
         return ray.get(self.executor.set_draft_feed_last.remote(bool(on)))
 
+    def set_early_posts(self, on: bool) -> bool:
+        """Later parts' layers finished while the next layer's weights copy (plan.early_posts)
+        from the next pass on (benchmarks compare both on the same actors)."""
+        return ray.get(self.executor.set_early_posts.remote(bool(on)))
+
     def set_mapped_out(self, on: bool) -> bool:
         """Attention outputs read by a GPU kernel from the mailbox (plan.mapped_out) from the
         next pass on (benchmarks compare both on the same actors)."""

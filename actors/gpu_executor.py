@@ -67,6 +67,7 @@ class GPUExecutor:
         self.host = {}
         self.gpu_row_tokens = 0
         self.early_posts = 0  # `_post_arrived`'s
+        self.post_early = plan.early_posts
         # layer -> an event after the joining prefill that read it on its own stream: the
         # layer's slot is refilled only after it too (`_done`)
         self._join_read: dict[int, torch.cuda.Event] = {}
@@ -604,7 +605,7 @@ class GPUExecutor:
                 raise err.with_traceback(None) if err else RuntimeError(f"batch {bid}'s pass did not begin")
             if j > 0 and parts[p].get("posted") != j - 1:  # (an earlier call may have finished it)
                 self._post(parts[p], j - 1, attn)
-            if j > 0 and isinstance(attn, str) and attn == BELL and self._copy_pending(j):
+            if self.post_early and j > 0 and isinstance(attn, str) and attn == BELL and self._copy_pending(j):
                 self._post_arrived(parts, p, j - 1)
             return self._pre(parts[p], j)
         except BaseException as e:
@@ -669,6 +670,11 @@ class GPUExecutor:
         """plan.draft_feed_last from the next round on (benchmarks compare both on the same actors)."""
         self.runner.feed_last = None if on else False
         return bool(on)
+
+    def set_early_posts(self, on: bool) -> bool:
+        """plan.early_posts from the next pass on (benchmarks compare both on the same actors)."""
+        self.post_early = bool(on)
+        return self.post_early
 
     def set_mapped_out(self, on: bool) -> bool:
         """plan.mapped_out from the next layer on (benchmarks compare both on the same actors)."""

@@ -77,6 +77,10 @@ class Plan(JsonFile):
     # rather than a DMA, which queues behind the weight copy's pieces (ExecutorMailboxes.recv_out).
     # Off until measured on the GPU machine.
     mapped_out: bool = False
+    # While a layer's weights still copy, the executor finishes the previous layer for a
+    # batch's later parts whose attention is back (GPUExecutor._post_arrived), freeing that
+    # layer's slot for the next copy sooner. Off until measured on the GPU machine.
+    early_posts: bool = False
     # Inside a pass the executor and the CPU worker hand each layer over by a counter in the
     # mailbox (actors/doorbell.py) instead of through Ray's submitter, every call queued up
     # front: takes Ray's messages out of the layer chain (W1 fp8 speculative 360.5 -> 408.8

@@ -549,7 +549,7 @@ def test_run_settings_check_themselves_and_name_only_what_the_lists_vary():
 
     a = SimpleNamespace(micro_batches="1,2", doorbell="1", copy_chunk_mib="64", baseline_copy_chunk_mib=None,
                         gpu_kv_rows=[0], join_overlap="1", draft_feed_last="1,0", refill_rows="0",
-                        draft_prime_beside="1", mapped_out="0")
+                        draft_prime_beside="1", mapped_out="0", early_posts="0")
     lists = SettingLists.parse(a)
     runs = lists.runs(resident=3)
     assert [(s.micro_batches, s.draft_feed_last) for s in runs] == [(1, True), (1, False), (2, True), (2, False)]
@@ -566,26 +566,29 @@ def test_run_settings_check_themselves_and_name_only_what_the_lists_vary():
             RunSettings(**{**vars(runs[0]), **bad})
 
 
-def test_mapped_out_list_runs_every_mode_and_the_baseline_both_ways(monkeypatch, capsys):
-    """--mapped-out 1,0: the attention output read by a GPU kernel or by a DMA is not a draft
-    setting, so plain decoding runs both ways too (its fastest is the ratios' baseline), each
-    a row of its own; the actors get each run's value."""
+@pytest.mark.parametrize("flag, field, on, off", [("--mapped-out", "mapped_out", "/mo", "/md"),
+                                                  ("--early-posts", "early_posts", "/ep", "/op")])
+def test_a_pass_list_flag_runs_every_mode_and_the_baseline_both_ways(monkeypatch, capsys, flag, field, on, off):
+    """--mapped-out 1,0 (the attention output read by a GPU kernel or by a DMA) and
+    --early-posts 1,0 (later parts' layers finished while weights copy) are not draft settings,
+    so plain decoding runs both ways too (its fastest is the ratios' baseline), each a row of
+    its own; the actors get each run's value."""
     from specoffload import bench
 
     ran = []
 
     def run_mode(self, label, spec, s):
-        ran.append((label, s.mapped_out))
-        tps = 300.0 if label.startswith("single") else (120.0 if s.mapped_out else 100.0)
+        ran.append((label, getattr(s, field)))
+        tps = 300.0 if label.startswith("single") else (120.0 if getattr(s, field) else 100.0)
         self.results.append(_row(self.mode_name(label, spec, s), tps))
 
     _bench_without_ray(monkeypatch, run_mode)
-    assert bench.main(["--workload", "tiny", "--modes", "single@2", "--mapped-out", "1,0", "--baseline-resident",
+    assert bench.main(["--workload", "tiny", "--modes", "single@2", flag, "1,0", "--baseline-resident",
                        "1", "--no-warmup"]) == 0
     assert ran == [("single@2", True), ("single@2", False), ("none+r1", True), ("none+r1", False)]
     out = capsys.readouterr().out
     assert [ln.split()[0] for ln in out.splitlines() if ln.startswith(("single@", "none+r"))] == [
-        "single@2/mo", "single@2/md", "none+r1/mo", "none+r1/md"]
-    assert "against none+r1/mo " in out and "single@2/mo 2.50x e2e" in out
-    assert bench.main(["--workload", "tiny", "--mapped-out", "2"]) == 2
-    assert capsys.readouterr().err.strip() == "specoffload bench: error: --mapped-out needs a comma list of 0 and 1, got '2'"
+        f"single@2{on}", f"single@2{off}", f"none+r1{on}", f"none+r1{off}"]
+    assert f"against none+r1{on} " in out and f"single@2{on} 2.50x e2e" in out
+    assert bench.main(["--workload", "tiny", flag, "2"]) == 2
+    assert capsys.readouterr().err.strip() == f"specoffload bench: error: {flag} needs a comma list of 0 and 1, got '2'"
