@@ -52,9 +52,3 @@ def test_passes_rows_joined_are_left_out(tmp_path):
     assert out.splitlines()[-1].startswith("passes without joins: 2,")
     assert " 2    5.00" in out
 
-
-def test_a_file_that_is_not_a_trace_is_one_line(tmp_path):
-    p = tmp_path / "x.json"
-    p.write_text("{}")
-    r = subprocess.run([sys.executable, SCRIPT, str(p)], capture_output=True, text=True)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cannot read" in r.stderr
