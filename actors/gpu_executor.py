@@ -605,7 +605,7 @@ class GPUExecutor:
                 raise err.with_traceback(None) if err else RuntimeError(f"batch {bid}'s pass did not begin")
             if j > 0 and parts[p].get("posted") != j - 1:  # (an earlier call may have finished it)
                 self._post(parts[p], j - 1, attn)
-            if self.post_early and j > 0 and isinstance(attn, str) and attn == BELL and self._copy_pending(j):
+            if j > 0 and isinstance(attn, str) and attn == BELL and self.post_early and self._copy_pending(j):
                 self._post_arrived(parts, p, j - 1)
             return self._pre(parts[p], j)
         except BaseException as e:

@@ -235,6 +235,7 @@ def test_out_of_memory_in_a_verification_layer_is_a_capacity_error():
             self.failed = []  # batches whose mailboxes were marked failed (the doorbells' waiters stop)
             self.mail = SimpleNamespace(fail=self.failed.append)
             self.st = {"parts": [{"lo": 0, "hi": 48, "q_lens_np": [9] * 48}]}
+            self.post_early = True  # plan.early_posts (a Ray hand-off, so no part is finished early)
 
         def _batch(self, bid):
             return self.st
