@@ -10,11 +10,21 @@ of the next one. Needs matplotlib (pip install matplotlib).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 
 COLORS = {"weight_copy": "#4c72b0", "cpu_attention": "#dd8452", "target": "#55a868", "draft": "#c44e52",
           "prefill": "#8172b3", "store_prefill": "#937860"}
+
+
+def load_spans(path: str) -> list[dict]:
+    """The complete ("X") spans of a trace file that bench --trace-dir or --trace wrote, plain
+    or gzipped (the device machine's calls bring traces back as .json.gz)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        d = json.load(f)
+    return [e for e in (d["traceEvents"] if isinstance(d, dict) else d) if e.get("ph") == "X"]
 
 
 def rounds(events):

@@ -15,23 +15,14 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import gzip
-import json
 import re
 import statistics
 import sys
 from collections import defaultdict
 
-from plot_timeline import rounds
+from plot_timeline import load_spans, rounds
 
 _SPAN = re.compile(r"^b(\d+) L(\d+) \[(\d+):(\d+)\)")
-
-
-def load(path: str) -> list[dict]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        d = json.load(f)
-    return [e for e in (d["traceEvents"] if isinstance(d, dict) else d) if e.get("ph") == "X"]
 
 
 def analyse(events: list[dict], skip: int = 2) -> dict:
@@ -74,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("trace", help="a trace_<mode>.json (or .json.gz) that bench --trace-dir wrote")
     a = ap.parse_args(argv)
     try:
-        res = analyse(load(a.trace))
+        res = analyse(load_spans(a.trace))
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"trace_copy_queue: error: cannot read {a.trace}: {e}", file=sys.stderr)
         return 2

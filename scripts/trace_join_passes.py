@@ -13,19 +13,12 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import gzip
-import json
 import statistics
 import sys
 
+from plot_timeline import load_spans
+
 COLUMNS = ("to draft", "draft", "to layer 0", "layer 0", "layers 1..", "pass")
-
-
-def load(path: str) -> list[dict]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        d = json.load(f)
-    return [e for e in (d["traceEvents"] if isinstance(d, dict) else d) if e.get("ph") == "X"]
 
 
 def _first_after(times: list[float], t: float) -> float | None:
@@ -68,7 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("trace", help="a trace_<mode>.json (or .json.gz) that bench --trace-dir wrote")
     a = ap.parse_args(argv)
     try:
-        events = load(a.trace)
+        events = load_spans(a.trace)
     except (OSError, ValueError, KeyError) as e:
         print(f"trace_join_passes: cannot read {a.trace}: {e}", file=sys.stderr)
         return 2
