@@ -68,6 +68,7 @@ class Mailbox(SharedBuffer):
         shapes = [(capacity, hq, d), (capacity, hkv, d), (capacity, hkv, d), (capacity, hq * d)]
         self.q, self.k, self.v, self.out = (self.buf[o:o + s].view(dt)[: math.prod(sh)].view(sh)
                                             for o, s, sh in zip(offs, sizes, shapes))
+        self._out_dev = None  # `out` as a CUDA view, made at its first `out_on`
 
     def close(self, unlink: bool = False):
         self.q = self.k = self.v = self.out = self.bell = self._out_dev = None
@@ -75,7 +76,7 @@ class Mailbox(SharedBuffer):
 
     def out_on(self, device) -> torch.Tensor:
         """`out` as a CUDA tensor over the same page-locked memory (`shm_layout.device_view`)."""
-        if getattr(self, "_out_dev", None) is None:
+        if self._out_dev is None:
             self._out_dev = device_view(self.out, device)
         return self._out_dev
 
