@@ -560,6 +560,11 @@ def test_run_settings_check_themselves_and_name_only_what_the_lists_vary():
         (1, 0, True), (1, 8, True), (2, 0, True), (2, 8, True)]
     assert {lists.suffix(s, baseline=True) for s in base} == {""}
     assert lists.runs(resident=0, micro=4)[0].micro_batches == 4  # a mode's own /m4
+    from specoffload.bench_settings import BenchError
+
+    for text in ("10", "1,", "", "1,0,2"):  # each item of a switch list is one 0 or 1
+        with pytest.raises(BenchError, match=f"--doorbell needs a comma list of 0 and 1, got {text!r}"):
+            SettingLists.parse(SimpleNamespace(**{**vars(a), "doorbell": text}))
     for bad in (dict(micro_batches=0), dict(copy_chunk_mib=0), dict(gpu_kv_rows=-1), dict(refill_rows=-2),
                 dict(resident=-1)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be >= "):
