@@ -100,12 +100,12 @@ class SettingLists:
         return [RunSettings(m, resident, bell, chunk, rows, join, feed, rr, prime, mapped, early)
                 for m in ([micro] if micro else self.micro_batches) for bell in self.doorbell
                 for chunk in self.copy_chunk_mib for rows in self.gpu_kv_rows for mapped in self.mapped_out
-                for early in self.early_posts for join in self.join_overlap for feed in self.draft_feed_last for rr in self.refill_rows
-                for prime in self.draft_prime_beside]
+                for early in self.early_posts for join in self.join_overlap for feed in self.draft_feed_last
+                for rr in self.refill_rows for prime in self.draft_prime_beside]
 
     def baseline_runs(self, resident: int, gpu_rows: list[int]) -> list[RunSettings]:
-        """The plain baseline's runs: its micro-batches, copy pieces, GPU row counts and ways
-        the attention output comes back; doorbells if any run had them."""
+        """The plain baseline's runs: its micro-batches, copy pieces, GPU row counts, ways the
+        attention output comes back and early posts; doorbells if any run had them."""
         first = self.first(resident)
         return [RunSettings(m, resident, max(self.doorbell), chunk, rows, first.join_overlap, first.draft_feed_last,
                             first.refill_rows, first.draft_prime_beside, mapped, early)
