@@ -576,12 +576,9 @@ class Bench:
         ray.get(coord.set_micro_batches.remote(s.micro_batches))
         ray.get(coord.set_gpu_kv_rows.remote(s.gpu_kv_rows))
         # what the actors took (a doorbell needs mailboxes, join overlap a plan that allows it)
-        bell = ray.get(coord.set_doorbell.remote(s.doorbell))
-        join = ray.get(coord.set_join_overlap.remote(s.join_overlap))
-        feed = ray.get(coord.set_draft_feed_last.remote(s.draft_feed_last))
-        prime = ray.get(coord.set_draft_prime_beside.remote(s.draft_prime_beside))
-        mapped = ray.get(coord.set_mapped_out.remote(s.mapped_out))
-        early = ray.get(coord.set_early_posts.remote(s.early_posts))
+        bell, join, feed, prime, mapped, early = ray.get([coord.set_switch.remote(name, on) for name, on in (
+            ("layer_doorbell", s.doorbell), ("join_overlap", s.join_overlap), ("draft_feed_last", s.draft_feed_last),
+            ("draft_prime_beside", s.draft_prime_beside), ("mapped_out", s.mapped_out), ("early_posts", s.early_posts))])
         ray.get(coord.set_copy_chunk.remote(s.copy_chunk_mib))
         if a.trace_dir:
             ray.get(coord.trace.remote())  # drop spans of earlier modes

@@ -260,37 +260,17 @@ class Coordinator:
             raise ValueError("gpu_kv_rows must be >= 0")
         self.backend.G = int(n)
 
-    def set_doorbell(self, on: bool):
-        """Layer hand-offs by doorbell (plan.layer_doorbell) from the next pass on, where the
-        executor has mailboxes (benchmarks compare both on the same actors)."""
-        self.backend.doorbell = bool(on) and self.info["mailboxes"]
-        return self.backend.doorbell
-
-    def set_join_overlap(self, on: bool):
-        """Rows joining a pass prefill beside it (plan.join_overlap) from the next pass on
-        (benchmarks compare both on the same actors)."""
-        self.backend.join_overlap = bool(on)
-        return self.backend.join_overlap
-
-    def set_draft_feed_last(self, on: bool) -> bool:
-        """The draft feeds itself its last proposal each round (plan.draft_feed_last) from the
-        next round on, where its steps are graphed (benchmarks compare both on the same actors)."""
-        return ray.get(self.executor.set_draft_feed_last.remote(bool(on)))
-
-    def set_early_posts(self, on: bool) -> bool:
-        """Later parts' layers finished while the next layer's weights copy (plan.early_posts)
-        from the next pass on (benchmarks compare both on the same actors)."""
-        return ray.get(self.executor.set_early_posts.remote(bool(on)))
-
-    def set_mapped_out(self, on: bool) -> bool:
-        """Attention outputs read by a GPU kernel from the mailbox (plan.mapped_out) from the
-        next pass on (benchmarks compare both on the same actors)."""
-        return ray.get(self.executor.set_mapped_out.remote(bool(on)))
-
-    def set_draft_prime_beside(self, on: bool) -> bool:
-        """Joining rows' draft priming beside the pass (plan.draft_prime_beside) from the next
-        join on (benchmarks compare both on the same actors)."""
-        return ray.get(self.executor.set_draft_prime_beside.remote(bool(on)))
+    def set_switch(self, name: str, on: bool) -> bool:
+        """A plan switch from the next pass on, returning what the actors took; benchmarks
+        compare both ways on the same actors. layer_doorbell needs the executor's mailboxes;
+        join_overlap is the backend's; the rest are the executor's (GPUExecutor.set_switch)."""
+        if name == "layer_doorbell":
+            self.backend.doorbell = bool(on) and self.info["mailboxes"]
+            return self.backend.doorbell
+        if name == "join_overlap":
+            self.backend.join_overlap = bool(on)
+            return self.backend.join_overlap
+        return ray.get(self.executor.set_switch.remote(name, bool(on)))
 
     def set_copy_chunk(self, mib: int):
         """The size of the pieces the weight copy is issued in, from the next layer copied on

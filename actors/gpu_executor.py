@@ -41,6 +41,9 @@ from .wire import to_wire
 
 
 class GPUExecutor:
+    # plan fields that set_switch changes on running actors
+    SWITCHES = ("draft_feed_last", "early_posts", "mapped_out", "draft_prime_beside")
+
     def __init__(self, spec, plan: Plan, manifest: dict | None = None, draft_desc=None, target_desc=None):
         """Starts CUDA and loads the draft; `attach(manifest)` then maps the target's host
         layers. The coordinator starts an executor while the loader still writes the host
@@ -666,25 +669,22 @@ class GPUExecutor:
         """Weight copies issued in pieces of `mib` MiB from the next layer queued on."""
         self.streamer.set_chunk(mib << 20)
 
-    def set_draft_feed_last(self, on: bool) -> bool:
-        """plan.draft_feed_last from the next round on (benchmarks compare both on the same actors)."""
-        self.runner.feed_last = None if on else False
-        return bool(on)
-
-    def set_early_posts(self, on: bool) -> bool:
-        """plan.early_posts from the next pass on (benchmarks compare both on the same actors)."""
-        self.post_early = bool(on)
-        return self.post_early
-
-    def set_mapped_out(self, on: bool) -> bool:
-        """plan.mapped_out from the next layer on (benchmarks compare both on the same actors)."""
-        self.mail.mapped_out = bool(on) and self.device.type == "cuda"
-        return self.mail.mapped_out
-
-    def set_draft_prime_beside(self, on: bool) -> bool:
-        """plan.draft_prime_beside from the next join on (benchmarks compare both on the same actors)."""
-        self.runner.prime_beside = bool(on)
-        return self.runner.prime_beside
+    def set_switch(self, name: str, on: bool) -> bool:
+        """One of the executor's plan switches (SWITCHES: plan.draft_feed_last, early_posts,
+        mapped_out, draft_prime_beside) from the next round, pass or join on; what it took
+        (mapped_out needs CUDA). Benchmarks compare both ways on the same actors."""
+        if name not in self.SWITCHES:
+            raise ValueError(f"{name!r} is not one of the executor's switches {self.SWITCHES}")
+        on = bool(on)
+        if name == "draft_feed_last":
+            self.runner.feed_last = None if on else False  # None: on where the steps are graphed
+        elif name == "early_posts":
+            self.post_early = on
+        elif name == "mapped_out":
+            self.mail.mapped_out = on = on and self.device.type == "cuda"
+        else:
+            self.runner.prime_beside = on
+        return on
 
     def set_draft_kv(self, kv: DraftKV):
         """The draft KV placement for batches started from now on (benchmarks compare them)."""

@@ -211,13 +211,14 @@ def _copy_always_pending():
     return _patch
 
 
-@pytest.mark.parametrize("draft,on", [(None, True), ("self:1", True), (None, False)])
+@pytest.mark.parametrize("draft,on", [(None, True), ("self:1", True), (None, False), (None, "switch")])
 def test_parts_finished_while_weights_copy_keep_greedy_output(ray_session, tiny_dir, draft, on):
     """plan.early_posts: while a layer's weights still copy, the executor finishes the previous
     layer for the batch's later parts whose attention is back (`GPUExecutor._post_arrived`),
     ahead of their own calls, which then skip it. On the CPU nothing copies, so every layer is
     made to look pending: the output is transformers' own, and parts were finished early only
-    where the plan says so."""
+    where the plan says so. "switch": the plan has it off and the coordinator's `set_switch`
+    turns it on for running actors (as bench does), which also says what the CPU cannot take."""
     import ray
     from hf_reference import PROMPTS, hf_greedy
     from specoffload.actors.supervisor import actors
@@ -227,13 +228,20 @@ def test_parts_finished_while_weights_copy_keep_greedy_output(ray_session, tiny_
 
     d = tiny_dir("llama")
     want = hf_greedy(d, PROMPTS, 10)
-    with LLM(str(d), plan=Plan(device="cpu", early_posts=on), batch_size=4, progress=False, micro_batches=2,
+    with LLM(str(d), plan=Plan(device="cpu", early_posts=on is True), batch_size=4, progress=False, micro_batches=2,
              draft=draft, k=3) as llm:
-        ray.get(actors(llm.run_id)["gpu_executor"].__ray_call__.remote(_copy_always_pending()), timeout=60)
+        named = actors(llm.run_id)
+        ray.get(named["gpu_executor"].__ray_call__.remote(_copy_always_pending()), timeout=60)
+        if on == "switch":
+            coord = named["coordinator"]
+            assert ray.get(coord.set_switch.remote("early_posts", True), timeout=60) is True
+            assert ray.get(coord.set_switch.remote("mapped_out", True), timeout=60) is False  # needs CUDA
+            with pytest.raises(ray.exceptions.RayTaskError, match="not one of the executor's switches"):
+                ray.get(coord.set_switch.remote("early_post", True), timeout=60)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=10, ignore_eos=True))
         stats = llm.last_stats
     assert [o.outputs[0].token_ids for o in outs] == want
-    assert (stats["early_posts"] > 0) == on
+    assert (stats["early_posts"] > 0) == bool(on)
 
 
 def _injector():
