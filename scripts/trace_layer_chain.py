@@ -4,7 +4,7 @@
 
 For each layer of the chosen target passes (every batch verified in them): how far apart
 consecutive layers start, against the weight copy, and how busy each side is in a layer (the CPU
-worker's attention calls; the executor's GPU spans and its copies out). Then, per micro-batch
+worker's attention calls; the executor's GPU spans and its copies out, and of those the GPU rows' attention). Then, per micro-batch
 ("part") that the CPU worker attends for, the chain around its attention: the gap until the
 worker starts, the attention, the gap until the executor's FFN starts, the FFN, the gap until
 the next layer's q/k/v, the q/k/v and its copy out, and the whole hand-off from the end of one
@@ -111,6 +111,9 @@ def chain(events, lo: int, hi: int, passes: str = "all") -> dict:
             spans_j = [e for p in d["exec"].values() for e in p.values()]
             if spans_j:
                 out["executor spans per layer"].append(sum(e["dur"] for e in spans_j))
+            for p in d["exec"].values():  # the GPU rows' attention, in the executor's spans above
+                if "gpu attention" in p:
+                    out["GPU rows' attention"].append(p["gpu attention"]["dur"])
             nxt_parts = cpu.get(j + 1, {})
             for key, p in cpu[j].items():
                 at = p["attention"]

@@ -69,6 +69,7 @@ def test_chain_per_part(tmp_path, batches):
         "passes (all)": 3, "layer to layer": 20.0, "weight copy": 16.0,
         "worker busy per layer": 10.0 * batches,  # two calls of 5 a batch; the GPU part has none
         "executor spans per layer": 8.0 * batches,  # 3 for the GPU part, 2.5 for each of the others
+        "GPU rows' attention": 0.5,
         "part: gap before attention": 2.0,  # 0.5 and 3.5 (the second waits for the first)
         "part: attention": 5.0,
         "part: gap before FFN": 4.0,  # 6 and 2
