@@ -4,8 +4,9 @@
 
 For each layer of the chosen target passes (every batch verified in them): how far apart
 consecutive layers start, against the weight copy, and how busy each side is in a layer (the CPU
-worker's attention calls; the executor's GPU spans and its copies out, and of those the GPU rows' attention). Then, per micro-batch
-("part") that the CPU worker attends for, the chain around its attention: the gap until the
+worker's attention calls; the executor's GPU spans and its copies out, and of those the GPU
+rows' attention). Then, per micro-batch ("part") that the CPU worker attends for, the chain
+around its attention: the gap until the
 worker starts, the attention, the gap until the executor's FFN starts, the FFN, the gap until
 the next layer's q/k/v, the q/k/v and its copy out, and the whole hand-off from the end of one
 layer's attention to the start of the next layer's for the same part. A part of GPU KV rows
