@@ -6,10 +6,10 @@ For each layer of the chosen target passes (every batch verified in them): how f
 consecutive layers start, against the weight copy, and how busy each side is in a layer (the CPU
 worker's attention calls; the executor's GPU spans and its copies out, and of those the GPU
 rows' attention). Then, per micro-batch ("part") that the CPU worker attends for, the chain
-around its attention: the gap until the
-worker starts, the attention, the gap until the executor's FFN starts, the FFN, the gap until
-the next layer's q/k/v, the q/k/v and its copy out, and the whole hand-off from the end of one
-layer's attention to the start of the next layer's for the same part. A part of GPU KV rows
+around its attention: the gap until the worker starts, the attention, the gap until the
+executor's FFN starts, the FFN, the gap until the next layer's q/k/v, the q/k/v and its copy
+out, and the whole hand-off from the end of one layer's attention to the start of the next
+layer's for the same part. A part of GPU KV rows
 only (a batch whose rows are all on the GPU, or session 23's traces, where GPU rows were a part
 of their own) has no worker call and counts in the executor's time only.
 This is how docs/benchmarks.md's runs 9 and 10 split a layer's ~57 ms chain.
