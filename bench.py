@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "each (plan.copy_chunk_mib), the fastest being the one ratios use, so that plain "
                          "decoding gets the choice the modes' --copy-chunk-mib list gives them. Default: the "
                          "first of --copy-chunk-mib.")
+    ap.add_argument("--baseline-switches", choices=("all", "first"), default="all",
+                    help="With --baseline-resident: whether the baseline runs at every value of the "
+                         "--mapped-out and --early-posts lists, as the modes do (all, the default), or only "
+                         "at each list's first (first: one plain run where the modes compare both ways).")
     ap.add_argument("--accelerate", metavar="N[:T[:RESERVE]]", type=_accelerate_arg,
                     help="After the modes, time what users run instead: transformers + accelerate offload "
                          "(device_map=auto under --gpu-memory, RESERVE of it left for activations, default "
@@ -806,6 +810,8 @@ def _main(argv):
         raise BenchError("--baseline-gpu-kv-rows needs --baseline-resident")
     elif a.baseline_copy_chunk_mib is not None:
         raise BenchError("--baseline-copy-chunk-mib needs --baseline-resident")
+    elif a.baseline_switches != "all":
+        raise BenchError("--baseline-switches needs --baseline-resident")
     from specoffload import host_facts
     from specoffload.ray_env import check_cluster, ensure_ray
 

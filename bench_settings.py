@@ -69,6 +69,9 @@ class SettingLists:
     draft_prime_beside: list[bool]
     mapped_out: list[bool]
     early_posts: list[bool]
+    # the baseline runs only each pass switch list's first value (--baseline-switches first):
+    # one plain run instead of one a combination, where a call has device time for one
+    baseline_switches_first: bool = False
 
     @classmethod
     def parse(cls, a) -> SettingLists:
@@ -86,7 +89,8 @@ class SettingLists:
             refill_rows=_counts(a.refill_rows, "--refill-rows", "integers", least=0),
             draft_prime_beside=_switches(a.draft_prime_beside, "--draft-prime-beside"),
             mapped_out=_switches(a.mapped_out, "--mapped-out"),
-            early_posts=_switches(a.early_posts, "--early-posts"))
+            early_posts=_switches(a.early_posts, "--early-posts"),
+            baseline_switches_first=getattr(a, "baseline_switches", "all") == "first")
 
     def first(self, resident: int = 0) -> RunSettings:
         """The plan's settings: each list's first."""
@@ -105,12 +109,14 @@ class SettingLists:
 
     def baseline_runs(self, resident: int, gpu_rows: list[int]) -> list[RunSettings]:
         """The plain baseline's runs: its micro-batches, copy pieces, GPU row counts, ways the
-        attention output comes back and early posts; doorbells if any run had them."""
+        attention output comes back and early posts (only the first of those two with
+        baseline_switches_first); doorbells if any run had them."""
         first = self.first(resident)
+        n = 1 if self.baseline_switches_first else None
         return [RunSettings(m, resident, max(self.doorbell), chunk, rows, first.join_overlap, first.draft_feed_last,
                             first.refill_rows, first.draft_prime_beside, mapped, early)
                 for m in self.micro_batches for chunk in self.baseline_copy_chunk_mib for rows in gpu_rows
-                for mapped in self.mapped_out for early in self.early_posts]
+                for mapped in self.mapped_out[:n] for early in self.early_posts[:n]]
 
     def suffix(self, s: RunSettings, baseline: bool) -> str:
         """The part of a run's name that tells it from the invocation's other runs: a tag for

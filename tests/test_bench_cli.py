@@ -577,7 +577,8 @@ def test_a_pass_list_flag_runs_every_mode_and_the_baseline_both_ways(monkeypatch
     """--mapped-out 1,0 (the attention output read by a GPU kernel or by a DMA) and
     --early-posts 1,0 (later parts' layers finished while weights copy) are not draft settings,
     so plain decoding runs both ways too (its fastest is the ratios' baseline), each a row of
-    its own; the actors get each run's value."""
+    its own, or once at the list's first with --baseline-switches first; the actors get each
+    run's value."""
     from specoffload import bench
 
     ran = []
@@ -597,3 +598,12 @@ def test_a_pass_list_flag_runs_every_mode_and_the_baseline_both_ways(monkeypatch
     assert f"against none+r1{on} " in out and f"single@2{on} 2.50x e2e" in out
     assert bench.main(["--workload", "tiny", flag, "2"]) == 2
     assert capsys.readouterr().err.strip() == f"specoffload bench: error: {flag} needs a comma list of 0 and 1, got '2'"
+    # --baseline-switches first: the modes both ways, the baseline once, at the list's first
+    ran.clear()
+    assert bench.main(["--workload", "tiny", "--modes", "single@2", flag, "0,1", "--baseline-resident", "1",
+                       "--baseline-switches", "first", "--no-warmup"]) == 0
+    assert ran == [("single@2", False), ("single@2", True), ("none+r1", False)]
+    out = capsys.readouterr().out
+    assert f"against none+r1{off} " in out and f"single@2{on} 3.00x e2e" in out
+    assert bench.main(["--workload", "tiny", "--baseline-switches", "first"]) == 2
+    assert capsys.readouterr().err.strip() == "specoffload bench: error: --baseline-switches needs --baseline-resident"
