@@ -1,6 +1,6 @@
 """Where a verification layer's time goes, from a `--trace` / `bench --trace-dir` timeline.
 
-    python scripts/trace_layer_chain.py trace_single_kauto.json [--rounds 3:27]
+    python scripts/trace_layer_chain.py trace_single_kauto.json[.gz] [--rounds 3:27]
 
 For each layer of the chosen target passes (every batch verified in them): how far apart
 consecutive layers start, against the weight copy, and how busy each side is in a layer (the CPU
@@ -9,9 +9,9 @@ rows' attention). Then, per micro-batch ("part") that the CPU worker attends for
 around its attention: the gap until the worker starts, the attention, the gap until the
 executor's FFN starts, the FFN, the gap until the next layer's q/k/v, the q/k/v and its copy
 out, and the whole hand-off from the end of one layer's attention to the start of the next
-layer's for the same part. A part of GPU KV rows
-only (a batch whose rows are all on the GPU, or session 23's traces, where GPU rows were a part
-of their own) has no worker call and counts in the executor's time only.
+layer's for the same part. A part of GPU KV rows only (a batch whose rows are all on the GPU,
+or session 23's traces, where GPU rows were a part of their own) has no worker call and counts
+in the executor's time only.
 This is how docs/benchmarks.md's runs 9 and 10 split a layer's ~57 ms chain.
 Then the prefill's: a sub-batch's layer on the device, the device's idle time between
 sub-batches and between layers, and the K/V copy out.
@@ -25,13 +25,12 @@ time on the device and the worker's time storing its K/V.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
 from collections import defaultdict
 
-from plot_timeline import rounds
+from plot_timeline import load_spans, rounds
 
 _LAYER = re.compile(r" b(\d+) L(\d+) \[(\d+):")
 _PREFILL = re.compile(r"^b(\d+) L(\d+) s(\d+)$")
@@ -172,9 +171,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         lo, hi = (int(x) for x in a.rounds.split(":"))
-        with open(a.trace) as f:
-            events = json.load(f)["traceEvents"]
-    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+        events = load_spans(a.trace)
+    except (ValueError, OSError, KeyError) as e:  # a JSONDecodeError is a ValueError
         print(f"trace_layer_chain: error: {e}", file=sys.stderr)
         return 2
     med, pre = chain(events, lo, hi, a.passes), prefill(events)
