@@ -90,7 +90,7 @@ class SettingLists:
             draft_prime_beside=_switches(a.draft_prime_beside, "--draft-prime-beside"),
             mapped_out=_switches(a.mapped_out, "--mapped-out"),
             early_posts=_switches(a.early_posts, "--early-posts"),
-            baseline_switches_first=getattr(a, "baseline_switches", "all") == "first")
+            baseline_switches_first=a.baseline_switches == "first")
 
     def first(self, resident: int = 0) -> RunSettings:
         """The plan's settings: each list's first."""

@@ -549,7 +549,7 @@ def test_run_settings_check_themselves_and_name_only_what_the_lists_vary():
 
     a = SimpleNamespace(micro_batches="1,2", doorbell="1", copy_chunk_mib="64", baseline_copy_chunk_mib=None,
                         gpu_kv_rows=[0], join_overlap="1", draft_feed_last="1,0", refill_rows="0",
-                        draft_prime_beside="1", mapped_out="0", early_posts="0")
+                        draft_prime_beside="1", mapped_out="0", early_posts="0", baseline_switches="all")
     lists = SettingLists.parse(a)
     runs = lists.runs(resident=3)
     assert [(s.micro_batches, s.draft_feed_last) for s in runs] == [(1, True), (1, False), (2, True), (2, False)]
