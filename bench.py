@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "with the executor finishing later parts' layers while "
                                                         "the next layer's weights copy (1, plan.early_posts) "
                                                         "and/or in call order (0, the default), e.g. 1,0.")
+    ap.add_argument("--fused-prefill", default="0", help="A comma list of 0/1: each mode, the baseline too, runs "
+                                                          "with the target's prefill layers' elementwise work fused "
+                                                          "by torch.compile (1, plan.fused_prefill, the same values) "
+                                                          "and/or eager (0, the default), e.g. 1,0.")
     ap.add_argument("--draft-prime-beside", default="1", help="A comma list of 0/1: each speculative mode runs "
                                                                "with rows joining a batch having the draft read "
                                                                "their prompts on a thread and stream of their own "
@@ -433,7 +437,7 @@ def _plan(a, lists: SettingLists, cuda: bool):
                     ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
                     layer_doorbell=first.doorbell, join_overlap=first.join_overlap,
                     draft_feed_last=first.draft_feed_last, draft_prime_beside=first.draft_prime_beside,
-                    mapped_out=first.mapped_out, early_posts=first.early_posts,
+                    mapped_out=first.mapped_out, early_posts=first.early_posts, fused_prefill=first.fused_prefill,
                     copy_chunk_mib=first.copy_chunk_mib, gpu_kv_rows=first.gpu_kv_rows, stall_s=a.stall_s)
         plan.check_layers(a.target_layers)
     except ConfigError as e:
@@ -580,9 +584,10 @@ class Bench:
         ray.get(coord.set_micro_batches.remote(s.micro_batches))
         ray.get(coord.set_gpu_kv_rows.remote(s.gpu_kv_rows))
         # what the actors took (a doorbell needs mailboxes, join overlap a plan that allows it)
-        bell, join, feed, prime, mapped, early = ray.get([coord.set_switch.remote(name, on) for name, on in (
+        bell, join, feed, prime, mapped, early, fused = ray.get([coord.set_switch.remote(name, on) for name, on in (
             ("layer_doorbell", s.doorbell), ("join_overlap", s.join_overlap), ("draft_feed_last", s.draft_feed_last),
-            ("draft_prime_beside", s.draft_prime_beside), ("mapped_out", s.mapped_out), ("early_posts", s.early_posts))])
+            ("draft_prime_beside", s.draft_prime_beside), ("mapped_out", s.mapped_out), ("early_posts", s.early_posts),
+            ("fused_prefill", s.fused_prefill))])
         ray.get(coord.set_copy_chunk.remote(s.copy_chunk_mib))
         if a.trace_dir:
             ray.get(coord.trace.remote())  # drop spans of earlier modes
@@ -601,7 +606,7 @@ class Bench:
         row["micro_batches"], row["doorbell"], row["copy_chunk_mib"] = s.micro_batches, bell, s.copy_chunk_mib
         row["gpu_kv_rows"], row["join_overlap"], row["draft_feed_last"] = s.gpu_kv_rows, join, feed
         row["refill_rows"], row["draft_prime_beside"], row["mapped_out"] = cfg.refill_rows, prime, mapped
-        row["early_posts"] = early
+        row["early_posts"], row["fused_prefill"] = early, fused
         row["mode"] = self.mode_name(label, mode_spec, s)
         self.results.append(row)
         print(json.dumps(row), flush=True)

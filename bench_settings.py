@@ -25,6 +25,7 @@ class RunSettings:
     draft_prime_beside: bool
     mapped_out: bool
     early_posts: bool
+    fused_prefill: bool
 
     def __post_init__(self):
         least = {"micro_batches": 1, "copy_chunk_mib": 1, "resident": 0, "gpu_kv_rows": 0, "refill_rows": 0}
@@ -56,7 +57,7 @@ class SettingLists:
     """The list flags of one invocation. Speculative modes run at every combination; the plain
     baseline has no draft, so it keeps the first join, feed, refill and priming setting and
     varies only the lists that concern it too (micro-batches, copy pieces, GPU rows, how the
-    attention output comes back, parts finished early)."""
+    attention output comes back, parts finished early, fused prefill)."""
 
     micro_batches: list[int]
     doorbell: list[bool]
@@ -69,6 +70,7 @@ class SettingLists:
     draft_prime_beside: list[bool]
     mapped_out: list[bool]
     early_posts: list[bool]
+    fused_prefill: list[bool]
     # the baseline runs only each pass switch list's first value (--baseline-switches first):
     # one plain run instead of one a combination, where a call has device time for one
     baseline_switches_first: bool = False
@@ -90,33 +92,35 @@ class SettingLists:
             draft_prime_beside=_switches(a.draft_prime_beside, "--draft-prime-beside"),
             mapped_out=_switches(a.mapped_out, "--mapped-out"),
             early_posts=_switches(a.early_posts, "--early-posts"),
+            fused_prefill=_switches(a.fused_prefill, "--fused-prefill"),
             baseline_switches_first=a.baseline_switches == "first")
 
     def first(self, resident: int = 0) -> RunSettings:
         """The plan's settings: each list's first."""
         return RunSettings(self.micro_batches[0], resident, self.doorbell[0], self.copy_chunk_mib[0],
                            self.gpu_kv_rows[0], self.join_overlap[0], self.draft_feed_last[0], self.refill_rows[0],
-                           self.draft_prime_beside[0], self.mapped_out[0], self.early_posts[0])
+                           self.draft_prime_beside[0], self.mapped_out[0], self.early_posts[0], self.fused_prefill[0])
 
     def runs(self, resident: int, micro: int | None = None) -> list[RunSettings]:
         """A speculative mode's runs, in the order the table lists them (micro: the mode's own
         micro-batch count, if its name gives one)."""
-        return [RunSettings(m, resident, bell, chunk, rows, join, feed, rr, prime, mapped, early)
+        return [RunSettings(m, resident, bell, chunk, rows, join, feed, rr, prime, mapped, early, fused)
                 for m in ([micro] if micro else self.micro_batches) for bell in self.doorbell
                 for chunk in self.copy_chunk_mib for rows in self.gpu_kv_rows for mapped in self.mapped_out
-                for early in self.early_posts for join in self.join_overlap for feed in self.draft_feed_last
+                for early in self.early_posts for fused in self.fused_prefill
+                for join in self.join_overlap for feed in self.draft_feed_last
                 for rr in self.refill_rows for prime in self.draft_prime_beside]
 
     def baseline_runs(self, resident: int, gpu_rows: list[int]) -> list[RunSettings]:
         """The plain baseline's runs: its micro-batches, copy pieces, GPU row counts, ways the
-        attention output comes back and early posts (only the first of those two with
-        baseline_switches_first); doorbells if any run had them."""
+        attention output comes back, early posts and fused prefill (only the first of those
+        three with baseline_switches_first); doorbells if any run had them."""
         first = self.first(resident)
         n = 1 if self.baseline_switches_first else None
         return [RunSettings(m, resident, max(self.doorbell), chunk, rows, first.join_overlap, first.draft_feed_last,
-                            first.refill_rows, first.draft_prime_beside, mapped, early)
+                            first.refill_rows, first.draft_prime_beside, mapped, early, fused)
                 for m in self.micro_batches for chunk in self.baseline_copy_chunk_mib for rows in gpu_rows
-                for mapped in self.mapped_out[:n] for early in self.early_posts[:n]]
+                for mapped in self.mapped_out[:n] for early in self.early_posts[:n] for fused in self.fused_prefill[:n]]
 
     def suffix(self, s: RunSettings, baseline: bool) -> str:
         """The part of a run's name that tells it from the invocation's other runs: a tag for
@@ -132,6 +136,8 @@ class SettingLists:
             out += "/mo" if s.mapped_out else "/md"
         if len(self.early_posts) > 1:
             out += "/ep" if s.early_posts else "/op"
+        if len(self.fused_prefill) > 1:
+            out += "/fused" if s.fused_prefill else "/eager"
         if baseline:
             return out
         if len(self.join_overlap) > 1:

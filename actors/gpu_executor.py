@@ -20,6 +20,7 @@ from ..models.attention import KVCache, gpu_attention_backends, pack_index
 from ..models.cuda_streams import EXECUTOR, JOIN_PREFILL, KV_COPY, side_stream
 from ..models.forward import Forward
 from ..models.fp8_weights import SELF_DRAFT_REFUSAL
+from ..models.fused import FUSED
 from ..models.host_io import packed, to_device, to_host
 from ..models.resident import ResidentModel, last_index
 from ..placement.draft_kv import DraftKV
@@ -42,7 +43,7 @@ from .wire import to_wire
 
 class GPUExecutor:
     # plan fields that set_switch changes on running actors
-    SWITCHES = ("draft_feed_last", "early_posts", "mapped_out", "draft_prime_beside")
+    SWITCHES = ("draft_feed_last", "early_posts", "mapped_out", "draft_prime_beside", "fused_prefill")
 
     def __init__(self, spec, plan: Plan, manifest: dict | None = None, draft_desc=None, target_desc=None):
         """Starts CUDA and loads the draft; `attach(manifest)` then maps the target's host
@@ -71,6 +72,7 @@ class GPUExecutor:
         self.gpu_row_tokens = 0
         self.early_posts = 0  # `_post_arrived`'s
         self.post_early = plan.early_posts
+        self.fused_prefill = plan.fused_prefill
         # layer -> an event after the joining prefill that read it on its own stream: the
         # layer's slot is refilled only after it too (`_done`)
         self._join_read: dict[int, torch.cuda.Event] = {}
@@ -430,8 +432,9 @@ class GPUExecutor:
             toks, q_lens = packed(prompts, self.device)
             b, i = pack_index(q_lens, toks.shape[0])
             # seq_lens: the prompt's length, as a length-dependent RoPE needs (models/rope.py)
-            subs[s] = {"pass": Forward.start(spec, self.glob, toks, i, q_lens[b]), "q_lens": q_lens,
-                       "longest": max(map(len, prompts))}
+            f = Forward.start(spec, self.glob, toks, i, q_lens[b])
+            f.fused = FUSED if self.fused_prefill else None  # plan.fused_prefill (models/fused.py)
+            subs[s] = {"pass": f, "q_lens": q_lens, "longest": max(map(len, prompts))}
         sub = subs[s]
         w = self._layer(j)
         with self.timer.span("prefill", f"b{bid} L{j} s{s}"):
@@ -671,7 +674,8 @@ class GPUExecutor:
 
     def set_switch(self, name: str, on: bool) -> bool:
         """One of the executor's plan switches (SWITCHES: plan.draft_feed_last, early_posts,
-        mapped_out, draft_prime_beside) from the next round, pass or join on; what it took
+        mapped_out, draft_prime_beside, fused_prefill) from the next round, pass, join or
+        prefill sub-batch on; what it took
         (mapped_out needs CUDA). Benchmarks compare both ways on the same actors."""
         if name not in self.SWITCHES:
             raise ValueError(f"{name!r} is not one of the executor's switches {self.SWITCHES}")
@@ -682,6 +686,8 @@ class GPUExecutor:
             self.post_early = on
         elif name == "mapped_out":
             self.mail.mapped_out = on = on and self.device.type == "cuda"
+        elif name == "fused_prefill":
+            self.fused_prefill = on
         else:
             self.runner.prime_beside = on
         return on

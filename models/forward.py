@@ -12,10 +12,12 @@ from .spec import ModelSpec
 
 
 class Forward:
-    def __init__(self, spec: ModelSpec, glob: dict, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, spec: ModelSpec, glob: dict, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 fused=None):
         """h [T, H]: the residual stream of T packed tokens; cos/sin: their RoPE; glob: the
-        embedding, final norm and head."""
-        self.spec, self.glob, self.h, self.cos, self.sin = spec, glob, h, cos, sin
+        embedding, final norm and head; fused: models.fused.FUSED, the layers' elementwise work
+        fused, the same values (plan.fused_prefill), or None."""
+        self.spec, self.glob, self.h, self.cos, self.sin, self.fused = spec, glob, h, cos, sin, fused
 
     @classmethod
     def start(cls, spec: ModelSpec, glob: dict, tokens: torch.Tensor, positions: torch.Tensor,
@@ -27,11 +29,11 @@ class Forward:
 
     def qkv(self, w: dict):
         """A layer's first half: norm, q/k/v projections, RoPE."""
-        return pre_attention(self.spec, w, self.h, self.cos, self.sin)
+        return pre_attention(self.spec, w, self.h, self.cos, self.sin, self.fused)
 
     def finish(self, w: dict, attn: torch.Tensor):
         """A layer's second half, given its attention output: projection, residual, FFN."""
-        self.h = post_attention(self.spec, w, self.h, attn)
+        self.h = post_attention(self.spec, w, self.h, attn, self.fused)
 
     def layer(self, w: dict, attend):
         """A whole layer, attention by `attend(q, k, v) -> [T, Hq * d]`."""
@@ -43,7 +45,8 @@ class Forward:
 
     def split(self, bounds: list[tuple[int, int]]) -> list["Forward"]:
         """The pass as consecutive token ranges [lo, hi), each run on its own (micro-batches)."""
-        return [Forward(self.spec, self.glob, self.h[lo:hi], self.cos[lo:hi], self.sin[lo:hi]) for lo, hi in bounds]
+        return [Forward(self.spec, self.glob, self.h[lo:hi], self.cos[lo:hi], self.sin[lo:hi], self.fused)
+                for lo, hi in bounds]
 
     @staticmethod
     def logits_of(parts: list["Forward"]) -> torch.Tensor:

@@ -231,6 +231,19 @@ class SharedInput:
     def __init__(self):
         self._q = None  # (fp8 copy, [M, 1] scales) of the input, once a matrix asked
 
+    @classmethod
+    def of(cls, xq: torch.Tensor, sx: torch.Tensor) -> "SharedInput":
+        """An input already quantized per token, as `Fp8Weight._quantized` would (models/fused.py
+        makes it in the kernel that makes the input)."""
+        shared = cls()
+        shared._q = (xq, sx)
+        return shared
+
+    def rows(self, lo: int, hi: int) -> "SharedInput":
+        """Rows [lo, hi) of the input (a dense FFN's chunk): the quantized rows if made, else a
+        fresh SharedInput (per-token quantization is row by row, so the values are the same)."""
+        return SharedInput() if self._q is None else SharedInput.of(self._q[0][lo:hi], self._q[1][lo:hi])
+
     def per_token(self, w: Fp8Weight, x2: torch.Tensor):
         """x2 [M, in] quantized per token; one SharedInput serves one input only."""
         if self._q is None or not SHARE_INPUTS:

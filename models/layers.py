@@ -86,29 +86,40 @@ def _linear(x, w, b=None, shared: SharedInput | None = None):
     return F.linear(x, w, b)
 
 
-def pre_attention(spec: ModelSpec, w: dict, h: torch.Tensor, cos, sin):
-    """h [T, H] -> q [T, Hq, d], k [T, Hkv, d], v [T, Hkv, d] (RoPE applied)."""
+def pre_attention(spec: ModelSpec, w: dict, h: torch.Tensor, cos, sin, fused=None):
+    """h [T, H] -> q [T, Hq, d], k [T, Hkv, d], v [T, Hkv, d] (RoPE applied). fused:
+    models.fused.Fused, the elementwise work in fewer kernels, the same values (plan.fused_prefill)."""
     w = gathered(w)  # fp8 matrices as they sit in a weight slot: values and scales apart
-    x = rms_norm(h, w["ln1"], spec.rms_eps)
     T, d = h.shape[0], spec.head_dim
     if "qkv" in w:  # an fp8 draft's stacked q/k/v (models/fp8_weights.py)
+        x = rms_norm(h, w["ln1"], spec.rms_eps)
         q, k, v = _linear(x, w["qkv"]).split([spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d], -1)
         if "q_bias" in w:
             q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     else:
-        shared = SharedInput()
+        if fused is None:
+            x, shared = rms_norm(h, w["ln1"], spec.rms_eps), SharedInput()
+        else:
+            x, shared = fused.norm_input(h, w["ln1"], spec.rms_eps, [w["q"], w["k"], w["v"]])
         q, k, v = (_linear(x, w[n], w.get(f"{n}_bias"), shared) for n in ("q", "k", "v"))
     q, k, v = q.view(T, spec.num_heads, d), k.view(T, spec.num_kv_heads, d), v.view(T, spec.num_kv_heads, d)
     if spec.qk_norm:
         q = rms_norm(q, w["q_norm"], spec.rms_eps)
         k = rms_norm(k, w["k_norm"], spec.rms_eps)
+    if fused is not None:
+        return (*fused.rope(q, k, cos, sin), v)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _act(spec: ModelSpec, x):
-    if spec.hidden_act == "silu":
+def activation(name: str, x):
+    """The FFN's activation by its config name (spec.hidden_act)."""
+    if name == "silu":
         return F.silu(x)
-    return F.gelu(x, approximate="tanh" if spec.hidden_act == "gelu_pytorch_tanh" else "none")
+    return F.gelu(x, approximate="tanh" if name == "gelu_pytorch_tanh" else "none")
+
+
+def _act(spec: ModelSpec, x):
+    return activation(spec.hidden_act, x)
 
 
 # Bytes of one dense FFN intermediate ([tokens, I]) made at once. A prefill sub-batch of
@@ -132,21 +143,29 @@ def dense_chunk_rows(tokens: int, width: int, elsize: int) -> int:
     return max(1, want // row)
 
 
-def dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
+def dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, shared: SharedInput | None = None,
+              fused=None) -> torch.Tensor:
+    """shared: x quantized for gate/up already (models/fused.py); fused: as pre_attention's."""
     step = dense_chunk_rows(x.shape[0], w["down"].shape[1], x.element_size())
     if x.shape[0] <= step:
-        return _dense_ffn(spec, w, x)
+        return _dense_ffn(spec, w, x, shared, fused)
     out = x.new_empty(x.shape[0], w["down"].shape[0])
     for lo in range(0, x.shape[0], step):
-        out[lo: lo + step] = _dense_ffn(spec, w, x[lo: lo + step])
+        part = None if shared is None else shared.rows(lo, lo + step)
+        out[lo: lo + step] = _dense_ffn(spec, w, x[lo: lo + step], part, fused)
     return out
 
 
-def _dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
+def _dense_ffn(spec: ModelSpec, w: dict, x: torch.Tensor, shared: SharedInput | None = None,
+               fused=None) -> torch.Tensor:
     if "gate_up" in w:  # an fp8 draft's stacked gate/up
         g, u = _linear(x, w["gate_up"]).chunk(2, dim=-1)
         return _linear(_act(spec, g) * u, w["down"])
-    shared = SharedInput()
+    shared = shared or SharedInput()
+    if fused is not None:
+        m, m_shared = fused.act_mul_input(spec.hidden_act, _linear(x, w["gate"], shared=shared),
+                                          _linear(x, w["up"], shared=shared), w["down"])
+        return _linear(m, w["down"], shared=m_shared)
     return _linear(_act(spec, _linear(x, w["gate"], shared=shared)) * _linear(x, w["up"], shared=shared), w["down"])
 
 
@@ -246,12 +265,16 @@ def _experts_loop(spec, w, x, tok, weight, counts):
     return out
 
 
-def post_attention(spec: ModelSpec, w: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """h [T, H] residual stream, attn [T, Hq*d] attention output -> next layer's h."""
+def post_attention(spec: ModelSpec, w: dict, h: torch.Tensor, attn: torch.Tensor, fused=None) -> torch.Tensor:
+    """h [T, H] residual stream, attn [T, Hq*d] attention output -> next layer's h. fused: as
+    pre_attention's (dense layers; an MoE layer's routing runs as it does without)."""
     w = gathered(w)
+    # Per layer, from its weights: Qwen MoE models mix dense layers in (mlp_only_layers).
+    if fused is not None and "router" not in w and "gate_up" not in w:
+        h, x, shared = fused.add_norm_input(h, _linear(attn, w["o"]), w["ln2"], spec.rms_eps, [w["gate"], w["up"]])
+        return h + dense_ffn(spec, w, x, shared, fused)
     h = h + _linear(attn, w["o"])
     x = rms_norm(h, w["ln2"], spec.rms_eps)
-    # Per layer, from its weights: Qwen MoE models mix dense layers in (mlp_only_layers).
     return h + (moe_ffn(spec, w, x) if "router" in w else dense_ffn(spec, w, x))
 
 

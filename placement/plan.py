@@ -81,6 +81,11 @@ class Plan(JsonFile):
     # batch's later parts whose attention is back (GPUExecutor._post_arrived), freeing that
     # layer's slot for the next copy sooner. Off until measured on the GPU machine.
     early_posts: bool = False
+    # The target's prefill runs each layer's elementwise work (norms with their fp8 input
+    # quantization, RoPE, act * up) fused by torch.compile (models/fused.py): the same values,
+    # fewer kernels (W4's prefill layer spent ~2.5 of ~10 ms in such kernels). Compiles on the
+    # first prefill (seconds). Off until measured on the GPU machine.
+    fused_prefill: bool = False
     # Inside a pass the executor and the CPU worker hand each layer over by a counter in the
     # mailbox (actors/doorbell.py) instead of through Ray's submitter, every call queued up
     # front: takes Ray's messages out of the layer chain (W1 fp8 speculative 360.5 -> 408.8

@@ -9,15 +9,15 @@ in session 37, of which the fp8 matmuls are ~5.7 ms (1,240 TFLOP/s, session 32's
 `profile_prefill_layer.py --rows 8`) and elementwise kernels ~2.5; prefill is 22.85 s of W4's
 106.7 (issue 19's goal, 250 tok/s, needs 98.3). Each group below reads and writes a
 [tokens, width] tensor several times in eager mode; one fused kernel reads and writes it once.
-The last lines add up what fusing would save a layer (each group as often as a layer runs it);
-whether the engine should fuse them, and how (with eager's roundings its output stays bit for
-bit what it is, equal to transformers'), is what these figures decide.
+The last lines add up what fusing saves a layer (each group as often as a layer runs it).
+`plan.fused_prefill` (`bench --fused-prefill 1,0`) runs them fused with eager's roundings;
+`profile_prefill_layer.py --fused` times a whole layer both ways.
 
     python scripts/profile_prefill_fusion.py                      # W4: 4,096 tokens, chunks as the engine's
     python scripts/profile_prefill_fusion.py --device cpu --tokens 64 --hidden 256 --intermediate 512 \
         --heads 8 --kv-heads 2 --head-dim 32                      # a smoke run on a CPU
 
-Groups (the functions are the engine's own, `models.layers` and `models.fp8_weights`):
+Groups (the functions are the engine's own, `models/fused.py`, which plan.fused_prefill compiles):
 - norm + quantize: `rms_norm` of the residual stream at a layer's start, then its per-token
   fp8 quantization (q/k/v's shared input);
 - residual + norm + quantize: the attention projection added to the stream, then the same for
@@ -46,7 +46,6 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     a = ap.parse_args(argv)
     import torch
-    import torch.nn.functional as F
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("profile_prefill_fusion: error: no CUDA device (pass --device cpu for a smoke run)", file=sys.stderr)
@@ -54,43 +53,26 @@ def main(argv=None) -> int:
     if min(a.tokens, a.hidden, a.intermediate, a.heads, a.kv_heads, a.head_dim, a.repeats) < 1:
         print("profile_prefill_fusion: error: sizes and counts must be >= 1", file=sys.stderr)
         return 2
+    from specoffload.models import fused as fz
     from specoffload.models.fp8_weights import Fp8Weight
-    from specoffload.models.layers import apply_rope, dense_chunk_rows, rms_norm
+    from specoffload.models.layers import dense_chunk_rows
 
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
     bf16 = torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=g, device=dev).to(bf16)  # noqa: E731
-    # A weight of the right input width, for its quantization of inputs (per token, as the target's).
-    w_in = Fp8Weight.quantize(torch.randn(8, a.hidden, device=dev))
-    w_mid = Fp8Weight.quantize(torch.randn(8, a.intermediate, device=dev))
-
-    def quantized(w, x):
-        s = w.input_scales(x)
-        return w.quantize_input(x, s), s
-
-    def norm_q(h, ln):
-        return quantized(w_in, rms_norm(h, ln, 1e-5))
-
-    def resid_norm_q(h, o, ln):
-        h = h + o
-        return (h, *norm_q(h, ln))
-
-    def rope(q, k, cos, sin):
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-    def act_mul_q(gate, up):
-        return quantized(w_mid, F.silu(gate) * up)
-
     T, chunk = a.tokens, min(a.tokens, dense_chunk_rows(a.tokens, a.intermediate, 2))
+    # The engine's groups (models/fused.py): eager, they are what a layer runs without the plan field.
     groups = [
-        ("norm + quantize", norm_q, (rand(T, a.hidden), rand(a.hidden))),
-        ("residual + norm + quantize", resid_norm_q, (rand(T, a.hidden), rand(T, a.hidden), rand(a.hidden))),
-        ("rope (q and k)", rope, (rand(T, a.heads, a.head_dim), rand(T, a.kv_heads, a.head_dim),
-                                  rand(T, a.head_dim), rand(T, a.head_dim))),
-        (f"act * up + quantize ({chunk} rows)", act_mul_q, (rand(chunk, a.intermediate), rand(chunk, a.intermediate))),
+        ("norm + quantize", fz._norm_q, (rand(T, a.hidden), rand(a.hidden), 1e-5)),
+        ("residual + norm + quantize", fz._add_norm_q, (rand(T, a.hidden), rand(T, a.hidden), rand(a.hidden), 1e-5)),
+        ("rope (q and k)", fz._rope, (rand(T, a.heads, a.head_dim), rand(T, a.kv_heads, a.head_dim),
+                                      rand(T, a.head_dim), rand(T, a.head_dim))),
+        (f"act * up + quantize ({chunk} rows)", fz._act_mul_q,
+         ("silu", rand(chunk, a.intermediate), rand(chunk, a.intermediate))),
     ]
+    assert fz.per_token_readers(Fp8Weight.quantize(torch.randn(8, 8)))  # what the target's matrices are
 
     def sync():
         if cuda:
@@ -114,13 +96,13 @@ def main(argv=None) -> int:
                                                                    y if isinstance(y, tuple) else (y,)))
 
     def compiled(fn, args, exact: bool):
-        """fn fused by inductor; exact: rounding every intermediate to its dtype as eager does
-        (inductor's emulate_precision_casts), else kept in fp32 inside the kernel."""
+        """fn fused by inductor as models/fused.py compiles it (exact: emulate_precision_casts,
+        every intermediate rounded to its dtype as eager does), or with intermediates kept in
+        fp32 inside the kernel (inductor's default)."""
         torch._dynamo.reset()  # a fresh compile for each variant, not the last one's cache
         t0 = time.perf_counter()
-        with torch._inductor.config.patch(emulate_precision_casts=exact):
-            fused_fn = torch.compile(fn, dynamic=False)
-            out = fused_fn(*args)  # compiles here
+        fused_fn = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": exact})
+        out = fused_fn(*args)  # compiles here
         sync()
         return fused_fn, out, time.perf_counter() - t0
 

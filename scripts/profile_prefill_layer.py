@@ -10,6 +10,8 @@ memory it allocated above its inputs, and the largest output difference against 
 chunk size; then, for the first and the last size, the ten costliest kernels (torch.profiler).
 `--before` adds each size with the input quantization as it was before session 20 (q/k/v and
 gate/up each quantizing their input, in two kernels): the same outputs, and the time saved.
+`--fused` adds each size with the elementwise work fused (plan.fused_prefill, models/fused.py;
+compiled at its warm-up): "max diff vs first" says whether it is bit for bit on this device.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--before", action="store_true",
                     help="also time each chunk size as before session 20: every matrix quantizing its "
                          "input itself (fp8_weights.SHARE_INPUTS off), in two steps (x / s, then fp8)")
+    ap.add_argument("--fused", action="store_true",
+                    help="also time each chunk size with the elementwise work fused (plan.fused_prefill)")
     a = ap.parse_args(argv)
     import torch
 
@@ -43,6 +47,7 @@ def main(argv=None) -> int:
     from specoffload.models import fp8_weights, layers
     from specoffload.models.attention import KVCache, gpu_attention_backends
     from specoffload.models.forward import Forward
+    from specoffload.models.fused import FUSED
     from specoffload.models.fp8_weights import Fp8Weight, gathered
     from specoffload.sources.constructed import ConstructedModel
     from specoffload.sources.fp8_quantize import TARGET_MATRICES
@@ -65,23 +70,25 @@ def main(argv=None) -> int:
     flops = 2 * T * sum(v.data.numel() if isinstance(v, Fp8Weight) else (v.numel() if v.dim() == 2 else 0)
                         for v in w.values())
 
-    def layer():
+    def layer(fused: bool = False):
         cache = KVCache(1, P, spec.num_kv_heads, spec.head_dim, L, spec.torch_dtype, dev, (None,))
         cache.begin_pass(q_lens, T, L)
-        f = Forward(spec, None, h0.clone(), cos, sin)
+        f = Forward(spec, None, h0.clone(), cos, sin, FUSED if fused else None)
         f.layer(w, partial(cache.attend_layer, 0))
         return f.h
 
     rows, outs = [], {}
-    runs = [(mib, True) for mib in a.chunk_mib] + ([(mib, False) for mib in a.chunk_mib] if a.before else [])
-    for mib, now in runs:
+    runs = [(mib, True, False) for mib in a.chunk_mib]  # (chunk MiB, shared input quantization, fused)
+    runs += [(mib, False, False) for mib in a.chunk_mib] if a.before else []
+    runs += [(mib, True, True) for mib in a.chunk_mib] if a.fused else []
+    for mib, now, fused in runs:
         layers.DENSE_CHUNK_BYTES = layers.DENSE_CHUNK_MAX_BYTES = mib << 20  # exactly this chunk
         fp8_weights.SHARE_INPUTS = now
         if now:  # today's one-kernel quantization, or the two steps it replaced
             fp8_weights._DIV_INTO_FP8_FAILED.discard("cuda")
         else:
             fp8_weights._DIV_INTO_FP8_FAILED.add("cuda")
-        out = layer()  # warm-up
+        out = layer(fused)  # warm-up (with --fused: compiles)
         outs.setdefault(mib, out)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -90,13 +97,14 @@ def main(argv=None) -> int:
         for _ in range(a.repeats):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            layer()
+            layer(fused)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         ms = statistics.median(times) * 1e3
         diff = (out.float() - outs[a.chunk_mib[0]].float()).abs().max().item()
-        rows.append((mib if now else f"{mib}, as before", ms, flops / (ms / 1e3) / 1e12, peak, diff))
+        name = f"{mib}, fused" if fused else mib if now else f"{mib}, as before"
+        rows.append((name, ms, flops / (ms / 1e3) / 1e12, peak, diff))
     fp8_weights.SHARE_INPUTS = True
     fp8_weights._DIV_INTO_FP8_FAILED.discard("cuda")
     if fp8_weights._SCALED_MM_FAILED:

@@ -35,7 +35,7 @@ def test_chunked_rows_equal_one_call(fp8, monkeypatch):
         monkeypatch.setattr(layers, name, 7 * 40 * x.element_size())  # 7 rows a chunk
     calls = []
     real = layers._dense_ffn
-    monkeypatch.setattr(layers, "_dense_ffn", lambda s, w, x: calls.append(x.shape[0]) or real(s, w, x))
+    monkeypatch.setattr(layers, "_dense_ffn", lambda s, w, x, *more: calls.append(x.shape[0]) or real(s, w, x, *more))
     got = layers.dense_ffn(_Spec, w, x)
     assert calls == [7] * 7 + [1]
     # Not to the bit: a CPU matmul of a few rows may round differently from one of all of them.
