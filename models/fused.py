@@ -16,6 +16,8 @@ bit for bit on the CPU; on a GPU, reductions may sum in another order.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .fp8_weights import FP8, FP8_MAX, Fp8Weight, SharedInput
@@ -59,12 +61,23 @@ class Fused:
 
     def __init__(self):
         self._compiled = {}
+        self.failed: str | None = None  # why compiling failed (then every group runs eagerly)
 
     def _run(self, fn, *args):
-        c = self._compiled.get(fn)
-        if c is None:
-            c = self._compiled[fn] = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
-        return c(*args)
+        if self.failed is None:
+            c = self._compiled.get(fn)
+            if c is None:
+                c = self._compiled[fn] = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+            try:
+                return c(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a machine that cannot compile (no compiler, no triton)
+                # The same values eagerly: a run goes on as if the plan field were off, and
+                # says so once. A bad input raises again below, from the eager call.
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                warnings.warn(f"plan.fused_prefill: compiling failed, running eagerly ({self.failed})", stacklevel=2)
+        return fn(*args)
 
     def norm_input(self, h, weight, eps: float, readers) -> tuple[torch.Tensor, SharedInput]:
         """rms_norm(h) and its quantization for `readers` (eager where they do not share one)."""

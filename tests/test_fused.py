@@ -111,3 +111,22 @@ def test_the_actors_fused_prefill_keeps_greedy_output(ray_session, tiny_dir):
             groups = ray.get(actors(llm.run_id)["gpu_executor"].__ray_call__.remote(_compiled_groups()), timeout=60)
         assert got == want
         assert groups == (["_act_mul_q", "_add_norm_q", "_norm_q", "_rope"] if on else [])
+
+
+def test_a_machine_that_cannot_compile_runs_the_groups_eagerly(monkeypatch):
+    """Where torch.compile fails (no compiler, no triton), the groups run eagerly, the same
+    values, with one warning; later calls do not try again."""
+    def broken(*a, **k):
+        def call(*args):
+            raise RuntimeError("no C compiler\nsecond line")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    spec = _spec()
+    w = _layer(spec, "token")
+    fused = fused_mod.Fused()
+    with pytest.warns(UserWarning, match=r"compiling failed, running eagerly \(RuntimeError: no C compiler\)"):
+        out = _run(spec, w, 24, fused)
+    eager = _run(spec, w, 24, None)
+    assert all(torch.equal(a, b) for a, b in zip(eager, out))
+    assert fused.failed == "RuntimeError: no C compiler" and len(fused._compiled) == 1
