@@ -14,7 +14,7 @@ API, the GPU executor killed mid-run (restarted, output as plain decoding), a Ra
 submitted to a `ray start` head, `specoffload plan`, `specoffload bench
 --workload w1-small` (shortened), a refilled job (`bench --workload w1-long-tiny`, a draft
 graph captured again at each of its ~70 joins), the target quantized to fp8 at load (`generate --quantize fp8`
-plain and speculative, `bench --target-fp8`), a tiny checkpoint of every family through the
+plain and speculative, `bench --target-fp8` with the prefill fused and not), a tiny checkpoint of every family through the
 actors on the GPU against transformers, and every CUDA-only test. Each row asserts exit 0 and
 every output present; bf16 speculative rows also that log probabilities move no more than
 rounding (see `Check.same`). Exit status 1 if any row fails.
@@ -462,7 +462,10 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
                                                   ref=ref))]
 
     def bench_fp8(self):
-        self.bench_row("bench --workload w1-small --target-fp8", "--target-fp8", "--json", self.logs / "bench_fp8.json")
+        """With the prefill's elementwise work fused and not (plan.fused_prefill): triton compiles
+        it on the device, and both ways run (4 short runs)."""
+        self.bench_row("bench --workload w1-small --target-fp8 --fused-prefill 1,0", "--target-fp8",
+                       "--fused-prefill", "1,0", "--json", self.logs / "bench_fp8.json")
 
     def families(self, part: int, of: int):
         rc, text, dt = self.run(f"tiny families {part + 1}/{of}", [
