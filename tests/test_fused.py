@@ -65,6 +65,7 @@ def test_a_fused_layer_is_the_eager_layer_bit_for_bit(fp8, qk_norm):
             assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs at {tokens} tokens"
     groups = {fn.__name__ for fn in fused._compiled}
     assert groups == ({"_norm_q", "_add_norm_q", "_rope", "_act_mul_q"} if fp8 == "token" else {"_rope"})
+    assert fused.failed is None  # they ran compiled, not through the eager fallback
 
 
 def test_a_chunked_ffn_takes_its_rows_of_the_fused_quantization(monkeypatch):
