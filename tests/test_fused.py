@@ -83,11 +83,11 @@ def test_a_chunked_ffn_takes_its_rows_of_the_fused_quantization(monkeypatch):
 
 def _compiled_groups():
     """A function for `__ray_call__` (made here, so Ray pickles it by value): the fused groups
-    the executor's process has compiled."""
+    the executor's process has compiled, and why compiling failed (None: it did not)."""
     def read(executor):
         from specoffload.models.fused import FUSED
 
-        return sorted(fn.__name__ for fn in FUSED._compiled)
+        return sorted(fn.__name__ for fn in FUSED._compiled), FUSED.failed
     return read
 
 
@@ -111,9 +111,10 @@ def test_the_actors_fused_prefill_keeps_greedy_output(ray_session, tiny_dir):
         with LLM(str(d), plan=Plan(device="cpu", fused_prefill=on), draft="self:1", quantize="fp8",
                  schedule="single", k=3, batch_size=2, progress=False) as llm:
             got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
-            groups = ray.get(actors(llm.run_id)["gpu_executor"].__ray_call__.remote(_compiled_groups()), timeout=60)
+            groups, failed = ray.get(actors(llm.run_id)["gpu_executor"].__ray_call__.remote(_compiled_groups()),
+                                     timeout=60)
         assert got == want
-        assert groups == (["_act_mul_q", "_add_norm_q", "_norm_q", "_rope"] if on else [])
+        assert groups == (["_act_mul_q", "_add_norm_q", "_norm_q", "_rope"] if on else []) and failed is None
 
 
 def test_a_machine_that_cannot_compile_runs_the_groups_eagerly(monkeypatch):
