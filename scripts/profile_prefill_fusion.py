@@ -54,7 +54,6 @@ def main(argv=None) -> int:
         print("profile_prefill_fusion: error: sizes and counts must be >= 1", file=sys.stderr)
         return 2
     from specoffload.models import fused as fz
-    from specoffload.models.fp8_weights import Fp8Weight
     from specoffload.models.layers import dense_chunk_rows
 
     dev = torch.device(a.device)
@@ -72,7 +71,6 @@ def main(argv=None) -> int:
         (f"act * up + quantize ({chunk} rows)", fz._act_mul_q,
          ("silu", rand(chunk, a.intermediate), rand(chunk, a.intermediate))),
     ]
-    assert fz.per_token_readers(Fp8Weight.quantize(torch.randn(8, 8)))  # what the target's matrices are
 
     def sync():
         if cuda:
