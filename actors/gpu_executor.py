@@ -432,8 +432,8 @@ class GPUExecutor:
             toks, q_lens = packed(prompts, self.device)
             b, i = pack_index(q_lens, toks.shape[0])
             # seq_lens: the prompt's length, as a length-dependent RoPE needs (models/rope.py)
-            f = Forward.start(spec, self.glob, toks, i, q_lens[b])
-            f.fused = FUSED if self.fused_prefill else None  # plan.fused_prefill (models/fused.py)
+            # fused: plan.fused_prefill (models/fused.py)
+            f = Forward.start(spec, self.glob, toks, i, q_lens[b], FUSED if self.fused_prefill else None)
             subs[s] = {"pass": f, "q_lens": q_lens, "longest": max(map(len, prompts))}
         sub = subs[s]
         w = self._layer(j)

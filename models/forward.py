@@ -21,11 +21,12 @@ class Forward:
 
     @classmethod
     def start(cls, spec: ModelSpec, glob: dict, tokens: torch.Tensor, positions: torch.Tensor,
-              seq_lens: torch.Tensor | None = None) -> "Forward":
+              seq_lens: torch.Tensor | None = None, fused=None) -> "Forward":
         """A pass over packed `tokens` at `positions`: embedded, RoPE computed once (`seq_lens`:
-        per token, the length a length-dependent RoPE uses; see layers.rope_cos_sin)."""
+        per token, the length a length-dependent RoPE uses; see layers.rope_cos_sin; `fused`: as
+        the constructor's)."""
         cos, sin = rope_cos_sin(spec, positions, spec.torch_dtype, seq_lens)
-        return cls(spec, glob, embed(glob["embed"], tokens), cos, sin)
+        return cls(spec, glob, embed(glob["embed"], tokens), cos, sin, fused)
 
     def qkv(self, w: dict):
         """A layer's first half: norm, q/k/v projections, RoPE."""

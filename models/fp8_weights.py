@@ -57,6 +57,13 @@ def div_into_fp8(x2: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
     return torch.div(x2, sx, out=torch.empty(x2.shape, dtype=FP8, device=x2.device))
 
 
+def per_token_scales(x2: torch.Tensor) -> torch.Tensor:
+    """[M, 1] fp32 scales quantizing each row of x2 [M, in] by its own max (models/fused.py
+    makes the same in its fused kernels). Few kernels: |x| max per row in one reduction, fp32 out."""
+    amax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    return (amax * (1.0 / FP8_MAX)).clamp_min_(1e-12)
+
+
 class Fp8Weight:
     """A [out, in] matrix (or experts stacked [E, out, in]) as fp8 values and fp32 scales,
     w ~= data * scale per row, or per 128x128 block where `scale` has as many dims as `data`.
@@ -132,9 +139,7 @@ class Fp8Weight:
         if self.block:
             return None
         if self.input_scale is None:
-            # Few kernels: |x| max per row in one reduction, fp32 out.
-            amax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
-            return (amax * (1.0 / FP8_MAX)).clamp_min_(1e-12)
+            return per_token_scales(x2)
         s = self.input_scale.float().reshape(-1)
         s = s[expert_of_row] if expert_of_row is not None and s.numel() > 1 else s[:1].expand(x2.shape[0])
         return s.reshape(-1, 1).contiguous()  # _scaled_mm takes rowwise scales, materialised

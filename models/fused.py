@@ -20,14 +20,14 @@ import warnings
 
 import torch
 
-from .fp8_weights import FP8, FP8_MAX, Fp8Weight, SharedInput
+from .fp8_weights import FP8, Fp8Weight, SharedInput, per_token_scales
 from .layers import activation, apply_rope, rms_norm
 
 
 def _per_token(x: torch.Tensor):
-    """`Fp8Weight.input_scales` and `quantize_input` of a [M, in] input, as one expression."""
-    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
-    sx = (amax * (1.0 / FP8_MAX)).clamp_min(1e-12)
+    """`Fp8Weight.input_scales` and `quantize_input` of a [M, in] input: its scales, and the
+    division written as an expression (eager's `div_into_fp8` writes fp8 through `out=`)."""
+    sx = per_token_scales(x)
     return (x / sx).to(FP8), sx
 
 
