@@ -29,7 +29,6 @@ Groups (the functions are the engine's own, `models/fused.py`, which plan.fused_
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -53,6 +52,8 @@ def main(argv=None) -> int:
     if min(a.tokens, a.hidden, a.intermediate, a.heads, a.kv_heads, a.head_dim, a.repeats) < 1:
         print("profile_prefill_fusion: error: sizes and counts must be >= 1", file=sys.stderr)
         return 2
+    from profile_gpu_rows import wall_ms  # the median wall time, device drained around each call
+
     from specoffload.models import fused as fz
     from specoffload.models.layers import dense_chunk_rows
 
@@ -77,16 +78,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(dev)
 
     def ms(fn, args) -> float:
-        for _ in range(3):
-            fn(*args)
-        times = []
-        for _ in range(a.repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn(*args)
-            sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
+        return wall_ms(lambda: fn(*args), a.repeats, sync)
 
     def same(x, y) -> bool:
         bits = lambda t: t.view(torch.uint8) if t.element_size() == 1 else t  # noqa: E731 (fp8: compare bytes)
