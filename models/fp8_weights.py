@@ -23,6 +23,8 @@ transformers.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -44,8 +46,8 @@ SCALE, INPUT_SCALE = ".scale", ".input_scale"
 SELF_DRAFT_REFUSAL = ("draft_fp8 needs a separate draft checkpoint: a self:N draft is the target's own layers, "
                       "which must stay as they are")
 
-# (device type, input dtype) where _scaled_mm raised once: widened weights from then on.
-_SCALED_MM_FAILED: set = set()
+# (device type, input dtype) where _scaled_mm raised once -> its error: widened weights from then on.
+_SCALED_MM_FAILED: dict = {}
 # Device types where a division could not write fp8 (div_into_fp8): the two steps from then on.
 _DIV_INTO_FP8_FAILED: set = set()
 
@@ -169,8 +171,11 @@ class Fp8Weight:
                 return y if bias is None else y + bias
             except torch.OutOfMemoryError:
                 raise  # not a refusal: widening would need more memory still
-            except (RuntimeError, NotImplementedError, TypeError):
-                _SCALED_MM_FAILED.add(key)
+            except (RuntimeError, NotImplementedError, TypeError) as e:
+                # Widening every matrix on every call is several times slower: say so, once.
+                _SCALED_MM_FAILED[key] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                warnings.warn(f"torch._scaled_mm refused {key[1]} inputs on {key[0]}, fp8 matrices widen from now on "
+                              f"({_SCALED_MM_FAILED[key]})", stacklevel=2)
         # Block scales (no fp8 kernel for them here), or a refusal: widened in x's dtype.
         xq, sx = self._quantized(x.reshape(-1, x.shape[-1]), shared)
         if sx is not None:
@@ -247,7 +252,11 @@ class SharedInput:
     def rows(self, lo: int, hi: int) -> "SharedInput":
         """Rows [lo, hi) of the input (a dense FFN's chunk): the quantized rows if made, else a
         fresh SharedInput (per-token quantization is row by row, so the values are the same)."""
-        return SharedInput() if self._q is None else SharedInput.of(self._q[0][lo:hi], self._q[1][lo:hi])
+        if self._q is None:
+            return SharedInput()
+        # The scales copied: a row slice of them starts 4 * lo bytes in, and _scaled_mm wants
+        # its scale pointers as aligned as a fresh tensor's (the eager path makes fresh ones).
+        return SharedInput.of(self._q[0][lo:hi], self._q[1][lo:hi].clone())
 
     def per_token(self, w: Fp8Weight, x2: torch.Tensor):
         """x2 [M, in] quantized per token; one SharedInput serves one input only."""

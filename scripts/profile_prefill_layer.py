@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     fp8_weights.SHARE_INPUTS = True
     fp8_weights._DIV_INTO_FP8_FAILED.discard("cuda")
     if fp8_weights._SCALED_MM_FAILED:
-        print(f"NOTE: torch._scaled_mm refused {sorted(fp8_weights._SCALED_MM_FAILED)}: widened bf16 weights ran")
+        print(f"NOTE: torch._scaled_mm refused {fp8_weights._SCALED_MM_FAILED}: widened bf16 weights ran")
     for mib in dict.fromkeys((a.chunk_mib[0], a.chunk_mib[-1])):
         layers.DENSE_CHUNK_BYTES = layers.DENSE_CHUNK_MAX_BYTES = mib << 20
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
