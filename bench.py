@@ -187,18 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(1, the default, plan.draft_feed_last: the next round's "
                                                             "first step is a graphed one-token step) and/or not (0), "
                                                             "e.g. 1,0.")
-    ap.add_argument("--mapped-out", default="0", help="A comma list of 0/1: each mode, the baseline too, runs "
+    ap.add_argument("--mapped-out", default="1", help="A comma list of 0/1: each mode, the baseline too, runs "
                                                        "with the GPU reading each attention output from the "
-                                                       "mailbox by a kernel (1, plan.mapped_out) and/or by a DMA "
-                                                       "queued with the weight copy (0, the default), e.g. 1,0.")
+                                                       "mailbox by a kernel (1, plan.mapped_out, the default) "
+                                                       "and/or by a DMA queued with the weight copy (0), e.g. 1,0.")
     ap.add_argument("--early-posts", default="0", help="A comma list of 0/1: each mode, the baseline too, runs "
                                                         "with the executor finishing later parts' layers while "
                                                         "the next layer's weights copy (1, plan.early_posts) "
                                                         "and/or in call order (0, the default), e.g. 1,0.")
-    ap.add_argument("--fused-prefill", default="0", help="A comma list of 0/1: each mode, the baseline too, runs "
-                                                          "with the target's prefill layers' elementwise work fused "
-                                                          "by torch.compile (1, plan.fused_prefill, the same values) "
-                                                          "and/or eager (0, the default), e.g. 1,0.")
+    ap.add_argument("--fused-prefill", default=None, help="A comma list of 0/1: each mode, the baseline too, runs "
+                                                           "with the target's prefill layers' elementwise work fused "
+                                                           "by torch.compile (1, plan.fused_prefill, the same values) "
+                                                           "and/or eager (0), e.g. 1,0. Default: the plan's, 1 on "
+                                                           "CUDA and 0 on a CPU.")
     ap.add_argument("--draft-prime-beside", default="1", help="A comma list of 0/1: each speculative mode runs "
                                                                "with rows joining a batch having the draft read "
                                                                "their prompts on a thread and stream of their own "
@@ -794,7 +795,7 @@ def _main(argv):
         a.batch = _largest_batch(a, tspec, dspec, cuda)
     a.resident = _resident(a, tspec, dspec, cuda)
     a.gpu_kv_rows = _gpu_kv_rows(a, tspec, dspec, cuda)
-    lists = SettingLists.parse(a)  # bad lists fail first
+    lists = SettingLists.parse(a, cuda)  # bad lists fail first
     plan = _plan(a, lists, cuda)
     try:
         modes = parse_modes(a.modes, a.k)

@@ -76,8 +76,9 @@ class SettingLists:
     baseline_switches_first: bool = False
 
     @classmethod
-    def parse(cls, a) -> SettingLists:
-        """From bench's parsed flags (gpu_kv_rows already counted: `auto` needs the model)."""
+    def parse(cls, a, cuda: bool = False) -> SettingLists:
+        """From bench's parsed flags (gpu_kv_rows already counted: `auto` needs the model);
+        cuda: where the runs go, for the plan's defaults that depend on it (fused_prefill)."""
         chunks = _counts(a.copy_chunk_mib, "--copy-chunk-mib", "sizes")
         return cls(
             micro_batches=_counts(a.micro_batches, "--micro-batches", "counts"),
@@ -92,7 +93,7 @@ class SettingLists:
             draft_prime_beside=_switches(a.draft_prime_beside, "--draft-prime-beside"),
             mapped_out=_switches(a.mapped_out, "--mapped-out"),
             early_posts=_switches(a.early_posts, "--early-posts"),
-            fused_prefill=_switches(a.fused_prefill, "--fused-prefill"),
+            fused_prefill=_switches(a.fused_prefill or ("1" if cuda else "0"), "--fused-prefill"),
             baseline_switches_first=a.baseline_switches == "first")
 
     def first(self, resident: int = 0) -> RunSettings:

@@ -75,17 +75,20 @@ class Plan(JsonFile):
     shm_activations: bool = True
     # With them on CUDA: a GPU kernel reads each attention output from the page-locked mailbox
     # rather than a DMA, which queues behind the weight copy's pieces (ExecutorMailboxes.recv_out).
-    # Off until measured on the GPU machine.
-    mapped_out: bool = False
+    # w1-long on the GPU machine: 2.96x plain against 2.88x with DMAs, 2.86x against 2.79x at
+    # another refill size (docs/benchmarks.md, W1-long "Session 41"). No effect off CUDA.
+    mapped_out: bool = True
     # While a layer's weights still copy, the executor finishes the previous layer for a
     # batch's later parts whose attention is back (GPUExecutor._post_arrived), freeing that
     # layer's slot for the next copy sooner. Off until measured on the GPU machine.
     early_posts: bool = False
     # The target's prefill runs each layer's elementwise work (norms with their fp8 input
     # quantization, RoPE, act * up) fused by torch.compile (models/fused.py): the same values,
-    # fewer kernels (W4's prefill layer spent ~2.5 of ~10 ms in such kernels). Compiles on the
-    # first prefill (seconds). Off until measured on the GPU machine.
-    fused_prefill: bool = False
+    # fewer kernels. W4 on the GPU machine: a prefill layer 10.36 ms against 12.28, the run's
+    # prefill 20.15 s against 22.61 (docs/benchmarks.md, W4 "Session 41"). Compiles on the first
+    # prefill (seconds). None: on where the plan's device is CUDA (a CPU compiles slowly and
+    # its eager kernels lose less).
+    fused_prefill: bool | None = None
     # Inside a pass the executor and the CPU worker hand each layer over by a counter in the
     # mailbox (actors/doorbell.py) instead of through Ray's submitter, every call queued up
     # front: takes Ray's messages out of the layer chain (W1 fp8 speculative 360.5 -> 408.8
@@ -144,6 +147,8 @@ class Plan(JsonFile):
         self.draft_kv_policy  # checks the draft KV fields
         if self.copy_chunk_mib < 1:
             raise ConfigError(f"copy_chunk_mib must be >= 1, got {self.copy_chunk_mib}")
+        if self.fused_prefill is None:
+            object.__setattr__(self, "fused_prefill", self.device == "cuda")
         if not self.shm_activations:  # the plain path: everything through Ray's object store
             object.__setattr__(self, "shm_prefill", False)
             object.__setattr__(self, "layer_doorbell", False)

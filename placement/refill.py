@@ -24,9 +24,12 @@ from ..errors import ConfigError
 REFILL_BY_DEFAULT = False
 
 # A join's cost in target passes, for runs without the planner's figures: riding the next pass
-# it is the draft's priming and capture plus the joining rows' GPU compute under the copy
-# (assumed an eighth of a pass); on its own, a whole streamed prefill pass.
-JOIN_PASSES = {"pass": 0.125, "own": 1.0}
+# it is the draft's priming and capture plus the joining rows' GPU compute under the copy; on
+# its own, a whole streamed prefill pass. Riding: 0.03, fitted to w1-long on the GPU machine,
+# where joins of 8 rows beat joins of 16 (2.96x plain against 2.86x, and 2.88x against 2.79x
+# with the other way the attention output comes back: docs/benchmarks.md, W1-long "Session
+# 41"); at 192 rows it picks 8 (0.125, the guess before, picked 16).
+JOIN_PASSES = {"pass": 0.03, "own": 1.0}
 # Rounds a request takes, for the same purpose (W1-long: ~144 tokens at ~4.5 per round).
 ROUNDS_PER_REQUEST = 32
 

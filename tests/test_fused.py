@@ -163,3 +163,17 @@ def test_the_fused_groups_compile_on_cuda_and_agree_with_eager(chunk_rows, monke
     assert fused.failed is None
     assert {fn.__name__ for fn in fused._compiled} == {"_norm_q", "_add_norm_q", "_rope", "_act_mul_q"}
     assert fp8_weights._SCALED_MM_FAILED == {}
+
+
+def test_the_plan_fuses_prefill_by_default_on_cuda_only():
+    """plan.fused_prefill None (the default) becomes on for a CUDA plan and off for a CPU one
+    (compiling on a CPU is slow and its eager kernels lose less); a choice stays as made, also
+    through a plan file."""
+    from dataclasses import asdict
+
+    from specoffload.placement.plan import Plan
+
+    assert Plan(device="cuda").fused_prefill is True and Plan().fused_prefill is False
+    assert Plan(device="cuda", fused_prefill=False).fused_prefill is False
+    assert Plan(fused_prefill=True).fused_prefill is True
+    assert Plan.from_dict(asdict(Plan(device="cuda", fused_prefill=False))).fused_prefill is False
