@@ -661,6 +661,11 @@ class Bench:
             # merging joined rows in, and the caches made in a freed one's storage
             "worker_start_s": round(d.get("worker_start_s", 0), 2), "worker_merge_s": round(d.get("worker_merge_s", 0), 2),
             "worker_spare_reused": d.get("worker_spare_reused", 0),
+            # the CPU worker's page faults this run, and its memory in huge pages once the run's
+            # host KV cache was made (memory_facts: a first run in a process was slower on W4)
+            "worker_minor_faults": d.get("worker_minor_faults"),
+            "worker_anon_huge_gib": None if st.get("worker_anon_huge_at_start") is None else round(
+                st["worker_anon_huge_at_start"] / 2**30, 2),
             # between passes: the generator's own time from a result to its next call, and the
             # driver's time issuing passes' calls (the rest of the gap is drafting and Ray)
             "driver_s": st.get("driver_s"), "pass_submit_s": round(d.get("pass_submit_s", 0), 4),
@@ -737,6 +742,11 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
         print("per pass, ms (draft GPU / generator loop / issuing the pass): " + ", ".join(
             f"{r['mode']} " + " / ".join(f"{ms(r, key):.1f}" for key in ("draft_gpu_s", "driver_s", "pass_submit_s"))
             for r in gaps))
+    faulted = [r for r in results if r.get("worker_minor_faults") is not None]
+    if faulted:
+        # A run first in its process was slower on W4 (memory_facts): how its host KV was backed.
+        print("CPU worker memory (minor page faults this run; GiB in huge pages once its KV cache was made): " +
+              ", ".join(f"{r['mode']} {r['worker_minor_faults']:,}; {r.get('worker_anon_huge_gib')}" for r in faulted))
     if any(r.get("k_counts") for r in results):
         print("draft lengths (k: passes): " + ", ".join(
             f"{r['mode']} " + " ".join(f"{k}:{n}" for k, n in r["k_counts"].items()) for r in results if r.get("k_counts")))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import time
 
+from .memory_facts import thp_modes
+
 
 def cpu_model() -> str | None:
     try:
@@ -21,6 +23,18 @@ def cpu_model() -> str | None:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
     except OSError:
+        pass
+    return None
+
+
+def mem_available_gib() -> float | None:
+    """/proc/meminfo's MemAvailable: what a run's host KV cache can take without evicting."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
         pass
     return None
 
@@ -57,7 +71,8 @@ def _process_ticks() -> dict[int, tuple[str, int]]:
 def snapshot(window_s: float = 0.5, min_share: float = 0.2) -> dict:
     """The CPU model, cores, load averages, the share of all CPUs busy over `window_s`, and the
     processes that kept at least `min_share` of one core busy meanwhile (pid, name, cores)."""
-    facts = {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": None, "busy": None, "busy_processes": []}
+    facts = {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": None, "busy": None, "busy_processes": [],
+             "thp": thp_modes(), "mem_available_gib": mem_available_gib()}
     try:
         facts["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -89,6 +104,10 @@ def describe(facts: dict) -> str:
         parts.append("load " + "/".join(f"{x:.1f}" for x in facts["loadavg"]))
     if facts.get("busy") is not None:
         parts.append(f"{facts['busy']:.0%} of the CPUs busy before the start")
+    if facts.get("mem_available_gib") is not None:
+        parts.append(f"{facts['mem_available_gib']:.0f} GiB memory available")
+    if facts.get("thp"):
+        parts.append(f"transparent huge pages {facts['thp']['enabled']} (defrag {facts['thp']['defrag']})")
     line = "host: " + ", ".join(parts)
     if facts.get("busy_processes"):
         line += " (" + ", ".join(f"{p['name']} pid {p['pid']} {p['cores']:.1f} cores" for p in facts["busy_processes"]) + ")"

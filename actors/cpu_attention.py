@@ -17,6 +17,7 @@ import time
 import torch
 
 from ..errors import CapacityError, SpecOffloadError
+from ..memory_facts import anon_huge_bytes, minor_faults
 from ..models import attention
 from ..models.attention import KVCache, fits_storage
 from ..models.host_io import host_tensor
@@ -71,6 +72,7 @@ class CPUAttention:
         self._spare: list[tuple] = []
         self.start_s = self.merge_s = 0.0  # time in `start` (the cache) and `merge` (rows joining)
         self.spare_reused = 0
+        self.anon_huge_at_start = None  # bytes in huge pages after the last large cache was made
 
     def ready(self) -> int:
         return torch.get_num_threads()
@@ -85,6 +87,10 @@ class CPUAttention:
                                        self.kv_dtype, "cpu", s.sliding_windows, ragged=self.ragged_keys is not None,
                                        call_keys=self.ragged_keys, max_rows=self.query_rows, storage=spare)
             self.spare_reused += spare is not None
+            if spare is None and rows * capacity * s.kv_bytes_per_token >= 1 << 30:
+                # A large new cache: how much of the process's anonymous memory now sits in
+                # huge pages (memory_facts: what may tell a first run from a later one)
+                self.anon_huge_at_start = anon_huge_bytes()
         except (RuntimeError, MemoryError) as e:
             # The backend queues this batch's stores and attention without waiting for start:
             # each of them raises this cause, not a missing batch (`_cache`).
@@ -247,7 +253,8 @@ class CPUAttention:
                 "worker_bell_wait_s": round(self.mail.bell_wait_s, 3), "worker_layer_runs": self.layer_runs,
                 "cpu_query_rows": attention.query_row_limit(self.query_rows),  # as the caches apply it (None: none)
                 "worker_start_s": round(self.start_s, 3), "worker_merge_s": round(self.merge_s, 3),
-                "worker_spare_reused": self.spare_reused}
+                "worker_spare_reused": self.spare_reused, "worker_minor_faults": minor_faults(),
+                "worker_anon_huge_at_start": self.anon_huge_at_start}
 
     def trace_events(self) -> list[dict]:
         return self.timer.take_events()

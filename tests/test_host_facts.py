@@ -28,6 +28,9 @@ def test_a_busy_process_is_named_with_its_share_of_a_core():
     line = host_facts.describe(facts)
     assert line.startswith("host: ") and f"pid {spin.pid}" in line and "\n" not in line
     assert facts["cpu"]  # /proc/cpuinfo names the model on Linux
+    assert facts["mem_available_gib"] > 0 and "GiB memory available" in line
+    if facts["thp"]:  # a kernel built with transparent huge pages
+        assert facts["thp"]["enabled"] in ("always", "madvise", "never") and "transparent huge pages" in line
 
 
 def test_a_busy_host_is_warned_about_and_a_quiet_one_not():

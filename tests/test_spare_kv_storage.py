@@ -55,3 +55,21 @@ def test_a_joining_batch_takes_the_storage_the_last_one_left():
     w.free(1)  # within SPARE_BYTES: kept for the next batch
     assert len(w._spare) == 1 and w._spare[0][0][0].shape[0] >= 6
     assert sum(t.numel() * t.element_size() for t in w._spare[0][0] + w._spare[0][1]) <= SPARE_BYTES
+
+
+def test_the_worker_reports_its_page_faults_and_huge_pages_for_a_large_cache():
+    """stats() counts the worker's minor page faults (bench subtracts two of them: a run's) and,
+    once a new cache of 1 GiB or more is made, how much of its memory sits in huge pages then
+    (memory_facts; None until such a cache, or off Linux)."""
+    import sys
+
+    w = CPUAttention(mistral_7b().with_layers(2))  # 8 KiB of K/V a token
+    w.start(1, [4], capacity=16, prefill_batch=4)
+    before = w.stats()
+    assert before["worker_anon_huge_at_start"] is None  # a small cache is not looked at
+    w.start(2, [4] * 64, capacity=2048, prefill_batch=4)  # 64 rows x 2,048 positions: 1 GiB
+    st = w.stats()
+    # zeroing 1 GiB touches every page: at least one fault a 2 MiB page, more in 4 KiB ones
+    assert st["worker_minor_faults"] - before["worker_minor_faults"] >= (1 << 30) // (2 << 20)
+    if sys.platform.startswith("linux"):
+        assert isinstance(st["worker_anon_huge_at_start"], int) and st["worker_anon_huge_at_start"] >= 0
