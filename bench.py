@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cpu-query-rows", type=int, metavar="ROWS",
                     help="The CPU worker's attention calls take at most ROWS query rows per K/V head "
                          "(plan.cpu_query_rows; 0: no limit; default: models/attention.CPU_QUERY_ROWS, 63).")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="Run every mode's runs this many times in turn on the same actors, the later ones "
+                         "named #2, #3...: whether a run first in its process differs from later ones "
+                         "(the baseline runs once).")
     ap.add_argument("--no-warmup", action="store_true", help="Skip the short untimed run of each schedule "
                                                               "before the timed modes.")
     ap.add_argument("--gpu-kv-rows", default="0",
@@ -464,6 +468,7 @@ class Bench:
     """The modes of one invocation, run one after another on the same actors."""
 
     def __init__(self, a, plan, tspec, tsrc, lists: SettingLists):
+        self.repetition = 1  # which of --repeat's rounds of the runs is running (its name says past the first)
         self.a, self.plan, self.tspec, self.tsrc, self.lists = a, plan, tspec, tsrc, lists
         self.coord, self.run_id = None, None
         self.many_micro = False
@@ -534,7 +539,8 @@ class Bench:
         name = label
         if self.many_micro and mode_spec[4] is None:
             name = f"{label}/m{s.micro_batches}"
-        return name + self.lists.suffix(s, baseline=label.startswith("none+"))  # baselines keep the plan's
+        name += self.lists.suffix(s, baseline=label.startswith("none+"))  # baselines keep the plan's
+        return name + (f"#{self.repetition}" if self.repetition > 1 else "")
 
     def payload(self, gen: torch.Generator, n: int, max_tokens: int) -> list[dict]:
         """n requests of random prompt tokens, generating max_tokens each."""
@@ -793,6 +799,8 @@ def _main(argv):
     a = _options(argv)
     if a.accelerate and a.workload.startswith(("w3", "w4")):
         raise BenchError(f"--accelerate builds W1's Mixtral-shaped target, not {a.workload}'s")
+    if a.repeat < 1:
+        raise BenchError(f"--repeat needs a count of 1 or more, got {a.repeat}")
     tspec, dspec = workload_shapes(a.workload, a.target_layers, a.draft_layers)
     tsrc, dsrc = constructed_pair(tspec, dspec, a.agreement)
     if a.target_fp8 or a.workload.startswith("w4"):  # W4 is fp8: 141 GB of bf16 fits no host here
@@ -853,9 +861,10 @@ def _main(argv):
         if not a.no_warmup:
             bench.warm_up(modes)
         runs = [(label, spec, s) for label, spec in modes.items() for s in lists.runs(a.resident, spec[4])]
-        for label, spec, s in runs:
-            if not bench.run_or_record(failed, label, spec, s):
+        for bench.repetition in range(1, a.repeat + 1):
+            if not all(bench.run_or_record(failed, label, spec, s) for label, spec, s in runs):
                 break
+        bench.repetition = 1  # the baseline runs once, unnamed
         bench.stop()
         if resident:
             baseline_error = bench.baseline(resident, baseline_rows)

@@ -610,3 +610,26 @@ def test_a_pass_list_flag_runs_every_mode_and_the_baseline_both_ways(monkeypatch
     assert f"against none+r1{off} " in out and f"single@2{on} 3.00x e2e" in out
     assert bench.main(["--workload", "tiny", "--baseline-switches", "first"]) == 2
     assert capsys.readouterr().err.strip() == "specoffload bench: error: --baseline-switches needs --baseline-resident"
+
+
+def test_repeat_runs_the_modes_again_on_the_same_actors(monkeypatch, capsys):
+    """--repeat 2 runs every mode's runs twice in turn on one set of actors, the second named
+    #2 (W4's run first in its process was slower than the same run second); the baseline runs
+    once; --repeat 0 is a one-line error."""
+    from specoffload import bench
+
+    ran, events = [], []
+
+    def run_mode(self, label, spec, s):
+        ran.append(self.mode_name(label, spec, s))
+        self.results.append(_row(ran[-1], 100.0 if label.startswith("none") else 300.0))
+
+    _bench_without_ray(monkeypatch, run_mode, events)
+    assert bench.main(["--workload", "tiny", "--modes", "single@2,single@3", "--repeat", "2",
+                       "--baseline-resident", "1", "--no-warmup"]) == 0
+    assert ran == ["single@2", "single@3", "single@2#2", "single@3#2", "none+r1"]
+    assert events == ["start", "stop", "start", "stop"]  # the modes' actors, then the baseline's
+    out = capsys.readouterr().out
+    assert "single@3#2 3.00x e2e" in out
+    assert bench.main(["--workload", "tiny", "--repeat", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "specoffload bench: error: --repeat needs a count of 1 or more, got 0"
