@@ -25,6 +25,7 @@ from dataclasses import replace
 import ray
 import torch
 
+from specoffload import host_facts
 from specoffload.bench_settings import BenchError, RunSettings, SettingLists
 
 
@@ -599,6 +600,7 @@ class Bench:
         if a.trace_dir:
             ray.get(coord.trace.remote())  # drop spans of earlier modes
         before = ray.get(coord.stats.remote())
+        host_before = host_facts.sample()  # what the host's CPUs did during the run (one node)
         t = time.perf_counter()
         ref, done = coord.generate.remote(work), 0
         while not ray.wait([ref], timeout=30)[0]:  # a progress line every 30 s: a cut-short run still says something
@@ -608,8 +610,10 @@ class Bench:
                   f"{prog.get('passes', 0)} passes, {prog.get('tokens', 0)} tokens", flush=True)
         st = ray.get(ref)
         wall = time.perf_counter() - t
+        host = host_facts.between(host_before, host_facts.sample(), min_share=0.5)
         ray.get(coord.poll.remote())
         row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, s.resident)
+        row["host_busy"], row["host_busy_processes"] = host["busy"], host["busy_processes"]
         row["micro_batches"], row["doorbell"], row["copy_chunk_mib"] = s.micro_batches, bell, s.copy_chunk_mib
         row["gpu_kv_rows"], row["join_overlap"], row["draft_feed_last"] = s.gpu_kv_rows, join, feed
         row["refill_rows"], row["draft_prime_beside"], row["mapped_out"] = cfg.refill_rows, prime, mapped
@@ -748,6 +752,13 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
         print("per pass, ms (draft GPU / generator loop / issuing the pass): " + ", ".join(
             f"{r['mode']} " + " / ".join(f"{ms(r, key):.1f}" for key in ("draft_gpu_s", "driver_s", "pass_submit_s"))
             for r in gaps))
+    hosts = [r for r in results if r.get("host_busy") is not None]
+    if hosts:
+        # Who kept the host's CPUs busy during each run (a first run slower than a second: W4).
+        print("host CPUs during the run (share busy; processes over half a core): " + ", ".join(
+            f"{r['mode']} {r['host_busy']:.0%}" + "".join(f"; {p['name']} {p['cores']:.1f}"
+                                                          for p in r.get("host_busy_processes") or [])
+            for r in hosts))
     faulted = [r for r in results if r.get("worker_minor_faults") is not None]
     if faulted:
         # A run first in its process was slower on W4 (memory_facts): how its host KV was backed.
@@ -836,7 +847,6 @@ def _main(argv):
         raise BenchError("--baseline-copy-chunk-mib needs --baseline-resident")
     elif a.baseline_switches != "all":
         raise BenchError("--baseline-switches needs --baseline-resident")
-    from specoffload import host_facts
     from specoffload.ray_env import check_cluster, ensure_ray
 
     host = host_facts.snapshot()  # before Ray's own processes start

@@ -68,6 +68,31 @@ def _process_ticks() -> dict[int, tuple[str, int]]:
     return out
 
 
+def sample() -> tuple:
+    """The host's CPU ticks and every process's, now: two samples make `between`'s figures."""
+    return _cpu_ticks(), _process_ticks() if os.path.isdir("/proc") else {}, time.monotonic()
+
+
+def between(first: tuple, second: tuple, min_share: float = 0.2, top: int = 5) -> dict:
+    """Between two `sample`s: the share of all CPUs busy, and the processes that kept at least
+    `min_share` of one core busy (pid, name, cores; the busiest `top`, this process left out)."""
+    (before, procs, t0), (after, procs2, t1) = first, second
+    out = {"busy": None, "busy_processes": []}
+    if before and after and after[1] > before[1]:
+        out["busy"] = round((after[0] - before[0]) / (after[1] - before[1]), 3)
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    me, wall = os.getpid(), max(t1 - t0, 1e-6)
+    busy = []
+    for pid, (comm, ticks) in procs2.items():
+        if pid == me or pid not in procs:
+            continue
+        cores = (ticks - procs[pid][1]) / hz / wall
+        if cores >= min_share:
+            busy.append({"pid": pid, "name": comm, "cores": round(cores, 2)})
+    out["busy_processes"] = sorted(busy, key=lambda p: -p["cores"])[:top]
+    return out
+
+
 def snapshot(window_s: float = 0.5, min_share: float = 0.2) -> dict:
     """The CPU model, cores, load averages, the share of all CPUs busy over `window_s`, and the
     processes that kept at least `min_share` of one core busy meanwhile (pid, name, cores)."""
@@ -77,23 +102,9 @@ def snapshot(window_s: float = 0.5, min_share: float = 0.2) -> dict:
         facts["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
-    before, procs = _cpu_ticks(), _process_ticks() if os.path.isdir("/proc") else {}
-    t0 = time.monotonic()
+    first = sample()
     time.sleep(window_s)
-    after, procs2 = _cpu_ticks(), _process_ticks() if procs else {}
-    wall = time.monotonic() - t0
-    if before and after and after[1] > before[1]:
-        facts["busy"] = round((after[0] - before[0]) / (after[1] - before[1]), 3)
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    me = os.getpid()
-    busy = []
-    for pid, (comm, ticks) in procs2.items():
-        if pid == me or pid not in procs:
-            continue
-        cores = (ticks - procs[pid][1]) / hz / wall
-        if cores >= min_share:
-            busy.append({"pid": pid, "name": comm, "cores": round(cores, 2)})
-    facts["busy_processes"] = sorted(busy, key=lambda p: -p["cores"])[:5]
+    facts.update(between(first, sample(), min_share))
     return facts
 
 
