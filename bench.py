@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "by torch.compile (1, plan.fused_prefill, the same values) "
                                                            "and/or eager (0), e.g. 1,0. Default: the plan's, 1 on "
                                                            "CUDA and 0 on a CPU.")
+    ap.add_argument("--kv-huge-pages", default="0", help="A comma list of 0/1: each mode, the baseline too, runs "
+                                                          "with the CPU worker's host KV cache asked for in 2 MiB "
+                                                          "pages (1, plan.kv_huge_pages) and/or as torch allocates "
+                                                          "it (0, the default), e.g. 1,0.")
     ap.add_argument("--draft-prime-beside", default="1", help="A comma list of 0/1: each speculative mode runs "
                                                                "with rows joining a batch having the draft read "
                                                                "their prompts on a thread and stream of their own "
@@ -249,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "first of --copy-chunk-mib.")
     ap.add_argument("--baseline-switches", choices=("all", "first"), default="all",
                     help="With --baseline-resident: whether the baseline runs at every value of the "
-                         "--mapped-out and --early-posts lists, as the modes do (all, the default), or only "
+                         "--mapped-out, --early-posts, --fused-prefill and --kv-huge-pages lists, as the modes "
+                         "do (all, the default), or only "
                          "at each list's first (first: one plain run where the modes compare both ways).")
     ap.add_argument("--accelerate", metavar="N[:T[:RESERVE]]", type=_accelerate_arg,
                     help="After the modes, time what users run instead: transformers + accelerate offload "
@@ -444,6 +449,7 @@ def _plan(a, lists: SettingLists, cuda: bool):
                     layer_doorbell=first.doorbell, join_overlap=first.join_overlap,
                     draft_feed_last=first.draft_feed_last, draft_prime_beside=first.draft_prime_beside,
                     mapped_out=first.mapped_out, early_posts=first.early_posts, fused_prefill=first.fused_prefill,
+                    kv_huge_pages=first.kv_huge_pages,
                     copy_chunk_mib=first.copy_chunk_mib, gpu_kv_rows=first.gpu_kv_rows, stall_s=a.stall_s)
         plan.check_layers(a.target_layers)
     except ConfigError as e:
@@ -592,10 +598,10 @@ class Bench:
         ray.get(coord.set_micro_batches.remote(s.micro_batches))
         ray.get(coord.set_gpu_kv_rows.remote(s.gpu_kv_rows))
         # what the actors took (a doorbell needs mailboxes, join overlap a plan that allows it)
-        bell, join, feed, prime, mapped, early, fused = ray.get([coord.set_switch.remote(name, on) for name, on in (
+        bell, join, feed, prime, mapped, early, fused, huge = ray.get([coord.set_switch.remote(name, on) for name, on in (
             ("layer_doorbell", s.doorbell), ("join_overlap", s.join_overlap), ("draft_feed_last", s.draft_feed_last),
             ("draft_prime_beside", s.draft_prime_beside), ("mapped_out", s.mapped_out), ("early_posts", s.early_posts),
-            ("fused_prefill", s.fused_prefill))])
+            ("fused_prefill", s.fused_prefill), ("kv_huge_pages", s.kv_huge_pages))])
         ray.get(coord.set_copy_chunk.remote(s.copy_chunk_mib))
         if a.trace_dir:
             ray.get(coord.trace.remote())  # drop spans of earlier modes
@@ -617,7 +623,7 @@ class Bench:
         row["micro_batches"], row["doorbell"], row["copy_chunk_mib"] = s.micro_batches, bell, s.copy_chunk_mib
         row["gpu_kv_rows"], row["join_overlap"], row["draft_feed_last"] = s.gpu_kv_rows, join, feed
         row["refill_rows"], row["draft_prime_beside"], row["mapped_out"] = cfg.refill_rows, prime, mapped
-        row["early_posts"], row["fused_prefill"] = early, fused
+        row["early_posts"], row["fused_prefill"], row["kv_huge_pages"] = early, fused, huge
         row["mode"] = self.mode_name(label, mode_spec, s)
         self.results.append(row)
         print(json.dumps(row), flush=True)

@@ -26,6 +26,7 @@ class RunSettings:
     mapped_out: bool
     early_posts: bool
     fused_prefill: bool
+    kv_huge_pages: bool = False
 
     def __post_init__(self):
         least = {"micro_batches": 1, "copy_chunk_mib": 1, "resident": 0, "gpu_kv_rows": 0, "refill_rows": 0}
@@ -71,6 +72,7 @@ class SettingLists:
     mapped_out: list[bool]
     early_posts: list[bool]
     fused_prefill: list[bool]
+    kv_huge_pages: list[bool]
     # the baseline runs only each pass switch list's first value (--baseline-switches first):
     # one plain run instead of one a combination, where a call has device time for one
     baseline_switches_first: bool = False
@@ -94,21 +96,23 @@ class SettingLists:
             mapped_out=_switches(a.mapped_out, "--mapped-out"),
             early_posts=_switches(a.early_posts, "--early-posts"),
             fused_prefill=_switches(a.fused_prefill or ("1" if cuda else "0"), "--fused-prefill"),
+            kv_huge_pages=_switches(a.kv_huge_pages, "--kv-huge-pages"),
             baseline_switches_first=a.baseline_switches == "first")
 
     def first(self, resident: int = 0) -> RunSettings:
         """The plan's settings: each list's first."""
         return RunSettings(self.micro_batches[0], resident, self.doorbell[0], self.copy_chunk_mib[0],
                            self.gpu_kv_rows[0], self.join_overlap[0], self.draft_feed_last[0], self.refill_rows[0],
-                           self.draft_prime_beside[0], self.mapped_out[0], self.early_posts[0], self.fused_prefill[0])
+                           self.draft_prime_beside[0], self.mapped_out[0], self.early_posts[0], self.fused_prefill[0],
+                           self.kv_huge_pages[0])
 
     def runs(self, resident: int, micro: int | None = None) -> list[RunSettings]:
         """A speculative mode's runs, in the order the table lists them (micro: the mode's own
         micro-batch count, if its name gives one)."""
-        return [RunSettings(m, resident, bell, chunk, rows, join, feed, rr, prime, mapped, early, fused)
+        return [RunSettings(m, resident, bell, chunk, rows, join, feed, rr, prime, mapped, early, fused, huge)
                 for m in ([micro] if micro else self.micro_batches) for bell in self.doorbell
                 for chunk in self.copy_chunk_mib for rows in self.gpu_kv_rows for mapped in self.mapped_out
-                for early in self.early_posts for fused in self.fused_prefill
+                for early in self.early_posts for fused in self.fused_prefill for huge in self.kv_huge_pages
                 for join in self.join_overlap for feed in self.draft_feed_last
                 for rr in self.refill_rows for prime in self.draft_prime_beside]
 
@@ -119,9 +123,10 @@ class SettingLists:
         first = self.first(resident)
         n = 1 if self.baseline_switches_first else None
         return [RunSettings(m, resident, max(self.doorbell), chunk, rows, first.join_overlap, first.draft_feed_last,
-                            first.refill_rows, first.draft_prime_beside, mapped, early, fused)
+                            first.refill_rows, first.draft_prime_beside, mapped, early, fused, huge)
                 for m in self.micro_batches for chunk in self.baseline_copy_chunk_mib for rows in gpu_rows
-                for mapped in self.mapped_out[:n] for early in self.early_posts[:n] for fused in self.fused_prefill[:n]]
+                for mapped in self.mapped_out[:n] for early in self.early_posts[:n] for fused in self.fused_prefill[:n]
+                for huge in self.kv_huge_pages[:n]]
 
     def suffix(self, s: RunSettings, baseline: bool) -> str:
         """The part of a run's name that tells it from the invocation's other runs: a tag for
@@ -139,6 +144,8 @@ class SettingLists:
             out += "/ep" if s.early_posts else "/op"
         if len(self.fused_prefill) > 1:
             out += "/fused" if s.fused_prefill else "/eager"
+        if len(self.kv_huge_pages) > 1:
+            out += "/hp" if s.kv_huge_pages else "/sp"
         if baseline:
             return out
         if len(self.join_overlap) > 1:

@@ -124,7 +124,7 @@ class Coordinator:
         self.attention = self._actor(CPUAttention, "cpu_attention").options(
             name=self._name("cpu_attention"), num_cpus=plan.attention_cpus, scheduling_strategy=self._here
         ).remote(spec, plan.attention_threads, plan.kv_dtype, plan.trace, plan.ragged_attention,
-                  plan.cpu_query_rows)
+                  plan.cpu_query_rows, plan.kv_huge_pages)
         tries = [(plan, run_cfg), *[f for f in fallbacks if f[0].disk_layers == plan.disk_layers]]
         self.executor = self._new_executor(plan, draft_desc, target_desc)
         manifest = ray.get(load)
@@ -263,13 +263,16 @@ class Coordinator:
     def set_switch(self, name: str, on: bool) -> bool:
         """A plan switch from the next pass on, returning what the actors took; benchmarks
         compare both ways on the same actors. layer_doorbell needs the executor's mailboxes;
-        join_overlap is the backend's; the rest are the executor's (GPUExecutor.set_switch)."""
+        join_overlap is the backend's; kv_huge_pages the CPU worker's (for caches made from the
+        next run on); the rest are the executor's (GPUExecutor.set_switch)."""
         if name == "layer_doorbell":
             self.backend.doorbell = bool(on) and self.info["mailboxes"]
             return self.backend.doorbell
         if name == "join_overlap":
             self.backend.join_overlap = bool(on)
             return self.backend.join_overlap
+        if name == "kv_huge_pages":
+            return ray.get(self.attention.set_huge_pages.remote(bool(on)))
         return ray.get(self.executor.set_switch.remote(name, bool(on)))
 
     def set_copy_chunk(self, mib: int):

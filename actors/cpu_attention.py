@@ -42,7 +42,7 @@ def _nbytes(storage: tuple[list, list]) -> int:
 
 class CPUAttention:
     def __init__(self, spec, threads: int | None = None, kv_dtype: str | None = None, trace: bool = False,
-                 ragged_keys: int | None = None, query_rows: int | None = None):
+                 ragged_keys: int | None = None, query_rows: int | None = None, huge_pages: bool = False):
         self.spec = spec
         self.timer = StageTimer("cpu", role="cpu_attention", trace=trace)
         if threads:
@@ -50,6 +50,7 @@ class CPUAttention:
         self.kv_dtype = getattr(torch, kv_dtype) if kv_dtype else spec.torch_dtype
         self.ragged_keys = ragged_keys  # plan.ragged_attention: rows attend in ranges of similar lengths
         self.query_rows = query_rows  # plan.cpu_query_rows, handed to each batch's cache
+        self.huge_pages = huge_pages  # plan.kv_huge_pages: new caches' storage asked for in 2 MiB pages
         self.caches: dict[int, KVCache] = {}
         self._failed: dict[int, Exception] = {}  # batch -> why its start failed (its calls raise it)
         self.prompt_lens: dict[int, torch.Tensor] = {}
@@ -77,6 +78,11 @@ class CPUAttention:
     def ready(self) -> int:
         return torch.get_num_threads()
 
+    def set_huge_pages(self, on: bool) -> bool:
+        """plan.kv_huge_pages for the caches made from now on (benchmarks compare both ways)."""
+        self.huge_pages = bool(on)
+        return self.huge_pages
+
     def start(self, bid, prompt_lens, capacity: int, prefill_batch: int, gpu_rows: int = 0):
         t0 = time.perf_counter()
         s, rows = self.spec, len(prompt_lens) - gpu_rows
@@ -85,7 +91,8 @@ class CPUAttention:
         try:
             self.caches[bid] = KVCache(s.num_layers, rows, s.num_kv_heads, s.head_dim, capacity,
                                        self.kv_dtype, "cpu", s.sliding_windows, ragged=self.ragged_keys is not None,
-                                       call_keys=self.ragged_keys, max_rows=self.query_rows, storage=spare)
+                                       call_keys=self.ragged_keys, max_rows=self.query_rows, storage=spare,
+                                       huge_pages=self.huge_pages)
             self.spare_reused += spare is not None
             if spare is None and rows * capacity * s.kv_bytes_per_token >= 1 << 30:
                 # A large new cache: how much of the process's anonymous memory now sits in

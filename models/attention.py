@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import huge_pages as huge_pages_mod
 from .host_io import to_device
 
 
@@ -237,14 +238,18 @@ class KVCache:
 
     def __init__(self, num_layers, batch, num_kv_heads, head_dim, capacity, dtype, device="cpu",
                  windows=None, ragged: bool | None = None, call_keys: int | None = None,
-                 max_rows: int | None = None, storage: tuple[list, list] | None = None):
+                 max_rows: int | None = None, storage: tuple[list, list] | None = None, huge_pages: bool = False):
         """storage: (k, v) per-layer tensors of `batch` rows and `capacity` positions or more,
         of a cache no longer used (CPUAttention's spare storage), taken as they are instead of
         new zeroed ones: what they hold is K/V written before, and every position past a row's
-        length is masked."""
+        length is masked. huge_pages: new host storage asked for in 2 MiB pages
+        (plan.kv_huge_pages, models/huge_pages.py)."""
         shape = (batch, num_kv_heads, capacity, head_dim)
         if storage is not None and fits_storage(storage, num_layers, shape, dtype):
             base = (list(storage[0]), list(storage[1]))
+        elif huge_pages and torch.device(device).type == "cpu":
+            base = ([huge_pages_mod.zeros(shape, dtype, huge=True) for _ in range(num_layers)],
+                    [huge_pages_mod.zeros(shape, dtype, huge=True) for _ in range(num_layers)])
         else:
             base = ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
                     [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])

@@ -89,6 +89,11 @@ class Plan(JsonFile):
     # prefill (seconds). None: on where the plan's device is CUDA (a CPU compiles slowly and
     # its eager kernels lose less).
     fused_prefill: bool | None = None
+    # The CPU worker's host KV cache asked for in 2 MiB pages (models/huge_pages.py), where the
+    # kernel's transparent huge pages allow: CPU attention streams it every layer. On W4 a run
+    # first in its process was 17% slower in CPU attention than a second; whether page size is
+    # why is what `bench --kv-huge-pages 1,0` measures. Off until measured on the GPU machine.
+    kv_huge_pages: bool = False
     # Inside a pass the executor and the CPU worker hand each layer over by a counter in the
     # mailbox (actors/doorbell.py) instead of through Ray's submitter, every call queued up
     # front: takes Ray's messages out of the layer chain (W1 fp8 speculative 360.5 -> 408.8

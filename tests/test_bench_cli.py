@@ -549,7 +549,7 @@ def test_run_settings_check_themselves_and_name_only_what_the_lists_vary():
 
     a = SimpleNamespace(micro_batches="1,2", doorbell="1", copy_chunk_mib="64", baseline_copy_chunk_mib=None,
                         gpu_kv_rows=[0], join_overlap="1", draft_feed_last="1,0", refill_rows="0",
-                        draft_prime_beside="1", mapped_out="0", early_posts="0", fused_prefill="0",
+                        draft_prime_beside="1", mapped_out="0", early_posts="0", fused_prefill="0", kv_huge_pages="0",
                         baseline_switches="all")
     lists = SettingLists.parse(a)
     runs = lists.runs(resident=3)
@@ -574,7 +574,8 @@ def test_run_settings_check_themselves_and_name_only_what_the_lists_vary():
 
 @pytest.mark.parametrize("flag, field, on, off", [("--mapped-out", "mapped_out", "/mo", "/md"),
                                                   ("--early-posts", "early_posts", "/ep", "/op"),
-                                                  ("--fused-prefill", "fused_prefill", "/fused", "/eager")])
+                                                  ("--fused-prefill", "fused_prefill", "/fused", "/eager"),
+                                                  ("--kv-huge-pages", "kv_huge_pages", "/hp", "/sp")])
 def test_a_pass_list_flag_runs_every_mode_and_the_baseline_both_ways(monkeypatch, capsys, flag, field, on, off):
     """--mapped-out 1,0 (the attention output read by a GPU kernel or by a DMA) and
     --early-posts 1,0 (later parts' layers finished while weights copy) and --fused-prefill 1,0

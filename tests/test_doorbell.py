@@ -236,6 +236,8 @@ def test_parts_finished_while_weights_copy_keep_greedy_output(ray_session, tiny_
             coord = named["coordinator"]
             assert ray.get(coord.set_switch.remote("early_posts", True), timeout=60) is True
             assert ray.get(coord.set_switch.remote("mapped_out", True), timeout=60) is False  # needs CUDA
+            # the CPU worker's: this run's host KV in huge pages, its output still transformers'
+            assert ray.get(coord.set_switch.remote("kv_huge_pages", True), timeout=60) is True
             with pytest.raises(ray.exceptions.RayTaskError, match="not one of the executor's switches"):
                 ray.get(coord.set_switch.remote("early_post", True), timeout=60)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=10, ignore_eos=True))
