@@ -424,7 +424,9 @@ with open({str(self.work / "restart.jsonl")!r}, "w") as f:
         self.row(name, rc == 0 and len(modes) >= 2, dt, f"rc {rc}; " + " | ".join(" ".join(m.split()[:4]) for m in modes))
 
     def bench(self):
-        self.bench_row("bench --workload w1-small (2+4 layers)", "--json", self.logs / "bench.json")
+        # the host KV cache in huge pages and not (plan.kv_huge_pages), both on the device's host
+        self.bench_row("bench --workload w1-small (2+4 layers) --kv-huge-pages 1,0", "--kv-huge-pages", "1,0",
+                       "--json", self.logs / "bench.json")
 
     def bench_job(self):
         """A job whose rows are refilled many times (`bench --workload w1-long-tiny`, 96 requests
