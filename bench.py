@@ -629,7 +629,8 @@ class Bench:
         print(json.dumps(row), flush=True)
         if a.trace_dir:
             os.makedirs(a.trace_dir, exist_ok=True)
-            name = row["mode"].replace("/", "_").replace("@", "_k").replace("+", "_")  # plain file names
+            # plain file names (a device call returns none with odd characters)
+            name = row["mode"].replace("/", "_").replace("@", "_k").replace("+", "_").replace("#", "_run")
             with open(os.path.join(a.trace_dir, f"trace_{name}.json"), "w") as f:
                 json.dump(ray.get(coord.trace.remote()), f)
 
