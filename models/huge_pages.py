@@ -8,7 +8,7 @@ mode is "always" and memory is not too fragmented, or where the range was advise
 defrag "madvise", the kernel compacts memory for it). torch allocates without advice, so a
 tensor is advised here between `torch.empty` and its zeroing. What it gives is measured on the
 GPU machine before it is a default (docs/benchmarks.md, W4 "Session 41": a run first in its
-process was slower than a second, its CPU attention 17% longer).
+process was slower than a second, its CPU attention 18-28% longer).
 """
 
 from __future__ import annotations

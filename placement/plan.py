@@ -91,7 +91,7 @@ class Plan(JsonFile):
     fused_prefill: bool | None = None
     # The CPU worker's host KV cache asked for in 2 MiB pages (models/huge_pages.py), where the
     # kernel's transparent huge pages allow: CPU attention streams it every layer. On W4 a run
-    # first in its process was 17% slower in CPU attention than a second; whether page size is
+    # first in its process spent 18-28% longer in CPU attention than a second; whether page size is
     # why is what `bench --kv-huge-pages 1,0` measures. Off until measured on the GPU machine.
     kv_huge_pages: bool = False
     # Inside a pass the executor and the CPU worker hand each layer over by a counter in the
