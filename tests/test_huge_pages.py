@@ -1,31 +1,50 @@
 """plan.kv_huge_pages: the CPU worker's host KV cache asked for in 2 MiB pages
-(models/huge_pages.py). The memory is zeroed either way and attends the same; where the kernel's
-transparent huge pages are "always" or "madvise", the advised memory comes in huge pages."""
+(models/huge_pages.py). The memory is zeroed either way and attends the same; where the kernel
+has transparent huge pages, the advice is on the memory's mapping ("hg" in /proc/self/smaps'
+VmFlags). Whether the kernel then finds free huge pages depends on how fragmented memory is
+(in a CI run after hundreds of tests it found none), so the pages themselves are not asserted."""
 
 from __future__ import annotations
 
+import sys
+
+import pytest
 import torch
 
 from specoffload.actors.cpu_attention import CPUAttention
-from specoffload.memory_facts import anon_huge_bytes, thp_modes
+from specoffload.memory_facts import thp_modes
 from specoffload.models import huge_pages
 from specoffload.models.attention import KVCache
 from specoffload.sources.constructed import mistral_7b
 
-
-def _thp_allows_advice() -> bool:
-    modes = thp_modes()
-    return bool(modes) and modes["enabled"] in ("always", "madvise")
+THP = sys.platform.startswith("linux") and bool(thp_modes()) and thp_modes()["enabled"] != "never"
 
 
-def test_advised_memory_is_zeroed_and_comes_in_huge_pages_where_the_kernel_allows():
-    before = anon_huge_bytes()
+def _advised(t: torch.Tensor) -> bool:
+    """Whether the mapping holding t's first whole 2 MiB page carries the huge page advice."""
+    addr = -(-t.data_ptr() // huge_pages.HUGE_PAGE) * huge_pages.HUGE_PAGE
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return "hg" in line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
+def test_advised_memory_is_zeroed_and_its_mapping_carries_the_advice():
     t = huge_pages.zeros((64, 1 << 20), torch.bfloat16, huge=True)  # 128 MiB
-    assert t.shape == (64, 1 << 20) and not t.any()
-    if _thp_allows_advice():
-        assert anon_huge_bytes() - before >= 64 << 20  # most of it: the ends short of a 2 MiB page are not
+    plain = huge_pages.zeros((64, 1 << 20), torch.bfloat16)
+    assert t.shape == (64, 1 << 20) and not t.any() and not plain.any()
+    assert _advised(t) is THP and not _advised(plain)
     assert not huge_pages.zeros((3, 5), torch.float32, huge=True).any()  # under a page: nothing to advise
     assert huge_pages.advise(torch.empty(3, 5)) == 0
+    if THP:  # every whole 2 MiB page inside the tensor: all but its two ends
+        assert huge_pages.advise(torch.empty(64, 1 << 20, dtype=torch.bfloat16)) >= (128 << 20) - 2 * huge_pages.HUGE_PAGE
 
 
 def test_a_cache_in_huge_pages_attends_as_the_plain_one():
@@ -41,14 +60,17 @@ def test_a_cache_in_huge_pages_attends_as_the_plain_one():
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
 def test_the_worker_switch_applies_to_caches_made_after_it():
-    """CPUAttention.set_huge_pages (the coordinator's set_switch("kv_huge_pages")): a 1 GiB
-    cache made after it is on lands in huge pages where the kernel allows (the worker reports
-    them once such a cache is made), zeroed."""
+    """CPUAttention.set_huge_pages (the coordinator's set_switch("kv_huge_pages")): a cache made
+    after it is on is advised and zeroed; one made after it is off is not advised; the worker
+    reports its memory in huge pages once a cache of 1 GiB or more is made."""
     w = CPUAttention(mistral_7b().with_layers(2))  # 8 KiB of K/V a token
     assert w.set_huge_pages(True) is True and w.huge_pages
     w.start(1, [4] * 64, capacity=2048, prefill_batch=4)  # 64 rows x 2,048 positions: 1 GiB
-    if _thp_allows_advice():
-        assert w.stats()["worker_anon_huge_at_start"] >= 512 << 20
+    assert _advised(w.caches[1].k[0]) is THP and _advised(w.caches[1].v[1]) is THP
     assert not w.caches[1].k[0].any()
+    assert isinstance(w.stats()["worker_anon_huge_at_start"], int)
     assert w.set_huge_pages(False) is False
+    w.start(2, [4] * 8, capacity=2048, prefill_batch=4)
+    assert not _advised(w.caches[2].k[0])
