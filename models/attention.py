@@ -247,12 +247,9 @@ class KVCache:
         shape = (batch, num_kv_heads, capacity, head_dim)
         if storage is not None and fits_storage(storage, num_layers, shape, dtype):
             base = (list(storage[0]), list(storage[1]))
-        elif huge_pages and torch.device(device).type == "cpu":
-            base = ([huge_pages_mod.zeros(shape, dtype, huge=True) for _ in range(num_layers)],
-                    [huge_pages_mod.zeros(shape, dtype, huge=True) for _ in range(num_layers)])
         else:
-            base = ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+            base = ([huge_pages_mod.zeros(shape, dtype, device, huge_pages) for _ in range(num_layers)],
+                    [huge_pages_mod.zeros(shape, dtype, device, huge_pages) for _ in range(num_layers)])
         self.k, self.v = [t[:batch, :, :capacity] for t in base[0]], [t[:batch, :, :capacity] for t in base[1]]
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)
         self.capacity = capacity

@@ -45,10 +45,10 @@ def advise(t: torch.Tensor) -> int:
     return hi - lo if _madvise()(lo, hi - lo, MADV_HUGEPAGE) == 0 else 0
 
 
-def zeros(shape, dtype: torch.dtype, huge: bool = False) -> torch.Tensor:
-    """torch.zeros on the host, its memory advised into huge pages first where `huge`."""
-    if not huge:
-        return torch.zeros(shape, dtype=dtype)
+def zeros(shape, dtype: torch.dtype, device="cpu", huge: bool = False) -> torch.Tensor:
+    """torch.zeros, its memory advised into huge pages first where `huge` and on the host."""
+    if not huge or torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
     t = torch.empty(shape, dtype=dtype)  # not touched yet: the advice decides its page size
     advise(t)
     return t.zero_()
