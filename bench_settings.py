@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specoffload.placement.plan import Plan
+
 
 class BenchError(Exception):
     """A bad option or a run that cannot start: one line, exit status 2."""
@@ -95,7 +97,8 @@ class SettingLists:
             draft_prime_beside=_switches(a.draft_prime_beside, "--draft-prime-beside"),
             mapped_out=_switches(a.mapped_out, "--mapped-out"),
             early_posts=_switches(a.early_posts, "--early-posts"),
-            fused_prefill=_switches(a.fused_prefill or ("1" if cuda else "0"), "--fused-prefill"),
+            fused_prefill=_switches(a.fused_prefill or str(int(Plan(device="cuda" if cuda else "cpu").fused_prefill)),
+                                    "--fused-prefill"),
             kv_huge_pages=_switches(a.kv_huge_pages, "--kv-huge-pages"),
             baseline_switches_first=a.baseline_switches == "first")
 
