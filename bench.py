@@ -25,7 +25,7 @@ from dataclasses import replace
 import ray
 import torch
 
-from specoffload import host_facts
+from specoffload import host_facts, memory_facts
 from specoffload.bench_settings import BenchError, RunSettings, SettingLists
 
 
@@ -607,6 +607,7 @@ class Bench:
             ray.get(coord.trace.remote())  # drop spans of earlier modes
         before = ray.get(coord.stats.remote())
         host_before = host_facts.sample()  # what the host's CPUs did during the run (one node)
+        vm_before, avail = memory_facts.vm_counters(), host_facts.mem_available_gib()
         t = time.perf_counter()
         ref, done = coord.generate.remote(work), 0
         while not ray.wait([ref], timeout=30)[0]:  # a progress line every 30 s: a cut-short run still says something
@@ -617,9 +618,11 @@ class Bench:
         st = ray.get(ref)
         wall = time.perf_counter() - t
         host = host_facts.between(host_before, host_facts.sample(), min_share=0.5)
+        vm = memory_facts.vm_between(vm_before, memory_facts.vm_counters())
         ray.get(coord.poll.remote())
         row = self._row(label, st, before, wall, bs * (2 if mode == "dual" else 1), n, s.resident)
         row["host_busy"], row["host_busy_processes"] = host["busy"], host["busy_processes"]
+        row["host_mem_available_gib"], row["host_vm"] = avail, vm
         row["micro_batches"], row["doorbell"], row["copy_chunk_mib"] = s.micro_batches, bell, s.copy_chunk_mib
         row["gpu_kv_rows"], row["join_overlap"], row["draft_feed_last"] = s.gpu_kv_rows, join, feed
         row["refill_rows"], row["draft_prime_beside"], row["mapped_out"] = cfg.refill_rows, prime, mapped
@@ -771,6 +774,12 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
         # A run first in its process was slower on W4 (memory_facts): how its host KV was backed.
         print("CPU worker memory (minor page faults this run; GiB in huge pages once its KV cache was made): " +
               ", ".join(f"{r['mode']} {r['worker_minor_faults']:,}; {r.get('worker_anon_huge_gib')}" for r in faulted))
+    vms = [r for r in results if r.get("host_vm")]
+    if vms:
+        # Whether the kernel reclaimed, compacted or collapsed memory during a run (memory_facts).
+        print("host memory during the run (GiB available at its start; /proc/vmstat counters that grew): " + ", ".join(
+            f"{r['mode']} {r.get('host_mem_available_gib')}" + "".join(f"; {k} {v:,}" for k, v in r["host_vm"].items() if v)
+            for r in vms))
     if any(r.get("k_counts") for r in results):
         print("draft lengths (k: passes): " + ", ".join(
             f"{r['mode']} " + " ".join(f"{k}:{n}" for k, n in r["k_counts"].items()) for r in results if r.get("k_counts")))

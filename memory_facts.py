@@ -43,3 +43,29 @@ def thp_modes() -> dict | None:
         chosen = [w[1:-1] for w in text.split() if w.startswith("[") and w.endswith("]")]
         out[name] = chosen[0] if chosen else text.strip()
     return out
+
+
+# /proc/vmstat counters that say whether the kernel was reclaiming, compacting or collapsing
+# memory while a run went on (a first run's host KV cache may be made while the page cache of
+# the checkpoint just read still fills memory): page-cache scans by kswapd and by allocating
+# processes themselves, compaction stalls, huge pages granted at fault, refused, or collapsed
+# later by khugepaged, and swap traffic.
+VM_COUNTERS = ("pgscan_kswapd", "pgscan_direct", "pgsteal_kswapd", "pgsteal_direct", "compact_stall",
+               "thp_fault_alloc", "thp_fault_fallback", "thp_collapse_alloc", "pswpin", "pswpout")
+
+
+def vm_counters() -> dict | None:
+    """`VM_COUNTERS` from /proc/vmstat now (those the kernel has), or None off Linux."""
+    try:
+        with open("/proc/vmstat") as f:
+            pairs = (line.split() for line in f)
+            return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[0] in VM_COUNTERS}
+    except (OSError, ValueError):
+        return None
+
+
+def vm_between(first: dict | None, second: dict | None) -> dict | None:
+    """What each counter grew by between two `vm_counters` samples (the machine's, every process)."""
+    if first is None or second is None:
+        return None
+    return {k: second[k] - first[k] for k in VM_COUNTERS if k in first and k in second}

@@ -626,7 +626,9 @@ def test_repeat_runs_the_modes_again_on_the_same_actors(monkeypatch, capsys):
         first = self.repetition == 1 and not label.startswith("none")
         self.results.append(_row(ran[-1], 100.0 if label.startswith("none") else 300.0, host_busy=0.9 if first else 0.5,
                                  host_busy_processes=[{"pid": 7, "name": "kcompactd0", "cores": 1.5}] if first else [],
-                                 worker_minor_faults=2_000_000 if first else 900, worker_anon_huge_gib=0.0))
+                                 worker_minor_faults=2_000_000 if first else 900, worker_anon_huge_gib=0.0,
+                                 host_mem_available_gib=40.0 if first else 70.0,
+                                 host_vm={"pgscan_kswapd": 5_000 if first else 0, "thp_fault_alloc": 0}))
 
     _bench_without_ray(monkeypatch, run_mode, events)
     assert bench.main(["--workload", "tiny", "--modes", "single@2,single@3", "--repeat", "2",
@@ -638,5 +640,7 @@ def test_repeat_runs_the_modes_again_on_the_same_actors(monkeypatch, capsys):
     # per run: who kept the host busy, and how the worker's memory was backed
     assert "single@2 90%; kcompactd0 1.5, single@3 90%; kcompactd0 1.5, single@2#2 50%, single@3#2 50%" in out
     assert "single@2 2,000,000; 0.0" in out and "single@2#2 900; 0.0" in out
+    # and whether the kernel reclaimed memory meanwhile (only counters that grew are named)
+    assert "single@2 40.0; pgscan_kswapd 5,000, single@3 40.0; pgscan_kswapd 5,000, single@2#2 70.0, " in out
     assert bench.main(["--workload", "tiny", "--repeat", "0"]) == 2
     assert capsys.readouterr().err.strip() == "specoffload bench: error: --repeat needs a count of 1 or more, got 0"

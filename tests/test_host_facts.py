@@ -38,3 +38,18 @@ def test_a_busy_host_is_warned_about_and_a_quiet_one_not():
     assert host_facts.warning(quiet) is None
     busy = dict(quiet, busy=0.31)
     assert "31% of the CPUs were busy" in host_facts.warning(busy)
+
+
+def test_vmstat_counters_grow_and_their_growth_is_what_a_run_reports():
+    """bench's "host memory during the run": /proc/vmstat's reclaim and huge page counters,
+    the same names in two samples, and each one's growth between them (never negative here)."""
+    from specoffload import memory_facts
+
+    first = memory_facts.vm_counters()
+    assert first and set(first) <= set(memory_facts.VM_COUNTERS) and "pgscan_kswapd" in first
+    junk = bytearray(64 << 20)  # some faults meanwhile; the counters are the machine's, so only >= 0
+    del junk
+    grew = memory_facts.vm_between(first, memory_facts.vm_counters())
+    assert set(grew) == set(first) and all(v >= 0 for v in grew.values())
+    assert memory_facts.vm_between(first, {"pgscan_kswapd": first["pgscan_kswapd"] + 3})["pgscan_kswapd"] == 3
+    assert memory_facts.vm_between(None, first) is None
