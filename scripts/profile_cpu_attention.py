@@ -22,7 +22,12 @@ same way (`--heads 64,8` for a Llama-70B-shaped layer):
 - "fp8-kv", "int8-kv": a cache held in 8 bits (float8 e4m3, or int8) with a scale per row, head
   and token, widened to bf16 a few rows at a time (so the widened copy stays in cache) before
   the engine's SDPA call: whether a narrower host KV, half the bytes read, pays for its widening
-  (#20's larger batches).
+  (#20's larger batches);
+- "huge-pages", "small-pages": the engine's call over a fresh copy of the cache advised into
+  2 MiB pages (plan.kv_huge_pages, models/huge_pages.py), and over a fresh copy made as the
+  worker makes it without the advice (the control): whether page size alone moves CPU
+  attention (W4's first run in a process attended 18-28% slower than its second; use
+  `--layers` large enough that the cache is well past the CPU's caches).
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--heads", default="32,8", help="query heads,KV heads (head dim 128)")
     ap.add_argument("--variants", default="", help="a comma list of extra kernels to time: float-mask, fp32, "
-                                                   "fp16, bmm, bmm-fp32, split-rows, one-call, fp8-kv, int8-kv, or all")
+                                                   "fp16, bmm, bmm-fp32, split-rows, one-call, fp8-kv, int8-kv, huge-pages, small-pages, "
+                                                   "or all")
     a = ap.parse_args(argv)
     if min(a.batch, a.queries, a.layers, a.passes) < 1 or a.keys < a.queries:
         print("profile_cpu_attention: error: sizes must be >= 1 and --keys >= --queries", file=sys.stderr)
@@ -126,11 +132,14 @@ def _variants(names, cache, q, b_idx, i_idx, mask, sent, Hq, Hkv, n) -> dict:
     """Candidate kernels over the same queries and cache contents; each writes `sent`."""
     import torch.nn.functional as F
 
+    from specoffload.memory_facts import anon_huge_bytes
+    from specoffload.models import huge_pages
     from specoffload.models.attention import grouped_attention, grouped_mask
 
     want = {x for x in names.split(",") if x}
     if "all" in want:
-        want = {"float-mask", "fp32", "fp16", "bmm", "bmm-fp32", "split-rows", "one-call", "fp8-kv", "int8-kv"}
+        want = {"float-mask", "fp32", "fp16", "bmm", "bmm-fp32", "split-rows", "one-call", "fp8-kv", "int8-kv",
+                "huge-pages", "small-pages"}
     B, G, d = cache.batch, Hq // Hkv, q.shape[-1]
     gm = grouped_mask(mask, G)  # [B, 1, G * n, n_k]
     add = torch.zeros(gm.shape, dtype=torch.float32).masked_fill_(~gm, float("-inf"))
@@ -187,7 +196,15 @@ def _variants(names, cache, q, b_idx, i_idx, mask, sent, Hq, Hkv, n) -> dict:
             return put(res)
         return f
 
-    table = {"split-rows": lambda: engine_rows(32), "one-call": lambda: engine_rows(0),
+    def fresh(huge: bool):  # the cache copied into new memory, advised into 2 MiB pages or not
+        before = anon_huge_bytes()
+        ks, vs = ([huge_pages.zeros(t.shape, t.dtype, "cpu", huge).copy_(t) for t in ts] for ts in (cache.k, cache.v))
+        grew, total = (anon_huge_bytes() or 0) - (before or 0), sum(t.numel() * t.element_size() for t in ks + vs)
+        print(f"{'huge-pages' if huge else 'small-pages':16} {grew / 2**30:.2f} of its {total / 2**30:.2f} GiB "
+              f"in huge pages", flush=True)
+        return lambda j: grouped_attention(q, ks[j], vs[j], gm, n, b_idx, i_idx, out=sent)
+
+    table = {"huge-pages": lambda: fresh(True), "small-pages": lambda: fresh(False), "split-rows": lambda: engine_rows(32), "one-call": lambda: engine_rows(0),
              "fp8-kv": lambda: eight_bit(torch.float8_e4m3fn, 448.0),
              "int8-kv": lambda: eight_bit(torch.int8, 127.0),
              "float-mask": lambda: sdpa(torch.bfloat16, add.to(torch.bfloat16)),
