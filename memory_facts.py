@@ -46,10 +46,10 @@ def thp_modes() -> dict | None:
 
 
 # /proc/vmstat counters that say whether the kernel was reclaiming, compacting or collapsing
-# memory while a run went on (a first run's host KV cache may be made while the page cache of
-# the checkpoint just read still fills memory): page-cache scans by kswapd and by allocating
-# processes themselves, compaction stalls, huge pages granted at fault, refused, or collapsed
-# later by khugepaged, and swap traffic.
+# memory while a run went on (a first run's host KV cache is made in memory that loading the
+# weights just filled and freed, or that a checkpoint's page cache still holds): page scans by
+# kswapd and by allocating processes themselves, compaction stalls, huge pages granted at
+# fault, refused, or collapsed later by khugepaged, and swap traffic.
 VM_COUNTERS = ("pgscan_kswapd", "pgscan_direct", "pgsteal_kswapd", "pgsteal_direct", "compact_stall",
                "thp_fault_alloc", "thp_fault_fallback", "thp_collapse_alloc", "pswpin", "pswpout")
 
