@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--heads", default="32,8", help="query heads,KV heads (head dim 128)")
     ap.add_argument("--variants", default="", help="a comma list of extra kernels to time: float-mask, fp32, "
-                                                   "fp16, bmm, bmm-fp32, split-rows, one-call, fp8-kv, int8-kv, huge-pages, small-pages, "
-                                                   "or all")
+                                                   "fp16, bmm, bmm-fp32, split-rows, one-call, fp8-kv, int8-kv, "
+                                                   "huge-pages, small-pages, or all")
     a = ap.parse_args(argv)
     if min(a.batch, a.queries, a.layers, a.passes) < 1 or a.keys < a.queries:
         print("profile_cpu_attention: error: sizes must be >= 1 and --keys >= --queries", file=sys.stderr)
@@ -204,7 +204,8 @@ def _variants(names, cache, q, b_idx, i_idx, mask, sent, Hq, Hkv, n) -> dict:
               f"in huge pages", flush=True)
         return lambda j: grouped_attention(q, ks[j], vs[j], gm, n, b_idx, i_idx, out=sent)
 
-    table = {"huge-pages": lambda: fresh(True), "small-pages": lambda: fresh(False), "split-rows": lambda: engine_rows(32), "one-call": lambda: engine_rows(0),
+    table = {"huge-pages": lambda: fresh(True), "small-pages": lambda: fresh(False),
+             "split-rows": lambda: engine_rows(32), "one-call": lambda: engine_rows(0),
              "fp8-kv": lambda: eight_bit(torch.float8_e4m3fn, 448.0),
              "int8-kv": lambda: eight_bit(torch.int8, 127.0),
              "float-mask": lambda: sdpa(torch.bfloat16, add.to(torch.bfloat16)),
