@@ -777,9 +777,9 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
     vms = [r for r in results if r.get("host_vm")]
     if vms:
         # Whether the kernel reclaimed, compacted or collapsed memory during a run (memory_facts).
-        print("host memory during the run (GiB available at its start; /proc/vmstat counters that grew): " + ", ".join(
-            f"{r['mode']} {r.get('host_mem_available_gib')}" + "".join(f"; {k} {v:,}" for k, v in r["host_vm"].items() if v)
-            for r in vms))
+        grew = lambda r: "".join(f"; {k} {v:,}" for k, v in r["host_vm"].items() if v)  # noqa: E731
+        print("host memory during the run (GiB available at its start; /proc/vmstat counters that grew): " +
+              ", ".join(f"{r['mode']} {r.get('host_mem_available_gib')}{grew(r)}" for r in vms))
     if any(r.get("k_counts") for r in results):
         print("draft lengths (k: passes): " + ", ".join(
             f"{r['mode']} " + " ".join(f"{k}:{n}" for k, n in r["k_counts"].items()) for r in results if r.get("k_counts")))
