@@ -13,7 +13,7 @@ at each new length are not timed, the acceptance estimate starts at 0.7 and move
 way to each pass's measurement.
 
 Rules: "step" is the engine's (`schedule.adaptive_k`: at most K_REACH beyond the longest length
-timed). "reach" lets it go up to twice the longest timed. "flat start" also picks the second
+timed). "reach" lets it go up to twice the longest timed. "flat-start" also picks the second
 pass's length before any pass is timed, as if a pass cost the same at every k (the copy-bound
 premise), up to twice the first. Prints tokens per second over the first `--passes` passes and
 the lengths one seed chose.
@@ -30,7 +30,7 @@ from specoffload.scheduler.generator import SETTLE_PASSES
 from specoffload.scheduler.schedule import K_REACH, PassTimes, adaptive_k, alpha_from_accepted, choose_k
 
 CURVES = {"w1-long": (0.225, 0.0018), "w4": (1.45, 0.14)}
-RULES = ("step", "reach", "flat start")
+RULES = ("step", "reach", "flat-start")
 
 
 def simulate(rule: str, base: float, slope: float, alpha_true: float, a, seed: int) -> tuple[float, list]:
@@ -55,12 +55,12 @@ def simulate(rule: str, base: float, slope: float, alpha_true: float, a, seed: i
             lo, hi = pt.seen()
             top = min(a.k_max, math.floor(hi + 1e-9) + max(K_REACH, math.floor(hi + 1e-9)))
             k = choose_k(alpha, lambda j: pt(j), a.draft_step_s, max(1, math.ceil(lo - 1e-9) - K_REACH), top)
-        elif rule == "flat start" and p == 0:
+        elif rule == "flat-start" and p == 0:
             k = choose_k(alpha, t, a.draft_step_s, 1, min(a.k_max, 2 * k))
     return tokens / seconds, ks
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--curve", choices=sorted(CURVES), action="append", help="default: both")
     ap.add_argument("--alpha", type=float, action="append", help="default: 0.835 (w1-long's measured) and 0.6")
@@ -70,7 +70,9 @@ def main():
     ap.add_argument("--k", type=int, default=4, help="the start length (RunConfig.k)")
     ap.add_argument("--k-max", type=int, default=16)
     ap.add_argument("--draft-step-s", type=float, default=0.004)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if not all(0 < x < 1 for x in a.alpha or [0.5]) or min(a.passes, a.seeds, a.rows, a.k) < 1 or a.k_max < a.k:
+        ap.error("--alpha must be in (0, 1); --passes, --seeds, --rows, --k at least 1; --k-max at least --k")
     print(f"{'curve':8} {'alpha':>5} {'rule':10} {'tok/s':>8} {'x step':>7}  lengths (seed 0)")
     for curve in a.curve or sorted(CURVES):
         for alpha in a.alpha or [0.835, 0.6]:
@@ -80,7 +82,8 @@ def main():
                 ref = ref or rate
                 ks = simulate(rule, *CURVES[curve], alpha, a, 0)[1]
                 print(f"{curve:8} {alpha:5.3f} {rule:10} {rate:8.1f} {rate / ref:7.3f}  {' '.join(map(str, ks[:12]))}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

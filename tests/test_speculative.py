@@ -567,3 +567,24 @@ def test_drain_simulation_script(capsys):
     assert float(by_rows[7]) > 3.0 == float(fixed[6]) and float(by_rows[2]) < float(fixed[1])
     with pytest.raises(SystemExit):
         mod.main(["--copy-s", "2", "--full-s", "1"])
+
+
+def test_k_ramp_simulation_script(capsys):
+    """scripts/simulate_k_ramp.py: its "step" rule is the engine's adaptive k (a batch's first
+    passes at the start length, then K_REACH longer every two passes), and the faster rules
+    win on w1-long's flat pass cost but lose on W4's chain-bound one: why the engine keeps step."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "simulate_k_ramp.py"
+    spec = importlib.util.spec_from_file_location("simulate_k_ramp", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--alpha", "0.835", "--seeds", "2"]) == 0
+    # curve, alpha, rule, tok/s, x step, then the lengths seed 0 chose
+    rows = {(r[0], r[2]): r for r in (line.split() for line in capsys.readouterr().out.splitlines()[1:])}
+    assert rows[("w1-long", "step")][5:12] == ["4", "4", "4", "6", "6", "8", "8"]
+    for rule in ("reach", "flat-start"):
+        assert float(rows[("w1-long", rule)][4]) > 1.0 > float(rows[("w4", rule)][4])
+    with pytest.raises(SystemExit):
+        mod.main(["--alpha", "1.5"])
