@@ -275,6 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def run_delta(before: dict, after: dict) -> dict:
+    """The coordinator's stats over one run: a counter (a number in both samples) as its growth,
+    anything else as the run left it. A field that had no number before the run (the CPU worker's
+    huge pages are None until it makes a cache of 1 GiB or more) is a snapshot, not a counter:
+    subtracting it failed W4's run on the GPU machine (session 43) after it had finished."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    return {k: v - before[k] if number(v) and number(before.get(k)) else v for k, v in after.items()}
+
+
 def _baseline_resident(a, tspec, cuda: bool) -> int:
     """--baseline-resident: a count, or 'auto' (what the planner keeps resident without a draft)."""
     if a.baseline_resident != "auto":
@@ -617,6 +628,10 @@ class Bench:
                   f"{prog.get('passes', 0)} passes, {prog.get('tokens', 0)} tokens", flush=True)
         st = ray.get(ref)
         wall = time.perf_counter() - t
+        # the run's own figure first: what follows reads more stats, and a failure there must
+        # not leave a finished run without its number
+        print(f"  {label}: finished in {wall:.2f} s, {st['tokens']} tokens, {st['tokens'] / wall:.1f} tok/s, "
+              f"{st['passes']} passes", flush=True)
         host = host_facts.between(host_before, host_facts.sample(), min_share=0.5)
         vm = memory_facts.vm_between(vm_before, memory_facts.vm_counters())
         ray.get(coord.poll.remote())
@@ -639,7 +654,7 @@ class Bench:
 
     def _row(self, label, st: dict, before: dict, wall: float, batch: int, n: int, on_gpu: int) -> dict:
         """A mode's figures; decode figures count the time after prefill (one prefill pass per batch)."""
-        d = {k: st[k] - before.get(k, 0) if isinstance(st[k], (int, float)) and k in before else st[k] for k in st}
+        d = run_delta(before, st)
         passes = st["passes"]
         copy_s = d.get("weight_copy_s", 0.0)
         decode_s = st["seconds"] - st["prefill_seconds"]

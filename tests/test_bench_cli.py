@@ -644,3 +644,21 @@ def test_repeat_runs_the_modes_again_on_the_same_actors(monkeypatch, capsys):
     assert "single@2 40.0; pgscan_kswapd 5,000, single@3 40.0; pgscan_kswapd 5,000, single@2#2 70.0, " in out
     assert bench.main(["--workload", "tiny", "--repeat", "0"]) == 2
     assert capsys.readouterr().err.strip() == "specoffload bench: error: --repeat needs a count of 1 or more, got 0"
+
+
+def test_run_delta_counts_counters_and_keeps_snapshots():
+    """bench's per-run stats: what grew during the run for counters, the value as the run left it
+    for everything else. The CPU worker's huge pages are None until it has made a cache of 1 GiB
+    or more, so a first large run goes from None to a number: subtracting that raised after W4's
+    run had finished on the GPU machine (session 43) and lost the run."""
+    from specoffload.bench import run_delta
+
+    before = {"passes": 10, "cpu_attention_s": 1.5, "worker_anon_huge_at_start": None, "doorbell": True,
+              "k_counts": {"4": 3}}
+    after = {"passes": 25, "cpu_attention_s": 4.0, "worker_anon_huge_at_start": 3 << 30, "doorbell": True,
+             "k_counts": {"4": 9}, "new_counter": 7}
+    d = run_delta(before, after)
+    assert d["passes"] == 15 and d["cpu_attention_s"] == 2.5
+    assert d["worker_anon_huge_at_start"] == 3 << 30  # a snapshot: as the run left it
+    assert d["doorbell"] is True and d["k_counts"] == {"4": 9} and d["new_counter"] == 7
+    assert run_delta(after, {**after, "worker_anon_huge_at_start": None})["worker_anon_huge_at_start"] is None
