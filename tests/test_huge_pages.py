@@ -37,8 +37,8 @@ def _advised(t: torch.Tensor) -> bool:
 
 def _count_advice(monkeypatch) -> list:
     """The tensors advised from now on. Memory made without advice is checked by this, not by its
-    mapping's flags: an allocator may hand out a range an earlier tensor advised and freed, whose
-    mapping keeps the advice (a CI run's worker cache of 8 rows came so, after hundreds of tests)."""
+    mapping's flags: in one CI run, after hundreds of tests, a worker cache made without advice sat
+    in a mapping that carried it (an allocator can hand out a range an earlier advised tensor had)."""
     calls, real = [], huge_pages.advise
 
     def advise(t):
