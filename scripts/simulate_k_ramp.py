@@ -54,7 +54,7 @@ def simulate(rule: str, base: float, slope: float, alpha_true: float, a, seed: i
         elif pt.mean:
             lo, hi = pt.seen()
             top = min(a.k_max, math.floor(hi + 1e-9) + max(K_REACH, math.floor(hi + 1e-9)))
-            k = choose_k(alpha, lambda j: pt(j), a.draft_step_s, max(1, math.ceil(lo - 1e-9) - K_REACH), top)
+            k = choose_k(alpha, pt, a.draft_step_s, max(1, math.ceil(lo - 1e-9) - K_REACH), top)
         elif rule == "flat-start" and p == 0:
             k = choose_k(alpha, t, a.draft_step_s, 1, min(a.k_max, 2 * k))
     return tokens / seconds, ks
@@ -78,9 +78,9 @@ def main(argv=None) -> int:
         for alpha in a.alpha or [0.835, 0.6]:
             ref = None
             for rule in RULES:
-                rate = float(np.mean([simulate(rule, *CURVES[curve], alpha, a, s)[0] for s in range(a.seeds)]))
+                runs = [simulate(rule, *CURVES[curve], alpha, a, s) for s in range(a.seeds)]
+                rate, ks = float(np.mean([r for r, _ in runs])), runs[0][1]
                 ref = ref or rate
-                ks = simulate(rule, *CURVES[curve], alpha, a, 0)[1]
                 print(f"{curve:8} {alpha:5.3f} {rule:10} {rate:8.1f} {rate / ref:7.3f}  {' '.join(map(str, ks[:12]))}")
     return 0
 

@@ -549,16 +549,21 @@ def test_generator_times_passes_at_their_busy_rows(tiny_dir):
     assert replay.mean == gen.pass_times.mean and any(q < 1 for q in replay.mean)
 
 
-def test_drain_simulation_script(capsys):
-    """scripts/simulate_drain_k.py: a full batch keeps --k in both rows; below half the rows-keyed
-    choice drafts longer blocks and the wave takes fewer passes."""
+def _script(name: str):
+    """scripts/<name>.py loaded as a module (the scripts folder is not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "simulate_drain_k.py"
-    spec = importlib.util.spec_from_file_location("simulate_drain_k", path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_drain_simulation_script(capsys):
+    """scripts/simulate_drain_k.py: a full batch keeps --k in both rows; below half the rows-keyed
+    choice drafts longer blocks and the wave takes fewer passes."""
+    mod = _script("simulate_drain_k")
     assert mod.main(["--batch", "32", "--gen", "40", "--seeds", "3"]) == 0
     rows = {line.split()[0] + (" rows" if "by rows" in line else ""): line.split()
             for line in capsys.readouterr().out.splitlines()[1:]}
@@ -573,13 +578,7 @@ def test_k_ramp_simulation_script(capsys):
     """scripts/simulate_k_ramp.py: its "step" rule is the engine's adaptive k (a batch's first
     passes at the start length, then K_REACH longer every two passes), and the faster rules
     win on w1-long's flat pass cost but lose on W4's chain-bound one: why the engine keeps step."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "simulate_k_ramp.py"
-    spec = importlib.util.spec_from_file_location("simulate_k_ramp", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("simulate_k_ramp")
     assert mod.main(["--alpha", "0.835", "--seeds", "2"]) == 0
     # curve, alpha, rule, tok/s, x step, then the lengths seed 0 chose
     rows = {(r[0], r[2]): r for r in (line.split() for line in capsys.readouterr().out.splitlines()[1:])}
