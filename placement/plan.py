@@ -90,9 +90,9 @@ class Plan(JsonFile):
     # its eager kernels lose less).
     fused_prefill: bool | None = None
     # The CPU worker's host KV cache asked for in 2 MiB pages (models/huge_pages.py), where the
-    # kernel's transparent huge pages allow: CPU attention streams it every layer. On W4 a run
-    # first in its process spent 18-28% longer in CPU attention than a second; whether page size is
-    # why is what `bench --kv-huge-pages 1,0` measures. Off until measured on the GPU machine.
+    # kernel's transparent huge pages allow: CPU attention streams it every layer. Off: on one
+    # H100's 14 threads a W4-shaped layer's attention took 9.0 ms in huge pages against 8.4 in
+    # small ones (docs/benchmarks.md, W4 "Session 43").
     kv_huge_pages: bool = False
     # Inside a pass the executor and the CPU worker hand each layer over by a counter in the
     # mailbox (actors/doorbell.py) instead of through Ray's submitter, every call queued up
