@@ -699,6 +699,7 @@ class Bench:
             # the CPU worker's page faults this run, and its memory in huge pages once the run's
             # host KV cache was made (memory_facts: a first run in a process was slower on W4)
             "worker_minor_faults": d.get("worker_minor_faults"),
+            "worker_keeps_freed_memory": d.get("worker_keeps_freed_memory"),  # plan.keep_freed_memory, as applied
             "worker_anon_huge_gib": None if st.get("worker_anon_huge_at_start") is None else round(
                 st["worker_anon_huge_at_start"] / 2**30, 2),
             # between passes: the generator's own time from a result to its next call, and the
@@ -787,8 +788,9 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
     faulted = [r for r in results if r.get("worker_minor_faults") is not None]
     if faulted:
         # A run first in its process was slower on W4 (memory_facts): how its host KV was backed.
-        print("CPU worker memory (minor page faults this run; GiB in huge pages once its KV cache was made): " +
-              ", ".join(f"{r['mode']} {r['worker_minor_faults']:,}; {r.get('worker_anon_huge_gib')}" for r in faulted))
+        print("CPU worker memory (minor page faults this run; GiB in huge pages once its KV cache was made; "
+              "freed memory kept): " + ", ".join(f"{r['mode']} {r['worker_minor_faults']:,}; {r.get('worker_anon_huge_gib')}; "
+                                                 f"{r.get('worker_keeps_freed_memory')}" for r in faulted))
     vms = [r for r in results if r.get("host_vm")]
     if vms:
         # Whether the kernel reclaimed, compacted or collapsed memory during a run (memory_facts).

@@ -124,7 +124,7 @@ class Coordinator:
         self.attention = self._actor(CPUAttention, "cpu_attention").options(
             name=self._name("cpu_attention"), num_cpus=plan.attention_cpus, scheduling_strategy=self._here
         ).remote(spec, plan.attention_threads, plan.kv_dtype, plan.trace, plan.ragged_attention,
-                  plan.cpu_query_rows, plan.kv_huge_pages)
+                  plan.cpu_query_rows, plan.kv_huge_pages, plan.keep_freed_memory)
         tries = [(plan, run_cfg), *[f for f in fallbacks if f[0].disk_layers == plan.disk_layers]]
         self.executor = self._new_executor(plan, draft_desc, target_desc)
         manifest = ray.get(load)

@@ -17,6 +17,7 @@ import time
 import torch
 
 from ..errors import CapacityError, SpecOffloadError
+from .. import host_malloc
 from ..memory_facts import anon_huge_bytes, minor_faults
 from ..models import attention
 from ..models.attention import KVCache, fits_storage
@@ -42,8 +43,11 @@ def _nbytes(storage: tuple[list, list]) -> int:
 
 class CPUAttention:
     def __init__(self, spec, threads: int | None = None, kv_dtype: str | None = None, trace: bool = False,
-                 ragged_keys: int | None = None, query_rows: int | None = None, huge_pages: bool = False):
+                 ragged_keys: int | None = None, query_rows: int | None = None, huge_pages: bool = False,
+                 keep_freed_memory: bool = False):
         self.spec = spec
+        # plan.keep_freed_memory: before the first cache or temporary, for the process's life
+        self.keeps_freed_memory = host_malloc.keep_freed_memory() if keep_freed_memory else False
         self.timer = StageTimer("cpu", role="cpu_attention", trace=trace)
         if threads:
             torch.set_num_threads(threads)
@@ -261,6 +265,7 @@ class CPUAttention:
                 "cpu_query_rows": attention.query_row_limit(self.query_rows),  # as the caches apply it (None: none)
                 "worker_start_s": round(self.start_s, 3), "worker_merge_s": round(self.merge_s, 3),
                 "worker_spare_reused": self.spare_reused, "worker_minor_faults": minor_faults(),
+                "worker_keeps_freed_memory": self.keeps_freed_memory,
                 "worker_anon_huge_at_start": self.anon_huge_at_start}
 
     def trace_events(self) -> list[dict]:

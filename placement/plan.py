@@ -94,6 +94,12 @@ class Plan(JsonFile):
     # H100's 14 threads a W4-shaped layer's attention took 9.0 ms in huge pages against 8.4 in
     # small ones (docs/benchmarks.md, W4 "Session 43").
     kv_huge_pages: bool = False
+    # The CPU worker's process keeps the memory it frees (host_malloc.py): glibc otherwise maps
+    # each layer's large temporaries afresh and the next layer faults them in again, page by
+    # page. On one H100's 14 threads a W4-shaped layer (72 rows, 64/8 heads, 5 queries over
+    # 640 keys) attended in 9.7 and 10.5 ms with it against 13.9 and 11.9 without, 4,057 minor
+    # faults a layer against none (docs/benchmarks.md, W4 "Session 44").
+    keep_freed_memory: bool = True
     # Inside a pass the executor and the CPU worker hand each layer over by a counter in the
     # mailbox (actors/doorbell.py) instead of through Ray's submitter, every call queued up
     # front: takes Ray's messages out of the layer chain (W1 fp8 speculative 360.5 -> 408.8

@@ -28,6 +28,9 @@ same way (`--heads 64,8` for a Llama-70B-shaped layer):
   worker makes it without the advice (the control): whether page size alone moves CPU
   attention (W4's first run in a process attended 18-28% slower than its second; use
   `--layers` large enough that the cache is well past the CPU's caches).
+Each path's minor page faults per layer are printed beside its time; `--keep-freed-memory`
+runs the whole profile with glibc keeping freed memory as the worker can (host_malloc.py), so two
+runs, one with it, say what re-faulting each layer's temporaries costs.
 """
 
 from __future__ import annotations
@@ -51,12 +54,17 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="", help="a comma list of extra kernels to time: float-mask, fp32, "
                                                    "fp16, bmm, bmm-fp32, split-rows, one-call, fp8-kv, int8-kv, "
                                                    "huge-pages, small-pages, or all")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc keeps freed memory for the whole run (host_malloc.keep_freed_memory)")
     a = ap.parse_args(argv)
     if min(a.batch, a.queries, a.layers, a.passes) < 1 or a.keys < a.queries:
         print("profile_cpu_attention: error: sizes must be >= 1 and --keys >= --queries", file=sys.stderr)
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.keep_freed_memory:
+        from specoffload.host_malloc import keep_freed_memory
+        print(f"glibc keeps freed memory: {keep_freed_memory()}")
 
     import torch.nn.functional as F
 
@@ -97,22 +105,26 @@ def main(argv=None) -> int:
         engine(j)
     cache._pass = None
     funcs.update(_variants(a.variants, cache, q, b_idx, i_idx, mask, sent, Hq, Hkv, n))
+    from specoffload.memory_facts import minor_faults
     times = {name: [] for name in funcs}
+    faults = {name: [] for name in funcs}
     for p in range(a.passes + 1):  # the first pass warms up; the paths alternate pass by pass
         for name, f in funcs.items():
             cache.lens.copy_(lens)
             cache.begin_pass(q_lens, B * n, n)
-            t = time.perf_counter()
+            f0, t = minor_faults(), time.perf_counter()
             for j in range(a.layers):
                 f(j)
             if p:
                 times[name].append((time.perf_counter() - t) / a.layers * 1e3)
+                faults[name].append((minor_faults() - f0) / a.layers)
             cache._pass = None
     med = {}
     for name, ts in times.items():
         ts = sorted(ts)
         med[name] = ts[len(ts) // 2]
-        print(f"{name:16} {med[name]:7.1f} ms per layer (median of {a.passes} passes; min {ts[0]:.1f})", flush=True)
+        print(f"{name:16} {med[name]:7.1f} ms per layer (median of {a.passes} passes; min {ts[0]:.1f}), "
+              f"{sum(faults[name]) / len(faults[name]):.0f} minor faults per layer (mean)", flush=True)
     want = sdpa_gqa(0).clone()
     cache.lens.copy_(lens)
     cache.begin_pass(q_lens, B * n, n)

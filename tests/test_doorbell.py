@@ -184,7 +184,10 @@ def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_ba
 
     d = tiny_dir(family)
     want = hf_greedy(d, PROMPTS, 16)
-    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=bell, worker_layer_runs=runs), batch_size=2,
+    # plan.keep_freed_memory rides `bell`: the worker's process takes it (glibc), or not, and
+    # the output is transformers' either way
+    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=bell, worker_layer_runs=runs, keep_freed_memory=bell),
+             batch_size=2,
              progress=False, micro_batches=micro_batches, draft=draft, schedule=schedule, k=3,
              refill=draft is not None) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=16, ignore_eos=True))
@@ -193,6 +196,7 @@ def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_ba
     assert (stats["executor_bell_wait_s"] > 0) == bell  # the layers did hand over by doorbell, or not
     # the worker took each pass's middle layer in one call (plan.worker_layer_runs), or a call each
     assert (stats["worker_layer_runs"] > 0) == (bell and runs)
+    assert stats["worker_keeps_freed_memory"] is bell
 
 
 def _copy_always_pending():
