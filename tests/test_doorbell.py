@@ -186,10 +186,9 @@ def test_greedy_identical_with_doorbells(ray_session, tiny_dir, family, micro_ba
     want = hf_greedy(d, PROMPTS, 16)
     # plan.keep_freed_memory rides `bell`: the worker's process takes it (glibc), or not, and
     # the output is transformers' either way
-    with LLM(str(d), plan=Plan(device="cpu", layer_doorbell=bell, worker_layer_runs=runs, keep_freed_memory=bell),
-             batch_size=2,
-             progress=False, micro_batches=micro_batches, draft=draft, schedule=schedule, k=3,
-             refill=draft is not None) as llm:
+    plan = Plan(device="cpu", layer_doorbell=bell, worker_layer_runs=runs, keep_freed_memory=bell)
+    with LLM(str(d), plan=plan, batch_size=2, progress=False, micro_batches=micro_batches, draft=draft,
+             schedule=schedule, k=3, refill=draft is not None) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=16, ignore_eos=True))
         stats = llm.last_stats
     assert [o.outputs[0].token_ids for o in outs] == want
