@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--worker-layer-runs", action=argparse.BooleanOptionalAction, default=True,
                     help="The CPU worker attends a pass's layers between its first and last in one call (the "
                          "default) or, with --no-worker-layer-runs, in a call per layer (plan.worker_layer_runs).")
+    ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="The CPU worker's process keeps the memory it frees (the default) or, with "
+                         "--no-keep-freed-memory, glibc hands it back and each layer faults its temporaries in "
+                         "again (plan.keep_freed_memory; for the worker's life, so compare in two bench runs).")
     ap.add_argument("--ragged-attention", type=int, metavar="KEYS", help="CPU attention over rows of "
                                                                           "different lengths in ranges of similar "
                                                                           "ones, a call costing KEYS keys, e.g. 512 "
@@ -456,6 +460,7 @@ def _plan(a, lists: SettingLists, cuda: bool):
                     draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir),
                     draft_fp8=a.draft_fp8, gpu_layers=_resident_layers(a.target_layers, a.resident),
                     shm_prefill=a.shm_prefill, worker_layer_runs=a.worker_layer_runs,
+                    keep_freed_memory=a.keep_freed_memory,
                     ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
                     layer_doorbell=first.doorbell, join_overlap=first.join_overlap,
                     draft_feed_last=first.draft_feed_last, draft_prime_beside=first.draft_prime_beside,

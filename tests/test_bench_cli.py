@@ -339,7 +339,7 @@ def test_bench_stall_s_reaches_the_plan():
 
 def test_bench_worker_layer_runs_and_spread_resident_layers_reach_the_plan():
     """--no-worker-layer-runs sets plan.worker_layer_runs off (the plain path, to compare the
-    two with two runs); --resident N keeps placement.resident_layers' spread of N layers."""
+    two with two runs), --no-keep-freed-memory plan.keep_freed_memory; --resident N keeps placement.resident_layers' spread of N layers."""
     from specoffload import bench
     from specoffload.placement.resident_layers import resident_layers
 
@@ -349,6 +349,8 @@ def test_bench_worker_layer_runs_and_spread_resident_layers_reach_the_plan():
         return bench._plan(a, bench.SettingLists.parse(a), cuda=False), a.target_layers
 
     assert plan()[0].worker_layer_runs and not plan("--no-worker-layer-runs")[0].worker_layer_runs
+    # likewise the CPU worker's glibc setting (a process's life: two bench runs compare it)
+    assert plan()[0].keep_freed_memory and not plan("--no-keep-freed-memory")[0].keep_freed_memory
     p, layers = plan(resident=1)
     assert layers > 1 and p.gpu_layers == resident_layers(layers, 1) != (0,)
 
