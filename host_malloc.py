@@ -4,11 +4,12 @@
 Why: the CPU attention worker allocates its temporaries anew for every layer (scores, the
 grouped queries, SDPA's packing), and by default glibc maps each large one fresh and unmaps it
 when freed, so the next layer's first touch of it faults again, page by page, on the threads the
-layer chain waits for. On W4 (one H100, session 44) the worker took 28.9 million minor faults in
-its first run of a process and 7.5 million in its second (~30 and ~8 MB a layer call), attending
-at 12.9 against 9.8 ms a layer. The same layer on this repository's 2-core development machine
-(batch 48, 64/8 heads, 5 queries over 640 keys) faulted ~10 MiB every other layer call and none
-with these settings.
+layer chain waits for. glibc raises that threshold as it frees mapped chunks, so a fresh
+process faults most: on W4 (one H100, session 44) the worker took 28.9 million minor faults in
+the first run of a process, 21.5 million beyond its KV cache's first touch, and 7.5 million in
+its second (the cache's alone), attending at 12.9 against 9.8 ms a layer. One W4-shaped layer
+there faulted 4,057 pages by default and none with these settings, in 9.7-10.5 ms against
+11.9-13.9.
 
 glibc only (`mallopt`); elsewhere nothing changes and `keep_freed_memory` says so. Allocations
 over 32 MiB (glibc's largest mmap threshold: the KV cache's per-layer tensors) are still mapped.
