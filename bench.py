@@ -794,8 +794,9 @@ def print_table(a, tspec, results: list[dict], layer_bytes: int, resident: int |
     if faulted:
         # A run first in its process was slower on W4 (memory_facts): how its host KV was backed.
         print("CPU worker memory (minor page faults this run; GiB in huge pages once its KV cache was made; "
-              "freed memory kept): " + ", ".join(f"{r['mode']} {r['worker_minor_faults']:,}; {r.get('worker_anon_huge_gib')}; "
-                                                 f"{r.get('worker_keeps_freed_memory')}" for r in faulted))
+              "freed memory kept): " + ", ".join(
+                  f"{r['mode']} {r['worker_minor_faults']:,}; {r.get('worker_anon_huge_gib')}; "
+                  f"{r.get('worker_keeps_freed_memory')}" for r in faulted))
     vms = [r for r in results if r.get("host_vm")]
     if vms:
         # Whether the kernel reclaimed, compacted or collapsed memory during a run (memory_facts).

@@ -339,7 +339,8 @@ def test_bench_stall_s_reaches_the_plan():
 
 def test_bench_worker_layer_runs_and_spread_resident_layers_reach_the_plan():
     """--no-worker-layer-runs sets plan.worker_layer_runs off (the plain path, to compare the
-    two with two runs), --no-keep-freed-memory plan.keep_freed_memory; --resident N keeps placement.resident_layers' spread of N layers."""
+    two with two runs), --no-keep-freed-memory plan.keep_freed_memory; --resident N keeps
+    placement.resident_layers' spread of N layers."""
     from specoffload import bench
     from specoffload.placement.resident_layers import resident_layers
 
