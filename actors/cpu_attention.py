@@ -88,6 +88,12 @@ class CPUAttention:
         return self.huge_pages
 
     def start(self, bid, prompt_lens, capacity: int, prefill_batch: int, gpu_rows: int = 0):
+        # "rows" spans (start, keep, merge): in a trace, whether a join's row work on this
+        # worker delays the next pass's attention (scripts/trace_join_passes.py)
+        with self.timer.span("rows", f"b{bid} start {len(prompt_lens) - gpu_rows}"):
+            self._start(bid, prompt_lens, capacity, prefill_batch, gpu_rows)
+
+    def _start(self, bid, prompt_lens, capacity: int, prefill_batch: int, gpu_rows: int):
         t0 = time.perf_counter()
         s, rows = self.spec, len(prompt_lens) - gpu_rows
         self.free(bid)  # whatever an earlier run left under this id
@@ -208,13 +214,15 @@ class CPUAttention:
 
     def keep(self, bid, idx):
         _, rows, self.gpu_rows[bid] = split_keep(idx, self.gpu_rows[bid])
-        self._cache(bid).select(host_tensor(rows, torch.long))
+        with self.timer.span("rows", f"b{bid} keep {len(rows)}"):
+            self._cache(bid).select(host_tensor(rows, torch.long))
 
     def merge(self, bid, new):
         """Batch `new`'s sequences (their prefill stored) take the rows after bid's live ones;
         its GPU rows, if any, join bid's on the executor (placement/gpu_kv_rows.merge_order)."""
         t0 = time.perf_counter()
-        self._cache(bid).append(self._cache(new))
+        with self.timer.span("rows", f"b{bid} merge b{new}"):
+            self._cache(bid).append(self._cache(new))
         self.gpu_rows[bid] += self.gpu_rows.get(new, 0)
         self.free(new)
         self.merge_s += time.perf_counter() - t0

@@ -339,12 +339,14 @@ class KVCache:
         moved = kh != rows
         if bool((kh[moved] >= n).all()):
             dst, src = to_device(rows[moved], keep.device), to_device(kh[moved], keep.device)
+            used = self._positions_used(kh[moved])
             for t in self.k + self.v:
                 if len(dst):
-                    t[dst] = t[src]  # sources lie past the new end: never overwritten first
+                    t[dst, :, :used] = t[src, :, :used]  # sources lie past the new end: never overwritten first
         else:
+            used = self._positions_used(kh)
             for t in self.k + self.v:
-                t[:n] = t[keep]  # the gather is a copy of its own: no row is read after it is written
+                t[:n, :, :used] = t[keep, :, :used]  # the gather is a copy of its own: no row is read after it is written
         self.k = [t[:n] for t in self.k]
         self.v = [t[:n] for t in self.v]
         self.lens = self.lens[keep]
@@ -387,6 +389,15 @@ class KVCache:
         """other's rows can join this cache (`append`, `put_rows`)."""
         if other.capacity > self.capacity or len(other.k) != len(self.k):
             raise ValueError(f"{what} needs a cache of the same layers and no larger capacity")
+
+    def _positions_used(self, rows: torch.Tensor) -> int:
+        """Positions that `select` copies for host indices `rows`: up to the longest of them, as
+        every later one is masked (a host cache of w1-long's capacity, ~1,300, holds rows of
+        ~600-900 tokens: a moved row's copy halves). A device cache copies them all: reading its
+        lengths would wait for the stream, and its copy is cheap."""
+        if self.lens.device.type != "cpu":
+            return self.capacity
+        return int(self.lens[rows].max()) if len(rows) else 0
 
     def _used(self, other: "KVCache") -> int:
         """Positions of other's rows that hold tokens (a host cache of GBs is copied only so far)."""

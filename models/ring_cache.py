@@ -107,6 +107,9 @@ class RingKVCache(KVCache):
     def _used(self, other) -> int:
         return self.capacity  # slots hold positions in any order
 
+    def _positions_used(self, rows) -> int:
+        return self.capacity  # the same: a row's slots are not in position order
+
     def _check_joins(self, other: "RingKVCache", what: str):
         if other.ring != self.ring or other.sinks != self.sinks:
             raise ValueError(f"{what} needs a ring of the same size")

@@ -4,7 +4,10 @@ A pass that rows join, and the pass after it, are split into the same stretches 
 pass, from the end of the pass before: the gap to the batch's draft round (a join's draft start
 and the merge of the rows before it happen there), the draft round, the gap to layer 0's first
 q/k/v, layer 0 (a joining batch's first prefill layer rides it), and layers 1 to the last.
-Medians per kind of pass, ms; and the median draft start (`prefill` span) of the joins.
+Medians per kind of pass, ms; and the median draft start (`prefill` span) of the joins. Where
+the trace has the CPU worker's row work (its `rows` spans: a joining batch's start, the keep of
+finished rows, the merge of joined ones), also its time per stretch and how far it ran past the
+stretch's first layer-0 q/k/v, when the worker's attention for that layer may be waiting for it.
 
     python scripts/trace_join_passes.py tr/trace_single_kauto_m2.json[.gz]
 """
@@ -40,6 +43,7 @@ def split(events: list[dict]) -> dict:
 
     q0, q1 = first_qkv(0), first_qkv(1)
     join_idx = {bisect.bisect_right(ends, e["ts"]) - 1 for e in joins}
+    row_work = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e["tid"] == "rows")
 
     def stretches(i: int):
         prev, nxt = ends[i], ends[i + 1]
@@ -48,7 +52,13 @@ def split(events: list[dict]) -> dict:
         if t is None or a is None or b is None or b > nxt:
             return None
         dur = drafts[draft_starts.index(t)][1]
-        return ((t - prev) / 1e3, dur / 1e3, (a - t - dur) / 1e3, (b - a) / 1e3, (nxt - b) / 1e3, (nxt - prev) / 1e3)
+        out = ((t - prev) / 1e3, dur / 1e3, (a - t - dur) / 1e3, (b - a) / 1e3, (nxt - b) / 1e3, (nxt - prev) / 1e3)
+        if row_work:
+            mine = [(s, e) for s, e in row_work if prev <= s < nxt]
+            busy = sum(e - s for s, e in mine)
+            late = max([0.0] + [e - max(s, a) for s, e in mine if e > a])
+            out += (busy / 1e3, late / 1e3)
+        return out
 
     kinds = {"steady": [i for i in range(2, len(ends) - 1) if i not in join_idx and i - 1 not in join_idx],
              "join": sorted(join_idx), "after join": sorted(i + 1 for i in join_idx)}
@@ -73,7 +83,15 @@ def main(argv=None) -> int:
     print(f"{'passes, median ms':16s} {'n':>4s} " + " ".join(f"{c:>10s}" for c in COLUMNS))
     for kind, rows in kinds.items():
         if rows:
-            print(f"{kind:16s} {len(rows):4d} " + " ".join(f"{statistics.median(c):10.1f}" for c in zip(*rows)))
+            print(f"{kind:16s} {len(rows):4d} " + " ".join(f"{statistics.median(c):10.1f}"
+                                                        for c in list(zip(*rows))[: len(COLUMNS)]))
+    if any(len(r) > len(COLUMNS) for rows in kinds.values() for r in rows):
+        print("the CPU worker's row work (start, keep, merge), median ms: in the stretch / past layer 0's first q/k/v")
+        for kind, rows in kinds.items():
+            if rows:
+                busy, late = list(zip(*rows))[len(COLUMNS):]
+                print(f"{kind:16s} {len(rows):4d} {statistics.median(busy):10.1f} {statistics.median(late):10.1f}"
+                      f"   (max {max(late):.1f})")
     if starts:
         print(f"a join's draft start (the executor's prefill span): median {statistics.median(starts):.1f} ms "
               f"over {len(starts)} joins")

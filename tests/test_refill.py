@@ -172,6 +172,38 @@ def test_append_fills_the_rows_select_left_in_place():
         c.append(KVCache(2, 1, 1, 2, 6, torch.float32))
 
 
+def test_select_copies_a_moved_row_only_as_far_as_it_holds_tokens():
+    """`select` moves rows from past the new end into the holes, copying positions up to the
+    moved rows' longest length (the rest are masked): attention over the kept rows is the same
+    as over a cache built from them alone, and a hole's later positions are left as they were."""
+    import torch
+
+    from specoffload.models.attention import KVCache
+
+    torch.manual_seed(0)
+    c = KVCache(2, 5, 2, 4, 9, torch.float32)
+    for t in c.k + c.v:
+        t.normal_()
+    c.lens[:] = torch.tensor([6, 2, 7, 4, 3])
+    want = KVCache(2, 3, 2, 4, 9, torch.float32)
+    keep = [0, 4, 2]  # rows 1 and 3 finished: row 4 (3 tokens) moves into row 1
+    for a, b in zip(want.k + want.v, c.k + c.v):
+        a.copy_(b[keep])
+    want.lens[:] = c.lens[keep]
+    hole_tail = [t[1, :, 3:].clone() for t in c.k + c.v]
+    c.select(torch.tensor(keep))
+    assert c.lens.tolist() == [6, 3, 7]
+    assert all(torch.equal(t[1, :, 3:], h) for t, h in zip(c.k + c.v, hole_tail))  # not copied
+    q_lens = torch.tensor([2, 1, 1])
+    q = torch.randn(4, 4, 4)
+    kv = [(torch.randn(4, 2, 4), torch.randn(4, 2, 4)) for _ in range(2)]
+    outs = []
+    for cache in (c, want):
+        cache.begin_pass(q_lens)
+        outs.append([cache.attend_layer(j, q, *kv[j]) for j in range(2)])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 def test_refill_price_and_default():
     from specoffload.errors import ConfigError
     from specoffload.placement.refill import REFILL_BY_DEFAULT, RefillPrice, default_refill_rows, refill_default

@@ -15,11 +15,14 @@ def test_trace_has_every_stage_per_layer(ray_session, tiny_dir, tmp_path):
     d = tiny_dir("llama")
     with LLM(str(d), draft="self:1", k=2, batch_size=2, progress=False, trace=True) as llm:
         llm.generate([{"prompt_token_ids": [1, 5, 7]}, {"prompt_token_ids": [1, 9]}],
-                     SamplingParams(max_tokens=6, ignore_eos=True))
+                     [SamplingParams(max_tokens=6, ignore_eos=True), SamplingParams(max_tokens=2, ignore_eos=True)])
         trace = llm.trace()
     ev = trace["traceEvents"]
     cats = {e["cat"] for e in ev}
-    assert {"target", "cpu_attention", "draft", "prefill"} <= cats
+    assert {"target", "cpu_attention", "draft", "prefill", "rows"} <= cats
+    # the worker's row work: the batch's cache made, and the finished row dropped from it
+    rows = [e["name"] for e in ev if e["cat"] == "rows"]
+    assert any(n.endswith(" start 2") for n in rows) and any(n.endswith(" keep 1") for n in rows), rows
     layers = {e["name"].split(" L")[1].split()[0] for e in ev if e["cat"] == "cpu_attention"}
     assert layers == {"0", "1", "2"}  # every layer of the tiny model
     assert all(e["dur"] >= 0 and e["ph"] == "X" for e in ev)

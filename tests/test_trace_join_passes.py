@@ -11,7 +11,11 @@ SCRIPT = str(Path(__file__).resolve().parents[1] / "scripts" / "trace_join_passe
 KINDS = {"S": (5, 30, 2, 20, 243), "J": (50, 30, 2, 60, 258), "A": (20, 70, 2, 20, 238)}
 
 
-def _trace(path, order="SSSJASSJASS"):
+# the CPU worker's row work in each kind of pass: (start after the pass before, ms)
+ROWS = {"S": (1, 5), "J": (1, 3), "A": (2, 100)}
+
+
+def _trace(path, order="SSSJASSJASS", rows=False):
     ev, end = [], 0.0
 
     def x(tid, name, t, dur):
@@ -24,6 +28,8 @@ def _trace(path, order="SSSJASSJASS"):
         to_draft, draft, gap, l0, rest = KINDS[kind]
         if kind == "J":
             x("prefill", "prefill", end + 1, 45)  # the joining rows' draft start
+        if rows:
+            x("rows", "b0 keep", end + ROWS[kind][0], ROWS[kind][1])
         t = end + to_draft
         x("draft", "b0 k=8", t, draft)
         t += draft + gap
@@ -46,3 +52,20 @@ def test_each_kind_of_pass_is_split_into_its_stretches(tmp_path):
     assert rows["join"][0] == "2" and rows["after join"][0] == "2" and rows["steady"][0] == "5"  # the first two passes are left out (start-up)
     assert "median 45.0 ms over 2 joins" in out
 
+
+
+def test_the_workers_row_work_past_layer_0(tmp_path):
+    """With the worker's `rows` spans: their time in each stretch, and how far they ran past
+    the stretch's first layer-0 q/k/v (the after-join merge here: 100 ms from 2 ms in, layer 0
+    at 92 ms in)."""
+    p = tmp_path / "trace.json"
+    _trace(p, rows=True)
+    out = subprocess.run([sys.executable, SCRIPT, str(p)], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("the CPU worker's row work"))
+    got = {ln[:16].strip(): ln[16:].split()[:3] for ln in lines[at + 1: at + 4]}
+    assert got == {"steady": ["5", "5.0", "0.0"], "join": ["2", "3.0", "0.0"], "after join": ["2", "100.0", "10.0"]}
+    # without them (traces before the spans): the stretches alone, as before
+    _trace(p)
+    out = subprocess.run([sys.executable, SCRIPT, str(p)], capture_output=True, text=True, check=True).stdout
+    assert "row work" not in out
