@@ -393,8 +393,8 @@ class KVCache:
     def _positions_used(self, rows: torch.Tensor) -> int:
         """Positions that `select` copies for host indices `rows`: up to the longest of them, as
         every later one is masked (on w1-long's host cache, capacity 1,298, the longest of 3-8
-        moved rows averages 650-870 positions). A device cache copies them all: reading its
-        lengths would wait for the stream, and its copy is cheap."""
+        moved rows averages 630-880 positions: scripts/profile_kv_select.py). A device cache
+        copies them all: reading its lengths would wait for the stream, and its copy is cheap."""
         if self.lens.device.type != "cpu":
             return self.capacity
         return int(self.lens[rows].max()) if len(rows) else 0

@@ -204,6 +204,23 @@ def test_select_copies_a_moved_row_only_as_far_as_it_holds_tokens():
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+def test_kv_select_profile_script():
+    """scripts/profile_kv_select.py (the figures in docs/benchmarks.md, w1-long "Session 45")
+    runs, and by w1-long's lengths copies less than whole rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_kv_select.py"
+    r = subprocess.run([sys.executable, str(script), "--rows", "16", "--layers", "1", "--kv-heads", "1",
+                        "--head-dim", "8", "--moved", "2,4", "--trials", "2"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [ln.split() for ln in r.stdout.splitlines()[2:]]
+    assert [int(x[0]) for x in rows] == [2, 4]
+    assert all(0 < int(x[1]) < int(x[3]) == 1298 for x in rows)  # positions copied, of the capacity
+
+
 def test_refill_price_and_default():
     from specoffload.errors import ConfigError
     from specoffload.placement.refill import REFILL_BY_DEFAULT, RefillPrice, default_refill_rows, refill_default
