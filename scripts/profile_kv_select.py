@@ -52,7 +52,7 @@ def main(argv=None) -> int:
             finished = rng.choice(a.rows - moved, moved, replace=False)  # holes below the new end
             keep = fill_holes([i for i in range(a.rows) if i not in set(finished.tolist())])
             cache.lens = torch.as_tensor(lens, dtype=torch.long)
-            cache.k, cache.v = list(cache._base[0]), list(cache._base[1])
+            cache.k, cache.v = list(cache._base[0]), list(cache._base[1])  # select left views of fewer rows
             idx = torch.tensor(keep)
             move = idx != torch.arange(len(keep))
             dst, src = torch.arange(len(keep))[move], idx[move]

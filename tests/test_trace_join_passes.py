@@ -53,7 +53,6 @@ def test_each_kind_of_pass_is_split_into_its_stretches(tmp_path):
     assert "median 45.0 ms over 2 joins" in out
 
 
-
 def test_the_workers_row_work_past_layer_0(tmp_path):
     """With the worker's `rows` spans: their time in each stretch, and how far they ran past
     the stretch's first layer-0 q/k/v (the after-join merge here: 100 ms from 2 ms in, layer 0
