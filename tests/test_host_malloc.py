@@ -30,14 +30,16 @@ def _profile(keep: bool) -> tuple[bool, float]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc's fault counts")
 def test_a_worker_keeping_freed_memory_stops_refaulting_its_temporaries():
-    """With the setting, a steady pass's attention takes (almost) no page faults; without it
-    the same layers fault their temporaries in again (here 2,550-3,448 faults a layer against
-    0-34 with it over five runs each on the development machine; 4,057 against none at W4's 72
-    rows on the GPU machine)."""
+    """With the setting, a steady pass's attention takes (almost) no page faults. Without it the
+    same layers fault their temporaries in again until glibc's dynamic mmap threshold has
+    climbed past them, which may happen within the profile's warm-up or not: on the development
+    machine 2,550-3,448 faults a layer in five runs, and 147 in a sixth (clean-clone CI, session
+    45), against 0-34 with the setting; 4,057 against none at W4's 72 rows on the GPU machine.
+    So the bound is on the kept side; the default side only may not fault less."""
     (kept_on, kept), (default_on, default) = _profile(True), _profile(False)
     assert kept_on is True and default_on is False
     assert kept < 128, kept  # under 512 KiB a layer: stray pages, not the temporaries
-    assert default > max(2 * kept, 192), (default, kept)
+    assert default >= kept, (default, kept)
 
 
 def test_the_plan_keeps_freed_memory_by_default():
