@@ -35,11 +35,11 @@ def test_a_worker_keeping_freed_memory_stops_refaulting_its_temporaries():
     climbed past them, which may happen within the profile's warm-up or not: on the development
     machine 2,550-3,448 faults a layer in five runs, and 147 in a sixth (clean-clone CI, session
     45), against 0-34 with the setting; 4,057 against none at W4's 72 rows on the GPU machine.
-    So the bound is on the kept side; the default side only may not fault less."""
-    (kept_on, kept), (default_on, default) = _profile(True), _profile(False)
+    So the bound is on the kept side, and the default run checks that the profile reports the
+    setting off when it is (its faults are not bounded either way)."""
+    (kept_on, kept), (default_on, _) = _profile(True), _profile(False)
     assert kept_on is True and default_on is False
     assert kept < 128, kept  # under 512 KiB a layer: stray pages, not the temporaries
-    assert default >= kept, (default, kept)
 
 
 def test_the_plan_keeps_freed_memory_by_default():
