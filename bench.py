@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="The CPU worker's process keeps the memory it frees (the default) or, with "
                          "--no-keep-freed-memory, glibc hands it back and each layer faults its temporaries in "
                          "again (plan.keep_freed_memory; for the worker's life, so compare in two bench runs).")
+    ap.add_argument("--host-embedding", action="store_true",
+                    help="Leave the target's embedding table in host memory rather than on the GPU "
+                         "(plan.host_embedding): its GPU memory goes to KV rows ('auto' counts it), the baseline's "
+                         "actors too.")
     ap.add_argument("--ragged-attention", type=int, metavar="KEYS", help="CPU attention over rows of "
                                                                           "different lengths in ranges of similar "
                                                                           "ones, a call costing KEYS keys, e.g. 512 "
@@ -354,7 +358,7 @@ def _candidate(a, draft, batch: int):
 
     kv = DraftKV("gpu", a.draft_window, a.draft_sinks if a.draft_window else 0, a.draft_kv_fp8)
     return Candidate("none" if draft is None else "single", batch, k=a.k, kv=kv, draft_fp8=a.draft_fp8,
-                     slots=a.slots, prefill_batch=a.prefill_batch)
+                     slots=a.slots, prefill_batch=a.prefill_batch, host_embedding=a.host_embedding)
 
 
 def _largest_batch(a, tspec, dspec, cuda: bool) -> int:
@@ -460,7 +464,7 @@ def _plan(a, lists: SettingLists, cuda: bool):
                     draft_sinks=a.draft_sinks, draft_graphs=not a.no_draft_graphs, trace=bool(a.trace_dir),
                     draft_fp8=a.draft_fp8, gpu_layers=_resident_layers(a.target_layers, a.resident),
                     shm_prefill=a.shm_prefill, worker_layer_runs=a.worker_layer_runs,
-                    keep_freed_memory=a.keep_freed_memory,
+                    keep_freed_memory=a.keep_freed_memory, host_embedding=a.host_embedding,
                     ragged_attention=a.ragged_attention, cpu_query_rows=a.cpu_query_rows,
                     layer_doorbell=first.doorbell, join_overlap=first.join_overlap,
                     draft_feed_last=first.draft_feed_last, draft_prime_beside=first.draft_prime_beside,

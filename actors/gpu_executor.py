@@ -132,7 +132,10 @@ class GPUExecutor:
 
     # -- setup -----------------------------------------------------------------------------
     def _globals(self, gv: dict, tied: bool) -> dict:
-        glob = {k: v.to(self.device) for k, v in gv.items()}
+        # plan.host_embedding: the table stays the loader's mapped host copy (a tied one is the
+        # head, and a self-draft would embed on the host at every draft step)
+        host = self.plan.host_embedding and not tied and self._self_draft_layers is None
+        glob = {k: v if host and k == "embed" else v.to(self.device) for k, v in gv.items()}
         if tied:
             glob["head"] = glob["embed"]
         return glob

@@ -279,7 +279,12 @@ def post_attention(spec: ModelSpec, w: dict, h: torch.Tensor, attn: torch.Tensor
 
 
 def embed(w_embed: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return F.embedding(tokens, w_embed)
+    """[T, H] rows of the table for `tokens`, on the tokens' device. A table in host memory
+    beside tokens on the GPU (plan.host_embedding) is read on the host, and only the T rows
+    cross: reading the tokens waits for the device's work that made them."""
+    if w_embed.device == tokens.device:
+        return F.embedding(tokens, w_embed)
+    return F.embedding(tokens.to(w_embed.device), w_embed).to(tokens.device)
 
 
 def head(spec: ModelSpec, w_norm: torch.Tensor, w_head: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

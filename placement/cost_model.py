@@ -89,6 +89,14 @@ def glob_bytes(spec: ModelSpec) -> int:
     return n * dtype_bytes(spec)
 
 
+def gpu_glob_bytes(spec: ModelSpec, host_embedding: bool) -> int:
+    """The globals' GPU memory: all of them, or without an untied embedding table that stays
+    in host memory (plan.host_embedding; a tied one is the head and stays)."""
+    if host_embedding and not spec.tie_embeddings:
+        return glob_bytes(spec) - spec.vocab_size * spec.hidden_size * dtype_bytes(spec)
+    return glob_bytes(spec)
+
+
 def model_bytes(spec: ModelSpec, fp8_layers: bool = False) -> int:
     """fp8_layers: the layers' matrices in fp8 (models/fp8_weights.py; the globals stay)."""
     return spec.num_layers * draft_layer_bytes(spec, fp8_layers) + glob_bytes(spec)

@@ -137,6 +137,12 @@ class Plan(JsonFile):
     # CPU's share of a layer's chain shrinks. With micro-batches the GPU rows ride with the
     # first of the CPU rows' parts (placement/gpu_kv_rows.part_ranges).
     gpu_kv_rows: int = 0
+    # The target's embedding table stays in host memory (the loader's copy, mapped) instead of
+    # being copied to the GPU: a pass gathers its tokens' rows there and copies them over (W4's
+    # 192 x 5 tokens: 15 MB), which frees vocab x hidden of GPU memory for KV rows (W4's
+    # Llama-3.1-70B: 1.96 GiB, 9 rows of 205.6 MiB). A tied table is also the head, and a
+    # self-draft embeds on every draft step: both keep it on the device. Off until measured.
+    host_embedding: bool = False
     # A target pass or prefill whose result has not come for this many seconds (or 30 of the
     # run's measured passes, if longer) has stalled: a side waits on something that will not
     # come. The actors are then rebuilt and the run goes on, as when one dies

@@ -84,6 +84,7 @@ class Candidate:
     gpu_kv_rows: int = 0  # each batch's first rows with their target KV on the GPU (placement/gpu_kv_rows.py)
     micro_batches: int = 1  # parts a pass runs the batch in (plan.micro_batches)
     prefill_batch: int = 16
+    host_embedding: bool = False  # the target's embedding table left in host memory (plan.host_embedding)
     gpu_bytes: int = 0
     host_bytes: int = 0
     fits: bool = True
@@ -149,7 +150,8 @@ def _gpu_bytes(target, draft, self_layers, c: Candidate, wl: Workload, cm: CostM
     lb = cmod.layer_bytes(target)
     streamed = target.num_layers - c.resident
     slots = c.slots if streamed else 0
-    b = cm.cuda_context_bytes + cmod.glob_bytes(target) + (c.resident + slots) * lb + cm.workspace_bytes
+    b = cm.cuda_context_bytes + cmod.gpu_glob_bytes(target, c.host_embedding) + cm.workspace_bytes
+    b += (c.resident + slots) * lb
     b += cmod.prefill_gpu_bytes(target, min(c.batch, wl.requests), c.prefill_batch, wl.prompt_len)
     b += (c.in_flight // c.batch) * c.gpu_kv_rows * _row_bytes(target, wl)
     if draft is not None and c.schedule != "none":
@@ -463,6 +465,7 @@ def to_plan(c: Candidate, target: ModelSpec, hw: Hardware, chunk_mib: int | None
                 gpu_layers=resident_layers(L, c.resident, c.disk, c.self_layers),
                 disk_layers=tuple(range(L - c.disk, L)), num_slots=c.slots,
                 batch_size=c.batch, prefill_batch=c.prefill_batch, draft_fp8=c.draft_fp8, gpu_kv_rows=c.gpu_kv_rows,
+                host_embedding=c.host_embedding,
                 micro_batches=c.micro_batches, copy_chunk_mib=chunk_mib or Plan.copy_chunk_mib,
                 attention_threads=max(1, hw.cpu_cores - 2) if hw.device == "cuda" else None
                 ).with_draft_kv(c.kv if c.schedule != "none" else DraftKV())
