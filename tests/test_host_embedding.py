@@ -80,4 +80,6 @@ def test_a_host_table_generates_as_transformers(ray_session, tiny_dir, device):
         from specoffload.models.spec import load_spec
 
         s = load_spec(d)
-        assert parts["globals"] < s.vocab_size * s.hidden_size * 4  # the head (fp32) and the norm only
+        table = s.vocab_size * s.hidden_size * 4  # float32
+        # the head and the norm only: one table's bytes and a little, not two tables'
+        assert table <= parts["globals"] < 1.5 * table
